@@ -1,0 +1,22 @@
+//! # hush-client
+//!
+//! The library a service embeds to report telemetry to hush. This part is the report path: it
+//! maps a latency to the task's bucket, applies the task's contribution bound (an out-of-range
+//! value is an error unless the task clips), secret-shares the measurement with Prio3, seals one
+//! share to each aggregator with HPKE, and wraps the report in one onion layer per shuffler, padded
+//! to the task's fixed packet size.
+//!
+//! ```no_run
+//! # fn demo(task: hush_client::ClientTask) -> Result<(), hush_client::ClientError> {
+//! use std::time::{Duration, SystemTime, UNIX_EPOCH};
+//! use hush_protocol::Time;
+//!
+//! let m = task.latency_event(Duration::from_millis(42))?;
+//! let now = Time::from_secs(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs());
+//! let packet = task.packet(&m, now)?; // send to the first shuffler
+//! # let _ = packet; Ok(()) }
+//! ```
+
+pub mod report;
+
+pub use report::{ClientError, ClientTask, Prepared};

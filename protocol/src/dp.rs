@@ -1,0 +1,118 @@
+//! Differential-privacy arithmetic the collector needs: signed decoding of noisy aggregates and
+//! the noise's variance.
+//!
+//! Each aggregator adds discrete Laplace noise with scale `t = sensitivity / ε` to its own share
+//! (prio's `PureDpDiscreteLaplace`), so the unsharded aggregate carries the sum of two independent
+//! draws. Noise can push a small count below zero; in the field that is a value just under the
+//! modulus p, which must be read as a negative number before any statistic is computed.
+
+use prio::field::{Field128, FieldElement, FieldElementWithInteger};
+
+use crate::task::Epsilon;
+use crate::vdaf::AggregateShare;
+
+/// A noisy aggregate entry whose magnitude cannot be a count: the shares do not belong together.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "aggregate entry {index} decodes to a magnitude above 2^63: the aggregate shares do not belong \
+     to the same batch"
+)]
+pub struct DecodeSignedError {
+    /// The entry.
+    pub index: usize,
+}
+
+/// Reads each field element `x` as a signed integer: `x` if `x <= p/2`, else `x - p`.
+pub fn decode_signed(agg: &AggregateShare) -> Result<Vec<i64>, DecodeSignedError> {
+    decode_signed_field(agg.as_field())
+}
+
+/// [`decode_signed`] on raw field elements.
+pub fn decode_signed_field(v: &[Field128]) -> Result<Vec<i64>, DecodeSignedError> {
+    let p = Field128::modulus();
+    let half = p / 2;
+    v.iter()
+        .enumerate()
+        .map(|(index, x)| {
+            let n: u128 = u128::from(*x);
+            let signed: i128 = if n <= half {
+                n as i128
+            } else {
+                -((p - n) as i128)
+            };
+            i64::try_from(signed).map_err(|_| DecodeSignedError { index })
+        })
+        .collect()
+}
+
+/// The field element holding the signed integer `v` (the inverse of [`decode_signed_field`]).
+pub fn encode_signed(v: i64) -> Field128 {
+    if v >= 0 {
+        Field128::from(v as u128)
+    } else {
+        Field128::zero() - Field128::from(v.unsigned_abs() as u128)
+    }
+}
+
+/// The discrete Laplace scale `t = sensitivity / ε` one aggregator uses.
+pub fn laplace_scale(sensitivity: u64, epsilon: Epsilon) -> f64 {
+    sensitivity as f64 / epsilon.as_f64()
+}
+
+/// The variance of one discrete Laplace draw with scale `t`: `2q / (1 - q)^2` with `q = e^{-1/t}`.
+pub fn discrete_laplace_variance(scale: f64) -> f64 {
+    let q = (-1.0 / scale).exp();
+    2.0 * q / ((1.0 - q) * (1.0 - q))
+}
+
+/// The standard deviation of the noise on each entry of an unsharded aggregate: two independent
+/// draws, one from each aggregator.
+pub fn aggregate_noise_stddev(sensitivity: u64, epsilon: Epsilon) -> f64 {
+    (2.0 * discrete_laplace_variance(laplace_scale(sensitivity, epsilon))).sqrt()
+}
+
+/// The two-sided 97.5% quantile of the standard normal, for 95% confidence intervals.
+pub const Z_95: f64 = 1.959_963_984_540_054;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_values_decode_as_small_negatives() {
+        let v = [
+            encode_signed(-3),
+            encode_signed(0),
+            encode_signed(5),
+            encode_signed(i64::MIN + 1),
+        ];
+        assert_eq!(
+            decode_signed_field(&v).unwrap(),
+            vec![-3, 0, 5, i64::MIN + 1]
+        );
+        // p - 1 is -1, never 3.4e38.
+        let p_minus_1 = Field128::zero() - Field128::one();
+        assert_eq!(decode_signed_field(&[p_minus_1]).unwrap(), vec![-1]);
+        // A value in the middle of the field is garbage.
+        let mid = Field128::from(Field128::modulus() / 2);
+        assert_eq!(
+            decode_signed_field(&[mid]),
+            Err(DecodeSignedError { index: 0 })
+        );
+    }
+
+    #[test]
+    fn laplace_variance_matches_known_values() {
+        // Small scale: almost no noise.
+        assert!(discrete_laplace_variance(0.01) < 1e-40);
+        // Large scale: approaches the continuous Laplace variance 2 t^2.
+        let t = 100.0;
+        let v = discrete_laplace_variance(t);
+        assert!((v / (2.0 * t * t) - 1.0).abs() < 1e-3, "{v}");
+        // ε = 1, sensitivity 2: t = 2.
+        let sd = aggregate_noise_stddev(2, Epsilon::from_micros(1_000_000));
+        let q: f64 = (-0.5f64).exp();
+        let expect = (2.0 * 2.0 * q / (1.0 - q).powi(2)).sqrt();
+        assert!((sd - expect).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,1 @@
+//! hush mix node (shuffler). Filled in by the shuffler issue.

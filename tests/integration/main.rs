@@ -1,0 +1,3 @@
+//! hush's cross-crate integration tests: one binary, one module per area.
+
+mod report_path;
