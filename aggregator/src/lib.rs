@@ -1,1 +1,26 @@
-//! hush leader and helper aggregators. Filled in by the aggregator issue.
+//! # hush-aggregator
+//!
+//! The two aggregators of hush. The **leader** receives reports from the last shuffler, opens its
+//! share, and drives aggregation jobs; the **helper** verifies each job with the leader. Both keep
+//! only aggregate shares (plus the leader's pending reports until they are aggregated) in sled,
+//! and each publishes its HPKE configs and serves an admin API.
+//!
+//! [`Aggregator::start`](server::Aggregator::start) runs one role over a config
+//! ([`AggregatorConfig`](config::AggregatorConfig)); the `hush aggregator` command wraps it.
+
+pub mod admin;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod helper;
+pub mod keys;
+pub mod leader;
+pub mod server;
+pub mod shared;
+pub mod store;
+pub mod tasks;
+
+pub use config::{AggregatorConfig, LeaderConfig};
+pub use error::{Error, Result};
+pub use server::{Aggregator, Secrets};

@@ -342,3 +342,65 @@ mod tests {
         assert!(Interval::new(Time::from_secs(u64::MAX), 2).is_err());
     }
 }
+
+/// An order-independent checksum of a set of report ids: the XOR of SHA-256 of each id. Both
+/// aggregators keep one per batch, so a collection can prove they aggregated the same reports.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ReportIdChecksum([u8; 32]);
+
+impl ReportIdChecksum {
+    /// Adds (or, being an XOR, removes) one report id.
+    pub fn update(&mut self, id: &ReportId) {
+        let d = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
+        for (a, b) in self.0.iter_mut().zip(d.as_ref()) {
+            *a ^= b;
+        }
+    }
+
+    /// Combines two checksums of disjoint sets.
+    pub fn combine(&mut self, other: &ReportIdChecksum) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a ^= b;
+        }
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl From<[u8; 32]> for ReportIdChecksum {
+    fn from(b: [u8; 32]) -> Self {
+        Self(b)
+    }
+}
+
+impl fmt::Debug for ReportIdChecksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ReportIdChecksum({})", hex::encode(&self.0[..8]))
+    }
+}
+
+#[cfg(test)]
+mod checksum_tests {
+    use super::*;
+
+    #[test]
+    fn checksum_is_order_independent() {
+        let ids: Vec<ReportId> = (0..5).map(|_| ReportId::random()).collect();
+        let mut a = ReportIdChecksum::default();
+        ids.iter().for_each(|i| a.update(i));
+        let mut b = ReportIdChecksum::default();
+        ids.iter().rev().for_each(|i| b.update(i));
+        assert_eq!(a, b);
+        let mut c = ReportIdChecksum::default();
+        ids[..2].iter().for_each(|i| c.update(i));
+        let mut d = ReportIdChecksum::default();
+        ids[2..].iter().for_each(|i| d.update(i));
+        c.combine(&d);
+        assert_eq!(a, c);
+        b.update(&ids[0]);
+        assert_ne!(a, b);
+    }
+}

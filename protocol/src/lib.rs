@@ -7,11 +7,13 @@
 //! This crate does no I/O: no runtime, no storage, no servers. Decoders are strict (no trailing
 //! bytes, no truncation) and errors name what was wrong.
 
+pub mod clock;
 pub mod codec;
 pub mod convert;
 pub mod dp;
 pub mod hpke;
 pub mod ids;
+pub mod keys;
 pub mod onion;
 pub mod report;
 pub mod task;
@@ -30,9 +32,10 @@ pub mod proto {
     }
 }
 
+pub use clock::{Clock, MockClock, SystemClock};
 pub use codec::{Codec, DecodeError};
 pub use hpke::{HpkeCiphertext, HpkeConfig, HpkeKeypair, Keyring, Label, Role};
-pub use ids::{AggregationJobId, CollectionId, Interval, ReportId, TaskId, Time};
+pub use ids::{AggregationJobId, CollectionId, Interval, ReportId, ReportIdChecksum, TaskId, Time};
 pub use report::Report;
 pub use task::{Epsilon, MeasurementKind, TaskConfig, TaskParams};
 pub use vdaf::{AggregateShare, Measurement, Vdaf, VerifyKey};

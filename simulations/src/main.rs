@@ -1,6 +1,27 @@
-//! The `hush` command. Subcommands arrive with the aggregator, shuffler and demo issues.
+//! `hush`: the front door to every hush role and tool.
 
-fn main() {
-    eprintln!("hush: no subcommands are built yet; see README.md for what exists");
-    std::process::exit(2);
+use clap::Parser;
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging(args.log_format, args.verbose);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hush: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(cli::run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hush: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

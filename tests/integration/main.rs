@@ -1,3 +1,4 @@
 //! hush's cross-crate integration tests: one binary, one module per area.
 
+mod aggregation;
 mod report_path;

@@ -1,4 +1,4 @@
-//! Shared fixtures of the integration tests.
+//! A task with real keys for every party, without servers.
 //!
 //! [`Fixture`] provisions one task with real keys: two aggregators, a cascade of shufflers and a
 //! collector, plus the client's report path for it. Its helpers run the real protocol code in

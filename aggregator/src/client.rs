@@ -1,0 +1,42 @@
+//! gRPC clients for operators' tools: the admin API and HPKE config discovery.
+
+use std::time::Duration;
+
+use hush_protocol::HpkeConfig;
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::proto::v1::admin_client::AdminClient;
+use hush_protocol::proto::v1::hpke_keys_client::HpkeKeysClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::AddBearer;
+use crate::error::{Error, Result};
+
+/// An admin client that sends the admin bearer token.
+pub type Admin = AdminClient<InterceptedService<Channel, AddBearer>>;
+
+/// A channel to `url` (`http://host:port`), connected lazily.
+pub fn channel(url: &str) -> Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|e| Error::Config(format!("invalid URL {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// An admin client for the aggregator at `url`.
+pub fn admin(url: &str, token: &str) -> Result<Admin> {
+    let auth = AddBearer::new(token).map_err(|e| Error::Config(e.message().to_owned()))?;
+    Ok(AdminClient::with_interceptor(channel(url)?, auth))
+}
+
+/// Fetches the HPKE configs a shuffler or aggregator publishes, current first.
+pub async fn hpke_configs(url: &str) -> Result<Vec<HpkeConfig>> {
+    let mut c = HpkeKeysClient::new(channel(url)?);
+    let list = c
+        .get_hpke_configs(pb::GetHpkeConfigsRequest {})
+        .await?
+        .into_inner();
+    Vec::<HpkeConfig>::try_from(&list).map_err(|e| Error::InvalidRequest(e.to_string()))
+}

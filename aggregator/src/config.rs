@@ -1,0 +1,206 @@
+//! The aggregator's configuration file (TOML). Unknown fields are errors; secrets never appear in
+//! the file, only the names of the environment variables that hold them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// `hush aggregator --config FILE`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// Address of the gRPC server (all services of the role).
+    pub listen: SocketAddr,
+    /// Directory of the sled database; created if missing.
+    pub data_dir: PathBuf,
+    /// Environment variable holding the admin bearer token.
+    #[serde(default = "defaults::admin_token_env")]
+    pub admin_token_env: String,
+    /// Environment variable holding the bearer token the leader presents to the helper.
+    #[serde(default = "defaults::peer_token_env")]
+    pub peer_token_env: String,
+    /// Reports up to this many seconds in the future are accepted.
+    #[serde(default = "defaults::clock_skew_s")]
+    pub clock_skew_s: u64,
+    /// How long a retired HPKE key still opens reports, in seconds.
+    #[serde(default = "defaults::key_grace_period_s")]
+    pub key_grace_period_s: u64,
+    /// Most reports in one ingest request or aggregation job request.
+    #[serde(default = "defaults::max_request_reports")]
+    pub max_request_reports: usize,
+    /// sled page cache, in MiB.
+    #[serde(default = "defaults::cache_mb")]
+    pub cache_mb: u64,
+    /// How often background maintenance (expiring report ids and keys) runs, in seconds.
+    #[serde(default = "defaults::maintenance_interval_s")]
+    pub maintenance_interval_s: u64,
+    /// How long the helper keeps the answer of a finished aggregation job for retries, in
+    /// seconds.
+    #[serde(default = "defaults::helper_job_retention_s")]
+    pub helper_job_retention_s: u64,
+    /// Settings only the leader uses.
+    #[serde(default)]
+    pub leader: Option<LeaderConfig>,
+}
+
+/// The leader's aggregation job settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderConfig {
+    /// gRPC endpoint of the helper, e.g. `http://helper.example:7002`.
+    pub helper_url: String,
+    /// Most reports in one aggregation job.
+    #[serde(default = "defaults::job_size")]
+    pub job_size: usize,
+    /// Aggregation jobs in flight at once.
+    #[serde(default = "defaults::max_concurrent_jobs")]
+    pub max_concurrent_jobs: usize,
+    /// How often the job driver looks for pending reports when nothing wakes it, in ms.
+    #[serde(default = "defaults::job_poll_interval_ms")]
+    pub job_poll_interval_ms: u64,
+    /// First retry delay after the helper fails, in ms; doubles up to `retry_max_ms`.
+    #[serde(default = "defaults::retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, in ms.
+    #[serde(default = "defaults::retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// Deadline of one request to the helper, in ms.
+    #[serde(default = "defaults::helper_timeout_ms")]
+    pub helper_timeout_ms: u64,
+}
+
+mod defaults {
+    pub(super) fn admin_token_env() -> String {
+        "HUSH_ADMIN_TOKEN".into()
+    }
+    pub(super) fn peer_token_env() -> String {
+        "HUSH_PEER_TOKEN".into()
+    }
+    pub(super) fn clock_skew_s() -> u64 {
+        300
+    }
+    pub(super) fn key_grace_period_s() -> u64 {
+        86_400
+    }
+    pub(super) fn max_request_reports() -> usize {
+        10_000
+    }
+    pub(super) fn cache_mb() -> u64 {
+        256
+    }
+    pub(super) fn maintenance_interval_s() -> u64 {
+        60
+    }
+    pub(super) fn helper_job_retention_s() -> u64 {
+        7 * 86_400
+    }
+    pub(super) fn job_size() -> usize {
+        500
+    }
+    pub(super) fn max_concurrent_jobs() -> usize {
+        4
+    }
+    pub(super) fn job_poll_interval_ms() -> u64 {
+        200
+    }
+    pub(super) fn retry_initial_ms() -> u64 {
+        100
+    }
+    pub(super) fn retry_max_ms() -> u64 {
+        10_000
+    }
+    pub(super) fn helper_timeout_ms() -> u64 {
+        30_000
+    }
+}
+
+impl AggregatorConfig {
+    /// Reads and checks a config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and checks a config.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let c: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Checks value ranges.
+    pub fn check(&self) -> Result<()> {
+        if self.max_request_reports == 0 {
+            return Err(Error::Config(
+                "max_request_reports must be at least 1".into(),
+            ));
+        }
+        if let Some(l) = &self.leader {
+            if l.job_size == 0 || l.job_size > self.max_request_reports {
+                return Err(Error::Config(format!(
+                    "leader.job_size must be in 1..={} (max_request_reports)",
+                    self.max_request_reports
+                )));
+            }
+            if l.max_concurrent_jobs == 0 {
+                return Err(Error::Config(
+                    "leader.max_concurrent_jobs must be at least 1".into(),
+                ));
+            }
+            if l.retry_initial_ms == 0 || l.retry_max_ms < l.retry_initial_ms {
+                return Err(Error::Config(
+                    "leader.retry_initial_ms must be positive and at most retry_max_ms".into(),
+                ));
+            }
+            if !(l.helper_url.starts_with("http://") || l.helper_url.starts_with("https://")) {
+                return Err(Error::Config(format!(
+                    "leader.helper_url {:?} must start with http:// or https://",
+                    l.helper_url
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a secret from the environment variable `name`.
+pub fn secret_from_env(name: &str, what: &str) -> Result<String> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+        _ => Err(Error::Config(format!(
+            "the {what} is read from the environment variable {name}, which is not set"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = AggregatorConfig::from_toml("listen = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n")
+            .unwrap();
+        assert_eq!(c.admin_token_env, "HUSH_ADMIN_TOKEN");
+        assert_eq!(c.clock_skew_s, 300);
+        assert!(c.leader.is_none());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        let e = AggregatorConfig::from_toml(
+            "listen = \"127.0.0.1:1\"\ndata_dir = \"x\"\nadmin_token = \"s3cret\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("admin_token"), "{e}");
+        let e = AggregatorConfig::from_toml(
+            "listen = \"127.0.0.1:1\"\ndata_dir = \"x\"\n[leader]\nhelper_url = \"helper:1\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("http://"), "{e}");
+    }
+}

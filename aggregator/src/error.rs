@@ -1,0 +1,97 @@
+//! The aggregator's error type and how each case maps to a gRPC status.
+
+use hush_protocol::TaskId;
+
+/// Errors of the aggregator roles. Each variant documents the gRPC status it becomes; internal
+/// details (storage, crypto) are logged, not sent to peers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// sled failed. `INTERNAL`.
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+    /// A stored record does not decode: the database is corrupt or from another version.
+    /// `INTERNAL`.
+    #[error("corrupt stored {what}: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// The configuration is unusable. Only at startup.
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// The task is not provisioned here. `NOT_FOUND`.
+    #[error("task {0} is not provisioned at this aggregator")]
+    UnknownTask(TaskId),
+    /// The task exists with other parameters. `ALREADY_EXISTS`.
+    #[error(
+        "task {0} already exists with other parameters; delete it first or use another task id"
+    )]
+    TaskConflict(TaskId),
+    /// The request is malformed or does not fit the task. `INVALID_ARGUMENT`.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// An aggregation job id was reused with other contents. `ALREADY_EXISTS`.
+    #[error("aggregation job {0} already ran with other contents")]
+    JobConflict(String),
+    /// The request is for the other role. `FAILED_PRECONDITION`.
+    #[error("{0}")]
+    WrongRole(String),
+    /// The peer aggregator failed or refused. `UNAVAILABLE`.
+    #[error("peer aggregator: {0}")]
+    Peer(#[from] tonic::Status),
+    /// Too many requests in flight. `RESOURCE_EXHAUSTED`.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// A key rotation could not pick an id. `FAILED_PRECONDITION`.
+    #[error(transparent)]
+    Keys(#[from] hush_protocol::keys::KeySetError),
+    /// An I/O error at startup (binding, data directory).
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A blocking task panicked or was cancelled. `INTERNAL`.
+    #[error("internal task failed: {0}")]
+    Join(String),
+}
+
+impl Error {
+    pub(crate) fn corrupt(what: &'static str, detail: impl ToString) -> Self {
+        Error::Corrupt {
+            what,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Status;
+        match &e {
+            Error::UnknownTask(_) => Status::not_found(e.to_string()),
+            Error::TaskConflict(_) | Error::JobConflict(_) => Status::already_exists(e.to_string()),
+            Error::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
+            Error::WrongRole(_) | Error::Keys(_) => Status::failed_precondition(e.to_string()),
+            Error::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+            Error::Peer(s) => Status::unavailable(format!("peer aggregator: {}", s.message())),
+            Error::Storage(_)
+            | Error::Corrupt { .. }
+            | Error::Config(_)
+            | Error::Io(_)
+            | Error::Join(_) => {
+                tracing::error!(error = %e, "internal error");
+                Status::internal("internal error; see the aggregator's log")
+            }
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Join(e.to_string())
+    }
+}
+
+/// The aggregator's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,181 @@
+//! The helper: verifies the leader's aggregation jobs and accumulates its own aggregate shares.
+//!
+//! For each report of a job the helper checks the time, opens its own input share, runs
+//! `verify_init`, combines its verifier share with the leader's into the verifier message and
+//! finishes. One transaction then refuses replays, records every report id, accumulates the
+//! verified output shares, and stores the response under the job id and the request's hash, so a
+//! retried job gets the same answer and is never counted twice.
+
+use hush_protocol::proto::v1::helper_aggregation_server::HelperAggregation;
+use hush_protocol::proto::v1::{self as pb, RejectReason};
+use hush_protocol::report::input_share_aad;
+use hush_protocol::{AggregationJobId, Keyring, Label, ReportId, Role, TaskId, Time};
+use prost::Message;
+use rayon::prelude::*;
+use tonic::{Request, Response, Status};
+
+use crate::error::{Error, Result};
+use crate::leader::{ciphertext, reject_reason};
+use crate::shared::Shared;
+use crate::store::{HelperCommit, HelperReport};
+use crate::tasks::TaskEntry;
+
+/// The `HelperAggregation` service.
+#[derive(Clone, Debug)]
+pub struct HelperService {
+    shared: Shared,
+}
+
+impl HelperService {
+    /// A service over `shared`.
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
+    }
+
+    fn process(
+        &self,
+        task: &TaskEntry,
+        keyring: &Keyring,
+        r: &pb::ReportShare,
+    ) -> Result<HelperReport> {
+        let report_id = ReportId::try_from(r.report_id.as_ref())
+            .map_err(|e| Error::InvalidRequest(format!("ReportShare.report_id: {e}")))?;
+        let time = Time::from_secs(r.time);
+        let outcome = (|| {
+            self.shared.check_time(task, time)?;
+            let ct = ciphertext(r.encrypted_input_share.as_ref())?;
+            let aad = input_share_aad(&task.config.id(), &report_id, time, &r.public_share);
+            let share = keyring
+                .open(&Label::InputShare(Role::Helper), &ct, &aad)
+                .map_err(|_| RejectReason::DecryptFailure)?;
+            let (state, own) = task
+                .vdaf
+                .verify_init(
+                    &task.verify_key,
+                    Role::Helper,
+                    &report_id,
+                    &r.public_share,
+                    &share,
+                )
+                .map_err(|e| reject_reason(&e))?;
+            let msg = task
+                .vdaf
+                .verifier_message(&state, &r.leader_verifier_share, &own)
+                .map_err(|e| reject_reason(&e))?;
+            let out = task
+                .vdaf
+                .verify_finish(state, &msg)
+                .map_err(|e| reject_reason(&e))?;
+            Ok((out.into_aggregate(), msg))
+        })();
+        // Reports outside the time window never reach the anti-replay table, which only holds
+        // times it can expire.
+        let mark_seen = self.shared.check_time(task, time).is_ok();
+        Ok(HelperReport {
+            report_id,
+            time,
+            outcome,
+            mark_seen,
+        })
+    }
+
+    async fn init_job(
+        &self,
+        req: pb::AggregationJobInitRequest,
+    ) -> Result<pb::AggregationJobResponse> {
+        let task_id = TaskId::try_from(req.task_id.as_ref()).map_err(|e| {
+            Error::InvalidRequest(format!("AggregationJobInitRequest.task_id: {e}"))
+        })?;
+        let job_id = AggregationJobId::try_from(req.job_id.as_ref())
+            .map_err(|e| Error::InvalidRequest(format!("AggregationJobInitRequest.job_id: {e}")))?;
+        let task = self
+            .shared
+            .task(&task_id)
+            .ok_or(Error::UnknownTask(task_id))?;
+        if req.reports.len() > self.shared.config.max_request_reports {
+            return Err(Error::InvalidRequest(format!(
+                "{} reports in one job; the limit is {}",
+                req.reports.len(),
+                self.shared.config.max_request_reports
+            )));
+        }
+        let encoded = req.encode_to_vec();
+        let hash: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &encoded)
+            .as_ref()
+            .try_into()
+            .map_err(|_| Error::Join("sha256 length".into()))?;
+
+        // A retry of a finished job: answer from the record without doing the work again.
+        if let Some(rec) = self.shared.store.helper_job(&task_id, &job_id)? {
+            if rec.request_hash != hash {
+                return Err(Error::JobConflict(job_id.to_string()));
+            }
+            tracing::debug!(job = %job_id, "answering a retried aggregation job from its record");
+            return pb::AggregationJobResponse::decode(rec.response.as_slice())
+                .map_err(|e| Error::corrupt("helper job response", e));
+        }
+
+        let me = self.clone();
+        let keyring = self.shared.keys.keyring();
+        let t = task.clone();
+        let processed: Vec<HelperReport> = tokio::task::spawn_blocking(move || {
+            req.reports
+                .par_iter()
+                .map(|r| me.process(&t, &keyring, r))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await??;
+
+        let store = self.shared.store.clone();
+        let len = task.vdaf.output_len();
+        let now = self.shared.clock.now();
+        let commit = tokio::task::spawn_blocking(move || {
+            store.commit_helper_job(&task_id, &job_id, now, hash, len, &processed, |outcomes| {
+                pb::AggregationJobResponse {
+                    outcomes: outcomes
+                        .iter()
+                        .map(|(id, o)| pb::ReportOutcome {
+                            report_id: id.as_bytes().to_vec().into(),
+                            result: Some(match o {
+                                Ok(msg) => {
+                                    pb::report_outcome::Result::VerifierMessage(msg.to_vec().into())
+                                }
+                                Err(r) => pb::report_outcome::Result::Rejected(*r as i32),
+                            }),
+                        })
+                        .collect(),
+                }
+                .encode_to_vec()
+            })
+        })
+        .await??;
+        let bytes = match commit {
+            HelperCommit::Committed(b) => {
+                self.shared.store.flush().await?;
+                b
+            }
+            HelperCommit::Existing(b) => b,
+        };
+        pb::AggregationJobResponse::decode(bytes.as_slice())
+            .map_err(|e| Error::corrupt("helper job response", e))
+    }
+}
+
+#[tonic::async_trait]
+impl HelperAggregation for HelperService {
+    async fn init_aggregation_job(
+        &self,
+        request: Request<pb::AggregationJobInitRequest>,
+    ) -> std::result::Result<Response<pb::AggregationJobResponse>, Status> {
+        Ok(Response::new(self.init_job(request.into_inner()).await?))
+    }
+
+    async fn get_aggregate_share(
+        &self,
+        _request: Request<pb::AggregateShareRequest>,
+    ) -> std::result::Result<Response<pb::AggregateShareResponse>, Status> {
+        Err(Status::unimplemented(
+            "collection is not built yet: aggregate shares cannot be requested",
+        ))
+    }
+}

@@ -1,0 +1,455 @@
+//! The leader: report ingest from the last shuffler, and the aggregation job driver.
+//!
+//! Ingest checks each report (decodes, known task, time window, opens the leader's share),
+//! stores the accepted ones with their anti-replay entries in one transaction, flushes, and only
+//! then answers. The job driver groups pending reports into jobs, runs `verify_init`, sends each job
+//! to the helper with retries and backoff, finishes verification with the helper's verifier
+//! messages and commits the job in one transaction.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hush_protocol::proto::v1::helper_aggregation_client::HelperAggregationClient;
+use hush_protocol::proto::v1::leader_ingest_server::LeaderIngest;
+use hush_protocol::proto::v1::{self as pb, RejectReason};
+use hush_protocol::vdaf::VdafError;
+use hush_protocol::{AggregationJobId, Codec, HpkeCiphertext, Report, Role, TaskId};
+use rayon::prelude::*;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::auth::AddBearer;
+use crate::config::LeaderConfig;
+use crate::error::{Error, Result};
+use crate::shared::{Outcomes, Shared};
+use crate::store::{BatchAggregation, GLOBAL_SCOPE, LeaderJob, PendingReport, Stat, StatDelta};
+use crate::tasks::TaskEntry;
+
+/// Largest gRPC message the aggregators exchange.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// The `LeaderIngest` service.
+#[derive(Clone, Debug)]
+pub struct IngestService {
+    shared: Shared,
+}
+
+impl IngestService {
+    /// A service over `shared`.
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
+    }
+}
+
+enum Checked {
+    Accepted(TaskId, PendingReport),
+    Rejected([u8; 32], RejectReason),
+}
+
+fn check_report(shared: &Shared, keyring: &hush_protocol::Keyring, bytes: &[u8]) -> Checked {
+    let Ok(report) = Report::from_bytes(bytes) else {
+        return Checked::Rejected(GLOBAL_SCOPE, RejectReason::Malformed);
+    };
+    let Some(task) = shared.task(report.task_id()) else {
+        return Checked::Rejected(GLOBAL_SCOPE, RejectReason::UnknownTask);
+    };
+    let scope = *report.task_id().as_bytes();
+    if let Err(r) = shared.check_time(&task, report.time()) {
+        return Checked::Rejected(scope, r);
+    }
+    let Ok(leader_share) = report.open_share(Role::Leader, keyring) else {
+        return Checked::Rejected(scope, RejectReason::DecryptFailure);
+    };
+    let (task_id, report_id, time, public_share, _, helper_share) = report.into_parts();
+    Checked::Accepted(
+        task_id,
+        PendingReport {
+            report_id,
+            time,
+            public_share,
+            leader_share,
+            helper_share,
+        },
+    )
+}
+
+#[tonic::async_trait]
+impl LeaderIngest for IngestService {
+    async fn submit_reports(
+        &self,
+        request: Request<pb::SubmitReportsRequest>,
+    ) -> std::result::Result<Response<pb::SubmitReportsResponse>, Status> {
+        let reports = request.into_inner().reports;
+        if reports.len() > self.shared.config.max_request_reports {
+            return Err(Status::invalid_argument(format!(
+                "{} reports in one request; the limit is {}",
+                reports.len(),
+                self.shared.config.max_request_reports
+            )));
+        }
+        let shared = self.shared.clone();
+        let keyring = self.shared.keys.keyring();
+        // Opening shares is the expensive part: spread it over all cores.
+        let checked: Vec<Checked> = tokio::task::spawn_blocking(move || {
+            reports
+                .par_iter()
+                .map(|b| check_report(&shared, &keyring, b))
+                .collect()
+        })
+        .await
+        .map_err(Error::from)?;
+
+        let mut outcomes = Outcomes::default();
+        let mut stats = StatDelta::default();
+        let mut accepted = Vec::with_capacity(checked.len());
+        for c in checked {
+            match c {
+                Checked::Accepted(task, r) => {
+                    accepted.push((task, self.shared.store.next_seq()?, r))
+                }
+                Checked::Rejected(scope, reason) => {
+                    outcomes.reject(reason);
+                    stats.incr(scope, Stat::Rejected(reason));
+                }
+            }
+        }
+        let store = self.shared.store.clone();
+        let stored = tokio::task::spawn_blocking(move || store.store_pending(&accepted, &stats))
+            .await
+            .map_err(Error::from)??;
+        for s in &stored {
+            if *s {
+                outcomes.accept();
+            } else {
+                outcomes.reject(RejectReason::Replay);
+            }
+        }
+        // Durable before acknowledged.
+        self.shared.store.flush().await?;
+        if outcomes.accepted() > 0 {
+            self.shared.new_reports.notify_one();
+        }
+        tracing::debug!(
+            accepted = outcomes.accepted(),
+            "ingested a batch of reports"
+        );
+        Ok(Response::new(pb::SubmitReportsResponse {
+            accepted: outcomes.accepted(),
+            rejected: outcomes.reason_counts(),
+        }))
+    }
+}
+
+type HelperClient = HelperAggregationClient<InterceptedService<Channel, AddBearer>>;
+
+/// Drives aggregation jobs from the leader to the helper.
+#[derive(Debug)]
+pub struct JobDriver {
+    shared: Shared,
+    cfg: LeaderConfig,
+    helper: HelperClient,
+    /// Pending reports in a job in flight, by task and seq.
+    assigned: Mutex<HashSet<(TaskId, u64)>>,
+}
+
+impl JobDriver {
+    /// A driver that talks to the helper at `cfg.helper_url` with `peer_token`.
+    pub fn new(shared: Shared, cfg: LeaderConfig, peer_token: &str) -> Result<Self> {
+        let endpoint = Endpoint::from_shared(cfg.helper_url.clone())
+            .map_err(|e| Error::Config(format!("leader.helper_url: {e}")))?
+            .timeout(Duration::from_millis(cfg.helper_timeout_ms))
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        let auth = AddBearer::new(peer_token).map_err(|e| Error::Config(e.message().to_owned()))?;
+        let helper = HelperAggregationClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self {
+            shared,
+            cfg,
+            helper,
+            assigned: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Runs until `shutdown` turns true. Jobs in flight at shutdown stay recorded and resume on
+    /// the next start.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut in_flight = JoinSet::new();
+        match self.shared.store.jobs() {
+            Ok(jobs) => {
+                for (id, job) in jobs {
+                    tracing::info!(job = %id, reports = job.seqs.len(), "resuming an aggregation job");
+                    self.mark(&job, true);
+                    let me = self.clone();
+                    in_flight.spawn(async move { me.run_job_until_done(id, job).await });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the jobs in flight"),
+        }
+        let poll = Duration::from_millis(self.cfg.job_poll_interval_ms);
+        let mut next_task = 0usize;
+        loop {
+            // A job must be durable before the helper sees it: otherwise a crash could forget a
+            // job the helper has accumulated, and its reports would be sent again as replays.
+            let mut created = Vec::new();
+            let mut needs_flush = Vec::new();
+            while in_flight.len() + created.len() < self.cfg.max_concurrent_jobs {
+                match self.next_job(&mut next_task, &mut needs_flush) {
+                    Ok(Some(j)) => created.push(j),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot create an aggregation job");
+                        break;
+                    }
+                }
+            }
+            if !needs_flush.is_empty()
+                && let Err(e) = self.shared.store.flush().await
+            {
+                tracing::error!(error = %e, "cannot make new aggregation jobs durable");
+                for (_, job) in &created {
+                    self.mark(job, false);
+                }
+                created.clear();
+            }
+            for (id, job) in created {
+                let me = self.clone();
+                in_flight.spawn(async move { me.run_job_until_done(id, job).await });
+            }
+            tokio::select! {
+                _ = self.shared.new_reports.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        // Jobs are recorded; abandoning them here is safe: they resume after a restart and the
+        // helper answers a retried job from its record.
+        in_flight.shutdown().await;
+    }
+
+    fn mark(&self, job: &LeaderJob, on: bool) {
+        let mut a = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        for s in &job.seqs {
+            if on {
+                a.insert((job.task_id, *s));
+            } else {
+                a.remove(&(job.task_id, *s));
+            }
+        }
+    }
+
+    /// Picks the next job, visiting tasks round robin. The job is recorded but not yet durable:
+    /// its id is added to `needs_flush`, and the store must be flushed before the job is sent.
+    fn next_job(
+        &self,
+        next_task: &mut usize,
+        needs_flush: &mut Vec<AggregationJobId>,
+    ) -> Result<Option<(AggregationJobId, LeaderJob)>> {
+        let tasks: Vec<Arc<TaskEntry>> = self
+            .shared
+            .tasks
+            .all()
+            .into_iter()
+            .filter(|t| t.role == Role::Leader)
+            .collect();
+        for i in 0..tasks.len() {
+            let task = &tasks[(*next_task + i) % tasks.len()];
+            let id = task.config.id();
+            let pending = {
+                let assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+                self.shared
+                    .store
+                    .scan_pending(&id, self.cfg.job_size, |seq| assigned.contains(&(id, seq)))?
+            };
+            if pending.is_empty() {
+                continue;
+            }
+            *next_task = (*next_task + i + 1) % tasks.len();
+            let job = LeaderJob {
+                task_id: id,
+                seqs: pending.iter().map(|(s, _)| *s).collect(),
+            };
+            let job_id = AggregationJobId::random();
+            self.shared.store.put_job(&job_id, &job)?;
+            self.mark(&job, true);
+            needs_flush.push(job_id);
+            tracing::debug!(job = %job_id, reports = job.seqs.len(), "created an aggregation job");
+            return Ok(Some((job_id, job)));
+        }
+        Ok(None)
+    }
+
+    async fn run_job_until_done(self: Arc<Self>, id: AggregationJobId, job: LeaderJob) {
+        let mut delay = Duration::from_millis(self.cfg.retry_initial_ms);
+        let max = Duration::from_millis(self.cfg.retry_max_ms);
+        loop {
+            match self.run_job(&id, &job).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, retry_in_ms = delay.as_millis() as u64, "aggregation job failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(max);
+                }
+            }
+        }
+        self.mark(&job, false);
+    }
+
+    /// One attempt at a job. Every step before the commit is deterministic, so a retry (even
+    /// after a restart) sends the helper the same request.
+    async fn run_job(&self, id: &AggregationJobId, job: &LeaderJob) -> Result<()> {
+        let Some(task) = self.shared.task(&job.task_id) else {
+            return Err(Error::UnknownTask(job.task_id));
+        };
+        let mut reports = Vec::with_capacity(job.seqs.len());
+        for seq in &job.seqs {
+            match self.shared.store.pending_report(&job.task_id, *seq)? {
+                Some(r) => reports.push(r),
+                None => {
+                    return Err(Error::corrupt(
+                        "job",
+                        format!("pending report {seq} of job {id} is gone"),
+                    ));
+                }
+            }
+        }
+
+        // verify_init for every report, on all cores.
+        let t = task.clone();
+        let inits = tokio::task::spawn_blocking(move || {
+            reports
+                .into_par_iter()
+                .map(|r| {
+                    let init = t.vdaf.verify_init(
+                        &t.verify_key,
+                        Role::Leader,
+                        &r.report_id,
+                        &r.public_share,
+                        &r.leader_share,
+                    );
+                    (r, init)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+
+        let scope = *job.task_id.as_bytes();
+        let mut stats = StatDelta::default();
+        let mut sent = Vec::with_capacity(inits.len());
+        let mut shares = Vec::with_capacity(inits.len());
+        for (r, init) in inits {
+            match init {
+                Ok((state, verifier_share)) => {
+                    shares.push(pb::ReportShare {
+                        report_id: r.report_id.as_bytes().to_vec().into(),
+                        time: r.time.as_secs(),
+                        public_share: r.public_share.clone().into(),
+                        encrypted_input_share: Some((&r.helper_share).into()),
+                        leader_verifier_share: verifier_share.into(),
+                    });
+                    sent.push((r, state));
+                }
+                Err(e) => stats.incr(scope, Stat::Rejected(reject_reason(&e))),
+            }
+        }
+
+        let outcomes = if shares.is_empty() {
+            Vec::new()
+        } else {
+            let request = pb::AggregationJobInitRequest {
+                task_id: job.task_id.as_bytes().to_vec().into(),
+                job_id: id.as_bytes().to_vec().into(),
+                reports: shares,
+            };
+            let response = self
+                .helper
+                .clone()
+                .init_aggregation_job(request)
+                .await?
+                .into_inner();
+            if response.outcomes.len() != sent.len()
+                || response
+                    .outcomes
+                    .iter()
+                    .zip(&sent)
+                    .any(|(o, (r, _))| o.report_id.as_ref() != r.report_id.as_bytes())
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "the helper answered job {id} with outcomes that do not match its reports"
+                )));
+            }
+            response.outcomes
+        };
+
+        // Finish verification with the helper's verifier messages and accumulate.
+        let vdaf_task = task.clone();
+        let finished = tokio::task::spawn_blocking(move || {
+            sent.into_par_iter()
+                .zip(outcomes.into_par_iter())
+                .map(|((r, state), o)| match o.result {
+                    Some(pb::report_outcome::Result::VerifierMessage(msg)) => {
+                        let out = vdaf_task.vdaf.verify_finish(state, &msg);
+                        (r, out.map_err(|e| reject_reason(&e)))
+                    }
+                    Some(pb::report_outcome::Result::Rejected(code)) => (
+                        r,
+                        Err(RejectReason::try_from(code).unwrap_or(RejectReason::Unspecified)),
+                    ),
+                    None => (r, Err(RejectReason::Unspecified)),
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+
+        let len = task.vdaf.output_len();
+        let mut batches: BTreeMap<hush_protocol::Time, BatchAggregation> = BTreeMap::new();
+        for (r, out) in finished {
+            match out {
+                Ok(share) => {
+                    let b = batches
+                        .entry(r.time)
+                        .or_insert_with(|| BatchAggregation::empty(len));
+                    b.share
+                        .accumulate(&share)
+                        .map_err(|e| Error::corrupt("output share", e))?;
+                    b.report_count += 1;
+                    b.checksum.update(&r.report_id);
+                    stats.incr(scope, Stat::Aggregated);
+                }
+                Err(reason) => stats.incr(scope, Stat::Rejected(reason)),
+            }
+        }
+        let store = self.shared.store.clone();
+        let (id2, job2) = (*id, job.clone());
+        tokio::task::spawn_blocking(move || store.commit_leader_job(&id2, &job2, &batches, &stats))
+            .await??;
+        tracing::debug!(job = %id, "aggregation job committed");
+        Ok(())
+    }
+}
+
+/// How a VDAF failure is reported.
+pub fn reject_reason(e: &VdafError) -> RejectReason {
+    match e {
+        VdafError::Malformed(_) => RejectReason::Malformed,
+        _ => RejectReason::InvalidProof,
+    }
+}
+
+/// Checks that a protobuf ciphertext converts.
+pub fn ciphertext(
+    p: Option<&pb::HpkeCiphertext>,
+) -> std::result::Result<HpkeCiphertext, RejectReason> {
+    p.and_then(|c| HpkeCiphertext::try_from(c).ok())
+        .ok_or(RejectReason::Malformed)
+}

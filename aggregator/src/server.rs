@@ -1,0 +1,258 @@
+//! Starting and stopping an aggregator: one tonic server with the role's services, the job
+//! driver (leader), and background maintenance, over one sled database.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hush_protocol::proto::v1::admin_server::AdminServer;
+use hush_protocol::proto::v1::helper_aggregation_server::HelperAggregationServer;
+use hush_protocol::proto::v1::hpke_keys_server::HpkeKeysServer;
+use hush_protocol::proto::v1::leader_ingest_server::LeaderIngestServer;
+use hush_protocol::{Clock, Role};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::admin::{AdminService, KeysService};
+use crate::auth::BearerAuth;
+use crate::config::{AggregatorConfig, secret_from_env};
+use crate::error::{Error, Result};
+use crate::helper::HelperService;
+use crate::keys::KeyManager;
+use crate::leader::{IngestService, JobDriver, MAX_MESSAGE_BYTES};
+use crate::shared::Shared;
+use crate::store::Store;
+use crate::tasks::{TaskCache, TaskEntry};
+
+/// The secrets an aggregator needs, which never come from its config file.
+#[derive(Clone)]
+pub struct Secrets {
+    /// Bearer token of the `Admin` service.
+    pub admin_token: String,
+    /// Bearer token the leader presents to the helper.
+    pub peer_token: String,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(<redacted>)")
+    }
+}
+
+impl Secrets {
+    /// Reads the secrets from the environment variables the config names.
+    pub fn from_env(config: &AggregatorConfig) -> Result<Self> {
+        Ok(Self {
+            admin_token: secret_from_env(&config.admin_token_env, "admin token")?,
+            peer_token: secret_from_env(&config.peer_token_env, "leader-helper token")?,
+        })
+    }
+}
+
+/// A running aggregator.
+#[derive(Debug)]
+pub struct Aggregator {
+    addr: SocketAddr,
+    shared: Shared,
+    shutdown: watch::Sender<bool>,
+    join: JoinHandle<Result<()>>,
+}
+
+impl Aggregator {
+    /// Opens the database, binds `config.listen` and starts serving as `role`.
+    pub async fn start(
+        role: Role,
+        config: AggregatorConfig,
+        secrets: Secrets,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
+        Self::start_on(role, config, secrets, clock, listener).await
+    }
+
+    /// Like [`Aggregator::start`] on an already bound listener.
+    pub async fn start_on(
+        role: Role,
+        config: AggregatorConfig,
+        secrets: Secrets,
+        clock: Arc<dyn Clock>,
+        listener: TcpListener,
+    ) -> Result<Self> {
+        config.check()?;
+        if role == Role::Leader && config.leader.is_none() {
+            return Err(Error::Config(
+                "the leader needs a [leader] section with helper_url".into(),
+            ));
+        }
+        let addr = listener.local_addr()?;
+        let store = Store::open(&config.data_dir, config.cache_mb)?;
+        let tasks = store
+            .tasks()?
+            .iter()
+            .map(|b| TaskEntry::decode(b))
+            .collect::<Result<Vec<_>>>()?;
+        let keys =
+            KeyManager::load(store.clone(), clock.clone(), config.key_grace_period_s).await?;
+        let shared = Shared {
+            role,
+            config: Arc::new(config),
+            store,
+            tasks: TaskCache::new(tasks),
+            keys,
+            clock,
+            new_reports: Arc::new(Notify::new()),
+        };
+        let (tx, rx) = watch::channel(false);
+
+        let admin = InterceptedService::new(
+            AdminServer::new(AdminService::new(shared.clone())),
+            BearerAuth::new(&secrets.admin_token, "admin token"),
+        );
+        let keys_svc = HpkeKeysServer::new(KeysService::new(shared.clone()));
+        let (ingest, helper) = match role {
+            Role::Leader => (
+                Some(
+                    LeaderIngestServer::new(IngestService::new(shared.clone()))
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                ),
+                None,
+            ),
+            Role::Helper => (
+                None,
+                Some(InterceptedService::new(
+                    HelperAggregationServer::new(HelperService::new(shared.clone()))
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    BearerAuth::new(&secrets.peer_token, "leader-helper token"),
+                )),
+            ),
+        };
+
+        let driver = match (&shared.config.leader, role) {
+            (Some(lc), Role::Leader) => {
+                let d = Arc::new(JobDriver::new(
+                    shared.clone(),
+                    lc.clone(),
+                    &secrets.peer_token,
+                )?);
+                Some(tokio::spawn(d.run(rx.clone())))
+            }
+            _ => None,
+        };
+        let maintenance = tokio::spawn(maintenance(shared.clone(), rx.clone()));
+
+        let mut srx = rx.clone();
+        let signal = async move {
+            let _ = srx.wait_for(|v| *v).await;
+        };
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let router = Server::builder()
+            .add_service(admin)
+            .add_service(keys_svc)
+            .add_optional_service(ingest)
+            .add_optional_service(helper);
+        let store = shared.store.clone();
+        let join = tokio::spawn(async move {
+            let served = router.serve_with_incoming_shutdown(incoming, signal).await;
+            if let Some(d) = driver {
+                let _ = d.await;
+            }
+            let _ = maintenance.await;
+            store.flush().await?;
+            served.map_err(|e| Error::Io(std::io::Error::other(e)))
+        });
+        tracing::info!(%addr, %role, "aggregator listening");
+        Ok(Self {
+            addr,
+            shared,
+            shutdown: tx,
+            join,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (for tests and tools in the same process).
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Stops accepting requests, lets requests in flight finish, stops background work and
+    /// flushes the database.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        self.join.await?
+    }
+
+    /// Serves until the process receives SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> Result<()> {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        self.shutdown().await
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Expires anti-replay entries past each task's report expiry and HPKE keys past their grace
+/// period.
+async fn maintenance(shared: Shared, mut shutdown: watch::Receiver<bool>) {
+    let every = Duration::from_secs(shared.config.maintenance_interval_s.max(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+        let now = shared.clock.now();
+        for t in shared.tasks.all() {
+            let cutoff = now.sub_secs(t.config.report_expiry_s() + shared.config.clock_skew_s);
+            match shared.store.expire_seen(&t.config.id(), cutoff) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(task = %t.config.id(), expired = n, "expired report ids"),
+                Err(e) => tracing::error!(error = %e, "expiring report ids failed"),
+            }
+        }
+        if shared.role == Role::Helper {
+            match shared
+                .store
+                .expire_helper_jobs(now.sub_secs(shared.config.helper_job_retention_s))
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(expired = n, "expired finished aggregation job records"),
+                Err(e) => tracing::error!(error = %e, "expiring aggregation job records failed"),
+            }
+        }
+        if let Err(e) = shared.keys.expire().await {
+            tracing::error!(error = %e, "expiring HPKE keys failed");
+        }
+    }
+}

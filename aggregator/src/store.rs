@@ -1,0 +1,929 @@
+//! The aggregator's sled database.
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `tasks` | task id | the task (protobuf `CreateTaskRequest`) |
+//! | `keys` | `"keyset"` | the HPKE [`KeySet`] |
+//! | `seen` | task ‖ time ‖ report id | — (anti-replay; expires with the task's report expiry) |
+//! | `pending` | task ‖ seq | a leader's accepted, not yet aggregated report |
+//! | `jobs` | job id | a leader's aggregation job in flight (task and report seqs) |
+//! | `helper_jobs` | task ‖ job id | request hash and response of a helper's finished job |
+//! | `batches` | task ‖ window start | aggregate share, report count and report-id checksum |
+//! | `stats` | scope ‖ code | counters of accepted, aggregated and rejected reports |
+//! | `tenants` | tenant name | SHA-256 of the tenant's collector bearer token |
+//!
+//! Every change that must be atomic is one sled transaction over the trees involved: storing a
+//! batch of ingested reports with their anti-replay entries, and finishing an aggregation job
+//! (accumulating output shares, removing the reports, recording the outcome). A crash before a
+//! transaction commits loses nothing that was acknowledged; after it, nothing is counted twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use hush_protocol::codec::{Codec, Reader, Writer};
+use hush_protocol::keys::KeySet;
+use hush_protocol::proto::v1::RejectReason;
+use hush_protocol::{
+    AggregateShare, AggregationJobId, HpkeCiphertext, ReportId, ReportIdChecksum, TaskId, Time,
+};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::{Transactional, Tree};
+
+use crate::error::{Error, Result};
+
+/// Counters are kept per task, or under this scope for reports whose task is unknown.
+pub const GLOBAL_SCOPE: [u8; 32] = [0; 32];
+
+/// What a stats counter counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stat {
+    /// Reports accepted at ingest (leader) or in a job (helper).
+    Accepted,
+    /// Reports accumulated into an aggregate share.
+    Aggregated,
+    /// Reports refused, by reason.
+    Rejected(RejectReason),
+}
+
+impl Stat {
+    fn code(self) -> u8 {
+        match self {
+            Stat::Accepted => 200,
+            Stat::Aggregated => 201,
+            Stat::Rejected(r) => r as i32 as u8,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            200 => Some(Stat::Accepted),
+            201 => Some(Stat::Aggregated),
+            c => RejectReason::try_from(c as i32).ok().map(Stat::Rejected),
+        }
+    }
+}
+
+/// Counter increments to apply together.
+#[derive(Clone, Debug, Default)]
+pub struct StatDelta(HashMap<([u8; 32], Stat), u64>);
+
+impl StatDelta {
+    /// Adds `n` to `stat` of `scope` (a task id, or [`GLOBAL_SCOPE`]).
+    pub fn add(&mut self, scope: [u8; 32], stat: Stat, n: u64) {
+        if n > 0 {
+            *self.0.entry((scope, stat)).or_default() += n;
+        }
+    }
+
+    /// Adds one.
+    pub fn incr(&mut self, scope: [u8; 32], stat: Stat) {
+        self.add(scope, stat, 1);
+    }
+
+    /// Merges another delta.
+    pub fn merge(&mut self, other: StatDelta) {
+        for ((s, k), n) in other.0 {
+            self.add(s, k, n);
+        }
+    }
+
+    /// The counts of one scope, by stat.
+    pub fn for_scope(&self, scope: &[u8; 32]) -> BTreeMap<Stat, u64> {
+        self.0
+            .iter()
+            .filter(|((s, _), _)| s == scope)
+            .map(|((_, k), n)| (*k, *n))
+            .collect()
+    }
+
+    fn apply(
+        &self,
+        stats: &TransactionalTree,
+    ) -> std::result::Result<(), ConflictableTransactionError<Error>> {
+        for ((scope, stat), n) in &self.0 {
+            let key = stat_key(scope, *stat);
+            let cur = stats.get(key)?.map(|v| be_u64(&v)).unwrap_or(0);
+            stats.insert(&key[..], &(cur + n).to_be_bytes()[..])?;
+        }
+        Ok(())
+    }
+}
+
+fn stat_key(scope: &[u8; 32], stat: Stat) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[..32].copy_from_slice(scope);
+    k[32] = stat.code();
+    k
+}
+
+fn be_u64(v: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = v.len().min(8);
+    b[8 - n..].copy_from_slice(&v[..n]);
+    u64::from_be_bytes(b)
+}
+
+fn task_key(task: &TaskId, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(32 + suffix.len());
+    k.extend_from_slice(task.as_bytes());
+    k.extend_from_slice(suffix);
+    k
+}
+
+/// The anti-replay key of a report: task ‖ time ‖ report id, so expiry is a range deletion.
+pub fn seen_key(task: &TaskId, time: Time, id: &ReportId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(56);
+    k.extend_from_slice(task.as_bytes());
+    k.extend_from_slice(&time.as_secs().to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn pending_key(task: &TaskId, seq: u64) -> Vec<u8> {
+    task_key(task, &seq.to_be_bytes())
+}
+
+fn batch_key(task: &TaskId, window: Time) -> Vec<u8> {
+    task_key(task, &window.as_secs().to_be_bytes())
+}
+
+/// Scope, anti-replay key, pending key and value of one report to store.
+type EncodedPending = ([u8; 32], Vec<u8>, Vec<u8>, Vec<u8>);
+
+fn abort(e: Error) -> ConflictableTransactionError<Error> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn tx_result<T>(r: std::result::Result<T, TransactionError<Error>>) -> Result<T> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => Error::Storage(e),
+    })
+}
+
+/// A leader's accepted report, waiting for aggregation. The leader's input share is stored
+/// opened (it reveals nothing without the helper's share) so aggregation does not pay for a
+/// second HPKE open; the helper's share stays sealed to the helper.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PendingReport {
+    /// The report id.
+    pub report_id: ReportId,
+    /// The report's time.
+    pub time: Time,
+    /// Encoded Prio3 public share.
+    pub public_share: Vec<u8>,
+    /// The leader's opened input share.
+    pub leader_share: Vec<u8>,
+    /// The helper's sealed input share.
+    pub helper_share: HpkeCiphertext,
+}
+
+impl std::fmt::Debug for PendingReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingReport")
+            .field("report_id", &self.report_id)
+            .field("time", &self.time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Codec for PendingReport {
+    const NAME: &'static str = "PendingReport";
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u8(1);
+        self.report_id.encode(out);
+        self.time.encode(out);
+        out.put_opaque_u32(&self.public_share);
+        out.put_opaque_u32(&self.leader_share);
+        self.helper_share.encode(out);
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, hush_protocol::DecodeError> {
+        if r.u8("version")? != 1 {
+            return Err(r.invalid("version", "unknown"));
+        }
+        Ok(Self {
+            report_id: ReportId::decode(r)?,
+            time: Time::decode(r)?,
+            public_share: r.opaque_u32("public_share")?.to_vec(),
+            leader_share: r.opaque_u32("leader_share")?.to_vec(),
+            helper_share: HpkeCiphertext::decode(r)?,
+        })
+    }
+}
+
+/// A leader's aggregation job in flight: which pending reports it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderJob {
+    /// The task.
+    pub task_id: TaskId,
+    /// Sequence numbers of the job's pending reports, ascending.
+    pub seqs: Vec<u64>,
+}
+
+impl Codec for LeaderJob {
+    const NAME: &'static str = "LeaderJob";
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u8(1);
+        self.task_id.encode(out);
+        out.put_u32(self.seqs.len() as u32);
+        for s in &self.seqs {
+            out.put_u64(*s);
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, hush_protocol::DecodeError> {
+        if r.u8("version")? != 1 {
+            return Err(r.invalid("version", "unknown"));
+        }
+        let task_id = TaskId::decode(r)?;
+        let n = r.u32("seqs")? as usize;
+        if n > r.remaining() / 8 {
+            return Err(r.invalid("seqs", "count exceeds the record"));
+        }
+        let seqs = (0..n)
+            .map(|_| r.u64("seq"))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Self { task_id, seqs })
+    }
+}
+
+/// The aggregate of one task's time bucket at one aggregator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchAggregation {
+    /// Reports accumulated.
+    pub report_count: u64,
+    /// Checksum of their report ids.
+    pub checksum: ReportIdChecksum,
+    /// The aggregate share.
+    pub share: AggregateShare,
+}
+
+impl BatchAggregation {
+    /// An empty batch of `len` entries.
+    pub fn empty(len: usize) -> Self {
+        Self {
+            report_count: 0,
+            checksum: ReportIdChecksum::default(),
+            share: AggregateShare::zero(len),
+        }
+    }
+
+    /// Adds another batch of the same task.
+    pub fn merge(&mut self, other: &BatchAggregation) -> Result<()> {
+        self.share
+            .merge(&other.share)
+            .map_err(|e| Error::corrupt("batch aggregation", e))?;
+        self.report_count += other.report_count;
+        self.checksum.combine(&other.checksum);
+        Ok(())
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let share = self.share.to_bytes();
+        let mut out = Vec::with_capacity(1 + 8 + 32 + 4 + share.len());
+        out.put_u8(1);
+        out.put_u64(self.report_count);
+        out.extend_from_slice(self.checksum.as_bytes());
+        out.put_u32(self.share.len() as u32);
+        out.extend_from_slice(&share);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new("BatchAggregation", bytes);
+        let parse = |r: &mut Reader<'_>| -> std::result::Result<Self, String> {
+            if r.u8("version").map_err(|e| e.to_string())? != 1 {
+                return Err("unknown version".into());
+            }
+            let report_count = r.u64("report_count").map_err(|e| e.to_string())?;
+            let checksum =
+                ReportIdChecksum::from(r.array::<32>("checksum").map_err(|e| e.to_string())?);
+            let len = r.u32("len").map_err(|e| e.to_string())? as usize;
+            let share = AggregateShare::from_bytes(r.rest(), len).map_err(|e| e.to_string())?;
+            Ok(Self {
+                report_count,
+                checksum,
+                share,
+            })
+        };
+        parse(&mut r).map_err(|e| Error::corrupt("batch aggregation", e))
+    }
+}
+
+/// A helper's record of a finished aggregation job, so a retry gets the same answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelperJobRecord {
+    /// When the job was committed.
+    pub committed: Time,
+    /// SHA-256 of the request.
+    pub request_hash: [u8; 32],
+    /// The encoded response.
+    pub response: Vec<u8>,
+}
+
+impl HelperJobRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(41 + self.response.len());
+        out.put_u8(1);
+        out.put_u64(self.committed.as_secs());
+        out.extend_from_slice(&self.request_hash);
+        out.extend_from_slice(&self.response);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < 41 || bytes[0] != 1 {
+            return Err(Error::corrupt("helper job", "bad header"));
+        }
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&bytes[9..41]);
+        Ok(Self {
+            committed: Time::from_secs(be_u64(&bytes[1..9])),
+            request_hash: h,
+            response: bytes[41..].to_vec(),
+        })
+    }
+}
+
+/// The outcome of committing a helper job.
+#[derive(Debug)]
+pub enum HelperCommit {
+    /// This call committed the job; the value is the response.
+    Committed(Vec<u8>),
+    /// The job had already been committed with the same request: the stored response.
+    Existing(Vec<u8>),
+}
+
+/// One report of a helper job, ready to commit.
+#[derive(Debug)]
+pub struct HelperReport {
+    /// The report id.
+    pub report_id: ReportId,
+    /// The report's time.
+    pub time: Time,
+    /// The output share and the verifier message if the report verified, else the reason.
+    pub outcome: std::result::Result<(AggregateShare, Vec<u8>), RejectReason>,
+    /// Whether the report reaches the anti-replay table (false when its time is out of range).
+    pub mark_seen: bool,
+}
+
+/// The aggregator's database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: sled::Db,
+    tasks: Tree,
+    keys: Tree,
+    seen: Tree,
+    pending: Tree,
+    jobs: Tree,
+    helper_jobs: Tree,
+    batches: Tree,
+    stats: Tree,
+    tenants: Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(cache_mb * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    Error::Config(format!(
+                        "the database in {} is in use by another process",
+                        dir.display()
+                    ))
+                }
+                e => Error::Storage(e),
+            })?;
+        Ok(Self {
+            tasks: db.open_tree("tasks")?,
+            keys: db.open_tree("keys")?,
+            seen: db.open_tree("seen")?,
+            pending: db.open_tree("pending")?,
+            jobs: db.open_tree("jobs")?,
+            helper_jobs: db.open_tree("helper_jobs")?,
+            batches: db.open_tree("batches")?,
+            stats: db.open_tree("stats")?,
+            tenants: db.open_tree("tenants")?,
+            db,
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// A fresh, increasing sequence number.
+    pub fn next_seq(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    // ---- tasks
+
+    /// Stores a task unless one with the same id exists; returns the existing one if so.
+    pub fn put_task(&self, id: &TaskId, encoded: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        let prev =
+            self.tasks
+                .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(encoded))?;
+        Ok(prev.err().and_then(|e| e.current.map(|v| v.to_vec())))
+    }
+
+    /// All stored tasks, encoded.
+    pub fn tasks(&self) -> Result<Vec<Vec<u8>>> {
+        self.tasks
+            .iter()
+            .values()
+            .map(|v| Ok(v?.to_vec()))
+            .collect()
+    }
+
+    // ---- tenants
+
+    /// Sets the hash of a tenant's collector token, durably.
+    pub async fn set_tenant_token_hash(&self, tenant: &str, hash: [u8; 32]) -> Result<()> {
+        self.tenants.insert(tenant.as_bytes(), &hash[..])?;
+        self.flush().await
+    }
+
+    /// The hash of a tenant's collector token.
+    pub fn tenant_token_hash(&self, tenant: &str) -> Result<Option<[u8; 32]>> {
+        Ok(self
+            .tenants
+            .get(tenant.as_bytes())?
+            .and_then(|v| v.as_ref().try_into().ok()))
+    }
+
+    // ---- keys
+
+    /// The stored key set, if any.
+    pub fn key_set(&self) -> Result<Option<KeySet>> {
+        match self.keys.get(b"keyset")? {
+            Some(v) => Ok(Some(
+                KeySet::from_bytes(&v).map_err(|e| Error::corrupt("key set", e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces the key set, durably.
+    pub async fn save_key_set(&self, ks: &KeySet) -> Result<()> {
+        self.keys.insert(b"keyset", ks.to_bytes())?;
+        self.flush().await
+    }
+
+    // ---- leader ingest
+
+    /// Stores accepted reports (task, seq, report) with their anti-replay entries in one
+    /// transaction. Reports whose id was seen before (or twice in `reports`) are not stored; the
+    /// result says which, in order. `stats` is applied in the same transaction, plus one
+    /// `Accepted` or `Rejected(Replay)` per report.
+    pub fn store_pending(
+        &self,
+        reports: &[(TaskId, u64, PendingReport)],
+        stats: &StatDelta,
+    ) -> Result<Vec<bool>> {
+        let encoded: Vec<EncodedPending> = reports
+            .iter()
+            .map(|(task, seq, r)| {
+                (
+                    *task.as_bytes(),
+                    seen_key(task, r.time, &r.report_id),
+                    pending_key(task, *seq),
+                    r.to_bytes(),
+                )
+            })
+            .collect();
+        let r = (&self.seen, &self.pending, &self.stats).transaction(|(seen, pending, st)| {
+            let mut stored = Vec::with_capacity(encoded.len());
+            let mut delta = stats.clone();
+            for (scope, sk, pk, v) in &encoded {
+                if seen.get(sk)?.is_some() {
+                    stored.push(false);
+                    delta.incr(*scope, Stat::Rejected(RejectReason::Replay));
+                    continue;
+                }
+                seen.insert(&sk[..], &[][..])?;
+                pending.insert(&pk[..], &v[..])?;
+                stored.push(true);
+                delta.incr(*scope, Stat::Accepted);
+            }
+            delta.apply(st)?;
+            Ok(stored)
+        });
+        tx_result(r)
+    }
+
+    /// Applies counter increments on their own.
+    pub fn add_stats(&self, stats: &StatDelta) -> Result<()> {
+        tx_result(self.stats.transaction(|st| {
+            stats.apply(st)?;
+            Ok(())
+        }))
+    }
+
+    /// Whether a report id is in the anti-replay table.
+    pub fn is_seen(&self, task: &TaskId, time: Time, id: &ReportId) -> Result<bool> {
+        Ok(self.seen.contains_key(seen_key(task, time, id))?)
+    }
+
+    // ---- leader jobs
+
+    /// Up to `limit` pending reports of `task` in seq order, skipping seqs for which `skip`
+    /// is true (reports already in a job).
+    pub fn scan_pending(
+        &self,
+        task: &TaskId,
+        limit: usize,
+        skip: impl Fn(u64) -> bool,
+    ) -> Result<Vec<(u64, PendingReport)>> {
+        let mut out = Vec::new();
+        for kv in self.pending.scan_prefix(task.as_bytes()) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv?;
+            let seq = be_u64(&k[32..]);
+            if skip(seq) {
+                continue;
+            }
+            out.push((
+                seq,
+                PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The pending report `seq` of `task`.
+    pub fn pending_report(&self, task: &TaskId, seq: u64) -> Result<Option<PendingReport>> {
+        match self.pending.get(pending_key(task, seq))? {
+            Some(v) => Ok(Some(
+                PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Number of pending reports of `task`.
+    pub fn pending_count(&self, task: &TaskId) -> Result<u64> {
+        Ok(self.pending.scan_prefix(task.as_bytes()).keys().count() as u64)
+    }
+
+    /// Records a job before its reports are sent to the helper.
+    pub fn put_job(&self, id: &AggregationJobId, job: &LeaderJob) -> Result<()> {
+        self.jobs.insert(id.as_bytes(), job.to_bytes())?;
+        Ok(())
+    }
+
+    /// Jobs that were in flight, e.g. when the process stopped.
+    pub fn jobs(&self) -> Result<Vec<(AggregationJobId, LeaderJob)>> {
+        self.jobs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let id =
+                    AggregationJobId::try_from(&k[..]).map_err(|e| Error::corrupt("job id", e))?;
+                Ok((
+                    id,
+                    LeaderJob::from_bytes(&v).map_err(|e| Error::corrupt("job", e))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Finishes a leader job in one transaction: merges `batches` into the task's batch
+    /// aggregations, removes the job's pending reports and the job, and applies `stats`.
+    pub fn commit_leader_job(
+        &self,
+        id: &AggregationJobId,
+        job: &LeaderJob,
+        batches: &BTreeMap<Time, BatchAggregation>,
+        stats: &StatDelta,
+    ) -> Result<()> {
+        let pkeys: Vec<Vec<u8>> = job
+            .seqs
+            .iter()
+            .map(|s| pending_key(&job.task_id, *s))
+            .collect();
+        let bkeys: Vec<(Vec<u8>, &BatchAggregation)> = batches
+            .iter()
+            .map(|(w, b)| (batch_key(&job.task_id, *w), b))
+            .collect();
+        let r = (&self.pending, &self.jobs, &self.batches, &self.stats).transaction(
+            |(pending, jobs, bt, st)| {
+                if jobs.get(id.as_bytes())?.is_none() {
+                    return Err(abort(Error::corrupt(
+                        "job",
+                        format!("job {id} vanished before it finished"),
+                    )));
+                }
+                for k in &pkeys {
+                    pending.remove(&k[..])?;
+                }
+                jobs.remove(&id.as_bytes()[..])?;
+                merge_batches(bt, &bkeys)?;
+                stats.apply(st)?;
+                Ok(())
+            },
+        );
+        tx_result(r)
+    }
+
+    // ---- helper jobs
+
+    /// The stored outcome of a helper job, if it finished.
+    pub fn helper_job(
+        &self,
+        task: &TaskId,
+        job: &AggregationJobId,
+    ) -> Result<Option<HelperJobRecord>> {
+        match self.helper_jobs.get(task_key(task, job.as_bytes()))? {
+            Some(v) => Ok(Some(HelperJobRecord::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Commits a helper job in one transaction: refuses reports seen before, marks the others
+    /// seen, accumulates the verified ones, stores the response built by `respond` from the
+    /// final outcomes, and applies the counters. If the job was committed before with the same
+    /// request hash, returns the stored response instead; with another hash, fails.
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit_helper_job(
+        &self,
+        task: &TaskId,
+        job: &AggregationJobId,
+        now: Time,
+        request_hash: [u8; 32],
+        output_len: usize,
+        reports: &[HelperReport],
+        respond: impl Fn(&[(ReportId, std::result::Result<&[u8], RejectReason>)]) -> Vec<u8>,
+    ) -> Result<HelperCommit> {
+        let jkey = task_key(task, job.as_bytes());
+        let scope = *task.as_bytes();
+        let r = (&self.seen, &self.batches, &self.helper_jobs, &self.stats).transaction(
+            |(seen, bt, hj, st)| {
+                if let Some(v) = hj.get(&jkey)? {
+                    let rec = HelperJobRecord::decode(&v).map_err(abort)?;
+                    if rec.request_hash != request_hash {
+                        return Err(abort(Error::JobConflict(job.to_string())));
+                    }
+                    return Ok(HelperCommit::Existing(rec.response));
+                }
+                let mut stats = StatDelta::default();
+                let mut batches: BTreeMap<Time, BatchAggregation> = BTreeMap::new();
+                let mut outcomes = Vec::with_capacity(reports.len());
+                for r in reports {
+                    let mut outcome = r
+                        .outcome
+                        .as_ref()
+                        .map(|(_, msg)| msg.as_slice())
+                        .map_err(|e| *e);
+                    if r.mark_seen {
+                        let sk = seen_key(task, r.time, &r.report_id);
+                        if seen.insert(sk, &[][..])?.is_some() {
+                            outcome = Err(RejectReason::Replay);
+                        }
+                    }
+                    match (&outcome, &r.outcome) {
+                        (Ok(_), Ok((share, _))) => {
+                            let b = batches
+                                .entry(r.time)
+                                .or_insert_with(|| BatchAggregation::empty(output_len));
+                            b.share
+                                .merge(share)
+                                .map_err(|e| abort(Error::corrupt("output share", e)))?;
+                            b.report_count += 1;
+                            b.checksum.update(&r.report_id);
+                            stats.incr(scope, Stat::Accepted);
+                            stats.incr(scope, Stat::Aggregated);
+                        }
+                        (Err(reason), _) => stats.incr(scope, Stat::Rejected(*reason)),
+                        (Ok(_), Err(_)) => unreachable!("an outcome only turns from Ok to Err"),
+                    }
+                    outcomes.push((r.report_id, outcome));
+                }
+                let bkeys: Vec<(Vec<u8>, &BatchAggregation)> = batches
+                    .iter()
+                    .map(|(w, b)| (batch_key(task, *w), b))
+                    .collect();
+                merge_batches(bt, &bkeys)?;
+                let response = respond(&outcomes);
+                let rec = HelperJobRecord {
+                    committed: now,
+                    request_hash,
+                    response: response.clone(),
+                };
+                hj.insert(&jkey[..], rec.encode())?;
+                stats.apply(st)?;
+                Ok(HelperCommit::Committed(response))
+            },
+        );
+        tx_result(r)
+    }
+
+    // ---- batches and stats
+
+    /// The batch aggregation of `task` for the window starting at `window`.
+    pub fn batch(&self, task: &TaskId, window: Time) -> Result<Option<BatchAggregation>> {
+        match self.batches.get(batch_key(task, window))? {
+            Some(v) => Ok(Some(BatchAggregation::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every batch aggregation of `task`, by window.
+    pub fn batches(&self, task: &TaskId) -> Result<BTreeMap<Time, BatchAggregation>> {
+        self.batches
+            .scan_prefix(task.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((
+                    Time::from_secs(be_u64(&k[32..])),
+                    BatchAggregation::decode(&v)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The counters of a scope.
+    pub fn stats(&self, scope: &[u8; 32]) -> Result<BTreeMap<Stat, u64>> {
+        let mut out = BTreeMap::new();
+        for kv in self.stats.scan_prefix(scope) {
+            let (k, v) = kv?;
+            if k.len() == 33
+                && let Some(s) = Stat::from_code(k[32])
+            {
+                out.insert(s, be_u64(&v));
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- maintenance
+
+    /// Deletes helper job records committed before `cutoff`; returns how many. A leader that
+    /// retries such an old job no longer gets the recorded answer.
+    pub fn expire_helper_jobs(&self, cutoff: Time) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.helper_jobs.iter() {
+            let (k, v) = kv?;
+            if HelperJobRecord::decode(&v)?.committed < cutoff {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        self.helper_jobs.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    /// Deletes anti-replay entries of `task` with a time before `cutoff`; returns how many.
+    pub fn expire_seen(&self, task: &TaskId, cutoff: Time) -> Result<usize> {
+        let start = task_key(task, &0u64.to_be_bytes());
+        let end = task_key(task, &cutoff.as_secs().to_be_bytes());
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for k in self.seen.range(start..end).keys() {
+            batch.remove(k?);
+            n += 1;
+        }
+        self.seen.apply_batch(batch)?;
+        Ok(n)
+    }
+}
+
+fn merge_batches(
+    bt: &TransactionalTree,
+    batches: &[(Vec<u8>, &BatchAggregation)],
+) -> std::result::Result<(), ConflictableTransactionError<Error>> {
+    for (k, add) in batches {
+        let mut cur = match bt.get(k)? {
+            Some(v) => BatchAggregation::decode(&v).map_err(abort)?,
+            None => BatchAggregation::empty(add.share.len()),
+        };
+        cur.merge(add).map_err(abort)?;
+        bt.insert(&k[..], cur.encode())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(t: u64) -> PendingReport {
+        PendingReport {
+            report_id: ReportId::random(),
+            time: Time::from_secs(t),
+            public_share: vec![1; 8],
+            leader_share: vec![2; 8],
+            helper_share: HpkeCiphertext::new(1, vec![3; 32], vec![4; 20]).unwrap(),
+        }
+    }
+
+    #[test]
+    fn pending_reports_are_stored_once_and_scanned_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 16).unwrap();
+        let task = TaskId::random();
+        let a = report(60);
+        let b = report(60);
+        let batch = vec![
+            (task, s.next_seq().unwrap(), a.clone()),
+            (task, s.next_seq().unwrap(), b.clone()),
+        ];
+        assert_eq!(
+            s.store_pending(&batch, &StatDelta::default()).unwrap(),
+            vec![true, true]
+        );
+        // A replay of `a`, and a report twice in the same batch.
+        let c = report(120);
+        let again = vec![
+            (task, s.next_seq().unwrap(), a.clone()),
+            (task, s.next_seq().unwrap(), c.clone()),
+            (task, s.next_seq().unwrap(), c.clone()),
+        ];
+        assert_eq!(
+            s.store_pending(&again, &StatDelta::default()).unwrap(),
+            vec![false, true, false]
+        );
+        let scanned = s.scan_pending(&task, 10, |_| false).unwrap();
+        assert_eq!(
+            scanned.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+            vec![a, b, c.clone()]
+        );
+        let first = scanned[0].0;
+        let after_first = s.scan_pending(&task, 1, |seq| seq == first).unwrap();
+        assert_eq!(after_first.len(), 1);
+        assert_eq!(after_first[0].0, scanned[1].0);
+        let st = s.stats(task.as_bytes()).unwrap();
+        assert_eq!(st[&Stat::Accepted], 3);
+        assert_eq!(st[&Stat::Rejected(RejectReason::Replay)], 2);
+        assert_eq!(s.expire_seen(&task, Time::from_secs(61)).unwrap(), 2);
+        assert!(
+            !s.is_seen(&task, Time::from_secs(60), &batch[0].2.report_id)
+                .unwrap()
+        );
+        assert!(
+            s.is_seen(&task, Time::from_secs(120), &c.report_id)
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn committing_a_leader_job_is_atomic_and_refuses_a_vanished_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 16).unwrap();
+        let task = TaskId::random();
+        let r = report(60);
+        let seq = s.next_seq().unwrap();
+        s.store_pending(&[(task, seq, r.clone())], &StatDelta::default())
+            .unwrap();
+        let job = LeaderJob {
+            task_id: task,
+            seqs: vec![seq],
+        };
+        let id = AggregationJobId::random();
+        s.put_job(&id, &job).unwrap();
+        let mut b = BatchAggregation::empty(2);
+        b.report_count = 1;
+        b.checksum.update(&r.report_id);
+        let batches = BTreeMap::from([(Time::from_secs(60), b.clone())]);
+        s.commit_leader_job(&id, &job, &batches, &StatDelta::default())
+            .unwrap();
+        assert_eq!(s.pending_count(&task).unwrap(), 0);
+        assert_eq!(s.batch(&task, Time::from_secs(60)).unwrap(), Some(b));
+        // A second commit of the same job must not count twice.
+        assert!(
+            s.commit_leader_job(&id, &job, &batches, &StatDelta::default())
+                .is_err()
+        );
+        assert_eq!(
+            s.batch(&task, Time::from_secs(60))
+                .unwrap()
+                .unwrap()
+                .report_count,
+            1
+        );
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = report(5);
+        assert_eq!(PendingReport::from_bytes(&r.to_bytes()).unwrap(), r);
+        let j = LeaderJob {
+            task_id: TaskId::random(),
+            seqs: vec![1, 5, 9],
+        };
+        assert_eq!(LeaderJob::from_bytes(&j.to_bytes()).unwrap(), j);
+        let mut b = BatchAggregation::empty(3);
+        b.report_count = 7;
+        assert_eq!(BatchAggregation::decode(&b.encode()).unwrap(), b);
+    }
+}

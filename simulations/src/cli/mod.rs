@@ -1,0 +1,96 @@
+//! Command-line parsing and dispatch.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod aggregator;
+mod keys;
+mod task;
+
+/// hush: secure multi-party aggregation of service telemetry.
+#[derive(Debug, Parser)]
+#[command(name = "hush", version, about, long_about = None)]
+pub(crate) struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+    /// More log output (debug level); RUST_LOG overrides.
+    #[arg(short, long, global = true)]
+    pub(crate) verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one aggregator (leader or helper) until SIGINT or SIGTERM.
+    Aggregator(aggregator::Args),
+    /// Provision and inspect tasks on aggregators.
+    #[command(subcommand)]
+    Task(task::TaskCommand),
+    /// Generate an HPKE key pair, e.g. for a task's collector.
+    Keygen(keys::KeygenArgs),
+    /// Manage an aggregator's HPKE keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Manage tenants' collector tokens on an aggregator.
+    #[command(subcommand)]
+    Tenant(keys::TenantCommand),
+}
+
+pub(crate) fn init_logging(format: LogFormat, verbose: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(if verbose {
+            "info,hush=debug,hush_aggregator=debug"
+        } else {
+            "info"
+        })
+    });
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Aggregator(a) => aggregator::run(a).await,
+        Command::Task(t) => task::run(t).await,
+        Command::Keygen(k) => keys::keygen(k),
+        Command::Keys(k) => keys::run(k).await,
+        Command::Tenant(t) => keys::run_tenant(t).await,
+    }
+}
+
+/// Reads a secret from the environment.
+pub(crate) fn env_secret(name: &str, what: &str) -> anyhow::Result<String> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+        _ => anyhow::bail!("set the {what} in the environment variable {name}"),
+    }
+}
+
+/// A path argument that must name an existing file.
+pub(crate) fn existing_file(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("{s} is not a file"))
+    }
+}

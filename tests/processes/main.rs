@@ -1,0 +1,13 @@
+//! Tests that run the real `hush` binary as processes: crashes (SIGKILL) and restarts.
+//!
+//! Declared as a test target of hush-sim (which builds the binary) so cargo passes the binary's
+//! path in `CARGO_BIN_EXE_hush`.
+
+mod aggregator_crash;
+
+use std::path::Path;
+
+/// The `hush` binary cargo built for these tests.
+pub(crate) fn hush_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_hush"))
+}

@@ -1,0 +1,10 @@
+//! Support code of hush's integration tests: fixtures, in-process servers, and real processes.
+//!
+//! Tests that need servers start them on 127.0.0.1 with an ephemeral port and a temporary data
+//! directory, and stop them.
+
+pub mod cluster;
+pub mod fixture;
+pub mod process;
+
+pub use fixture::{Failure, Fixture, task_params};

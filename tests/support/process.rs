@@ -1,0 +1,133 @@
+//! hush roles as real processes: spawn the `hush` binary, learn its address, SIGKILL or SIGTERM
+//! it, restart it on the same port and data directory.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::cluster::{ADMIN_TOKEN, PEER_TOKEN};
+
+/// One `hush` process.
+#[derive(Debug)]
+pub struct HushProcess {
+    bin: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    addr: SocketAddr,
+}
+
+impl HushProcess {
+    /// Runs `bin args...` with the test tokens in its environment, logs to `log`, and waits for
+    /// its "listening on ADDR" line.
+    pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Self {
+        let mut p = Self {
+            bin: bin.to_owned(),
+            args: args.to_vec(),
+            log: log.to_owned(),
+            child: None,
+            addr: "0.0.0.0:0".parse().unwrap(),
+        };
+        p.start();
+        p
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut child = Command::new(&self.bin)
+            .args(&self.args)
+            .env("HUSH_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("HUSH_PEER_TOKEN", PEER_TOKEN)
+            .env("RUST_LOG", "info,hush_aggregator=debug,hush_shuffler=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn hush");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.trim().to_owned());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => self.addr = a.parse().expect("an address"),
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("{:?} did not start listening; its log:\n{log}", self.args);
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills the process with SIGKILL: no cleanup, no flush.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for a graceful exit; panics if it fails or takes over 30 s.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+            for _ in 0..300 {
+                if let Some(status) = c.try_wait().expect("wait") {
+                    assert!(status.success(), "{:?} exited with {status}", self.args);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            panic!("{:?} did not stop within 30 s of SIGTERM", self.args);
+        }
+    }
+
+    /// Starts the process again with the same arguments; `args` may be replaced first, e.g. to
+    /// keep the port it had.
+    pub fn restart_with(&mut self, args: Option<Vec<String>>) {
+        assert!(
+            self.child.is_none(),
+            "stop the process before restarting it"
+        );
+        if let Some(a) = args {
+            self.args = a;
+        }
+        self.start();
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for HushProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
