@@ -70,6 +70,11 @@ pub struct LeaderConfig {
     /// Deadline of one request to the helper, in ms.
     #[serde(default = "defaults::helper_timeout_ms")]
     pub helper_timeout_ms: u64,
+    /// Most reports stored and waiting for aggregation. Past it, ingest answers
+    /// RESOURCE_EXHAUSTED and the last shuffler retries later, which keeps the leader's memory
+    /// and disk bounded when reports arrive faster than they are aggregated.
+    #[serde(default = "defaults::max_pending_reports")]
+    pub max_pending_reports: u64,
 }
 
 mod defaults {
@@ -86,7 +91,7 @@ mod defaults {
         86_400
     }
     pub(super) fn max_request_reports() -> usize {
-        10_000
+        1_000
     }
     pub(super) fn cache_mb() -> u64 {
         256
@@ -111,6 +116,9 @@ mod defaults {
     }
     pub(super) fn retry_max_ms() -> u64 {
         10_000
+    }
+    pub(super) fn max_pending_reports() -> u64 {
+        100_000
     }
     pub(super) fn helper_timeout_ms() -> u64 {
         30_000

@@ -7,6 +7,7 @@
 //! messages and commits the job in one transaction.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -91,6 +92,15 @@ impl LeaderIngest for IngestService {
                 self.shared.config.max_request_reports
             )));
         }
+        if let Some(lc) = &self.shared.config.leader {
+            let pending = self.shared.pending.load(Ordering::Relaxed);
+            if pending + reports.len() as u64 > lc.max_pending_reports {
+                return Err(Status::resource_exhausted(format!(
+                    "the leader holds {pending} reports waiting for aggregation (limit {}); retry later",
+                    lc.max_pending_reports
+                )));
+            }
+        }
         let shared = self.shared.clone();
         let keyring = self.shared.keys.keyring();
         // Opening shares is the expensive part: spread it over all cores.
@@ -121,6 +131,8 @@ impl LeaderIngest for IngestService {
         let stored = tokio::task::spawn_blocking(move || store.store_pending(&accepted, &stats))
             .await
             .map_err(Error::from)??;
+        let n_stored = stored.iter().filter(|s| **s).count() as u64;
+        self.shared.pending.fetch_add(n_stored, Ordering::Relaxed);
         for s in &stored {
             if *s {
                 outcomes.accept();
@@ -433,6 +445,9 @@ impl JobDriver {
         let (id2, job2) = (*id, job.clone());
         tokio::task::spawn_blocking(move || store.commit_leader_job(&id2, &job2, &batches, &stats))
             .await??;
+        self.shared
+            .pending
+            .fetch_sub(job.seqs.len() as u64, Ordering::Relaxed);
         tracing::debug!(job = %id, "aggregation job committed");
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use hush_protocol::proto::v1::admin_server::AdminServer;
@@ -99,6 +100,7 @@ impl Aggregator {
             .collect::<Result<Vec<_>>>()?;
         let keys =
             KeyManager::load(store.clone(), clock.clone(), config.key_grace_period_s).await?;
+        let pending_now = store.pending_total();
         let shared = Shared {
             role,
             config: Arc::new(config),
@@ -107,6 +109,7 @@ impl Aggregator {
             keys,
             clock,
             new_reports: Arc::new(Notify::new()),
+            pending: Arc::new(AtomicU64::new(pending_now)),
         };
         let (tx, rx) = watch::channel(false);
 

@@ -1,6 +1,7 @@
 //! State shared by the services and background jobs of one aggregator process.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use hush_protocol::proto::v1::{ReasonCount, RejectReason};
 use hush_protocol::{Clock, Role, TaskId, Time};
@@ -28,6 +29,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// Woken when the leader stores new reports.
     pub new_reports: Arc<Notify>,
+    /// Reports the leader holds that are not aggregated yet.
+    pub pending: Arc<AtomicU64>,
 }
 
 impl Shared {

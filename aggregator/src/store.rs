@@ -570,6 +570,11 @@ impl Store {
         }
     }
 
+    /// Number of pending reports of all tasks.
+    pub fn pending_total(&self) -> u64 {
+        self.pending.len() as u64
+    }
+
     /// Number of pending reports of `task`.
     pub fn pending_count(&self, task: &TaskId) -> Result<u64> {
         Ok(self.pending.scan_prefix(task.as_bytes()).keys().count() as u64)

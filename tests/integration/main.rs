@@ -1,4 +1,5 @@
 //! hush's cross-crate integration tests: one binary, one module per area.
 
 mod aggregation;
+mod docs_samples;
 mod report_path;

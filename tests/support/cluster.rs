@@ -176,13 +176,20 @@ pub async fn submit(leader_url: &str, reports: &[Vec<u8>], batch: usize) -> Inge
         .max_decoding_message_size(usize::MAX);
     let mut out = IngestCounts::default();
     for chunk in reports.chunks(batch.max(1)) {
-        let resp = c
-            .submit_reports(pb::SubmitReportsRequest {
-                reports: chunk.iter().map(|r| r.clone().into()).collect(),
-            })
-            .await
-            .expect("ingest answers")
-            .into_inner();
+        let req = pb::SubmitReportsRequest {
+            reports: chunk.iter().map(|r| r.clone().into()).collect(),
+        };
+        // The leader pushes back when too many reports wait for aggregation: wait and retry,
+        // as the last shuffler does.
+        let resp = loop {
+            match c.submit_reports(req.clone()).await {
+                Ok(r) => break r.into_inner(),
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                Err(s) => panic!("ingest failed: {s}"),
+            }
+        };
         out.accepted += resp.accepted;
         for r in resp.rejected {
             *out.rejected

@@ -73,6 +73,11 @@ impl HushProcess {
         self.child = Some(child);
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
