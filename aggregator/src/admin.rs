@@ -6,11 +6,11 @@ use hush_protocol::proto::v1::{self as pb, ReasonCount};
 use hush_protocol::{Role, TaskId};
 use tonic::{Request, Response, Status};
 
-use crate::auth::token_hash;
 use crate::error::{Error, Result};
 use crate::shared::Shared;
 use crate::store::{GLOBAL_SCOPE, Stat};
 use crate::tasks::TaskEntry;
+use hush_protocol::auth::token_hash;
 
 /// The `Admin` service.
 #[derive(Clone, Debug)]

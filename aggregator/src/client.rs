@@ -9,8 +9,8 @@ use hush_protocol::proto::v1::hpke_keys_client::HpkeKeysClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::auth::AddBearer;
 use crate::error::{Error, Result};
+use hush_protocol::auth::AddBearer;
 
 /// An admin client that sends the admin bearer token.
 pub type Admin = AdminClient<InterceptedService<Channel, AddBearer>>;

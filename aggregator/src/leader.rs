@@ -23,12 +23,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::auth::AddBearer;
 use crate::config::LeaderConfig;
 use crate::error::{Error, Result};
-use crate::shared::{Outcomes, Shared};
+use crate::shared::Shared;
 use crate::store::{BatchAggregation, GLOBAL_SCOPE, LeaderJob, PendingReport, Stat, StatDelta};
 use crate::tasks::TaskEntry;
+use hush_protocol::Outcomes;
+use hush_protocol::auth::AddBearer;
 
 /// Largest gRPC message the aggregators exchange.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;

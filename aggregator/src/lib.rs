@@ -9,7 +9,6 @@
 //! ([`AggregatorConfig`](config::AggregatorConfig)); the `hush aggregator` command wraps it.
 
 pub mod admin;
-pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;

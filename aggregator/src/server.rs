@@ -19,7 +19,6 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, KeysService};
-use crate::auth::BearerAuth;
 use crate::config::{AggregatorConfig, secret_from_env};
 use crate::error::{Error, Result};
 use crate::helper::HelperService;
@@ -28,6 +27,7 @@ use crate::leader::{IngestService, JobDriver, MAX_MESSAGE_BYTES};
 use crate::shared::Shared;
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
+use hush_protocol::auth::BearerAuth;
 
 /// The secrets an aggregator needs, which never come from its config file.
 #[derive(Clone)]

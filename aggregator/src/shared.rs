@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use hush_protocol::proto::v1::{ReasonCount, RejectReason};
+use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{Clock, Role, TaskId, Time};
 use tokio::sync::Notify;
 
@@ -54,37 +54,5 @@ impl Shared {
             return Err(RejectReason::TooNew);
         }
         Ok(())
-    }
-}
-
-/// Counts of outcomes by reason, for responses.
-#[derive(Clone, Debug, Default)]
-pub struct Outcomes {
-    accepted: u64,
-    rejected: std::collections::BTreeMap<i32, u64>,
-}
-
-impl Outcomes {
-    /// One accepted.
-    pub fn accept(&mut self) {
-        self.accepted += 1;
-    }
-    /// One rejected for `r`.
-    pub fn reject(&mut self, r: RejectReason) {
-        *self.rejected.entry(r as i32).or_default() += 1;
-    }
-    /// Accepted so far.
-    pub fn accepted(&self) -> u64 {
-        self.accepted
-    }
-    /// Rejections as protobuf counts.
-    pub fn reason_counts(&self) -> Vec<ReasonCount> {
-        self.rejected
-            .iter()
-            .map(|(r, n)| ReasonCount {
-                reason: *r,
-                count: *n,
-            })
-            .collect()
     }
 }

@@ -7,6 +7,7 @@
 //! This crate does no I/O: no runtime, no storage, no servers. Decoders are strict (no trailing
 //! bytes, no truncation) and errors name what was wrong.
 
+pub mod auth;
 pub mod clock;
 pub mod codec;
 pub mod convert;
@@ -15,6 +16,7 @@ pub mod hpke;
 pub mod ids;
 pub mod keys;
 pub mod onion;
+pub mod outcomes;
 pub mod report;
 pub mod task;
 pub mod vdaf;
@@ -36,6 +38,7 @@ pub use clock::{Clock, MockClock, SystemClock};
 pub use codec::{Codec, DecodeError};
 pub use hpke::{HpkeCiphertext, HpkeConfig, HpkeKeypair, Keyring, Label, Role};
 pub use ids::{AggregationJobId, CollectionId, Interval, ReportId, ReportIdChecksum, TaskId, Time};
+pub use outcomes::Outcomes;
 pub use report::Report;
 pub use task::{Epsilon, MeasurementKind, TaskConfig, TaskParams};
 pub use vdaf::{AggregateShare, Measurement, Vdaf, VerifyKey};

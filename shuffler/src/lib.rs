@@ -1,1 +1,27 @@
-//! hush mix node (shuffler). Filled in by the shuffler issue.
+//! hush mix node (shuffler).
+//!
+//! A shuffler takes batches of fixed-size onion packets, opens one HPKE layer of each with its
+//! own key, refuses replays (a tag per packet, per key epoch), and stores what it peeled in the
+//! open batch of the next hop the layer names. A batch leaves when it is full, or after a maximum
+//! wait with at least a minimum number of packets; it is shuffled with ChaCha20 seeded from the
+//! OS and sent to the next hop, and deleted only once acknowledged. Nothing about a sender
+//! (address, arrival time or order) is stored, forwarded, or logged above debug level.
+//!
+//! ```text
+//! previous hop ──SubmitPackets──▶ peel (all cores) ─▶ sled: tags + open batch ─▶ ack
+//!                                                  batch closes ─▶ shuffle ─▶ next hop ─▶ delete
+//! ```
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod keys;
+pub mod mix;
+pub mod node;
+pub mod server;
+pub mod store;
+
+pub use config::{HopKind, NextHopConfig, ShufflerConfig};
+pub use error::{Error, Result};
+pub use server::ShufflerNode;

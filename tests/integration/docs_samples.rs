@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use hush_aggregator::AggregatorConfig;
 use hush_protocol::{TaskConfig, TaskParams};
+use hush_shuffler::ShufflerConfig;
 
 fn samples() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/samples");
@@ -20,7 +21,7 @@ fn samples() -> Vec<PathBuf> {
 fn every_sample_config_parses_and_passes_its_checks() {
     let files = samples();
     assert!(
-        files.len() >= 4,
+        files.len() >= 5,
         "expected the sample configs, found {files:?}"
     );
     for path in files {
@@ -33,6 +34,8 @@ fn every_sample_config_parses_and_passes_its_checks() {
         } else if name == "leader.toml" || name == "helper.toml" {
             let c = AggregatorConfig::from_toml(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(c.leader.is_some(), name == "leader.toml", "{name}");
+        } else if name.starts_with("shuffler") {
+            ShufflerConfig::from_toml(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         } else {
             panic!("{name}: no test knows how to check this sample; add it here");
         }

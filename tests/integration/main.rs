@@ -3,3 +3,4 @@
 mod aggregation;
 mod docs_samples;
 mod report_path;
+mod shuffler;

@@ -4,6 +4,7 @@
 //! path in `CARGO_BIN_EXE_hush`.
 
 mod aggregator_crash;
+mod shuffler_crash;
 
 use std::path::Path;
 

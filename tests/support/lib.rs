@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod fixture;
+pub mod mixnet;
 pub mod process;
 
 pub use fixture::{Failure, Fixture, task_params};

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod aggregator;
 mod keys;
+mod shuffler;
 mod task;
 
 /// hush: secure multi-party aggregation of service telemetry.
@@ -34,7 +35,9 @@ pub(crate) enum LogFormat {
 enum Command {
     /// Run one aggregator (leader or helper) until SIGINT or SIGTERM.
     Aggregator(aggregator::Args),
-    /// Provision and inspect tasks on aggregators.
+    /// Run one shuffler (mix node) until SIGINT or SIGTERM.
+    Shuffler(shuffler::Args),
+    /// Provision and inspect tasks on aggregators and shufflers.
     #[command(subcommand)]
     Task(task::TaskCommand),
     /// Generate an HPKE key pair, e.g. for a task's collector.
@@ -51,7 +54,7 @@ pub(crate) fn init_logging(format: LogFormat, verbose: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(if verbose {
-            "info,hush=debug,hush_aggregator=debug"
+            "info,hush=debug,hush_aggregator=debug,hush_shuffler=debug"
         } else {
             "info"
         })
@@ -70,6 +73,7 @@ pub(crate) fn init_logging(format: LogFormat, verbose: bool) {
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Aggregator(a) => aggregator::run(a).await,
+        Command::Shuffler(a) => shuffler::run(a).await,
         Command::Task(t) => task::run(t).await,
         Command::Keygen(k) => keys::keygen(k),
         Command::Keys(k) => keys::run(k).await,

@@ -19,7 +19,8 @@ pub(crate) enum TaskCommand {
     /// key (admin tokens from HUSH_LEADER_ADMIN_TOKEN and HUSH_HELPER_ADMIN_TOKEN). With
     /// --aggregator and --role, provisions one side only, as each of two operators does: the
     /// task file must then fix task_id, and both operators set the same verification key in
-    /// HUSH_VDAF_VERIFY_KEY (base64url, 32 bytes; admin token from HUSH_ADMIN_TOKEN).
+    /// HUSH_VDAF_VERIFY_KEY (base64url, 32 bytes; admin token from HUSH_ADMIN_TOKEN). With
+    /// --shuffler, provisions a shuffler (which learns only the public config).
     Create(CreateArgs),
     /// List an aggregator's tasks (admin token from HUSH_ADMIN_TOKEN).
     List {
@@ -60,6 +61,10 @@ pub(crate) struct CreateArgs {
     /// That aggregator's role in the task.
     #[arg(long, value_parser = |s: &str| s.parse::<Role>())]
     role: Option<Role>,
+    /// A shuffler's gRPC URL: provisions the task's public config there (no verification key;
+    /// admin token from HUSH_ADMIN_TOKEN).
+    #[arg(long, conflicts_with_all = ["leader", "helper", "aggregator", "role"])]
+    shuffler: Option<String>,
 }
 
 fn read_task(path: &PathBuf) -> anyhow::Result<TaskConfig> {
@@ -101,6 +106,30 @@ pub(crate) async fn run(cmd: TaskCommand) -> anyhow::Result<()> {
     match cmd {
         TaskCommand::Create(a) => {
             let task = read_task(&a.config)?;
+            if let Some(url) = a.shuffler {
+                let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
+                let created = client::admin(&url, &token)?
+                    .create_task(pb::CreateTaskRequest {
+                        task: Some((&task).into()),
+                        vdaf_verify_key: Default::default(),
+                        role: "shuffler".into(),
+                    })
+                    .await
+                    .with_context(|| format!("provisioning the task on the shuffler at {url}"))?
+                    .into_inner()
+                    .created;
+                println!(
+                    "task {} ({}) {} on the shuffler",
+                    task.id(),
+                    task.tenant(),
+                    if created {
+                        "created"
+                    } else {
+                        "already present"
+                    }
+                );
+                return Ok(());
+            }
             match (a.leader, a.helper, a.aggregator, a.role) {
                 (Some(l), Some(h), None, _) => {
                     let key = match std::env::var("HUSH_VDAF_VERIFY_KEY") {
@@ -130,7 +159,9 @@ pub(crate) async fn run(cmd: TaskCommand) -> anyhow::Result<()> {
                         if c { "created" } else { "already present" }
                     );
                 }
-                _ => anyhow::bail!("give either --leader and --helper, or --aggregator and --role"),
+                _ => anyhow::bail!(
+                    "give --leader and --helper, or --aggregator and --role, or --shuffler"
+                ),
             }
         }
         TaskCommand::List { aggregator, tenant } => {

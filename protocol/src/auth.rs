@@ -1,4 +1,4 @@
-//! Bearer-token authentication for gRPC services. Only a SHA-256 hash of the expected token is
+//! Bearer-token authentication for gRPC services (interceptors only; no I/O). Only a SHA-256 hash of the expected token is
 //! kept, and comparison is constant-time.
 
 use subtle::ConstantTimeEq;

@@ -1,0 +1,325 @@
+//! The shuffler's TOML configuration. Secrets are never in the file; it names the environment
+//! variables that hold them.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// `hush shuffler --config FILE`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShufflerConfig {
+    /// This node's name: the hop name clients put in their routes.
+    pub name: String,
+    /// Address of the gRPC server.
+    pub listen: SocketAddr,
+    /// Directory of the sled database; created if missing.
+    pub data_dir: PathBuf,
+    /// Environment variable holding the admin bearer token.
+    #[serde(default = "defaults::admin_token_env")]
+    pub admin_token_env: String,
+    /// How long a retired HPKE key still opens packets, in seconds.
+    #[serde(default = "defaults::key_grace_period_s")]
+    pub key_grace_period_s: u64,
+    /// sled page cache, in MiB.
+    #[serde(default = "defaults::cache_mb")]
+    pub cache_mb: u64,
+    /// How often background maintenance (expiring keys and their replay tags, forgetting idle
+    /// rate-limit buckets) runs, in seconds.
+    #[serde(default = "defaults::maintenance_interval_s")]
+    pub maintenance_interval_s: u64,
+    /// When a batch leaves.
+    #[serde(default)]
+    pub mix: MixConfig,
+    /// Overload protection.
+    #[serde(default)]
+    pub limits: LimitConfig,
+    /// How batches are delivered.
+    #[serde(default)]
+    pub forward: ForwardConfig,
+    /// The hops packets may name next: further shufflers or the leader.
+    #[serde(default, rename = "next_hop")]
+    pub next_hops: Vec<NextHopConfig>,
+}
+
+/// Batching: a batch leaves when it holds `batch_size` packets, or when its oldest packet has
+/// waited `max_wait_ms` and it holds at least `min_batch_size`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixConfig {
+    /// k: packets that make a batch leave at once.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: u64,
+    /// k_min: the fewest packets a batch may leave with after the maximum wait.
+    #[serde(default = "defaults::min_batch_size")]
+    pub min_batch_size: u64,
+    /// The longest the oldest packet of a batch waits before the batch may leave with fewer
+    /// than `batch_size` packets, in milliseconds.
+    #[serde(default = "defaults::max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+impl Default for MixConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: defaults::batch_size(),
+            min_batch_size: defaults::min_batch_size(),
+            max_wait_ms: defaults::max_wait_ms(),
+        }
+    }
+}
+
+/// Limits that keep the node's memory and disk bounded under overload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Most packets in one request.
+    #[serde(default = "defaults::max_request_packets")]
+    pub max_request_packets: usize,
+    /// Most packets held (accepted, not yet acknowledged by the next hop). Past it, requests
+    /// get RESOURCE_EXHAUSTED.
+    #[serde(default = "defaults::max_buffered_packets")]
+    pub max_buffered_packets: u64,
+    /// Sustained packets per second one source address may submit.
+    #[serde(default = "defaults::per_source_packets_per_s")]
+    pub per_source_packets_per_s: u32,
+    /// Packets a source may submit in a burst above the sustained rate; at least
+    /// `max_request_packets`.
+    #[serde(default = "defaults::per_source_burst")]
+    pub per_source_burst: u32,
+}
+
+impl Default for LimitConfig {
+    fn default() -> Self {
+        Self {
+            max_request_packets: defaults::max_request_packets(),
+            max_buffered_packets: defaults::max_buffered_packets(),
+            per_source_packets_per_s: defaults::per_source_packets_per_s(),
+            per_source_burst: defaults::per_source_burst(),
+        }
+    }
+}
+
+/// Delivery of batches to the next hop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// Packets per request to the next hop; a larger batch goes out in several requests, each
+    /// a slice of the shuffled order.
+    #[serde(default = "defaults::chunk_packets")]
+    pub chunk_packets: usize,
+    /// First retry delay after the next hop fails, in ms; doubles up to `retry_max_ms`.
+    #[serde(default = "defaults::retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, in ms.
+    #[serde(default = "defaults::retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// Deadline of one request to the next hop, in ms.
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        Self {
+            chunk_packets: defaults::chunk_packets(),
+            retry_initial_ms: defaults::retry_initial_ms(),
+            retry_max_ms: defaults::retry_max_ms(),
+            timeout_ms: defaults::timeout_ms(),
+        }
+    }
+}
+
+/// What kind of server a next hop is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HopKind {
+    /// Another shuffler: gets onion packets.
+    Shuffler,
+    /// The leader aggregator: gets reports.
+    Leader,
+}
+
+/// A hop packets may be forwarded to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NextHopConfig {
+    /// The name onion layers use for it.
+    pub name: String,
+    /// Shuffler or leader.
+    pub kind: HopKind,
+    /// Its gRPC URL, e.g. `http://shuffler-b.example:7102`.
+    pub url: String,
+}
+
+mod defaults {
+    pub(super) fn admin_token_env() -> String {
+        "HUSH_ADMIN_TOKEN".into()
+    }
+    pub(super) fn key_grace_period_s() -> u64 {
+        86_400
+    }
+    pub(super) fn cache_mb() -> u64 {
+        128
+    }
+    pub(super) fn maintenance_interval_s() -> u64 {
+        60
+    }
+    pub(super) fn batch_size() -> u64 {
+        1_000
+    }
+    pub(super) fn min_batch_size() -> u64 {
+        100
+    }
+    pub(super) fn max_wait_ms() -> u64 {
+        30_000
+    }
+    pub(super) fn max_request_packets() -> usize {
+        1_000
+    }
+    pub(super) fn max_buffered_packets() -> u64 {
+        100_000
+    }
+    pub(super) fn per_source_packets_per_s() -> u32 {
+        20_000
+    }
+    pub(super) fn per_source_burst() -> u32 {
+        40_000
+    }
+    pub(super) fn chunk_packets() -> usize {
+        500
+    }
+    pub(super) fn retry_initial_ms() -> u64 {
+        100
+    }
+    pub(super) fn retry_max_ms() -> u64 {
+        10_000
+    }
+    pub(super) fn timeout_ms() -> u64 {
+        30_000
+    }
+}
+
+impl ShufflerConfig {
+    /// Reads and checks a config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and checks a config.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let c: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Checks value ranges.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.name.is_empty() || self.name.len() > 255 {
+            return bad("name must be 1 to 255 bytes".into());
+        }
+        let m = &self.mix;
+        if m.batch_size == 0 || m.min_batch_size == 0 || m.min_batch_size > m.batch_size {
+            return bad(format!(
+                "mix.min_batch_size ({}) must be in 1..=mix.batch_size ({})",
+                m.min_batch_size, m.batch_size
+            ));
+        }
+        let l = &self.limits;
+        if l.max_request_packets == 0 || l.per_source_packets_per_s == 0 {
+            return bad(
+                "limits.max_request_packets and per_source_packets_per_s must be positive".into(),
+            );
+        }
+        if (l.per_source_burst as usize) < l.max_request_packets {
+            return bad(format!(
+                "limits.per_source_burst ({}) must be at least limits.max_request_packets ({}), \
+                 or a full request could never pass",
+                l.per_source_burst, l.max_request_packets
+            ));
+        }
+        if l.max_buffered_packets < m.batch_size {
+            return bad(format!(
+                "limits.max_buffered_packets ({}) must be at least mix.batch_size ({})",
+                l.max_buffered_packets, m.batch_size
+            ));
+        }
+        let f = &self.forward;
+        if f.chunk_packets == 0 || f.retry_initial_ms == 0 || f.retry_max_ms < f.retry_initial_ms {
+            return bad("forward.chunk_packets and retry_initial_ms must be positive and retry_initial_ms at most retry_max_ms".into());
+        }
+        if self.next_hops.is_empty() {
+            return bad(
+                "at least one [[next_hop]] is needed: the next shuffler or the leader".into(),
+            );
+        }
+        let mut names = BTreeSet::new();
+        for h in &self.next_hops {
+            if !names.insert(&h.name) {
+                return bad(format!("next hop {:?} is listed twice", h.name));
+            }
+            if h.name.is_empty() || h.name.len() > 255 {
+                return bad(format!("next hop name {:?} must be 1 to 255 bytes", h.name));
+            }
+            if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                return bad(format!(
+                    "next hop {:?}: url {:?} must start with http:// or https://",
+                    h.name, h.url
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured next hop called `name`, if any.
+    pub fn next_hop(&self, name: &str) -> Option<&NextHopConfig> {
+        self.next_hops.iter().find(|h| h.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "shuffler-a"
+listen = "127.0.0.1:7101"
+data_dir = "/tmp/a"
+[[next_hop]]
+name = "leader"
+kind = "leader"
+url = "http://127.0.0.1:7001"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = ShufflerConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.mix, MixConfig::default());
+        assert_eq!(c.next_hop("leader").unwrap().kind, HopKind::Leader);
+        assert!(c.next_hop("other").is_none());
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let e = ShufflerConfig::from_toml(&format!("{MINIMAL}typo = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("typo"), "{e}");
+        let e = ShufflerConfig::from_toml(&format!(
+            "{MINIMAL}[mix]\nbatch_size = 10\nmin_batch_size = 20\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("min_batch_size"), "{e}");
+        let no_hops = MINIMAL.split("[[next_hop]]").next().unwrap();
+        let e = ShufflerConfig::from_toml(no_hops).unwrap_err();
+        assert!(e.to_string().contains("next_hop"), "{e}");
+        let e = ShufflerConfig::from_toml(&format!("{MINIMAL}[limits]\nper_source_burst = 10\n"))
+            .unwrap_err();
+        assert!(e.to_string().contains("per_source_burst"), "{e}");
+    }
+}

@@ -1,0 +1,204 @@
+//! The `Shuffler` service: accepts batches of onion packets, peels one layer each and stores the
+//! result in the next hop's open batch.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use hush_protocol::onion::{self, NextHop, OnionError};
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::proto::v1::RejectReason;
+use hush_protocol::proto::v1::shuffler_server::Shuffler;
+use hush_protocol::{Keyring, Outcomes, TaskConfig, TaskId};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use tonic::{Request, Response, Status};
+
+use crate::config::{HopKind, ShufflerConfig};
+use crate::error::{Error, Result};
+use crate::mix::Admitted;
+use crate::node::Node;
+use crate::store::{NO_TASK, Stat, StatDelta, key_epoch};
+
+/// The gRPC ingest service.
+#[derive(Clone, Debug)]
+pub struct IngestService {
+    node: Node,
+}
+
+impl IngestService {
+    /// A service over `node`.
+    pub fn new(node: Node) -> Self {
+        Self { node }
+    }
+}
+
+enum Checked {
+    Admitted(Admitted),
+    Rejected([u8; 32], RejectReason),
+}
+
+fn scope_of(p: &pb::Packet, tasks: &HashMap<TaskId, TaskConfig>) -> [u8; 32] {
+    match TaskId::try_from(p.task_id.as_ref()) {
+        Ok(id) if tasks.contains_key(&id) => *id.as_bytes(),
+        _ => NO_TASK,
+    }
+}
+
+/// Peels one packet. Pure CPU; runs on the rayon pool.
+fn check(
+    config: &ShufflerConfig,
+    tasks: &HashMap<TaskId, TaskConfig>,
+    keyring: &Keyring,
+    p: &pb::Packet,
+) -> Checked {
+    let Ok(task_id) = TaskId::try_from(p.task_id.as_ref()) else {
+        return Checked::Rejected(NO_TASK, RejectReason::Malformed);
+    };
+    let Some(task) = tasks.get(&task_id) else {
+        return Checked::Rejected(NO_TASK, RejectReason::UnknownTask);
+    };
+    let scope = *task_id.as_bytes();
+    let peeled = match onion::peel(&task_id, task.packet_size(), keyring, &p.data) {
+        Ok(p) => p,
+        Err(e) => {
+            let reason = match e {
+                OnionError::WrongSize { .. } => RejectReason::WrongSize,
+                OnionError::UnknownKey(_) => RejectReason::UnknownKey,
+                OnionError::DecryptFailed => RejectReason::DecryptFailure,
+                _ => RejectReason::Malformed,
+            };
+            return Checked::Rejected(scope, reason);
+        }
+    };
+    let (kind, name) = match &peeled.next_hop {
+        NextHop::Shuffler(n) => (HopKind::Shuffler, n),
+        NextHop::Leader(n) => (HopKind::Leader, n),
+    };
+    if !config.next_hop(name).is_some_and(|h| h.kind == kind) {
+        return Checked::Rejected(scope, RejectReason::UnknownHop);
+    }
+    let Some(key) = keyring.get(peeled.config_id) else {
+        // The key opened the layer a moment ago, so it is in this keyring.
+        return Checked::Rejected(scope, RejectReason::UnknownKey);
+    };
+    let mut tag_key = [0u8; 40];
+    tag_key[..8].copy_from_slice(&key_epoch(key.config().public_key()));
+    tag_key[8..].copy_from_slice(&peeled.replay_tag);
+    Checked::Admitted(Admitted {
+        hop: name.clone(),
+        tag_key,
+        task: task_id,
+        payload: peeled.payload,
+    })
+}
+
+impl IngestService {
+    /// Refuses a whole request for overload, counting every packet under `OverQuota`.
+    fn refuse(&self, packets: &[pb::Packet], message: String) -> Result<Status> {
+        let tasks = self.node.tasks.snapshot();
+        let mut delta = StatDelta::default();
+        for p in packets {
+            delta.add(
+                scope_of(p, &tasks),
+                Stat::Rejected(RejectReason::OverQuota),
+                1,
+            );
+        }
+        self.node.store.add_stats(&delta)?;
+        Ok(Error::Overloaded(message).into())
+    }
+
+    async fn submit(
+        &self,
+        source: IpAddr,
+        packets: Vec<pb::Packet>,
+    ) -> Result<pb::SubmitPacketsResponse, Status> {
+        let limits = &self.node.config.limits;
+        if packets.len() > limits.max_request_packets {
+            return Err(Status::invalid_argument(format!(
+                "{} packets in one request; the limit is {}",
+                packets.len(),
+                limits.max_request_packets
+            )));
+        }
+        if packets.is_empty() {
+            return Ok(pb::SubmitPacketsResponse::default());
+        }
+        let n = packets.len() as u32;
+        if !self.node.limiter.take(source, n) {
+            return Err(self.refuse(
+                &packets,
+                format!(
+                    "this source is over its rate limit of {} packets/s; retry later",
+                    limits.per_source_packets_per_s
+                ),
+            )?);
+        }
+        let held = self.node.mixer.buffered();
+        if held + u64::from(n) > limits.max_buffered_packets {
+            return Err(self.refuse(
+                &packets,
+                format!(
+                    "this shuffler holds {held} packets (limit {}); retry later",
+                    limits.max_buffered_packets
+                ),
+            )?);
+        }
+
+        let node = self.node.clone();
+        let outcomes = tokio::task::spawn_blocking(move || -> Result<Outcomes> {
+            let tasks = node.tasks.snapshot();
+            let keyring = node.keys.keyring();
+            // Opening layers is the expensive part: spread it over all cores.
+            let checked: Vec<Checked> = packets
+                .par_iter()
+                .map(|p| check(&node.config, &tasks, &keyring, p))
+                .collect();
+            let mut outcomes = Outcomes::default();
+            let mut delta = StatDelta::default();
+            let mut admitted = Vec::with_capacity(checked.len());
+            for c in checked {
+                match c {
+                    Checked::Admitted(a) => admitted.push(a),
+                    Checked::Rejected(scope, reason) => {
+                        outcomes.reject(reason);
+                        delta.add(scope, Stat::Rejected(reason), 1);
+                    }
+                }
+            }
+            let stored = node.mixer.admit(&node.store, admitted, &delta)?;
+            for ok in stored {
+                if ok {
+                    outcomes.accept();
+                } else {
+                    outcomes.reject(RejectReason::Replay);
+                }
+            }
+            Ok(outcomes)
+        })
+        .await
+        .map_err(Error::from)??;
+        // Durable before acknowledged.
+        self.node.store.flush().await?;
+        tracing::debug!(accepted = outcomes.accepted(), "took a batch of packets");
+        Ok(pb::SubmitPacketsResponse {
+            accepted: outcomes.accepted(),
+            rejected: outcomes.reason_counts(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Shuffler for IngestService {
+    async fn submit_packets(
+        &self,
+        request: Request<pb::SubmitPacketsRequest>,
+    ) -> std::result::Result<Response<pb::SubmitPacketsResponse>, Status> {
+        // The address only feeds the rate limiter; it is never stored or logged.
+        let source = request
+            .remote_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let packets = request.into_inner().packets;
+        Ok(Response::new(self.submit(source, packets).await?))
+    }
+}

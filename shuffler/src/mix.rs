@@ -1,0 +1,421 @@
+//! Batching and forwarding.
+//!
+//! Packets for one next hop collect in an *open batch*. The batch closes when it holds
+//! `batch_size` packets, or when its oldest packet has waited `max_wait_ms` and it holds at least
+//! `min_batch_size`. A closed batch is shuffled with ChaCha20 seeded from the OS and sent to the
+//! next hop in slices of the shuffled order; each slice is deleted only after the next hop
+//! acknowledges it. Batches are numbered; the number of the newest closed batch is stored, so a
+//! restart forwards batches that had closed and keeps collecting the open one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hush_protocol::TaskId;
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::proto::v1::leader_ingest_client::LeaderIngestClient;
+use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::SeedableRng;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::{ForwardConfig, HopKind, MixConfig, NextHopConfig};
+use crate::error::{Error, Result};
+use crate::store::{Incoming, StatDelta, Store, StoredPacket, buffer_key};
+
+/// Largest gRPC message a shuffler sends or accepts.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A peeled packet waiting for its buffer key.
+#[derive(Clone, Debug)]
+pub struct Admitted {
+    /// The next hop's name.
+    pub hop: String,
+    /// Key epoch ‖ replay tag.
+    pub tag_key: [u8; 40],
+    /// Its task.
+    pub task: TaskId,
+    /// What goes to the next hop.
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct HopState {
+    /// Batches `open_lo..=open_hi` form the open batch; new packets get `open_hi`.
+    open_lo: u64,
+    open_hi: u64,
+    open_count: u64,
+    oldest: Option<Instant>,
+    /// Closed batches waiting to be forwarded, oldest first.
+    closed: VecDeque<(u64, u64)>,
+    wake: Arc<Notify>,
+}
+
+/// The batch state of every next hop.
+#[derive(Debug)]
+pub struct Mixer {
+    mix: MixConfig,
+    hops: Mutex<HashMap<String, HopState>>,
+    buffered: AtomicU64,
+}
+
+fn closed_key(hop: &str) -> Vec<u8> {
+    [b"closed:".as_slice(), hop.as_bytes()].concat()
+}
+
+impl Mixer {
+    /// Rebuilds the batch state from what the store holds.
+    pub fn recover(mix: MixConfig, hops: &[NextHopConfig], store: &Store) -> Result<Self> {
+        let buffered = store.buffered()?;
+        let mut state = HashMap::new();
+        let mut total = 0;
+        for h in hops {
+            let b = buffered.get(&h.name).copied().unwrap_or_default();
+            let closed_through = store.meta_u64(&closed_key(&h.name))?;
+            let mut s = HopState {
+                open_lo: 0,
+                open_hi: 0,
+                open_count: 0,
+                oldest: None,
+                closed: VecDeque::new(),
+                wake: Arc::new(Notify::new()),
+            };
+            if let Some((lo, hi)) = b.batches {
+                total += b.count;
+                match closed_through {
+                    Some(c) if c >= hi => {
+                        s.closed.push_back((lo, hi));
+                        s.open_lo = hi + 1;
+                        s.open_hi = hi + 1;
+                    }
+                    Some(c) if c >= lo => {
+                        s.closed.push_back((lo, c));
+                        s.open_lo = c + 1;
+                        s.open_hi = hi;
+                        s.open_count = store.batch_keys(&h.name, c + 1, hi)?.len() as u64;
+                    }
+                    _ => {
+                        s.open_lo = lo;
+                        s.open_hi = hi;
+                        s.open_count = b.count;
+                    }
+                }
+                if s.open_count > 0 {
+                    s.oldest = Some(Instant::now());
+                }
+                tracing::info!(hop = %h.name, packets = b.count, closed = s.closed.len(), "recovered buffered packets");
+            } else if let Some(c) = closed_through {
+                s.open_lo = c + 1;
+                s.open_hi = c + 1;
+            }
+            state.insert(h.name.clone(), s);
+        }
+        for (hop, b) in &buffered {
+            if !state.contains_key(hop) {
+                total += b.count;
+                tracing::warn!(%hop, packets = b.count, "packets buffered for a hop that is no longer configured; add it back to forward them");
+            }
+        }
+        Ok(Self {
+            mix,
+            hops: Mutex::new(state),
+            buffered: AtomicU64::new(total),
+        })
+    }
+
+    /// Packets held and not yet acknowledged by a next hop.
+    pub fn buffered(&self) -> u64 {
+        self.buffered.load(Ordering::Relaxed)
+    }
+
+    /// Stores admitted packets in their hops' open batches (one transaction, under the batch
+    /// lock so no packet lands in a batch that is closing). Returns, in order, whether each was
+    /// stored (false: replay).
+    pub fn admit(
+        &self,
+        store: &Store,
+        items: Vec<Admitted>,
+        stats: &StatDelta,
+    ) -> Result<Vec<bool>> {
+        let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
+        let mut incoming = Vec::with_capacity(items.len());
+        for a in items {
+            let batch = hops
+                .get(&a.hop)
+                .ok_or_else(|| {
+                    Error::InvalidRequest(format!("next hop {:?} is not configured", a.hop))
+                })?
+                .open_hi;
+            incoming.push((
+                a.hop.clone(),
+                Incoming {
+                    tag_key: a.tag_key,
+                    buffer_key: buffer_key(&a.hop, batch),
+                    task: a.task,
+                    payload: a.payload,
+                },
+            ));
+        }
+        let plain: Vec<Incoming> = incoming.iter().map(|(_, i)| i.clone()).collect();
+        let stored = store.accept(&plain, stats)?;
+        let now = Instant::now();
+        let mut n = 0;
+        for ((hop, _), ok) in incoming.iter().zip(&stored) {
+            if *ok {
+                let s = hops.get_mut(hop).expect("checked above");
+                s.open_count += 1;
+                s.oldest.get_or_insert(now);
+                n += 1;
+            }
+        }
+        self.buffered.fetch_add(n, Ordering::Relaxed);
+        for (hop, _) in &incoming {
+            hops[hop].wake.notify_one();
+        }
+        Ok(stored)
+    }
+
+    fn wake(&self, hop: &str) -> Arc<Notify> {
+        self.hops.lock().unwrap_or_else(|p| p.into_inner())[hop]
+            .wake
+            .clone()
+    }
+
+    /// The next batch of `hop` to forward, closing the open batch if it is ready; or when to
+    /// look again.
+    fn ready(
+        &self,
+        store: &Store,
+        hop: &str,
+    ) -> Result<std::result::Result<(u64, u64), Option<Instant>>> {
+        let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
+        let s = hops.get_mut(hop).expect("hop is configured");
+        if let Some(b) = s.closed.front() {
+            return Ok(Ok(*b));
+        }
+        let max_wait = Duration::from_millis(self.mix.max_wait_ms);
+        let full = s.open_count >= self.mix.batch_size;
+        let waited = s.oldest.is_some_and(|t| t.elapsed() >= max_wait);
+        if full || (waited && s.open_count >= self.mix.min_batch_size) {
+            let b = (s.open_lo, s.open_hi);
+            store.set_meta_u64(&closed_key(hop), s.open_hi)?;
+            s.closed.push_back(b);
+            s.open_lo = s.open_hi + 1;
+            s.open_hi += 1;
+            s.open_count = 0;
+            s.oldest = None;
+            return Ok(Ok(b));
+        }
+        // Not ready: look again at the deadline if there is one; otherwise a new packet wakes us.
+        Ok(Err(match s.oldest {
+            Some(t) if s.open_count >= self.mix.min_batch_size => Some(t + max_wait),
+            // Fewer than k_min: only more packets can make the batch ready.
+            _ => None,
+        }))
+    }
+
+    fn finished(&self, hop: &str) {
+        let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
+        hops.get_mut(hop)
+            .expect("hop is configured")
+            .closed
+            .pop_front();
+    }
+
+    fn forwarded(&self, n: u64) {
+        self.buffered.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Debug)]
+enum HopClient {
+    Shuffler(ShufflerClient<Channel>),
+    Leader(LeaderIngestClient<Channel>),
+}
+
+impl HopClient {
+    fn new(h: &NextHopConfig, timeout: Duration) -> Result<Self> {
+        let channel = Endpoint::from_shared(h.url.clone())
+            .map_err(|e| Error::Config(format!("next hop {:?}: {e}", h.name)))?
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(match h.kind {
+            HopKind::Shuffler => HopClient::Shuffler(
+                ShufflerClient::new(channel)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            ),
+            HopKind::Leader => HopClient::Leader(
+                LeaderIngestClient::new(channel)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            ),
+        })
+    }
+
+    /// Sends one slice; returns (accepted, refused) as the next hop counted them.
+    async fn send(
+        &mut self,
+        packets: &[StoredPacket],
+    ) -> std::result::Result<(u64, u64), tonic::Status> {
+        let (accepted, rejected) = match self {
+            HopClient::Shuffler(c) => {
+                let req = pb::SubmitPacketsRequest {
+                    packets: packets
+                        .iter()
+                        .map(|(_, t, p)| pb::Packet {
+                            task_id: t.as_bytes().to_vec().into(),
+                            data: p.clone().into(),
+                        })
+                        .collect(),
+                };
+                let r = c.submit_packets(req).await?.into_inner();
+                (r.accepted, r.rejected)
+            }
+            HopClient::Leader(c) => {
+                let req = pb::SubmitReportsRequest {
+                    reports: packets.iter().map(|(_, _, p)| p.clone().into()).collect(),
+                };
+                let r = c.submit_reports(req).await?.into_inner();
+                (r.accepted, r.rejected)
+            }
+        };
+        Ok((accepted, rejected.iter().map(|r| r.count).sum()))
+    }
+}
+
+/// Forwards the batches of one next hop until shutdown.
+pub async fn forwarder(
+    store: Store,
+    mixer: Arc<Mixer>,
+    hop: NextHopConfig,
+    fwd: ForwardConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut client = match HopClient::new(&hop, Duration::from_millis(fwd.timeout_ms)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(hop = %hop.name, error = %e, "cannot forward to this hop");
+            return;
+        }
+    };
+    let wake = mixer.wake(&hop.name);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let ready = match mixer.ready(&store, &hop.name) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(hop = %hop.name, error = %e, "batch bookkeeping failed");
+                Err(Some(Instant::now() + Duration::from_secs(1)))
+            }
+        };
+        match ready {
+            Ok((lo, hi)) => {
+                match forward_batch(
+                    &store,
+                    &mixer,
+                    &hop,
+                    &fwd,
+                    &mut client,
+                    lo,
+                    hi,
+                    &mut shutdown,
+                )
+                .await
+                {
+                    Ok(true) => mixer.finished(&hop.name),
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::error!(hop = %hop.name, error = %e, "forwarding a batch failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(fwd.retry_max_ms)) => {}
+                            _ = shutdown.wait_for(|v| *v) => return,
+                        }
+                    }
+                }
+            }
+            Err(deadline) => {
+                let sleep = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = sleep => {}
+                    _ = shutdown.wait_for(|v| *v) => return,
+                }
+            }
+        }
+    }
+}
+
+/// Shuffles batch `lo..=hi` of `hop` and sends it in slices, each deleted after the next hop
+/// acknowledges it. Returns false if shutdown interrupted it (the rest stays stored).
+#[allow(clippy::too_many_arguments)]
+async fn forward_batch(
+    store: &Store,
+    mixer: &Mixer,
+    hop: &NextHopConfig,
+    fwd: &ForwardConfig,
+    client: &mut HopClient,
+    lo: u64,
+    hi: u64,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool> {
+    let s = store.clone();
+    let name = hop.name.clone();
+    let mut keys = tokio::task::spawn_blocking(move || s.batch_keys(&name, lo, hi)).await??;
+    let mut rng = ChaCha20Rng::try_from_os_rng()
+        .map_err(|e| Error::Config(format!("the OS random number generator failed: {e}")))?;
+    keys.shuffle(&mut rng);
+    tracing::debug!(hop = %hop.name, packets = keys.len(), "forwarding a batch");
+    for slice in keys.chunks(fwd.chunk_packets) {
+        let packets = store.packets(slice)?;
+        if packets.is_empty() {
+            continue;
+        }
+        let mut delay = Duration::from_millis(fwd.retry_initial_ms);
+        loop {
+            match client.send(&packets).await {
+                Ok((accepted, refused)) => {
+                    if refused > 0 {
+                        tracing::warn!(hop = %hop.name, accepted, refused, "the next hop refused some packets");
+                    }
+                    break;
+                }
+                Err(status) => {
+                    tracing::warn!(
+                        hop = %hop.name,
+                        code = ?status.code(),
+                        message = status.message(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "the next hop did not take a batch slice; retrying"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.wait_for(|v| *v) => return Ok(false),
+                    }
+                    delay = (delay * 2).min(Duration::from_millis(fwd.retry_max_ms));
+                }
+            }
+        }
+        let done: Vec<(Vec<u8>, TaskId)> =
+            packets.iter().map(|(k, t, _)| (k.clone(), *t)).collect();
+        let n = done.len() as u64;
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.remove_forwarded(&done)).await??;
+        store.flush().await?;
+        mixer.forwarded(n);
+    }
+    Ok(true)
+}

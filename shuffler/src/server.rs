@@ -1,0 +1,165 @@
+//! Starting and stopping a shuffler: one tonic server, a forwarder per next hop and background
+//! maintenance, over one sled database.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hush_protocol::auth::BearerAuth;
+use hush_protocol::proto::v1::admin_server::AdminServer;
+use hush_protocol::proto::v1::hpke_keys_server::HpkeKeysServer;
+use hush_protocol::proto::v1::shuffler_server::ShufflerServer;
+use hush_protocol::{Clock, TaskConfig};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::admin::{AdminService, KeysService};
+use crate::config::ShufflerConfig;
+use crate::error::{Error, Result};
+use crate::ingest::IngestService;
+use crate::keys::NodeKeys;
+use crate::mix::{MAX_MESSAGE_BYTES, Mixer, forwarder};
+use crate::node::{Node, SourceLimiter, Tasks};
+use crate::store::Store;
+
+/// A running shuffler.
+#[derive(Debug)]
+pub struct ShufflerNode {
+    addr: SocketAddr,
+    node: Node,
+    shutdown: watch::Sender<bool>,
+    join: JoinHandle<Result<()>>,
+}
+
+impl ShufflerNode {
+    /// Opens the database, binds `config.listen` and starts serving. `admin_token` guards the
+    /// admin API.
+    pub async fn start(
+        config: ShufflerConfig,
+        admin_token: &str,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
+        Self::start_on(config, admin_token, clock, listener).await
+    }
+
+    /// Like [`ShufflerNode::start`] on an already bound listener.
+    pub async fn start_on(
+        config: ShufflerConfig,
+        admin_token: &str,
+        clock: Arc<dyn Clock>,
+        listener: TcpListener,
+    ) -> Result<Self> {
+        config.check()?;
+        let addr = listener.local_addr()?;
+        let store = Store::open(&config.data_dir, config.cache_mb)?;
+        let tasks = Tasks::default();
+        for b in store.tasks()? {
+            let pb = hush_protocol::proto::v1::TaskConfig::decode(b.as_slice())
+                .map_err(|e| Error::corrupt("task", e))?;
+            tasks.insert(TaskConfig::try_from(&pb).map_err(|e| Error::corrupt("task", e))?);
+        }
+        let keys = NodeKeys::load(store.clone(), clock.clone(), config.key_grace_period_s)?;
+        let mixer = Arc::new(Mixer::recover(
+            config.mix.clone(),
+            &config.next_hops,
+            &store,
+        )?);
+        let node = Node {
+            limiter: Arc::new(SourceLimiter::new(&config.limits)),
+            config: Arc::new(config),
+            store,
+            keys,
+            tasks,
+            mixer,
+            clock,
+        };
+        let (tx, rx) = watch::channel(false);
+
+        let mut background = JoinSet::new();
+        for hop in &node.config.next_hops {
+            background.spawn(forwarder(
+                node.store.clone(),
+                node.mixer.clone(),
+                hop.clone(),
+                node.config.forward.clone(),
+                rx.clone(),
+            ));
+        }
+        background.spawn(maintenance(node.clone(), rx.clone()));
+
+        let ingest = ShufflerServer::new(IngestService::new(node.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let admin = InterceptedService::new(
+            AdminServer::new(AdminService::new(node.clone())),
+            BearerAuth::new(admin_token, "admin token"),
+        );
+        let keys_svc = HpkeKeysServer::new(KeysService::new(node.clone()));
+        let mut srx = rx.clone();
+        let signal = async move {
+            let _ = srx.wait_for(|v| *v).await;
+        };
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let router = Server::builder()
+            .add_service(ingest)
+            .add_service(admin)
+            .add_service(keys_svc);
+        let store = node.store.clone();
+        let join = tokio::spawn(async move {
+            let served = router.serve_with_incoming_shutdown(incoming, signal).await;
+            while background.join_next().await.is_some() {}
+            store.flush().await?;
+            served.map_err(|e| Error::Io(std::io::Error::other(e)))
+        });
+        tracing::info!(%addr, name = %node.config.name, "shuffler listening");
+        Ok(Self {
+            addr,
+            node,
+            shutdown: tx,
+            join,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (for tests and tools in the same process).
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Stops accepting requests, lets requests in flight finish, stops forwarding (what is not
+    /// acknowledged stays stored) and flushes the database.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        self.join.await?
+    }
+}
+
+/// Deletes keys past their grace period (with their replay tags) and forgets idle rate-limit
+/// buckets.
+async fn maintenance(node: Node, mut shutdown: watch::Receiver<bool>) {
+    let every = Duration::from_secs(node.config.maintenance_interval_s.max(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+        node.limiter.forget_idle();
+        let keys = node.keys.clone();
+        match tokio::task::spawn_blocking(move || keys.expire()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "expiring HPKE keys failed"),
+            Err(e) => tracing::error!(error = %e, "expiring HPKE keys panicked"),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Throughput of one shuffler process (peel + store + shuffle + forward) beside the raw HPKE-open
+//! rate measured in the same run.
+//!
+//! `cargo bench -p hush-sim --bench shuffler_node [-- N1 N2 ...]`
+//!
+//! * Raw: `onion::peel` of default-size (4,096-byte) packets, on one thread and on every core
+//!   (rayon), with nothing else: the bound for a node that must open every packet.
+//! * Node: a real `hush shuffler` process with sled in a temp dir forwards to a minimal ingest
+//!   server in this process that only counts. Four submitters send batches of 500; the clock runs
+//!   from the first submission until the last packet has reached the next hop. Peak resident
+//!   memory (VmHWM) of the shuffler is read from /proc.
+//!
+//! The goal is node ≥ 0.7 × the raw open rate on both cores.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hush_protocol::onion::{self, Hop, Route};
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::proto::v1::leader_ingest_server::{LeaderIngest, LeaderIngestServer};
+use hush_protocol::{HpkeKeypair, Keyring, MeasurementKind, TaskConfig};
+use hush_tests::mixnet::{provision_shuffler, submit_packets};
+use hush_tests::process::HushProcess;
+use hush_tests::task_params;
+use rayon::prelude::*;
+
+/// Concurrent submitters, as several clients or a previous hop's parallel slices would be.
+const SUBMITTERS: usize = 4;
+
+/// Bytes of a Histogram(32) report, about what the innermost layer carries.
+const REPORT_BYTES: usize = 1_500;
+
+fn wrap_all(task: &TaskConfig, route: &Route, n: usize) -> Vec<pb::Packet> {
+    (0..n)
+        .into_par_iter()
+        .map(|i| pb::Packet {
+            task_id: task.id().as_bytes().to_vec().into(),
+            data: onion::wrap(
+                &task.id(),
+                task.packet_size(),
+                route,
+                &[(i % 251) as u8; REPORT_BYTES],
+            )
+            .unwrap()
+            .into(),
+        })
+        .collect()
+}
+
+fn raw_rates(task: &TaskConfig, n: usize) -> (f64, f64) {
+    let key = HpkeKeypair::generate(1);
+    let route = Route::new(
+        vec![Hop {
+            name: "s".into(),
+            config: key.config().clone(),
+        }],
+        "leader",
+    )
+    .unwrap();
+    let packets = wrap_all(task, &route, n);
+    let ring = Keyring::new(vec![key]);
+    let start = Instant::now();
+    for p in &packets {
+        std::hint::black_box(onion::peel(&task.id(), task.packet_size(), &ring, &p.data).unwrap());
+    }
+    let one = n as f64 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    packets.par_iter().for_each(|p| {
+        std::hint::black_box(onion::peel(&task.id(), task.packet_size(), &ring, &p.data).unwrap());
+    });
+    let all = n as f64 / start.elapsed().as_secs_f64();
+    (one, all)
+}
+
+#[derive(Clone, Default)]
+struct CountingSink(Arc<AtomicU64>);
+
+#[tonic::async_trait]
+impl LeaderIngest for CountingSink {
+    async fn submit_reports(
+        &self,
+        request: tonic::Request<pb::SubmitReportsRequest>,
+    ) -> Result<tonic::Response<pb::SubmitReportsResponse>, tonic::Status> {
+        let n = request.into_inner().reports.len() as u64;
+        self.0.fetch_add(n, Ordering::Relaxed);
+        Ok(tonic::Response::new(pb::SubmitReportsResponse {
+            accepted: n,
+            rejected: vec![],
+        }))
+    }
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn run_node(task: &TaskConfig, n: usize) -> (f64, f64) {
+    let sink = CountingSink::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_addr = listener.local_addr().unwrap();
+    let svc = LeaderIngestServer::new(sink.clone()).max_decoding_message_size(64 << 20);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = format!(
+        "name = \"shuffler-a\"\nlisten = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n\
+         [mix]\nbatch_size = 1000\nmin_batch_size = 100\nmax_wait_ms = 200\n\
+         [limits]\nmax_buffered_packets = 20000\nper_source_packets_per_s = 1000000\nper_source_burst = 1000000\n\
+         [[next_hop]]\nname = \"leader\"\nkind = \"leader\"\nurl = \"http://{sink_addr}\"\n",
+        dir.path().join("data").display()
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_hush"));
+    let args = ["shuffler", "--config", &path.display().to_string()]
+        .map(String::from)
+        .to_vec();
+    let mut node = HushProcess::spawn(bin, &args, &dir.path().join("log"));
+    provision_shuffler(&node.url(), task).await;
+    let key = hush_aggregator::client::hpke_configs(&node.url())
+        .await
+        .unwrap()[0]
+        .clone();
+    let route = Route::new(
+        vec![Hop {
+            name: "shuffler-a".into(),
+            config: key,
+        }],
+        "leader",
+    )
+    .unwrap();
+    let packets = wrap_all(task, &route, n);
+
+    let start = Instant::now();
+    let submitters: Vec<_> = packets
+        .chunks(n.div_ceil(SUBMITTERS))
+        .map(|part| {
+            let (part, url) = (part.to_vec(), node.url());
+            tokio::spawn(async move { submit_packets(&url, &part, 500).await })
+        })
+        .collect();
+    let mut accepted = 0;
+    for s in submitters {
+        accepted += s.await.unwrap().accepted;
+    }
+    assert_eq!(accepted as usize, n);
+    while (sink.0.load(Ordering::Relaxed) as usize) < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let mem = peak_rss_mib(node.pid().unwrap());
+    node.terminate();
+    (rate, mem)
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![20_000, 80_000]
+    } else {
+        sizes
+    };
+    let task = TaskConfig::new(task_params(
+        MeasurementKind::EventHistogram,
+        &HpkeKeypair::generate(1),
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (one, all) = raw_rates(&task, 5_000);
+    println!("packet size {} bytes", task.packet_size());
+    println!(
+        "raw HPKE open (onion::peel): {one:.0} packets/s on one thread, {all:.0} packets/s on all cores"
+    );
+    println!(
+        "{:>8} {:>12} {:>14} {:>14} {:>12}",
+        "packets", "node pkt/s", "vs raw 1 core", "vs raw all", "peak RSS"
+    );
+    for n in sizes {
+        let (rate, mem) = rt.block_on(run_node(&task, n));
+        println!(
+            "{n:>8} {rate:>12.0} {:>13.2}x {:>13.2}x {mem:>8.1} MiB",
+            rate / one,
+            rate / all
+        );
+    }
+    let (one, all) = raw_rates(&task, 5_000);
+    println!("raw after the runs: {one:.0} packets/s on one thread, {all:.0} on all cores");
+}

@@ -1,0 +1,31 @@
+//! `hush shuffler --config FILE`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use hush_protocol::SystemClock;
+use hush_shuffler::{ShufflerConfig, ShufflerNode};
+
+/// Run one shuffler.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The TOML config file. The admin token comes from the environment variable it names
+    /// (by default HUSH_ADMIN_TOKEN).
+    #[arg(long, value_parser = super::existing_file)]
+    config: PathBuf,
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let config = ShufflerConfig::from_file(&args.config)?;
+    let token = super::env_secret(&config.admin_token_env, "admin token")?;
+    let node = ShufflerNode::start(config, &token, Arc::new(SystemClock))
+        .await
+        .context("starting the shuffler")?;
+    // Tools and tests that start the process read this line to learn the bound address.
+    println!("listening on {}", node.local_addr());
+    hush_aggregator::server::shutdown_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,530 @@
+//! Shufflers over real gRPC on loopback with sled in temporary directories: a cascade of two in
+//! front of the leader (or a recording stand-in for its ingest), refusals, overload, and output
+//! order.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hush_aggregator::client;
+use hush_client::ClientTask;
+use hush_protocol::onion::{self, Hop, Route};
+use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
+use hush_protocol::proto::v1::{self as pb, RejectReason};
+use hush_protocol::{
+    Clock, Codec, HpkeKeypair, Measurement, MeasurementKind, ReportId, SystemClock, TaskConfig,
+    Time, VerifyKey,
+};
+use hush_shuffler::ShufflerNode;
+use hush_tests::cluster::{InProcessPair, Stored, provision, stats, url, wait_drained};
+use hush_tests::mixnet::{
+    Mix, RecordingLeader, provision_shuffler, reasons, route, start_shuffler, submit_packets,
+};
+use hush_tests::task_params;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+fn histogram_task() -> TaskConfig {
+    TaskConfig::new(task_params(
+        MeasurementKind::EventHistogram,
+        &HpkeKeypair::generate(1),
+    ))
+    .unwrap()
+}
+
+const QUICK: Mix = Mix {
+    batch_size: 1_000,
+    min_batch_size: 50,
+    max_wait_ms: 300,
+};
+
+/// `n` reports with random buckets: their encodings, their packets, and the exact histogram.
+fn reports(
+    client: &ClientTask,
+    n: usize,
+    now: Time,
+    seed: u64,
+) -> (Vec<Vec<u8>>, Vec<pb::Packet>, Vec<i64>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut expect = vec![0i64; client.task().output_len()];
+    let mut encoded = Vec::with_capacity(n);
+    let mut packets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let b = rng.random_range(0..client.task().output_len());
+        expect[b] += 1;
+        let report = client
+            .seal(
+                client
+                    .shard(&Measurement::Bucket(b), ReportId::random())
+                    .unwrap(),
+                now,
+            )
+            .unwrap();
+        encoded.push(report.to_bytes());
+        packets.push(client.wrap(&report).unwrap());
+    }
+    (encoded, packets, expect)
+}
+
+/// Two shufflers, a → b → `leader_url`, with `task` provisioned on both.
+async fn cascade(
+    leader_url: &str,
+    task: &TaskConfig,
+    dirs: &[tempfile::TempDir; 2],
+) -> (ShufflerNode, ShufflerNode) {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let b = start_shuffler(
+        "shuffler-b",
+        dirs[1].path(),
+        ("leader", "leader", leader_url),
+        QUICK,
+        "",
+        clock.clone(),
+    )
+    .await;
+    let b_url = url(b.local_addr());
+    let a = start_shuffler(
+        "shuffler-a",
+        dirs[0].path(),
+        ("shuffler-b", "shuffler", &b_url),
+        QUICK,
+        "",
+        clock,
+    )
+    .await;
+    provision_shuffler(&url(a.local_addr()), task).await;
+    provision_shuffler(&b_url, task).await;
+    (a, b)
+}
+
+async fn wait_forwarded(shuffler_url: &str, task: &TaskConfig, n: u64) -> pb::TaskStats {
+    let start = std::time::Instant::now();
+    loop {
+        let s = stats(shuffler_url, Some(task)).await;
+        if s.reports_aggregated >= n {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "shuffler forwarded {} of {n}",
+            s.reports_aggregated
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cascade_of_two_delivers_every_report_once_and_byte_identical() {
+    let sink = RecordingLeader::start().await;
+    let task = histogram_task();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (a, b) = cascade(&sink.url(), &task, &dirs).await;
+    let (a_url, b_url) = (url(a.local_addr()), url(b.local_addr()));
+    let r = route(
+        &[("shuffler-a", a_url.clone()), ("shuffler-b", b_url.clone())],
+        "leader",
+    )
+    .await;
+    let client = ClientTask::new(
+        task.clone(),
+        HpkeKeypair::generate(1).config().clone(),
+        HpkeKeypair::generate(2).config().clone(),
+        r,
+    )
+    .unwrap();
+    let (encoded, packets, _) = reports(&client, 5_000, SystemClock.now(), 1);
+
+    let counts = submit_packets(&a_url, &packets, 250).await;
+    assert_eq!(counts.accepted, 5_000);
+    assert!(counts.rejected.is_empty(), "{:?}", counts.rejected);
+    sink.wait_for(5_000, Duration::from_secs(60)).await;
+    wait_forwarded(&b_url, &task, 5_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let got = sink.received();
+    assert_eq!(got.len(), 5_000, "nothing more than what was sent arrives");
+    assert_eq!(
+        got.iter().collect::<HashSet<_>>().len(),
+        5_000,
+        "no report arrives twice"
+    );
+    let mut sent = encoded.clone();
+    sent.sort();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    assert!(
+        sent == got_sorted,
+        "the leader gets exactly the reports the clients wrapped, byte for byte"
+    );
+    assert_ne!(got, encoded, "the cascade changed the order");
+
+    for u in [&a_url, &b_url] {
+        let s = stats(u, Some(&task)).await;
+        assert_eq!(
+            (s.reports_accepted, s.reports_aggregated, s.reports_pending),
+            (5_000, 5_000, 0),
+            "{u}"
+        );
+        assert!(s.rejected.is_empty());
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cascade_in_front_of_the_real_leader_aggregates_exactly() {
+    let pair = InProcessPair::start(Arc::new(SystemClock)).await;
+    let task = histogram_task();
+    provision(
+        &pair.leader_url(),
+        &pair.helper_url(),
+        &task,
+        &VerifyKey::random(),
+    )
+    .await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (a, b) = cascade(&pair.leader_url(), &task, &dirs).await;
+    let r = route(
+        &[
+            ("shuffler-a", url(a.local_addr())),
+            ("shuffler-b", url(b.local_addr())),
+        ],
+        "leader",
+    )
+    .await;
+    let leader_key = client::hpke_configs(&pair.leader_url()).await.unwrap()[0].clone();
+    let helper_key = client::hpke_configs(&pair.helper_url()).await.unwrap()[0].clone();
+    let client = ClientTask::new(task.clone(), leader_key, helper_key, r).unwrap();
+    let (_, packets, expect) = reports(&client, 5_000, SystemClock.now(), 2);
+
+    assert_eq!(
+        submit_packets(&url(a.local_addr()), &packets, 500)
+            .await
+            .accepted,
+        5_000
+    );
+    // Every packet once more: the first shuffler refuses them all as replays.
+    let again = submit_packets(&url(a.local_addr()), &packets[..300], 300).await;
+    assert_eq!(
+        (again.accepted, again.rejected[&RejectReason::Replay]),
+        (0, 300)
+    );
+
+    let leader = wait_drained(&pair.leader_url(), &task, Duration::from_secs(120)).await;
+    assert_eq!(leader.reports_accepted, 5_000);
+    assert_eq!(leader.reports_aggregated, 5_000);
+    assert!(
+        leader.rejected.is_empty(),
+        "the leader refused {:?}",
+        leader.rejected
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    let (ld, hd) = pair.shutdown().await;
+    let (sum, count) = Stored::read(ld.path(), hd.path(), &task).unshard(task.output_len());
+    assert_eq!(count, 5_000);
+    assert_eq!(sum, expect);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_packets_are_refused_counted_and_never_forwarded() {
+    let sink = RecordingLeader::start().await;
+    let task = histogram_task();
+    let other_task = histogram_task();
+    let dir = tempfile::tempdir().unwrap();
+    let mix = Mix {
+        batch_size: 1_000,
+        min_batch_size: 1,
+        max_wait_ms: 200,
+    };
+    let node = start_shuffler(
+        "shuffler-a",
+        dir.path(),
+        ("leader", "leader", &sink.url()),
+        mix,
+        "",
+        Arc::new(SystemClock),
+    )
+    .await;
+    let u = url(node.local_addr());
+    provision_shuffler(&u, &task).await;
+    let mine = client::hpke_configs(&u).await.unwrap()[0].clone();
+    let wrap =
+        |config: &hush_protocol::HpkeConfig, next: &str, t: &TaskConfig, body: &[u8]| pb::Packet {
+            task_id: t.id().as_bytes().to_vec().into(),
+            data: onion::wrap(
+                &t.id(),
+                t.packet_size(),
+                &Route::new(
+                    vec![Hop {
+                        name: "shuffler-a".into(),
+                        config: config.clone(),
+                    }],
+                    next,
+                )
+                .unwrap(),
+                body,
+            )
+            .unwrap()
+            .into(),
+        };
+    let valid: Vec<pb::Packet> = (0..100u32)
+        .map(|i| wrap(&mine, "leader", &task, &i.to_be_bytes()))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut bad = Vec::new();
+    // Wrong sizes: truncated and extended.
+    for p in &valid[..10] {
+        bad.push(pb::Packet {
+            task_id: p.task_id.clone(),
+            data: p.data[..p.data.len() - 1].to_vec().into(),
+        });
+        let mut long = p.data.to_vec();
+        long.push(0);
+        bad.push(pb::Packet {
+            task_id: p.task_id.clone(),
+            data: long.into(),
+        });
+    }
+    // Garbage of the right size.
+    for _ in 0..20 {
+        let mut g = vec![0u8; task.packet_size()];
+        rng.fill(&mut g[..]);
+        bad.push(pb::Packet {
+            task_id: task.id().as_bytes().to_vec().into(),
+            data: g.into(),
+        });
+    }
+    // Sealed to another node's key with the same config id, and to an id this node lacks.
+    let stranger = HpkeKeypair::generate(mine.id());
+    let unknown_id = HpkeKeypair::generate(mine.id().wrapping_add(7).max(1));
+    for i in 0..10u32 {
+        bad.push(wrap(stranger.config(), "leader", &task, &i.to_be_bytes()));
+        bad.push(wrap(unknown_id.config(), "leader", &task, &i.to_be_bytes()));
+    }
+    // A task this node does not know, and a next hop it does not know.
+    for i in 0..5u32 {
+        bad.push(wrap(&mine, "leader", &other_task, &i.to_be_bytes()));
+        bad.push(wrap(&mine, "somewhere-else", &task, &i.to_be_bytes()));
+    }
+
+    let first = submit_packets(&u, &valid, 100).await;
+    assert_eq!(first.accepted, 100);
+    let refused = submit_packets(&u, &bad, 200).await;
+    let replays = submit_packets(&u, &valid[..30], 30).await;
+    assert_eq!(refused.accepted, 0);
+    assert_eq!(refused.rejected[&RejectReason::WrongSize], 20);
+    assert_eq!(refused.rejected[&RejectReason::DecryptFailure], 10);
+    assert_eq!(refused.rejected[&RejectReason::UnknownTask], 5);
+    assert_eq!(refused.rejected[&RejectReason::UnknownHop], 5);
+    let garbage = refused
+        .rejected
+        .get(&RejectReason::Malformed)
+        .copied()
+        .unwrap_or(0);
+    let unknown_key = refused.rejected[&RejectReason::UnknownKey];
+    assert_eq!(
+        garbage + unknown_key,
+        30,
+        "20 garbage strings and 10 packets for an unknown key id"
+    );
+    assert!(unknown_key >= 10);
+    assert_eq!(
+        (replays.accepted, replays.rejected[&RejectReason::Replay]),
+        (0, 30)
+    );
+
+    let got = sink.wait_for(100, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sink.received().len(),
+        100,
+        "nothing is forwarded for refused packets"
+    );
+    let mut got: Vec<u32> = got
+        .iter()
+        .map(|b| u32::from_be_bytes(b[..4].try_into().unwrap()))
+        .collect();
+    got.sort();
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+
+    let s = stats(&u, Some(&task)).await;
+    assert_eq!(s.reports_accepted, 100);
+    let r = reasons(&s);
+    assert_eq!(r[&RejectReason::Replay], 30);
+    assert_eq!(r[&RejectReason::WrongSize], 20);
+    assert_eq!(r[&RejectReason::UnknownHop], 5);
+    assert_eq!(
+        reasons(&stats(&u, None).await)[&RejectReason::UnknownTask],
+        5
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_gets_resource_exhausted_and_stores_nothing() {
+    let sink = RecordingLeader::start().await;
+    let task = histogram_task();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing leaves (k = 150 is never reached and k_min = k), so the buffer fills.
+    let mix = Mix {
+        batch_size: 150,
+        min_batch_size: 150,
+        max_wait_ms: 60_000,
+    };
+    let limits = "[limits]\nmax_request_packets = 100\nmax_buffered_packets = 150\nper_source_packets_per_s = 1\nper_source_burst = 250\n";
+    let node = start_shuffler(
+        "shuffler-a",
+        dir.path(),
+        ("leader", "leader", &sink.url()),
+        mix,
+        limits,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let u = url(node.local_addr());
+    provision_shuffler(&u, &task).await;
+    let mine = client::hpke_configs(&u).await.unwrap()[0].clone();
+    let route = Route::new(
+        vec![Hop {
+            name: "shuffler-a".into(),
+            config: mine,
+        }],
+        "leader",
+    )
+    .unwrap();
+    let packets: Vec<pb::Packet> = (0..300u32)
+        .map(|i| pb::Packet {
+            task_id: task.id().as_bytes().to_vec().into(),
+            data: onion::wrap(&task.id(), task.packet_size(), &route, &i.to_be_bytes())
+                .unwrap()
+                .into(),
+        })
+        .collect();
+    let mut c = ShufflerClient::new(client::channel(&u).unwrap());
+    let send = |c: &mut ShufflerClient<_>, p: &[pb::Packet]| {
+        let req = pb::SubmitPacketsRequest {
+            packets: p.to_vec(),
+        };
+        let mut c = c.clone();
+        async move { c.submit_packets(req).await }
+    };
+    assert_eq!(
+        send(&mut c, &packets[..100])
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        100
+    );
+    // Over the buffer bound: 100 held + 100 > 150.
+    let e = send(&mut c, &packets[100..200]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("holds 100 packets"), "{}", e.message());
+    // Too many in one request.
+    let e = send(&mut c, &packets[..101]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // The rate limit: the burst of 250 is spent by the 200 above plus 100 more; 1 packet/s refills.
+    let e = send(&mut c, &packets[200..300]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.message().contains("rate limit"), "{}", e.message());
+
+    let s = stats(&u, Some(&task)).await;
+    assert_eq!((s.reports_accepted, s.reports_pending), (100, 100));
+    assert_eq!(reasons(&s)[&RejectReason::OverQuota], 200);
+    assert_eq!(
+        node.node().store.buffered_total(),
+        100,
+        "refused packets are not stored"
+    );
+    assert!(sink.received().is_empty());
+    node.shutdown().await.unwrap();
+}
+
+/// Spearman's rank correlation of a permutation with the identity.
+fn rank_correlation(output_to_input: &[usize]) -> f64 {
+    let n = output_to_input.len() as f64;
+    let d2: f64 = output_to_input
+        .iter()
+        .enumerate()
+        .map(|(out, &inp)| (out as f64 - inp as f64).powi(2))
+        .sum();
+    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_order_is_uncorrelated_with_input_order() {
+    // 30 batches of 200: per batch, Spearman's rho between input and output position. Under
+    // independence each rho has mean 0 and variance 1/(n-1), so z = Σrho·sqrt(n-1)/sqrt(B) is
+    // close to standard normal. We require |z| < 4.5 (a false failure about once in 150,000
+    // runs) and no single batch with |rho| > 0.35 (> 4.9 sd). An order-preserving node gives
+    // z ≈ 77, and even a weak partial mix (rho = 0.1 per batch) gives z ≈ 7.7.
+    const N: usize = 200;
+    const BATCHES: usize = 30;
+    let sink = RecordingLeader::start().await;
+    let task = histogram_task();
+    let dir = tempfile::tempdir().unwrap();
+    let mix = Mix {
+        batch_size: N as u64,
+        min_batch_size: N as u64,
+        max_wait_ms: 60_000,
+    };
+    let node = start_shuffler(
+        "shuffler-a",
+        dir.path(),
+        ("leader", "leader", &sink.url()),
+        mix,
+        "",
+        Arc::new(SystemClock),
+    )
+    .await;
+    let u = url(node.local_addr());
+    provision_shuffler(&u, &task).await;
+    let mine = client::hpke_configs(&u).await.unwrap()[0].clone();
+    let route = Route::new(
+        vec![Hop {
+            name: "shuffler-a".into(),
+            config: mine,
+        }],
+        "leader",
+    )
+    .unwrap();
+
+    let mut sum_rho = 0.0;
+    for b in 0..BATCHES {
+        let packets: Vec<pb::Packet> = (0..N as u32)
+            .map(|i| pb::Packet {
+                task_id: task.id().as_bytes().to_vec().into(),
+                data: onion::wrap(
+                    &task.id(),
+                    task.packet_size(),
+                    &route,
+                    &[&(b as u32).to_be_bytes()[..], &i.to_be_bytes()[..]].concat(),
+                )
+                .unwrap()
+                .into(),
+            })
+            .collect();
+        assert_eq!(submit_packets(&u, &packets, N).await.accepted, N as u64);
+        let got = sink.wait_for((b + 1) * N, Duration::from_secs(30)).await;
+        let batch: Vec<usize> = got[b * N..(b + 1) * N]
+            .iter()
+            .map(|r| {
+                assert_eq!(
+                    u32::from_be_bytes(r[..4].try_into().unwrap()),
+                    b as u32,
+                    "batches do not mix"
+                );
+                u32::from_be_bytes(r[4..8].try_into().unwrap()) as usize
+            })
+            .collect();
+        let rho = rank_correlation(&batch);
+        assert!(rho.abs() < 0.35, "batch {b}: rank correlation {rho}");
+        sum_rho += rho;
+    }
+    let z = sum_rho * ((N - 1) as f64).sqrt() / (BATCHES as f64).sqrt();
+    assert!(
+        z.abs() < 4.5,
+        "input and output order are correlated: z = {z}"
+    );
+    node.shutdown().await.unwrap();
+}
