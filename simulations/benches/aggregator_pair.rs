@@ -66,16 +66,6 @@ fn raw_bound(task: &TaskConfig, reports: usize) -> f64 {
     reports as f64 / start.elapsed().as_secs_f64()
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
 fn config(dir: &Path, listen: SocketAddr, helper: Option<&str>) -> String {
     let mut t = format!(
         "listen = \"{listen}\"\ndata_dir = \"{}\"\ncache_mb = 8\n",
@@ -151,8 +141,8 @@ async fn run_pair(task: &TaskConfig, n: usize) -> PairRun {
     assert_eq!(stats.reports_aggregated as usize, n);
     let run = PairRun {
         rate: n as f64 / elapsed.as_secs_f64(),
-        leader_mib: peak_rss_mib(leader.pid().unwrap()),
-        helper_mib: peak_rss_mib(helper.pid().unwrap()),
+        leader_mib: leader.peak_rss_mib(),
+        helper_mib: helper.peak_rss_mib(),
     };
     leader.terminate();
     helper.terminate();

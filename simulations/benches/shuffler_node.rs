@@ -93,16 +93,6 @@ impl LeaderIngest for CountingSink {
     }
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
 async fn run_node(task: &TaskConfig, n: usize) -> (f64, f64) {
     let sink = CountingSink::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -162,7 +152,7 @@ async fn run_node(task: &TaskConfig, n: usize) -> (f64, f64) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    let mem = peak_rss_mib(node.pid().unwrap());
+    let mem = node.peak_rss_mib();
     node.terminate();
     (rate, mem)
 }

@@ -18,7 +18,8 @@ use hush_protocol::{
 use hush_shuffler::ShufflerNode;
 use hush_tests::cluster::{InProcessPair, Stored, provision, stats, url, wait_drained};
 use hush_tests::mixnet::{
-    Mix, RecordingLeader, provision_shuffler, reasons, route, start_shuffler, submit_packets,
+    Mix, RecordingLeader, one_hop_packets, provision_shuffler, reasons, route, start_shuffler,
+    submit_packets,
 };
 use hush_tests::task_params;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -383,23 +384,13 @@ async fn overload_gets_resource_exhausted_and_stores_nothing() {
     .await;
     let u = url(node.local_addr());
     provision_shuffler(&u, &task).await;
-    let mine = client::hpke_configs(&u).await.unwrap()[0].clone();
-    let route = Route::new(
-        vec![Hop {
-            name: "shuffler-a".into(),
-            config: mine,
-        }],
-        "leader",
+    let packets = one_hop_packets(
+        &u,
+        "shuffler-a",
+        &task,
+        (0..300u32).map(|i| i.to_be_bytes().to_vec()),
     )
-    .unwrap();
-    let packets: Vec<pb::Packet> = (0..300u32)
-        .map(|i| pb::Packet {
-            task_id: task.id().as_bytes().to_vec().into(),
-            data: onion::wrap(&task.id(), task.packet_size(), &route, &i.to_be_bytes())
-                .unwrap()
-                .into(),
-        })
-        .collect();
+    .await;
     let mut c = ShufflerClient::new(client::channel(&u).unwrap());
     let send = |c: &mut ShufflerClient<_>, p: &[pb::Packet]| {
         let req = pb::SubmitPacketsRequest {
@@ -479,31 +470,11 @@ async fn output_order_is_uncorrelated_with_input_order() {
     .await;
     let u = url(node.local_addr());
     provision_shuffler(&u, &task).await;
-    let mine = client::hpke_configs(&u).await.unwrap()[0].clone();
-    let route = Route::new(
-        vec![Hop {
-            name: "shuffler-a".into(),
-            config: mine,
-        }],
-        "leader",
-    )
-    .unwrap();
 
     let mut sum_rho = 0.0;
     for b in 0..BATCHES {
-        let packets: Vec<pb::Packet> = (0..N as u32)
-            .map(|i| pb::Packet {
-                task_id: task.id().as_bytes().to_vec().into(),
-                data: onion::wrap(
-                    &task.id(),
-                    task.packet_size(),
-                    &route,
-                    &[&(b as u32).to_be_bytes()[..], &i.to_be_bytes()[..]].concat(),
-                )
-                .unwrap()
-                .into(),
-            })
-            .collect();
+        let bodies = (0..N as u32).map(|i| [(b as u32).to_be_bytes(), i.to_be_bytes()].concat());
+        let packets = one_hop_packets(&u, "shuffler-a", &task, bodies).await;
         assert_eq!(submit_packets(&u, &packets, N).await.accepted, N as u64);
         let got = sink.wait_for((b + 1) * N, Duration::from_secs(30)).await;
         let batch: Vec<usize> = got[b * N..(b + 1) * N]

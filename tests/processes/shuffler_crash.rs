@@ -7,14 +7,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use hush_aggregator::client;
-use hush_protocol::onion::{self, Hop, Route};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::{HpkeKeypair, MeasurementKind, TaskConfig};
 use hush_shuffler::ShufflerConfig;
 use hush_tests::cluster::stats;
 use hush_tests::mixnet::{
-    Mix, RecordingLeader, provision_shuffler, shuffler_config_text, submit_packets,
+    Mix, RecordingLeader, one_hop_packets, provision_shuffler, shuffler_config_text, submit_packets,
 };
 use hush_tests::process::HushProcess;
 use hush_tests::task_params;
@@ -40,23 +38,13 @@ fn write_config(dir: &Path, listen: SocketAddr, sink: &str, mix: Mix, name: &str
 }
 
 async fn packets(shuffler_url: &str, task: &TaskConfig, n: u32) -> Vec<pb::Packet> {
-    let key = client::hpke_configs(shuffler_url).await.unwrap()[0].clone();
-    let route = Route::new(
-        vec![Hop {
-            name: "shuffler-a".into(),
-            config: key,
-        }],
-        "leader",
+    one_hop_packets(
+        shuffler_url,
+        "shuffler-a",
+        task,
+        (0..n).map(|i| i.to_be_bytes().to_vec()),
     )
-    .unwrap();
-    (0..n)
-        .map(|i| pb::Packet {
-            task_id: task.id().as_bytes().to_vec().into(),
-            data: onion::wrap(&task.id(), task.packet_size(), &route, &i.to_be_bytes())
-                .unwrap()
-                .into(),
-        })
-        .collect()
+    .await
 }
 
 fn indices(reports: &[Vec<u8>]) -> HashSet<u32> {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hush_aggregator::client;
-use hush_protocol::onion::{Hop, Route};
+use hush_protocol::onion::{self, Hop, Route};
 use hush_protocol::proto::v1::leader_ingest_server::{LeaderIngest, LeaderIngestServer};
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
 use hush_protocol::proto::v1::{self as pb, RejectReason};
@@ -95,6 +95,37 @@ pub async fn route(shufflers: &[(&str, String)], leader: &str) -> Route {
         });
     }
     Route::new(hops, leader).unwrap()
+}
+
+/// Packets for `task` through the single shuffler `name` at `shuffler_url` (its current key) to
+/// the leader, one per body. Bodies stand in for reports: a shuffler never looks inside.
+pub async fn one_hop_packets(
+    shuffler_url: &str,
+    name: &str,
+    task: &TaskConfig,
+    bodies: impl IntoIterator<Item = Vec<u8>>,
+) -> Vec<pb::Packet> {
+    let config = client::hpke_configs(shuffler_url)
+        .await
+        .expect("shuffler configs")[0]
+        .clone();
+    let route = Route::new(
+        vec![Hop {
+            name: name.into(),
+            config,
+        }],
+        "leader",
+    )
+    .unwrap();
+    bodies
+        .into_iter()
+        .map(|b| pb::Packet {
+            task_id: task.id().as_bytes().to_vec().into(),
+            data: onion::wrap(&task.id(), task.packet_size(), &route, &b)
+                .unwrap()
+                .into(),
+        })
+        .collect()
 }
 
 /// Submits packets to a shuffler in batches of `batch`, retrying batches refused for overload.

@@ -73,6 +73,21 @@ impl HushProcess {
         self.child = Some(child);
     }
 
+    /// Peak resident memory (VmHWM) of the running process in MiB, read from /proc; NaN if it
+    /// cannot be read.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let Some(pid) = self.pid() else {
+            return f64::NAN;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
