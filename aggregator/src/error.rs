@@ -45,6 +45,47 @@ pub enum Error {
     /// Too many requests in flight. `RESOURCE_EXHAUSTED`.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The privacy budget of a window does not cover the collection. `FAILED_PRECONDITION`.
+    #[error(
+        "privacy budget exhausted: window {window} has ε {left} left of its {purpose} budget and \
+         this collection needs ε {needed}; nothing was spent"
+    )]
+    OverBudget {
+        /// The window.
+        window: hush_protocol::Time,
+        /// ε left.
+        left: hush_protocol::Epsilon,
+        /// ε per collection.
+        needed: hush_protocol::Epsilon,
+        /// "routine" or "alert".
+        purpose: &'static str,
+    },
+    /// Too few reports for a collection. `FAILED_PRECONDITION`.
+    #[error(
+        "the interval holds {count} reports, fewer than the task's min_batch_size of {min}; \
+         collect a longer interval or wait for more reports (nothing was spent)"
+    )]
+    BatchTooSmall {
+        /// Reports in the interval.
+        count: u64,
+        /// The task's minimum.
+        min: u64,
+    },
+    /// The two aggregators did not aggregate the same reports. `FAILED_PRECONDITION`.
+    #[error("the aggregators disagree on the reports of the interval: {0}")]
+    Mismatch(String),
+    /// A collection id was reused for another request. `ALREADY_EXISTS`.
+    #[error("collection {0} already ran with another request; use a fresh collection id")]
+    CollectionConflict(String),
+    /// The collection cannot run yet. `UNAVAILABLE`.
+    #[error("{0}")]
+    NotReady(String),
+    /// Missing or wrong credentials. `UNAUTHENTICATED`.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Valid credentials for something else. `PERMISSION_DENIED`.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A key rotation could not pick an id. `FAILED_PRECONDITION`.
     #[error(transparent)]
     Keys(#[from] hush_protocol::keys::KeySetError),
@@ -70,9 +111,18 @@ impl From<Error> for tonic::Status {
         use tonic::Status;
         match &e {
             Error::UnknownTask(_) => Status::not_found(e.to_string()),
-            Error::TaskConflict(_) | Error::JobConflict(_) => Status::already_exists(e.to_string()),
+            Error::TaskConflict(_) | Error::JobConflict(_) | Error::CollectionConflict(_) => {
+                Status::already_exists(e.to_string())
+            }
             Error::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
-            Error::WrongRole(_) | Error::Keys(_) => Status::failed_precondition(e.to_string()),
+            Error::WrongRole(_)
+            | Error::Keys(_)
+            | Error::OverBudget { .. }
+            | Error::BatchTooSmall { .. }
+            | Error::Mismatch(_) => Status::failed_precondition(e.to_string()),
+            Error::NotReady(_) => Status::unavailable(e.to_string()),
+            Error::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+            Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
             Error::Overloaded(_) => Status::resource_exhausted(e.to_string()),
             Error::Peer(s) => Status::unavailable(format!("peer aggregator: {}", s.message())),
             Error::Storage(_)

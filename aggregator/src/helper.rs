@@ -172,10 +172,10 @@ impl HelperAggregation for HelperService {
 
     async fn get_aggregate_share(
         &self,
-        _request: Request<pb::AggregateShareRequest>,
+        request: Request<pb::AggregateShareRequest>,
     ) -> std::result::Result<Response<pb::AggregateShareResponse>, Status> {
-        Err(Status::unimplemented(
-            "collection is not built yet: aggregate shares cannot be requested",
+        Ok(Response::new(
+            crate::collection::helper_share(&self.shared, request.into_inner()).await?,
         ))
     }
 }

@@ -157,7 +157,23 @@ impl LeaderIngest for IngestService {
     }
 }
 
-type HelperClient = HelperAggregationClient<InterceptedService<Channel, AddBearer>>;
+/// A client of the helper's aggregation service that presents the peer token.
+pub type HelperClient = HelperAggregationClient<InterceptedService<Channel, AddBearer>>;
+
+/// A client for the helper at `cfg.helper_url`, connected lazily.
+pub fn helper_client(cfg: &LeaderConfig, peer_token: &str) -> Result<HelperClient> {
+    let endpoint = Endpoint::from_shared(cfg.helper_url.clone())
+        .map_err(|e| Error::Config(format!("leader.helper_url: {e}")))?
+        .timeout(Duration::from_millis(cfg.helper_timeout_ms))
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let auth = AddBearer::new(peer_token).map_err(|e| Error::Config(e.message().to_owned()))?;
+    Ok(
+        HelperAggregationClient::with_interceptor(endpoint.connect_lazy(), auth)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
 
 /// Drives aggregation jobs from the leader to the helper.
 #[derive(Debug)]
@@ -172,16 +188,7 @@ pub struct JobDriver {
 impl JobDriver {
     /// A driver that talks to the helper at `cfg.helper_url` with `peer_token`.
     pub fn new(shared: Shared, cfg: LeaderConfig, peer_token: &str) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(cfg.helper_url.clone())
-            .map_err(|e| Error::Config(format!("leader.helper_url: {e}")))?
-            .timeout(Duration::from_millis(cfg.helper_timeout_ms))
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
-        let auth = AddBearer::new(peer_token).map_err(|e| Error::Config(e.message().to_owned()))?;
-        let helper = HelperAggregationClient::with_interceptor(channel, auth)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let helper = helper_client(&cfg, peer_token)?;
         Ok(Self {
             shared,
             cfg,

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod collection;
 pub mod config;
 pub mod error;
 pub mod helper;

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use hush_protocol::proto::v1::admin_server::AdminServer;
+use hush_protocol::proto::v1::collection_server::CollectionServer;
 use hush_protocol::proto::v1::helper_aggregation_server::HelperAggregationServer;
 use hush_protocol::proto::v1::hpke_keys_server::HpkeKeysServer;
 use hush_protocol::proto::v1::leader_ingest_server::LeaderIngestServer;
@@ -19,11 +20,12 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, KeysService};
+use crate::collection::CollectionService;
 use crate::config::{AggregatorConfig, secret_from_env};
 use crate::error::{Error, Result};
 use crate::helper::HelperService;
 use crate::keys::KeyManager;
-use crate::leader::{IngestService, JobDriver, MAX_MESSAGE_BYTES};
+use crate::leader::{IngestService, JobDriver, MAX_MESSAGE_BYTES, helper_client};
 use crate::shared::Shared;
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
@@ -110,7 +112,12 @@ impl Aggregator {
             clock,
             new_reports: Arc::new(Notify::new()),
             pending: Arc::new(AtomicU64::new(pending_now)),
+            collected: Default::default(),
+            collect_lock: Default::default(),
         };
+        for (task, window) in shared.store.collected_windows()? {
+            shared.set_collected(&task, &[window], true);
+        }
         let (tx, rx) = watch::channel(false);
 
         let admin = InterceptedService::new(
@@ -118,15 +125,23 @@ impl Aggregator {
             BearerAuth::new(&secrets.admin_token, "admin token"),
         );
         let keys_svc = HpkeKeysServer::new(KeysService::new(shared.clone()));
-        let (ingest, helper) = match role {
-            Role::Leader => (
+        let (ingest, collection, helper) = match (role, &shared.config.leader) {
+            (Role::Leader, Some(lc)) => (
                 Some(
                     LeaderIngestServer::new(IngestService::new(shared.clone()))
                         .max_decoding_message_size(MAX_MESSAGE_BYTES),
                 ),
+                Some(
+                    CollectionServer::new(CollectionService::new(
+                        shared.clone(),
+                        helper_client(lc, &secrets.peer_token)?,
+                    ))
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                ),
                 None,
             ),
-            Role::Helper => (
+            _ => (
+                None,
                 None,
                 Some(InterceptedService::new(
                     HelperAggregationServer::new(HelperService::new(shared.clone()))
@@ -159,6 +174,7 @@ impl Aggregator {
             .add_service(admin)
             .add_service(keys_svc)
             .add_optional_service(ingest)
+            .add_optional_service(collection)
             .add_optional_service(helper);
         let store = shared.store.clone();
         let join = tokio::spawn(async move {

@@ -1,7 +1,8 @@
 //! State shared by the services and background jobs of one aggregator process.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
 
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{Clock, Role, TaskId, Time};
@@ -31,6 +32,10 @@ pub struct Shared {
     pub new_reports: Arc<Notify>,
     /// Reports the leader holds that are not aggregated yet.
     pub pending: Arc<AtomicU64>,
+    /// Windows that were collected: reports for them are refused as `BatchCollected`.
+    pub collected: Arc<RwLock<HashSet<(TaskId, Time)>>>,
+    /// Serializes collections in this process.
+    pub collect_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Shared {
@@ -40,8 +45,8 @@ impl Shared {
     }
 
     /// Why a report time is not acceptable now, if it is not: not aligned to the task's
-    /// precision (malformed), older than the report expiry, or further ahead than the allowed
-    /// clock skew.
+    /// precision (malformed), older than the report expiry, further ahead than the allowed
+    /// clock skew, or in a window that was already collected.
     pub fn check_time(&self, task: &TaskEntry, time: Time) -> Result<(), RejectReason> {
         if !time.is_aligned(task.config.time_precision_s()) {
             return Err(RejectReason::Malformed);
@@ -53,6 +58,29 @@ impl Shared {
         if time > now.add_secs(self.config.clock_skew_s) {
             return Err(RejectReason::TooNew);
         }
+        if self.is_collected(&task.config.id(), task.config.window_of(time)) {
+            return Err(RejectReason::BatchCollected);
+        }
         Ok(())
+    }
+
+    /// Whether `window` of `task` was collected.
+    pub fn is_collected(&self, task: &TaskId, window: Time) -> bool {
+        self.collected
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(*task, window))
+    }
+
+    /// Records windows as collected, in memory (the store is written by the caller).
+    pub fn set_collected(&self, task: &TaskId, windows: &[Time], collected: bool) {
+        let mut c = self.collected.write().unwrap_or_else(|p| p.into_inner());
+        for w in windows {
+            if collected {
+                c.insert((*task, *w));
+            } else {
+                c.remove(&(*task, *w));
+            }
+        }
     }
 }

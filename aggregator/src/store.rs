@@ -11,10 +11,15 @@
 //! | `batches` | task ‖ window start | aggregate share, report count and report-id checksum |
 //! | `stats` | scope ‖ code | counters of accepted, aggregated and rejected reports |
 //! | `tenants` | tenant name | SHA-256 of the tenant's collector bearer token |
+//! | `ledger` | task ‖ purpose ‖ window start | ε spent on the window, in millionths |
+//! | `collections` | task ‖ collection id | request hash and the stored answer of a collection |
+//! | `collected` | task ‖ window start | — (the window was collected: late reports are refused) |
 //!
 //! Every change that must be atomic is one sled transaction over the trees involved: storing a
 //! batch of ingested reports with their anti-replay entries, and finishing an aggregation job
-//! (accumulating output shares, removing the reports, recording the outcome). A crash before a
+//! (accumulating output shares, removing the reports, recording the outcome), and committing a
+//! collection (checking and spending the budget of every window, recording the answer, closing
+//! the windows). A crash before a
 //! transaction commits loses nothing that was acknowledged; after it, nothing is counted twice.
 
 use std::collections::{BTreeMap, HashMap};
@@ -379,6 +384,45 @@ pub struct Store {
     batches: Tree,
     stats: Tree,
     tenants: Tree,
+    ledger: Tree,
+    collections: Tree,
+    collected: Tree,
+}
+
+/// The budget of a window does not cover a collection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverBudget {
+    /// The window.
+    pub window: Time,
+    /// ε left on it, in millionths.
+    pub left_micros: u64,
+}
+
+/// A collection to commit: its spend, its stored answer, the windows it closes.
+#[derive(Clone, Debug)]
+pub struct CollectionCommit<'a> {
+    /// The task.
+    pub task: &'a TaskId,
+    /// The collection id.
+    pub collection_id: &'a [u8; 16],
+    /// 0 routine, 1 alert.
+    pub purpose: u8,
+    /// The windows of the interval.
+    pub windows: &'a [Time],
+    /// ε spent on each window, in millionths.
+    pub epsilon_micros: u64,
+    /// The purpose's budget per window, in millionths.
+    pub budget_micros: u64,
+    /// Hash of the request, for retries.
+    pub request_hash: [u8; 32],
+    /// The encoded answer.
+    pub answer: &'a [u8],
+}
+
+fn ledger_key(task: &TaskId, purpose: u8, window: Time) -> Vec<u8> {
+    let mut k = task_key(task, &[purpose]);
+    k.extend_from_slice(&window.as_secs().to_be_bytes());
+    k
 }
 
 impl Store {
@@ -409,6 +453,9 @@ impl Store {
             batches: db.open_tree("batches")?,
             stats: db.open_tree("stats")?,
             tenants: db.open_tree("tenants")?,
+            ledger: db.open_tree("ledger")?,
+            collections: db.open_tree("collections")?,
+            collected: db.open_tree("collected")?,
             db,
         })
     }
@@ -457,6 +504,17 @@ impl Store {
             .tenants
             .get(tenant.as_bytes())?
             .and_then(|v| v.as_ref().try_into().ok()))
+    }
+
+    /// The tenant whose collector token hashes to `hash`, if any.
+    pub fn tenant_of_token_hash(&self, hash: &[u8; 32]) -> Result<Option<String>> {
+        for kv in self.tenants.iter() {
+            let (k, v) = kv?;
+            if v.as_ref() == hash {
+                return Ok(Some(String::from_utf8_lossy(&k).into_owned()));
+            }
+        }
+        Ok(None)
     }
 
     // ---- keys
@@ -768,6 +826,130 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    // ---- collection
+
+    /// The sum of `task`'s batch aggregations over `windows`.
+    pub fn sum_batches(
+        &self,
+        task: &TaskId,
+        windows: &[Time],
+        len: usize,
+    ) -> Result<BatchAggregation> {
+        let mut sum = BatchAggregation::empty(len);
+        for w in windows {
+            if let Some(b) = self.batch(task, *w)? {
+                sum.merge(&b)?;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Pending (accepted, not yet aggregated) reports of `task` in `windows`.
+    pub fn pending_in(&self, task: &TaskId, windows: &[Time]) -> Result<u64> {
+        let set: std::collections::HashSet<Time> = windows.iter().copied().collect();
+        let mut n = 0;
+        for v in self.pending.scan_prefix(task.as_bytes()).values() {
+            let r =
+                PendingReport::from_bytes(&v?).map_err(|e| Error::corrupt("pending report", e))?;
+            if set.contains(&r.time) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// ε spent so far (millionths) per window, for one purpose.
+    pub fn spent(&self, task: &TaskId, purpose: u8, windows: &[Time]) -> Result<Vec<u64>> {
+        windows
+            .iter()
+            .map(|w| {
+                Ok(self
+                    .ledger
+                    .get(ledger_key(task, purpose, *w))?
+                    .map(|v| be_u64(&v))
+                    .unwrap_or(0))
+            })
+            .collect()
+    }
+
+    /// The stored request hash and answer of a collection, if it ran.
+    pub fn collection(&self, task: &TaskId, id: &[u8; 16]) -> Result<Option<([u8; 32], Vec<u8>)>> {
+        Ok(self.collections.get(task_key(task, id))?.map(|v| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&v[..32]);
+            (h, v[32..].to_vec())
+        }))
+    }
+
+    /// Every collected (closed) window, per task.
+    pub fn collected_windows(&self) -> Result<Vec<(TaskId, Time)>> {
+        self.collected
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                let t =
+                    TaskId::try_from(&k[..32]).map_err(|e| Error::corrupt("collected key", e))?;
+                Ok((t, Time::from_secs(be_u64(&k[32..]))))
+            })
+            .collect()
+    }
+
+    /// Checks that every window's budget covers the spend and, if so, spends it, stores the
+    /// answer and marks the windows collected, in one transaction. Concurrent commits are
+    /// serialized by sled, so two collections can never both spend the last of a budget. Returns
+    /// the smallest budget left over the windows, or which window is over budget (nothing is
+    /// written then).
+    pub fn commit_collection(
+        &self,
+        c: &CollectionCommit<'_>,
+    ) -> Result<std::result::Result<u64, OverBudget>> {
+        let r = (&self.ledger, &self.collections, &self.collected).transaction(
+            |(ledger, collections, collected)| {
+                let mut left = u64::MAX;
+                for w in c.windows {
+                    let k = ledger_key(c.task, c.purpose, *w);
+                    let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
+                    let remaining = c.budget_micros.saturating_sub(spent);
+                    if remaining < c.epsilon_micros {
+                        return Ok(Err(OverBudget {
+                            window: *w,
+                            left_micros: remaining,
+                        }));
+                    }
+                    left = left.min(remaining - c.epsilon_micros);
+                }
+                for w in c.windows {
+                    let k = ledger_key(c.task, c.purpose, *w);
+                    let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
+                    ledger.insert(k, &(spent + c.epsilon_micros).to_be_bytes()[..])?;
+                    collected.insert(batch_key(c.task, *w), &[][..])?;
+                }
+                let mut v = c.request_hash.to_vec();
+                v.extend_from_slice(c.answer);
+                collections.insert(task_key(c.task, c.collection_id), v)?;
+                Ok(Ok(left))
+            },
+        );
+        tx_result(r)
+    }
+
+    /// Marks windows collected or open again (the leader closes them before the final count,
+    /// so no late report slips in, and reopens them if the collection fails before anything is
+    /// released).
+    pub fn mark_collected(&self, task: &TaskId, windows: &[Time], collected: bool) -> Result<()> {
+        let mut b = sled::Batch::default();
+        for w in windows {
+            if collected {
+                b.insert(batch_key(task, *w), &[][..]);
+            } else {
+                b.remove(batch_key(task, *w));
+            }
+        }
+        self.collected.apply_batch(b)?;
+        Ok(())
     }
 
     // ---- maintenance

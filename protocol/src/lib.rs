@@ -10,8 +10,10 @@
 pub mod auth;
 pub mod clock;
 pub mod codec;
+pub mod collect;
 pub mod convert;
 pub mod dp;
+pub mod estimate;
 pub mod hpke;
 pub mod ids;
 pub mod keys;

@@ -108,8 +108,8 @@ impl Default for LimitConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardConfig {
-    /// Packets per request to the next hop; a larger batch goes out in several requests, each
-    /// a slice of the shuffled order.
+    /// Packets per request to the next hop. With the defaults a batch goes out in one request;
+    /// a larger batch goes out in several, each a slice of the shuffled order.
     #[serde(default = "defaults::chunk_packets")]
     pub chunk_packets: usize,
     /// First retry delay after the next hop fails, in ms; doubles up to `retry_max_ms`.
@@ -191,7 +191,7 @@ mod defaults {
         40_000
     }
     pub(super) fn chunk_packets() -> usize {
-        500
+        1_000
     }
     pub(super) fn retry_initial_ms() -> u64 {
         100

@@ -112,6 +112,34 @@ impl InProcessPair {
         url(self.helper.local_addr())
     }
 
+    /// Stops both gracefully and starts them again on the same directories (new ports).
+    pub async fn restart(self, clock: Arc<dyn Clock>) -> Self {
+        let (leader_dir, helper_dir) = self.shutdown().await;
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let helper = Aggregator::start(
+            Role::Helper,
+            aggregator_config(helper_dir.path(), any, None),
+            secrets(),
+            clock.clone(),
+        )
+        .await
+        .expect("helper restarts");
+        let leader = Aggregator::start(
+            Role::Leader,
+            aggregator_config(leader_dir.path(), any, Some(url(helper.local_addr()))),
+            secrets(),
+            clock,
+        )
+        .await
+        .expect("leader restarts");
+        Self {
+            leader,
+            helper,
+            leader_dir,
+            helper_dir,
+        }
+    }
+
     /// Stops both gracefully and returns their directories.
     pub async fn shutdown(self) -> (TempDir, TempDir) {
         self.leader.shutdown().await.expect("leader stops cleanly");
@@ -158,6 +186,43 @@ pub async fn client_task(leader_url: &str, helper_url: &str, task: &TaskConfig) 
     )
     .unwrap();
     ClientTask::new(task.clone(), leader, helper, route).expect("client task")
+}
+
+/// Sets `tenant`'s collector token on both aggregators.
+pub async fn set_tenant_token(leader_url: &str, helper_url: &str, tenant: &str, token: &str) {
+    for u in [leader_url, helper_url] {
+        client::admin(u, ADMIN_TOKEN)
+            .unwrap()
+            .set_tenant_token(pb::SetTenantTokenRequest {
+                tenant: tenant.into(),
+                token: token.into(),
+            })
+            .await
+            .expect("setting a tenant token");
+    }
+}
+
+/// Asks the leader to collect `interval` of `task` with a collector `token`.
+pub async fn collect(
+    leader_url: &str,
+    token: Option<&str>,
+    task: &TaskConfig,
+    interval: &hush_protocol::Interval,
+    collection_id: Option<[u8; 16]>,
+    purpose: pb::BudgetPurpose,
+) -> Result<pb::CollectResponse, tonic::Status> {
+    let mut c = pb::collection_client::CollectionClient::new(client::channel(leader_url).unwrap());
+    let mut req = tonic::Request::new(pb::CollectRequest {
+        task_id: task.id().as_bytes().to_vec().into(),
+        interval: Some(interval.into()),
+        collection_id: collection_id.map(|c| c.to_vec()).unwrap_or_default().into(),
+        purpose: purpose as i32,
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    c.collect(req).await.map(|r| r.into_inner())
 }
 
 /// Outcomes counted by the leader's ingest responses.
