@@ -16,6 +16,7 @@ pub mod error;
 pub mod helper;
 pub mod keys;
 pub mod leader;
+pub mod results;
 pub mod server;
 pub mod shared;
 pub mod store;

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use hush_aggregator::AggregatorConfig;
+use hush_aggregator::results::{ResultsConfig, load_tasks};
 use hush_protocol::{TaskConfig, TaskParams};
 use hush_shuffler::ShufflerConfig;
 
@@ -21,7 +22,7 @@ fn samples() -> Vec<PathBuf> {
 fn every_sample_config_parses_and_passes_its_checks() {
     let files = samples();
     assert!(
-        files.len() >= 5,
+        files.len() >= 6,
         "expected the sample configs, found {files:?}"
     );
     for path in files {
@@ -34,6 +35,10 @@ fn every_sample_config_parses_and_passes_its_checks() {
         } else if name == "leader.toml" || name == "helper.toml" {
             let c = AggregatorConfig::from_toml(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(c.leader.is_some(), name == "leader.toml", "{name}");
+        } else if name == "results.toml" {
+            let c = ResultsConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let tasks = load_tasks(&c).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(tasks.len(), c.task_files.len());
         } else if name.starts_with("shuffler") {
             ShufflerConfig::from_toml(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         } else {

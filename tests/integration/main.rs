@@ -4,4 +4,5 @@ mod aggregation;
 mod collection;
 mod docs_samples;
 mod report_path;
+mod results;
 mod shuffler;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod aggregator;
 mod keys;
+mod results;
 mod shuffler;
 mod task;
 
@@ -35,6 +36,9 @@ pub(crate) enum LogFormat {
 enum Command {
     /// Run one aggregator (leader or helper) until SIGINT or SIGTERM.
     Aggregator(aggregator::Args),
+    /// Run a tenant's results service until SIGINT or SIGTERM: collects every closed window and
+    /// serves the noisy statistics over gRPC and HTTP/JSON.
+    Results(results::Args),
     /// Run one shuffler (mix node) until SIGINT or SIGTERM.
     Shuffler(shuffler::Args),
     /// Provision and inspect tasks on aggregators and shufflers.
@@ -74,6 +78,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Aggregator(a) => aggregator::run(a).await,
         Command::Shuffler(a) => shuffler::run(a).await,
+        Command::Results(a) => results::run(a).await,
         Command::Task(t) => task::run(t).await,
         Command::Keygen(k) => keys::keygen(k),
         Command::Keys(k) => keys::run(k).await,

@@ -1,0 +1,215 @@
+//! The HTTP/JSON API of the results service.
+//!
+//! | method and path | answer |
+//! | --- | --- |
+//! | `GET /v1/tasks` | the tenant's tasks |
+//! | `GET /v1/tasks/{task}/windows` | every released window of a task |
+//! | `GET /v1/tasks/{task}/windows/{start}` | one window |
+//! | `POST /v1/tasks/{task}/collect` `{"start": s, "duration": d}` | an ad-hoc collection (spends budget; API token) |
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hush_protocol::estimate::Estimate;
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::{Interval, TaskId, Time};
+use serde::{Deserialize, Serialize};
+
+use super::Inner;
+use crate::error::Error;
+
+/// A released window as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowJson {
+    /// Task id (base64url).
+    pub task_id: String,
+    /// Interval start, seconds since the epoch.
+    pub start: u64,
+    /// Interval length in seconds.
+    pub duration: u64,
+    /// Reports aggregated.
+    pub report_count: u64,
+    /// Noisy counts per bucket (can be negative).
+    pub noisy_counts: Vec<i64>,
+    /// Bucket upper bounds in microseconds (the last bucket is open-ended).
+    pub bucket_bounds_us: Vec<u64>,
+    /// Standard deviation of the DP noise on each count.
+    pub noise_stddev: f64,
+    /// ε spent by each aggregator.
+    pub epsilon: f64,
+    /// Latency quantiles in ms with 95% intervals (`ci_high` null: open-ended).
+    pub p50_ms: Option<Estimate>,
+    /// 95th percentile.
+    pub p95_ms: Option<Estimate>,
+    /// 99th percentile.
+    pub p99_ms: Option<Estimate>,
+    /// The noisy total with its 95% interval.
+    pub total: Option<Estimate>,
+    /// Whether this was an ad-hoc collection.
+    pub ad_hoc: bool,
+}
+
+fn est(e: &Option<pb::Estimate>) -> Option<Estimate> {
+    e.as_ref().map(|e| Estimate {
+        value: e.value,
+        ci_low: e.ci_low,
+        ci_high: e.ci_high,
+    })
+}
+
+impl From<&pb::WindowResult> for WindowJson {
+    fn from(w: &pb::WindowResult) -> Self {
+        let i = w.interval.unwrap_or_default();
+        Self {
+            task_id: TaskId::try_from(w.task_id.as_ref())
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            start: i.start,
+            duration: i.duration,
+            report_count: w.report_count,
+            noisy_counts: w.noisy_counts.clone(),
+            bucket_bounds_us: w.bucket_bounds_us.clone(),
+            noise_stddev: w.noise_stddev,
+            epsilon: w.epsilon_micro as f64 / 1e6,
+            p50_ms: est(&w.p50_ms),
+            p95_ms: est(&w.p95_ms),
+            p99_ms: est(&w.p99_ms),
+            total: est(&w.total),
+            ad_hoc: w.ad_hoc,
+        }
+    }
+}
+
+/// A task as listed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskJson {
+    /// Task id.
+    pub task_id: String,
+    /// Name.
+    pub name: String,
+    /// Measurement kind.
+    pub kind: String,
+    /// Window length in seconds.
+    pub window_s: u64,
+}
+
+/// The answer to an ad-hoc collection.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdHocJson {
+    /// The result.
+    pub window: WindowJson,
+    /// ε this collection spent at each aggregator.
+    pub epsilon_spent: f64,
+    /// ε left of the routine budget for the interval's windows.
+    pub budget_left: f64,
+}
+
+/// An ad-hoc request body.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AdHocRequest {
+    /// Interval start, seconds since the epoch (aligned to the task's window).
+    pub start: u64,
+    /// Interval length in seconds (a multiple of the window).
+    pub duration: u64,
+}
+
+type Reply<T> = Result<Json<T>, (StatusCode, Json<serde_json::Value>)>;
+
+fn fail(e: Error) -> (StatusCode, Json<serde_json::Value>) {
+    let status: tonic::Status = e.into();
+    let code = match status.code() {
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => StatusCode::BAD_REQUEST,
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (code, Json(serde_json::json!({ "error": status.message() })))
+}
+
+fn parse_task(s: &str) -> Result<TaskId, (StatusCode, Json<serde_json::Value>)> {
+    s.parse()
+        .map_err(|e: hush_protocol::ids::IdError| fail(Error::InvalidRequest(e.to_string())))
+}
+
+async fn tasks(State(inner): State<Arc<Inner>>) -> Json<Vec<TaskJson>> {
+    Json(
+        inner
+            .tasks
+            .values()
+            .map(|t| TaskJson {
+                task_id: t.id().to_string(),
+                name: t.name().to_owned(),
+                kind: format!("{:?}", t.kind()),
+                window_s: t.time_precision_s(),
+            })
+            .collect(),
+    )
+}
+
+async fn windows(
+    State(inner): State<Arc<Inner>>,
+    Path(task): Path<String>,
+) -> Reply<Vec<WindowJson>> {
+    let id = parse_task(&task)?;
+    inner.task(&id).map_err(fail)?;
+    let ws = inner.store.windows(&id).map_err(fail)?;
+    Ok(Json(ws.iter().map(WindowJson::from).collect()))
+}
+
+async fn window(
+    State(inner): State<Arc<Inner>>,
+    Path((task, start)): Path<(String, u64)>,
+) -> Reply<WindowJson> {
+    let id = parse_task(&task)?;
+    inner.task(&id).map_err(fail)?;
+    let start = Time::from_secs(start);
+    match inner.store.window(&id, start).map_err(fail)? {
+        Some(w) => Ok(Json(WindowJson::from(&w))),
+        None => {
+            let why = inner.store.skipped(&id, start).map_err(fail)?;
+            Err((
+                StatusCode::NOT_FOUND,
+                Json(
+                    serde_json::json!({ "error": why.map(|w| format!("no result: {w}")).unwrap_or_else(|| "not collected yet".into()) }),
+                ),
+            ))
+        }
+    }
+}
+
+async fn ad_hoc(
+    State(inner): State<Arc<Inner>>,
+    Path(task): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<AdHocRequest>,
+) -> Reply<AdHocJson> {
+    let id = parse_task(&task)?;
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let interval = Interval::new(Time::from_secs(req.start), req.duration)
+        .map_err(|e| fail(Error::InvalidRequest(e.to_string())))?;
+    let (w, left) = inner.ad_hoc(token, &id, interval).await.map_err(fail)?;
+    Ok(Json(AdHocJson {
+        epsilon_spent: w.epsilon_micro as f64 / 1e6,
+        window: WindowJson::from(&w),
+        budget_left: left as f64 / 1e6,
+    }))
+}
+
+/// The API's routes.
+pub(super) fn router(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/v1/tasks", get(tasks))
+        .route("/v1/tasks/{task}/windows", get(windows))
+        .route("/v1/tasks/{task}/windows/{start}", get(window))
+        .route("/v1/tasks/{task}/collect", post(ad_hoc))
+        .with_state(inner)
+}

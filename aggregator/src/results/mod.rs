@@ -1,0 +1,450 @@
+//! The results service (`hush results`): holds a tenant's collector key, collects each closed
+//! window of each of the tenant's tasks on a schedule, stores the released noisy aggregates in
+//! sled, and serves them over gRPC (`hush.v1.Results`) and HTTP/JSON (axum).
+//!
+//! Each window is collected once, `collect_delay_s` after it closes, with a collection id
+//! derived from the task and window, so a crash between collecting and storing repeats the same
+//! collection and gets the same answer without spending budget twice. A window the aggregators
+//! refuse for good (too few reports, budget spent) is recorded as skipped with the reason. An
+//! ad-hoc collection of a custom interval spends budget; the APIs allow it only with the
+//! service's API token and say what it spent.
+
+mod config;
+pub mod http;
+mod store;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hush_protocol::auth::{bearer_token, token_hash, token_matches};
+use hush_protocol::collect::{Collected, open_collection};
+use hush_protocol::estimate;
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::proto::v1::collection_client::CollectionClient;
+use hush_protocol::proto::v1::results_server::{Results, ResultsServer};
+use hush_protocol::{Clock, HpkeKeypair, Interval, Keyring, TaskConfig, TaskId, TaskParams, Time};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+pub use config::ResultsConfig;
+pub use store::ResultsStore;
+
+use crate::error::{Error, Result};
+
+/// The secrets of a results service, which never come from its config file.
+#[derive(Clone)]
+pub struct ResultsSecrets {
+    /// The tenant's collector bearer token.
+    pub tenant_token: String,
+    /// The collector's HPKE key pair.
+    pub collector_key: HpkeKeypair,
+    /// The token that allows ad-hoc collections; None disables them.
+    pub api_token: Option<String>,
+}
+
+impl std::fmt::Debug for ResultsSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResultsSecrets(<redacted>)")
+    }
+}
+
+/// Builds the result of a window from a collected aggregate: signed noisy counts, quantiles
+/// and totals with 95% confidence intervals that account for the DP noise.
+pub fn window_result(task: &TaskConfig, c: &Collected, ad_hoc: bool) -> pb::WindowResult {
+    let sd = c.noise_stddev;
+    let est = |e: estimate::Estimate| pb::Estimate {
+        value: e.value,
+        ci_low: e.ci_low,
+        ci_high: e.ci_high,
+    };
+    // The replicates of the quantile intervals are seeded by task and interval: the same
+    // released values always give the same intervals.
+    let seed = u64::from_be_bytes(task.id().as_bytes()[..8].try_into().expect("8 bytes"))
+        ^ c.interval.start().as_secs();
+    let q = |p: f64| {
+        if task.kind().is_histogram() {
+            estimate::quantile_ms(&c.values, task.bucket_bounds_us(), p, sd, seed).map(est)
+        } else {
+            None
+        }
+    };
+    pb::WindowResult {
+        task_id: task.id().as_bytes().to_vec().into(),
+        interval: Some((&c.interval).into()),
+        report_count: c.report_count,
+        noisy_counts: c.values.clone(),
+        bucket_bounds_us: task.bucket_bounds_us().to_vec(),
+        noise_stddev: sd,
+        epsilon_micro: c.epsilon.micros(),
+        p50_ms: q(0.50),
+        p95_ms: q(0.95),
+        p99_ms: q(0.99),
+        total: Some(est(estimate::total(&c.values, sd))),
+        ad_hoc,
+    }
+}
+
+/// State shared by the scheduler and the APIs.
+#[derive(Debug)]
+pub struct Inner {
+    config: ResultsConfig,
+    store: ResultsStore,
+    tasks: BTreeMap<TaskId, TaskConfig>,
+    keyring: Keyring,
+    secrets: ResultsSecrets,
+    clock: Arc<dyn Clock>,
+}
+
+/// Why a collection did not give a result.
+#[derive(Debug)]
+pub enum CollectFailure {
+    /// The aggregators refused it for good (FAILED_PRECONDITION): too few reports, budget
+    /// spent, or the aggregators disagree.
+    Refused(String),
+    /// It may work later.
+    Retry(String),
+}
+
+impl Inner {
+    fn task(&self, id: &TaskId) -> Result<&TaskConfig> {
+        self.tasks.get(id).ok_or(Error::UnknownTask(*id))
+    }
+
+    /// Collects `interval` of `task` from the leader and decodes it.
+    async fn collect(
+        &self,
+        task: &TaskConfig,
+        interval: &Interval,
+        collection_id: Option<[u8; 16]>,
+        purpose: pb::BudgetPurpose,
+    ) -> std::result::Result<(Collected, u64), CollectFailure> {
+        let channel = crate::client::channel(&self.config.leader_url)
+            .map_err(|e| CollectFailure::Retry(e.to_string()))?;
+        let mut req = Request::new(pb::CollectRequest {
+            task_id: task.id().as_bytes().to_vec().into(),
+            interval: Some(interval.into()),
+            collection_id: collection_id.map(|c| c.to_vec()).unwrap_or_default().into(),
+            purpose: purpose as i32,
+        });
+        let auth = format!("Bearer {}", self.secrets.tenant_token)
+            .parse()
+            .map_err(|_| {
+                CollectFailure::Refused("the tenant token is not valid header text".into())
+            })?;
+        req.metadata_mut().insert("authorization", auth);
+        let resp = CollectionClient::new(channel)
+            .max_decoding_message_size(256 << 20)
+            .collect(req)
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::FailedPrecondition
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+                | tonic::Code::InvalidArgument => CollectFailure::Refused(s.message().to_owned()),
+                _ => CollectFailure::Retry(format!("{:?}: {}", s.code(), s.message())),
+            })?
+            .into_inner();
+        let c = open_collection(task, &self.keyring, &resp)
+            .map_err(|e| CollectFailure::Refused(e.to_string()))?;
+        Ok((c, resp.budget_left_micro))
+    }
+
+    /// Collects every window of every task that closed at least `collect_delay_s` ago.
+    async fn tick(&self) {
+        let now = self.clock.now();
+        for task in self.tasks.values() {
+            let id = task.id();
+            let precision = task.time_precision_s();
+            loop {
+                // A task seen for the first time starts with the current window.
+                let start = match self.store.cursor_or_init(&id, task.window_of(now)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the results cursor failed");
+                        break;
+                    }
+                };
+                let next = start.add_secs(precision);
+                if next.add_secs(self.config.collect_delay_s) > now {
+                    break;
+                }
+                let interval = match Interval::new(start, precision) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        tracing::error!(error = %e, "bad window");
+                        break;
+                    }
+                };
+                let cid = window_collection_id(&id, start);
+                let outcome = self
+                    .collect(task, &interval, Some(cid), pb::BudgetPurpose::Routine)
+                    .await;
+                let stored = match outcome {
+                    Ok((c, _)) => {
+                        tracing::info!(task = %id, window = start.as_secs(), reports = c.report_count, "collected a window");
+                        self.store
+                            .put_window(&id, start, next, &window_result(task, &c, false))
+                            .await
+                    }
+                    Err(CollectFailure::Refused(why)) => {
+                        tracing::info!(task = %id, window = start.as_secs(), %why, "window has no result");
+                        self.store.skip_window(&id, start, next, &why).await
+                    }
+                    Err(CollectFailure::Retry(why)) => {
+                        tracing::warn!(task = %id, window = start.as_secs(), %why, "collection failed; will retry");
+                        break;
+                    }
+                };
+                if let Err(e) = stored {
+                    tracing::error!(error = %e, "storing a result failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// An ad-hoc collection: spends budget, stores and returns the result and the budget left.
+    async fn ad_hoc(
+        &self,
+        token: Option<&str>,
+        task: &TaskId,
+        interval: Interval,
+    ) -> Result<(pb::WindowResult, u64)> {
+        let Some(expected) = &self.secrets.api_token else {
+            return Err(Error::WrongRole(format!(
+                "ad-hoc collection is disabled: set {} for this service to allow it",
+                self.config.api_token_env
+            )));
+        };
+        match token {
+            Some(t) if token_matches(t, &token_hash(expected)) => {}
+            Some(_) => return Err(Error::Unauthenticated("wrong API token".into())),
+            None => {
+                return Err(Error::Unauthenticated(
+                    "ad-hoc collection spends privacy budget: send \"authorization: Bearer <API token>\"".into(),
+                ));
+            }
+        }
+        let task = self.task(task)?.clone();
+        match self
+            .collect(&task, &interval, None, pb::BudgetPurpose::Routine)
+            .await
+        {
+            Ok((c, left)) => {
+                let r = window_result(&task, &c, true);
+                self.store.put_ad_hoc(&task.id(), &r).await?;
+                tracing::info!(task = %task.id(), start = interval.start().as_secs(), duration = interval.duration(), epsilon = %c.epsilon, "ad-hoc collection spent budget");
+                Ok((r, left))
+            }
+            Err(CollectFailure::Refused(m)) => Err(Error::InvalidRequest(m)),
+            Err(CollectFailure::Retry(m)) => Err(Error::NotReady(m)),
+        }
+    }
+}
+
+/// The collection id of a scheduled window: the same for every attempt.
+pub fn window_collection_id(task: &TaskId, start: Time) -> [u8; 16] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"hush/1 window collection");
+    ctx.update(task.as_bytes());
+    ctx.update(&start.as_secs().to_be_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&ctx.finish().as_ref()[..16]);
+    id
+}
+
+/// Reads the task files of a config; every task must belong to the configured tenant.
+pub fn load_tasks(config: &ResultsConfig) -> Result<BTreeMap<TaskId, TaskConfig>> {
+    let mut tasks = BTreeMap::new();
+    for f in &config.task_files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", f.display())))?;
+        let params: TaskParams =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", f.display())))?;
+        let t =
+            TaskConfig::new(params).map_err(|e| Error::Config(format!("{}: {e}", f.display())))?;
+        if t.tenant() != config.tenant {
+            return Err(Error::Config(format!(
+                "{}: task {} belongs to tenant {:?}, not {:?}",
+                f.display(),
+                t.id(),
+                t.tenant(),
+                config.tenant
+            )));
+        }
+        tasks.insert(t.id(), t);
+    }
+    Ok(tasks)
+}
+
+#[derive(Clone, Debug)]
+struct ResultsGrpc(Arc<Inner>);
+
+fn task_id(b: &[u8]) -> std::result::Result<TaskId, Status> {
+    TaskId::try_from(b).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl Results for ResultsGrpc {
+    async fn list_windows(
+        &self,
+        request: Request<pb::ListWindowsRequest>,
+    ) -> std::result::Result<Response<pb::ListWindowsResponse>, Status> {
+        let id = task_id(&request.into_inner().task_id)?;
+        self.0.task(&id)?;
+        Ok(Response::new(pb::ListWindowsResponse {
+            windows: self.0.store.windows(&id)?,
+        }))
+    }
+
+    async fn get_window(
+        &self,
+        request: Request<pb::GetWindowRequest>,
+    ) -> std::result::Result<Response<pb::WindowResult>, Status> {
+        let r = request.into_inner();
+        let id = task_id(&r.task_id)?;
+        self.0.task(&id)?;
+        let start = Time::from_secs(r.window_start);
+        match self.0.store.window(&id, start)? {
+            Some(w) => Ok(Response::new(w)),
+            None => Err(Status::not_found(
+                match self.0.store.skipped(&id, start)? {
+                    Some(why) => format!("window {} has no result: {why}", start.as_secs()),
+                    None => format!("window {} is not collected yet", start.as_secs()),
+                },
+            )),
+        }
+    }
+
+    async fn collect_ad_hoc(
+        &self,
+        request: Request<pb::CollectAdHocRequest>,
+    ) -> std::result::Result<Response<pb::WindowResult>, Status> {
+        let token = bearer_token(&request).map(str::to_owned);
+        let r = request.into_inner();
+        let id = task_id(&r.task_id)?;
+        let interval = Interval::try_from(
+            r.interval
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("interval is missing"))?,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (w, left) = self.0.ad_hoc(token.as_deref(), &id, interval).await?;
+        let mut resp = Response::new(w);
+        resp.metadata_mut()
+            .insert("hush-budget-left-micro", left.into());
+        Ok(resp)
+    }
+
+    async fn list_alerts(
+        &self,
+        _request: Request<pb::ListAlertsRequest>,
+    ) -> std::result::Result<Response<pb::ListAlertsResponse>, Status> {
+        Err(Status::unimplemented(
+            "anomaly detection is not part of this build yet",
+        ))
+    }
+}
+
+/// A running results service.
+#[derive(Debug)]
+pub struct ResultsService {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    inner: Arc<Inner>,
+    shutdown: watch::Sender<bool>,
+    join: JoinHandle<Result<()>>,
+}
+
+impl ResultsService {
+    /// Reads the task files, opens the database, binds both listeners and starts the scheduler.
+    pub async fn start(
+        config: ResultsConfig,
+        secrets: ResultsSecrets,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let tasks = load_tasks(&config)?;
+        let store = ResultsStore::open(&config.data_dir, config.cache_mb)?;
+        let grpc_l = TcpListener::bind(config.listen_grpc)
+            .await
+            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen_grpc)))?;
+        let http_l = TcpListener::bind(config.listen_http)
+            .await
+            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen_http)))?;
+        let (grpc, http) = (grpc_l.local_addr()?, http_l.local_addr()?);
+        let inner = Arc::new(Inner {
+            keyring: Keyring::new(vec![secrets.collector_key.clone()]),
+            config,
+            store,
+            tasks,
+            secrets,
+            clock,
+        });
+        let (tx, rx) = watch::channel(false);
+
+        let mut srx = rx.clone();
+        let grpc_server = Server::builder()
+            .add_service(ResultsServer::new(ResultsGrpc(inner.clone())))
+            .serve_with_incoming_shutdown(TcpIncoming::from(grpc_l), async move {
+                let _ = srx.wait_for(|v| *v).await;
+            });
+        let mut hrx = rx.clone();
+        let http_server =
+            axum::serve(http_l, http::router(inner.clone())).with_graceful_shutdown(async move {
+                let _ = hrx.wait_for(|v| *v).await;
+            });
+        let sched = scheduler(inner.clone(), rx.clone());
+        let join = tokio::spawn(async move {
+            let (g, h, ()) = tokio::join!(grpc_server, http_server, sched);
+            g.map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            h?;
+            Ok(())
+        });
+        tracing::info!(%grpc, %http, tasks = inner.tasks.len(), "results service listening");
+        Ok(Self {
+            grpc,
+            http,
+            inner,
+            shutdown: tx,
+            join,
+        })
+    }
+
+    /// The gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+    }
+
+    /// The HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    /// The database of released results.
+    pub fn store(&self) -> &ResultsStore {
+        &self.inner.store
+    }
+
+    /// Stops serving and collecting.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        self.join.await?
+    }
+}
+
+async fn scheduler(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+    let every = Duration::from_millis(inner.config.poll_interval_ms);
+    loop {
+        inner.tick().await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+    }
+}

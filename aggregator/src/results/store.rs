@@ -1,0 +1,156 @@
+//! Released results in sled.
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `windows` | task ‖ window start | the window's `WindowResult` (protobuf) |
+//! | `ad_hoc` | task ‖ start ‖ duration ‖ sequence | an ad-hoc collection's `WindowResult` |
+//! | `cursors` | task | start of the next window to collect |
+//! | `skipped` | task ‖ window start | why a window has no result (text) |
+//!
+//! Only released, noisy aggregates are stored.
+
+use std::path::Path;
+
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::{TaskId, Time};
+use prost::Message;
+use sled::Tree;
+
+use crate::error::{Error, Result};
+
+/// The results database.
+#[derive(Clone, Debug)]
+pub struct ResultsStore {
+    db: sled::Db,
+    windows: Tree,
+    ad_hoc: Tree,
+    cursors: Tree,
+    skipped: Tree,
+}
+
+fn key(task: &TaskId, parts: &[u64]) -> Vec<u8> {
+    let mut k = task.as_bytes().to_vec();
+    for p in parts {
+        k.extend_from_slice(&p.to_be_bytes());
+    }
+    k
+}
+
+fn decode(v: &[u8]) -> Result<pb::WindowResult> {
+    pb::WindowResult::decode(v).map_err(|e| Error::corrupt("window result", e))
+}
+
+impl ResultsStore {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir.join("results"))
+            .cache_capacity(cache_mb * 1024 * 1024)
+            .open()?;
+        Ok(Self {
+            windows: db.open_tree("windows")?,
+            ad_hoc: db.open_tree("ad_hoc")?,
+            cursors: db.open_tree("cursors")?,
+            skipped: db.open_tree("skipped")?,
+            db,
+        })
+    }
+
+    /// Stores a window's result and moves the task's cursor past it, atomically enough: the
+    /// result is written first, so a crash at worst collects the window again (the leader
+    /// answers a repeated collection id with the same result).
+    pub async fn put_window(
+        &self,
+        task: &TaskId,
+        start: Time,
+        next: Time,
+        r: &pb::WindowResult,
+    ) -> Result<()> {
+        self.windows
+            .insert(key(task, &[start.as_secs()]), r.encode_to_vec())?;
+        self.cursors
+            .insert(task.as_bytes(), &next.as_secs().to_be_bytes()[..])?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Records why a window has no result and moves the cursor past it.
+    pub async fn skip_window(
+        &self,
+        task: &TaskId,
+        start: Time,
+        next: Time,
+        why: &str,
+    ) -> Result<()> {
+        self.skipped
+            .insert(key(task, &[start.as_secs()]), why.as_bytes())?;
+        self.cursors
+            .insert(task.as_bytes(), &next.as_secs().to_be_bytes()[..])?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Stores an ad-hoc result.
+    pub async fn put_ad_hoc(&self, task: &TaskId, r: &pb::WindowResult) -> Result<()> {
+        let i = r.interval.unwrap_or_default();
+        let seq = self.db.generate_id()?;
+        self.ad_hoc
+            .insert(key(task, &[i.start, i.duration, seq]), r.encode_to_vec())?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// The next window to collect; `first` (stored) if the task has no cursor yet.
+    pub fn cursor_or_init(&self, task: &TaskId, first: Time) -> Result<Time> {
+        let v = match self.cursors.compare_and_swap(
+            task.as_bytes(),
+            None as Option<&[u8]>,
+            Some(&first.as_secs().to_be_bytes()[..]),
+        )? {
+            Ok(()) => return Ok(first),
+            Err(cas) => cas
+                .current
+                .ok_or_else(|| Error::corrupt("cursor", "vanished"))?,
+        };
+        let b: [u8; 8] = v
+            .as_ref()
+            .try_into()
+            .map_err(|_| Error::corrupt("cursor", "not 8 bytes"))?;
+        Ok(Time::from_secs(u64::from_be_bytes(b)))
+    }
+
+    /// Every released window of a task, oldest first.
+    pub fn windows(&self, task: &TaskId) -> Result<Vec<pb::WindowResult>> {
+        self.windows
+            .scan_prefix(task.as_bytes())
+            .values()
+            .map(|v| decode(&v?))
+            .collect()
+    }
+
+    /// One released window.
+    pub fn window(&self, task: &TaskId, start: Time) -> Result<Option<pb::WindowResult>> {
+        self.windows
+            .get(key(task, &[start.as_secs()]))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Ad-hoc results of a task.
+    pub fn ad_hoc(&self, task: &TaskId) -> Result<Vec<pb::WindowResult>> {
+        self.ad_hoc
+            .scan_prefix(task.as_bytes())
+            .values()
+            .map(|v| decode(&v?))
+            .collect()
+    }
+
+    /// Why a window was skipped, if it was.
+    pub fn skipped(&self, task: &TaskId, start: Time) -> Result<Option<String>> {
+        Ok(self
+            .skipped
+            .get(key(task, &[start.as_secs()]))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+}

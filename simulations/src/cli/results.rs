@@ -1,0 +1,51 @@
+//! `hush results --config FILE`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+use hush_protocol::{Codec, HpkeKeypair, SystemClock};
+
+/// Run a tenant's results service.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The TOML config file. Secrets come from the environment variables it names: the
+    /// tenant's collector token (HUSH_TENANT_TOKEN), the collector key pair from `hush keygen`
+    /// (HUSH_COLLECTOR_KEY), and optionally the API token that allows ad-hoc collections
+    /// (HUSH_RESULTS_TOKEN).
+    #[arg(long, value_parser = super::existing_file)]
+    config: PathBuf,
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let config = ResultsConfig::from_file(&args.config)?;
+    let key = super::env_secret(&config.collector_key_env, "collector key pair")?;
+    let key = URL_SAFE_NO_PAD
+        .decode(key)
+        .with_context(|| format!("{} is not unpadded base64url", config.collector_key_env))?;
+    let secrets = ResultsSecrets {
+        tenant_token: super::env_secret(&config.tenant_token_env, "tenant collector token")?,
+        collector_key: HpkeKeypair::from_bytes(&key).with_context(|| {
+            format!(
+                "{} is not a key pair from `hush keygen`",
+                config.collector_key_env
+            )
+        })?,
+        api_token: std::env::var(&config.api_token_env)
+            .ok()
+            .filter(|t| !t.trim().is_empty()),
+    };
+    let svc = ResultsService::start(config, secrets, Arc::new(SystemClock))
+        .await
+        .context("starting the results service")?;
+    // Tools and tests that start the process read these lines to learn the bound addresses.
+    println!("http on {}", svc.http_addr());
+    println!("listening on {}", svc.grpc_addr());
+    hush_aggregator::server::shutdown_signal().await;
+    tracing::info!("shutting down");
+    svc.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! The results service against a real leader and helper: scheduled collection of closed windows,
+//! the HTTP/JSON and gRPC APIs, and ad-hoc collection that spends budget only with the API token.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hush_aggregator::client;
+use hush_aggregator::results::http::WindowJson;
+use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::proto::v1::results_client::ResultsClient;
+use hush_protocol::{
+    Clock, Codec, Epsilon, HpkeKeypair, Measurement, MeasurementKind, MockClock, ReportId,
+    TaskConfig, Time, VerifyKey,
+};
+use hush_tests::cluster::{
+    InProcessPair, client_task, provision, set_tenant_token, submit, url, wait_drained,
+};
+use hush_tests::http::request;
+use hush_tests::task_params;
+
+const TENANT_TOKEN: &str = "acme-collector-token-0123456789";
+const API_TOKEN: &str = "results-api-token-0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
+    let mock = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let clock: Arc<dyn Clock> = mock.clone();
+    let pair = InProcessPair::start(clock.clone()).await;
+    set_tenant_token(&pair.leader_url(), &pair.helper_url(), "acme", TENANT_TOKEN).await;
+    let collector = HpkeKeypair::generate(1);
+    let mut p = task_params(MeasurementKind::EventHistogram, &collector);
+    p.min_batch_size = 10;
+    p.epsilon_per_collection = Epsilon::from_micros(100_000_000);
+    p.epsilon_budget = Epsilon::from_micros(1_000_000_000);
+    let task = TaskConfig::new(p.clone()).unwrap();
+    provision(
+        &pair.leader_url(),
+        &pair.helper_url(),
+        &task,
+        &VerifyKey::random(),
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let task_file = dir.path().join("task.toml");
+    std::fs::write(&task_file, toml::to_string(&p).unwrap()).unwrap();
+    let config = ResultsConfig::from_toml(&format!(
+        "tenant = \"acme\"\nlisten_grpc = \"127.0.0.1:0\"\nlisten_http = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+         leader_url = \"{}\"\ntask_files = [\"{}\"]\ncollect_delay_s = 5\npoll_interval_ms = 50\n",
+        dir.path().join("data").display(),
+        pair.leader_url(),
+        task_file.display()
+    ))
+    .unwrap();
+    let secrets = ResultsSecrets {
+        tenant_token: TENANT_TOKEN.into(),
+        collector_key: collector.clone(),
+        api_token: Some(API_TOKEN.into()),
+    };
+    let results = ResultsService::start(config, secrets, clock.clone())
+        .await
+        .unwrap();
+
+    // 200 events: latencies of 3 ms (150) and 40 ms (50).
+    let client = client_task(&pair.leader_url(), &pair.helper_url(), &task).await;
+    let window = task.window_of(clock.now());
+    let mut expect = vec![0i64; task.output_len()];
+    let reports: Vec<Vec<u8>> = (0..200)
+        .map(|i| {
+            let ms = if i < 150 { 3 } else { 40 };
+            let m = client.latency_event(Duration::from_millis(ms)).unwrap();
+            if let Measurement::Bucket(b) = m {
+                expect[b] += 1;
+            }
+            client
+                .seal(client.shard(&m, ReportId::random()).unwrap(), clock.now())
+                .unwrap()
+                .to_bytes()
+        })
+        .collect();
+    assert_eq!(
+        submit(&pair.leader_url(), &reports, 100).await.accepted,
+        200
+    );
+    wait_drained(&pair.leader_url(), &task, Duration::from_secs(60)).await;
+
+    // Closed, but within the collection delay: nothing yet.
+    mock.advance(62);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let path = format!("/v1/tasks/{}/windows", task.id());
+    let (code, body) = request(results.http_addr(), "GET", &path, None, None).await;
+    assert_eq!((code, body.as_str()), (200, "[]"));
+    mock.advance(5);
+    let start = Instant::now();
+    let windows: Vec<WindowJson> = loop {
+        let (code, body) = request(results.http_addr(), "GET", &path, None, None).await;
+        assert_eq!(code, 200, "{body}");
+        let w: Vec<WindowJson> = serde_json::from_str(&body).unwrap();
+        if !w.is_empty() {
+            break w;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the window was not collected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(windows.len(), 1);
+    let w = &windows[0];
+    assert_eq!(
+        (w.start, w.duration, w.report_count),
+        (window.as_secs(), 60, 200)
+    );
+    assert!(!w.ad_hoc);
+    for (i, (v, e)) in w.noisy_counts.iter().zip(&expect).enumerate() {
+        assert!(
+            ((v - e) as f64).abs() <= 1.96 * w.noise_stddev + 1.0,
+            "bucket {i}: {v} vs {e}"
+        );
+    }
+    let p50 = w.p50_ms.unwrap();
+    let p99 = w.p99_ms.unwrap();
+    assert!(p50.covers(3.0), "{p50:?}");
+    assert!(p99.covers(40.0), "{p99:?}");
+    assert!(w.total.unwrap().covers(200.0));
+
+    // The same window over gRPC.
+    let mut grpc = ResultsClient::new(client::channel(&url(results.grpc_addr())).unwrap());
+    let g = grpc
+        .get_window(pb::GetWindowRequest {
+            task_id: task.id().as_bytes().to_vec().into(),
+            window_start: window.as_secs(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let g = WindowJson::from(&g);
+    assert_eq!(
+        (g.report_count, &g.noisy_counts),
+        (w.report_count, &w.noisy_counts)
+    );
+    assert!((g.p95_ms.unwrap().value - w.p95_ms.unwrap().value).abs() < 1e-9);
+    let e = grpc
+        .get_window(pb::GetWindowRequest {
+            task_id: task.id().as_bytes().to_vec().into(),
+            window_start: window.as_secs() + 60,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
+    // Ad-hoc: refused without the API token, spends budget with it and says so.
+    let body = format!("{{\"start\": {}, \"duration\": 60}}", window.as_secs());
+    let collect = format!("/v1/tasks/{}/collect", task.id());
+    let (code, _) = request(results.http_addr(), "POST", &collect, None, Some(&body)).await;
+    assert_eq!(code, 401);
+    let (code, text) = request(
+        results.http_addr(),
+        "POST",
+        &collect,
+        Some(API_TOKEN),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["epsilon_spent"], 100.0);
+    assert_eq!(v["window"]["ad_hoc"], true);
+    // Routine budget 300: the scheduled collection and this one spent 100 each.
+    assert_eq!(v["budget_left"], 100.0);
+    let (code, text) = request(
+        results.http_addr(),
+        "GET",
+        &format!("/v1/tasks/{}/windows/{}", task.id(), window.as_secs() + 60),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(code, 404, "{text}");
+
+    results.shutdown().await.unwrap();
+    pair.shutdown().await;
+}
