@@ -1,6 +1,9 @@
 //! # hush-client
 //!
-//! The library a service embeds to report telemetry to hush. This part is the report path: it
+//! The library a service embeds to report telemetry to hush: [`HushClient`] (the runtime: a
+//! metrics registry and a background uploader, see [`runtime`]), [`HushLayer`] (a `tracing`
+//! layer that records span durations as latencies) and [`ClientTask`] (the report path). The
+//! report path
 //! maps a latency to the task's bucket, applies the task's contribution bound (an out-of-range
 //! value is an error unless the task clips), secret-shares the measurement with Prio3, seals one
 //! share to each aggregator with HPKE, and wraps the report in one onion layer per shuffler, padded
@@ -17,6 +20,13 @@
 //! # let _ = packet; Ok(()) }
 //! ```
 
+pub mod layer;
 pub mod report;
+pub mod runtime;
 
+pub use layer::HushLayer;
 pub use report::{ClientError, ClientTask, Prepared};
+pub use runtime::{
+    ClientStats, Counter, Endpoints, HushClient, Keys, Latency, RuntimeConfig, RuntimeError,
+    fetch_keys,
+};

@@ -1,0 +1,804 @@
+//! The client runtime a service embeds: a metrics registry, per-window contribution bounds, and
+//! a background uploader.
+//!
+//! ```no_run
+//! # async fn demo(endpoints: hush_client::Endpoints, latency_task: hush_protocol::TaskConfig,
+//! #               errors_task: hush_protocol::TaskConfig) -> Result<(), hush_client::RuntimeError> {
+//! use std::time::Duration;
+//! use hush_client::HushClient;
+//!
+//! let client = HushClient::builder(endpoints)
+//!     .latency_task("checkout", "POST /pay", latency_task)
+//!     .counter_task("errors", errors_task)
+//!     .start()
+//!     .await?;
+//! client.latency("checkout", "POST /pay").record(Duration::from_millis(42));
+//! client.counter("errors").add(1);
+//! client.shutdown(Duration::from_secs(5)).await; // report the open window, then stop
+//! # Ok(()) }
+//! ```
+//!
+//! Recording only updates in-memory counts of the current window under a short lock: it never
+//! blocks on I/O, never fails and never panics. A background task closes each window when the
+//! clock passes its end and queues one measurement per report the task's kind calls for:
+//! one per event (event histograms, at most `contribution_bound` events per window), or one per
+//! window (window histograms and counters, bounded by `contribution_bound`; over the bound the
+//! excess is dropped and counted, or clipped if the task says so). The uploader takes batches from
+//! the queue, turns them into onion packets with the latest HPKE configs (shard, seal, wrap), and
+//! sends them to the first shuffler after a random jitter, retrying the same bytes with
+//! exponential backoff until the shuffler acknowledges. The queue is bounded: when it is full the
+//! oldest measurement is dropped and counted. HPKE configs are fetched at start (if the servers
+//! are reachable) and refreshed periodically.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use hush_protocol::onion::{Hop, Route};
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::proto::v1::hpke_keys_client::HpkeKeysClient;
+use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
+use hush_protocol::{
+    Clock, HpkeConfig, Measurement, MeasurementKind, ReportId, SystemClock, TaskConfig, TaskId,
+    Time,
+};
+use rand::Rng;
+use tokio::sync::{Notify, watch};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::report::{ClientError, ClientTask};
+
+/// Why the runtime could not start or fetch keys.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// A URL is not usable.
+    #[error("invalid URL {url:?}: {reason}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A server did not answer the HPKE config request.
+    #[error("fetching HPKE configs from {url} failed: {status}")]
+    Keys {
+        /// The server.
+        url: String,
+        /// Its answer.
+        status: String,
+    },
+    /// A task does not fit the route (e.g. its packet size is too small).
+    #[error("task {task}: {source}")]
+    Task {
+        /// The task.
+        task: TaskId,
+        /// Why.
+        source: ClientError,
+    },
+    /// Two metrics were registered under the same name.
+    #[error("metric {0:?} is registered twice")]
+    Duplicate(String),
+}
+
+/// Where the client sends reports and fetches keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The shufflers in route order, as (name, gRPC URL); packets go to the first.
+    pub shufflers: Vec<(String, String)>,
+    /// The leader's name in the route and its gRPC URL (for its HPKE configs).
+    pub leader: (String, String),
+    /// The helper's gRPC URL (for its HPKE configs).
+    pub helper_url: String,
+}
+
+/// Tuning of the background work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Most measurements waiting for upload; past it the oldest is dropped and counted.
+    pub queue_capacity: usize,
+    /// Most packets per upload request.
+    pub max_batch: usize,
+    /// How often windows are checked for closing and the queue for work.
+    pub tick: Duration,
+    /// Longest random delay before an upload, so a fleet does not send at the same instant.
+    pub max_jitter: Duration,
+    /// First retry delay; doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// How often HPKE configs are fetched again.
+    pub refresh_interval: Duration,
+    /// Deadline of one request.
+    pub request_timeout: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            max_batch: 500,
+            tick: Duration::from_millis(250),
+            max_jitter: Duration::from_secs(2),
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(30),
+            refresh_interval: Duration::from_secs(600),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The HPKE configs a client seals to: each shuffler's (route order), the leader's, the helper's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    /// Current config of each shuffler, in route order.
+    pub shufflers: Vec<HpkeConfig>,
+    /// The leader's current config.
+    pub leader: HpkeConfig,
+    /// The helper's current config.
+    pub helper: HpkeConfig,
+}
+
+fn channel(url: &str, timeout: Duration) -> Result<Channel, RuntimeError> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|e| RuntimeError::Url {
+            url: url.into(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+async fn current_config(url: &str, timeout: Duration) -> Result<HpkeConfig, RuntimeError> {
+    let err = |status: String| RuntimeError::Keys {
+        url: url.into(),
+        status,
+    };
+    let list = HpkeKeysClient::new(channel(url, timeout)?)
+        .get_hpke_configs(pb::GetHpkeConfigsRequest {})
+        .await
+        .map_err(|s| err(s.message().to_owned()))?
+        .into_inner();
+    let configs = Vec::<HpkeConfig>::try_from(&list).map_err(|e| err(e.to_string()))?;
+    configs
+        .into_iter()
+        .next()
+        .ok_or_else(|| err("no HPKE config published".into()))
+}
+
+/// Fetches every party's current HPKE config.
+pub async fn fetch_keys(endpoints: &Endpoints, timeout: Duration) -> Result<Keys, RuntimeError> {
+    let mut shufflers = Vec::new();
+    for (_, url) in &endpoints.shufflers {
+        shufflers.push(current_config(url, timeout).await?);
+    }
+    Ok(Keys {
+        shufflers,
+        leader: current_config(&endpoints.leader.1, timeout).await?,
+        helper: current_config(&endpoints.helper_url, timeout).await?,
+    })
+}
+
+/// Counters of what the client did. Every recorded event ends in exactly one of: a report in a
+/// packet, dropped over the bound, dropped from a full queue, or still queued.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Events or counts recorded (latencies: events; counters: the amounts added).
+    pub recorded: u64,
+    /// Recorded amounts dropped because the window was over the task's contribution bound.
+    pub dropped_over_bound: u64,
+    /// Measurements dropped because the queue was full.
+    pub dropped_queue_full: u64,
+    /// Measurements queued and not yet sent.
+    pub queued: u64,
+    /// Reports sealed into packets.
+    pub reports_sent: u64,
+    /// Packets the first shuffler accepted.
+    pub accepted: u64,
+    /// Packets the first shuffler refused, by reason.
+    pub rejected: Vec<(pb::RejectReason, u64)>,
+    /// Upload attempts that failed and were retried.
+    pub upload_retries: u64,
+    /// Records against metrics that were never registered.
+    pub unknown_metric: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    recorded: AtomicU64,
+    dropped_over_bound: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    reports_sent: AtomicU64,
+    accepted: AtomicU64,
+    upload_retries: AtomicU64,
+    unknown_metric: AtomicU64,
+    rejected: Mutex<HashMap<i32, u64>>,
+}
+
+#[derive(Debug)]
+struct WindowState {
+    window: Time,
+    counts: Vec<u64>,
+    total: u64,
+}
+
+#[derive(Debug)]
+struct Metric {
+    task: TaskConfig,
+    state: Mutex<WindowState>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    task: TaskId,
+    measurement: Measurement,
+    time: Time,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoints: Endpoints,
+    config: RuntimeConfig,
+    clock: Arc<dyn Clock>,
+    metrics: HashMap<String, Arc<Metric>>,
+    tasks: HashMap<TaskId, TaskConfig>,
+    queue: Mutex<VecDeque<Queued>>,
+    closed: Mutex<Vec<(Arc<Metric>, WindowState)>>,
+    in_flight: AtomicU64,
+    keys: RwLock<Option<Keys>>,
+    counters: Counters,
+    wake: Notify,
+    idle: Notify,
+    shutdown: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// Adds `amount` to bucket `bucket` of the metric's current window, within the bound.
+    fn record(&self, metric: &Arc<Metric>, bucket: usize, amount: u64) {
+        self.counters.recorded.fetch_add(amount, Ordering::Relaxed);
+        let window = metric.task.window_of(self.clock.now());
+        let mut s = lock(&metric.state);
+        if s.window != window {
+            let fresh = WindowState {
+                window,
+                counts: vec![0; s.counts.len()],
+                total: 0,
+            };
+            let old = std::mem::replace(&mut *s, fresh);
+            if old.total > 0 {
+                lock(&self.closed).push((metric.clone(), old));
+            }
+        }
+        let room = metric.task.contribution_bound().saturating_sub(s.total);
+        let take = amount.min(room);
+        if take < amount {
+            self.counters
+                .dropped_over_bound
+                .fetch_add(amount - take, Ordering::Relaxed);
+        }
+        if let Some(c) = s.counts.get_mut(bucket) {
+            *c += take;
+            s.total += take;
+        }
+    }
+
+    /// Moves every window that ended (or all, if `all`) to the closed list.
+    fn close_windows(&self, all: bool) {
+        let now = self.clock.now();
+        for m in self.metrics.values() {
+            let window = m.task.window_of(now);
+            let mut s = lock(&m.state);
+            if s.total > 0 && (all || s.window < window) {
+                let fresh = WindowState {
+                    window,
+                    counts: vec![0; s.counts.len()],
+                    total: 0,
+                };
+                let old = std::mem::replace(&mut *s, fresh);
+                lock(&self.closed).push((m.clone(), old));
+            }
+        }
+    }
+
+    /// Turns closed windows into queued measurements.
+    fn queue_closed(&self) {
+        let closed = std::mem::take(&mut *lock(&self.closed));
+        if closed.is_empty() {
+            return;
+        }
+        let mut items = Vec::new();
+        for (m, w) in closed {
+            let task = m.task.id();
+            match m.task.kind() {
+                MeasurementKind::EventHistogram => {
+                    for (b, c) in w.counts.iter().enumerate() {
+                        for _ in 0..*c {
+                            items.push(Queued {
+                                task,
+                                measurement: Measurement::Bucket(b),
+                                time: w.window,
+                            });
+                        }
+                    }
+                }
+                MeasurementKind::WindowHistogram => {
+                    items.push(Queued {
+                        task,
+                        measurement: Measurement::Counts(w.counts),
+                        time: w.window,
+                    });
+                }
+                MeasurementKind::Counter => {
+                    items.push(Queued {
+                        task,
+                        measurement: Measurement::Count(w.total),
+                        time: w.window,
+                    });
+                }
+            }
+        }
+        let mut q = lock(&self.queue);
+        for item in items {
+            if q.len() >= self.config.queue_capacity {
+                q.pop_front();
+                self.counters
+                    .dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            q.push_back(item);
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    fn build_packets(&self, keys: &Keys, items: &[Queued]) -> Vec<pb::Packet> {
+        let hops: Vec<Hop> = self
+            .endpoints
+            .shufflers
+            .iter()
+            .zip(&keys.shufflers)
+            .map(|((name, _), config)| Hop {
+                name: name.clone(),
+                config: config.clone(),
+            })
+            .collect();
+        let Ok(route) = Route::new(hops, self.endpoints.leader.0.clone()) else {
+            return vec![];
+        };
+        let mut clients: HashMap<TaskId, Option<ClientTask>> = HashMap::new();
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let client = clients.entry(item.task).or_insert_with(|| {
+                let task = self.tasks.get(&item.task)?.clone();
+                match ClientTask::new(task, keys.leader.clone(), keys.helper.clone(), route.clone()) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::error!(task = %item.task, error = %e, "cannot build reports for this task");
+                        None
+                    }
+                }
+            });
+            let Some(client) = client else { continue };
+            let packet = client
+                .shard(&item.measurement, ReportId::random())
+                .and_then(|p| client.seal(p, item.time))
+                .and_then(|r| client.wrap(&r));
+            match packet {
+                Ok(p) => out.push(p),
+                Err(e) => {
+                    tracing::error!(task = %item.task, error = %e, "a measurement did not fit its task")
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A latency metric of one service operation.
+#[derive(Clone, Debug)]
+pub struct Latency {
+    inner: Arc<Inner>,
+    metric: Option<Arc<Metric>>,
+}
+
+impl Latency {
+    /// Records one request's latency in the current window. Never blocks on I/O, never fails.
+    pub fn record(&self, latency: Duration) {
+        match &self.metric {
+            Some(m) => {
+                let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+                self.inner.record(m, m.task.bucket_of(us), 1);
+            }
+            None => {
+                self.inner
+                    .counters
+                    .unknown_metric
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A counter metric.
+#[derive(Clone, Debug)]
+pub struct Counter {
+    inner: Arc<Inner>,
+    metric: Option<Arc<Metric>>,
+}
+
+impl Counter {
+    /// Adds `n` to the current window's count (up to the task's bound). Never fails.
+    pub fn add(&self, n: u64) {
+        match &self.metric {
+            Some(m) => self.inner.record(m, 0, n),
+            None => {
+                self.inner
+                    .counters
+                    .unknown_metric
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Registers metrics and starts a [`HushClient`].
+#[derive(Debug)]
+pub struct Builder {
+    endpoints: Endpoints,
+    config: RuntimeConfig,
+    clock: Arc<dyn Clock>,
+    keys: Option<Keys>,
+    metrics: Vec<(String, TaskConfig)>,
+}
+
+fn latency_key(service: &str, operation: &str) -> String {
+    format!("latency\u{0}{service}\u{0}{operation}")
+}
+
+fn counter_key(name: &str) -> String {
+    format!("counter\u{0}{name}")
+}
+
+impl Builder {
+    /// Latencies of `operation` of `service` go to `task` (an event or window histogram).
+    pub fn latency_task(mut self, service: &str, operation: &str, task: TaskConfig) -> Self {
+        self.metrics.push((latency_key(service, operation), task));
+        self
+    }
+
+    /// Counts of `name` go to `task` (a counter).
+    pub fn counter_task(mut self, name: &str, task: TaskConfig) -> Self {
+        self.metrics.push((counter_key(name), task));
+        self
+    }
+
+    /// Background tuning.
+    pub fn config(mut self, config: RuntimeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The clock windows follow (the system clock by default).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// HPKE configs fetched beforehand (e.g. shared by many clients); refreshed later as usual.
+    pub fn keys(mut self, keys: Keys) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Starts the background uploader on the current tokio runtime. Fetches HPKE configs if none
+    /// were given; if the servers are unreachable the client still starts, records and queues,
+    /// and fetches the configs later.
+    pub async fn start(self) -> Result<HushClient, RuntimeError> {
+        let mut metrics = HashMap::new();
+        let mut tasks = HashMap::new();
+        for (key, task) in self.metrics {
+            let len = if task.kind() == MeasurementKind::Counter {
+                1
+            } else {
+                task.output_len()
+            };
+            let m = Arc::new(Metric {
+                state: Mutex::new(WindowState {
+                    window: task.window_of(self.clock.now()),
+                    counts: vec![0; len],
+                    total: 0,
+                }),
+                task: task.clone(),
+            });
+            if metrics.insert(key.clone(), m).is_some() {
+                return Err(RuntimeError::Duplicate(key.replace('\u{0}', " ")));
+            }
+            tasks.insert(task.id(), task);
+        }
+        for (_, url) in self
+            .endpoints
+            .shufflers
+            .iter()
+            .chain([&self.endpoints.leader])
+        {
+            channel(url, self.config.request_timeout)?;
+        }
+        let keys = match self.keys {
+            Some(k) => Some(k),
+            None => match fetch_keys(&self.endpoints, self.config.request_timeout).await {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::warn!(error = %e, "HPKE configs unavailable; recording continues and uploads wait");
+                    None
+                }
+            },
+        };
+        // Check up front that every task's reports fit its packet size on this route.
+        if let Some(k) = &keys {
+            let hops = self
+                .endpoints
+                .shufflers
+                .iter()
+                .zip(&k.shufflers)
+                .map(|((n, _), c)| Hop {
+                    name: n.clone(),
+                    config: c.clone(),
+                })
+                .collect();
+            let route = Route::new(hops, self.endpoints.leader.0.clone()).map_err(|e| {
+                RuntimeError::Task {
+                    task: TaskId::from([0; 32]),
+                    source: e.into(),
+                }
+            })?;
+            for t in tasks.values() {
+                ClientTask::new(t.clone(), k.leader.clone(), k.helper.clone(), route.clone())
+                    .map_err(|source| RuntimeError::Task {
+                        task: t.id(),
+                        source,
+                    })?;
+            }
+        }
+        let (tx, rx) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            endpoints: self.endpoints,
+            config: self.config,
+            clock: self.clock,
+            metrics,
+            tasks,
+            queue: Mutex::new(VecDeque::new()),
+            closed: Mutex::new(Vec::new()),
+            in_flight: AtomicU64::new(0),
+            keys: RwLock::new(keys),
+            counters: Counters::default(),
+            wake: Notify::new(),
+            idle: Notify::new(),
+            shutdown: tx,
+        });
+        let task = tokio::spawn(background(inner.clone(), rx));
+        Ok(HushClient {
+            inner,
+            task: Arc::new(Mutex::new(Some(task))),
+        })
+    }
+}
+
+/// A service's handle to hush. Cheap to clone; every clone shares the registry and uploader.
+#[derive(Clone, Debug)]
+pub struct HushClient {
+    inner: Arc<Inner>,
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl HushClient {
+    /// Starts building a client that reports through `endpoints`.
+    pub fn builder(endpoints: Endpoints) -> Builder {
+        Builder {
+            endpoints,
+            config: RuntimeConfig::default(),
+            clock: Arc::new(SystemClock),
+            keys: None,
+            metrics: Vec::new(),
+        }
+    }
+
+    /// The latency metric of `operation` of `service`. An unregistered one records nothing and
+    /// is counted in [`ClientStats::unknown_metric`].
+    pub fn latency(&self, service: &str, operation: &str) -> Latency {
+        Latency {
+            inner: self.inner.clone(),
+            metric: self
+                .inner
+                .metrics
+                .get(&latency_key(service, operation))
+                .cloned(),
+        }
+    }
+
+    /// The counter `name`.
+    pub fn counter(&self, name: &str) -> Counter {
+        Counter {
+            inner: self.inner.clone(),
+            metric: self.inner.metrics.get(&counter_key(name)).cloned(),
+        }
+    }
+
+    /// What the client did so far.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.inner.counters;
+        let mut rejected: Vec<(pb::RejectReason, u64)> = lock(&c.rejected)
+            .iter()
+            .map(|(r, n)| {
+                (
+                    pb::RejectReason::try_from(*r).unwrap_or(pb::RejectReason::Unspecified),
+                    *n,
+                )
+            })
+            .collect();
+        rejected.sort();
+        ClientStats {
+            recorded: c.recorded.load(Ordering::Relaxed),
+            dropped_over_bound: c.dropped_over_bound.load(Ordering::Relaxed),
+            dropped_queue_full: c.dropped_queue_full.load(Ordering::Relaxed),
+            queued: lock(&self.inner.queue).len() as u64
+                + self.inner.in_flight.load(Ordering::Relaxed),
+            reports_sent: c.reports_sent.load(Ordering::Relaxed),
+            accepted: c.accepted.load(Ordering::Relaxed),
+            rejected,
+            upload_retries: c.upload_retries.load(Ordering::Relaxed),
+            unknown_metric: c.unknown_metric.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every closed window is uploaded and acknowledged, or `timeout` passes;
+    /// returns whether everything went out.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.inner.idle.notified();
+            self.inner.close_windows(false);
+            self.inner.queue_closed();
+            let busy = !lock(&self.inner.queue).is_empty()
+                || self.inner.in_flight.load(Ordering::Relaxed) > 0;
+            if !busy {
+                return true;
+            }
+            self.inner.wake.notify_one();
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Reports the open windows too, uploads for up to `timeout`, and stops the background
+    /// task. Returns whether everything went out.
+    pub async fn shutdown(&self, timeout: Duration) -> bool {
+        self.inner.close_windows(true);
+        self.inner.queue_closed();
+        let done = self.flush(timeout).await;
+        let _ = self.inner.shutdown.send(true);
+        let task = lock(&self.task).take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+        done
+    }
+}
+
+async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+    let mut delay = inner.config.retry_initial;
+    let mut refreshed = tokio::time::Instant::now();
+    // The batch being uploaded: the same bytes are retried until acknowledged.
+    let mut batch: Vec<pb::Packet> = Vec::new();
+    let first = inner
+        .endpoints
+        .shufflers
+        .first()
+        .map(|(_, u)| u.clone())
+        .unwrap_or_default();
+    let Ok(chan) = channel(&first, inner.config.request_timeout) else {
+        return;
+    };
+    let mut shuffler = ShufflerClient::new(chan).max_encoding_message_size(64 << 20);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        inner.close_windows(false);
+        inner.queue_closed();
+        let needs_keys = lock_read(&inner.keys).is_none()
+            || refreshed.elapsed() >= inner.config.refresh_interval;
+        if needs_keys {
+            match fetch_keys(&inner.endpoints, inner.config.request_timeout).await {
+                Ok(k) => {
+                    *inner.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(k);
+                    refreshed = tokio::time::Instant::now();
+                }
+                Err(e) => tracing::debug!(error = %e, "HPKE configs unavailable; will retry"),
+            }
+        }
+        if batch.is_empty() {
+            let keys = lock_read(&inner.keys).clone();
+            if let Some(keys) = keys {
+                let items: Vec<Queued> = {
+                    let mut q = lock(&inner.queue);
+                    let n = q.len().min(inner.config.max_batch);
+                    q.drain(..n).collect()
+                };
+                if !items.is_empty() {
+                    inner.in_flight.store(items.len() as u64, Ordering::Relaxed);
+                    let i2 = inner.clone();
+                    batch = tokio::task::spawn_blocking(move || i2.build_packets(&keys, &items))
+                        .await
+                        .unwrap_or_default();
+                    inner.in_flight.store(batch.len() as u64, Ordering::Relaxed);
+                    inner
+                        .counters
+                        .reports_sent
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    // Spread a fleet's uploads.
+                    let jitter = inner.config.max_jitter.mul_f64(rand::rng().random::<f64>());
+                    tokio::select! {
+                        _ = tokio::time::sleep(jitter) => {}
+                        _ = shutdown.wait_for(|v| *v) => return,
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let req = pb::SubmitPacketsRequest {
+                packets: batch.clone(),
+            };
+            match shuffler.submit_packets(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    inner
+                        .counters
+                        .accepted
+                        .fetch_add(r.accepted, Ordering::Relaxed);
+                    let mut rej = lock(&inner.counters.rejected);
+                    for rc in r.rejected {
+                        *rej.entry(rc.reason).or_default() += rc.count;
+                    }
+                    drop(rej);
+                    batch.clear();
+                    inner.in_flight.store(0, Ordering::Relaxed);
+                    delay = inner.config.retry_initial;
+                    continue;
+                }
+                Err(s) => {
+                    inner
+                        .counters
+                        .upload_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(code = ?s.code(), "upload failed; retrying with backoff");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.wait_for(|v| *v) => return,
+                    }
+                    delay = (delay * 2).min(inner.config.retry_max);
+                    continue;
+                }
+            }
+        }
+        if lock(&inner.queue).is_empty() {
+            inner.idle.notify_waiters();
+        }
+        tokio::select! {
+            _ = inner.wake.notified() => {}
+            _ = tokio::time::sleep(inner.config.tick) => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
