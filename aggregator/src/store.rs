@@ -462,8 +462,7 @@ impl Store {
 
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
-        Ok(())
+        flush_db(&self.db).await
     }
 
     /// A fresh, increasing sequence number.
@@ -997,6 +996,25 @@ fn merge_batches(
         cur.merge(add).map_err(abort)?;
         bt.insert(&k[..], cur.encode())?;
     }
+    Ok(())
+}
+
+/// Makes everything written to `db` durable, on a blocking thread of tokio's pool.
+///
+/// Not `sled::Db::flush_async`: that runs the flush on sled's own small I/O pool while holding
+/// sled's process-wide read lock, and under load every pool thread ends up in a flush waiting
+/// for a log write that only a pool thread can do, once a batch or transaction is queued for the
+/// write lock (sled 0.34, spacejam/sled#1308): the whole process stalls. A flush on our own
+/// thread leaves sled's pool free to write.
+pub async fn flush_db(db: &sled::Db) -> Result<()> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || db.flush())
+        .await
+        .map_err(|e| {
+            sled::Error::Io(std::io::Error::other(format!(
+                "the flush thread failed: {e}"
+            )))
+        })??;
     Ok(())
 }
 

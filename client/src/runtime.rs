@@ -223,6 +223,8 @@ struct WindowState {
     window: Time,
     counts: Vec<u64>,
     total: u64,
+    /// Something was recorded in this window, possibly a zero count: the window is reported.
+    touched: bool,
 }
 
 #[derive(Debug)]
@@ -270,9 +272,10 @@ impl Inner {
                 window,
                 counts: vec![0; s.counts.len()],
                 total: 0,
+                touched: false,
             };
             let old = std::mem::replace(&mut *s, fresh);
-            if old.total > 0 {
+            if old.touched {
                 lock(&self.closed).push((metric.clone(), old));
             }
         }
@@ -286,6 +289,7 @@ impl Inner {
         if let Some(c) = s.counts.get_mut(bucket) {
             *c += take;
             s.total += take;
+            s.touched = true;
         }
     }
 
@@ -295,11 +299,12 @@ impl Inner {
         for m in self.metrics.values() {
             let window = m.task.window_of(now);
             let mut s = lock(&m.state);
-            if s.total > 0 && (all || s.window < window) {
+            if s.touched && (all || s.window < window) {
                 let fresh = WindowState {
                     window,
                     counts: vec![0; s.counts.len()],
                     total: 0,
+                    touched: false,
                 };
                 let old = std::mem::replace(&mut *s, fresh);
                 lock(&self.closed).push((m.clone(), old));
@@ -434,7 +439,10 @@ pub struct Counter {
 }
 
 impl Counter {
-    /// Adds `n` to the current window's count (up to the task's bound). Never fails.
+    /// Adds `n` to the current window's count (up to the task's bound). Never fails. `add(0)`
+    /// makes the window report a zero count: a service that calls it every window sends one
+    /// counter report per window whatever happened, so neither the shufflers nor the leader
+    /// learn from a report's presence that it had, say, an error.
     pub fn add(&self, n: u64) {
         match &self.metric {
             Some(m) => self.inner.record(m, 0, n),
@@ -456,6 +464,7 @@ pub struct Builder {
     clock: Arc<dyn Clock>,
     keys: Option<Keys>,
     metrics: Vec<(String, TaskConfig)>,
+    channel: Option<Channel>,
 }
 
 fn latency_key(service: &str, operation: &str) -> String {
@@ -497,6 +506,13 @@ impl Builder {
         self
     }
 
+    /// A connection to the first shuffler to use (e.g. shared by many clients in one process)
+    /// instead of opening one.
+    pub fn channel(mut self, channel: Channel) -> Self {
+        self.channel = Some(channel);
+        self
+    }
+
     /// Starts the background uploader on the current tokio runtime. Fetches HPKE configs if none
     /// were given; if the servers are unreachable the client still starts, records and queues,
     /// and fetches the configs later.
@@ -514,6 +530,7 @@ impl Builder {
                     window: task.window_of(self.clock.now()),
                     counts: vec![0; len],
                     total: 0,
+                    touched: false,
                 }),
                 task: task.clone(),
             });
@@ -582,7 +599,7 @@ impl Builder {
             idle: Notify::new(),
             shutdown: tx,
         });
-        let task = tokio::spawn(background(inner.clone(), rx));
+        let task = tokio::spawn(background(inner.clone(), rx, self.channel));
         Ok(HushClient {
             inner,
             task: Arc::new(Mutex::new(Some(task))),
@@ -606,6 +623,7 @@ impl HushClient {
             clock: Arc::new(SystemClock),
             keys: None,
             metrics: Vec::new(),
+            channel: None,
         }
     }
 
@@ -692,7 +710,7 @@ impl HushClient {
     }
 }
 
-async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan: Option<Channel>) {
     let mut delay = inner.config.retry_initial;
     let mut refreshed = tokio::time::Instant::now();
     // The batch being uploaded: the same bytes are retried until acknowledged.
@@ -703,8 +721,12 @@ async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
         .first()
         .map(|(_, u)| u.clone())
         .unwrap_or_default();
-    let Ok(chan) = channel(&first, inner.config.request_timeout) else {
-        return;
+    let chan = match chan {
+        Some(c) => c,
+        None => match channel(&first, inner.config.request_timeout) {
+            Ok(c) => c,
+            Err(_) => return,
+        },
     };
     let mut shuffler = ShufflerClient::new(chan).max_encoding_message_size(64 << 20);
     loop {

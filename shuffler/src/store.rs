@@ -189,9 +189,17 @@ impl Store {
         })
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable, on a blocking thread of tokio's pool.
+    ///
+    /// Not `sled::Db::flush_async`: it flushes on sled's small I/O pool while holding sled's
+    /// process-wide read lock, and under load the pool fills with flushes that wait for a log
+    /// write only a pool thread can do, once a batch is queued for the write lock (sled 0.34,
+    /// spacejam/sled#1308): the process stalls. Flushing on our own thread leaves the pool free.
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| Error::Join(format!("the flush thread failed: {e}")))??;
         Ok(())
     }
 

@@ -1,9 +1,12 @@
-//! Tests that run the real `hush` binary as processes: crashes (SIGKILL) and restarts.
+//! Tests that run the real `hush` binary as processes: the whole cluster end to end, the demo,
+//! crashes (SIGKILL) and restarts.
 //!
 //! Declared as a test target of hush-sim (which builds the binary) so cargo passes the binary's
 //! path in `CARGO_BIN_EXE_hush`.
 
 mod aggregator_crash;
+mod demo;
+mod end_to_end;
 mod shuffler_crash;
 
 use std::path::Path;

@@ -18,21 +18,34 @@ use crate::cluster::{ADMIN_TOKEN, PEER_TOKEN};
 pub struct HushProcess {
     bin: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
 }
 
 impl HushProcess {
     /// Runs `bin args...` with the test tokens in its environment, logs to `log`, and waits for
     /// its "listening on ADDR" line.
     pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Self {
+        Self::spawn_with_env(bin, args, &[], log)
+    }
+
+    /// Like [`HushProcess::spawn`], with more environment variables (e.g. a results service's
+    /// collector key and tenant token).
+    pub fn spawn_with_env(bin: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Self {
         let mut p = Self {
             bin: bin.to_owned(),
             args: args.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             log: log.to_owned(),
             child: None,
             addr: "0.0.0.0:0".parse().unwrap(),
+            http_addr: None,
         };
         p.start();
         p
@@ -49,21 +62,33 @@ impl HushProcess {
             .env("HUSH_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("HUSH_PEER_TOKEN", PEER_TOKEN)
             .env("RUST_LOG", "info,hush_aggregator=debug,hush_shuffler=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn hush");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let (http_tx, http_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("http on ") {
+                    let _ = http_tx.send(a.trim().to_owned());
+                }
                 if let Some(a) = line.strip_prefix("listening on ") {
                     let _ = tx.send(a.trim().to_owned());
                 }
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => self.addr = a.parse().expect("an address"),
+            Ok(a) => {
+                self.addr = a.parse().expect("an address");
+                // A results service prints its HTTP address before the gRPC one.
+                self.http_addr = http_rx
+                    .try_recv()
+                    .ok()
+                    .map(|h| h.parse().expect("an address"));
+            }
             Err(_) => {
                 let _ = child.kill();
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -96,6 +121,11 @@ impl HushProcess {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The HTTP/JSON address, for a process that serves one (the results service).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// `http://addr`.

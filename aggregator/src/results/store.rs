@@ -71,7 +71,7 @@ impl ResultsStore {
             .insert(key(task, &[start.as_secs()]), r.encode_to_vec())?;
         self.cursors
             .insert(task.as_bytes(), &next.as_secs().to_be_bytes()[..])?;
-        self.db.flush_async().await?;
+        crate::store::flush_db(&self.db).await?;
         Ok(())
     }
 
@@ -87,7 +87,7 @@ impl ResultsStore {
             .insert(key(task, &[start.as_secs()]), why.as_bytes())?;
         self.cursors
             .insert(task.as_bytes(), &next.as_secs().to_be_bytes()[..])?;
-        self.db.flush_async().await?;
+        crate::store::flush_db(&self.db).await?;
         Ok(())
     }
 
@@ -97,7 +97,7 @@ impl ResultsStore {
         let seq = self.db.generate_id()?;
         self.ad_hoc
             .insert(key(task, &[i.start, i.duration, seq]), r.encode_to_vec())?;
-        self.db.flush_async().await?;
+        crate::store::flush_db(&self.db).await?;
         Ok(())
     }
 

@@ -36,6 +36,10 @@ pub(crate) enum LogFormat {
 enum Command {
     /// Run one aggregator (leader or helper) until SIGINT or SIGTERM.
     Aggregator(aggregator::Args),
+    /// Run the whole cluster on loopback with simulated services and print per window what the
+    /// collector sees: report counts, latency quantiles with 95% confidence intervals, error
+    /// rates.
+    Demo(crate::demo::DemoArgs),
     /// Run a tenant's results service until SIGINT or SIGTERM: collects every closed window and
     /// serves the noisy statistics over gRPC and HTTP/JSON.
     Results(results::Args),
@@ -79,6 +83,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Aggregator(a) => aggregator::run(a).await,
         Command::Shuffler(a) => shuffler::run(a).await,
         Command::Results(a) => results::run(a).await,
+        Command::Demo(a) => crate::demo::run(a).await,
         Command::Task(t) => task::run(t).await,
         Command::Keygen(k) => keys::keygen(k),
         Command::Keys(k) => keys::run(k).await,

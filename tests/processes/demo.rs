@@ -1,0 +1,40 @@
+//! `hush demo --windows 2 --agents 200`: the whole cluster in one command finishes, prints every
+//! window, accounts for every report, and exits 0.
+
+use std::process::Command;
+
+use crate::hush_bin;
+
+#[test]
+fn the_demo_runs_two_windows_and_exits_zero() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(hush_bin())
+        .args(["demo", "--windows", "2", "--agents", "200", "--data-dir"])
+        .arg(data.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run hush demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "hush demo failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    for w in [
+        "window 0", "window 1", "checkout", "search", "auth", "errors", "summary",
+    ] {
+        assert!(stdout.contains(w), "no {w:?} in the output:\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("no result"),
+        "a window was not released:\n{stdout}"
+    );
+    // The demo kept its databases where it was told to.
+    for d in ["leader", "helper", "shuffler-a", "shuffler-b", "results"] {
+        assert!(
+            data.path().join(d).is_dir(),
+            "no {d} database in --data-dir"
+        );
+    }
+}
