@@ -12,6 +12,7 @@ pub mod clock;
 pub mod codec;
 pub mod collect;
 pub mod convert;
+pub mod detect;
 pub mod dp;
 pub mod estimate;
 pub mod hpke;

@@ -243,7 +243,8 @@ async fn start_cluster(
     let results = ResultsService::start(
         ResultsConfig::from_toml(&format!(
             "tenant = \"demo\"\nlisten_grpc = \"{any}\"\nlisten_http = \"{any}\"\ndata_dir = \"{}\"\nleader_url = \"{leader_url}\"\n\
-             task_files = [{}]\ncollect_delay_s = {COLLECT_DELAY_S}\npoll_interval_ms = 50\n",
+             task_files = [{}]\ncollect_delay_s = {COLLECT_DELAY_S}\npoll_interval_ms = 50\n\
+             [detection]\nfalse_alarm_rate = 0.01\nerror_rates = [{{ errors = \"errors\", requests = [\"checkout latency\", \"search latency\", \"auth latency\"] }}]\n",
             dir.join("results").display(),
             task_files.join(", ")
         ))?,
@@ -469,7 +470,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
             Duration::from_secs(120),
             || {
                 ids.iter().all(|id| {
-                    matches!(store.window(id, window), Ok(Some(_)))
+                    store.tested(id, window.as_secs()).unwrap_or(false)
                         || matches!(store.skipped(id, window), Ok(Some(_)))
                 })
             },
@@ -539,9 +540,28 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 store.skipped(&errors.id(), window)?.unwrap_or_default()
             )),
         }
-        lines.push(
-            "  anomalies: none flagged (the detector is not built yet; statistics only)".into(),
-        );
+        let names: BTreeMap<TaskId, &str> = services
+            .iter()
+            .map(|s| (s.task.id(), s.name))
+            .chain([(errors.id(), "errors")])
+            .collect();
+        let mut flagged = Vec::new();
+        for a in store.alerts(None)? {
+            if a.window_start != window.as_secs() {
+                continue;
+            }
+            let name = TaskId::try_from(a.task_id.as_ref())
+                .ok()
+                .and_then(|id| names.get(&id).copied())
+                .unwrap_or("?");
+            flagged.push(format!("    {name}: {} — {}", a.detector, a.explanation));
+        }
+        if flagged.is_empty() {
+            lines.push("  anomalies: none flagged".into());
+        } else {
+            lines.push("  anomalies:".into());
+            lines.extend(flagged);
+        }
         lines.push(String::new());
     }
     bar.finish_and_clear();

@@ -38,3 +38,43 @@ fn the_demo_runs_two_windows_and_exits_zero() {
         );
     }
 }
+
+#[test]
+fn the_demo_flags_the_injected_regression_and_error_spike_where_they_start() {
+    let out = Command::new(hush_bin())
+        .args([
+            "demo",
+            "--windows",
+            "5",
+            "--agents",
+            "600",
+            "--epsilon",
+            "4",
+            "--regression-window",
+            "3",
+            "--spike-window",
+            "4",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run hush demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "hush demo failed:\n{stdout}");
+    let window = |w: usize| {
+        stdout
+            .split(&format!("window {w}  ["))
+            .nth(1)
+            .and_then(|rest| rest.split("\nwindow ").next())
+            .and_then(|rest| rest.split("\nsummary").next())
+            .unwrap_or_else(|| panic!("no window {w} in:\n{stdout}"))
+            .to_owned()
+    };
+    assert!(
+        window(3).contains("search: latency_regression"),
+        "the regression is not flagged in window 3:\n{stdout}"
+    );
+    assert!(
+        window(4).contains("errors: error_spike"),
+        "the error spike is not flagged in window 4:\n{stdout}"
+    );
+}

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use hush_protocol::detect::DetectorConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -44,6 +45,32 @@ pub struct ResultsConfig {
     /// sled page cache, in MiB.
     #[serde(default = "defaults::cache_mb")]
     pub cache_mb: u64,
+    /// Anomaly detection on every released window.
+    #[serde(default)]
+    pub detection: DetectionConfig,
+}
+
+/// `[detection]`: how released windows are tested for anomalies.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectionConfig {
+    /// False-alarm rate, baseline length and watched quantile.
+    #[serde(flatten)]
+    pub detector: DetectorConfig,
+    /// Counters tested as a rate: errors over the requests counted by latency tasks. A counter
+    /// not listed here is tested as a count.
+    #[serde(default)]
+    pub error_rates: Vec<ErrorRate>,
+}
+
+/// A counter task (by name) whose rate is taken over the events of latency tasks (by name).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorRate {
+    /// The counter task's name.
+    pub errors: String,
+    /// The latency tasks whose events are the requests.
+    pub requests: Vec<String>,
 }
 
 mod defaults {
@@ -92,6 +119,10 @@ impl ResultsConfig {
                 c.leader_url
             )));
         }
+        c.detection
+            .detector
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
         if c.task_files.is_empty() {
             return Err(Error::Config("task_files lists no task".into()));
         }

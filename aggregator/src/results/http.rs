@@ -6,6 +6,8 @@
 //! | `GET /v1/tasks/{task}/windows` | every released window of a task |
 //! | `GET /v1/tasks/{task}/windows/{start}` | one window |
 //! | `POST /v1/tasks/{task}/collect` `{"start": s, "duration": d}` | an ad-hoc collection (spends budget; API token) |
+//! | `GET /v1/alerts` | every alert of the tenant's tasks |
+//! | `GET /v1/tasks/{task}/alerts` | a task's alerts |
 
 use std::sync::Arc;
 
@@ -204,6 +206,59 @@ async fn ad_hoc(
     }))
 }
 
+/// An anomaly alert as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlertJson {
+    /// Task id (base64url).
+    pub task_id: String,
+    /// Start of the flagged window, seconds since the epoch.
+    pub window_start: u64,
+    /// `latency_regression` or `error_spike`.
+    pub detector: String,
+    /// The test statistic (z).
+    pub statistic: f64,
+    /// The threshold it exceeded.
+    pub threshold: f64,
+    /// The baseline value of the tested quantity.
+    pub baseline: f64,
+    /// Its value in the flagged window.
+    pub observed: f64,
+    /// What was tested, in words.
+    pub explanation: String,
+}
+
+impl From<&pb::Alert> for AlertJson {
+    fn from(a: &pb::Alert) -> Self {
+        Self {
+            task_id: TaskId::try_from(a.task_id.as_ref())
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            window_start: a.window_start,
+            detector: a.detector.clone(),
+            statistic: a.statistic,
+            threshold: a.threshold,
+            baseline: a.baseline,
+            observed: a.observed,
+            explanation: a.explanation.clone(),
+        }
+    }
+}
+
+async fn all_alerts(State(inner): State<Arc<Inner>>) -> Reply<Vec<AlertJson>> {
+    let a = inner.store.alerts(None).map_err(fail)?;
+    Ok(Json(a.iter().map(AlertJson::from).collect()))
+}
+
+async fn task_alerts(
+    State(inner): State<Arc<Inner>>,
+    Path(task): Path<String>,
+) -> Reply<Vec<AlertJson>> {
+    let id = parse_task(&task)?;
+    inner.task(&id).map_err(fail)?;
+    let a = inner.store.alerts(Some(&id)).map_err(fail)?;
+    Ok(Json(a.iter().map(AlertJson::from).collect()))
+}
+
 /// The API's routes.
 pub(super) fn router(inner: Arc<Inner>) -> Router {
     Router::new()
@@ -211,5 +266,7 @@ pub(super) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/tasks/{task}/windows", get(windows))
         .route("/v1/tasks/{task}/windows/{start}", get(window))
         .route("/v1/tasks/{task}/collect", post(ad_hoc))
+        .route("/v1/tasks/{task}/alerts", get(task_alerts))
+        .route("/v1/alerts", get(all_alerts))
         .with_state(inner)
 }

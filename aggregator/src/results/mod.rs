@@ -10,6 +10,7 @@
 //! service's API token and say what it spent.
 
 mod config;
+mod detection;
 pub mod http;
 mod store;
 
@@ -32,7 +33,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-pub use config::ResultsConfig;
+pub use config::{DetectionConfig, ErrorRate, ResultsConfig};
 pub use store::ResultsStore;
 
 use crate::error::{Error, Result};
@@ -207,6 +208,9 @@ impl Inner {
                 }
             }
         }
+        if let Err(e) = self.detect().await {
+            tracing::error!(error = %e, "anomaly detection failed; will retry");
+        }
     }
 
     /// An ad-hoc collection: spends budget, stores and returns the result and the budget left.
@@ -344,11 +348,18 @@ impl Results for ResultsGrpc {
 
     async fn list_alerts(
         &self,
-        _request: Request<pb::ListAlertsRequest>,
+        request: Request<pb::ListAlertsRequest>,
     ) -> std::result::Result<Response<pb::ListAlertsResponse>, Status> {
-        Err(Status::unimplemented(
-            "anomaly detection is not part of this build yet",
-        ))
+        let r = request.into_inner();
+        let task = if r.task_id.is_empty() {
+            None
+        } else {
+            let id = task_id(&r.task_id)?;
+            self.0.task(&id).map_err(Status::from)?;
+            Some(id)
+        };
+        let alerts = self.0.store.alerts(task.as_ref()).map_err(Status::from)?;
+        Ok(Response::new(pb::ListAlertsResponse { alerts }))
     }
 }
 
@@ -370,6 +381,10 @@ impl ResultsService {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         let tasks = load_tasks(&config)?;
+        detection::check(
+            &config.detection.error_rates,
+            &tasks.values().map(|t| (t.name(), t)).collect(),
+        )?;
         let store = ResultsStore::open(&config.data_dir, config.cache_mb)?;
         let grpc_l = TcpListener::bind(config.listen_grpc)
             .await

@@ -6,6 +6,8 @@
 //! | `ad_hoc` | task ‖ start ‖ duration ‖ sequence | an ad-hoc collection's `WindowResult` |
 //! | `cursors` | task | start of the next window to collect |
 //! | `skipped` | task ‖ window start | why a window has no result (text) |
+//! | `tested` | task ‖ window start | the window went through anomaly detection (empty) |
+//! | `alerts` | task ‖ window start ‖ detector | an `Alert` (protobuf) |
 //!
 //! Only released, noisy aggregates are stored.
 
@@ -26,6 +28,8 @@ pub struct ResultsStore {
     ad_hoc: Tree,
     cursors: Tree,
     skipped: Tree,
+    tested: Tree,
+    alerts: Tree,
 }
 
 fn key(task: &TaskId, parts: &[u64]) -> Vec<u8> {
@@ -53,6 +57,8 @@ impl ResultsStore {
             ad_hoc: db.open_tree("ad_hoc")?,
             cursors: db.open_tree("cursors")?,
             skipped: db.open_tree("skipped")?,
+            tested: db.open_tree("tested")?,
+            alerts: db.open_tree("alerts")?,
             db,
         })
     }
@@ -152,5 +158,31 @@ impl ResultsStore {
             .skipped
             .get(key(task, &[start.as_secs()]))?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Whether a window went through detection.
+    pub fn tested(&self, task: &TaskId, start: u64) -> Result<bool> {
+        Ok(self.tested.contains_key(key(task, &[start]))?)
+    }
+
+    /// Records that a window went through detection, with the alerts it raised, and flushes.
+    pub async fn put_tested(&self, task: &TaskId, start: u64, alerts: &[pb::Alert]) -> Result<()> {
+        for a in alerts {
+            let mut k = key(task, &[start]);
+            k.extend_from_slice(a.detector.as_bytes());
+            self.alerts.insert(k, a.encode_to_vec())?;
+        }
+        self.tested.insert(key(task, &[start]), &[][..])?;
+        crate::store::flush_db(&self.db).await
+    }
+
+    /// The alerts of a task (`None`: of every task), oldest window first.
+    pub fn alerts(&self, task: Option<&TaskId>) -> Result<Vec<pb::Alert>> {
+        let prefix = task.map(|t| t.as_bytes().to_vec()).unwrap_or_default();
+        self.alerts
+            .scan_prefix(prefix)
+            .values()
+            .map(|v| pb::Alert::decode(&*v?).map_err(|e| Error::corrupt("alert", e)))
+            .collect()
     }
 }

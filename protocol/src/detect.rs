@@ -1,0 +1,607 @@
+//! Anomaly detection on released noisy aggregates.
+//!
+//! Detection is post-processing of what the collector already received, so it spends no privacy
+//! budget. Each detector compares the current window against a rolling baseline of earlier
+//! released windows with a one-sided z-test whose variance combines both sources of uncertainty:
+//!
+//! - **sampling**: the events of a window are a sample of the service's latency distribution
+//!   (binomial variance of a proportion; Poisson variance of a count), and
+//! - **DP noise**: every released bucket or count carries the known noise of both aggregators
+//!   (`noise_sd` per entry), which adds up over the entries a statistic sums.
+//!
+//! The threshold is the normal quantile of the configured false-alarm rate, so a window without
+//! an anomaly is flagged with about that probability.
+//!
+//! **Latency regression.** The baseline's pooled histogram fixes a cut: the bucket bound nearest
+//! to its `tail_quantile` (p95 by default). The statistic is the rise of the fraction of events
+//! above that bound. A shift of the p95 moves mass across the cut, and a regression of the whole
+//! distribution does too.
+//!
+//! **Error spike.** The error rate (errors over requests, both noisy) against the baseline's rate;
+//! without a request count, the error count against the baseline's mean count.
+
+use serde::{Deserialize, Serialize};
+
+/// Tuning shared by the detectors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorConfig {
+    /// Probability that a window without an anomaly is flagged, per detector and window.
+    #[serde(default = "defaults::false_alarm_rate")]
+    pub false_alarm_rate: f64,
+    /// Earlier windows the baseline pools (the most recent ones; callers leave out windows that
+    /// were flagged, so an anomaly does not become the new normal).
+    #[serde(default = "defaults::baseline_windows")]
+    pub baseline_windows: usize,
+    /// Fewest baseline windows before a detector runs at all.
+    #[serde(default = "defaults::min_baseline_windows")]
+    pub min_baseline_windows: usize,
+    /// The latency quantile whose shift the regression detector watches.
+    #[serde(default = "defaults::tail_quantile")]
+    pub tail_quantile: f64,
+}
+
+mod defaults {
+    pub(super) fn false_alarm_rate() -> f64 {
+        0.01
+    }
+    pub(super) fn baseline_windows() -> usize {
+        6
+    }
+    pub(super) fn min_baseline_windows() -> usize {
+        2
+    }
+    pub(super) fn tail_quantile() -> f64 {
+        0.95
+    }
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self {
+            false_alarm_rate: defaults::false_alarm_rate(),
+            baseline_windows: defaults::baseline_windows(),
+            min_baseline_windows: defaults::min_baseline_windows(),
+            tail_quantile: defaults::tail_quantile(),
+        }
+    }
+}
+
+/// Why a detector config is unusable.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DetectorConfigError {
+    /// A field is out of range.
+    #[error("detector config: {field} {problem}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+}
+
+impl DetectorConfig {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), DetectorConfigError> {
+        let bad = |field, problem| Err(DetectorConfigError::Invalid { field, problem });
+        if !(self.false_alarm_rate > 0.0 && self.false_alarm_rate < 0.5) {
+            return bad("false_alarm_rate", "must lie in (0, 0.5)");
+        }
+        if self.min_baseline_windows == 0 || self.baseline_windows < self.min_baseline_windows {
+            return bad(
+                "baseline_windows",
+                "must be at least min_baseline_windows, which must be at least 1",
+            );
+        }
+        if !(self.tail_quantile > 0.5 && self.tail_quantile < 1.0) {
+            return bad("tail_quantile", "must lie in (0.5, 1)");
+        }
+        Ok(())
+    }
+
+    /// The z threshold of the one-sided test.
+    pub fn threshold(&self) -> f64 {
+        normal_quantile(1.0 - self.false_alarm_rate)
+    }
+}
+
+/// A released latency histogram window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistogramWindow {
+    /// Window start, seconds since the epoch.
+    pub start: u64,
+    /// Noisy counts per bucket.
+    pub counts: Vec<i64>,
+    /// Bucket upper bounds in microseconds (the last bucket is open-ended).
+    pub bounds_us: Vec<u64>,
+    /// Standard deviation of the noise on each count.
+    pub noise_sd: f64,
+}
+
+/// A released count window, with the window's request count if known (for a rate).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CountWindow {
+    /// Window start, seconds since the epoch.
+    pub start: u64,
+    /// The noisy count.
+    pub value: f64,
+    /// Standard deviation of its noise.
+    pub noise_sd: f64,
+    /// The noisy number of requests in the window and its noise standard deviation.
+    pub requests: Option<(f64, f64)>,
+}
+
+/// What a detector found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AlertKind {
+    /// More latency mass above the baseline's tail quantile.
+    LatencyRegression,
+    /// A higher error rate (or count).
+    ErrorSpike,
+}
+
+impl AlertKind {
+    /// A short name: `latency_regression` or `error_spike`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LatencyRegression => "latency_regression",
+            Self::ErrorSpike => "error_spike",
+        }
+    }
+}
+
+/// One detector's test of one window, flagged or not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Test {
+    /// The detector.
+    pub kind: AlertKind,
+    /// The tested window's start.
+    pub window: u64,
+    /// The z statistic.
+    pub statistic: f64,
+    /// The threshold it is compared with.
+    pub threshold: f64,
+    /// The baseline value of the tested quantity (a fraction, a rate or a count).
+    pub baseline: f64,
+    /// Its value in the tested window.
+    pub observed: f64,
+    /// The windows the baseline pooled.
+    pub baseline_windows: Vec<u64>,
+    /// Whether the statistic exceeds the threshold.
+    pub flagged: bool,
+    /// What was tested, in words.
+    pub explanation: String,
+}
+
+/// The standard normal quantile function: Acklam's rational approximation refined by one Halley
+/// step against [`normal_cdf`] (absolute error below 1e-6, plenty for thresholds).
+pub fn normal_quantile(p: f64) -> f64 {
+    if p <= 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if p >= 1.0 {
+        return f64::INFINITY;
+    }
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    let x = if p < 0.024_25 {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - 0.024_25 {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    };
+    // One Halley step against the normal CDF.
+    let e = normal_cdf(x) - p;
+    let u = e * (2.0 * std::f64::consts::PI).sqrt() * (x * x / 2.0).exp();
+    x - u / (1.0 + x * u / 2.0)
+}
+
+/// The standard normal CDF, via the complementary error function.
+pub fn normal_cdf(x: f64) -> f64 {
+    0.5 * erfc(-x / std::f64::consts::SQRT_2)
+}
+
+/// The complementary error function: the Chebyshev fit of Numerical Recipes' `erfcc`
+/// (fractional error below 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 { r } else { 2.0 - r }
+}
+
+/// The last `baseline_windows` windows of `history` before `current` (oldest first), if there
+/// are at least `min_baseline_windows`.
+fn pick<'a, T>(
+    cfg: &DetectorConfig,
+    history: &'a [T],
+    start: impl Fn(&T) -> u64,
+    current: u64,
+) -> Option<&'a [T]> {
+    let before = history.iter().take_while(|w| start(w) < current).count();
+    let from = before.saturating_sub(cfg.baseline_windows);
+    let b = &history[from..before];
+    (b.len() >= cfg.min_baseline_windows).then_some(b)
+}
+
+/// Tail fraction above bucket `cut` and its variance from DP noise: with `hi` the noisy mass
+/// above the cut over `k_hi` buckets and `lo` below over `k_lo`, both with per-bucket noise
+/// variance `v`, `f = hi / (hi + lo)` has delta-method variance
+/// `(lo² k_hi v + hi² k_lo v) / n⁴`.
+fn tail_fraction(counts: &[f64], cut: usize, noise_var: f64) -> (f64, f64, f64) {
+    let hi: f64 = counts[cut + 1..].iter().sum();
+    let lo: f64 = counts[..=cut].iter().sum();
+    let n = (hi + lo).max(1.0);
+    let k_hi = (counts.len() - cut - 1) as f64;
+    let k_lo = (cut + 1) as f64;
+    let var = (lo * lo * k_hi * noise_var + hi * hi * k_lo * noise_var) / n.powi(4);
+    ((hi / n).clamp(0.0, 1.0), var, n)
+}
+
+/// Tests `current` for a latency regression against the windows of `history` before it.
+/// `None` until the baseline holds `min_baseline_windows` windows.
+pub fn latency_regression(
+    cfg: &DetectorConfig,
+    history: &[HistogramWindow],
+    current: &HistogramWindow,
+) -> Option<Test> {
+    let base = pick(cfg, history, |w| w.start, current.start)?;
+    let len = current.counts.len();
+    if len < 2 || base.iter().any(|w| w.counts.len() != len) {
+        return None;
+    }
+    // Pool the baseline: sums of counts, sums of noise variances.
+    let mut pooled = vec![0.0; len];
+    let mut pooled_var = 0.0;
+    for w in base {
+        for (p, c) in pooled.iter_mut().zip(&w.counts) {
+            *p += *c as f64;
+        }
+        pooled_var += w.noise_sd * w.noise_sd;
+    }
+    // The cut: the bucket bound whose baseline tail fraction is nearest to 1 - q.
+    let target = 1.0 - cfg.tail_quantile;
+    let cut = (0..len - 1)
+        .min_by(|&a, &b| {
+            let da = (tail_fraction(&pooled, a, 0.0).0 - target).abs();
+            let db = (tail_fraction(&pooled, b, 0.0).0 - target).abs();
+            da.total_cmp(&db)
+        })
+        .unwrap_or(0);
+    let (f0, noise0, n0) = tail_fraction(&pooled, cut, pooled_var);
+    let cur: Vec<f64> = current.counts.iter().map(|&c| c as f64).collect();
+    let (f, noise, n) = tail_fraction(&cur, cut, current.noise_sd * current.noise_sd);
+    // Sampling variance of a proportion, at the baseline's fraction (the null).
+    let p = f0.clamp(1e-6, 1.0 - 1e-6);
+    let var = p * (1.0 - p) * (1.0 / n + 1.0 / n0) + noise + noise0;
+    let z = (f - f0) / var.sqrt();
+    let threshold = cfg.threshold();
+    let bound_ms = current.bounds_us.get(cut).copied().unwrap_or(0) as f64 / 1_000.0;
+    Some(Test {
+        kind: AlertKind::LatencyRegression,
+        window: current.start,
+        statistic: z,
+        threshold,
+        baseline: f0,
+        observed: f,
+        baseline_windows: base.iter().map(|w| w.start).collect(),
+        flagged: z > threshold,
+        explanation: format!(
+            "{:.2}% of requests slower than {bound_ms:.1} ms against {:.2}% in the {} baseline windows \
+             (the bucket bound nearest their p{:.0}); z = {z:.2}, threshold {threshold:.2}",
+            100.0 * f,
+            100.0 * f0,
+            base.len(),
+            100.0 * cfg.tail_quantile
+        ),
+    })
+}
+
+/// Tests `current` for an error spike against the windows of `history` before it. With request
+/// counts on both sides the rate is tested, otherwise the count.
+pub fn error_spike(
+    cfg: &DetectorConfig,
+    history: &[CountWindow],
+    current: &CountWindow,
+) -> Option<Test> {
+    let base = pick(cfg, history, |w| w.start, current.start)?;
+    let threshold = cfg.threshold();
+    let e0: f64 = base.iter().map(|w| w.value).sum();
+    let v0: f64 = base.iter().map(|w| w.noise_sd * w.noise_sd).sum();
+    let e = current.value;
+    let v = current.noise_sd * current.noise_sd;
+    let requests: Option<Vec<(f64, f64)>> = base.iter().map(|w| w.requests).collect();
+    let (z, baseline, observed, what) = match (requests, current.requests) {
+        (Some(r0), Some((n, sn))) => {
+            let n0: f64 = r0.iter().map(|r| r.0).sum::<f64>().max(1.0);
+            let vn0: f64 = r0.iter().map(|r| r.1 * r.1).sum();
+            let n = n.max(1.0);
+            let (rate0, rate) = (e0 / n0, e / n);
+            let p = rate0.clamp(1e-9, 1.0 - 1e-9);
+            // Sampling (binomial at the baseline rate) plus the delta-method noise of each ratio.
+            let var = p * (1.0 - p) * (1.0 / n + 1.0 / n0)
+                + (v + rate * rate * sn * sn) / (n * n)
+                + (v0 + rate0 * rate0 * vn0) / (n0 * n0);
+            (
+                (rate - rate0) / var.sqrt(),
+                rate0,
+                rate,
+                format!(
+                    "error rate {:.3}% against {:.3}% in the {} baseline windows",
+                    100.0 * rate,
+                    100.0 * rate0,
+                    base.len()
+                ),
+            )
+        }
+        _ => {
+            let k = base.len() as f64;
+            let m0 = e0 / k;
+            // Poisson sampling at the baseline mean, noise of the window and of the mean.
+            let var = m0.max(1.0) * (1.0 + 1.0 / k) + v + v0 / (k * k);
+            (
+                (e - m0) / var.sqrt(),
+                m0,
+                e,
+                format!(
+                    "{e:.0} errors against a mean of {m0:.1} in the {} baseline windows",
+                    base.len()
+                ),
+            )
+        }
+    };
+    Some(Test {
+        kind: AlertKind::ErrorSpike,
+        window: current.start,
+        statistic: z,
+        threshold,
+        baseline,
+        observed,
+        baseline_windows: base.iter().map(|w| w.start).collect(),
+        flagged: z > threshold,
+        explanation: format!("{what}; z = {z:.2}, threshold {threshold:.2}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::task::log_spaced_bounds;
+
+    #[test]
+    fn normal_quantile_matches_tables() {
+        for (p, z) in [
+            (0.5, 0.0),
+            (0.9, 1.281_551_565_545),
+            (0.95, 1.644_853_626_951),
+            (0.975, 1.959_963_984_540),
+            (0.99, 2.326_347_874_041),
+            (0.999, 3.090_232_306_168),
+            (0.01, -2.326_347_874_041),
+            (1e-6, -4.753_424_308_823),
+        ] {
+            assert!(
+                (normal_quantile(p) - z).abs() < 1e-6,
+                "{p}: {}",
+                normal_quantile(p)
+            );
+        }
+        assert_eq!(normal_quantile(0.0), f64::NEG_INFINITY);
+        assert_eq!(normal_quantile(1.0), f64::INFINITY);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        assert!(DetectorConfig::default().validate().is_ok());
+        for c in [
+            DetectorConfig {
+                false_alarm_rate: 0.0,
+                ..Default::default()
+            },
+            DetectorConfig {
+                baseline_windows: 1,
+                ..Default::default()
+            },
+            DetectorConfig {
+                tail_quantile: 1.0,
+                ..Default::default()
+            },
+        ] {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+    }
+
+    /// A gaussian draw with the noise's standard deviation (the detector only sees variances).
+    fn gauss(rng: &mut ChaCha8Rng, sd: f64) -> f64 {
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random();
+        sd * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    fn window(
+        rng: &mut ChaCha8Rng,
+        start: u64,
+        n: usize,
+        median_ms: f64,
+        sd: f64,
+    ) -> HistogramWindow {
+        let bounds = log_spaced_bounds(2_000, 4_000_000, 20);
+        let mut counts = vec![0i64; 20];
+        for _ in 0..n {
+            let ms = median_ms * (0.5 * gauss(rng, 1.0)).exp();
+            let us = (ms * 1_000.0) as u64;
+            counts[bounds.iter().position(|&b| us <= b).unwrap_or(19)] += 1;
+        }
+        for c in &mut counts {
+            *c += gauss(rng, sd).round() as i64;
+        }
+        HistogramWindow {
+            start,
+            counts,
+            bounds_us: bounds,
+            noise_sd: sd,
+        }
+    }
+
+    #[test]
+    fn a_large_shift_is_flagged_in_its_first_window_and_a_steady_service_is_not() {
+        let cfg = DetectorConfig::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut h: Vec<HistogramWindow> = (0..6)
+            .map(|i| window(&mut rng, i * 60, 20_000, 50.0, 40.0))
+            .collect();
+        // Too little history: no test yet.
+        assert!(latency_regression(&cfg, &h[..1], &h[1]).is_none());
+        let steady = window(&mut rng, 360, 20_000, 50.0, 40.0);
+        let t = latency_regression(&cfg, &h, &steady).unwrap();
+        assert!(!t.flagged, "{t:?}");
+        assert_eq!(t.baseline_windows.len(), 6);
+        h.push(steady);
+        let slow = window(&mut rng, 420, 20_000, 80.0, 40.0);
+        let t = latency_regression(&cfg, &h, &slow).unwrap();
+        assert!(t.flagged, "{t:?}");
+        assert!(t.observed > t.baseline && t.statistic > 10.0, "{t:?}");
+        assert!(t.explanation.contains("slower than"), "{}", t.explanation);
+    }
+
+    #[test]
+    fn without_an_anomaly_false_alarms_stay_near_the_configured_rate() {
+        // 2,000 windows without an anomaly at α = 5%: flags ~ Binomial(2000, 0.05), mean 100,
+        // sd 9.7. Accept 100 ± 4.5 sd (a false failure about once in 150,000 runs); a
+        // detector that ignored the noise variance would flag several times more.
+        let cfg = DetectorConfig {
+            false_alarm_rate: 0.05,
+            ..Default::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let (mut flags, mut tests) = (0, 0);
+        let mut h: Vec<HistogramWindow> = Vec::new();
+        let mut e: Vec<CountWindow> = Vec::new();
+        let (mut eflags, mut etests) = (0, 0);
+        for i in 0..2_000u64 {
+            let w = window(&mut rng, i, 2_000, 50.0, 60.0);
+            if let Some(t) = latency_regression(&cfg, &h, &w) {
+                tests += 1;
+                flags += t.flagged as u32;
+            }
+            h.push(w);
+            let n = 2_000.0 + gauss(&mut rng, 60.0 * 4.5);
+            let errors = (0..2_000).filter(|_| rng.random::<f64>() < 0.02).count() as f64;
+            let c = CountWindow {
+                start: i,
+                value: errors + gauss(&mut rng, 80.0),
+                noise_sd: 80.0,
+                requests: Some((n, 60.0 * 4.5)),
+            };
+            if let Some(t) = error_spike(&cfg, &e, &c) {
+                etests += 1;
+                eflags += t.flagged as u32;
+            }
+            e.push(c);
+        }
+        for (what, f, n) in [("latency", flags, tests), ("errors", eflags, etests)] {
+            let mean = n as f64 * 0.05;
+            let sd = (n as f64 * 0.05 * 0.95).sqrt();
+            assert!(
+                (f as f64 - mean).abs() < 4.5 * sd,
+                "{what}: {f} flags in {n} windows, expected {mean:.0} ± {:.0}",
+                4.5 * sd
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_spike_is_flagged_and_counts_work_without_requests() {
+        let cfg = DetectorConfig::default();
+        let base: Vec<CountWindow> = (0..4)
+            .map(|i| CountWindow {
+                start: i,
+                value: 200.0 + i as f64,
+                noise_sd: 80.0,
+                requests: Some((20_000.0, 270.0)),
+            })
+            .collect();
+        let spike = CountWindow {
+            start: 4,
+            value: 1_600.0,
+            noise_sd: 80.0,
+            requests: Some((20_000.0, 270.0)),
+        };
+        let t = error_spike(&cfg, &base, &spike).unwrap();
+        assert!(t.flagged && (t.observed - 0.08).abs() < 1e-9, "{t:?}");
+        let calm = CountWindow {
+            value: 210.0,
+            ..spike.clone()
+        };
+        assert!(!error_spike(&cfg, &base, &calm).unwrap().flagged);
+        // Counts only.
+        let base: Vec<CountWindow> = base
+            .into_iter()
+            .map(|w| CountWindow {
+                requests: None,
+                ..w
+            })
+            .collect();
+        let t = error_spike(
+            &cfg,
+            &base,
+            &CountWindow {
+                requests: None,
+                ..spike
+            },
+        )
+        .unwrap();
+        assert!(
+            t.flagged && t.explanation.contains("errors against a mean"),
+            "{t:?}"
+        );
+    }
+}
