@@ -255,6 +255,80 @@ fn erfc(x: f64) -> f64 {
     if x >= 0.0 { r } else { 2.0 - r }
 }
 
+/// The z threshold of a one-sided test at level `alpha` for a statistic whose unit variance
+/// is part gaussian and part the noise of one released count: the sum of two discrete Laplace
+/// draws (one per aggregator), whose tails are heavier than a normal's. `rho` is the share of
+/// the statistic's standard deviation that comes from that Laplace noise (`rho²` of its
+/// variance). At `rho = 0` this is the normal quantile; at `rho = 1`, the Laplace-sum's.
+///
+/// The tail `P(G + ρL > t)` with `G ~ N(0, 1 - ρ²)` and `L` the unit-variance sum of two iid
+/// Laplace(½) (density `(1 + 2|x|) e^{-2|x|}`) is integrated numerically and solved for `t` by
+/// bisection. Thresholds depend only on `(alpha, rho)`, so they are computed once per
+/// hundredth of `rho` and interpolated.
+pub fn laplace_mixed_threshold(alpha: f64, rho: f64) -> f64 {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<(u64, usize), f64>>> = OnceLock::new();
+    let rho = rho.clamp(0.0, 1.0);
+    let at = |i: usize| {
+        let key = (alpha.to_bits(), i);
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(t) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return *t;
+        }
+        let t = solve_mixed_threshold(alpha, i as f64 / 100.0);
+        cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, t);
+        t
+    };
+    let x = rho * 100.0;
+    let i = (x.floor() as usize).min(99);
+    let f = x - i as f64;
+    at(i) * (1.0 - f) + at(i + 1) * f
+}
+
+fn solve_mixed_threshold(alpha: f64, rho: f64) -> f64 {
+    let g = (1.0 - rho * rho).max(0.0).sqrt();
+    // Tail of the unit-variance two-Laplace sum: e^{-2u} (2 + 2u) / 4 for u ≥ 0.
+    let laplace_tail = |u: f64| {
+        if u >= 0.0 {
+            (-2.0 * u).exp() * (2.0 + 2.0 * u) / 4.0
+        } else {
+            1.0 - (2.0 * u).exp() * (2.0 - 2.0 * u) / 4.0
+        }
+    };
+    let tail = |t: f64| {
+        if rho < 1e-9 {
+            return 1.0 - normal_cdf(t);
+        }
+        if g < 1e-6 {
+            return laplace_tail(t / rho);
+        }
+        // ∫ f_L(x) P(G > t - ρx) dx over x in [-16, 16] (the density is below 1e-12 beyond).
+        let h = 0.01;
+        let mut sum = 0.0;
+        let mut x: f64 = -16.0;
+        while x <= 16.0 {
+            let f = 0.5 * (1.0 + 2.0 * x.abs()) * (-2.0 * x.abs()).exp();
+            sum += f * (1.0 - normal_cdf((t - rho * x) / g));
+            x += h;
+        }
+        sum * h
+    };
+    let (mut lo, mut hi): (f64, f64) = (0.0, 40.0);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if tail(mid) > alpha {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
 /// The last `baseline_windows` windows of `history` before `current` (oldest first), if there
 /// are at least `min_baseline_windows`.
 fn pick<'a, T>(
@@ -350,13 +424,13 @@ pub fn error_spike(
     current: &CountWindow,
 ) -> Option<Test> {
     let base = pick(cfg, history, |w| w.start, current.start)?;
-    let threshold = cfg.threshold();
     let e0: f64 = base.iter().map(|w| w.value).sum();
     let v0: f64 = base.iter().map(|w| w.noise_sd * w.noise_sd).sum();
     let e = current.value;
     let v = current.noise_sd * current.noise_sd;
     let requests: Option<Vec<(f64, f64)>> = base.iter().map(|w| w.requests).collect();
-    let (z, baseline, observed, what) = match (requests, current.requests) {
+    // The statistic's variance, and the part of it that is the current count's Laplace noise.
+    let (z, baseline, observed, what, var, laplace_var) = match (requests, current.requests) {
         (Some(r0), Some((n, sn))) => {
             let n0: f64 = r0.iter().map(|r| r.0).sum::<f64>().max(1.0);
             let vn0: f64 = r0.iter().map(|r| r.1 * r.1).sum();
@@ -377,6 +451,8 @@ pub fn error_spike(
                     100.0 * rate0,
                     base.len()
                 ),
+                var,
+                v / (n * n),
             )
         }
         _ => {
@@ -392,9 +468,16 @@ pub fn error_spike(
                     "{e:.0} errors against a mean of {m0:.1} in the {} baseline windows",
                     base.len()
                 ),
+                var,
+                v,
             )
         }
     };
+    // One count's noise is a sum of two Laplace draws: heavier tails than the normal's, so the
+    // threshold accounts for them (a plain normal threshold would flag ~1.9% at α = 1% when
+    // the noise dominates).
+    let threshold =
+        laplace_mixed_threshold(cfg.false_alarm_rate, (laplace_var / var.max(1e-300)).sqrt());
     Some(Test {
         kind: AlertKind::ErrorSpike,
         window: current.start,
@@ -439,6 +522,24 @@ mod tests {
     }
 
     #[test]
+    fn laplace_mixed_thresholds_run_from_the_normal_to_the_laplace_sum() {
+        // No Laplace part: the normal quantile.
+        assert!((laplace_mixed_threshold(0.01, 0.0) - 2.326_347_874).abs() < 1e-3);
+        // All Laplace: the u with e^{-2u}(2 + 2u)/4 = 0.01.
+        let t = laplace_mixed_threshold(0.01, 1.0);
+        assert!(
+            ((-2.0 * t).exp() * (2.0 + 2.0 * t) / 4.0 - 0.01).abs() < 1e-6,
+            "{t}"
+        );
+        // In between it grows with the Laplace share.
+        let ts: Vec<f64> = [0.0, 0.3, 0.6, 0.9, 1.0]
+            .iter()
+            .map(|r| laplace_mixed_threshold(0.01, *r))
+            .collect();
+        assert!(ts.windows(2).all(|w| w[1] >= w[0] - 1e-9), "{ts:?}");
+    }
+
+    #[test]
     fn bad_configs_are_refused() {
         assert!(DetectorConfig::default().validate().is_ok());
         for c in [
@@ -457,6 +558,17 @@ mod tests {
         ] {
             assert!(c.validate().is_err(), "{c:?}");
         }
+    }
+
+    /// The noise of one released count: two Laplace draws of scale `sd / 2` (variance `sd²`).
+    fn laplace2(rng: &mut ChaCha8Rng, sd: f64) -> f64 {
+        let b = sd / 2.0;
+        let mut one = || {
+            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            b * (u1 / u2).ln()
+        };
+        one() + one()
     }
 
     /// A gaussian draw with the noise's standard deviation (the detector only sees variances).
@@ -537,7 +649,7 @@ mod tests {
             let errors = (0..2_000).filter(|_| rng.random::<f64>() < 0.02).count() as f64;
             let c = CountWindow {
                 start: i,
-                value: errors + gauss(&mut rng, 80.0),
+                value: errors + laplace2(&mut rng, 80.0),
                 noise_sd: 80.0,
                 requests: Some((n, 60.0 * 4.5)),
             };

@@ -91,6 +91,14 @@ fn normal(rng: &mut ChaCha8Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
+/// The point estimate of quantile `q` in milliseconds from noisy counts, without an interval:
+/// what [`quantile_ms`] reports as its value, for callers that need many (the harness).
+pub fn quantile_point_ms(values: &[i64], bounds_us: &[u64], q: f64) -> Option<f64> {
+    let counts: Vec<f64> = values.iter().map(|v| *v as f64).collect();
+    let (b, frac) = locate(&counts, q)?;
+    Some(interpolate(bounds_us, b, frac) / 1_000.0)
+}
+
 /// Quantile `q` (e.g. 0.95) of a noisy latency histogram, in milliseconds, with its 95%
 /// confidence interval. `values` has one more entry than `bounds_us` (the open-ended last
 /// bucket). `seed` makes the replicates reproducible. None if the histogram is empty after noise.

@@ -4,6 +4,7 @@ use clap::Parser;
 
 mod cli;
 mod demo;
+mod sim;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();

@@ -40,6 +40,10 @@ enum Command {
     /// collector sees: report counts, latency quantiles with 95% confidence intervals, error
     /// rates.
     Demo(crate::demo::DemoArgs),
+    /// Sweep privacy (ε) and traffic against detection power, false alarms, time to detect and
+    /// quantile error with the real noise mechanism and detectors; writes CSV, PNG plots and a
+    /// markdown summary.
+    Sim(crate::sim::SimArgs),
     /// Run a tenant's results service until SIGINT or SIGTERM: collects every closed window and
     /// serves the noisy statistics over gRPC and HTTP/JSON.
     Results(results::Args),
@@ -84,6 +88,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Shuffler(a) => shuffler::run(a).await,
         Command::Results(a) => results::run(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
+        Command::Sim(a) => tokio::task::spawn_blocking(move || crate::sim::run(a)).await?,
         Command::Task(t) => task::run(t).await,
         Command::Keygen(k) => keys::keygen(k),
         Command::Keys(k) => keys::run(k).await,
