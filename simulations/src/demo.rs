@@ -33,7 +33,7 @@ use rand::{Rng, SeedableRng};
 const ADMIN_TOKEN: &str = "demo-admin-token-not-secret";
 const PEER_TOKEN: &str = "demo-peer-token-not-secret";
 const TENANT_TOKEN: &str = "demo-tenant-token-not-secret";
-const COLLECT_DELAY_S: u64 = 5;
+pub(crate) const COLLECT_DELAY_S: u64 = 5;
 
 /// Run the whole cluster on loopback with simulated services and print what the collector sees.
 #[derive(Debug, Clone, clap::Args)]
@@ -126,18 +126,22 @@ fn fmt_est(e: &Option<pb::Estimate>) -> String {
     }
 }
 
-struct Cluster {
-    leader: Aggregator,
-    helper: Aggregator,
-    shufflers: Vec<ShufflerNode>,
-    results: ResultsService,
+/// The servers of an in-process cluster.
+pub(crate) struct Cluster {
+    pub(crate) leader: Aggregator,
+    pub(crate) helper: Aggregator,
+    pub(crate) shufflers: Vec<ShufflerNode>,
+    pub(crate) results: ResultsService,
 }
 
-async fn start_cluster(
+/// Starts helper, leader, two shufflers and a results service (with `detection`, the TOML of
+/// its `[detection]` section) on 127.0.0.1 with sled under `dir`, and provisions `tasks`.
+pub(crate) async fn start_cluster(
     dir: &std::path::Path,
     clock: Arc<dyn Clock>,
     tasks: &[TaskConfig],
     collector: &HpkeKeypair,
+    detection: &str,
 ) -> anyhow::Result<Cluster> {
     let any = "127.0.0.1:0";
     let secrets = Secrets {
@@ -244,7 +248,7 @@ async fn start_cluster(
         ResultsConfig::from_toml(&format!(
             "tenant = \"demo\"\nlisten_grpc = \"{any}\"\nlisten_http = \"{any}\"\ndata_dir = \"{}\"\nleader_url = \"{leader_url}\"\n\
              task_files = [{}]\ncollect_delay_s = {COLLECT_DELAY_S}\npoll_interval_ms = 50\n\
-             [detection]\nfalse_alarm_rate = 0.01\nerror_rates = [{{ errors = \"errors\", requests = [\"checkout latency\", \"search latency\", \"auth latency\"] }}]\n",
+             [detection]\n{detection}\n",
             dir.join("results").display(),
             task_files.join(", ")
         ))?,
@@ -260,7 +264,11 @@ async fn start_cluster(
     })
 }
 
-async fn wait_until<F: Fn() -> bool>(what: &str, timeout: Duration, f: F) -> anyhow::Result<()> {
+pub(crate) async fn wait_until<F: Fn() -> bool>(
+    what: &str,
+    timeout: Duration,
+    f: F,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     while !f() {
         if start.elapsed() > timeout {
@@ -341,7 +349,9 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "hush demo: 2 shufflers, leader, helper and a results service on 127.0.0.1; data in {}",
         dir.display()
     );
-    let cluster = start_cluster(&dir, clock.clone(), &all_tasks, &collector).await?;
+    let detection = "false_alarm_rate = 0.01\nerror_rates = [{ errors = \"errors\", requests = \
+                     [\"checkout latency\", \"search latency\", \"auth latency\"] }]";
+    let cluster = start_cluster(&dir, clock.clone(), &all_tasks, &collector, detection).await?;
     let endpoints = Endpoints {
         shufflers: vec![
             (

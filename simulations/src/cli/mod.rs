@@ -88,7 +88,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Shuffler(a) => shuffler::run(a).await,
         Command::Results(a) => results::run(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
-        Command::Sim(a) => tokio::task::spawn_blocking(move || crate::sim::run(a)).await?,
+        Command::Sim(a) => crate::sim::run(a).await,
         Command::Task(t) => task::run(t).await,
         Command::Keygen(k) => keys::keygen(k),
         Command::Keys(k) => keys::run(k).await,

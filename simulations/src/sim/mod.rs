@@ -7,6 +7,7 @@
 //! CSV and markdown table per parameter combination, and PNG plots.
 
 mod model;
+mod pipeline;
 mod plot;
 mod scenario;
 
@@ -20,9 +21,25 @@ use rayon::prelude::*;
 use model::{Cell, RunResult};
 use scenario::{AnomalyKind, Scenario};
 
+/// How `hush sim` produces released windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Mode {
+    /// Exact aggregates plus the aggregators' noise mechanism: fast, for sweeps up to 10^7
+    /// events per window.
+    Model,
+    /// The real system in this process (real crypto and servers on loopback): small N only.
+    Pipeline,
+    /// Runs the scenario's no-anomaly windows in both modes and tests that the released
+    /// histograms and error counts agree (exits non-zero if not).
+    Check,
+}
+
 /// Sweep privacy against detection power and quantile error.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct SimArgs {
+    /// Model (fast), pipeline (the real system) or check (do both agree?).
+    #[arg(long, value_enum, default_value = "model")]
+    pub(crate) mode: Mode,
     /// The scenario file (TOML); `simulations/scenarios/default.toml` is the shipped one.
     #[arg(long)]
     pub(crate) scenario: PathBuf,
@@ -284,8 +301,119 @@ fn markdown(s: &Scenario, sums: &[Summary], plots: &[String]) -> String {
     md
 }
 
+/// Runs every repetition of every cell through the real system, one cell after another.
+async fn pipeline_sweep(
+    s: &Scenario,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<(Cell, Vec<RunResult>)>> {
+    let mut out = Vec::new();
+    for (i, cell) in cells(s).into_iter().enumerate() {
+        let runs = pipeline::simulate(s, &cell, s.repetitions, model::run_seed(s.seed, i, 0))
+            .await?
+            .iter()
+            .map(|released| {
+                progress.inc(1);
+                model::evaluate(s, &s.detection, &cell, released)
+            })
+            .collect();
+        out.push((cell, runs));
+    }
+    Ok(out)
+}
+
+/// Whether the two modes release the same distribution: per bucket of the latency histogram
+/// and for the error count, the mean over the pipeline's windows against the model's (a
+/// chi-square over the z scores), and the ratio of their variances summed over buckets.
+#[derive(Clone, Debug)]
+pub(crate) struct Agreement {
+    pub(crate) chi2: f64,
+    pub(crate) df: usize,
+    pub(crate) p_value: f64,
+    pub(crate) variance_ratio: f64,
+    pub(crate) pipeline_windows: usize,
+    pub(crate) model_windows: usize,
+}
+
+impl Agreement {
+    /// Agree: means not different at p ≥ 0.001, variances within 45% (about 5 standard errors
+    /// for a few dozen windows of Laplace-tailed noise).
+    pub(crate) fn agrees(&self) -> bool {
+        self.p_value >= 0.001 && (self.variance_ratio - 1.0).abs() < 0.45
+    }
+}
+
+fn columns(windows: &[&model::Released]) -> Vec<Vec<f64>> {
+    let k = windows.first().map(|w| w.counts.len()).unwrap_or(0);
+    (0..=k)
+        .map(|b| {
+            windows
+                .iter()
+                .map(|w| if b < k { w.counts[b] as f64 } else { w.errors })
+                .collect()
+        })
+        .collect()
+}
+
+fn mean_var(x: &[f64]) -> (f64, f64) {
+    let n = x.len().max(2) as f64;
+    let m = x.iter().sum::<f64>() / x.len().max(1) as f64;
+    (
+        m,
+        x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1.0),
+    )
+}
+
+pub(crate) fn agreement(pipeline: &[model::Released], model: &[model::Released]) -> Agreement {
+    let p = columns(&pipeline.iter().collect::<Vec<_>>());
+    let m = columns(&model.iter().collect::<Vec<_>>());
+    let (mut chi2, mut vp, mut vm) = (0.0, 0.0, 0.0);
+    for (a, b) in p.iter().zip(&m) {
+        let ((ma, va), (mb, vb)) = (mean_var(a), mean_var(b));
+        let se2 = va / a.len() as f64 + vb / b.len() as f64;
+        if se2 > 0.0 {
+            chi2 += (ma - mb).powi(2) / se2;
+        }
+        vp += va;
+        vm += vb;
+    }
+    let df = p.len();
+    // Wilson–Hilferty: (χ²/df)^(1/3) is close to normal.
+    let k = df as f64;
+    let z = ((chi2 / k).cbrt() - (1.0 - 2.0 / (9.0 * k))) / (2.0 / (9.0 * k)).sqrt();
+    Agreement {
+        chi2,
+        df,
+        p_value: 1.0 - hush_protocol::detect::normal_cdf(z),
+        variance_ratio: vp / vm.max(1e-12),
+        pipeline_windows: pipeline.len(),
+        model_windows: model.len(),
+    }
+}
+
+/// The first cell without an anomaly, run in both modes (the model with 50 times the windows).
+async fn check(s: &Scenario) -> anyhow::Result<(Cell, Agreement)> {
+    let cell = cells(s)
+        .into_iter()
+        .find(|c| c.magnitude == 0.0)
+        .context("the check needs an anomaly magnitude of 0 (no anomaly) in the scenario")?;
+    let piped: Vec<model::Released> = pipeline::simulate(s, &cell, s.repetitions, s.seed)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut modeled = Vec::new();
+    for rep in 0..(50 * s.repetitions) {
+        modeled.extend(model::simulate(
+            s,
+            &cell,
+            model::run_seed(s.seed, usize::MAX, rep),
+        )?);
+    }
+    Ok((cell, agreement(&piped, &modeled)))
+}
+
 /// Runs `hush sim`.
-pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
     let mut s = Scenario::from_file(&args.scenario)?;
     if let Some(r) = args.repetitions {
         anyhow::ensure!(r > 0, "--repetitions must be positive");
@@ -293,6 +421,26 @@ pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     if let Some(seed) = args.seed {
         s.seed = seed;
+    }
+    if args.mode == Mode::Check {
+        let started = std::time::Instant::now();
+        let (cell, a) = check(&s).await?;
+        println!(
+            "pipeline against model, ε = {}, {} events per window, no anomaly: {} pipeline and {} \
+             model windows; means: χ² = {:.1} on {} df, p = {:.3}; variance ratio {:.2} ({:.1} s)",
+            cell.epsilon,
+            cell.events,
+            a.pipeline_windows,
+            a.model_windows,
+            a.chi2,
+            a.df,
+            a.p_value,
+            a.variance_ratio,
+            started.elapsed().as_secs_f64()
+        );
+        anyhow::ensure!(a.agrees(), "the modes disagree: {a:?}");
+        println!("the modes agree");
+        return Ok(());
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -305,7 +453,14 @@ pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = std::time::Instant::now();
-    let runs = sweep(&s, &bar)?;
+    let runs = match args.mode {
+        Mode::Pipeline => pipeline_sweep(&s, &bar).await?,
+        _ => {
+            let s2 = s.clone();
+            let b2 = bar.clone();
+            tokio::task::spawn_blocking(move || sweep(&s2, &b2)).await??
+        }
+    };
     bar.finish_and_clear();
     let sums: Vec<Summary> = runs.iter().map(|(c, r)| summarize(&s, *c, r)).collect();
     write(&args.out, "runs.csv", &runs_csv(&s, &runs))?;
@@ -315,7 +470,14 @@ pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
     } else {
         plot::all(&s, &sums, &args.out)?
     };
-    let md = markdown(&s, &sums, &plots);
+    let mut md = markdown(&s, &sums, &plots);
+    if args.mode == Mode::Pipeline {
+        md = md.replacen(
+            "Model mode",
+            "Pipeline mode (the real system in process)",
+            1,
+        );
+    }
     write(&args.out, "summary.md", &md)?;
     println!("{md}");
     println!(
@@ -380,6 +542,36 @@ mod tests {
             sum.false_alarm_rate,
             sum.null_tests
         );
+    }
+
+    /// A scenario small enough for the real system in a test: 100 instances, 6 windows.
+    pub(crate) fn tiny() -> Scenario {
+        let mut s = small();
+        s.windows = 6;
+        s.repetitions = 3;
+        s.events_per_window = vec![2_000];
+        s.min_batch_size = 50;
+        s.anomalies.truncate(1);
+        s.anomalies[0].start_window = 3;
+        s.anomalies[0].magnitudes = vec![0.0];
+        s
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pipeline_and_the_model_release_the_same_distribution() {
+        let s = tiny();
+        let (_, a) = check(&s).await.unwrap();
+        assert_eq!(a.pipeline_windows, 18);
+        assert!(a.agrees(), "{a:?}");
+        // The check can fail: a model with twice the noise is told apart.
+        let cell = cells(&s)[0];
+        let piped = pipeline::simulate(&s, &cell, 1, 9).await.unwrap().concat();
+        let mut noisier = s.clone();
+        noisier.events_per_client *= 2;
+        let modeled: Vec<model::Released> = (0..100)
+            .flat_map(|r| model::simulate(&noisier, &cell, r).unwrap())
+            .collect();
+        assert!(!agreement(&piped, &modeled).agrees());
     }
 
     #[test]

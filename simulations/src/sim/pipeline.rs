@@ -1,0 +1,235 @@
+//! The pipeline mode: the same scenario through the real system in this process — two shufflers,
+//! leader, helper and results service as gRPC servers on loopback with sled in a temporary
+//! directory, one client runtime per service instance, real Prio3, HPKE and DP noise — on a
+//! simulated clock. It is slow (real crypto per report), so it suits small N; the windows it
+//! releases feed the same detectors and scoring as the model mode.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hush_client::{Endpoints, HushClient, RuntimeConfig, fetch_keys};
+use hush_protocol::{
+    Clock, Epsilon, HpkeKeypair, MeasurementKind, MockClock, SystemClock, TaskConfig, TaskId,
+    TaskParams,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Binomial, Distribution, LogNormal};
+
+use super::model::{Cell, Released};
+use super::scenario::{AnomalyKind, Scenario};
+use crate::demo::{COLLECT_DELAY_S, start_cluster, wait_until};
+
+const WINDOW_S: u64 = 60;
+
+fn task(
+    s: &Scenario,
+    name: &str,
+    kind: MeasurementKind,
+    eps: f64,
+    collector: &HpkeKeypair,
+) -> anyhow::Result<TaskConfig> {
+    let runs = (s.windows * s.repetitions) as f64;
+    Ok(TaskConfig::new(TaskParams {
+        task_id: TaskId::random(),
+        tenant: "demo".into(),
+        name: name.into(),
+        kind,
+        bucket_bounds_us: if kind == MeasurementKind::Counter {
+            vec![]
+        } else {
+            s.bounds_us()
+        },
+        contribution_bound: s.events_per_client,
+        clip_contributions: true,
+        time_precision_s: WINDOW_S,
+        min_batch_size: s.min_batch_size,
+        epsilon_per_collection: Epsilon::from_f64(eps)?,
+        // Enough routine budget for every window of the run (30% of the total is routine).
+        epsilon_budget: Epsilon::from_f64((eps * runs * 4.0).min(1e6))?,
+        report_expiry_s: 3_600,
+        packet_size: 4_096,
+        collector_hpke_config: collector.config().clone(),
+        alert_budget_percent: 70,
+        retention_s: 86_400,
+    })?)
+}
+
+/// Runs `reps` repetitions of `cell` through the real system; each is `windows` consecutive
+/// windows of one cluster.
+pub(crate) async fn simulate(
+    s: &Scenario,
+    cell: &Cell,
+    reps: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<Vec<Released>>> {
+    let a = &s.anomalies[cell.anomaly];
+    let svc = s
+        .service(&a.service)
+        .ok_or_else(|| anyhow::anyhow!("no service {:?}", a.service))?
+        .clone();
+    let collector = HpkeKeypair::generate(1);
+    let lat = task(
+        s,
+        "latency",
+        MeasurementKind::WindowHistogram,
+        cell.epsilon,
+        &collector,
+    )?;
+    let err = task(
+        s,
+        "errors",
+        MeasurementKind::Counter,
+        cell.epsilon,
+        &collector,
+    )?;
+    let dir = tempfile::tempdir()?;
+    let start = SystemClock.now().round_down(WINDOW_S);
+    let mock = Arc::new(MockClock::new(start));
+    let clock: Arc<dyn Clock> = mock.clone();
+    let cluster = start_cluster(
+        dir.path(),
+        clock.clone(),
+        &[lat.clone(), err.clone()],
+        &collector,
+        "",
+    )
+    .await
+    .context("starting the in-process cluster")?;
+    let endpoints = Endpoints {
+        shufflers: cluster
+            .shufflers
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                (
+                    ["shuffler-a", "shuffler-b"][i].into(),
+                    format!("http://{}", n.local_addr()),
+                )
+            })
+            .collect(),
+        leader: (
+            "leader".into(),
+            format!("http://{}", cluster.leader.local_addr()),
+        ),
+        helper_url: format!("http://{}", cluster.helper.local_addr()),
+    };
+    let keys = fetch_keys(&endpoints, Duration::from_secs(10)).await?;
+    let channel = hush_aggregator::client::channel(&endpoints.shufflers[0].1)?;
+    let instances = cell.events / s.events_per_client;
+    let config = RuntimeConfig {
+        queue_capacity: 1_000,
+        max_batch: 100,
+        tick: Duration::from_secs(5),
+        max_jitter: Duration::from_millis(50),
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_secs(2),
+        refresh_interval: Duration::from_secs(3_600),
+        request_timeout: Duration::from_secs(30),
+    };
+    let mut clients = Vec::new();
+    for _ in 0..instances {
+        clients.push(
+            HushClient::builder(endpoints.clone())
+                .latency_task(&svc.name, "request", lat.clone())
+                .counter_task("errors", err.clone())
+                .config(config.clone())
+                .clock(clock.clone())
+                .keys(keys.clone())
+                .channel(channel.clone())
+                .start()
+                .await?,
+        );
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dist = LogNormal::new(svc.median_ms.ln(), svc.sigma)?;
+    let store = cluster.results.store().clone();
+    let mut out = Vec::new();
+    for _ in 0..reps {
+        let mut run = Vec::new();
+        for w in 0..s.windows {
+            let window = mock.now().round_down(WINDOW_S);
+            let on = w >= a.start_window;
+            let (shift, rate) = match a.kind {
+                AnomalyKind::LatencyShift if on => (cell.magnitude, svc.error_rate),
+                AnomalyKind::ErrorSpike if on => (0.0, svc.error_rate + cell.magnitude),
+                _ => (0.0, svc.error_rate),
+            };
+            for c in &clients {
+                let l = c.latency(&svc.name, "request");
+                for _ in 0..s.events_per_client {
+                    let ms: f64 = dist.sample(&mut rng) + shift;
+                    l.record(Duration::from_secs_f64(ms / 1_000.0));
+                }
+                c.counter("errors")
+                    .add(Binomial::new(s.events_per_client, rate)?.sample(&mut rng));
+            }
+            mock.advance(WINDOW_S);
+            let flushes: Vec<_> = clients
+                .iter()
+                .cloned()
+                .map(|c| tokio::spawn(async move { c.flush(Duration::from_secs(120)).await }))
+                .collect();
+            for f in flushes {
+                anyhow::ensure!(f.await?, "a client could not upload its window");
+            }
+            let mixers: Vec<_> = cluster
+                .shufflers
+                .iter()
+                .map(|n| n.node().mixer.clone())
+                .collect();
+            wait_until("the shufflers to forward", Duration::from_secs(120), || {
+                mixers.iter().all(|m| m.buffered() == 0)
+            })
+            .await?;
+            let ls = cluster.leader.shared().store.clone();
+            wait_until("the aggregators", Duration::from_secs(300), || {
+                ls.pending_total() == 0
+            })
+            .await?;
+            mock.advance(COLLECT_DELAY_S);
+            let ids = [lat.id(), err.id()];
+            wait_until("the results service", Duration::from_secs(120), || {
+                ids.iter().all(|id| {
+                    matches!(store.window(id, window), Ok(Some(_)))
+                        || matches!(store.skipped(id, window), Ok(Some(_)))
+                })
+            })
+            .await?;
+            mock.set(window.add_secs(WINDOW_S));
+            let h = store.window(&lat.id(), window)?.with_context(|| {
+                format!(
+                    "window {w} was not released: {}",
+                    store
+                        .skipped(&lat.id(), window)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default()
+                )
+            })?;
+            let e = store
+                .window(&err.id(), window)?
+                .context("the error count was not released")?;
+            let e_total: i64 = e.noisy_counts.iter().sum();
+            run.push(Released {
+                counts: h.noisy_counts.clone(),
+                noise_sd: h.noise_stddev,
+                errors: e_total as f64,
+                errors_sd: e.noise_stddev,
+            });
+        }
+        out.push(run);
+        let _ = rng.random::<u64>();
+    }
+    for c in clients {
+        c.shutdown(Duration::from_secs(1)).await;
+    }
+    cluster.results.shutdown().await?;
+    for n in cluster.shufflers {
+        n.shutdown().await?;
+    }
+    cluster.leader.shutdown().await?;
+    cluster.helper.shutdown().await?;
+    Ok(out)
+}
