@@ -283,6 +283,7 @@ fn every_message() -> Vec<Box<dyn Fn() -> Result<(), String>>> {
         rt(pb::CollectAdHocRequest {
             task_id: vec![1; 32].into(),
             interval: Some(interval),
+            purpose: pb::BudgetPurpose::Alert as i32,
         }),
         rt(window),
         rt(pb::ListAlertsRequest {

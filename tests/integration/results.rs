@@ -141,6 +141,26 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
         (w.report_count, &w.noisy_counts)
     );
     assert!((g.p95_ms.unwrap().value - w.p95_ms.unwrap().value).abs() < 1e-9);
+    // One window is no baseline: detection ran on it and raised nothing, on both APIs.
+    let alerts = grpc
+        .list_alerts(pb::ListAlertsRequest {
+            task_id: task.id().as_bytes().to_vec().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(alerts.alerts.is_empty(), "{alerts:?}");
+    let (code, text) = request(results.http_addr(), "GET", "/v1/alerts", None, None).await;
+    assert_eq!((code, text.as_str()), (200, "[]"));
+    let (code, _) = request(
+        results.http_addr(),
+        "GET",
+        &format!("/v1/tasks/{}/alerts", task.id()),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
     let e = grpc
         .get_window(pb::GetWindowRequest {
             task_id: task.id().as_bytes().to_vec().into(),
@@ -167,8 +187,37 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["epsilon_spent"], 100.0);
     assert_eq!(v["window"]["ad_hoc"], true);
-    // Routine budget 300: the scheduled collection and this one spent 100 each.
+    // A drill-down spends from the alert share (700 of 1000) by default.
+    assert_eq!(v["budget_left"], 600.0);
+    // From the routine share (300): the scheduled collection and this one spent 100 each.
+    let routine = format!(
+        "{{\"start\": {}, \"duration\": 60, \"purpose\": \"routine\"}}",
+        window.as_secs()
+    );
+    let (code, text) = request(
+        results.http_addr(),
+        "POST",
+        &collect,
+        Some(API_TOKEN),
+        Some(&routine),
+    )
+    .await;
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["budget_left"], 100.0);
+    let bad = format!(
+        "{{\"start\": {}, \"duration\": 60, \"purpose\": \"x\"}}",
+        window.as_secs()
+    );
+    let (code, text) = request(
+        results.http_addr(),
+        "POST",
+        &collect,
+        Some(API_TOKEN),
+        Some(&bad),
+    )
+    .await;
+    assert_eq!(code, 400, "{text}");
     let (code, text) = request(
         results.http_addr(),
         "GET",

@@ -105,7 +105,7 @@ pub struct AdHocJson {
     pub window: WindowJson,
     /// ε this collection spent at each aggregator.
     pub epsilon_spent: f64,
-    /// ε left of the routine budget for the interval's windows.
+    /// ε left of the paying share of the budget for the interval's windows.
     pub budget_left: f64,
 }
 
@@ -116,6 +116,10 @@ pub struct AdHocRequest {
     pub start: u64,
     /// Interval length in seconds (a multiple of the window).
     pub duration: u64,
+    /// Which share of the budget pays: `"alert"` (the default: a drill-down after an alert) or
+    /// `"routine"`.
+    #[serde(default)]
+    pub purpose: Option<String>,
 }
 
 type Reply<T> = Result<Json<T>, (StatusCode, Json<serde_json::Value>)>;
@@ -198,7 +202,19 @@ async fn ad_hoc(
         .map(str::trim);
     let interval = Interval::new(Time::from_secs(req.start), req.duration)
         .map_err(|e| fail(Error::InvalidRequest(e.to_string())))?;
-    let (w, left) = inner.ad_hoc(token, &id, interval).await.map_err(fail)?;
+    let purpose = match req.purpose.as_deref() {
+        None | Some("alert") => pb::BudgetPurpose::Alert,
+        Some("routine") => pb::BudgetPurpose::Routine,
+        Some(other) => {
+            return Err(fail(Error::InvalidRequest(format!(
+                "purpose {other:?} is neither \"alert\" nor \"routine\""
+            ))));
+        }
+    };
+    let (w, left) = inner
+        .ad_hoc(token, &id, interval, purpose)
+        .await
+        .map_err(fail)?;
     Ok(Json(AdHocJson {
         epsilon_spent: w.epsilon_micro as f64 / 1e6,
         window: WindowJson::from(&w),

@@ -219,6 +219,7 @@ impl Inner {
         token: Option<&str>,
         task: &TaskId,
         interval: Interval,
+        purpose: pb::BudgetPurpose,
     ) -> Result<(pb::WindowResult, u64)> {
         let Some(expected) = &self.secrets.api_token else {
             return Err(Error::WrongRole(format!(
@@ -236,10 +237,7 @@ impl Inner {
             }
         }
         let task = self.task(task)?.clone();
-        match self
-            .collect(&task, &interval, None, pb::BudgetPurpose::Routine)
-            .await
-        {
+        match self.collect(&task, &interval, None, purpose).await {
             Ok((c, left)) => {
                 let r = window_result(&task, &c, true);
                 self.store.put_ad_hoc(&task.id(), &r).await?;
@@ -339,7 +337,15 @@ impl Results for ResultsGrpc {
                 .ok_or_else(|| Status::invalid_argument("interval is missing"))?,
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (w, left) = self.0.ad_hoc(token.as_deref(), &id, interval).await?;
+        let purpose = match pb::BudgetPurpose::try_from(r.purpose) {
+            Ok(pb::BudgetPurpose::Routine) => pb::BudgetPurpose::Routine,
+            Ok(_) => pb::BudgetPurpose::Alert,
+            Err(_) => return Err(Status::invalid_argument("unknown budget purpose")),
+        };
+        let (w, left) = self
+            .0
+            .ad_hoc(token.as_deref(), &id, interval, purpose)
+            .await?;
         let mut resp = Response::new(w);
         resp.metadata_mut()
             .insert("hush-budget-left-micro", left.into());
