@@ -261,7 +261,8 @@ pub fn window_collection_id(task: &TaskId, start: Time) -> [u8; 16] {
     id
 }
 
-/// Reads the task files of a config; every task must belong to the configured tenant.
+/// Reads the task files of a config; every task must belong to the configured tenant, and
+/// every task named by `[detection] error_rates` must be among them.
 pub fn load_tasks(config: &ResultsConfig) -> Result<BTreeMap<TaskId, TaskConfig>> {
     let mut tasks = BTreeMap::new();
     for f in &config.task_files {
@@ -282,6 +283,10 @@ pub fn load_tasks(config: &ResultsConfig) -> Result<BTreeMap<TaskId, TaskConfig>
         }
         tasks.insert(t.id(), t);
     }
+    detection::check(
+        &config.detection.error_rates,
+        &tasks.values().map(|t| (t.name(), t)).collect(),
+    )?;
     Ok(tasks)
 }
 
@@ -387,10 +392,6 @@ impl ResultsService {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         let tasks = load_tasks(&config)?;
-        detection::check(
-            &config.detection.error_rates,
-            &tasks.values().map(|t| (t.name(), t)).collect(),
-        )?;
         let store = ResultsStore::open(&config.data_dir, config.cache_mb)?;
         let grpc_l = TcpListener::bind(config.listen_grpc)
             .await
