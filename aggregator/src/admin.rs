@@ -6,6 +6,7 @@ use hush_protocol::proto::v1::{self as pb, ReasonCount};
 use hush_protocol::{Role, TaskId};
 use tonic::{Request, Response, Status};
 
+use crate::audit::AuditEvent;
 use crate::error::{Error, Result};
 use crate::shared::Shared;
 use crate::store::{GLOBAL_SCOPE, Stat};
@@ -33,14 +34,32 @@ impl AdminService {
             )));
         }
         let id = entry.config.id();
+        let event = |outcome: &str| AuditEvent {
+            actor: "admin".into(),
+            action: "task.create".into(),
+            tenant: entry.config.tenant().into(),
+            task: id.to_string(),
+            outcome: outcome.into(),
+            detail: format!(
+                "name {:?}, kind {:?}, ε {} per collection, budget {}",
+                entry.config.name(),
+                entry.config.kind(),
+                entry.config.epsilon_per_collection(),
+                entry.config.epsilon_budget()
+            ),
+        };
         let existing = self.shared.store.put_task(&id, entry.encode())?;
         if let Some(prev) = existing {
             let prev = TaskEntry::decode(&prev)?;
             if prev.same_as(&entry) {
+                self.shared.audit(event("unchanged"));
                 return Ok(false);
             }
+            self.shared
+                .audit(event("refused: another task exists under this id"));
             return Err(Error::TaskConflict(id));
         }
+        self.shared.audit(event("ok"));
         self.shared.store.flush().await?;
         tracing::info!(task = %id, tenant = entry.config.tenant(), kind = ?entry.config.kind(), "provisioned a task");
         self.shared.tasks.insert(entry);
@@ -119,6 +138,17 @@ impl Admin for AdminService {
         _request: Request<pb::RotateHpkeKeyRequest>,
     ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
         let configs = self.shared.keys.rotate().await?;
+        self.shared.audit(AuditEvent {
+            actor: "admin".into(),
+            action: "key.rotate".into(),
+            outcome: "ok".into(),
+            detail: format!(
+                "published HPKE config ids {:?}",
+                configs.iter().map(|c| c.id()).collect::<Vec<_>>()
+            ),
+            ..AuditEvent::default()
+        });
+        self.shared.store.flush().await?;
         Ok(Response::new(pb::HpkeConfigList {
             configs: configs.iter().map(Into::into).collect(),
         }))
@@ -138,6 +168,15 @@ impl Admin for AdminService {
             .store
             .set_tenant_token_hash(&req.tenant, token_hash(&req.token))
             .await?;
+        self.shared.audit(AuditEvent {
+            actor: "admin".into(),
+            action: "tenant.token".into(),
+            tenant: req.tenant.clone(),
+            outcome: "ok".into(),
+            detail: "set the collector token (its hash is stored)".into(),
+            ..AuditEvent::default()
+        });
+        self.shared.store.flush().await?;
         tracing::info!(tenant = %req.tenant, "set a tenant's collector token");
         Ok(Response::new(pb::SetTenantTokenResponse {}))
     }

@@ -20,6 +20,7 @@ use hush_protocol::{Epsilon, Interval, ReportIdChecksum, Role, TaskId, Time};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::audit::AuditEvent;
 use crate::error::{Error, Result};
 use crate::leader::HelperClient;
 use crate::shared::Shared;
@@ -161,6 +162,32 @@ fn commit(
     }
 }
 
+/// The audit entry of a collection that spent budget.
+fn spend_event(
+    actor: String,
+    action: &str,
+    task: &TaskEntry,
+    interval: &Interval,
+    reports: u64,
+    purpose: &str,
+    left_micros: u64,
+) -> AuditEvent {
+    AuditEvent {
+        actor,
+        action: action.into(),
+        tenant: task.config.tenant().into(),
+        task: task.config.id().to_string(),
+        outcome: "ok".into(),
+        detail: format!(
+            "interval {}+{} s, {reports} reports, spent ε {} of the {purpose} budget, ε {} left",
+            interval.start().as_secs(),
+            interval.duration(),
+            task.config.epsilon_per_collection(),
+            Epsilon::from_micros(left_micros)
+        ),
+    }
+}
+
 /// The helper's `GetAggregateShare`.
 pub async fn helper_share(
     shared: &Shared,
@@ -208,6 +235,18 @@ pub async fn helper_share(
             leader_count = req.report_count,
             "the leader and the helper aggregated different reports; refusing the collection"
         );
+        shared.audit(AuditEvent {
+            actor: "leader".into(),
+            action: "aggregate_share".into(),
+            tenant: task.config.tenant().into(),
+            task: task_id.to_string(),
+            outcome: "refused: the aggregators aggregated different reports".into(),
+            detail: format!(
+                "helper {} reports, leader {}",
+                batch.report_count, req.report_count
+            ),
+        });
+        shared.store.flush().await?;
         return Err(Error::Mismatch(format!(
             "the helper aggregated {} reports (checksum {}) but the leader {} (checksum {})",
             batch.report_count,
@@ -222,7 +261,7 @@ pub async fn helper_share(
             min: task.config.min_batch_size(),
         });
     }
-    check_budget(shared, &task, purpose, &windows)?;
+    let left = check_budget(shared, &task, purpose, &windows)?;
     let answer = pb::AggregateShareResponse {
         encrypted_aggregate_share: Some(noisy_sealed_share(
             &task,
@@ -240,6 +279,15 @@ pub async fn helper_share(
         request_hash,
         &answer.encode_to_vec(),
     )?;
+    shared.audit(spend_event(
+        "leader".into(),
+        "aggregate_share",
+        &task,
+        &interval,
+        batch.report_count,
+        purpose.1,
+        left,
+    ));
     shared.store.flush().await?;
     tracing::info!(
         task = %task_id,
@@ -269,7 +317,18 @@ impl CollectionService {
     /// Only the task's tenant's collector may collect it.
     fn authorize(&self, token: Option<&str>, task: &TaskEntry) -> Result<()> {
         let tenant = task.config.tenant();
+        let refuse = |actor: String, why: &str| {
+            self.shared.audit(AuditEvent {
+                actor,
+                action: "collect".into(),
+                tenant: tenant.into(),
+                task: task.config.id().to_string(),
+                outcome: format!("refused: {why}"),
+                detail: String::new(),
+            });
+        };
         let Some(token) = token else {
+            refuse("unknown".into(), "no collector token");
             return Err(Error::Unauthenticated(
                 "missing collector token: send \"authorization: Bearer <tenant token>\"".into(),
             ));
@@ -281,6 +340,7 @@ impl CollectionService {
         }
         match self.shared.store.tenant_of_token_hash(&token_hash(token))? {
             Some(other) => {
+                refuse(format!("collector:{other}"), "cross-tenant request");
                 tracing::warn!(task = %task.config.id(), owner = tenant, requester = %other, "refused a cross-tenant collection");
                 Err(Error::PermissionDenied(format!(
                     "task {} belongs to another tenant",
@@ -288,6 +348,7 @@ impl CollectionService {
                 )))
             }
             None => {
+                refuse("unknown".into(), "wrong collector token");
                 tracing::warn!(task = %task.config.id(), "refused a collection with a wrong token");
                 Err(Error::Unauthenticated("wrong collector token".into()))
             }
@@ -303,6 +364,13 @@ impl CollectionService {
         let task_id = TaskId::try_from(req.task_id.as_ref())
             .map_err(|e| Error::InvalidRequest(e.to_string()))?;
         let Some(task) = shared.task(&task_id) else {
+            shared.audit(AuditEvent {
+                actor: "unknown".into(),
+                action: "collect".into(),
+                task: task_id.to_string(),
+                outcome: "refused: unknown task".into(),
+                ..AuditEvent::default()
+            });
             // Same answer as a wrong token, so task ids of other tenants cannot be probed.
             return Err(Error::Unauthenticated(format!(
                 "unknown task {task_id} or wrong collector token"
@@ -437,6 +505,15 @@ impl CollectionService {
             request_hash,
             &answer.encode_to_vec(),
         )?;
+        shared.audit(spend_event(
+            format!("collector:{}", task.config.tenant()),
+            "collect",
+            &task,
+            &interval,
+            batch.report_count,
+            purpose.1,
+            left,
+        ));
         shared.store.flush().await?;
         tracing::info!(
             task = %task_id,

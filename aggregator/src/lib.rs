@@ -9,6 +9,7 @@
 //! ([`AggregatorConfig`](config::AggregatorConfig)); the `hush aggregator` command wraps it.
 
 pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod collection;
 pub mod config;

@@ -39,6 +39,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Appends `e` to the audit trail at the current time (logged, never fails the caller).
+    pub fn audit(&self, e: crate::audit::AuditEvent) {
+        self.store.audit().record(self.clock.now().as_secs(), e);
+    }
+
     /// The task if it is provisioned here for this process's role.
     pub fn task(&self, id: &TaskId) -> Option<Arc<TaskEntry>> {
         self.tasks.get(id).filter(|t| t.role == self.role)

@@ -387,6 +387,7 @@ pub struct Store {
     ledger: Tree,
     collections: Tree,
     collected: Tree,
+    audit: crate::audit::AuditLog,
 }
 
 /// The budget of a window does not cover a collection.
@@ -456,6 +457,7 @@ impl Store {
             ledger: db.open_tree("ledger")?,
             collections: db.open_tree("collections")?,
             collected: db.open_tree("collected")?,
+            audit: crate::audit::AuditLog::open(&db)?,
             db,
         })
     }
@@ -463,6 +465,11 @@ impl Store {
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<()> {
         flush_db(&self.db).await
+    }
+
+    /// The audit trail.
+    pub fn audit(&self) -> &crate::audit::AuditLog {
+        &self.audit
     }
 
     /// A fresh, increasing sequence number.

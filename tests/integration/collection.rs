@@ -354,6 +354,47 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
         .await
         .unwrap();
     assert_eq!(c.budget_left.micros(), 2_000_000);
+    // The leader's audit trail holds every refusal, who asked, and the spend; the helper's the
+    // share it released. Both chains verify.
+    let trail: Vec<String> = s
+        .pair
+        .leader
+        .shared()
+        .store
+        .audit()
+        .entries()
+        .unwrap()
+        .iter()
+        .filter(|e| e.action == "collect")
+        .map(|e| format!("{} {}: {}", e.actor, e.outcome, e.detail))
+        .collect();
+    assert_eq!(trail.len(), 4, "{trail:#?}");
+    assert!(
+        trail[0].starts_with("collector:other refused: cross-tenant"),
+        "{trail:#?}"
+    );
+    assert!(
+        trail[1].starts_with("unknown refused: wrong collector token"),
+        "{trail:#?}"
+    );
+    assert!(
+        trail[2].starts_with("unknown refused: no collector token"),
+        "{trail:#?}"
+    );
+    assert!(
+        trail[3].starts_with("collector:acme ok: interval"),
+        "{trail:#?}"
+    );
+    assert!(trail[3].contains("20 reports, spent ε 1"), "{trail:#?}");
+    let helper = s.pair.helper.shared().store.audit().entries().unwrap();
+    assert!(
+        helper
+            .iter()
+            .any(|e| e.action == "aggregate_share" && e.outcome == "ok" && e.actor == "leader"),
+        "{helper:#?}"
+    );
+    s.pair.leader.shared().store.audit().verify().unwrap();
+    s.pair.helper.shared().store.audit().verify().unwrap();
     s.pair.shutdown().await;
 }
 

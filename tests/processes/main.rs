@@ -5,6 +5,7 @@
 //! path in `CARGO_BIN_EXE_hush`.
 
 mod aggregator_crash;
+mod audit;
 mod demo;
 mod end_to_end;
 mod shuffler_crash;

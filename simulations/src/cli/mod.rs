@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod aggregator;
+mod audit;
 mod keys;
 mod results;
 mod shuffler;
@@ -60,6 +61,9 @@ enum Command {
     /// Manage tenants' collector tokens on an aggregator.
     #[command(subcommand)]
     Tenant(keys::TenantCommand),
+    /// Verify or show an aggregator's hash-chained audit trail.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 pub(crate) fn init_logging(format: LogFormat, verbose: bool) {
@@ -93,6 +97,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keygen(k) => keys::keygen(k),
         Command::Keys(k) => keys::run(k).await,
         Command::Tenant(t) => keys::run_tenant(t).await,
+        Command::Audit(a) => audit::run(a),
     }
 }
 

@@ -1,0 +1,364 @@
+//! The audit trail: an append-only, hash-chained log in sled of every collection and budget
+//! spend, task, key and token change, and refused collection request — who, what, when and the
+//! outcome, never a share or a measurement.
+//!
+//! Entry `n` is stored under its sequence number and carries the SHA-256 of entry `n − 1`
+//! (`prev`) and its own (`hash`, over a domain string, `prev` and its fields). A head record
+//! (sequence number and hash of the newest entry) is written in the same transaction. [`verify`]
+//! walks the log: a changed entry breaks its own hash, a removed or reordered one breaks the
+//! sequence or the chain, and a removed newest entry no longer matches the head. Someone who can
+//! rewrite the whole database can rewrite the whole chain too; copy the head elsewhere (e.g.
+//! `hush audit show` output) to anchor it.
+
+use std::fmt;
+
+use ring::digest::{Context, SHA256};
+use serde::{Deserialize, Serialize};
+use sled::Tree;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::error::{Error, Result};
+
+const DOMAIN: &[u8] = b"hush audit v1";
+const HEAD: &[u8] = b"head";
+
+/// What happened, as the caller records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Who: `admin`, `collector:<tenant>`, `leader`, `unknown`.
+    pub actor: String,
+    /// What: `task.create`, `key.rotate`, `tenant.token`, `collect`, `aggregate_share`.
+    pub action: String,
+    /// The tenant concerned, if any.
+    pub tenant: String,
+    /// The task concerned (base64url id), if any.
+    pub task: String,
+    /// `ok`, `unchanged`, or `refused: <why>`.
+    pub outcome: String,
+    /// Details: interval, report count, ε spent, budget left, key ids. Never a share.
+    pub detail: String,
+}
+
+/// One stored entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Position in the log, from 0.
+    pub seq: u64,
+    /// When, seconds since the epoch (the aggregator's clock).
+    pub time: u64,
+    /// See [`AuditEvent`].
+    pub actor: String,
+    /// See [`AuditEvent`].
+    pub action: String,
+    /// See [`AuditEvent`].
+    pub tenant: String,
+    /// See [`AuditEvent`].
+    pub task: String,
+    /// See [`AuditEvent`].
+    pub outcome: String,
+    /// See [`AuditEvent`].
+    pub detail: String,
+    /// Hash of the previous entry (hex; zeros for the first).
+    pub prev: String,
+    /// Hash of this entry (hex).
+    pub hash: String,
+}
+
+impl AuditEntry {
+    fn digest(&self) -> String {
+        let mut c = Context::new(&SHA256);
+        c.update(DOMAIN);
+        for field in [
+            self.seq.to_string().as_str(),
+            &self.time.to_string(),
+            &self.actor,
+            &self.action,
+            &self.tenant,
+            &self.task,
+            &self.outcome,
+            &self.detail,
+            &self.prev,
+        ] {
+            // Length-prefixed, so fields cannot run into each other.
+            c.update(&(field.len() as u64).to_be_bytes());
+            c.update(field.as_bytes());
+        }
+        hex::encode(c.finish().as_ref())
+    }
+}
+
+impl fmt::Display for AuditEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "#{} t={} {} {} tenant={} task={} → {}{}{}",
+            self.seq,
+            self.time,
+            self.actor,
+            self.action,
+            if self.tenant.is_empty() {
+                "-"
+            } else {
+                &self.tenant
+            },
+            if self.task.is_empty() {
+                "-"
+            } else {
+                &self.task
+            },
+            self.outcome,
+            if self.detail.is_empty() { "" } else { "; " },
+            self.detail
+        )
+    }
+}
+
+/// Why the log does not verify.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("audit entry {seq}: {what}")]
+pub struct AuditBroken {
+    /// The entry where the chain breaks.
+    pub seq: u64,
+    /// What is wrong there.
+    pub what: String,
+}
+
+/// The log's trees.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    log: Tree,
+    head: Tree,
+}
+
+fn head_value(seq: u64, hash: &str) -> Vec<u8> {
+    let mut v = seq.to_be_bytes().to_vec();
+    v.extend_from_slice(hash.as_bytes());
+    v
+}
+
+impl AuditLog {
+    /// The log in `db`.
+    pub fn open(db: &sled::Db) -> Result<Self> {
+        Ok(Self {
+            log: db.open_tree("audit")?,
+            head: db.open_tree("audit_head")?,
+        })
+    }
+
+    /// Appends an entry at `time` (atomically with the head). Not flushed: the caller's next
+    /// flush makes it durable with the change it records.
+    pub fn append(&self, time: u64, e: AuditEvent) -> Result<AuditEntry> {
+        let r: std::result::Result<AuditEntry, TransactionError<Error>> = (&self.log, &self.head)
+            .transaction(|(log, head)| {
+                let (seq, prev) = match head.get(HEAD)? {
+                    Some(v) if v.len() > 8 => (
+                        u64::from_be_bytes(v[..8].try_into().expect("8 bytes")) + 1,
+                        String::from_utf8_lossy(&v[8..]).into_owned(),
+                    ),
+                    Some(_) => {
+                        return Err(ConflictableTransactionError::Abort(Error::corrupt(
+                            "audit head",
+                            "too short",
+                        )));
+                    }
+                    None => (0, "0".repeat(64)),
+                };
+                let mut entry = AuditEntry {
+                    seq,
+                    time,
+                    actor: e.actor.clone(),
+                    action: e.action.clone(),
+                    tenant: e.tenant.clone(),
+                    task: e.task.clone(),
+                    outcome: e.outcome.clone(),
+                    detail: e.detail.clone(),
+                    prev,
+                    hash: String::new(),
+                };
+                entry.hash = entry.digest();
+                let bytes = serde_json::to_vec(&entry).map_err(|e| {
+                    ConflictableTransactionError::Abort(Error::corrupt("audit entry", e))
+                })?;
+                log.insert(&seq.to_be_bytes(), bytes)?;
+                head.insert(HEAD, head_value(seq, &entry.hash))?;
+                Ok(entry)
+            });
+        r.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => Error::Storage(e),
+        })
+    }
+
+    /// Appends, logging instead of failing: an audit write must not undo the change it records.
+    pub fn record(&self, time: u64, e: AuditEvent) {
+        if let Err(err) = self.append(time, e) {
+            tracing::error!(error = %err, "writing the audit trail failed");
+        }
+    }
+
+    /// Every entry in stored order; an entry that does not parse is an error naming it.
+    pub fn entries(&self) -> Result<Vec<AuditEntry>> {
+        self.log
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|e| {
+                    let seq = k
+                        .as_ref()
+                        .try_into()
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(u64::MAX);
+                    Error::corrupt("audit entry", format!("entry {seq} does not parse: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    /// Checks the whole chain; returns the number of entries.
+    pub fn verify(&self) -> std::result::Result<u64, AuditBroken> {
+        let mut prev = "0".repeat(64);
+        let mut expected = 0u64;
+        for kv in self.log.iter() {
+            let (k, v) = kv.map_err(|e| AuditBroken {
+                seq: expected,
+                what: format!("cannot be read: {e}"),
+            })?;
+            let key_seq =
+                k.as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| AuditBroken {
+                        seq: expected,
+                        what: "its key is not a sequence number".into(),
+                    })?;
+            let e: AuditEntry = serde_json::from_slice(&v).map_err(|err| AuditBroken {
+                seq: key_seq,
+                what: format!("does not parse: {err}"),
+            })?;
+            if key_seq != expected || e.seq != key_seq {
+                return Err(AuditBroken {
+                    seq: expected,
+                    what: format!(
+                        "missing or out of order: found entry {} (stored under {key_seq}) where \
+                         {expected} belongs",
+                        e.seq
+                    ),
+                });
+            }
+            if e.prev != prev {
+                return Err(AuditBroken {
+                    seq: e.seq,
+                    what: "does not chain to the entry before it (removed or reordered)".into(),
+                });
+            }
+            if e.digest() != e.hash {
+                return Err(AuditBroken {
+                    seq: e.seq,
+                    what: "was changed after it was written (its hash does not match)".into(),
+                });
+            }
+            prev = e.hash;
+            expected += 1;
+        }
+        let head = self.head.get(HEAD).map_err(|e| AuditBroken {
+            seq: expected,
+            what: format!("the head cannot be read: {e}"),
+        })?;
+        match head {
+            None if expected == 0 => Ok(0),
+            None => Err(AuditBroken {
+                seq: expected - 1,
+                what: "the head record is missing".into(),
+            }),
+            Some(h) => {
+                if h.as_ref() != head_value(expected.saturating_sub(1), &prev).as_slice()
+                    || expected == 0
+                {
+                    let head_seq = h
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(u64::MAX);
+                    return Err(AuditBroken {
+                        seq: head_seq,
+                        what: format!(
+                            "the head names entry {head_seq} but the log ends at entry {} \
+                             (newest entries removed)",
+                            expected as i64 - 1
+                        ),
+                    });
+                }
+                Ok(expected)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log() -> (tempfile::TempDir, sled::Db, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let a = AuditLog::open(&db).unwrap();
+        for i in 0..5 {
+            a.append(
+                1_000 + i,
+                AuditEvent {
+                    actor: "admin".into(),
+                    action: "task.create".into(),
+                    tenant: "acme".into(),
+                    task: format!("task-{i}"),
+                    outcome: "ok".into(),
+                    detail: String::new(),
+                },
+            )
+            .unwrap();
+        }
+        (dir, db, a)
+    }
+
+    #[test]
+    fn an_untouched_log_verifies() {
+        let (_d, _db, a) = log();
+        assert_eq!(a.verify(), Ok(5));
+        assert_eq!(a.entries().unwrap()[3].task, "task-3");
+    }
+
+    #[test]
+    fn a_changed_entry_is_named() {
+        let (_d, _db, a) = log();
+        let k = 2u64.to_be_bytes();
+        let v = a.log.get(k).unwrap().unwrap();
+        let text = String::from_utf8(v.to_vec())
+            .unwrap()
+            .replace("task-2", "task-9");
+        a.log.insert(k, text.as_bytes()).unwrap();
+        let e = a.verify().unwrap_err();
+        assert_eq!(e.seq, 2, "{e}");
+        assert!(e.to_string().contains("changed"), "{e}");
+    }
+
+    #[test]
+    fn removed_and_reordered_entries_are_named() {
+        let (_d, _db, a) = log();
+        a.log.remove(1u64.to_be_bytes()).unwrap();
+        assert_eq!(a.verify().unwrap_err().seq, 1);
+
+        let (_d, _db, a) = log();
+        let (x, y) = (
+            a.log.get(1u64.to_be_bytes()).unwrap().unwrap(),
+            a.log.get(3u64.to_be_bytes()).unwrap().unwrap(),
+        );
+        a.log.insert(1u64.to_be_bytes(), y).unwrap();
+        a.log.insert(3u64.to_be_bytes(), x).unwrap();
+        assert_eq!(a.verify().unwrap_err().seq, 1);
+
+        let (_d, _db, a) = log();
+        a.log.remove(4u64.to_be_bytes()).unwrap();
+        let e = a.verify().unwrap_err();
+        assert_eq!(e.seq, 4, "{e}");
+        assert!(e.to_string().contains("newest entries removed"), "{e}");
+    }
+}
