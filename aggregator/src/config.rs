@@ -75,6 +75,15 @@ pub struct LeaderConfig {
     /// and disk bounded when reports arrive faster than they are aggregated.
     #[serde(default = "defaults::max_pending_reports")]
     pub max_pending_reports: u64,
+    /// Sustained reports per second one tenant's tasks may bring in. Past it the tenant's
+    /// reports are refused: a request holding only such reports gets RESOURCE_EXHAUSTED (the
+    /// shuffler retries later), a mixed one gets them back as `OVER_QUOTA`; other tenants'
+    /// reports are unaffected.
+    #[serde(default = "defaults::tenant_reports_per_s")]
+    pub tenant_reports_per_s: u32,
+    /// Burst above a tenant's sustained rate.
+    #[serde(default = "defaults::tenant_burst")]
+    pub tenant_burst: u32,
 }
 
 mod defaults {
@@ -118,6 +127,12 @@ mod defaults {
         10_000
     }
     pub(super) fn max_pending_reports() -> u64 {
+        100_000
+    }
+    pub(super) fn tenant_reports_per_s() -> u32 {
+        50_000
+    }
+    pub(super) fn tenant_burst() -> u32 {
         100_000
     }
     pub(super) fn helper_timeout_ms() -> u64 {

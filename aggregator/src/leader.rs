@@ -34,16 +34,90 @@ use hush_protocol::auth::AddBearer;
 /// Largest gRPC message the aggregators exchange.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
+/// Token buckets of reports per tenant.
+type TenantQuota = governor::DefaultKeyedRateLimiter<String>;
+
 /// The `LeaderIngest` service.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct IngestService {
     shared: Shared,
+    quota: Option<Arc<TenantQuota>>,
+}
+
+impl std::fmt::Debug for IngestService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestService").finish_non_exhaustive()
+    }
 }
 
 impl IngestService {
-    /// A service over `shared`.
+    /// A service over `shared`, with the tenant quotas of its `[leader]` config.
     pub fn new(shared: Shared) -> Self {
-        Self { shared }
+        let quota = shared.config.leader.as_ref().map(|lc| {
+            let rate = std::num::NonZeroU32::new(lc.tenant_reports_per_s)
+                .unwrap_or(std::num::NonZeroU32::MIN);
+            let burst =
+                std::num::NonZeroU32::new(lc.tenant_burst).unwrap_or(std::num::NonZeroU32::MIN);
+            Arc::new(governor::RateLimiter::keyed(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ))
+        });
+        Self { shared, quota }
+    }
+
+    /// Applies the tenant quotas to checked reports: over-quota tenants' reports become
+    /// `OVER_QUOTA` refusals; `Err` if every accepted report was over quota.
+    fn apply_quota(&self, checked: Vec<Checked>) -> std::result::Result<Vec<Checked>, Status> {
+        let Some(q) = &self.quota else {
+            return Ok(checked);
+        };
+        let tenant = |id: &TaskId| self.shared.task(id).map(|t| t.config.tenant().to_owned());
+        let mut per_tenant: BTreeMap<String, u32> = BTreeMap::new();
+        for c in &checked {
+            if let Checked::Accepted(id, _) = c
+                && let Some(t) = tenant(id)
+            {
+                *per_tenant.entry(t).or_default() += 1;
+            }
+        }
+        let over: HashSet<String> = per_tenant
+            .into_iter()
+            .filter(|(t, n)| {
+                std::num::NonZeroU32::new(*n)
+                    .is_some_and(|n| !matches!(q.check_key_n(t, n), Ok(Ok(_))))
+            })
+            .map(|(t, _)| t)
+            .collect();
+        if over.is_empty() {
+            return Ok(checked);
+        }
+        let is_over = |id: &TaskId| tenant(id).is_some_and(|t| over.contains(&t));
+        let mut names: Vec<&String> = over.iter().collect();
+        names.sort();
+        if checked
+            .iter()
+            .all(|c| matches!(c, Checked::Accepted(id, _) if is_over(id)))
+        {
+            return Err(Status::resource_exhausted(format!(
+                "tenant {names:?} is over its quota of {} reports/s; retry later",
+                self.shared
+                    .config
+                    .leader
+                    .as_ref()
+                    .map(|l| l.tenant_reports_per_s)
+                    .unwrap_or(0)
+            )));
+        }
+        tracing::debug!(tenants = ?names, "refused reports over a tenant quota");
+        Ok(checked
+            .into_iter()
+            .map(|c| match c {
+                Checked::Accepted(id, _) if is_over(&id) => {
+                    Checked::Rejected(*id.as_bytes(), RejectReason::OverQuota)
+                }
+                c => c,
+            })
+            .collect())
     }
 }
 
@@ -113,6 +187,7 @@ impl LeaderIngest for IngestService {
         })
         .await
         .map_err(Error::from)?;
+        let checked = self.apply_quota(checked)?;
 
         let mut outcomes = Outcomes::default();
         let mut stats = StatDelta::default();

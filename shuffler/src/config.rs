@@ -91,6 +91,14 @@ pub struct LimitConfig {
     /// `max_request_packets`.
     #[serde(default = "defaults::per_source_burst")]
     pub per_source_burst: u32,
+    /// Sustained packets per second of one tenant's tasks, from all sources together; past it
+    /// that tenant's packets are refused (RESOURCE_EXHAUSTED for a request of only its packets,
+    /// `OVER_QUOTA` per packet in a mixed one) and other tenants are unaffected.
+    #[serde(default = "defaults::per_tenant_packets_per_s")]
+    pub per_tenant_packets_per_s: u32,
+    /// Burst above the tenant's sustained rate; at least `max_request_packets`.
+    #[serde(default = "defaults::per_tenant_burst")]
+    pub per_tenant_burst: u32,
 }
 
 impl Default for LimitConfig {
@@ -100,6 +108,8 @@ impl Default for LimitConfig {
             max_buffered_packets: defaults::max_buffered_packets(),
             per_source_packets_per_s: defaults::per_source_packets_per_s(),
             per_source_burst: defaults::per_source_burst(),
+            per_tenant_packets_per_s: defaults::per_tenant_packets_per_s(),
+            per_tenant_burst: defaults::per_tenant_burst(),
         }
     }
 }
@@ -190,6 +200,12 @@ mod defaults {
     pub(super) fn per_source_burst() -> u32 {
         40_000
     }
+    pub(super) fn per_tenant_packets_per_s() -> u32 {
+        50_000
+    }
+    pub(super) fn per_tenant_burst() -> u32 {
+        100_000
+    }
     pub(super) fn chunk_packets() -> usize {
         1_000
     }
@@ -237,6 +253,14 @@ impl ShufflerConfig {
             return bad(
                 "limits.max_request_packets and per_source_packets_per_s must be positive".into(),
             );
+        }
+        if l.per_tenant_packets_per_s == 0 || (l.per_tenant_burst as usize) < l.max_request_packets
+        {
+            return Err(Error::Config(format!(
+                "limits.per_tenant_packets_per_s must be positive and limits.per_tenant_burst ({}) \
+                 at least limits.max_request_packets ({})",
+                l.per_tenant_burst, l.max_request_packets
+            )));
         }
         if (l.per_source_burst as usize) < l.max_request_packets {
             return bad(format!(

@@ -1,6 +1,7 @@
 //! The `Shuffler` service: accepts batches of onion packets, peels one layer each and stores the
 //! result in the next hop's open batch.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use hush_protocol::onion::{self, NextHop, OnionError};
@@ -9,7 +10,6 @@ use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::proto::v1::shuffler_server::Shuffler;
 use hush_protocol::{Keyring, Outcomes, TaskConfig, TaskId};
 use rayon::prelude::*;
-use std::collections::HashMap;
 use tonic::{Request, Response, Status};
 
 use crate::config::{HopKind, ShufflerConfig};
@@ -133,6 +133,57 @@ impl IngestService {
                 ),
             )?);
         }
+        // Per-tenant quotas: a tenant over its rate loses its packets, no one else's.
+        let mut packets = packets;
+        let mut over_quota = 0u64;
+        {
+            let tasks = self.node.tasks.snapshot();
+            let tenant_of = |p: &pb::Packet| {
+                TaskId::try_from(p.task_id.as_ref())
+                    .ok()
+                    .and_then(|id| tasks.get(&id))
+                    .map(|t| t.tenant().to_owned())
+            };
+            let mut per_tenant: HashMap<String, u32> = HashMap::new();
+            for p in &packets {
+                if let Some(t) = tenant_of(p) {
+                    *per_tenant.entry(t).or_default() += 1;
+                }
+            }
+            let over: HashSet<String> = per_tenant
+                .into_iter()
+                .filter(|(t, k)| !self.node.tenant_limiter.take(t.clone(), *k))
+                .map(|(t, _)| t)
+                .collect();
+            if !over.is_empty() {
+                let (theirs, rest): (Vec<pb::Packet>, Vec<pb::Packet>) = packets
+                    .into_iter()
+                    .partition(|p| tenant_of(p).is_some_and(|t| over.contains(&t)));
+                let mut names: Vec<&String> = over.iter().collect();
+                names.sort();
+                let message = format!(
+                    "tenant {names:?} is over its quota of {} packets/s; retry later",
+                    limits.per_tenant_packets_per_s
+                );
+                if rest.is_empty() {
+                    return Err(self.refuse(&theirs, message)?);
+                }
+                // A mixed request: only the over-quota tenants' packets are refused.
+                let mut delta = StatDelta::default();
+                for p in &theirs {
+                    delta.add(
+                        scope_of(p, &tasks),
+                        Stat::Rejected(RejectReason::OverQuota),
+                        1,
+                    );
+                }
+                self.node.store.add_stats(&delta)?;
+                tracing::debug!(%message, refused = theirs.len(), "refused packets over a tenant quota");
+                over_quota = theirs.len() as u64;
+                packets = rest;
+            }
+        }
+        let n = packets.len() as u32;
         let held = self.node.mixer.buffered();
         if held + u64::from(n) > limits.max_buffered_packets {
             return Err(self.refuse(
@@ -177,6 +228,10 @@ impl IngestService {
         })
         .await
         .map_err(Error::from)??;
+        let mut outcomes = outcomes;
+        for _ in 0..over_quota {
+            outcomes.reject(RejectReason::OverQuota);
+        }
         // Durable before acknowledged.
         self.node.store.flush().await?;
         tracing::debug!(accepted = outcomes.accepted(), "took a batch of packets");

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::ingest::IngestService;
 use crate::keys::NodeKeys;
 use crate::mix::{MAX_MESSAGE_BYTES, Mixer, forwarder};
-use crate::node::{Node, SourceLimiter, Tasks};
+use crate::node::{Node, SourceLimiter, Tasks, TenantLimiter};
 use crate::store::Store;
 
 /// A running shuffler.
@@ -74,6 +74,7 @@ impl ShufflerNode {
         )?);
         let node = Node {
             limiter: Arc::new(SourceLimiter::new(&config.limits)),
+            tenant_limiter: Arc::new(TenantLimiter::for_tenants(&config.limits)),
             config: Arc::new(config),
             store,
             keys,
@@ -155,6 +156,7 @@ async fn maintenance(node: Node, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.wait_for(|v| *v) => return,
         }
         node.limiter.forget_idle();
+        node.tenant_limiter.forget_idle();
         let keys = node.keys.clone();
         match tokio::task::spawn_blocking(move || keys.expire()).await {
             Ok(Ok(())) => {}

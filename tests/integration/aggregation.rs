@@ -383,3 +383,81 @@ async fn admin_api_needs_its_token_and_refuses_conflicting_tasks() {
     );
     pair.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_report_quota_leaves_other_tenants_untouched() {
+    let helper_dir = tempfile::tempdir().unwrap();
+    let leader_dir = tempfile::tempdir().unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let helper = Aggregator::start(
+        Role::Helper,
+        aggregator_config(helper_dir.path(), any, None),
+        cluster::secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let mut config = aggregator_config(
+        leader_dir.path(),
+        any,
+        Some(cluster::url(helper.local_addr())),
+    );
+    if let Some(l) = config.leader.as_mut() {
+        // 1 report/s after a burst of 100 per tenant.
+        l.tenant_reports_per_s = 1;
+        l.tenant_burst = 100;
+    }
+    let leader = Aggregator::start(Role::Leader, config, cluster::secrets(), clock)
+        .await
+        .unwrap();
+    let (lu, hu) = (
+        cluster::url(leader.local_addr()),
+        cluster::url(helper.local_addr()),
+    );
+    let acme = histogram_task();
+    let other = {
+        let mut p = acme.params().clone();
+        p.task_id = hush_protocol::TaskId::random();
+        p.tenant = "other".into();
+        TaskConfig::new(p).unwrap()
+    };
+    for t in [&acme, &other] {
+        provision(&lu, &hu, t, &VerifyKey::random()).await;
+    }
+    let now = SystemClock.now();
+    let (a, _) = valid_reports(&client_task(&lu, &hu, &acme).await, 150, now, 1);
+    let (o, _) = valid_reports(&client_task(&lu, &hu, &other).await, 150, now, 2);
+    let c = pb::leader_ingest_client::LeaderIngestClient::new(client::channel(&lu).unwrap());
+    let send = |r: &[Vec<u8>]| {
+        let req = pb::SubmitReportsRequest {
+            reports: r.iter().map(|x| x.clone().into()).collect(),
+        };
+        let mut c = c.clone();
+        async move { c.submit_reports(req).await }
+    };
+    assert_eq!(send(&a[..100]).await.unwrap().into_inner().accepted, 100);
+    // acme alone over its quota: the whole request is pushed back, nothing stored.
+    let e = send(&a[100..130]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("acme"), "{}", e.message());
+    // other is not slowed.
+    assert_eq!(send(&o[..50]).await.unwrap().into_inner().accepted, 50);
+    // A mixed batch from a shuffler: only acme's reports are refused, as OVER_QUOTA.
+    let mixed: Vec<Vec<u8>> = a[130..150].iter().chain(&o[50..70]).cloned().collect();
+    let r = send(&mixed).await.unwrap().into_inner();
+    assert_eq!(r.accepted, 20);
+    assert_eq!(r.rejected.len(), 1);
+    assert_eq!(r.rejected[0].reason, RejectReason::OverQuota as i32);
+    assert_eq!(r.rejected[0].count, 20);
+    let (sa, so) = (
+        wait_drained(&lu, &acme, Duration::from_secs(60)).await,
+        wait_drained(&lu, &other, Duration::from_secs(60)).await,
+    );
+    assert_eq!(sa.reports_aggregated, 100);
+    assert_eq!(rejections(&sa)[&RejectReason::OverQuota], 20);
+    assert_eq!(so.reports_aggregated, 70);
+    assert!(rejections(&so).is_empty(), "{so:?}");
+    leader.shutdown().await.unwrap();
+    helper.shutdown().await.unwrap();
+}

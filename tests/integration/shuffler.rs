@@ -431,6 +431,79 @@ async fn overload_gets_resource_exhausted_and_stores_nothing() {
     node.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_quota_does_not_slow_or_reject_another_tenants_packets() {
+    let sink = RecordingLeader::start().await;
+    let acme = histogram_task();
+    let other = {
+        let mut p = acme.params().clone();
+        p.task_id = hush_protocol::TaskId::random();
+        p.tenant = "other".into();
+        TaskConfig::new(p).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mix = Mix {
+        batch_size: 10_000,
+        min_batch_size: 10_000,
+        max_wait_ms: 60_000,
+    };
+    // A tenant may send 1 packet/s after a burst of 200; sources are not limited here.
+    let limits = "[limits]\nmax_request_packets = 100\nper_tenant_packets_per_s = 1\nper_tenant_burst = 200\n";
+    let node = start_shuffler(
+        "shuffler-a",
+        dir.path(),
+        ("leader", "leader", &sink.url()),
+        mix,
+        limits,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let u = url(node.local_addr());
+    provision_shuffler(&u, &acme).await;
+    provision_shuffler(&u, &other).await;
+    let bodies = |from: u32| (from..from + 300).map(|i| i.to_be_bytes().to_vec());
+    let a = one_hop_packets(&u, "shuffler-a", &acme, bodies(0)).await;
+    let o = one_hop_packets(&u, "shuffler-a", &other, bodies(1_000)).await;
+    let c = ShufflerClient::new(client::channel(&u).unwrap());
+    let send = |p: Vec<pb::Packet>| {
+        let mut c = c.clone();
+        async move {
+            c.submit_packets(pb::SubmitPacketsRequest { packets: p })
+                .await
+        }
+    };
+    // acme spends its burst, then is refused as a whole request.
+    for i in 0..2 {
+        let r = send(a[i * 100..(i + 1) * 100].to_vec()).await.unwrap();
+        assert_eq!(r.into_inner().accepted, 100);
+    }
+    let e = send(a[200..300].to_vec()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("acme"), "{}", e.message());
+    // other, right after: every packet accepted at once.
+    let start = std::time::Instant::now();
+    let r = send(o[..100].to_vec()).await.unwrap();
+    assert_eq!(r.into_inner().accepted, 100);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // A mixed request (as from an upstream shuffler): only acme's packets are refused.
+    let mixed: Vec<pb::Packet> = a[250..300].iter().chain(&o[100..150]).cloned().collect();
+    let r = send(mixed).await.unwrap().into_inner();
+    assert_eq!(r.accepted, 50);
+    assert_eq!(
+        r.rejected
+            .iter()
+            .map(|rc| (RejectReason::try_from(rc.reason).unwrap(), rc.count))
+            .collect::<Vec<_>>(),
+        vec![(RejectReason::OverQuota, 50)]
+    );
+    let (sa, so) = (stats(&u, Some(&acme)).await, stats(&u, Some(&other)).await);
+    assert_eq!(sa.reports_accepted, 200);
+    assert_eq!(reasons(&sa)[&RejectReason::OverQuota], 150);
+    assert_eq!(so.reports_accepted, 150);
+    assert!(reasons(&so).is_empty(), "{so:?}");
+    node.shutdown().await.unwrap();
+}
+
 /// Spearman's rank correlation of a permutation with the identity.
 fn rank_correlation(output_to_input: &[usize]) -> f64 {
     let n = output_to_input.len() as f64;
