@@ -23,7 +23,7 @@ use hush_protocol::proto::v1 as pb;
 use hush_protocol::task::log_spaced_bounds;
 use hush_protocol::{
     Clock, Epsilon, HpkeKeypair, MeasurementKind, MockClock, Role, SystemClock, TaskConfig, TaskId,
-    TaskParams, VerifyKey,
+    TaskParams, Time, VerifyKey,
 };
 use hush_shuffler::{ShufflerConfig, ShufflerNode};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -132,6 +132,64 @@ pub(crate) struct Cluster {
     pub(crate) helper: Aggregator,
     pub(crate) shufflers: Vec<ShufflerNode>,
     pub(crate) results: ResultsService,
+}
+
+impl Cluster {
+    /// Waits until `clients` uploaded every closed window, the shufflers forwarded everything
+    /// and the aggregators verified and aggregated it.
+    pub(crate) async fn upload_and_aggregate(
+        &self,
+        clients: impl IntoIterator<Item = HushClient>,
+    ) -> anyhow::Result<()> {
+        let flushes: Vec<_> = clients
+            .into_iter()
+            .map(|c| tokio::spawn(async move { c.flush(Duration::from_secs(120)).await }))
+            .collect();
+        for f in flushes {
+            if !f.await? {
+                bail!("a client could not upload its window within two minutes");
+            }
+        }
+        let mixers: Vec<_> = self
+            .shufflers
+            .iter()
+            .map(|s| s.node().mixer.clone())
+            .collect();
+        wait_until("the shufflers to forward", Duration::from_secs(120), || {
+            mixers.iter().all(|m| m.buffered() == 0)
+        })
+        .await?;
+        let leader = self.leader.shared().store.clone();
+        wait_until(
+            "the aggregators to finish",
+            Duration::from_secs(300),
+            || leader.pending_total() == 0,
+        )
+        .await
+    }
+
+    /// Moves the clock past the collection delay and waits until the results service has
+    /// released and tested (or skipped) `window` of every task in `ids`.
+    pub(crate) async fn collect_window(
+        &self,
+        mock: &MockClock,
+        window: Time,
+        ids: &[TaskId],
+    ) -> anyhow::Result<()> {
+        mock.advance(COLLECT_DELAY_S);
+        let store = self.results.store().clone();
+        wait_until(
+            "the results service to collect",
+            Duration::from_secs(120),
+            || {
+                ids.iter().all(|id| {
+                    store.tested(id, window.as_secs()).unwrap_or(false)
+                        || matches!(store.skipped(id, window), Ok(Some(_)))
+                })
+            },
+        )
+        .await
+    }
 }
 
 /// Starts helper, leader, two shufflers and a results service (with `detection`, the TOML of
@@ -442,50 +500,14 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         // The window ends: every client uploads it through the cascade.
         mock.advance(args.window_secs);
         bar.set_message(format!("window {w}: clients upload through the shufflers"));
-        let flushes: Vec<_> = agents
-            .iter()
-            .map(|(_, c)| c.clone())
-            .map(|c| tokio::spawn(async move { c.flush(Duration::from_secs(120)).await }))
-            .collect();
-        for f in flushes {
-            if !f.await? {
-                bail!("a client could not upload its window within two minutes");
-            }
-        }
-        bar.inc(1);
-        bar.set_message(format!("window {w}: shufflers mix, aggregators verify"));
-        let sh: Vec<_> = cluster
-            .shufflers
-            .iter()
-            .map(|s| s.node().mixer.clone())
-            .collect();
-        wait_until("the shufflers to forward", Duration::from_secs(120), || {
-            sh.iter().all(|m| m.buffered() == 0)
-        })
-        .await?;
-        let leader_store = cluster.leader.shared().store.clone();
-        wait_until(
-            "the aggregators to finish",
-            Duration::from_secs(300),
-            || leader_store.pending_total() == 0,
-        )
-        .await?;
-        bar.inc(1);
+        cluster
+            .upload_and_aggregate(agents.iter().map(|(_, c)| c.clone()))
+            .await?;
+        bar.inc(2);
         bar.set_message(format!("window {w}: the results service collects"));
-        mock.advance(COLLECT_DELAY_S);
-        let store = cluster.results.store().clone();
         let ids: Vec<TaskId> = all_tasks.iter().map(|t| t.id()).collect();
-        wait_until(
-            "the results service to collect",
-            Duration::from_secs(120),
-            || {
-                ids.iter().all(|id| {
-                    store.tested(id, window.as_secs()).unwrap_or(false)
-                        || matches!(store.skipped(id, window), Ok(Some(_)))
-                })
-            },
-        )
-        .await?;
+        cluster.collect_window(&mock, window, &ids).await?;
+        let store = cluster.results.store().clone();
         bar.inc(1);
         // Back to the start of the next window.
         mock.set(window.add_secs(args.window_secs));

@@ -19,7 +19,7 @@ use rand_distr::{Binomial, Distribution, LogNormal};
 
 use super::model::{Cell, Released};
 use super::scenario::{AnomalyKind, Scenario};
-use crate::demo::{COLLECT_DELAY_S, start_cluster, wait_until};
+use crate::demo::start_cluster;
 
 const WINDOW_S: u64 = 60;
 
@@ -166,37 +166,12 @@ pub(crate) async fn simulate(
                     .add(Binomial::new(s.events_per_client, rate)?.sample(&mut rng));
             }
             mock.advance(WINDOW_S);
-            let flushes: Vec<_> = clients
-                .iter()
-                .cloned()
-                .map(|c| tokio::spawn(async move { c.flush(Duration::from_secs(120)).await }))
-                .collect();
-            for f in flushes {
-                anyhow::ensure!(f.await?, "a client could not upload its window");
-            }
-            let mixers: Vec<_> = cluster
-                .shufflers
-                .iter()
-                .map(|n| n.node().mixer.clone())
-                .collect();
-            wait_until("the shufflers to forward", Duration::from_secs(120), || {
-                mixers.iter().all(|m| m.buffered() == 0)
-            })
-            .await?;
-            let ls = cluster.leader.shared().store.clone();
-            wait_until("the aggregators", Duration::from_secs(300), || {
-                ls.pending_total() == 0
-            })
-            .await?;
-            mock.advance(COLLECT_DELAY_S);
-            let ids = [lat.id(), err.id()];
-            wait_until("the results service", Duration::from_secs(120), || {
-                ids.iter().all(|id| {
-                    matches!(store.window(id, window), Ok(Some(_)))
-                        || matches!(store.skipped(id, window), Ok(Some(_)))
-                })
-            })
-            .await?;
+            cluster
+                .upload_and_aggregate(clients.iter().cloned())
+                .await?;
+            cluster
+                .collect_window(&mock, window, &[lat.id(), err.id()])
+                .await?;
             mock.set(window.add_secs(WINDOW_S));
             let h = store.window(&lat.id(), window)?.with_context(|| {
                 format!(

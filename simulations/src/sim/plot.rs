@@ -129,17 +129,20 @@ pub(super) fn all(s: &Scenario, sums: &[Summary], out: &Path) -> anyhow::Result<
                 v
             };
             let kind = a.kind.as_str();
-            let power: Vec<Series> = s
-                .epsilons
-                .iter()
-                .map(|&eps| Series {
-                    label: format!("ε = {eps}"),
-                    points: of(eps)
-                        .iter()
-                        .map(|x| (x.cell.magnitude, x.power_within))
-                        .collect(),
-                })
-                .collect();
+            // One line per ε of `metric` against the magnitude.
+            let by_eps = |metric: fn(&Summary) -> f64| -> Vec<Series> {
+                s.epsilons
+                    .iter()
+                    .map(|&eps| Series {
+                        label: format!("ε = {eps}"),
+                        points: of(eps)
+                            .iter()
+                            .map(|x| (x.cell.magnitude, metric(x)))
+                            .collect(),
+                    })
+                    .collect()
+            };
+            let power = by_eps(|x| x.power_within);
             let name = format!("power_{kind}_{events}.png");
             draw(
                 &out.join(&name),
@@ -153,17 +156,7 @@ pub(super) fn all(s: &Scenario, sums: &[Summary], out: &Path) -> anyhow::Result<
                 &power,
             )?;
             files.push(name);
-            let delay: Vec<Series> = s
-                .epsilons
-                .iter()
-                .map(|&eps| Series {
-                    label: format!("ε = {eps}"),
-                    points: of(eps)
-                        .iter()
-                        .map(|x| (x.cell.magnitude, x.mean_delay))
-                        .collect(),
-                })
-                .collect();
+            let delay = by_eps(|x| x.mean_delay);
             let name = format!("delay_{kind}_{events}.png");
             draw(
                 &out.join(&name),
@@ -187,17 +180,20 @@ pub(super) fn all(s: &Scenario, sums: &[Summary], out: &Path) -> anyhow::Result<
             v
         };
         let kind = a.kind.as_str();
-        let far: Vec<Series> = s
-            .events_per_window
-            .iter()
-            .map(|&n| Series {
-                label: format!("{n} events/window"),
-                points: null(n)
-                    .iter()
-                    .map(|x| (x.cell.epsilon, x.false_alarm_rate))
-                    .collect(),
-            })
-            .collect();
+        // One line per traffic level of `metric` against ε.
+        let by_events = |metric: fn(&Summary) -> f64| -> Vec<Series> {
+            s.events_per_window
+                .iter()
+                .map(|&n| Series {
+                    label: format!("{n} events/window"),
+                    points: null(n)
+                        .iter()
+                        .map(|x| (x.cell.epsilon, metric(x)))
+                        .collect(),
+                })
+                .collect()
+        };
+        let far = by_events(|x| x.false_alarm_rate);
         let name = format!("false_alarms_{kind}.png");
         draw(
             &out.join(&name),
@@ -212,17 +208,7 @@ pub(super) fn all(s: &Scenario, sums: &[Summary], out: &Path) -> anyhow::Result<
         )?;
         files.push(name);
         if a.kind == super::scenario::AnomalyKind::LatencyShift {
-            let err: Vec<Series> = s
-                .events_per_window
-                .iter()
-                .map(|&n| Series {
-                    label: format!("{n} events/window"),
-                    points: null(n)
-                        .iter()
-                        .map(|x| (x.cell.epsilon, x.p95_rmse_ms))
-                        .collect(),
-                })
-                .collect();
+            let err = by_events(|x| x.p95_rmse_ms);
             let name = "p95_error.png".to_owned();
             draw(
                 &out.join(&name),
