@@ -23,7 +23,7 @@ const DOMAIN: &[u8] = b"hush audit v1";
 const HEAD: &[u8] = b"head";
 
 /// What happened, as the caller records it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEvent {
     /// Who: `admin`, `collector:<tenant>`, `leader`, `unknown`.
     pub actor: String,
@@ -39,25 +39,16 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
-/// One stored entry.
+/// One stored entry: an event with its place in the chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// Position in the log, from 0.
     pub seq: u64,
     /// When, seconds since the epoch (the aggregator's clock).
     pub time: u64,
-    /// See [`AuditEvent`].
-    pub actor: String,
-    /// See [`AuditEvent`].
-    pub action: String,
-    /// See [`AuditEvent`].
-    pub tenant: String,
-    /// See [`AuditEvent`].
-    pub task: String,
-    /// See [`AuditEvent`].
-    pub outcome: String,
-    /// See [`AuditEvent`].
-    pub detail: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: AuditEvent,
     /// Hash of the previous entry (hex; zeros for the first).
     pub prev: String,
     /// Hash of this entry (hex).
@@ -71,12 +62,12 @@ impl AuditEntry {
         for field in [
             self.seq.to_string().as_str(),
             &self.time.to_string(),
-            &self.actor,
-            &self.action,
-            &self.tenant,
-            &self.task,
-            &self.outcome,
-            &self.detail,
+            &self.event.actor,
+            &self.event.action,
+            &self.event.tenant,
+            &self.event.task,
+            &self.event.outcome,
+            &self.event.detail,
             &self.prev,
         ] {
             // Length-prefixed, so fields cannot run into each other.
@@ -89,27 +80,29 @@ impl AuditEntry {
 
 impl fmt::Display for AuditEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = &self.event;
+        let or_dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
         write!(
             f,
-            "#{} t={} {} {} tenant={} task={} → {}{}{}",
+            "#{} t={} {} {} tenant={} task={} → {}",
             self.seq,
             self.time,
-            self.actor,
-            self.action,
-            if self.tenant.is_empty() {
-                "-"
-            } else {
-                &self.tenant
-            },
-            if self.task.is_empty() {
-                "-"
-            } else {
-                &self.task
-            },
-            self.outcome,
-            if self.detail.is_empty() { "" } else { "; " },
-            self.detail
-        )
+            e.actor,
+            e.action,
+            or_dash(&e.tenant),
+            or_dash(&e.task),
+            e.outcome
+        )?;
+        if !e.detail.is_empty() {
+            write!(f, "; {}", e.detail)?;
+        }
+        Ok(())
     }
 }
 
@@ -166,12 +159,7 @@ impl AuditLog {
                 let mut entry = AuditEntry {
                     seq,
                     time,
-                    actor: e.actor.clone(),
-                    action: e.action.clone(),
-                    tenant: e.tenant.clone(),
-                    task: e.task.clone(),
-                    outcome: e.outcome.clone(),
-                    detail: e.detail.clone(),
+                    event: e.clone(),
                     prev,
                     hash: String::new(),
                 };
@@ -323,7 +311,7 @@ mod tests {
     fn an_untouched_log_verifies() {
         let (_d, _db, a) = log();
         assert_eq!(a.verify(), Ok(5));
-        assert_eq!(a.entries().unwrap()[3].task, "task-3");
+        assert_eq!(a.entries().unwrap()[3].event.task, "task-3");
     }
 
     #[test]

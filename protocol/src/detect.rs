@@ -380,12 +380,11 @@ pub fn latency_regression(
     }
     // The cut: the bucket bound whose baseline tail fraction is nearest to 1 - q.
     let target = 1.0 - cfg.tail_quantile;
+    let distance: Vec<f64> = (0..len - 1)
+        .map(|c| (tail_fraction(&pooled, c, 0.0).0 - target).abs())
+        .collect();
     let cut = (0..len - 1)
-        .min_by(|&a, &b| {
-            let da = (tail_fraction(&pooled, a, 0.0).0 - target).abs();
-            let db = (tail_fraction(&pooled, b, 0.0).0 - target).abs();
-            da.total_cmp(&db)
-        })
+        .min_by(|&a, &b| distance[a].total_cmp(&distance[b]))
         .unwrap_or(0);
     let (f0, noise0, n0) = tail_fraction(&pooled, cut, pooled_var);
     let cur: Vec<f64> = current.counts.iter().map(|&c| c as f64).collect();

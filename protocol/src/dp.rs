@@ -71,8 +71,8 @@ pub fn aggregate_noise_stddev(sensitivity: u64, epsilon: Epsilon) -> f64 {
     (2.0 * discrete_laplace_variance(laplace_scale(sensitivity, epsilon))).sqrt()
 }
 
-/// A seeded generator for [`sample_aggregate_noise`] (prio samples with its own `rand`
-/// version; this keeps that out of callers' types).
+/// A seeded generator for [`AggregateNoise`] (prio samples with its own `rand` version; this
+/// keeps that out of callers' types).
 #[derive(Debug)]
 pub struct NoiseRng(prio_rand::rngs::StdRng);
 
@@ -84,32 +84,45 @@ impl NoiseRng {
     }
 }
 
-/// One draw of the noise an unsharded aggregate entry carries: the sum of two independent
-/// discrete Laplace draws (one per aggregator) from prio's `PureDpDiscreteLaplace` at `epsilon`
-/// and `sensitivity`, the same strategy and parameters the aggregators use. The simulation
-/// harness uses it to apply the mechanism to exact aggregates with a seeded generator.
-pub fn sample_aggregate_noise(
-    sensitivity: u64,
-    epsilon: Epsilon,
-    rng: &mut NoiseRng,
-) -> Result<i64, prio::dp::DpError> {
-    use prio::dp::distributions::PureDpDiscreteLaplace;
-    use prio::dp::{DifferentialPrivacyStrategy, PureDpBudget, Rational};
-    use prio_rand::distr::Distribution;
-    let budget = PureDpBudget::new(Rational::from_unsigned(
-        epsilon.micros() as u128,
-        1_000_000,
-    )?)?;
-    let d = PureDpDiscreteLaplace::from_budget(budget)
-        .create_distribution(Rational::from_unsigned(sensitivity as u128, 1)?)?;
-    let mut sum = 0i64;
-    for _ in 0..2 {
-        let x = d.sample(&mut rng.0);
-        sum += i64::try_from(&x).map_err(|_| {
-            prio::dp::DpError::InvalidParameter(format!("noise draw {x} does not fit in i64"))
-        })?;
+/// The noise an unsharded aggregate entry carries: the sum of two independent discrete Laplace
+/// draws (one per aggregator) from prio's `PureDpDiscreteLaplace` at `epsilon` and
+/// `sensitivity`, the same strategy and parameters the aggregators use. The simulation harness
+/// applies it to exact aggregates with a seeded generator. Built once, drawn many times.
+pub struct AggregateNoise(prio::dp::distributions::DiscreteLaplace);
+
+impl std::fmt::Debug for AggregateNoise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AggregateNoise").finish_non_exhaustive()
     }
-    Ok(sum)
+}
+
+impl AggregateNoise {
+    /// The mechanism at `epsilon` per aggregator for `sensitivity`.
+    pub fn new(sensitivity: u64, epsilon: Epsilon) -> Result<Self, prio::dp::DpError> {
+        use prio::dp::distributions::PureDpDiscreteLaplace;
+        use prio::dp::{DifferentialPrivacyStrategy, PureDpBudget, Rational};
+        let budget = PureDpBudget::new(Rational::from_unsigned(
+            epsilon.micros() as u128,
+            1_000_000,
+        )?)?;
+        Ok(Self(
+            PureDpDiscreteLaplace::from_budget(budget)
+                .create_distribution(Rational::from_unsigned(sensitivity as u128, 1)?)?,
+        ))
+    }
+
+    /// One draw: both aggregators' noise on one entry.
+    pub fn sample(&self, rng: &mut NoiseRng) -> Result<i64, prio::dp::DpError> {
+        use prio_rand::distr::Distribution;
+        let mut sum = 0i64;
+        for _ in 0..2 {
+            let x = self.0.sample(&mut rng.0);
+            sum += i64::try_from(&x).map_err(|_| {
+                prio::dp::DpError::InvalidParameter(format!("noise draw {x} does not fit in i64"))
+            })?;
+        }
+        Ok(sum)
+    }
 }
 
 /// The two-sided 97.5% quantile of the standard normal, for 95% confidence intervals.
@@ -161,8 +174,9 @@ mod tests {
     fn sampled_noise_has_the_stated_spread() {
         let eps = Epsilon::from_micros(1_000_000);
         let mut rng = NoiseRng::seed_from_u64(3);
+        let noise = AggregateNoise::new(40, eps).unwrap();
         let draws: Vec<f64> = (0..4_000)
-            .map(|_| sample_aggregate_noise(40, eps, &mut rng).unwrap() as f64)
+            .map(|_| noise.sample(&mut rng).unwrap() as f64)
             .collect();
         let sd = (draws.iter().map(|x| x * x).sum::<f64>() / draws.len() as f64).sqrt();
         let want = aggregate_noise_stddev(40, eps);

@@ -92,18 +92,31 @@ fn check(
 }
 
 impl IngestService {
-    /// Refuses a whole request for overload, counting every packet under `OverQuota`.
-    fn refuse(&self, packets: &[pb::Packet], message: String) -> Result<Status> {
-        let tasks = self.node.tasks.snapshot();
+    /// Counts `packets` as refused under `OverQuota`.
+    fn count_over_quota(
+        &self,
+        packets: &[pb::Packet],
+        tasks: &HashMap<TaskId, TaskConfig>,
+    ) -> Result<()> {
         let mut delta = StatDelta::default();
         for p in packets {
             delta.add(
-                scope_of(p, &tasks),
+                scope_of(p, tasks),
                 Stat::Rejected(RejectReason::OverQuota),
                 1,
             );
         }
-        self.node.store.add_stats(&delta)?;
+        self.node.store.add_stats(&delta)
+    }
+
+    /// Refuses a whole request for overload, counting every packet under `OverQuota`.
+    fn refuse(
+        &self,
+        packets: &[pb::Packet],
+        tasks: &HashMap<TaskId, TaskConfig>,
+        message: String,
+    ) -> Result<Status> {
+        self.count_over_quota(packets, tasks)?;
         Ok(Error::Overloaded(message).into())
     }
 
@@ -124,9 +137,11 @@ impl IngestService {
             return Ok(pb::SubmitPacketsResponse::default());
         }
         let n = packets.len() as u32;
+        let tasks = self.node.tasks.snapshot();
         if !self.node.limiter.take(source, n) {
             return Err(self.refuse(
                 &packets,
+                &tasks,
                 format!(
                     "this source is over its rate limit of {} packets/s; retry later",
                     limits.per_source_packets_per_s
@@ -137,7 +152,6 @@ impl IngestService {
         let mut packets = packets;
         let mut over_quota = 0u64;
         {
-            let tasks = self.node.tasks.snapshot();
             let tenant_of = |p: &pb::Packet| {
                 TaskId::try_from(p.task_id.as_ref())
                     .ok()
@@ -166,18 +180,10 @@ impl IngestService {
                     limits.per_tenant_packets_per_s
                 );
                 if rest.is_empty() {
-                    return Err(self.refuse(&theirs, message)?);
+                    return Err(self.refuse(&theirs, &tasks, message)?);
                 }
                 // A mixed request: only the over-quota tenants' packets are refused.
-                let mut delta = StatDelta::default();
-                for p in &theirs {
-                    delta.add(
-                        scope_of(p, &tasks),
-                        Stat::Rejected(RejectReason::OverQuota),
-                        1,
-                    );
-                }
-                self.node.store.add_stats(&delta)?;
+                self.count_over_quota(&theirs, &tasks)?;
                 tracing::debug!(%message, refused = theirs.len(), "refused packets over a tenant quota");
                 over_quota = theirs.len() as u64;
                 packets = rest;
@@ -188,6 +194,7 @@ impl IngestService {
         if held + u64::from(n) > limits.max_buffered_packets {
             return Err(self.refuse(
                 &packets,
+                &tasks,
                 format!(
                     "this shuffler holds {held} packets (limit {}); retry later",
                     limits.max_buffered_packets
@@ -197,7 +204,6 @@ impl IngestService {
 
         let node = self.node.clone();
         let outcomes = tokio::task::spawn_blocking(move || -> Result<Outcomes> {
-            let tasks = node.tasks.snapshot();
             let keyring = node.keys.keyring();
             // Opening layers is the expensive part: spread it over all cores.
             let checked: Vec<Checked> = packets

@@ -29,6 +29,7 @@ use hush_shuffler::{ShufflerConfig, ShufflerNode};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, LogNormal};
 
 const ADMIN_TOKEN: &str = "demo-admin-token-not-secret";
 const PEER_TOKEN: &str = "demo-peer-token-not-secret";
@@ -75,45 +76,75 @@ struct Service {
     task: TaskConfig,
 }
 
+/// A task of the in-process cluster's tenant ("demo"), as the demo and the pipeline mode of
+/// `hush sim` provision them.
+pub(crate) struct TaskSpec<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) kind: MeasurementKind,
+    /// Bucket bounds of a histogram (ignored for a counter).
+    pub(crate) bounds_us: Vec<u64>,
+    /// Events (or the count) one instance reports per window.
+    pub(crate) bound: u64,
+    pub(crate) window_s: u64,
+    pub(crate) min_batch_size: u64,
+    /// ε each aggregator spends per collection, and the task's whole budget.
+    pub(crate) epsilon: f64,
+    pub(crate) budget: f64,
+}
+
+impl TaskSpec<'_> {
+    /// The task, sealed to `collector`.
+    pub(crate) fn build(self, collector: &HpkeKeypair) -> anyhow::Result<TaskConfig> {
+        Ok(TaskConfig::new(TaskParams {
+            task_id: TaskId::random(),
+            tenant: "demo".into(),
+            name: self.name.into(),
+            kind: self.kind,
+            bucket_bounds_us: if self.kind == MeasurementKind::Counter {
+                vec![]
+            } else {
+                self.bounds_us
+            },
+            contribution_bound: self.bound,
+            clip_contributions: true,
+            time_precision_s: self.window_s,
+            min_batch_size: self.min_batch_size,
+            epsilon_per_collection: Epsilon::from_f64(self.epsilon)?,
+            epsilon_budget: Epsilon::from_f64(self.budget)?,
+            report_expiry_s: 3_600,
+            packet_size: 4_096,
+            collector_hpke_config: collector.config().clone(),
+            alert_budget_percent: 70,
+            retention_s: 86_400,
+        })?)
+    }
+}
+
 fn task(
     name: &str,
     kind: MeasurementKind,
-    bound: u64,
     args: &DemoArgs,
     collector: &HpkeKeypair,
 ) -> anyhow::Result<TaskConfig> {
-    Ok(TaskConfig::new(TaskParams {
-        task_id: TaskId::random(),
-        tenant: "demo".into(),
-        name: name.into(),
+    TaskSpec {
+        name,
         kind,
-        bucket_bounds_us: if kind == MeasurementKind::Counter {
-            vec![]
-        } else {
-            // 20 buckets from 2 ms to 4 s: each bucket's count carries its own noise, so fewer,
-            // wider buckets give tighter quantile intervals at this scale.
-            log_spaced_bounds(2_000, 4_000_000, 20)
-        },
-        contribution_bound: bound,
-        clip_contributions: true,
-        time_precision_s: args.window_secs,
+        // 20 buckets from 2 ms to 4 s: each bucket's count carries its own noise, so fewer,
+        // wider buckets give tighter quantile intervals at this scale.
+        bounds_us: log_spaced_bounds(2_000, 4_000_000, 20),
+        bound: args.requests,
+        window_s: args.window_secs,
         min_batch_size: 50,
-        epsilon_per_collection: Epsilon::from_f64(args.epsilon)?,
-        epsilon_budget: Epsilon::from_f64(args.epsilon * 10.0)?,
-        report_expiry_s: 3_600,
-        packet_size: 4_096,
-        collector_hpke_config: collector.config().clone(),
-        alert_budget_percent: 70,
-        retention_s: 86_400,
-    })?)
+        epsilon: args.epsilon,
+        budget: args.epsilon * 10.0,
+    }
+    .build(collector)
 }
 
-/// A log-normal latency around `median_ms`.
+/// A log-normal latency around `median_ms` (log standard deviation 0.45).
 fn latency(rng: &mut StdRng, median_ms: f64) -> Duration {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random();
-    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-    Duration::from_secs_f64(median_ms * (0.45 * z).exp() / 1_000.0)
+    let ms = LogNormal::new(median_ms.ln(), 0.45).map_or(median_ms, |d| d.sample(rng));
+    Duration::from_secs_f64(ms / 1_000.0)
 }
 
 fn fmt_est(e: &Option<pb::Estimate>) -> String {
@@ -362,7 +393,6 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
             task: task(
                 "checkout latency",
                 MeasurementKind::WindowHistogram,
-                args.requests,
                 &args,
                 &collector,
             )?,
@@ -373,7 +403,6 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
             task: task(
                 "search latency",
                 MeasurementKind::WindowHistogram,
-                args.requests,
                 &args,
                 &collector,
             )?,
@@ -384,19 +413,12 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
             task: task(
                 "auth latency",
                 MeasurementKind::WindowHistogram,
-                args.requests,
                 &args,
                 &collector,
             )?,
         },
     ];
-    let errors = task(
-        "errors",
-        MeasurementKind::Counter,
-        args.requests,
-        &args,
-        &collector,
-    )?;
+    let errors = task("errors", MeasurementKind::Counter, &args, &collector)?;
     let all_tasks: Vec<TaskConfig> = services
         .iter()
         .map(|s| s.task.clone())

@@ -416,12 +416,7 @@ async fn a_tenant_over_its_report_quota_leaves_other_tenants_untouched() {
         cluster::url(helper.local_addr()),
     );
     let acme = histogram_task();
-    let other = {
-        let mut p = acme.params().clone();
-        p.task_id = hush_protocol::TaskId::random();
-        p.tenant = "other".into();
-        TaskConfig::new(p).unwrap()
-    };
+    let other = hush_tests::for_tenant(&acme, "other");
     for t in [&acme, &other] {
         provision(&lu, &hu, t, &VerifyKey::random()).await;
     }

@@ -365,6 +365,7 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
         .entries()
         .unwrap()
         .iter()
+        .map(|e| &e.event)
         .filter(|e| e.action == "collect")
         .map(|e| format!("{} {}: {}", e.actor, e.outcome, e.detail))
         .collect();
@@ -390,6 +391,7 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
     assert!(
         helper
             .iter()
+            .map(|e| &e.event)
             .any(|e| e.action == "aggregate_share" && e.outcome == "ok" && e.actor == "leader"),
         "{helper:#?}"
     );

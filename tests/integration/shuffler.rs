@@ -435,12 +435,7 @@ async fn overload_gets_resource_exhausted_and_stores_nothing() {
 async fn a_tenant_over_its_quota_does_not_slow_or_reject_another_tenants_packets() {
     let sink = RecordingLeader::start().await;
     let acme = histogram_task();
-    let other = {
-        let mut p = acme.params().clone();
-        p.task_id = hush_protocol::TaskId::random();
-        p.tenant = "other".into();
-        TaskConfig::new(p).unwrap()
-    };
+    let other = hush_tests::for_tenant(&acme, "other");
     let dir = tempfile::tempdir().unwrap();
     let mix = Mix {
         batch_size: 10_000,

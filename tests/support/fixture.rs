@@ -59,6 +59,14 @@ pub fn task_params(kind: MeasurementKind, collector: &HpkeKeypair) -> TaskParams
     }
 }
 
+/// A copy of `task` under a fresh id for another `tenant`.
+pub fn for_tenant(task: &TaskConfig, tenant: &str) -> TaskConfig {
+    let mut p = task.params().clone();
+    p.task_id = TaskId::random();
+    p.tenant = tenant.into();
+    TaskConfig::new(p).expect("a valid task")
+}
+
 impl Fixture {
     /// A task of `kind` routed through `shufflers` shufflers.
     pub fn new(kind: MeasurementKind, shufflers: usize) -> Self {

@@ -9,4 +9,4 @@ pub mod http;
 pub mod mixnet;
 pub mod process;
 
-pub use fixture::{Failure, Fixture, task_params};
+pub use fixture::{Failure, Fixture, for_tenant, task_params};

@@ -135,6 +135,20 @@ impl ResultsStore {
             .collect()
     }
 
+    /// The start of a task's newest released window, if any.
+    pub fn newest_window_start(&self, task: &TaskId) -> Result<Option<u64>> {
+        Ok(self
+            .windows
+            .scan_prefix(task.as_bytes())
+            .keys()
+            .next_back()
+            .transpose()?
+            .and_then(|k| {
+                k.get(32..40)
+                    .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+            }))
+    }
+
     /// One released window.
     pub fn window(&self, task: &TaskId, start: Time) -> Result<Option<pb::WindowResult>> {
         self.windows

@@ -65,7 +65,7 @@ pub(crate) fn run(cmd: AuditCommand) -> anyhow::Result<()> {
         } => {
             let store = open(&data_dir)?;
             for e in store.audit().entries()? {
-                if tenant.as_ref().is_some_and(|t| &e.tenant != t)
+                if tenant.as_ref().is_some_and(|t| &e.event.tenant != t)
                     || since.is_some_and(|s| e.time < s)
                     || until.is_some_and(|u| e.time >= u)
                 {

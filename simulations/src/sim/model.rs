@@ -2,7 +2,7 @@
 //! applied, then the detectors the results service runs. Fast enough for 10^7 events per window.
 
 use hush_protocol::detect::{self, CountWindow, DetectorConfig, HistogramWindow};
-use hush_protocol::dp::{NoiseRng, aggregate_noise_stddev, sample_aggregate_noise};
+use hush_protocol::dp::{AggregateNoise, NoiseRng, aggregate_noise_stddev};
 use hush_protocol::estimate::quantile_point_ms;
 use hush_protocol::{Epsilon, detect::normal_cdf};
 use rand::{Rng, SeedableRng};
@@ -123,15 +123,16 @@ pub(crate) fn simulate(s: &Scenario, cell: &Cell, seed: u64) -> anyhow::Result<V
     let sd = aggregate_noise_stddev(sens, eps);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut noise = NoiseRng::seed_from_u64(rng.random());
+    let mechanism = AggregateNoise::new(sens, eps)?;
     (0..s.windows)
         .map(|w| {
             let (shift, rate) = shift_and_rate(s, cell, w);
             let mut counts = multinomial(&mut rng, cell.events, &bucket_probs(svc, shift, &bounds));
             for c in &mut counts {
-                *c += sample_aggregate_noise(sens, eps, &mut noise)?;
+                *c += mechanism.sample(&mut noise)?;
             }
             let errors = Binomial::new(cell.events, rate)?.sample(&mut rng) as i64
-                + sample_aggregate_noise(sens, eps, &mut noise)?;
+                + mechanism.sample(&mut noise)?;
             Ok(Released {
                 counts,
                 noise_sd: sd,

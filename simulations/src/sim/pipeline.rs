@@ -9,17 +9,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hush_client::{Endpoints, HushClient, RuntimeConfig, fetch_keys};
-use hush_protocol::{
-    Clock, Epsilon, HpkeKeypair, MeasurementKind, MockClock, SystemClock, TaskConfig, TaskId,
-    TaskParams,
-};
-use rand::{Rng, SeedableRng};
+use hush_protocol::{Clock, HpkeKeypair, MeasurementKind, MockClock, SystemClock, TaskConfig};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Binomial, Distribution, LogNormal};
 
 use super::model::{Cell, Released};
 use super::scenario::{AnomalyKind, Scenario};
-use crate::demo::start_cluster;
+use crate::demo::{TaskSpec, start_cluster};
 
 const WINDOW_S: u64 = 60;
 
@@ -31,29 +28,18 @@ fn task(
     collector: &HpkeKeypair,
 ) -> anyhow::Result<TaskConfig> {
     let runs = (s.windows * s.repetitions) as f64;
-    Ok(TaskConfig::new(TaskParams {
-        task_id: TaskId::random(),
-        tenant: "demo".into(),
-        name: name.into(),
+    TaskSpec {
+        name,
         kind,
-        bucket_bounds_us: if kind == MeasurementKind::Counter {
-            vec![]
-        } else {
-            s.bounds_us()
-        },
-        contribution_bound: s.events_per_client,
-        clip_contributions: true,
-        time_precision_s: WINDOW_S,
+        bounds_us: s.bounds_us(),
+        bound: s.events_per_client,
+        window_s: WINDOW_S,
         min_batch_size: s.min_batch_size,
-        epsilon_per_collection: Epsilon::from_f64(eps)?,
+        epsilon: eps,
         // Enough routine budget for every window of the run (30% of the total is routine).
-        epsilon_budget: Epsilon::from_f64((eps * runs * 4.0).min(1e6))?,
-        report_expiry_s: 3_600,
-        packet_size: 4_096,
-        collector_hpke_config: collector.config().clone(),
-        alert_budget_percent: 70,
-        retention_s: 86_400,
-    })?)
+        budget: (eps * runs * 4.0).min(1e6),
+    }
+    .build(collector)
 }
 
 /// Runs `reps` repetitions of `cell` through the real system; each is `windows` consecutive
@@ -195,7 +181,6 @@ pub(crate) async fn simulate(
             });
         }
         out.push(run);
-        let _ = rng.random::<u64>();
     }
     for c in clients {
         c.shutdown(Duration::from_secs(1)).await;
