@@ -314,6 +314,9 @@ impl Inner {
 
     /// Turns closed windows into queued measurements.
     fn queue_closed(&self) {
+        // The queue stays locked from taking the closed windows until their reports are queued,
+        // so `flush` never sees a moment where they are in neither place.
+        let mut q = lock(&self.queue);
         let closed = std::mem::take(&mut *lock(&self.closed));
         if closed.is_empty() {
             return;
@@ -349,7 +352,6 @@ impl Inner {
                 }
             }
         }
-        let mut q = lock(&self.queue);
         for item in items {
             if q.len() >= self.config.queue_capacity {
                 q.pop_front();
@@ -752,10 +754,11 @@ async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan
                 let items: Vec<Queued> = {
                     let mut q = lock(&inner.queue);
                     let n = q.len().min(inner.config.max_batch);
+                    // Counted in flight before the queue is unlocked (see `flush`).
+                    inner.in_flight.store(n as u64, Ordering::Relaxed);
                     q.drain(..n).collect()
                 };
                 if !items.is_empty() {
-                    inner.in_flight.store(items.len() as u64, Ordering::Relaxed);
                     let i2 = inner.clone();
                     batch = tokio::task::spawn_blocking(move || i2.build_packets(&keys, &items))
                         .await

@@ -149,3 +149,55 @@ async fn the_client_keeps_recording_with_servers_down_and_delivers_when_they_ret
     leader.shutdown().await.unwrap();
     helper.shutdown().await.unwrap();
 }
+
+/// `flush` may only say "done" when nothing is left: with every server down it must say "not
+/// done" however its checks interleave with the background task closing windows and queueing
+/// their reports (a past race made it report done while a window's reports were being queued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_never_reports_done_while_reports_wait() {
+    const ROUNDS: u64 = 100;
+    let mock = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let clock: Arc<dyn Clock> = mock.clone();
+    let down = url(free_addr());
+    let mut p = task_params(MeasurementKind::EventHistogram, &HpkeKeypair::generate(1));
+    // Large windows widen the moment their reports are being queued.
+    p.contribution_bound = 20_000;
+    let task = TaskConfig::new(p).unwrap();
+    let endpoints = Endpoints {
+        shufflers: vec![("shuffler-a".into(), down.clone())],
+        leader: ("leader".into(), down.clone()),
+        helper_url: down,
+    };
+    let config = RuntimeConfig {
+        queue_capacity: 10_000_000,
+        tick: Duration::from_millis(1),
+        retry_initial: Duration::from_millis(1),
+        retry_max: Duration::from_millis(2),
+        request_timeout: Duration::from_millis(50),
+        ..RuntimeConfig::default()
+    };
+    let client = HushClient::builder(endpoints)
+        .latency_task("checkout", "POST /pay", task)
+        .config(config)
+        .clock(clock)
+        .start()
+        .await
+        .unwrap();
+    let pay = client.latency("checkout", "POST /pay");
+    for round in 0..ROUNDS {
+        for i in 0..20_000u64 {
+            pay.record(Duration::from_millis(5 + i % 50));
+        }
+        mock.advance(60);
+        // Let the background task race `flush` for the window just closed.
+        tokio::time::sleep(Duration::from_micros(round % 11 * 150)).await;
+        assert!(
+            !client.flush(Duration::from_millis(1)).await,
+            "round {round}: flush said done with reports waiting: {:?}",
+            client.stats()
+        );
+    }
+    let s = client.stats();
+    assert_eq!(s.recorded, ROUNDS * 20_000);
+    assert_eq!(s.queued, s.recorded, "{s:?}");
+}
