@@ -1,6 +1,7 @@
 //! The audit trail: an append-only, hash-chained log in sled of every collection and budget
-//! spend, task, key and token change, and refused collection request — who, what, when and the
-//! outcome, never a share or a measurement.
+//! spend, task, key and token change, refused collection request and unauthenticated request
+//! (no client certificate, wrong token) — who, what, when and the outcome, never a share or a
+//! measurement.
 //!
 //! Entry `n` is stored under its sequence number and carries the SHA-256 of entry `n − 1`
 //! (`prev`) and its own (`hash`, over a domain string, `prev` and its fields). A head record
@@ -103,6 +104,83 @@ impl fmt::Display for AuditEntry {
             write!(f, "; {}", e.detail)?;
         }
         Ok(())
+    }
+}
+
+/// Records the requests an interceptor refuses as unauthenticated (no client certificate, a
+/// wrong or missing token) in the audit trail, then passes the refusal on. At most
+/// [`AuditRefusals::PER_SECOND`] entries a second per service: a flood is summarised by the
+/// count of refusals left out, so it cannot fill the disk.
+#[derive(Clone)]
+pub struct AuditRefusals<I> {
+    inner: I,
+    shared: crate::shared::Shared,
+    service: &'static str,
+    limiter: std::sync::Arc<governor::DefaultDirectRateLimiter>,
+    left_out: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<I> fmt::Debug for AuditRefusals<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditRefusals")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<I> AuditRefusals<I> {
+    /// Most audit entries of refused requests per second and service.
+    pub const PER_SECOND: u32 = 10;
+
+    /// Wraps `inner`, the authentication of `service` (e.g. "admin").
+    pub fn new(inner: I, shared: crate::shared::Shared, service: &'static str) -> Self {
+        let quota = governor::Quota::per_second(
+            std::num::NonZeroU32::new(Self::PER_SECOND).unwrap_or(std::num::NonZeroU32::MIN),
+        );
+        Self {
+            inner,
+            shared,
+            service,
+            limiter: std::sync::Arc::new(governor::RateLimiter::direct(quota)),
+            left_out: Default::default(),
+        }
+    }
+}
+
+impl<I: tonic::service::Interceptor> tonic::service::Interceptor for AuditRefusals<I> {
+    fn call(
+        &mut self,
+        req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        use std::sync::atomic::Ordering;
+        let remote = req.remote_addr();
+        let refused = match self.inner.call(req) {
+            Ok(r) => return Ok(r),
+            Err(s) => s,
+        };
+        if self.limiter.check().is_err() {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            return Err(refused);
+        }
+        let left_out = self.left_out.swap(0, Ordering::Relaxed);
+        let mut detail = format!(
+            "from {}",
+            remote.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string())
+        );
+        if left_out > 0 {
+            detail.push_str(&format!(
+                "; {left_out} earlier refusals of this service not recorded (rate limit)"
+            ));
+        }
+        self.shared.audit(AuditEvent {
+            actor: "unauthenticated".into(),
+            action: format!("{}.call", self.service),
+            tenant: String::new(),
+            task: String::new(),
+            outcome: format!("refused: {}", refused.message()),
+            detail,
+        });
+        Err(refused)
     }
 }
 

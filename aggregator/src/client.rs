@@ -6,8 +6,9 @@ use hush_protocol::HpkeConfig;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::admin_client::AdminClient;
 use hush_protocol::proto::v1::hpke_keys_client::HpkeKeysClient;
+use hush_protocol::tls;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::error::{Error, Result};
 use hush_protocol::auth::AddBearer;
@@ -15,10 +16,11 @@ use hush_protocol::auth::AddBearer;
 /// An admin client that sends the admin bearer token.
 pub type Admin = AdminClient<InterceptedService<Channel, AddBearer>>;
 
-/// A channel to `url` (`http://host:port`), connected lazily.
-pub fn channel(url: &str) -> Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|e| Error::Config(format!("invalid URL {url:?}: {e}")))?
+/// A channel to `url`, connected lazily: `https://host:port` with `tls` (see
+/// [`hush_protocol::tls`]), `http://host:port` without.
+pub fn channel(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel> {
+    Ok(tls::endpoint(url, tls, "URL")
+        .map_err(|e| Error::Config(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
@@ -26,14 +28,14 @@ pub fn channel(url: &str) -> Result<Channel> {
 }
 
 /// An admin client for the aggregator at `url`.
-pub fn admin(url: &str, token: &str) -> Result<Admin> {
+pub fn admin(url: &str, token: &str, tls: Option<&ClientTlsConfig>) -> Result<Admin> {
     let auth = AddBearer::new(token).map_err(|e| Error::Config(e.message().to_owned()))?;
-    Ok(AdminClient::with_interceptor(channel(url)?, auth))
+    Ok(AdminClient::with_interceptor(channel(url, tls)?, auth))
 }
 
 /// Fetches the HPKE configs a shuffler or aggregator publishes, current first.
-pub async fn hpke_configs(url: &str) -> Result<Vec<HpkeConfig>> {
-    let mut c = HpkeKeysClient::new(channel(url)?);
+pub async fn hpke_configs(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Vec<HpkeConfig>> {
+    let mut c = HpkeKeysClient::new(channel(url, tls)?);
     let list = c
         .get_hpke_configs(pb::GetHpkeConfigsRequest {})
         .await?

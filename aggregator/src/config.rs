@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use hush_protocol::tls::{TlsFiles, TlsMaterial};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -44,6 +45,10 @@ pub struct AggregatorConfig {
     /// Settings only the leader uses.
     #[serde(default)]
     pub leader: Option<LeaderConfig>,
+    /// This aggregator's certificate, key and trusted CAs. Without it the aggregator speaks
+    /// plaintext, which `hush leader|helper` allow only with `--insecure`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
 }
 
 /// The leader's aggregation job settings.
@@ -179,15 +184,28 @@ impl AggregatorConfig {
                     "leader.retry_initial_ms must be positive and at most retry_max_ms".into(),
                 ));
             }
-            if !(l.helper_url.starts_with("http://") || l.helper_url.starts_with("https://")) {
-                return Err(Error::Config(format!(
-                    "leader.helper_url {:?} must start with http:// or https://",
-                    l.helper_url
-                )));
-            }
+            check_url_scheme(&l.helper_url, self.tls.is_some(), "leader.helper_url")?;
         }
         Ok(())
     }
+
+    /// Reads the `[tls]` files, if configured.
+    pub fn tls_material(&self) -> Result<Option<TlsMaterial>> {
+        read_tls(self.tls.as_ref())
+    }
+}
+
+/// Reads the files of a `[tls]` section, if there is one.
+pub fn read_tls(files: Option<&TlsFiles>) -> Result<Option<TlsMaterial>> {
+    files
+        .map(|f| f.read_with(|p| std::fs::read(p)))
+        .transpose()
+        .map_err(|e| Error::Config(e.to_string()))
+}
+
+/// Checks that `url` is `https://` when TLS is configured and `http://` when it is not.
+pub fn check_url_scheme(url: &str, tls: bool, what: &str) -> Result<()> {
+    hush_protocol::tls::check_scheme(url, tls, what).map_err(|e| Error::Config(e.to_string()))
 }
 
 /// Reads a secret from the environment variable `name`.

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::config::LeaderConfig;
@@ -235,10 +235,15 @@ impl LeaderIngest for IngestService {
 /// A client of the helper's aggregation service that presents the peer token.
 pub type HelperClient = HelperAggregationClient<InterceptedService<Channel, AddBearer>>;
 
-/// A client for the helper at `cfg.helper_url`, connected lazily.
-pub fn helper_client(cfg: &LeaderConfig, peer_token: &str) -> Result<HelperClient> {
-    let endpoint = Endpoint::from_shared(cfg.helper_url.clone())
-        .map_err(|e| Error::Config(format!("leader.helper_url: {e}")))?
+/// A client for the helper at `cfg.helper_url`, connected lazily, presenting the leader's
+/// certificate when `tls` is set.
+pub fn helper_client(
+    cfg: &LeaderConfig,
+    peer_token: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<HelperClient> {
+    let endpoint = hush_protocol::tls::endpoint(&cfg.helper_url, tls, "leader.helper_url")
+        .map_err(|e| Error::Config(e.to_string()))?
         .timeout(Duration::from_millis(cfg.helper_timeout_ms))
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
@@ -262,8 +267,13 @@ pub struct JobDriver {
 
 impl JobDriver {
     /// A driver that talks to the helper at `cfg.helper_url` with `peer_token`.
-    pub fn new(shared: Shared, cfg: LeaderConfig, peer_token: &str) -> Result<Self> {
-        let helper = helper_client(&cfg, peer_token)?;
+    pub fn new(
+        shared: Shared,
+        cfg: LeaderConfig,
+        peer_token: &str,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self> {
+        let helper = helper_client(&cfg, peer_token, tls)?;
         Ok(Self {
             shared,
             cfg,

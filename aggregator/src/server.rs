@@ -20,6 +20,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, KeysService};
+use crate::audit::AuditRefusals;
 use crate::collection::CollectionService;
 use crate::config::{AggregatorConfig, secret_from_env};
 use crate::error::{Error, Result};
@@ -30,6 +31,7 @@ use crate::shared::Shared;
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
 use hush_protocol::auth::BearerAuth;
+use hush_protocol::tls::{Both, RequirePeerCert};
 
 /// The secrets an aggregator needs, which never come from its config file.
 #[derive(Clone)]
@@ -94,6 +96,8 @@ impl Aggregator {
             ));
         }
         let addr = listener.local_addr()?;
+        let tls = config.tls_material()?;
+        let client_tls = tls.as_ref().map(|m| m.client());
         let store = Store::open(&config.data_dir, config.cache_mb)?;
         let tasks = store
             .tasks()?
@@ -120,24 +124,35 @@ impl Aggregator {
         }
         let (tx, rx) = watch::channel(false);
 
+        // With TLS, operator links refuse connections without a client certificate before any
+        // handler runs; HPKE configs and the token-guarded admin API stay open to any client
+        // that trusts this server.
+        // Every refusal lands in the audit trail.
+        let peer_cert = |what| RequirePeerCert::new(tls.is_some(), what);
         let admin = InterceptedService::new(
             AdminServer::new(AdminService::new(shared.clone())),
-            BearerAuth::new(&secrets.admin_token, "admin token"),
+            AuditRefusals::new(
+                BearerAuth::new(&secrets.admin_token, "admin token"),
+                shared.clone(),
+                "admin",
+            ),
         );
         let keys_svc = HpkeKeysServer::new(KeysService::new(shared.clone()));
         let (ingest, collection, helper) = match (role, &shared.config.leader) {
             (Role::Leader, Some(lc)) => (
-                Some(
+                Some(InterceptedService::new(
                     LeaderIngestServer::new(IngestService::new(shared.clone()))
                         .max_decoding_message_size(MAX_MESSAGE_BYTES),
-                ),
-                Some(
+                    AuditRefusals::new(peer_cert("the last shuffler"), shared.clone(), "ingest"),
+                )),
+                Some(InterceptedService::new(
                     CollectionServer::new(CollectionService::new(
                         shared.clone(),
-                        helper_client(lc, &secrets.peer_token)?,
+                        helper_client(lc, &secrets.peer_token, client_tls.as_ref())?,
                     ))
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                ),
+                    AuditRefusals::new(peer_cert("collectors"), shared.clone(), "collection"),
+                )),
                 None,
             ),
             _ => (
@@ -147,7 +162,14 @@ impl Aggregator {
                     HelperAggregationServer::new(HelperService::new(shared.clone()))
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                    BearerAuth::new(&secrets.peer_token, "leader-helper token"),
+                    AuditRefusals::new(
+                        Both(
+                            peer_cert("the leader"),
+                            BearerAuth::new(&secrets.peer_token, "leader-helper token"),
+                        ),
+                        shared.clone(),
+                        "aggregation",
+                    ),
                 )),
             ),
         };
@@ -158,6 +180,7 @@ impl Aggregator {
                     shared.clone(),
                     lc.clone(),
                     &secrets.peer_token,
+                    client_tls.as_ref(),
                 )?);
                 Some(tokio::spawn(d.run(rx.clone())))
             }
@@ -170,7 +193,13 @@ impl Aggregator {
             let _ = srx.wait_for(|v| *v).await;
         };
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let router = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(m) = &tls {
+            builder = builder
+                .tls_config(m.server())
+                .map_err(|e| Error::Config(format!("tls: {e}")))?;
+        }
+        let router = builder
             .add_service(admin)
             .add_service(keys_svc)
             .add_optional_service(ingest)
@@ -186,7 +215,7 @@ impl Aggregator {
             store.flush().await?;
             served.map_err(|e| Error::Io(std::io::Error::other(e)))
         });
-        tracing::info!(%addr, %role, "aggregator listening");
+        tracing::info!(%addr, %role, tls = tls.is_some(), "aggregator listening");
         Ok(Self {
             addr,
             shared,

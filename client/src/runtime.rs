@@ -39,13 +39,14 @@ use hush_protocol::onion::{Hop, Route};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::hpke_keys_client::HpkeKeysClient;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
+use hush_protocol::tls;
 use hush_protocol::{
     Clock, HpkeConfig, Measurement, MeasurementKind, ReportId, SystemClock, TaskConfig, TaskId,
     Time,
 };
 use rand::Rng;
 use tokio::sync::{Notify, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::report::{ClientError, ClientTask};
 
@@ -91,6 +92,10 @@ pub struct Endpoints {
     pub leader: (String, String),
     /// The helper's gRPC URL (for its HPKE configs).
     pub helper_url: String,
+    /// The CA certificates (PEM) that sign the shufflers' and aggregators' certificates. With
+    /// it every URL must be `https://` and servers are verified against it; without it URLs are
+    /// plaintext `http://` (tests, `--insecure` deployments).
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 /// Tuning of the background work.
@@ -140,8 +145,9 @@ pub struct Keys {
     pub helper: HpkeConfig,
 }
 
-fn channel(url: &str, timeout: Duration) -> Result<Channel, RuntimeError> {
-    Ok(Endpoint::from_shared(url.to_owned())
+fn channel(url: &str, ca: Option<&[u8]>, timeout: Duration) -> Result<Channel, RuntimeError> {
+    let tls = ca.map(tls::server_auth_client);
+    Ok(tls::endpoint(url, tls.as_ref(), "endpoint")
         .map_err(|e| RuntimeError::Url {
             url: url.into(),
             reason: e.to_string(),
@@ -152,12 +158,16 @@ fn channel(url: &str, timeout: Duration) -> Result<Channel, RuntimeError> {
         .connect_lazy())
 }
 
-async fn current_config(url: &str, timeout: Duration) -> Result<HpkeConfig, RuntimeError> {
+async fn current_config(
+    url: &str,
+    ca: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<HpkeConfig, RuntimeError> {
     let err = |status: String| RuntimeError::Keys {
         url: url.into(),
         status,
     };
-    let list = HpkeKeysClient::new(channel(url, timeout)?)
+    let list = HpkeKeysClient::new(channel(url, ca, timeout)?)
         .get_hpke_configs(pb::GetHpkeConfigsRequest {})
         .await
         .map_err(|s| err(s.message().to_owned()))?
@@ -172,13 +182,14 @@ async fn current_config(url: &str, timeout: Duration) -> Result<HpkeConfig, Runt
 /// Fetches every party's current HPKE config.
 pub async fn fetch_keys(endpoints: &Endpoints, timeout: Duration) -> Result<Keys, RuntimeError> {
     let mut shufflers = Vec::new();
+    let ca = endpoints.tls_ca.as_deref();
     for (_, url) in &endpoints.shufflers {
-        shufflers.push(current_config(url, timeout).await?);
+        shufflers.push(current_config(url, ca, timeout).await?);
     }
     Ok(Keys {
         shufflers,
-        leader: current_config(&endpoints.leader.1, timeout).await?,
-        helper: current_config(&endpoints.helper_url, timeout).await?,
+        leader: current_config(&endpoints.leader.1, ca, timeout).await?,
+        helper: current_config(&endpoints.helper_url, ca, timeout).await?,
     })
 }
 
@@ -547,7 +558,11 @@ impl Builder {
             .iter()
             .chain([&self.endpoints.leader])
         {
-            channel(url, self.config.request_timeout)?;
+            channel(
+                url,
+                self.endpoints.tls_ca.as_deref(),
+                self.config.request_timeout,
+            )?;
         }
         let keys = match self.keys {
             Some(k) => Some(k),
@@ -725,7 +740,11 @@ async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan
         .unwrap_or_default();
     let chan = match chan {
         Some(c) => c,
-        None => match channel(&first, inner.config.request_timeout) {
+        None => match channel(
+            &first,
+            inner.endpoints.tls_ca.as_deref(),
+            inner.config.request_timeout,
+        ) {
             Ok(c) => c,
             Err(_) => return,
         },

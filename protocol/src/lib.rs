@@ -22,6 +22,7 @@ pub mod onion;
 pub mod outcomes;
 pub mod report;
 pub mod task;
+pub mod tls;
 pub mod vdaf;
 
 /// The protocol version. It is part of every HPKE info string, the VDAF context and replay tags,

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use hush_protocol::tls::{TlsFiles, TlsMaterial};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -44,6 +45,26 @@ pub struct ShufflerConfig {
     /// The hops packets may name next: further shufflers or the leader.
     #[serde(default, rename = "next_hop")]
     pub next_hops: Vec<NextHopConfig>,
+    /// Who submits packets to this node. With TLS, `"shufflers"` (the default) refuses
+    /// connections without a client certificate from a trusted CA; the first shuffler of a
+    /// cascade sets `"clients"`, whose services present none.
+    #[serde(default)]
+    pub ingest_from: IngestFrom,
+    /// This node's certificate, key and trusted CAs. Without it the node speaks plaintext,
+    /// which `hush shuffler` allows only with `--insecure`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+}
+
+/// Who submits packets to a shuffler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IngestFrom {
+    /// The previous shuffler: mutual TLS.
+    #[default]
+    Shufflers,
+    /// Services' client runtimes: server-authenticated TLS.
+    Clients,
 }
 
 /// Batching: a batch leaves when it holds `batch_size` packets, or when its oldest packet has
@@ -228,6 +249,15 @@ impl ShufflerConfig {
         Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
+    /// Reads the `[tls]` files, if configured.
+    pub fn tls_material(&self) -> Result<Option<TlsMaterial>> {
+        self.tls
+            .as_ref()
+            .map(|f| f.read_with(|p| std::fs::read(p)))
+            .transpose()
+            .map_err(|e| Error::Config(e.to_string()))
+    }
+
     /// Parses and checks a config.
     pub fn from_toml(text: &str) -> Result<Self> {
         let c: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
@@ -292,12 +322,12 @@ impl ShufflerConfig {
             if h.name.is_empty() || h.name.len() > 255 {
                 return bad(format!("next hop name {:?} must be 1 to 255 bytes", h.name));
             }
-            if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
-                return bad(format!(
-                    "next hop {:?}: url {:?} must start with http:// or https://",
-                    h.name, h.url
-                ));
-            }
+            hush_protocol::tls::check_scheme(
+                &h.url,
+                self.tls.is_some(),
+                &format!("next hop {:?}: url", h.name),
+            )
+            .map_err(|e| Error::Config(e.to_string()))?;
         }
         Ok(())
     }

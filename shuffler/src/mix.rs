@@ -21,7 +21,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::config::{ForwardConfig, HopKind, MixConfig, NextHopConfig};
 use crate::error::{Error, Result};
@@ -231,16 +231,24 @@ impl Mixer {
     }
 }
 
+/// A gRPC client of one next hop.
 #[derive(Clone, Debug)]
-enum HopClient {
+pub enum HopClient {
+    /// The next shuffler: gets onion packets.
     Shuffler(ShufflerClient<Channel>),
+    /// The leader: gets reports.
     Leader(LeaderIngestClient<Channel>),
 }
 
 impl HopClient {
-    fn new(h: &NextHopConfig, timeout: Duration) -> Result<Self> {
-        let channel = Endpoint::from_shared(h.url.clone())
-            .map_err(|e| Error::Config(format!("next hop {:?}: {e}", h.name)))?
+    /// A lazily connected client of `h`, presenting this node's certificate when `tls` is set.
+    pub fn new(
+        h: &NextHopConfig,
+        timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self> {
+        let channel = hush_protocol::tls::endpoint(&h.url, tls, &format!("next hop {:?}", h.name))
+            .map_err(|e| Error::Config(e.to_string()))?
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
@@ -295,16 +303,10 @@ pub async fn forwarder(
     store: Store,
     mixer: Arc<Mixer>,
     hop: NextHopConfig,
+    mut client: HopClient,
     fwd: ForwardConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut client = match HopClient::new(&hop, Duration::from_millis(fwd.timeout_ms)) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(hop = %hop.name, error = %e, "cannot forward to this hop");
-            return;
-        }
-    };
     let wake = mixer.wake(&hop.name);
     loop {
         if *shutdown.borrow() {

@@ -9,6 +9,7 @@ use hush_protocol::auth::BearerAuth;
 use hush_protocol::proto::v1::admin_server::AdminServer;
 use hush_protocol::proto::v1::hpke_keys_server::HpkeKeysServer;
 use hush_protocol::proto::v1::shuffler_server::ShufflerServer;
+use hush_protocol::tls::RequirePeerCert;
 use hush_protocol::{Clock, TaskConfig};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -19,11 +20,11 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, KeysService};
-use crate::config::ShufflerConfig;
+use crate::config::{IngestFrom, ShufflerConfig};
 use crate::error::{Error, Result};
 use crate::ingest::IngestService;
 use crate::keys::NodeKeys;
-use crate::mix::{MAX_MESSAGE_BYTES, Mixer, forwarder};
+use crate::mix::{HopClient, MAX_MESSAGE_BYTES, Mixer, forwarder};
 use crate::node::{Node, SourceLimiter, Tasks, TenantLimiter};
 use crate::store::Store;
 
@@ -59,6 +60,19 @@ impl ShufflerNode {
     ) -> Result<Self> {
         config.check()?;
         let addr = listener.local_addr()?;
+        let tls = config.tls_material()?;
+        let client_tls = tls.as_ref().map(|m| m.client());
+        let hop_clients = config
+            .next_hops
+            .iter()
+            .map(|h| {
+                HopClient::new(
+                    h,
+                    Duration::from_millis(config.forward.timeout_ms),
+                    client_tls.as_ref(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         let store = Store::open(&config.data_dir, config.cache_mb)?;
         let tasks = Tasks::default();
         for b in store.tasks()? {
@@ -85,19 +99,28 @@ impl ShufflerNode {
         let (tx, rx) = watch::channel(false);
 
         let mut background = JoinSet::new();
-        for hop in &node.config.next_hops {
+        for (hop, client) in node.config.next_hops.iter().zip(hop_clients) {
             background.spawn(forwarder(
                 node.store.clone(),
                 node.mixer.clone(),
                 hop.clone(),
+                client,
                 node.config.forward.clone(),
                 rx.clone(),
             ));
         }
         background.spawn(maintenance(node.clone(), rx.clone()));
 
-        let ingest = ShufflerServer::new(IngestService::new(node.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        // With TLS, a later shuffler refuses connections without a certificate from a trusted
+        // CA before any handler runs; the first one takes services' clients.
+        let ingest = InterceptedService::new(
+            ShufflerServer::new(IngestService::new(node.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            RequirePeerCert::new(
+                tls.is_some() && node.config.ingest_from == IngestFrom::Shufflers,
+                "the previous shuffler",
+            ),
+        );
         let admin = InterceptedService::new(
             AdminServer::new(AdminService::new(node.clone())),
             BearerAuth::new(admin_token, "admin token"),
@@ -108,7 +131,13 @@ impl ShufflerNode {
             let _ = srx.wait_for(|v| *v).await;
         };
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let router = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(m) = &tls {
+            builder = builder
+                .tls_config(m.server())
+                .map_err(|e| Error::Config(format!("tls: {e}")))?;
+        }
+        let router = builder
             .add_service(ingest)
             .add_service(admin)
             .add_service(keys_svc);
@@ -119,7 +148,7 @@ impl ShufflerNode {
             store.flush().await?;
             served.map_err(|e| Error::Io(std::io::Error::other(e)))
         });
-        tracing::info!(%addr, name = %node.config.name, "shuffler listening");
+        tracing::info!(%addr, name = %node.config.name, tls = tls.is_some(), "shuffler listening");
         Ok(Self {
             addr,
             node,

@@ -121,7 +121,7 @@ async fn run_node(task: &TaskConfig, n: usize) -> (f64, f64) {
         .to_vec();
     let mut node = HushProcess::spawn(bin, &args, &dir.path().join("log"));
     provision_shuffler(&node.url(), task).await;
-    let key = hush_aggregator::client::hpke_configs(&node.url())
+    let key = hush_aggregator::client::hpke_configs(&node.url(), None)
         .await
         .unwrap()[0]
         .clone();

@@ -163,9 +163,34 @@ pub(crate) struct Cluster {
     pub(crate) helper: Aggregator,
     pub(crate) shufflers: Vec<ShufflerNode>,
     pub(crate) results: ResultsService,
+    /// The development CA every component's certificate chains to.
+    pub(crate) ca_pem: Vec<u8>,
 }
 
 impl Cluster {
+    /// What a service's client runtime is configured with: every URL `https://`, verified
+    /// against the cluster's CA.
+    pub(crate) fn endpoints(&self) -> Endpoints {
+        let url = |a: std::net::SocketAddr| format!("https://{a}");
+        Endpoints {
+            shufflers: ["shuffler-a", "shuffler-b"]
+                .iter()
+                .zip(&self.shufflers)
+                .map(|(name, n)| ((*name).into(), url(n.local_addr())))
+                .collect(),
+            leader: ("leader".into(), url(self.leader.local_addr())),
+            helper_url: url(self.helper.local_addr()),
+            tls_ca: Some(self.ca_pem.clone()),
+        }
+    }
+
+    /// One connection to the first shuffler that many client runtimes can share.
+    pub(crate) fn client_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let e = self.endpoints();
+        let tls = hush_protocol::tls::server_auth_client(&self.ca_pem);
+        Ok(agg_client::channel(&e.shufflers[0].1, Some(&tls))?)
+    }
+
     /// Waits until `clients` uploaded every closed window, the shufflers forwarded everything
     /// and the aggregators verified and aggregated it.
     pub(crate) async fn upload_and_aggregate(
@@ -224,7 +249,9 @@ impl Cluster {
 }
 
 /// Starts helper, leader, two shufflers and a results service (with `detection`, the TOML of
-/// its `[detection]` section) on 127.0.0.1 with sled under `dir`, and provisions `tasks`.
+/// its `[detection]` section) on 127.0.0.1 with sled under `dir`, and provisions `tasks`. Every
+/// link is TLS with certificates from a development CA made in `dir/certs` (as `hush certs`
+/// does): mutual between the components, server-authenticated for clients.
 pub(crate) async fn start_cluster(
     dir: &std::path::Path,
     clock: Arc<dyn Clock>,
@@ -233,6 +260,25 @@ pub(crate) async fn start_cluster(
     detection: &str,
 ) -> anyhow::Result<Cluster> {
     let any = "127.0.0.1:0";
+    let names: Vec<String> = crate::cli::certs::COMPONENTS.map(String::from).to_vec();
+    let certs = crate::cli::certs::write_certs(
+        &dir.join("certs"),
+        "hush demo CA",
+        &names,
+        &hush_protocol::tls::dev::loopback_hosts(),
+        true,
+    )?;
+    let tls_of = |name: &str| -> anyhow::Result<String> {
+        let files = &certs[names.iter().position(|n| n == name).context("component")?];
+        #[derive(serde::Serialize)]
+        struct Section<'a> {
+            tls: &'a hush_protocol::tls::TlsFiles,
+        }
+        Ok(toml::to_string(&Section { tls: files })?)
+    };
+    let ca_pem = std::fs::read(&certs[0].ca)?;
+    let tools_tls = hush_protocol::tls::server_auth_client(&ca_pem);
+    let tools_tls = Some(&tools_tls);
     let secrets = Secrets {
         admin_token: ADMIN_TOKEN.into(),
         peer_token: PEER_TOKEN.into(),
@@ -240,8 +286,9 @@ pub(crate) async fn start_cluster(
     let helper = Aggregator::start(
         Role::Helper,
         AggregatorConfig::from_toml(&format!(
-            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n",
-            dir.join("helper").display()
+            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n{}",
+            dir.join("helper").display(),
+            tls_of("helper")?
         ))?,
         secrets.clone(),
         clock.clone(),
@@ -250,32 +297,36 @@ pub(crate) async fn start_cluster(
     let leader = Aggregator::start(
         Role::Leader,
         AggregatorConfig::from_toml(&format!(
-            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n[leader]\nhelper_url = \"http://{}\"\njob_size = 500\njob_poll_interval_ms = 50\n",
+            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n[leader]\nhelper_url = \"https://{}\"\njob_size = 500\njob_poll_interval_ms = 50\n{}",
             dir.join("leader").display(),
-            helper.local_addr()
+            helper.local_addr(),
+            tls_of("leader")?
         ))?,
         secrets,
         clock.clone(),
     )
     .await?;
-    let shuffler = |name: &str, next: (&str, &str, String)| {
-        ShufflerConfig::from_toml(&format!(
+    let shuffler = |name: &str, ingest_from: &str, next: (&str, &str, String)| {
+        anyhow::Ok(ShufflerConfig::from_toml(&format!(
             "name = \"{name}\"\nlisten = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 32\n\
+             ingest_from = \"{ingest_from}\"\n\
              [mix]\nbatch_size = 1000\nmin_batch_size = 1\nmax_wait_ms = 200\n\
-             [[next_hop]]\nname = \"{}\"\nkind = \"{}\"\nurl = \"{}\"\n",
+             [[next_hop]]\nname = \"{}\"\nkind = \"{}\"\nurl = \"{}\"\n{}",
             dir.join(name).display(),
             next.0,
             next.1,
-            next.2
-        ))
+            next.2,
+            tls_of(name)?
+        ))?)
     };
     let b = ShufflerNode::start(
         shuffler(
             "shuffler-b",
+            "shufflers",
             (
                 "leader",
                 "leader",
-                format!("http://{}", leader.local_addr()),
+                format!("https://{}", leader.local_addr()),
             ),
         )?,
         ADMIN_TOKEN,
@@ -285,10 +336,11 @@ pub(crate) async fn start_cluster(
     let a = ShufflerNode::start(
         shuffler(
             "shuffler-a",
+            "clients",
             (
                 "shuffler-b",
                 "shuffler",
-                format!("http://{}", b.local_addr()),
+                format!("https://{}", b.local_addr()),
             ),
         )?,
         ADMIN_TOKEN,
@@ -297,13 +349,13 @@ pub(crate) async fn start_cluster(
     .await?;
 
     // Provision: tasks on both aggregators (one fresh verification key each) and both shufflers.
-    let leader_url = format!("http://{}", leader.local_addr());
-    let helper_url = format!("http://{}", helper.local_addr());
+    let leader_url = format!("https://{}", leader.local_addr());
+    let helper_url = format!("https://{}", helper.local_addr());
     let mut task_files = Vec::new();
     for t in tasks {
         let key = VerifyKey::random();
         for (url, role) in [(&leader_url, "leader"), (&helper_url, "helper")] {
-            agg_client::admin(url, ADMIN_TOKEN)?
+            agg_client::admin(url, ADMIN_TOKEN, tools_tls)?
                 .create_task(pb::CreateTaskRequest {
                     task: Some(t.into()),
                     vdaf_verify_key: key.as_bytes().to_vec().into(),
@@ -313,20 +365,24 @@ pub(crate) async fn start_cluster(
                 .with_context(|| format!("provisioning {} on the {role}", t.name()))?;
         }
         for s in [&a, &b] {
-            agg_client::admin(&format!("http://{}", s.local_addr()), ADMIN_TOKEN)?
-                .create_task(pb::CreateTaskRequest {
-                    task: Some(t.into()),
-                    vdaf_verify_key: Default::default(),
-                    role: "shuffler".into(),
-                })
-                .await?;
+            agg_client::admin(
+                &format!("https://{}", s.local_addr()),
+                ADMIN_TOKEN,
+                tools_tls,
+            )?
+            .create_task(pb::CreateTaskRequest {
+                task: Some(t.into()),
+                vdaf_verify_key: Default::default(),
+                role: "shuffler".into(),
+            })
+            .await?;
         }
         let f = dir.join(format!("task-{}.toml", t.id()));
         std::fs::write(&f, toml::to_string(&t.params())?)?;
         task_files.push(format!("\"{}\"", f.display()));
     }
     for url in [&leader_url, &helper_url] {
-        agg_client::admin(url, ADMIN_TOKEN)?
+        agg_client::admin(url, ADMIN_TOKEN, tools_tls)?
             .set_tenant_token(pb::SetTenantTokenRequest {
                 tenant: "demo".into(),
                 token: TENANT_TOKEN.into(),
@@ -336,10 +392,11 @@ pub(crate) async fn start_cluster(
     let results = ResultsService::start(
         ResultsConfig::from_toml(&format!(
             "tenant = \"demo\"\nlisten_grpc = \"{any}\"\nlisten_http = \"{any}\"\ndata_dir = \"{}\"\nleader_url = \"{leader_url}\"\n\
-             task_files = [{}]\ncollect_delay_s = {COLLECT_DELAY_S}\npoll_interval_ms = 50\n\
+             task_files = [{}]\ncollect_delay_s = {COLLECT_DELAY_S}\npoll_interval_ms = 50\n{}\n\
              [detection]\n{detection}\n",
             dir.join("results").display(),
-            task_files.join(", ")
+            task_files.join(", "),
+            tls_of("collector")?
         ))?,
         ResultsSecrets { tenant_token: TENANT_TOKEN.into(), collector_key: collector.clone(), api_token: None },
         clock,
@@ -350,6 +407,7 @@ pub(crate) async fn start_cluster(
         helper,
         shufflers: vec![a, b],
         results,
+        ca_pem,
     })
 }
 
@@ -429,28 +487,17 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "hush demo: 2 shufflers, leader, helper and a results service on 127.0.0.1; data in {}",
         dir.display()
     );
+    println!(
+        "  every link is TLS with certificates from a development CA in {} (mutual between \
+         components, server-authenticated for the services' clients)",
+        dir.join("certs").display()
+    );
     let detection = "false_alarm_rate = 0.01\nerror_rates = [{ errors = \"errors\", requests = \
                      [\"checkout latency\", \"search latency\", \"auth latency\"] }]";
     let cluster = start_cluster(&dir, clock.clone(), &all_tasks, &collector, detection).await?;
-    let endpoints = Endpoints {
-        shufflers: vec![
-            (
-                "shuffler-a".into(),
-                format!("http://{}", cluster.shufflers[0].local_addr()),
-            ),
-            (
-                "shuffler-b".into(),
-                format!("http://{}", cluster.shufflers[1].local_addr()),
-            ),
-        ],
-        leader: (
-            "leader".into(),
-            format!("http://{}", cluster.leader.local_addr()),
-        ),
-        helper_url: format!("http://{}", cluster.helper.local_addr()),
-    };
+    let endpoints = cluster.endpoints();
     let keys = fetch_keys(&endpoints, Duration::from_secs(10)).await?;
-    let channel = agg_client::channel(&endpoints.shufflers[0].1)?;
+    let channel = cluster.client_channel()?;
     let runtime = RuntimeConfig {
         queue_capacity: 1_000,
         max_batch: 100,

@@ -152,7 +152,10 @@ async fn reports_out_of_time_or_sealed_to_another_key_are_refused() {
     let forged = ClientTask::new(
         task.clone(),
         HpkeKeypair::generate(1).config().clone(),
-        client::hpke_configs(&pair.helper_url()).await.unwrap()[0].clone(),
+        client::hpke_configs(&pair.helper_url(), None)
+            .await
+            .unwrap()[0]
+            .clone(),
         client.route().clone(),
     )
     .unwrap();
@@ -214,7 +217,7 @@ async fn a_retried_job_gets_the_same_answer_and_counts_once() {
     };
     let auth = hush_protocol::auth::AddBearer::new(PEER_TOKEN).unwrap();
     let mut helper = HelperAggregationClient::with_interceptor(
-        client::channel(&pair.helper_url()).unwrap(),
+        client::channel(&pair.helper_url(), None).unwrap(),
         auth,
     );
     let first = helper
@@ -267,7 +270,7 @@ async fn a_retried_job_gets_the_same_answer_and_counts_once() {
     );
 
     // Without the leader-helper token, nothing runs.
-    let mut anon = HelperAggregationClient::new(client::channel(&pair.helper_url()).unwrap());
+    let mut anon = HelperAggregationClient::new(client::channel(&pair.helper_url(), None).unwrap());
     let e = anon.init_aggregation_job(request).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     pair.shutdown().await;
@@ -330,14 +333,14 @@ async fn admin_api_needs_its_token_and_refuses_conflicting_tasks() {
     let key = VerifyKey::random();
     provision(&pair.leader_url(), &pair.helper_url(), &task, &key).await;
 
-    let mut wrong = client::admin(&pair.leader_url(), "not-the-token").unwrap();
+    let mut wrong = client::admin(&pair.leader_url(), "not-the-token", None).unwrap();
     let e = wrong
         .list_tasks(pb::ListTasksRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
 
-    let mut admin = client::admin(&pair.leader_url(), cluster::ADMIN_TOKEN).unwrap();
+    let mut admin = client::admin(&pair.leader_url(), cluster::ADMIN_TOKEN, None).unwrap();
     let req = |key: &VerifyKey, role: &str| pb::CreateTaskRequest {
         task: Some((&task).into()),
         vdaf_verify_key: key.as_bytes().to_vec().into(),
@@ -368,7 +371,9 @@ async fn admin_api_needs_its_token_and_refuses_conflicting_tasks() {
     assert_eq!(TaskConfig::try_from(&listed.tasks[0]).unwrap(), task);
 
     // Rotation: the new key is current, the old one still listed for in-flight reports.
-    let before = client::hpke_configs(&pair.leader_url()).await.unwrap();
+    let before = client::hpke_configs(&pair.leader_url(), None)
+        .await
+        .unwrap();
     let after = admin
         .rotate_hpke_key(pb::RotateHpkeKeyRequest {})
         .await
@@ -378,7 +383,9 @@ async fn admin_api_needs_its_token_and_refuses_conflicting_tasks() {
     assert_eq!(after.len(), 2);
     assert_eq!(after[1], before[0]);
     assert_eq!(
-        client::hpke_configs(&pair.leader_url()).await.unwrap(),
+        client::hpke_configs(&pair.leader_url(), None)
+            .await
+            .unwrap(),
         after
     );
     pair.shutdown().await;
@@ -423,7 +430,7 @@ async fn a_tenant_over_its_report_quota_leaves_other_tenants_untouched() {
     let now = SystemClock.now();
     let (a, _) = valid_reports(&client_task(&lu, &hu, &acme).await, 150, now, 1);
     let (o, _) = valid_reports(&client_task(&lu, &hu, &other).await, 150, now, 2);
-    let c = pb::leader_ingest_client::LeaderIngestClient::new(client::channel(&lu).unwrap());
+    let c = pb::leader_ingest_client::LeaderIngestClient::new(client::channel(&lu, None).unwrap());
     let send = |r: &[Vec<u8>]| {
         let req = pb::SubmitReportsRequest {
             reports: r.iter().map(|x| x.clone().into()).collect(),

@@ -34,6 +34,7 @@ async fn the_client_keeps_recording_with_servers_down_and_delivers_when_they_ret
         shufflers: vec![("shuffler-a".into(), url(shuffler_addr))],
         leader: ("leader".into(), url(leader_addr)),
         helper_url: url(helper_addr),
+        tls_ca: None,
     };
     let config = RuntimeConfig {
         queue_capacity: 150,
@@ -167,6 +168,7 @@ async fn flush_never_reports_done_while_reports_wait() {
         shufflers: vec![("shuffler-a".into(), down.clone())],
         leader: ("leader".into(), down.clone()),
         helper_url: down,
+        tls_ca: None,
     };
     let config = RuntimeConfig {
         queue_capacity: 10_000_000,

@@ -425,7 +425,7 @@ async fn a_helper_with_other_reports_makes_the_collection_fail_loudly() {
         .verify_init(&key, Role::Leader, r.report_id(), r.public_share(), &ls)
         .unwrap();
     let mut helper = HelperAggregationClient::with_interceptor(
-        client::channel(&s.pair.helper_url()).unwrap(),
+        client::channel(&s.pair.helper_url(), None).unwrap(),
         hush_protocol::auth::AddBearer::new(PEER_TOKEN).unwrap(),
     );
     helper

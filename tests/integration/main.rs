@@ -7,3 +7,4 @@ mod docs_samples;
 mod report_path;
 mod results;
 mod shuffler;
+mod tls;

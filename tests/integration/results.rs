@@ -126,7 +126,7 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     assert!(w.total.unwrap().covers(200.0));
 
     // The same window over gRPC.
-    let mut grpc = ResultsClient::new(client::channel(&url(results.grpc_addr())).unwrap());
+    let mut grpc = ResultsClient::new(client::channel(&url(results.grpc_addr()), None).unwrap());
     let g = grpc
         .get_window(pb::GetWindowRequest {
             task_id: task.id().as_bytes().to_vec().into(),

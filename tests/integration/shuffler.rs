@@ -192,8 +192,14 @@ async fn a_cascade_in_front_of_the_real_leader_aggregates_exactly() {
         "leader",
     )
     .await;
-    let leader_key = client::hpke_configs(&pair.leader_url()).await.unwrap()[0].clone();
-    let helper_key = client::hpke_configs(&pair.helper_url()).await.unwrap()[0].clone();
+    let leader_key = client::hpke_configs(&pair.leader_url(), None)
+        .await
+        .unwrap()[0]
+        .clone();
+    let helper_key = client::hpke_configs(&pair.helper_url(), None)
+        .await
+        .unwrap()[0]
+        .clone();
     let client = ClientTask::new(task.clone(), leader_key, helper_key, r).unwrap();
     let (_, packets, expect) = reports(&client, 5_000, SystemClock.now(), 2);
 
@@ -248,7 +254,7 @@ async fn bad_packets_are_refused_counted_and_never_forwarded() {
     .await;
     let u = url(node.local_addr());
     provision_shuffler(&u, &task).await;
-    let mine = client::hpke_configs(&u).await.unwrap()[0].clone();
+    let mine = client::hpke_configs(&u, None).await.unwrap()[0].clone();
     let wrap =
         |config: &hush_protocol::HpkeConfig, next: &str, t: &TaskConfig, body: &[u8]| pb::Packet {
             task_id: t.id().as_bytes().to_vec().into(),
@@ -391,7 +397,7 @@ async fn overload_gets_resource_exhausted_and_stores_nothing() {
         (0..300u32).map(|i| i.to_be_bytes().to_vec()),
     )
     .await;
-    let mut c = ShufflerClient::new(client::channel(&u).unwrap());
+    let mut c = ShufflerClient::new(client::channel(&u, None).unwrap());
     let send = |c: &mut ShufflerClient<_>, p: &[pb::Packet]| {
         let req = pb::SubmitPacketsRequest {
             packets: p.to_vec(),
@@ -459,7 +465,7 @@ async fn a_tenant_over_its_quota_does_not_slow_or_reject_another_tenants_packets
     let bodies = |from: u32| (from..from + 300).map(|i| i.to_be_bytes().to_vec());
     let a = one_hop_packets(&u, "shuffler-a", &acme, bodies(0)).await;
     let o = one_hop_packets(&u, "shuffler-a", &other, bodies(1_000)).await;
-    let c = ShufflerClient::new(client::channel(&u).unwrap());
+    let c = ShufflerClient::new(client::channel(&u, None).unwrap());
     let send = |p: Vec<pb::Packet>| {
         let mut c = c.clone();
         async move {

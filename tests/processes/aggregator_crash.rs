@@ -36,9 +36,16 @@ fn write_config(dir: &Path, listen: SocketAddr, helper_url: Option<&str>) -> Str
 }
 
 fn args(role: &str, config: &str) -> Vec<String> {
-    ["aggregator", "--role", role, "--config", config]
-        .map(String::from)
-        .to_vec()
+    [
+        "aggregator",
+        "--insecure",
+        "--role",
+        role,
+        "--config",
+        config,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 struct Cluster {

@@ -28,6 +28,7 @@ fn aggregator(dir: &Path, role: &str, helper_url: Option<&str>) -> HushProcess {
         hush_bin(),
         &[
             "aggregator".into(),
+            "--insecure".into(),
             "--role".into(),
             role.into(),
             "--config".into(),

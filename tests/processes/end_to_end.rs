@@ -55,7 +55,15 @@ fn aggregator(dir: &Path, role: &str, helper_url: Option<&str>) -> HushProcess {
     let config = write(dir, &format!("{role}.toml"), &text);
     HushProcess::spawn(
         hush_bin(),
-        &["aggregator", "--role", role, "--config", &config].map(String::from),
+        &[
+            "aggregator",
+            "--insecure",
+            "--role",
+            role,
+            "--config",
+            &config,
+        ]
+        .map(String::from),
         &dir.join(format!("{role}.log")),
     )
 }
@@ -72,7 +80,7 @@ fn shuffler(dir: &Path, name: &str, next: (&str, &str, &str)) -> HushProcess {
     let config = write(dir, &format!("{name}.toml"), &text);
     HushProcess::spawn(
         hush_bin(),
-        &["shuffler", "--config", &config].map(String::from),
+        &["shuffler", "--insecure", "--config", &config].map(String::from),
         &dir.join(format!("{name}.log")),
     )
 }
@@ -162,7 +170,7 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
     let key = URL_SAFE_NO_PAD.encode(collector.to_bytes());
     let mut results = HushProcess::spawn_with_env(
         hush_bin(),
-        &["results", "--config", &results_config].map(String::from),
+        &["results", "--insecure", "--config", &results_config].map(String::from),
         &[
             ("HUSH_TENANT_TOKEN", TENANT_TOKEN),
             ("HUSH_COLLECTOR_KEY", &key),
@@ -181,6 +189,7 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
         ],
         leader: ("leader".into(), leader.url()),
         helper_url: helper.url(),
+        tls_ca: None,
     };
     let keys = fetch_keys(&endpoints, Duration::from_secs(10))
         .await

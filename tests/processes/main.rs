@@ -6,6 +6,7 @@
 
 mod aggregator_crash;
 mod audit;
+mod certs;
 mod demo;
 mod end_to_end;
 mod shuffler_crash;

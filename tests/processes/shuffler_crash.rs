@@ -32,9 +32,14 @@ fn write_config(dir: &Path, listen: SocketAddr, sink: &str, mix: Mix, name: &str
     ShufflerConfig::from_toml(&text).expect("valid config");
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
-    ["shuffler", "--config", &path.display().to_string()]
-        .map(String::from)
-        .to_vec()
+    [
+        "shuffler",
+        "--insecure",
+        "--config",
+        &path.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 async fn packets(shuffler_url: &str, task: &TaskConfig, n: u32) -> Vec<pb::Packet> {

@@ -151,7 +151,7 @@ impl InProcessPair {
 /// Provisions `task` on both aggregators with `key`.
 pub async fn provision(leader_url: &str, helper_url: &str, task: &TaskConfig, key: &VerifyKey) {
     for (u, role) in [(leader_url, Role::Leader), (helper_url, Role::Helper)] {
-        let created = client::admin(u, ADMIN_TOKEN)
+        let created = client::admin(u, ADMIN_TOKEN, None)
             .unwrap()
             .create_task(pb::CreateTaskRequest {
                 task: Some(task.into()),
@@ -169,11 +169,11 @@ pub async fn provision(leader_url: &str, helper_url: &str, task: &TaskConfig, ke
 /// A client for `task` that seals to the aggregators' published HPKE configs. Its route has one
 /// placeholder shuffler: tests that submit reports straight to the leader never wrap them.
 pub async fn client_task(leader_url: &str, helper_url: &str, task: &TaskConfig) -> ClientTask {
-    let leader = client::hpke_configs(leader_url)
+    let leader = client::hpke_configs(leader_url, None)
         .await
         .expect("leader configs")[0]
         .clone();
-    let helper = client::hpke_configs(helper_url)
+    let helper = client::hpke_configs(helper_url, None)
         .await
         .expect("helper configs")[0]
         .clone();
@@ -191,7 +191,7 @@ pub async fn client_task(leader_url: &str, helper_url: &str, task: &TaskConfig) 
 /// Sets `tenant`'s collector token on both aggregators.
 pub async fn set_tenant_token(leader_url: &str, helper_url: &str, tenant: &str, token: &str) {
     for u in [leader_url, helper_url] {
-        client::admin(u, ADMIN_TOKEN)
+        client::admin(u, ADMIN_TOKEN, None)
             .unwrap()
             .set_tenant_token(pb::SetTenantTokenRequest {
                 tenant: tenant.into(),
@@ -211,7 +211,8 @@ pub async fn collect(
     collection_id: Option<[u8; 16]>,
     purpose: pb::BudgetPurpose,
 ) -> Result<pb::CollectResponse, tonic::Status> {
-    let mut c = pb::collection_client::CollectionClient::new(client::channel(leader_url).unwrap());
+    let mut c =
+        pb::collection_client::CollectionClient::new(client::channel(leader_url, None).unwrap());
     let mut req = tonic::Request::new(pb::CollectRequest {
         task_id: task.id().as_bytes().to_vec().into(),
         interval: Some(interval.into()),
@@ -236,7 +237,7 @@ pub struct IngestCounts {
 
 /// Submits report encodings to the leader in batches of `batch`.
 pub async fn submit(leader_url: &str, reports: &[Vec<u8>], batch: usize) -> IngestCounts {
-    let mut c = LeaderIngestClient::new(client::channel(leader_url).unwrap())
+    let mut c = LeaderIngestClient::new(client::channel(leader_url, None).unwrap())
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
     let mut out = IngestCounts::default();
@@ -267,7 +268,7 @@ pub async fn submit(leader_url: &str, reports: &[Vec<u8>], batch: usize) -> Inge
 
 /// A task's counters at an aggregator (`None`: the global counters).
 pub async fn stats(url: &str, task: Option<&TaskConfig>) -> pb::TaskStats {
-    client::admin(url, ADMIN_TOKEN)
+    client::admin(url, ADMIN_TOKEN, None)
         .unwrap()
         .get_task_stats(pb::GetTaskStatsRequest {
             task_id: task

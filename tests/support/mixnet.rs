@@ -73,7 +73,7 @@ pub async fn start_shuffler(
 
 /// Provisions `task` on the shuffler at `url`.
 pub async fn provision_shuffler(shuffler_url: &str, task: &TaskConfig) {
-    client::admin(shuffler_url, ADMIN_TOKEN)
+    client::admin(shuffler_url, ADMIN_TOKEN, None)
         .unwrap()
         .create_task(pb::CreateTaskRequest {
             task: Some(task.into()),
@@ -88,7 +88,10 @@ pub async fn provision_shuffler(shuffler_url: &str, task: &TaskConfig) {
 pub async fn route(shufflers: &[(&str, String)], leader: &str) -> Route {
     let mut hops = Vec::new();
     for (name, u) in shufflers {
-        let config = client::hpke_configs(u).await.expect("shuffler configs")[0].clone();
+        let config = client::hpke_configs(u, None)
+            .await
+            .expect("shuffler configs")[0]
+            .clone();
         hops.push(Hop {
             name: (*name).into(),
             config,
@@ -105,7 +108,7 @@ pub async fn one_hop_packets(
     task: &TaskConfig,
     bodies: impl IntoIterator<Item = Vec<u8>>,
 ) -> Vec<pb::Packet> {
-    let config = client::hpke_configs(shuffler_url)
+    let config = client::hpke_configs(shuffler_url, None)
         .await
         .expect("shuffler configs")[0]
         .clone();
@@ -134,7 +137,7 @@ pub async fn submit_packets(
     packets: &[pb::Packet],
     batch: usize,
 ) -> IngestCounts {
-    let mut c = ShufflerClient::new(client::channel(shuffler_url).unwrap());
+    let mut c = ShufflerClient::new(client::channel(shuffler_url, None).unwrap());
     let mut counts = IngestCounts::default();
     for chunk in packets.chunks(batch) {
         let r = loop {

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use hush_protocol::detect::DetectorConfig;
+use hush_protocol::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -48,6 +49,10 @@ pub struct ResultsConfig {
     /// Anomaly detection on every released window.
     #[serde(default)]
     pub detection: DetectionConfig,
+    /// The collector's certificate, key and trusted CAs, presented to the leader. Without it
+    /// the link is plaintext, which `hush results` allows only with `--insecure`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
 }
 
 /// `[detection]`: how released windows are tested for anomalies.
@@ -113,12 +118,7 @@ impl ResultsConfig {
     /// Parses and checks a config.
     pub fn from_toml(text: &str) -> Result<Self> {
         let c: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
-        if !(c.leader_url.starts_with("http://") || c.leader_url.starts_with("https://")) {
-            return Err(Error::Config(format!(
-                "leader_url {:?} must start with http:// or https://",
-                c.leader_url
-            )));
-        }
+        crate::config::check_url_scheme(&c.leader_url, c.tls.is_some(), "leader_url")?;
         c.detection
             .detector
             .validate()

@@ -29,8 +29,8 @@ use hush_protocol::{Clock, HpkeKeypair, Interval, Keyring, TaskConfig, TaskId, T
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{ClientTlsConfig, Server};
 use tonic::{Request, Response, Status};
 
 pub use config::{DetectionConfig, ErrorRate, ResultsConfig};
@@ -100,6 +100,8 @@ pub struct Inner {
     keyring: Keyring,
     secrets: ResultsSecrets,
     clock: Arc<dyn Clock>,
+    /// The collector's side of the link to the leader.
+    tls: Option<ClientTlsConfig>,
 }
 
 /// Why a collection did not give a result.
@@ -125,7 +127,7 @@ impl Inner {
         collection_id: Option<[u8; 16]>,
         purpose: pb::BudgetPurpose,
     ) -> std::result::Result<(Collected, u64), CollectFailure> {
-        let channel = crate::client::channel(&self.config.leader_url)
+        let channel = crate::client::channel(&self.config.leader_url, self.tls.as_ref())
             .map_err(|e| CollectFailure::Retry(e.to_string()))?;
         let mut req = Request::new(pb::CollectRequest {
             task_id: task.id().as_bytes().to_vec().into(),
@@ -392,6 +394,7 @@ impl ResultsService {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         let tasks = load_tasks(&config)?;
+        let material = crate::config::read_tls(config.tls.as_ref())?;
         let store = ResultsStore::open(&config.data_dir, config.cache_mb)?;
         let grpc_l = TcpListener::bind(config.listen_grpc)
             .await
@@ -407,11 +410,20 @@ impl ResultsService {
             tasks,
             secrets,
             clock,
+            tls: material.as_ref().map(|m| m.client()),
         });
         let (tx, rx) = watch::channel(false);
 
         let mut srx = rx.clone();
-        let grpc_server = Server::builder()
+        // The results API is served over TLS with the same certificate when one is configured
+        // (server-authenticated: dashboards present no certificate).
+        let mut builder = Server::builder();
+        if let Some(m) = &material {
+            builder = builder
+                .tls_config(m.server())
+                .map_err(|e| Error::Config(format!("tls: {e}")))?;
+        }
+        let grpc_server = builder
             .add_service(ResultsServer::new(ResultsGrpc(inner.clone())))
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc_l), async move {
                 let _ = srx.wait_for(|v| *v).await;

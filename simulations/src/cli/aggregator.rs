@@ -17,6 +17,10 @@ pub(crate) struct Args {
     /// (by default HUSH_ADMIN_TOKEN and HUSH_PEER_TOKEN).
     #[arg(long, value_parser = super::existing_file)]
     config: PathBuf,
+    /// Serve and connect plaintext (no [tls] section). For tests and loopback experiments
+    /// only: peers are then neither authenticated nor encrypted.
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -25,6 +29,7 @@ fn parse_role(s: &str) -> Result<Role, String> {
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let config = AggregatorConfig::from_file(&args.config)?;
+    super::certs::require_tls_or_insecure(config.tls.is_some(), args.insecure)?;
     let secrets = Secrets::from_env(&config)?;
     let agg = Aggregator::start(args.role, config, secrets, Arc::new(SystemClock))
         .await

@@ -5,6 +5,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hush_aggregator::client;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::{Codec, HpkeConfig, HpkeKeypair};
+use tonic::transport::ClientTlsConfig;
 
 use super::env_secret;
 
@@ -64,12 +65,12 @@ fn print_configs(configs: &[HpkeConfig]) {
     }
 }
 
-pub(crate) async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
+pub(crate) async fn run(cmd: KeysCommand, tls: Option<&ClientTlsConfig>) -> anyhow::Result<()> {
     match cmd {
-        KeysCommand::Show { url } => print_configs(&client::hpke_configs(&url).await?),
+        KeysCommand::Show { url } => print_configs(&client::hpke_configs(&url, tls).await?),
         KeysCommand::Rotate { aggregator } => {
             let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
-            let list = client::admin(&aggregator, &token)?
+            let list = client::admin(&aggregator, &token, tls)?
                 .rotate_hpke_key(pb::RotateHpkeKeyRequest {})
                 .await?
                 .into_inner();
@@ -93,12 +94,15 @@ pub(crate) enum TenantCommand {
     },
 }
 
-pub(crate) async fn run_tenant(cmd: TenantCommand) -> anyhow::Result<()> {
+pub(crate) async fn run_tenant(
+    cmd: TenantCommand,
+    tls: Option<&ClientTlsConfig>,
+) -> anyhow::Result<()> {
     match cmd {
         TenantCommand::SetToken { aggregator, tenant } => {
             let admin_token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
             let token = env_secret("HUSH_TENANT_TOKEN", "tenant's collector token")?;
-            client::admin(&aggregator, &admin_token)?
+            client::admin(&aggregator, &admin_token, tls)?
                 .set_tenant_token(pb::SetTenantTokenRequest {
                     tenant: tenant.clone(),
                     token,

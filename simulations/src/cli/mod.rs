@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod aggregator;
 mod audit;
+pub(crate) mod certs;
 mod keys;
 mod results;
 mod shuffler;
@@ -21,6 +23,10 @@ pub(crate) struct Cli {
     /// More log output (debug level); RUST_LOG overrides.
     #[arg(short, long, global = true)]
     pub(crate) verbose: bool,
+    /// CA certificates (PEM) that operators' tools (`task`, `keys`, `tenant`) trust for
+    /// `https://` URLs.
+    #[arg(long, global = true, env = "HUSH_CA", value_parser = existing_file)]
+    pub(crate) ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +67,8 @@ enum Command {
     /// Manage tenants' collector tokens on an aggregator.
     #[command(subcommand)]
     Tenant(keys::TenantCommand),
+    /// Make a development CA and a certificate per component for mutual TLS.
+    Certs(certs::CertsArgs),
     /// Verify or show an aggregator's hash-chained audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -87,16 +95,25 @@ pub(crate) fn init_logging(format: LogFormat, verbose: bool) {
 }
 
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = match &cli.ca {
+        Some(p) => {
+            let pem = std::fs::read(p).with_context(|| format!("reading --ca {}", p.display()))?;
+            Some(hush_protocol::tls::server_auth_client(&pem))
+        }
+        None => None,
+    };
+    let tls = tls.as_ref();
     match cli.command {
         Command::Aggregator(a) => aggregator::run(a).await,
         Command::Shuffler(a) => shuffler::run(a).await,
         Command::Results(a) => results::run(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
         Command::Sim(a) => crate::sim::run(a).await,
-        Command::Task(t) => task::run(t).await,
+        Command::Task(t) => task::run(t, tls).await,
         Command::Keygen(k) => keys::keygen(k),
-        Command::Keys(k) => keys::run(k).await,
-        Command::Tenant(t) => keys::run_tenant(t).await,
+        Command::Keys(k) => keys::run(k, tls).await,
+        Command::Tenant(t) => keys::run_tenant(t, tls).await,
+        Command::Certs(c) => certs::run(c),
         Command::Audit(a) => audit::run(a),
     }
 }

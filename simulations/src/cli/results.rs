@@ -18,10 +18,15 @@ pub(crate) struct Args {
     /// (HUSH_RESULTS_TOKEN).
     #[arg(long, value_parser = super::existing_file)]
     config: PathBuf,
+    /// Serve and connect plaintext (no [tls] section). For tests and loopback experiments
+    /// only: peers are then neither authenticated nor encrypted.
+    #[arg(long)]
+    insecure: bool,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let config = ResultsConfig::from_file(&args.config)?;
+    super::certs::require_tls_or_insecure(config.tls.is_some(), args.insecure)?;
     let key = super::env_secret(&config.collector_key_env, "collector key pair")?;
     let key = URL_SAFE_NO_PAD
         .decode(key)

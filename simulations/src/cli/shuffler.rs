@@ -14,10 +14,15 @@ pub(crate) struct Args {
     /// (by default HUSH_ADMIN_TOKEN).
     #[arg(long, value_parser = super::existing_file)]
     config: PathBuf,
+    /// Serve and connect plaintext (no [tls] section). For tests and loopback experiments
+    /// only: peers are then neither authenticated nor encrypted.
+    #[arg(long)]
+    insecure: bool,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let config = ShufflerConfig::from_file(&args.config)?;
+    super::certs::require_tls_or_insecure(config.tls.is_some(), args.insecure)?;
     let token = super::env_secret(&config.admin_token_env, "admin token")?;
     let node = ShufflerNode::start(config, &token, Arc::new(SystemClock))
         .await

@@ -8,6 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hush_aggregator::client;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::{Role, TaskConfig, TaskId, TaskParams, VerifyKey};
+use tonic::transport::ClientTlsConfig;
 
 use super::env_secret;
 
@@ -84,13 +85,14 @@ fn verify_key_from_env() -> anyhow::Result<VerifyKey> {
 }
 
 async fn create_on(
+    tls: Option<&ClientTlsConfig>,
     url: &str,
     token: &str,
     task: &TaskConfig,
     role: Role,
     key: &VerifyKey,
 ) -> anyhow::Result<bool> {
-    let mut admin = client::admin(url, token)?;
+    let mut admin = client::admin(url, token, tls)?;
     let resp = admin
         .create_task(pb::CreateTaskRequest {
             task: Some(task.into()),
@@ -102,13 +104,13 @@ async fn create_on(
     Ok(resp.into_inner().created)
 }
 
-pub(crate) async fn run(cmd: TaskCommand) -> anyhow::Result<()> {
+pub(crate) async fn run(cmd: TaskCommand, tls: Option<&ClientTlsConfig>) -> anyhow::Result<()> {
     match cmd {
         TaskCommand::Create(a) => {
             let task = read_task(&a.config)?;
             if let Some(url) = a.shuffler {
                 let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
-                let created = client::admin(&url, &token)?
+                let created = client::admin(&url, &token, tls)?
                     .create_task(pb::CreateTaskRequest {
                         task: Some((&task).into()),
                         vdaf_verify_key: Default::default(),
@@ -138,8 +140,8 @@ pub(crate) async fn run(cmd: TaskCommand) -> anyhow::Result<()> {
                     };
                     let lt = env_secret("HUSH_LEADER_ADMIN_TOKEN", "leader's admin token")?;
                     let ht = env_secret("HUSH_HELPER_ADMIN_TOKEN", "helper's admin token")?;
-                    let cl = create_on(&l, &lt, &task, Role::Leader, &key).await?;
-                    let ch = create_on(&h, &ht, &task, Role::Helper, &key).await?;
+                    let cl = create_on(tls, &l, &lt, &task, Role::Leader, &key).await?;
+                    let ch = create_on(tls, &h, &ht, &task, Role::Helper, &key).await?;
                     println!(
                         "task {} ({}) {} on the leader, {} on the helper",
                         task.id(),
@@ -151,7 +153,7 @@ pub(crate) async fn run(cmd: TaskCommand) -> anyhow::Result<()> {
                 (None, None, Some(url), Some(role)) => {
                     let key = verify_key_from_env()?;
                     let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
-                    let c = create_on(&url, &token, &task, role, &key).await?;
+                    let c = create_on(tls, &url, &token, &task, role, &key).await?;
                     println!(
                         "task {} ({}) {} on the {role}",
                         task.id(),
@@ -166,7 +168,7 @@ pub(crate) async fn run(cmd: TaskCommand) -> anyhow::Result<()> {
         }
         TaskCommand::List { aggregator, tenant } => {
             let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
-            let list = client::admin(&aggregator, &token)?
+            let list = client::admin(&aggregator, &token, tls)?
                 .list_tasks(pb::ListTasksRequest {
                     tenant: tenant.unwrap_or_default(),
                 })
@@ -191,7 +193,7 @@ pub(crate) async fn run(cmd: TaskCommand) -> anyhow::Result<()> {
         }
         TaskCommand::Stats { aggregator, task } => {
             let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
-            let s = client::admin(&aggregator, &token)?
+            let s = client::admin(&aggregator, &token, tls)?
                 .get_task_stats(pb::GetTaskStatsRequest {
                     task_id: task
                         .map(|t| t.as_bytes().to_vec())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hush_client::{Endpoints, HushClient, RuntimeConfig, fetch_keys};
+use hush_client::{HushClient, RuntimeConfig, fetch_keys};
 use hush_protocol::{Clock, HpkeKeypair, MeasurementKind, MockClock, SystemClock, TaskConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -83,26 +83,9 @@ pub(crate) async fn simulate(
     )
     .await
     .context("starting the in-process cluster")?;
-    let endpoints = Endpoints {
-        shufflers: cluster
-            .shufflers
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                (
-                    ["shuffler-a", "shuffler-b"][i].into(),
-                    format!("http://{}", n.local_addr()),
-                )
-            })
-            .collect(),
-        leader: (
-            "leader".into(),
-            format!("http://{}", cluster.leader.local_addr()),
-        ),
-        helper_url: format!("http://{}", cluster.helper.local_addr()),
-    };
+    let endpoints = cluster.endpoints();
     let keys = fetch_keys(&endpoints, Duration::from_secs(10)).await?;
-    let channel = hush_aggregator::client::channel(&endpoints.shufflers[0].1)?;
+    let channel = cluster.client_channel()?;
     let instances = cell.events / s.events_per_client;
     let config = RuntimeConfig {
         queue_capacity: 1_000,

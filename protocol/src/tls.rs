@@ -1,0 +1,459 @@
+//! TLS on every link between hush components (tonic over rustls), without I/O: callers read the
+//! PEM files a `[tls]` section names and hand the bytes here.
+//!
+//! - Servers present their certificate and verify any client certificate against the
+//!   operator's trusted CAs. A client certificate from another CA fails the handshake.
+//! - Services that only operators' components may call (leader ingest from a shuffler, the
+//!   helper's aggregation API, collection, a later shuffler's ingest) are wrapped in
+//!   [`RequirePeerCert`], which refuses a connection that presented no certificate before any
+//!   handler runs. Public services (HPKE configs, the first shuffler's ingest) accept clients
+//!   without a certificate over server-authenticated TLS.
+//! - Clients of operator links present their own certificate ([`TlsMaterial::client`]); service
+//!   clients only verify the server ([`server_auth_client`]).
+//!
+//! Plaintext is for tests and for processes started with an explicit `--insecure`: a `[tls]`
+//! section then is absent and every URL is `http://`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
+use zeroize::Zeroizing;
+
+/// A TLS setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A URL's scheme does not match whether TLS is configured.
+    #[error("{what} {url:?}: {why}")]
+    Scheme {
+        /// Which setting holds the URL.
+        what: String,
+        /// The URL.
+        url: String,
+        /// What to change.
+        why: &'static str,
+    },
+    /// The URL does not parse.
+    #[error("{what} {url:?} is not a valid URL: {source}")]
+    Url {
+        /// Which setting holds the URL.
+        what: String,
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The PEM material was refused by the TLS library.
+    #[error(
+        "TLS material refused ({what}): {source}; check that cert, key and ca are PEM files and the key belongs to the certificate"
+    )]
+    Material {
+        /// What was being built.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A PEM input is empty or not PEM.
+    #[error("{what} is not PEM (expected \"-----BEGIN {label}\")")]
+    NotPem {
+        /// Which input.
+        what: &'static str,
+        /// The PEM label expected.
+        label: &'static str,
+    },
+    /// A file a `[tls]` setting names cannot be read.
+    #[error("cannot read tls.{what} {path:?}: {source}")]
+    Read {
+        /// Which setting.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Generating development certificates failed.
+    #[cfg(feature = "dev-ca")]
+    #[error("generating a development certificate for {name:?}: {source}")]
+    DevCa {
+        /// The certificate's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: rcgen::Error,
+    },
+}
+
+/// Where a component's TLS files are: the `[tls]` section of its config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// This component's certificate chain (PEM), presented as server and as client.
+    pub cert: PathBuf,
+    /// Its private key (PEM, PKCS#8). Keep it readable by this process only.
+    pub key: PathBuf,
+    /// The CA certificates (PEM bundle) this component trusts for its peers: both operators'
+    /// CAs where links cross operators.
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// Reads the three files with `read` (`std::fs::read`; this crate does no I/O itself).
+    pub fn read_with(
+        &self,
+        read: impl Fn(&std::path::Path) -> std::io::Result<Vec<u8>>,
+    ) -> Result<TlsMaterial, TlsError> {
+        let get = |what, path: &PathBuf| {
+            read(path).map_err(|source| TlsError::Read {
+                what,
+                path: path.clone(),
+                source,
+            })
+        };
+        TlsMaterial::from_pem(
+            get("cert", &self.cert)?,
+            get("key", &self.key)?,
+            get("ca", &self.ca)?,
+        )
+    }
+}
+
+/// A component's certificate, key and trusted CAs, as PEM bytes.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    cert: Vec<u8>,
+    key: Zeroizing<Vec<u8>>,
+    ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsMaterial(<cert, key redacted, ca>)")
+    }
+}
+
+fn check_pem(bytes: &[u8], what: &'static str, label: &'static str) -> Result<(), TlsError> {
+    let text = String::from_utf8_lossy(bytes);
+    if text.contains(&format!("-----BEGIN {label}")) {
+        Ok(())
+    } else {
+        Err(TlsError::NotPem { what, label })
+    }
+}
+
+impl TlsMaterial {
+    /// Checks the three inputs look like PEM (the TLS library checks the rest when a server or
+    /// channel is built).
+    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>) -> Result<Self, TlsError> {
+        let key = Zeroizing::new(key);
+        check_pem(&cert, "cert", "CERTIFICATE")?;
+        if !String::from_utf8_lossy(&key).contains("PRIVATE KEY-----") {
+            return Err(TlsError::NotPem {
+                what: "key",
+                label: "PRIVATE KEY",
+            });
+        }
+        check_pem(&ca, "ca", "CERTIFICATE")?;
+        Ok(Self { cert, key, ca })
+    }
+
+    /// The trusted CA bundle.
+    pub fn ca_pem(&self) -> &[u8] {
+        &self.ca
+    }
+
+    /// The server side: present the certificate; verify client certificates against the CAs
+    /// when one is presented. Whether a service needs one is [`RequirePeerCert`]'s decision.
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, self.key.as_slice()))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+            .client_auth_optional(true)
+    }
+
+    /// The client side of an operator link: verify the server against the CAs and present this
+    /// component's certificate.
+    pub fn client(&self) -> ClientTlsConfig {
+        server_auth_client(&self.ca).identity(Identity::from_pem(&self.cert, self.key.as_slice()))
+    }
+}
+
+/// A client that verifies servers against `ca_pem` and presents no certificate (a service's
+/// client runtime, operators' tools).
+pub fn server_auth_client(ca_pem: &[u8]) -> ClientTlsConfig {
+    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem))
+}
+
+/// Checks that `url` is `https://` when TLS is configured and `http://` when it is not, so a
+/// TLS deployment never silently talks plaintext. `what` names the setting.
+pub fn check_scheme(url: &str, tls: bool, what: &str) -> Result<(), TlsError> {
+    let why = match (url.starts_with("https://"), url.starts_with("http://"), tls) {
+        (true, _, true) | (_, true, false) => return Ok(()),
+        (_, true, true) => {
+            "TLS is configured, so links must be https://; plaintext only with --insecure and no [tls] section"
+        }
+        (true, _, false) => {
+            "https:// needs TLS: configure a [tls] section (see hush certs), or use http:// with --insecure"
+        }
+        _ => "use an http:// or https:// URL",
+    };
+    Err(TlsError::Scheme {
+        what: what.to_owned(),
+        url: url.to_owned(),
+        why,
+    })
+}
+
+/// An endpoint for `url`: `https://` with `tls`, `http://` without ([`check_scheme`]).
+pub fn endpoint(
+    url: &str,
+    tls: Option<&ClientTlsConfig>,
+    what: &str,
+) -> Result<Endpoint, TlsError> {
+    check_scheme(url, tls.is_some(), what)?;
+    let e = Endpoint::from_shared(url.to_owned()).map_err(|source| TlsError::Url {
+        what: what.to_owned(),
+        url: url.to_owned(),
+        source,
+    })?;
+    match tls {
+        Some(t) => e
+            .tls_config(t.clone())
+            .map_err(|source| TlsError::Material {
+                what: "client TLS config",
+                source,
+            }),
+        None => Ok(e),
+    }
+}
+
+/// Refuses requests on connections that presented no client certificate, before any handler
+/// runs. (A certificate from an untrusted CA never gets this far: the handshake fails.) When
+/// the server runs without TLS (`--insecure`, tests) it lets everything through.
+#[derive(Clone, Copy, Debug)]
+pub struct RequirePeerCert {
+    enabled: bool,
+    what: &'static str,
+}
+
+impl RequirePeerCert {
+    /// `what` names the callers expected ("a shuffler", "the leader").
+    pub fn new(enabled: bool, what: &'static str) -> Self {
+        Self { enabled, what }
+    }
+}
+
+impl Interceptor for RequirePeerCert {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        if !self.enabled || req.peer_certs().is_some_and(|c| !c.is_empty()) {
+            return Ok(req);
+        }
+        tracing::warn!(
+            expected = self.what,
+            remote = ?req.remote_addr(),
+            "refused a request without a client certificate"
+        );
+        Err(Status::unauthenticated(format!(
+            "this service is only for {}: connect with a client certificate from a trusted CA",
+            self.what
+        )))
+    }
+}
+
+/// Two interceptors, `A` first.
+#[derive(Clone, Debug)]
+pub struct Both<A, B>(pub A, pub B);
+
+impl<A: Interceptor, B: Interceptor> Interceptor for Both<A, B> {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let req = self.0.call(req)?;
+        self.1.call(req)
+    }
+}
+
+/// A development CA and certificates for every component (rcgen). Not for production: real
+/// deployments use each operator's own PKI.
+#[cfg(feature = "dev-ca")]
+pub mod dev {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+
+    use super::TlsError;
+
+    /// A certificate and its key, PEM.
+    #[derive(Clone)]
+    pub struct Issued {
+        /// The certificate.
+        pub cert_pem: String,
+        /// Its private key (PKCS#8).
+        pub key_pem: String,
+    }
+
+    impl std::fmt::Debug for Issued {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Issued(<cert, key redacted>)")
+        }
+    }
+
+    /// A CA that lives in memory (and in the files `hush certs` writes).
+    pub struct DevCa {
+        issuer: Issuer<'static, KeyPair>,
+        cert: Issued,
+        years: (i32, i32),
+    }
+
+    impl std::fmt::Debug for DevCa {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("DevCa(<redacted>)")
+        }
+    }
+
+    fn err(name: &str) -> impl FnOnce(rcgen::Error) -> TlsError + '_ {
+        move |source| TlsError::DevCa {
+            name: name.to_owned(),
+            source,
+        }
+    }
+
+    /// Validity from January 1st of this year to January 1st two years on.
+    fn validity(p: &mut CertificateParams, years: (i32, i32)) {
+        p.not_before = rcgen::date_time_ymd(years.0, 1, 1);
+        p.not_after = rcgen::date_time_ymd(years.1, 1, 1);
+    }
+
+    impl DevCa {
+        /// A new CA named `name` (e.g. "operator-a dev CA").
+        pub fn new(name: &str) -> Result<Self, TlsError> {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let year = 1970 + (now / 31_556_952) as i32;
+            let years = (year, year + 2);
+            let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err(name))?;
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            validity(&mut p, years);
+            let key = KeyPair::generate().map_err(err(name))?;
+            let cert = p.self_signed(&key).map_err(err(name))?;
+            let cert = Issued {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            };
+            Ok(Self {
+                issuer: Issuer::new(p, key),
+                cert,
+                years,
+            })
+        }
+
+        /// The CA certificate, PEM (what peers put in their `ca` bundle).
+        pub fn cert_pem(&self) -> &str {
+            &self.cert.cert_pem
+        }
+
+        /// The CA's private key, PEM.
+        pub fn key_pem(&self) -> &str {
+            &self.cert.key_pem
+        }
+
+        /// A certificate for component `name`, valid as server and as client, for the host
+        /// names and IP addresses in `hosts` (plus `name` itself).
+        pub fn issue(&self, name: &str, hosts: &[String]) -> Result<Issued, TlsError> {
+            let mut sans: Vec<String> = vec![name.to_owned()];
+            sans.extend(hosts.iter().filter(|h| *h != name).cloned());
+            let mut p = CertificateParams::new(sans).map_err(err(name))?;
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            p.use_authority_key_identifier_extension = true;
+            validity(&mut p, self.years);
+            let key = KeyPair::generate().map_err(err(name))?;
+            let cert = p.signed_by(&key, &self.issuer).map_err(err(name))?;
+            Ok(Issued {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            })
+        }
+
+        /// The material a component holding `issued` uses when it trusts this CA only.
+        pub fn material(&self, issued: &Issued) -> Result<super::TlsMaterial, TlsError> {
+            super::TlsMaterial::from_pem(
+                issued.cert_pem.clone().into_bytes(),
+                issued.key_pem.clone().into_bytes(),
+                self.cert.cert_pem.clone().into_bytes(),
+            )
+        }
+    }
+
+    /// The hosts a loopback deployment's certificates name.
+    pub fn loopback_hosts() -> Vec<String> {
+        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_must_match_whether_tls_is_configured() {
+        let tls = ClientTlsConfig::new();
+        assert!(endpoint("http://127.0.0.1:1", None, "x").is_ok());
+        assert!(endpoint("https://127.0.0.1:1", Some(&tls), "x").is_ok());
+        let e = endpoint("http://127.0.0.1:1", Some(&tls), "leader.helper_url").unwrap_err();
+        assert!(e.to_string().contains("leader.helper_url"), "{e}");
+        assert!(e.to_string().contains("must be https"), "{e}");
+        assert!(check_scheme("https://h:1", true, "x").is_ok());
+        assert!(check_scheme("http://h:1", false, "x").is_ok());
+        let e = endpoint("https://127.0.0.1:1", None, "x").unwrap_err();
+        assert!(e.to_string().contains("[tls]"), "{e}");
+        assert!(endpoint("ftp://127.0.0.1:1", None, "x").is_err());
+        assert!(endpoint("not a url", None, "x").is_err());
+    }
+
+    #[test]
+    fn material_must_be_pem() {
+        let e =
+            TlsMaterial::from_pem(b"cert".to_vec(), b"key".to_vec(), b"ca".to_vec()).unwrap_err();
+        assert!(e.to_string().contains("cert is not PEM"), "{e}");
+        let cert = b"-----BEGIN CERTIFICATE-----\n".to_vec();
+        let e = TlsMaterial::from_pem(cert.clone(), cert.clone(), cert).unwrap_err();
+        assert!(e.to_string().contains("key is not PEM"), "{e}");
+    }
+
+    #[test]
+    fn the_peer_cert_check_refuses_requests_without_a_certificate() {
+        let mut on = RequirePeerCert::new(true, "a shuffler");
+        let e = on.call(Request::new(())).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("a shuffler"));
+        assert!(
+            RequirePeerCert::new(false, "a shuffler")
+                .call(Request::new(()))
+                .is_ok()
+        );
+    }
+
+    #[cfg(feature = "dev-ca")]
+    #[test]
+    fn the_dev_ca_issues_pem_material() {
+        let ca = dev::DevCa::new("test CA").unwrap();
+        let leader = ca.issue("leader", &dev::loopback_hosts()).unwrap();
+        let m = ca.material(&leader).unwrap();
+        assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(m.ca_pem().starts_with(b"-----BEGIN CERTIFICATE-----"));
+        let _ = m.server();
+        let _ = m.client();
+    }
+}

@@ -1,0 +1,128 @@
+//! `hush certs`: a development CA and a certificate per component, for mutual TLS on loopback
+//! or a test deployment. Production deployments use each operator's own PKI.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use hush_protocol::tls::TlsFiles;
+use hush_protocol::tls::dev::{DevCa, loopback_hosts};
+
+/// The components of a two-shuffler deployment.
+pub(crate) const COMPONENTS: [&str; 5] =
+    ["leader", "helper", "shuffler-a", "shuffler-b", "collector"];
+
+/// Make a development CA and certificates.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CertsArgs {
+    /// Directory to write `ca.pem`, `ca-key.pem` and `<name>.pem` / `<name>-key.pem` into
+    /// (created if missing; existing files are not overwritten without --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Components to issue certificates for (each valid as TLS server and client).
+    #[arg(long, value_delimiter = ',', default_values_t = COMPONENTS.map(String::from))]
+    names: Vec<String>,
+    /// Host names and IP addresses every certificate is valid for, besides its own name.
+    #[arg(long, value_delimiter = ',', default_values_t = loopback_hosts())]
+    hosts: Vec<String>,
+    /// The CA's common name; one CA per operator ("operator-a dev CA") gives per-operator trust.
+    #[arg(long, default_value = "hush dev CA")]
+    ca_name: String,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Writes `contents` to `path`; keys are readable by the owner only.
+fn write(path: &Path, contents: &str, secret: bool, force: bool) -> anyhow::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = opts.open(path).with_context(|| {
+        format!(
+            "writing {} (pass --force to overwrite an existing file)",
+            path.display()
+        )
+    })?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Makes a CA and a certificate for each of `names` in `dir`; returns each component's
+/// `[tls]` files (trusting this CA) in the order of `names`.
+pub(crate) fn write_certs(
+    dir: &Path,
+    ca_name: &str,
+    names: &[String],
+    hosts: &[String],
+    force: bool,
+) -> anyhow::Result<Vec<TlsFiles>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = DevCa::new(ca_name)?;
+    let ca_path = dir.join("ca.pem");
+    write(&ca_path, ca.cert_pem(), false, force)?;
+    write(&dir.join("ca-key.pem"), ca.key_pem(), true, force)?;
+    let mut files = Vec::new();
+    for name in names {
+        anyhow::ensure!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'),
+            "component name {name:?}: use letters, digits, '-' and '.'"
+        );
+        let issued = ca.issue(name, hosts)?;
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}-key.pem"));
+        write(&cert, &issued.cert_pem, false, force)?;
+        write(&key, &issued.key_pem, true, force)?;
+        files.push(TlsFiles {
+            cert,
+            key,
+            ca: ca_path.clone(),
+        });
+    }
+    Ok(files)
+}
+
+pub(crate) fn run(a: CertsArgs) -> anyhow::Result<()> {
+    let files = write_certs(&a.out, &a.ca_name, &a.names, &a.hosts, a.force)?;
+    println!("CA: {}", a.out.join("ca.pem").display());
+    for (name, f) in a.names.iter().zip(&files) {
+        println!(
+            "{name}: [tls] cert = {:?}, key = {:?}, ca = {:?}",
+            f.cert, f.key, f.ca
+        );
+    }
+    println!(
+        "hosts: {} (the CA key is {}; keep it, or delete it once every certificate is issued)",
+        a.hosts.join(", "),
+        a.out.join("ca-key.pem").display()
+    );
+    Ok(())
+}
+
+/// Refuses to serve plaintext unless asked to.
+pub(crate) fn require_tls_or_insecure(has_tls: bool, insecure: bool) -> anyhow::Result<()> {
+    match (has_tls, insecure) {
+        (true, false) | (false, true) => Ok(()),
+        (false, false) => anyhow::bail!(
+            "the config has no [tls] section: add one (`hush certs` makes development \
+             certificates) or pass --insecure to run plaintext"
+        ),
+        (true, true) => anyhow::bail!(
+            "--insecure asks for plaintext but the config has a [tls] section: drop one of them"
+        ),
+    }
+}
