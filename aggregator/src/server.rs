@@ -16,7 +16,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, KeysService};
@@ -193,13 +192,8 @@ impl Aggregator {
             let _ = srx.wait_for(|v| *v).await;
         };
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let mut builder = Server::builder();
-        if let Some(m) = &tls {
-            builder = builder
-                .tls_config(m.server())
-                .map_err(|e| Error::Config(format!("tls: {e}")))?;
-        }
-        let router = builder
+        let router = hush_protocol::tls::server_builder(tls.as_ref())
+            .map_err(|e| Error::Config(e.to_string()))?
             .add_service(admin)
             .add_service(keys_svc)
             .add_optional_service(ingest)

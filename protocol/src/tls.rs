@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 use zeroize::Zeroizing;
 
@@ -179,6 +179,19 @@ impl TlsMaterial {
     /// component's certificate.
     pub fn client(&self) -> ClientTlsConfig {
         server_auth_client(&self.ca).identity(Identity::from_pem(&self.cert, self.key.as_slice()))
+    }
+}
+
+/// A server builder that speaks TLS with `tls`, plaintext without.
+pub fn server_builder(tls: Option<&TlsMaterial>) -> Result<Server, TlsError> {
+    match tls {
+        Some(m) => Server::builder()
+            .tls_config(m.server())
+            .map_err(|source| TlsError::Material {
+                what: "server TLS config",
+                source,
+            }),
+        None => Ok(Server::builder()),
     }
 }
 

@@ -29,8 +29,8 @@ use hush_protocol::{Clock, HpkeKeypair, Interval, Keyring, TaskConfig, TaskId, T
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::transport::ClientTlsConfig;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{ClientTlsConfig, Server};
 use tonic::{Request, Response, Status};
 
 pub use config::{DetectionConfig, ErrorRate, ResultsConfig};
@@ -417,13 +417,8 @@ impl ResultsService {
         let mut srx = rx.clone();
         // The results API is served over TLS with the same certificate when one is configured
         // (server-authenticated: dashboards present no certificate).
-        let mut builder = Server::builder();
-        if let Some(m) = &material {
-            builder = builder
-                .tls_config(m.server())
-                .map_err(|e| Error::Config(format!("tls: {e}")))?;
-        }
-        let grpc_server = builder
+        let grpc_server = hush_protocol::tls::server_builder(material.as_ref())
+            .map_err(|e| Error::Config(e.to_string()))?
             .add_service(ResultsServer::new(ResultsGrpc(inner.clone())))
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc_l), async move {
                 let _ = srx.wait_for(|v| *v).await;
