@@ -173,6 +173,8 @@ impl TlsMaterial {
             .identity(Identity::from_pem(&self.cert, self.key.as_slice()))
             .client_ca_root(Certificate::from_pem(&self.ca))
             .client_auth_optional(true)
+            // A peer that opens a connection and never finishes the handshake is dropped.
+            .timeout(std::time::Duration::from_secs(10))
     }
 
     /// The client side of an operator link: verify the server against the CAs and present this
