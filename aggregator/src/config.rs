@@ -89,6 +89,11 @@ pub struct LeaderConfig {
     /// Burst above a tenant's sustained rate.
     #[serde(default = "defaults::tenant_burst")]
     pub tenant_burst: u32,
+    /// Most reports one tenant's tasks may have stored and waiting for aggregation, so one
+    /// tenant cannot fill `max_pending_reports` for everyone. Past it the tenant's reports are
+    /// refused like over its rate (RESOURCE_EXHAUSTED or `OVER_QUOTA`).
+    #[serde(default = "defaults::tenant_max_pending")]
+    pub tenant_max_pending: u64,
 }
 
 mod defaults {
@@ -140,6 +145,9 @@ mod defaults {
     pub(super) fn tenant_burst() -> u32 {
         100_000
     }
+    pub(super) fn tenant_max_pending() -> u64 {
+        50_000
+    }
     pub(super) fn helper_timeout_ms() -> u64 {
         30_000
     }
@@ -172,6 +180,12 @@ impl AggregatorConfig {
                 return Err(Error::Config(format!(
                     "leader.job_size must be in 1..={} (max_request_reports)",
                     self.max_request_reports
+                )));
+            }
+            if l.tenant_max_pending < l.job_size as u64 {
+                return Err(Error::Config(format!(
+                    "leader.tenant_max_pending ({}) must be at least leader.job_size ({})",
+                    l.tenant_max_pending, l.job_size
                 )));
             }
             if l.max_concurrent_jobs == 0 {

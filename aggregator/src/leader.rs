@@ -6,7 +6,7 @@
 //! to the helper with retries and backoff, finishes verification with the helper's verifier
 //! messages and commits the job in one transaction.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,14 +65,16 @@ impl IngestService {
         Self { shared, quota }
     }
 
-    /// Applies the tenant quotas to checked reports: over-quota tenants' reports become
-    /// `OVER_QUOTA` refusals; `Err` if every accepted report was over quota.
+    /// Applies the tenant quotas to checked reports: first what each tenant may hold pending
+    /// (reserved here; [`IngestService::settle_holdings`] gives back what was not stored), then
+    /// its rate. Over-quota tenants' reports become `OVER_QUOTA` refusals; `Err` if every
+    /// accepted report was over a quota.
     fn apply_quota(&self, checked: Vec<Checked>) -> std::result::Result<Vec<Checked>, Status> {
-        let Some(q) = &self.quota else {
+        let Some(lc) = &self.shared.config.leader else {
             return Ok(checked);
         };
-        let tenant = |id: &TaskId| self.shared.task(id).map(|t| t.config.tenant().to_owned());
-        let mut per_tenant: BTreeMap<String, u32> = BTreeMap::new();
+        let tenant = |id: &TaskId| self.shared.tenant_of(id);
+        let mut per_tenant: BTreeMap<String, u64> = BTreeMap::new();
         for c in &checked {
             if let Checked::Accepted(id, _) = c
                 && let Some(t) = tenant(id)
@@ -80,45 +82,105 @@ impl IngestService {
                 *per_tenant.entry(t).or_default() += 1;
             }
         }
-        let over: HashSet<String> = per_tenant
-            .into_iter()
-            .filter(|(t, n)| {
-                std::num::NonZeroU32::new(*n)
-                    .is_some_and(|n| !matches!(q.check_key_n(t, n), Ok(Ok(_))))
-            })
-            .map(|(t, _)| t)
-            .collect();
-        if over.is_empty() {
-            return Ok(checked);
-        }
-        let is_over = |id: &TaskId| tenant(id).is_some_and(|t| over.contains(&t));
-        let mut names: Vec<&String> = over.iter().collect();
-        names.sort();
-        if checked
+        // A request refused whole is counted too: every report under OVER_QUOTA (a report the
+        // shuffler retries is counted each time it is refused).
+        let scopes: Vec<[u8; 32]> = checked
             .iter()
-            .all(|c| matches!(c, Checked::Accepted(id, _) if is_over(id)))
-        {
-            return Err(Status::resource_exhausted(format!(
-                "tenant {names:?} is over its quota of {} reports/s; retry later",
-                self.shared
-                    .config
-                    .leader
-                    .as_ref()
-                    .map(|l| l.tenant_reports_per_s)
-                    .unwrap_or(0)
-            )));
-        }
-        tracing::debug!(tenants = ?names, "refused reports over a tenant quota");
-        Ok(checked
-            .into_iter()
-            .map(|c| match c {
-                Checked::Accepted(id, _) if is_over(&id) => {
-                    Checked::Rejected(*id.as_bytes(), RejectReason::OverQuota)
-                }
-                c => c,
+            .filter_map(|c| match c {
+                Checked::Accepted(id, _) => Some(*id.as_bytes()),
+                Checked::Rejected(..) => None,
             })
-            .collect())
+            .collect();
+        let count_refused = |status: Status| {
+            let mut delta = StatDelta::default();
+            for scope in &scopes {
+                delta.incr(*scope, Stat::Rejected(RejectReason::OverQuota));
+            }
+            if let Err(e) = self.shared.store.add_stats(&delta) {
+                tracing::error!(error = %e, "counting refused reports failed");
+            }
+            status
+        };
+        let holdings = &self.shared.pending_by_tenant;
+        let full = holdings.reserve(&per_tenant);
+        let checked = refuse_tenants(checked, &full, &tenant, || {
+            format!(
+                "tenant {full:?} holds its limit of {} reports waiting for aggregation; retry later",
+                lc.tenant_max_pending
+            )
+        })
+        .map_err(count_refused)?;
+        let Some(q) = &self.quota else {
+            return Ok(checked);
+        };
+        let over: BTreeSet<String> = per_tenant
+            .iter()
+            .filter(|(t, n)| {
+                !full.contains(*t)
+                    && u32::try_from(**n)
+                        .ok()
+                        .and_then(std::num::NonZeroU32::new)
+                        .is_some_and(|n| !matches!(q.check_key_n(*t, n), Ok(Ok(_))))
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &over {
+            holdings.release(t, per_tenant[t]);
+        }
+        refuse_tenants(checked, &over, &tenant, || {
+            format!(
+                "tenant {over:?} is over its quota of {} reports/s; retry later",
+                lc.tenant_reports_per_s
+            )
+        })
+        .map_err(count_refused)
     }
+
+    /// Gives back the pending-report reservations of reports that were not stored (replays,
+    /// or a failed write).
+    fn settle_holdings(&self, accepted: &[TaskId], stored: Option<&[bool]>) {
+        let mut unused: BTreeMap<String, u64> = BTreeMap::new();
+        for (i, task) in accepted.iter().enumerate() {
+            if stored.is_none_or(|s| !s[i])
+                && let Some(t) = self.shared.tenant_of(task)
+            {
+                *unused.entry(t).or_default() += 1;
+            }
+        }
+        for (t, n) in unused {
+            self.shared.pending_by_tenant.release(&t, n);
+        }
+    }
+}
+
+/// Turns the accepted reports of tenants in `over` into `OVER_QUOTA` refusals; `Err` with
+/// RESOURCE_EXHAUSTED (nothing stored, the shuffler retries) if no other report is left.
+fn refuse_tenants(
+    checked: Vec<Checked>,
+    over: &BTreeSet<String>,
+    tenant: &impl Fn(&TaskId) -> Option<String>,
+    message: impl FnOnce() -> String,
+) -> std::result::Result<Vec<Checked>, Status> {
+    if over.is_empty() {
+        return Ok(checked);
+    }
+    let is_over = |id: &TaskId| tenant(id).is_some_and(|t| over.contains(&t));
+    if checked
+        .iter()
+        .all(|c| matches!(c, Checked::Accepted(id, _) if is_over(id)))
+    {
+        return Err(Status::resource_exhausted(message()));
+    }
+    tracing::debug!(tenants = ?over, "refused reports over a tenant quota");
+    Ok(checked
+        .into_iter()
+        .map(|c| match c {
+            Checked::Accepted(id, _) if is_over(&id) => {
+                Checked::Rejected(*id.as_bytes(), RejectReason::OverQuota)
+            }
+            c => c,
+        })
+        .collect())
 }
 
 enum Checked {
@@ -192,10 +254,12 @@ impl LeaderIngest for IngestService {
         let mut outcomes = Outcomes::default();
         let mut stats = StatDelta::default();
         let mut accepted = Vec::with_capacity(checked.len());
+        let mut tasks: Vec<TaskId> = Vec::with_capacity(checked.len());
         for c in checked {
             match c {
                 Checked::Accepted(task, r) => {
-                    accepted.push((task, self.shared.store.next_seq()?, r))
+                    tasks.push(task);
+                    accepted.push((task, r));
                 }
                 Checked::Rejected(scope, reason) => {
                     outcomes.reject(reason);
@@ -203,10 +267,24 @@ impl LeaderIngest for IngestService {
                 }
             }
         }
+        let accepted = match accepted
+            .into_iter()
+            .map(|(t, r)| Ok((t, self.shared.store.next_seq()?, r)))
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(a) => a,
+            Err(e) => {
+                self.settle_holdings(&tasks, None);
+                return Err(e.into());
+            }
+        };
         let store = self.shared.store.clone();
         let stored = tokio::task::spawn_blocking(move || store.store_pending(&accepted, &stats))
             .await
-            .map_err(Error::from)??;
+            .map_err(Error::from)
+            .and_then(|r| r);
+        self.settle_holdings(&tasks, stored.as_ref().ok().map(Vec::as_slice));
+        let stored = stored?;
         let n_stored = stored.iter().filter(|s| **s).count() as u64;
         self.shared.pending.fetch_add(n_stored, Ordering::Relaxed);
         for s in &stored {
@@ -539,8 +617,7 @@ impl JobDriver {
         tokio::task::spawn_blocking(move || store.commit_leader_job(&id2, &job2, &batches, &stats))
             .await??;
         self.shared
-            .pending
-            .fetch_sub(job.seqs.len() as u64, Ordering::Relaxed);
+            .pending_released(&job.task_id, job.seqs.len() as u64);
         tracing::debug!(job = %id, "aggregation job committed");
         Ok(())
     }

@@ -11,6 +11,7 @@ use hush_protocol::proto::v1::collection_server::CollectionServer;
 use hush_protocol::proto::v1::helper_aggregation_server::HelperAggregationServer;
 use hush_protocol::proto::v1::hpke_keys_server::HpkeKeysServer;
 use hush_protocol::proto::v1::leader_ingest_server::LeaderIngestServer;
+use hush_protocol::quota::TenantHoldings;
 use hush_protocol::{Clock, Role};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -106,6 +107,10 @@ impl Aggregator {
         let keys =
             KeyManager::load(store.clone(), clock.clone(), config.key_grace_period_s).await?;
         let pending_now = store.pending_total();
+        let config_leader_max_pending = config
+            .leader
+            .as_ref()
+            .map_or(u64::MAX, |l| l.tenant_max_pending);
         let shared = Shared {
             role,
             config: Arc::new(config),
@@ -115,9 +120,14 @@ impl Aggregator {
             clock,
             new_reports: Arc::new(Notify::new()),
             pending: Arc::new(AtomicU64::new(pending_now)),
+            pending_by_tenant: Arc::new(TenantHoldings::new(config_leader_max_pending)),
             collected: Default::default(),
             collect_lock: Default::default(),
         };
+        for t in shared.tasks.all() {
+            let n = shared.store.pending_count(&t.config.id())?;
+            shared.pending_by_tenant.add(t.config.tenant(), n);
+        }
         for (task, window) in shared.store.collected_windows()? {
             shared.set_collected(&task, &[window], true);
         }

@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use hush_protocol::proto::v1::RejectReason;
+use hush_protocol::quota::TenantHoldings;
 use hush_protocol::{Clock, Role, TaskId, Time};
 use tokio::sync::Notify;
 
@@ -32,6 +33,8 @@ pub struct Shared {
     pub new_reports: Arc<Notify>,
     /// Reports the leader holds that are not aggregated yet.
     pub pending: Arc<AtomicU64>,
+    /// The same per tenant, against `[leader] tenant_max_pending`.
+    pub pending_by_tenant: Arc<TenantHoldings>,
     /// Windows that were collected: reports for them are refused as `BatchCollected`.
     pub collected: Arc<RwLock<HashSet<(TaskId, Time)>>>,
     /// Serializes collections in this process.
@@ -39,6 +42,22 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The tenant of a task provisioned here.
+    pub fn tenant_of(&self, id: &TaskId) -> Option<String> {
+        self.task(id).map(|t| t.config.tenant().to_owned())
+    }
+
+    /// `n` pending reports of `task` left the store (aggregated, expired).
+    pub fn pending_released(&self, task: &TaskId, n: u64) {
+        self.pending.fetch_sub(
+            n.min(self.pending.load(std::sync::atomic::Ordering::Relaxed)),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if let Some(t) = self.tenant_of(task) {
+            self.pending_by_tenant.release(&t, n);
+        }
+    }
+
     /// Appends `e` to the audit trail at the current time (logged, never fails the caller).
     pub fn audit(&self, e: crate::audit::AuditEvent) {
         self.store.audit().record(self.clock.now().as_secs(), e);

@@ -20,6 +20,7 @@ pub mod ids;
 pub mod keys;
 pub mod onion;
 pub mod outcomes;
+pub mod quota;
 pub mod report;
 pub mod task;
 pub mod tls;

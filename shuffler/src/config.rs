@@ -120,6 +120,11 @@ pub struct LimitConfig {
     /// Burst above the tenant's sustained rate; at least `max_request_packets`.
     #[serde(default = "defaults::per_tenant_burst")]
     pub per_tenant_burst: u32,
+    /// Most packets of one tenant's tasks held at once, so one tenant cannot fill
+    /// `max_buffered_packets` for everyone; past it that tenant's packets are refused like over
+    /// its rate. At least `max_request_packets`.
+    #[serde(default = "defaults::per_tenant_max_buffered")]
+    pub per_tenant_max_buffered: u64,
 }
 
 impl Default for LimitConfig {
@@ -131,6 +136,7 @@ impl Default for LimitConfig {
             per_source_burst: defaults::per_source_burst(),
             per_tenant_packets_per_s: defaults::per_tenant_packets_per_s(),
             per_tenant_burst: defaults::per_tenant_burst(),
+            per_tenant_max_buffered: defaults::per_tenant_max_buffered(),
         }
     }
 }
@@ -227,6 +233,9 @@ mod defaults {
     pub(super) fn per_tenant_burst() -> u32 {
         100_000
     }
+    pub(super) fn per_tenant_max_buffered() -> u64 {
+        50_000
+    }
     pub(super) fn chunk_packets() -> usize {
         1_000
     }
@@ -297,6 +306,12 @@ impl ShufflerConfig {
                 "limits.per_source_burst ({}) must be at least limits.max_request_packets ({}), \
                  or a full request could never pass",
                 l.per_source_burst, l.max_request_packets
+            ));
+        }
+        if l.per_tenant_max_buffered < l.max_request_packets as u64 {
+            return bad(format!(
+                "limits.per_tenant_max_buffered ({}) must be at least limits.max_request_packets ({})",
+                l.per_tenant_max_buffered, l.max_request_packets
             ));
         }
         if l.max_buffered_packets < m.batch_size {

@@ -1,7 +1,7 @@
 //! The `Shuffler` service: accepts batches of onion packets, peels one layer each and stores the
 //! result in the next hop's open batch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use hush_protocol::onion::{self, NextHop, OnionError};
@@ -151,13 +151,13 @@ impl IngestService {
         // Per-tenant quotas: a tenant over its rate loses its packets, no one else's.
         let mut packets = packets;
         let mut over_quota = 0u64;
+        let tenant_of = |p: &pb::Packet| {
+            TaskId::try_from(p.task_id.as_ref())
+                .ok()
+                .and_then(|id| tasks.get(&id))
+                .map(|t| t.tenant().to_owned())
+        };
         {
-            let tenant_of = |p: &pb::Packet| {
-                TaskId::try_from(p.task_id.as_ref())
-                    .ok()
-                    .and_then(|id| tasks.get(&id))
-                    .map(|t| t.tenant().to_owned())
-            };
             let mut per_tenant: HashMap<String, u32> = HashMap::new();
             for p in &packets {
                 if let Some(t) = tenant_of(p) {
@@ -189,9 +189,44 @@ impl IngestService {
                 packets = rest;
             }
         }
+        // What each tenant may hold: reserved now, the unused part given back below.
+        let mut wanted: BTreeMap<String, u64> = BTreeMap::new();
+        for p in &packets {
+            if let Some(t) = tenant_of(p) {
+                *wanted.entry(t).or_default() += 1;
+            }
+        }
+        let holdings = self.node.buffered_by_tenant.clone();
+        let full = holdings.reserve(&wanted);
+        if !full.is_empty() {
+            let (theirs, rest): (Vec<pb::Packet>, Vec<pb::Packet>) = packets
+                .into_iter()
+                .partition(|p| tenant_of(p).is_some_and(|t| full.contains(&t)));
+            let message = format!(
+                "tenant {full:?} holds its limit of {} packets here; retry later",
+                limits.per_tenant_max_buffered
+            );
+            if rest.is_empty() {
+                return Err(self.refuse(&theirs, &tasks, message)?);
+            }
+            self.count_over_quota(&theirs, &tasks)?;
+            tracing::debug!(%message, refused = theirs.len(), "refused packets over a tenant quota");
+            over_quota += theirs.len() as u64;
+            packets = rest;
+        }
+        let reserved: BTreeMap<String, u64> = wanted
+            .into_iter()
+            .filter(|(t, _)| !full.contains(t))
+            .collect();
+        let give_back = |stored: &BTreeMap<String, u64>| {
+            for (t, n) in &reserved {
+                holdings.release(t, n - stored.get(t).copied().unwrap_or(0).min(*n));
+            }
+        };
         let n = packets.len() as u32;
         let held = self.node.mixer.buffered();
         if held + u64::from(n) > limits.max_buffered_packets {
+            give_back(&BTreeMap::new());
             return Err(self.refuse(
                 &packets,
                 &tasks,
@@ -203,38 +238,56 @@ impl IngestService {
         }
 
         let node = self.node.clone();
-        let outcomes = tokio::task::spawn_blocking(move || -> Result<Outcomes> {
-            let keyring = node.keys.keyring();
-            // Opening layers is the expensive part: spread it over all cores.
-            let checked: Vec<Checked> = packets
-                .par_iter()
-                .map(|p| check(&node.config, &tasks, &keyring, p))
-                .collect();
-            let mut outcomes = Outcomes::default();
-            let mut delta = StatDelta::default();
-            let mut admitted = Vec::with_capacity(checked.len());
-            for c in checked {
-                match c {
-                    Checked::Admitted(a) => admitted.push(a),
-                    Checked::Rejected(scope, reason) => {
-                        outcomes.reject(reason);
-                        delta.add(scope, Stat::Rejected(reason), 1);
+        let result =
+            tokio::task::spawn_blocking(move || -> Result<(Outcomes, BTreeMap<String, u64>)> {
+                let keyring = node.keys.keyring();
+                // Opening layers is the expensive part: spread it over all cores.
+                let checked: Vec<Checked> = packets
+                    .par_iter()
+                    .map(|p| check(&node.config, &tasks, &keyring, p))
+                    .collect();
+                let mut outcomes = Outcomes::default();
+                let mut delta = StatDelta::default();
+                let mut admitted = Vec::with_capacity(checked.len());
+                for c in checked {
+                    match c {
+                        Checked::Admitted(a) => admitted.push(a),
+                        Checked::Rejected(scope, reason) => {
+                            outcomes.reject(reason);
+                            delta.add(scope, Stat::Rejected(reason), 1);
+                        }
                     }
                 }
-            }
-            let stored = node.mixer.admit(&node.store, admitted, &delta)?;
-            for ok in stored {
-                if ok {
-                    outcomes.accept();
-                } else {
-                    outcomes.reject(RejectReason::Replay);
+                let tenants: Vec<Option<String>> = admitted
+                    .iter()
+                    .map(|a| node.tasks.tenant(&a.task))
+                    .collect();
+                let stored = node.mixer.admit(&node.store, admitted, &delta)?;
+                let mut per_tenant: BTreeMap<String, u64> = BTreeMap::new();
+                for (ok, tenant) in stored.into_iter().zip(tenants) {
+                    if ok {
+                        outcomes.accept();
+                        if let Some(t) = tenant {
+                            *per_tenant.entry(t).or_default() += 1;
+                        }
+                    } else {
+                        outcomes.reject(RejectReason::Replay);
+                    }
                 }
+                Ok((outcomes, per_tenant))
+            })
+            .await
+            .map_err(Error::from)
+            .and_then(|r| r);
+        let (mut outcomes, stored) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // What was stored before a failure stays counted until it is forwarded.
+                give_back(&BTreeMap::new());
+                return Err(e.into());
             }
-            Ok(outcomes)
-        })
-        .await
-        .map_err(Error::from)??;
-        let mut outcomes = outcomes;
+        };
+        give_back(&stored);
         for _ in 0..over_quota {
             outcomes.reject(RejectReason::OverQuota);
         }

@@ -16,6 +16,7 @@ use hush_protocol::TaskId;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::leader_ingest_client::LeaderIngestClient;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
+use hush_protocol::quota::TenantHoldings;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -25,6 +26,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::config::{ForwardConfig, HopKind, MixConfig, NextHopConfig};
 use crate::error::{Error, Result};
+use crate::node::Tasks;
 use crate::store::{Incoming, StatDelta, Store, StoredPacket, buffer_key};
 
 /// Largest gRPC message a shuffler sends or accepts.
@@ -304,6 +306,7 @@ pub async fn forwarder(
     mixer: Arc<Mixer>,
     hop: NextHopConfig,
     mut client: HopClient,
+    holdings: (Tasks, Arc<TenantHoldings>),
     fwd: ForwardConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -327,6 +330,7 @@ pub async fn forwarder(
                     &hop,
                     &fwd,
                     &mut client,
+                    &holdings,
                     lo,
                     hi,
                     &mut shutdown,
@@ -370,6 +374,7 @@ async fn forward_batch(
     hop: &NextHopConfig,
     fwd: &ForwardConfig,
     client: &mut HopClient,
+    (tasks, holdings): &(Tasks, Arc<TenantHoldings>),
     lo: u64,
     hi: u64,
     shutdown: &mut watch::Receiver<bool>,
@@ -415,9 +420,18 @@ async fn forward_batch(
             packets.iter().map(|(k, t, _)| (k.clone(), *t)).collect();
         let n = done.len() as u64;
         let s = store.clone();
+        let mut per_tenant: HashMap<String, u64> = HashMap::new();
+        for (_, t) in &done {
+            if let Some(tenant) = tasks.tenant(t) {
+                *per_tenant.entry(tenant).or_default() += 1;
+            }
+        }
         tokio::task::spawn_blocking(move || s.remove_forwarded(&done)).await??;
         store.flush().await?;
         mixer.forwarded(n);
+        for (tenant, k) in per_tenant {
+            holdings.release(&tenant, k);
+        }
     }
     Ok(true)
 }

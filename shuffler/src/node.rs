@@ -6,6 +6,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, RwLock};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hush_protocol::quota::TenantHoldings;
 use hush_protocol::{Clock, TaskConfig, TaskId};
 
 use crate::config::{LimitConfig, ShufflerConfig};
@@ -88,6 +89,15 @@ impl Tasks {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The tenant of a task, if provisioned.
+    pub fn tenant(&self, id: &TaskId) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|t| t.tenant().to_owned())
+    }
+
     /// Adds or replaces a task.
     pub fn insert(&self, t: TaskConfig) {
         self.0
@@ -114,6 +124,8 @@ pub struct Node {
     pub limiter: Arc<SourceLimiter>,
     /// Rate quotas per tenant.
     pub tenant_limiter: Arc<TenantLimiter>,
+    /// Packets held per tenant, against `limits.per_tenant_max_buffered`.
+    pub buffered_by_tenant: Arc<TenantHoldings>,
     /// The time source.
     pub clock: Arc<dyn Clock>,
 }

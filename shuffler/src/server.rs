@@ -9,6 +9,7 @@ use hush_protocol::auth::BearerAuth;
 use hush_protocol::proto::v1::admin_server::AdminServer;
 use hush_protocol::proto::v1::hpke_keys_server::HpkeKeysServer;
 use hush_protocol::proto::v1::shuffler_server::ShufflerServer;
+use hush_protocol::quota::TenantHoldings;
 use hush_protocol::tls::RequirePeerCert;
 use hush_protocol::{Clock, TaskConfig};
 use prost::Message;
@@ -85,7 +86,16 @@ impl ShufflerNode {
             &config.next_hops,
             &store,
         )?);
+        let buffered_by_tenant =
+            Arc::new(TenantHoldings::new(config.limits.per_tenant_max_buffered));
+        for (task, n) in store.buffered_per_task()? {
+            // Packets of a task no longer provisioned count for no tenant.
+            if let Some(t) = tasks.tenant(&task) {
+                buffered_by_tenant.add(&t, n);
+            }
+        }
         let node = Node {
+            buffered_by_tenant,
             limiter: Arc::new(SourceLimiter::new(&config.limits)),
             tenant_limiter: Arc::new(TenantLimiter::for_tenants(&config.limits)),
             config: Arc::new(config),
@@ -104,6 +114,7 @@ impl ShufflerNode {
                 node.mixer.clone(),
                 hop.clone(),
                 client,
+                (node.tasks.clone(), node.buffered_by_tenant.clone()),
                 node.config.forward.clone(),
                 rx.clone(),
             ));

@@ -13,7 +13,7 @@
 //! The key epoch is the first 8 bytes of SHA-256 of the HPKE public key that opened the packet,
 //! so a tag is only compared with tags of the same key, and all of a key's tags go when it does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use hush_protocol::TaskId;
@@ -331,6 +331,20 @@ impl Store {
             delta.apply(st)?;
             Ok(())
         }))
+    }
+
+    /// How many packets the buffer holds per task (read once at start).
+    pub fn buffered_per_task(&self) -> Result<HashMap<TaskId, u64>> {
+        let mut out: HashMap<TaskId, u64> = HashMap::new();
+        for v in self.buffer.iter().values() {
+            let v = v?;
+            let task = v
+                .get(..32)
+                .and_then(|b| TaskId::try_from(b).ok())
+                .ok_or_else(|| Error::corrupt("buffered packet", "no task id"))?;
+            *out.entry(task).or_default() += 1;
+        }
+        Ok(out)
     }
 
     /// What the buffer holds, per hop name.

@@ -457,7 +457,131 @@ async fn a_tenant_over_its_report_quota_leaves_other_tenants_untouched() {
         wait_drained(&lu, &other, Duration::from_secs(60)).await,
     );
     assert_eq!(sa.reports_aggregated, 100);
-    assert_eq!(rejections(&sa)[&RejectReason::OverQuota], 20);
+    // 30 refused with the whole request, 20 in the mixed one.
+    assert_eq!(rejections(&sa)[&RejectReason::OverQuota], 30 + 20);
+    assert_eq!(so.reports_aggregated, 70);
+    assert!(rejections(&so).is_empty(), "{so:?}");
+    leader.shutdown().await.unwrap();
+    helper.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_pending_limit_is_pushed_back_and_others_are_not() {
+    let helper_dir = tempfile::tempdir().unwrap();
+    let leader_dir = tempfile::tempdir().unwrap();
+    let helper_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let start_helper = |clock: Arc<dyn Clock>| {
+        Aggregator::start(
+            Role::Helper,
+            aggregator_config(helper_dir.path(), helper_addr, None),
+            cluster::secrets(),
+            clock,
+        )
+    };
+    let leader_config = || {
+        let mut config = aggregator_config(
+            leader_dir.path(),
+            "127.0.0.1:0".parse().unwrap(),
+            Some(cluster::url(helper_addr)),
+        );
+        if let Some(l) = config.leader.as_mut() {
+            l.tenant_max_pending = 100;
+        }
+        config
+    };
+    let helper = start_helper(clock.clone()).await.unwrap();
+    let mut leader = Aggregator::start(
+        Role::Leader,
+        leader_config(),
+        cluster::secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let (lu, hu) = (cluster::url(leader.local_addr()), cluster::url(helper_addr));
+    let acme = histogram_task();
+    let other = hush_tests::for_tenant(&acme, "other");
+    for t in [&acme, &other] {
+        provision(&lu, &hu, t, &VerifyKey::random()).await;
+    }
+    let now = SystemClock.now();
+    let (a, _) = valid_reports(&client_task(&lu, &hu, &acme).await, 200, now, 1);
+    let (o, _) = valid_reports(&client_task(&lu, &hu, &other).await, 100, now, 2);
+    // The helper goes away: nothing can be aggregated, so reports stay pending.
+    helper.shutdown().await.unwrap();
+    let send = |url: String, r: &[Vec<u8>]| {
+        let req = pb::SubmitReportsRequest {
+            reports: r.iter().map(|x| x.clone().into()).collect(),
+        };
+        async move {
+            pb::leader_ingest_client::LeaderIngestClient::new(client::channel(&url, None).unwrap())
+                .submit_reports(req)
+                .await
+        }
+    };
+    assert_eq!(
+        send(lu.clone(), &a[..100])
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        100
+    );
+    // acme holds its limit: its request is pushed back whole, nothing stored.
+    let e = send(lu.clone(), &a[100..130]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("acme") && e.message().contains("100"),
+        "{}",
+        e.message()
+    );
+    // other is not affected, alone or mixed with acme's reports.
+    assert_eq!(
+        send(lu.clone(), &o[..50])
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        50
+    );
+    let mixed: Vec<Vec<u8>> = a[130..150].iter().chain(&o[50..70]).cloned().collect();
+    let r = send(lu.clone(), &mixed).await.unwrap().into_inner();
+    assert_eq!(r.accepted, 20);
+    assert_eq!(r.rejected[0].reason, RejectReason::OverQuota as i32);
+    assert_eq!(r.rejected[0].count, 20);
+    // The holdings are counted from the store again after a restart.
+    leader.shutdown().await.unwrap();
+    leader = Aggregator::start(
+        Role::Leader,
+        leader_config(),
+        cluster::secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let lu = cluster::url(leader.local_addr());
+    let e = send(lu.clone(), &a[150..160]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    // Once the helper is back and the reports are aggregated, acme is taken again.
+    let helper = start_helper(clock).await.unwrap();
+    let s = wait_drained(&lu, &acme, Duration::from_secs(60)).await;
+    assert_eq!(s.reports_aggregated, 100);
+    assert_eq!(rejections(&s)[&RejectReason::OverQuota], 20 + 30 + 10);
+    assert_eq!(
+        send(lu.clone(), &a[160..200])
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        40
+    );
+    let s = wait_drained(&lu, &acme, Duration::from_secs(60)).await;
+    assert_eq!(s.reports_aggregated, 140);
+    let so = wait_drained(&lu, &other, Duration::from_secs(60)).await;
     assert_eq!(so.reports_aggregated, 70);
     assert!(rejections(&so).is_empty(), "{so:?}");
     leader.shutdown().await.unwrap();

@@ -4,6 +4,7 @@ mod aggregation;
 mod client_runtime;
 mod collection;
 mod docs_samples;
+mod fuzz_regressions;
 mod report_path;
 mod results;
 mod shuffler;

@@ -573,3 +573,105 @@ async fn output_order_is_uncorrelated_with_input_order() {
     );
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_holding_its_limit_of_packets_is_pushed_back_and_others_are_not() {
+    let sink = RecordingLeader::start().await;
+    let acme = histogram_task();
+    let other = hush_tests::for_tenant(&acme, "other");
+    let dir = tempfile::tempdir().unwrap();
+    // A batch leaves only once it holds 200 packets: until then everything stays buffered.
+    let mix = Mix {
+        batch_size: 200,
+        min_batch_size: 200,
+        max_wait_ms: 600_000,
+    };
+    let limits = "[limits]\nmax_request_packets = 100\nper_tenant_max_buffered = 100\n";
+    let sink_url = sink.url();
+    let start = || {
+        start_shuffler(
+            "shuffler-a",
+            dir.path(),
+            ("leader", "leader", &sink_url),
+            mix,
+            limits,
+            Arc::new(SystemClock),
+        )
+    };
+    let mut node = start().await;
+    let u = url(node.local_addr());
+    provision_shuffler(&u, &acme).await;
+    provision_shuffler(&u, &other).await;
+    let bodies = |from: u32| (from..from + 200).map(|i| i.to_be_bytes().to_vec());
+    let a = one_hop_packets(&u, "shuffler-a", &acme, bodies(0)).await;
+    let o = one_hop_packets(&u, "shuffler-a", &other, bodies(1_000)).await;
+    let send = |u: String, p: Vec<pb::Packet>| async move {
+        ShufflerClient::new(client::channel(&u, None).unwrap())
+            .submit_packets(pb::SubmitPacketsRequest { packets: p })
+            .await
+    };
+    assert_eq!(
+        send(u.clone(), a[..100].to_vec())
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        100
+    );
+    // acme holds its limit: pushed back whole, counted, nothing stored.
+    let e = send(u.clone(), a[100..110].to_vec()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("acme"), "{}", e.message());
+    // other is not affected, alone or mixed with acme's packets.
+    assert_eq!(
+        send(u.clone(), o[..50].to_vec())
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        50
+    );
+    let mixed: Vec<pb::Packet> = a[110..120].iter().chain(&o[50..60]).cloned().collect();
+    let r = send(u.clone(), mixed).await.unwrap().into_inner();
+    assert_eq!(r.accepted, 10);
+    assert_eq!(r.rejected[0].reason, RejectReason::OverQuota as i32);
+    assert_eq!(r.rejected[0].count, 10);
+    // The holdings are counted from the store again after a restart.
+    node.shutdown().await.unwrap();
+    node = start().await;
+    let u = url(node.local_addr());
+    let e = send(u.clone(), a[120..130].to_vec()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    // other's packets fill the batch; once it is forwarded, acme is taken again.
+    assert_eq!(
+        send(u.clone(), o[60..100].to_vec())
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        40
+    );
+    assert_eq!(sink.wait_for(200, Duration::from_secs(30)).await.len(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let accepted = loop {
+        match send(u.clone(), a[130..140].to_vec()).await {
+            Ok(r) => break r.into_inner().accepted,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "acme never taken again"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(accepted, 10);
+    let sa = stats(&u, Some(&acme)).await;
+    assert_eq!(sa.reports_accepted, 110);
+    assert!(reasons(&sa)[&RejectReason::OverQuota] >= 30);
+    let so = stats(&u, Some(&other)).await;
+    assert_eq!(so.reports_accepted, 100);
+    assert!(reasons(&so).is_empty(), "{so:?}");
+    node.shutdown().await.unwrap();
+}

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod fixture;
+pub mod fuzzing;
 pub mod http;
 pub mod mixnet;
 pub mod process;

@@ -1,0 +1,6 @@
+//! cargo-fuzz target: `hush_tests::fuzzing::hpke`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    hush_tests::fuzzing::hpke(data);
+});
