@@ -38,10 +38,24 @@ fn purpose_code(p: i32) -> Result<(u8, &'static str)> {
     }
 }
 
-fn checked_interval(task: &TaskEntry, i: Option<&pb::Interval>) -> Result<(Interval, Vec<Time>)> {
+fn checked_interval(
+    task: &TaskEntry,
+    i: Option<&pb::Interval>,
+    now: Time,
+) -> Result<(Interval, Vec<Time>)> {
     let i =
         Interval::try_from(i.ok_or_else(|| Error::InvalidRequest("interval is missing".into()))?)
             .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    let retention_s = task.config.retention_s();
+    if let Some(cutoff) = crate::retention::aggregate_cutoff(&task.config, now)
+        && i.start() < cutoff
+    {
+        return Err(Error::PastRetention {
+            start: i.start().as_secs(),
+            cutoff: cutoff.as_secs(),
+            retention_s,
+        });
+    }
     let precision = task.config.time_precision_s();
     i.check_aligned(precision).map_err(|e| {
         Error::InvalidRequest(format!("{e} (the task's time precision is {precision} s)"))
@@ -196,7 +210,7 @@ pub async fn helper_share(
     let task_id =
         TaskId::try_from(req.task_id.as_ref()).map_err(|e| Error::InvalidRequest(e.to_string()))?;
     let task = shared.task(&task_id).ok_or(Error::UnknownTask(task_id))?;
-    let (interval, windows) = checked_interval(&task, req.interval.as_ref())?;
+    let (interval, windows) = checked_interval(&task, req.interval.as_ref(), shared.clock.now())?;
     let purpose = purpose_code(req.purpose)?;
     let cid: [u8; 16] = req
         .collection_id
@@ -377,7 +391,8 @@ impl CollectionService {
             )));
         };
         self.authorize(token, &task)?;
-        let (interval, windows) = checked_interval(&task, req.interval.as_ref())?;
+        let (interval, windows) =
+            checked_interval(&task, req.interval.as_ref(), shared.clock.now())?;
         let now = shared.clock.now();
         if interval.end() > now {
             return Err(Error::NotReady(format!(

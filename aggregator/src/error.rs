@@ -74,6 +74,18 @@ pub enum Error {
     /// The two aggregators did not aggregate the same reports. `FAILED_PRECONDITION`.
     #[error("the aggregators disagree on the reports of the interval: {0}")]
     Mismatch(String),
+    /// The interval is older than the task's retention: its aggregates were deleted.
+    #[error(
+        "the interval starts at {start}, before this task's retention of {retention_s} s (everything older than {cutoff} is deleted); collect newer windows"
+    )]
+    PastRetention {
+        /// Start of the interval.
+        start: u64,
+        /// The oldest time kept.
+        cutoff: u64,
+        /// The task's retention.
+        retention_s: u64,
+    },
     /// A collection id was reused for another request. `ALREADY_EXISTS`.
     #[error("collection {0} already ran with another request; use a fresh collection id")]
     CollectionConflict(String),
@@ -119,6 +131,7 @@ impl From<Error> for tonic::Status {
             | Error::Keys(_)
             | Error::OverBudget { .. }
             | Error::BatchTooSmall { .. }
+            | Error::PastRetention { .. }
             | Error::Mismatch(_) => Status::failed_precondition(e.to_string()),
             Error::NotReady(_) => Status::unavailable(e.to_string()),
             Error::Unauthenticated(_) => Status::unauthenticated(e.to_string()),

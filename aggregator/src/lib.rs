@@ -18,6 +18,7 @@ pub mod helper;
 pub mod keys;
 pub mod leader;
 pub mod results;
+pub mod retention;
 pub mod server;
 pub mod shared;
 pub mod store;

@@ -275,8 +275,8 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Expires anti-replay entries past each task's report expiry and HPKE keys past their grace
-/// period.
+/// Applies retention ([`crate::retention`]), expires finished helper jobs and HPKE keys past
+/// their grace period.
 async fn maintenance(shared: Shared, mut shutdown: watch::Receiver<bool>) {
     let every = Duration::from_secs(shared.config.maintenance_interval_s.max(1));
     loop {
@@ -285,13 +285,11 @@ async fn maintenance(shared: Shared, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.wait_for(|v| *v) => return,
         }
         let now = shared.clock.now();
-        for t in shared.tasks.all() {
-            let cutoff = now.sub_secs(t.config.report_expiry_s() + shared.config.clock_skew_s);
-            match shared.store.expire_seen(&t.config.id(), cutoff) {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(task = %t.config.id(), expired = n, "expired report ids"),
-                Err(e) => tracing::error!(error = %e, "expiring report ids failed"),
-            }
+        let s = shared.clone();
+        match tokio::task::spawn_blocking(move || crate::retention::run_once(&s)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "retention failed; retrying next run"),
+            Err(e) => tracing::error!(error = %e, "retention panicked"),
         }
         if shared.role == Role::Helper {
             match shared

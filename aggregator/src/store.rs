@@ -14,6 +14,7 @@
 //! | `ledger` | task ‖ purpose ‖ window start | ε spent on the window, in millionths |
 //! | `collections` | task ‖ collection id | request hash and the stored answer of a collection |
 //! | `collected` | task ‖ window start | — (the window was collected: late reports are refused) |
+//! | `collection_ends` | task ‖ last window start ‖ collection id | — (finds answers to delete when their windows pass the task's retention) |
 //!
 //! Every change that must be atomic is one sled transaction over the trees involved: storing a
 //! batch of ingested reports with their anti-replay entries, and finishing an aggregation job
@@ -387,6 +388,7 @@ pub struct Store {
     ledger: Tree,
     collections: Tree,
     collected: Tree,
+    collection_ends: Tree,
     audit: crate::audit::AuditLog,
 }
 
@@ -457,6 +459,7 @@ impl Store {
             ledger: db.open_tree("ledger")?,
             collections: db.open_tree("collections")?,
             collected: db.open_tree("collected")?,
+            collection_ends: db.open_tree("collection_ends")?,
             audit: crate::audit::AuditLog::open(&db)?,
             db,
         })
@@ -912,8 +915,21 @@ impl Store {
         &self,
         c: &CollectionCommit<'_>,
     ) -> Result<std::result::Result<u64, OverBudget>> {
-        let r = (&self.ledger, &self.collections, &self.collected).transaction(
-            |(ledger, collections, collected)| {
+        let last = c
+            .windows
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(Time::from_secs(0));
+        let mut end_key = batch_key(c.task, last);
+        end_key.extend_from_slice(c.collection_id);
+        let r = (
+            &self.ledger,
+            &self.collections,
+            &self.collected,
+            &self.collection_ends,
+        )
+            .transaction(|(ledger, collections, collected, ends)| {
                 let mut left = u64::MAX;
                 for w in c.windows {
                     let k = ledger_key(c.task, c.purpose, *w);
@@ -936,9 +952,9 @@ impl Store {
                 let mut v = c.request_hash.to_vec();
                 v.extend_from_slice(c.answer);
                 collections.insert(task_key(c.task, c.collection_id), v)?;
+                ends.insert(&end_key[..], &[][..])?;
                 Ok(Ok(left))
-            },
-        );
+            });
         tx_result(r)
     }
 
@@ -974,6 +990,88 @@ impl Store {
         }
         self.helper_jobs.apply_batch(batch)?;
         Ok(n)
+    }
+
+    /// Deletes the pending reports of `task` whose time is before `cutoff` and that are in no
+    /// job in flight (they could never be accepted again, and the helper would refuse them),
+    /// counting each as refused `TOO_OLD`; returns how many.
+    pub fn expire_pending(&self, task: &TaskId, cutoff: Time) -> Result<u64> {
+        let in_jobs: std::collections::HashSet<u64> = self
+            .jobs()?
+            .into_iter()
+            .filter(|(_, j)| j.task_id == *task)
+            .flat_map(|(_, j)| j.seqs)
+            .collect();
+        let mut expired = Vec::new();
+        for kv in self.pending.scan_prefix(task.as_bytes()) {
+            let (k, v) = kv?;
+            let seq = be_u64(&k[32..]);
+            let r =
+                PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))?;
+            if r.time < cutoff && !in_jobs.contains(&seq) {
+                expired.push(k);
+            }
+        }
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut delta = StatDelta::default();
+        delta.add(
+            *task.as_bytes(),
+            Stat::Rejected(RejectReason::TooOld),
+            expired.len() as u64,
+        );
+        let n = expired.len() as u64;
+        tx_result((&self.pending, &self.stats).transaction(|(pending, st)| {
+            for k in &expired {
+                pending.remove(k)?;
+            }
+            delta.apply(st)?;
+            Ok(())
+        }))?;
+        Ok(n)
+    }
+
+    /// Deletes the aggregate shares of `task`'s windows that start before `cutoff`; returns how
+    /// many. The budget ledger and the collected marks of those windows stay (a few bytes each),
+    /// so a deleted window can never be collected again on a fresh budget.
+    pub fn expire_aggregates(&self, task: &TaskId, cutoff: Time) -> Result<u64> {
+        let range = batch_key(task, Time::from_secs(0))..batch_key(task, cutoff);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for k in self.batches.range(range).keys() {
+            batch.remove(k?);
+            n += 1;
+        }
+        self.batches.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    /// Deletes the stored answers of `task`'s collections whose last window starts before
+    /// `cutoff`; returns how many.
+    pub fn expire_collections(&self, task: &TaskId, cutoff: Time) -> Result<u64> {
+        let range = batch_key(task, Time::from_secs(0))..batch_key(task, cutoff);
+        let keys: Vec<sled::IVec> = self
+            .collection_ends
+            .range(range)
+            .keys()
+            .collect::<std::result::Result<_, _>>()?;
+        let n = keys.len() as u64;
+        tx_result((&self.collections, &self.collection_ends).transaction(
+            |(collections, ends)| {
+                for k in &keys {
+                    collections.remove(task_key(task, &k[40..]))?;
+                    ends.remove(k)?;
+                }
+                Ok(())
+            },
+        ))?;
+        Ok(n)
+    }
+
+    /// Number of anti-replay entries of `task`.
+    pub fn seen_count(&self, task: &TaskId) -> u64 {
+        self.seen.scan_prefix(task.as_bytes()).keys().count() as u64
     }
 
     /// Deletes anti-replay entries of `task` with a time before `cutoff`; returns how many.
@@ -1037,6 +1135,88 @@ mod tests {
             leader_share: vec![2; 8],
             helper_share: HpkeCiphertext::new(1, vec![3; 32], vec![4; 20]).unwrap(),
         }
+    }
+
+    #[test]
+    fn retention_deletes_old_pending_reports_but_not_those_in_a_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 16).unwrap();
+        let task = TaskId::random();
+        let batch: Vec<_> = [60, 60, 600]
+            .iter()
+            .map(|t| (task, s.next_seq().unwrap(), report(*t)))
+            .collect();
+        s.store_pending(&batch, &StatDelta::default()).unwrap();
+        s.put_job(
+            &AggregationJobId::random(),
+            &LeaderJob {
+                task_id: task,
+                seqs: vec![batch[0].1],
+            },
+        )
+        .unwrap();
+        assert_eq!(s.expire_pending(&task, Time::from_secs(120)).unwrap(), 1);
+        assert!(s.pending_report(&task, batch[0].1).unwrap().is_some());
+        assert!(s.pending_report(&task, batch[1].1).unwrap().is_none());
+        assert!(s.pending_report(&task, batch[2].1).unwrap().is_some());
+        assert_eq!(
+            s.stats(task.as_bytes()).unwrap()[&Stat::Rejected(RejectReason::TooOld)],
+            1
+        );
+        assert_eq!(s.expire_pending(&task, Time::from_secs(120)).unwrap(), 0);
+    }
+
+    #[test]
+    fn retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 16).unwrap();
+        let task = TaskId::random();
+        let other = TaskId::random();
+        let windows = [
+            Time::from_secs(0),
+            Time::from_secs(60),
+            Time::from_secs(120),
+        ];
+        for t in [task, other] {
+            let mut b = BatchAggregation::empty(4);
+            b.report_count = 1;
+            let batches: Vec<(Vec<u8>, &BatchAggregation)> =
+                windows.iter().map(|w| (batch_key(&t, *w), &b)).collect();
+            tx_result(s.batches.transaction(|bt| merge_batches(bt, &batches))).unwrap();
+            for (i, w) in windows.iter().enumerate() {
+                let commit = CollectionCommit {
+                    task: &t,
+                    collection_id: &[i as u8; 16],
+                    purpose: 0,
+                    windows: &[*w],
+                    epsilon_micros: 1,
+                    budget_micros: 10,
+                    request_hash: [0; 32],
+                    answer: b"answer",
+                };
+                s.commit_collection(&commit).unwrap().unwrap();
+            }
+        }
+        let cutoff = Time::from_secs(120);
+        assert_eq!(s.expire_aggregates(&task, cutoff).unwrap(), 2);
+        assert_eq!(s.expire_collections(&task, cutoff).unwrap(), 2);
+        assert_eq!(
+            s.batches(&task)
+                .unwrap()
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [Time::from_secs(120)]
+        );
+        assert!(s.collection(&task, &[0; 16]).unwrap().is_none());
+        assert!(s.collection(&task, &[1; 16]).unwrap().is_none());
+        assert!(s.collection(&task, &[2; 16]).unwrap().is_some());
+        // The ledger and the collected marks stay; the other task is untouched.
+        assert_eq!(s.spent(&task, 0, &windows).unwrap(), [1, 1, 1]);
+        assert_eq!(s.collected_windows().unwrap().len(), 6);
+        assert_eq!(s.batches(&other).unwrap().len(), 3);
+        assert!(s.collection(&other, &[0; 16]).unwrap().is_some());
+        assert_eq!(s.expire_collections(&task, cutoff).unwrap(), 0);
     }
 
     #[test]

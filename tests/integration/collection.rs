@@ -459,3 +459,86 @@ async fn a_helper_with_other_reports_makes_the_collection_fail_loudly() {
     );
     s.pair.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
+    let s = setup().await;
+    let t = task(&s.collector, |p| {
+        p.retention_s = 7_200;
+        p.epsilon_per_collection = Epsilon::from_micros(1_000_000_000);
+        p.epsilon_budget = Epsilon::from_micros(10_000_000_000);
+    });
+    let client = s.provision(&t).await;
+    s.submit(&client, 100, 7).await;
+    let w = s.window(&t);
+    s.mock.advance(60);
+    let cid = [9u8; 16];
+    let r = collect(
+        &s.pair.leader_url(),
+        Some(ACME),
+        &t,
+        &w,
+        Some(cid),
+        BudgetPurpose::Routine,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.report_count, 100);
+    let (leader, helper) = (s.pair.leader.shared(), s.pair.helper.shared());
+    for a in [leader, helper] {
+        assert_eq!(a.store.seen_count(&t.id()), 100);
+        assert_eq!(a.store.batches(&t.id()).unwrap().len(), 1);
+        assert!(a.store.collection(&t.id(), &cid).unwrap().is_some());
+    }
+    // Within retention nothing goes (the ids are still within the report expiry).
+    for a in [leader, helper] {
+        assert!(hush_aggregator::retention::run_once(a).unwrap().is_empty());
+    }
+    // Past the report expiry (1 h) the anti-replay ids go; past the retention (2 h) the
+    // aggregates and the stored answers too.
+    s.mock.advance(7_200 + 60);
+    for a in [leader, helper] {
+        let deleted = hush_aggregator::retention::run_once(a).unwrap();
+        assert_eq!(deleted.len(), 1);
+        let d = deleted[0].1;
+        assert_eq!((d.seen_ids, d.aggregates, d.collections), (100, 1, 1));
+        // Gone from sled.
+        assert_eq!(a.store.seen_count(&t.id()), 0);
+        assert!(a.store.batches(&t.id()).unwrap().is_empty());
+        assert!(a.store.collection(&t.id(), &cid).unwrap().is_none());
+        // Reported in the audit trail (counts only), which still verifies.
+        let log = a.store.audit();
+        log.verify().unwrap();
+        let e = log.entries().unwrap().pop().unwrap();
+        assert_eq!(
+            (e.event.actor.as_str(), e.event.action.as_str()),
+            ("retention", "retention.delete")
+        );
+        assert_eq!(e.event.task, t.id().to_string());
+        assert!(
+            e.event.detail.starts_with("100 report ids"),
+            "{}",
+            e.event.detail
+        );
+        // A second run finds nothing more.
+        assert!(hush_aggregator::retention::run_once(a).unwrap().is_empty());
+    }
+    // The deleted window cannot be collected again, and its spent budget is not reset.
+    let e = collect(
+        &s.pair.leader_url(),
+        Some(ACME),
+        &t,
+        &w,
+        None,
+        BudgetPurpose::Routine,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("retention"), "{}", e.message());
+    assert_eq!(
+        leader.store.spent(&t.id(), 0, &[w.start()]).unwrap(),
+        [t.epsilon_per_collection().micros()]
+    );
+    s.pair.shutdown().await;
+}
