@@ -4,6 +4,7 @@ use clap::Parser;
 
 mod cli;
 mod demo;
+mod load;
 mod sim;
 
 fn main() -> std::process::ExitCode {

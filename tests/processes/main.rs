@@ -9,6 +9,7 @@ mod audit;
 mod certs;
 mod demo;
 mod end_to_end;
+mod load;
 mod shuffler_crash;
 
 use std::path::Path;

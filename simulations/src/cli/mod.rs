@@ -47,6 +47,13 @@ enum Command {
     /// collector sees: report counts, latency quantiles with 95% confidence intervals, error
     /// rates.
     Demo(crate::demo::DemoArgs),
+    /// Run the cluster as processes (mutual TLS) at a fixed report rate; print throughput, p99
+    /// upload latency, peak memory per process, and check every acknowledged report is
+    /// aggregated exactly once (exit 1 otherwise).
+    Load(crate::load::LoadArgs),
+    /// `load` while components are SIGKILLed and restarted at random; the same exactly-once
+    /// check at the end.
+    Chaos(crate::load::ChaosArgs),
     /// Sweep privacy (ε) and traffic against detection power, false alarms, time to detect and
     /// quantile error with the real noise mechanism and detectors; writes CSV, PNG plots and a
     /// markdown summary.
@@ -108,6 +115,8 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Shuffler(a) => shuffler::run(a).await,
         Command::Results(a) => results::run(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
+        Command::Load(a) => crate::load::run_load(a).await,
+        Command::Chaos(a) => crate::load::run_chaos(a).await,
         Command::Sim(a) => crate::sim::run(a).await,
         Command::Task(t) => task::run(t, tls).await,
         Command::Keygen(k) => keys::keygen(k),
