@@ -179,6 +179,23 @@ async fn current_config(
         .ok_or_else(|| err("no HPKE config published".into()))
 }
 
+impl Keys {
+    /// The onion route through `endpoints`' shufflers (in order) to its leader, sealed to these
+    /// keys.
+    pub fn route(&self, endpoints: &Endpoints) -> Result<Route, hush_protocol::onion::OnionError> {
+        let hops = endpoints
+            .shufflers
+            .iter()
+            .zip(&self.shufflers)
+            .map(|((name, _), config)| Hop {
+                name: name.clone(),
+                config: config.clone(),
+            })
+            .collect();
+        Route::new(hops, endpoints.leader.0.clone())
+    }
+}
+
 /// Fetches every party's current HPKE config.
 pub async fn fetch_keys(endpoints: &Endpoints, timeout: Duration) -> Result<Keys, RuntimeError> {
     let mut shufflers = Vec::new();
@@ -377,17 +394,7 @@ impl Inner {
     }
 
     fn build_packets(&self, keys: &Keys, items: &[Queued]) -> Vec<pb::Packet> {
-        let hops: Vec<Hop> = self
-            .endpoints
-            .shufflers
-            .iter()
-            .zip(&keys.shufflers)
-            .map(|((name, _), config)| Hop {
-                name: name.clone(),
-                config: config.clone(),
-            })
-            .collect();
-        let Ok(route) = Route::new(hops, self.endpoints.leader.0.clone()) else {
+        let Ok(route) = keys.route(&self.endpoints) else {
             return vec![];
         };
         let mut clients: HashMap<TaskId, Option<ClientTask>> = HashMap::new();

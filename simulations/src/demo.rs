@@ -30,6 +30,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal};
+use tonic::transport::ClientTlsConfig;
 
 const ADMIN_TOKEN: &str = "demo-admin-token-not-secret";
 const PEER_TOKEN: &str = "demo-peer-token-not-secret";
@@ -260,25 +261,14 @@ pub(crate) async fn start_cluster(
     detection: &str,
 ) -> anyhow::Result<Cluster> {
     let any = "127.0.0.1:0";
-    let names: Vec<String> = crate::cli::certs::COMPONENTS.map(String::from).to_vec();
-    let certs = crate::cli::certs::write_certs(
-        &dir.join("certs"),
-        "hush demo CA",
-        &names,
-        &hush_protocol::tls::dev::loopback_hosts(),
-        true,
-    )?;
-    let tls_of = |name: &str| -> anyhow::Result<String> {
-        let files = &certs[names.iter().position(|n| n == name).context("component")?];
-        #[derive(serde::Serialize)]
-        struct Section<'a> {
-            tls: &'a hush_protocol::tls::TlsFiles,
-        }
-        Ok(toml::to_string(&Section { tls: files })?)
+    let (sections, ca_pem) =
+        crate::cli::certs::dev_tls_sections(&dir.join("certs"), "hush demo CA")?;
+    let tls_of = |name: &str| -> anyhow::Result<&String> {
+        sections
+            .get(name)
+            .context("a component without a certificate")
     };
-    let ca_pem = std::fs::read(&certs[0].ca)?;
     let tools_tls = hush_protocol::tls::server_auth_client(&ca_pem);
-    let tools_tls = Some(&tools_tls);
     let secrets = Secrets {
         admin_token: ADMIN_TOKEN.into(),
         peer_token: PEER_TOKEN.into(),
@@ -351,38 +341,23 @@ pub(crate) async fn start_cluster(
     // Provision: tasks on both aggregators (one fresh verification key each) and both shufflers.
     let leader_url = format!("https://{}", leader.local_addr());
     let helper_url = format!("https://{}", helper.local_addr());
+    let shuffler_urls = [a.local_addr(), b.local_addr()].map(|s| format!("https://{s}"));
     let mut task_files = Vec::new();
     for t in tasks {
-        let key = VerifyKey::random();
-        for (url, role) in [(&leader_url, "leader"), (&helper_url, "helper")] {
-            agg_client::admin(url, ADMIN_TOKEN, tools_tls)?
-                .create_task(pb::CreateTaskRequest {
-                    task: Some(t.into()),
-                    vdaf_verify_key: key.as_bytes().to_vec().into(),
-                    role: role.into(),
-                })
-                .await
-                .with_context(|| format!("provisioning {} on the {role}", t.name()))?;
-        }
-        for s in [&a, &b] {
-            agg_client::admin(
-                &format!("https://{}", s.local_addr()),
-                ADMIN_TOKEN,
-                tools_tls,
-            )?
-            .create_task(pb::CreateTaskRequest {
-                task: Some(t.into()),
-                vdaf_verify_key: Default::default(),
-                role: "shuffler".into(),
-            })
-            .await?;
-        }
+        provision(
+            (&leader_url, &helper_url),
+            &[&shuffler_urls[0], &shuffler_urls[1]],
+            &tools_tls,
+            ADMIN_TOKEN,
+            t,
+        )
+        .await?;
         let f = dir.join(format!("task-{}.toml", t.id()));
         std::fs::write(&f, toml::to_string(&t.params())?)?;
         task_files.push(format!("\"{}\"", f.display()));
     }
     for url in [&leader_url, &helper_url] {
-        agg_client::admin(url, ADMIN_TOKEN, tools_tls)?
+        agg_client::admin(url, ADMIN_TOKEN, Some(&tools_tls))?
             .set_tenant_token(pb::SetTenantTokenRequest {
                 tenant: "demo".into(),
                 token: TENANT_TOKEN.into(),
@@ -409,6 +384,39 @@ pub(crate) async fn start_cluster(
         results,
         ca_pem,
     })
+}
+
+/// Provisions `task` on the leader and the helper (with one fresh verification key) and on the
+/// shufflers, through their admin APIs over TLS.
+pub(crate) async fn provision(
+    (leader_url, helper_url): (&str, &str),
+    shuffler_urls: &[&str],
+    tls: &ClientTlsConfig,
+    admin_token: &str,
+    task: &TaskConfig,
+) -> anyhow::Result<()> {
+    let key = VerifyKey::random();
+    for (url, role) in [(leader_url, "leader"), (helper_url, "helper")] {
+        agg_client::admin(url, admin_token, Some(tls))?
+            .create_task(pb::CreateTaskRequest {
+                task: Some(task.into()),
+                vdaf_verify_key: key.as_bytes().to_vec().into(),
+                role: role.into(),
+            })
+            .await
+            .with_context(|| format!("provisioning {} on the {role}", task.name()))?;
+    }
+    for url in shuffler_urls {
+        agg_client::admin(url, admin_token, Some(tls))?
+            .create_task(pb::CreateTaskRequest {
+                task: Some(task.into()),
+                vdaf_verify_key: Default::default(),
+                role: "shuffler".into(),
+            })
+            .await
+            .with_context(|| format!("provisioning {} on the shuffler at {url}", task.name()))?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn wait_until<F: Fn() -> bool>(

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hush_aggregator::client as agg_client;
 use hush_client::{ClientTask, Endpoints, fetch_keys};
-use hush_protocol::onion::{Hop, Route};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
 use hush_protocol::task::log_spaced_bounds;
@@ -192,22 +191,13 @@ struct Cluster {
 
 /// Writes certificates and configs under `dir` and starts the four servers.
 fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
-    let names: Vec<String> = crate::cli::certs::COMPONENTS.map(String::from).to_vec();
-    let certs = crate::cli::certs::write_certs(
-        &dir.join("certs"),
-        "hush load CA",
-        &names,
-        &hush_protocol::tls::dev::loopback_hosts(),
-        true,
-    )?;
-    let tls = |name: &str| -> anyhow::Result<String> {
-        let f = &certs[names.iter().position(|n| n == name).context("component")?];
-        Ok(format!(
-            "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
-            f.cert, f.key, f.ca
-        ))
+    let (sections, ca_pem) =
+        crate::cli::certs::dev_tls_sections(&dir.join("certs"), "hush load CA")?;
+    let tls = |name: &str| -> anyhow::Result<&String> {
+        sections
+            .get(name)
+            .context("a component without a certificate")
     };
-    let ca_pem = std::fs::read(&certs[0].ca)?;
     let mut ports = BTreeMap::new();
     for c in COMPONENTS {
         ports.insert(c, free_port()?);
@@ -288,28 +278,14 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
 
 impl Cluster {
     async fn provision(&self, task: &TaskConfig) -> anyhow::Result<()> {
-        let key = hush_protocol::VerifyKey::random();
-        for (c, role) in [("leader", "leader"), ("helper", "helper")] {
-            agg_client::admin(&self.urls[c], ADMIN_TOKEN, Some(&self.tools))?
-                .create_task(pb::CreateTaskRequest {
-                    task: Some(task.into()),
-                    vdaf_verify_key: key.as_bytes().to_vec().into(),
-                    role: role.into(),
-                })
-                .await
-                .with_context(|| format!("provisioning the {c}"))?;
-        }
-        for c in ["shuffler-a", "shuffler-b"] {
-            agg_client::admin(&self.urls[c], ADMIN_TOKEN, Some(&self.tools))?
-                .create_task(pb::CreateTaskRequest {
-                    task: Some(task.into()),
-                    vdaf_verify_key: Default::default(),
-                    role: "shuffler".into(),
-                })
-                .await
-                .with_context(|| format!("provisioning {c}"))?;
-        }
-        Ok(())
+        crate::demo::provision(
+            (&self.urls["leader"], &self.urls["helper"]),
+            &[&self.urls["shuffler-a"], &self.urls["shuffler-b"]],
+            &self.tools,
+            ADMIN_TOKEN,
+            task,
+        )
+        .await
     }
 
     /// The task's counters at `component`; `None` while it is down.
@@ -481,18 +457,7 @@ async fn run(args: LoadArgs, chaos: Option<ChaosArgs>) -> anyhow::Result<()> {
         tls_ca: Some(cluster.ca_pem.clone()),
     };
     let keys = fetch_keys(&endpoints, Duration::from_secs(10)).await?;
-    let route = Route::new(
-        endpoints
-            .shufflers
-            .iter()
-            .zip(&keys.shufflers)
-            .map(|((name, _), config)| Hop {
-                name: name.clone(),
-                config: config.clone(),
-            })
-            .collect(),
-        "leader",
-    )?;
+    let route = keys.route(&endpoints)?;
     let client = Arc::new(ClientTask::new(
         task.clone(),
         keys.leader.clone(),

@@ -96,6 +96,26 @@ pub(crate) fn write_certs(
     Ok(files)
 }
 
+/// A development CA in `dir` with a certificate for each of [`COMPONENTS`] valid on loopback;
+/// returns each component's `[tls]` config section and the CA certificate (PEM).
+pub(crate) fn dev_tls_sections(
+    dir: &Path,
+    ca_name: &str,
+) -> anyhow::Result<(std::collections::BTreeMap<String, String>, Vec<u8>)> {
+    let names: Vec<String> = COMPONENTS.map(String::from).to_vec();
+    let files = write_certs(dir, ca_name, &names, &loopback_hosts(), true)?;
+    #[derive(serde::Serialize)]
+    struct Section<'a> {
+        tls: &'a TlsFiles,
+    }
+    let mut sections = std::collections::BTreeMap::new();
+    for (name, f) in names.into_iter().zip(&files) {
+        sections.insert(name, toml::to_string(&Section { tls: f })?);
+    }
+    let ca = std::fs::read(dir.join("ca.pem")).context("reading the CA certificate")?;
+    Ok((sections, ca))
+}
+
 pub(crate) fn run(a: CertsArgs) -> anyhow::Result<()> {
     let files = write_certs(&a.out, &a.ca_name, &a.names, &a.hosts, a.force)?;
     println!("CA: {}", a.out.join("ca.pem").display());
