@@ -163,6 +163,16 @@ impl Inner {
         let now = self.clock.now();
         for task in self.tasks.values() {
             let id = task.id();
+            // Released results past the task's retention go, as the aggregators' do.
+            if let Some(cutoff) = crate::retention::aggregate_cutoff(task, now) {
+                match self.store.expire(&id, cutoff).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(task = %id, released = n, "retention deleted released results")
+                    }
+                    Err(e) => tracing::error!(error = %e, "deleting expired results failed"),
+                }
+            }
             let precision = task.time_precision_s();
             loop {
                 // A task seen for the first time starts with the current window.

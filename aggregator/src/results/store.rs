@@ -9,7 +9,8 @@
 //! | `tested` | task ‖ window start | the window went through anomaly detection (empty) |
 //! | `alerts` | task ‖ window start ‖ detector | an `Alert` (protobuf) |
 //!
-//! Only released, noisy aggregates are stored.
+//! Only released, noisy aggregates are stored. [`ResultsStore::expire`] deletes everything of a
+//! task's windows older than its retention (the cursor stays).
 
 use std::path::Path;
 
@@ -190,6 +191,32 @@ impl ResultsStore {
         crate::store::flush_db(&self.db).await
     }
 
+    /// Deletes the results, ad-hoc results, skip notes, detection marks and alerts of `task`'s
+    /// windows that start before `cutoff`; returns how many released results (window and
+    /// ad-hoc) went.
+    pub async fn expire(&self, task: &TaskId, cutoff: Time) -> Result<u64> {
+        let range = key(task, &[0])..key(task, &[cutoff.as_secs()]);
+        let mut released = 0;
+        for (tree, counts) in [
+            (&self.windows, true),
+            (&self.ad_hoc, true),
+            (&self.skipped, false),
+            (&self.tested, false),
+            (&self.alerts, false),
+        ] {
+            let mut batch = sled::Batch::default();
+            for k in tree.range(range.clone()).keys() {
+                batch.remove(k?);
+                released += u64::from(counts);
+            }
+            tree.apply_batch(batch)?;
+        }
+        if released > 0 {
+            crate::store::flush_db(&self.db).await?;
+        }
+        Ok(released)
+    }
+
     /// The alerts of a task (`None`: of every task), oldest window first.
     pub fn alerts(&self, task: Option<&TaskId>) -> Result<Vec<pb::Alert>> {
         let prefix = task.map(|t| t.as_bytes().to_vec()).unwrap_or_default();
@@ -198,5 +225,45 @@ impl ResultsStore {
             .values()
             .map(|v| pb::Alert::decode(&*v?).map_err(|e| Error::corrupt("alert", e)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn expire_deletes_old_results_of_one_task_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ResultsStore::open(dir.path(), 8).unwrap();
+        let (task, other) = (TaskId::random(), TaskId::random());
+        for t in [task, other] {
+            for w in [0u64, 60, 120] {
+                let r = pb::WindowResult {
+                    interval: Some(pb::Interval {
+                        start: w,
+                        duration: 60,
+                    }),
+                    ..Default::default()
+                };
+                s.put_window(&t, Time::from_secs(w), Time::from_secs(w + 60), &r)
+                    .await
+                    .unwrap();
+                s.put_ad_hoc(&t, &r).await.unwrap();
+                let alert = pb::Alert {
+                    detector: "latency_regression".into(),
+                    ..Default::default()
+                };
+                s.put_tested(&t, w, &[alert]).await.unwrap();
+            }
+        }
+        assert_eq!(s.expire(&task, Time::from_secs(120)).await.unwrap(), 4);
+        assert_eq!(s.windows(&task).unwrap().len(), 1);
+        assert_eq!(s.ad_hoc(&task).unwrap().len(), 1);
+        assert!(!s.tested(&task, 60).unwrap() && s.tested(&task, 120).unwrap());
+        assert_eq!(s.alerts(Some(&task)).unwrap().len(), 1);
+        assert_eq!(s.windows(&other).unwrap().len(), 3);
+        assert_eq!(s.alerts(Some(&other)).unwrap().len(), 3);
+        assert_eq!(s.expire(&task, Time::from_secs(120)).await.unwrap(), 0);
     }
 }
