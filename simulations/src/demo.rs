@@ -434,20 +434,26 @@ pub(crate) async fn wait_until<F: Fn() -> bool>(
     Ok(())
 }
 
+/// `dir` (created), or a temporary directory removed when the guard drops.
+pub(crate) fn data_dir(
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    Ok(match dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            (d.to_owned(), None)
+        }
+        None => {
+            let tmp = tempfile::tempdir()?;
+            (tmp.path().to_owned(), Some(tmp))
+        }
+    })
+}
+
 /// Runs the demo and prints per window and service what the collector sees.
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let tmp;
-    let dir = match &args.data_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_owned()
-        }
-    };
+    let (dir, _tmp) = data_dir(args.data_dir.as_deref())?;
     let start_time = SystemClock.now().round_down(args.window_secs);
     let mock = Arc::new(MockClock::new(start_time));
     let clock: Arc<dyn Clock> = mock.clone();

@@ -417,17 +417,7 @@ async fn run(args: LoadArgs, chaos: Option<ChaosArgs>) -> anyhow::Result<()> {
         args.rate > 0 && args.agents > 0,
         "--rate and --agents must be positive"
     );
-    let tmp;
-    let dir = match &args.data_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_owned()
-        }
-    };
+    let (dir, _tmp) = crate::demo::data_dir(args.data_dir.as_deref())?;
     let mode = if chaos.is_some() { "chaos" } else { "load" };
     println!(
         "hush {mode}: shuffler-a, shuffler-b, leader, helper as processes on 127.0.0.1 (mutual TLS); data in {}",
