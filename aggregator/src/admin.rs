@@ -2,7 +2,7 @@
 
 use hush_protocol::proto::v1::admin_server::Admin;
 use hush_protocol::proto::v1::hpke_keys_server::HpkeKeys;
-use hush_protocol::proto::v1::{self as pb, ReasonCount};
+use hush_protocol::proto::v1::{self as pb, ReasonCount, RejectReason};
 use hush_protocol::{Role, TaskId};
 use tonic::{Request, Response, Status};
 
@@ -96,6 +96,7 @@ impl AdminService {
                     _ => None,
                 })
                 .collect(),
+            reports_late: get(Stat::Rejected(RejectReason::BatchCollected)),
         })
     }
 }
@@ -179,6 +180,15 @@ impl Admin for AdminService {
         self.shared.store.flush().await?;
         tracing::info!(tenant = %req.tenant, "set a tenant's collector token");
         Ok(Response::new(pb::SetTenantTokenResponse {}))
+    }
+
+    async fn list_hpke_keys(
+        &self,
+        _request: Request<pb::ListHpkeKeysRequest>,
+    ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
+        Ok(Response::new(pb::HpkeConfigList {
+            configs: self.shared.keys.configs().iter().map(Into::into).collect(),
+        }))
     }
 }
 

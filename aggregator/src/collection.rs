@@ -2,18 +2,25 @@
 //! answer to `GetAggregateShare`.
 //!
 //! The leader authenticates the collector with its tenant's token, checks the interval, the
-//! report count against `min_batch_size` and its budget ledger, closes the interval's windows
-//! (late reports are then refused), waits until no report of them is still being aggregated, and
-//! asks the helper for its share of the same windows, passing the report count and the checksum
-//! of report ids. The helper refuses if its own count or checksum differ. Each side adds
-//! discrete Laplace noise at the task's ε to its own aggregate share, seals it to the collector,
-//! and in one transaction spends the budget of every window and stores its answer, so a retry
-//! with the same collection id gets the same answer (the same noise) and spends nothing more.
+//! batch rules, the report count against `min_batch_size` and its budget ledger, closes the
+//! interval's windows (late reports are then refused), waits until no report of them is still
+//! being aggregated, and asks the helper for its share of the same windows, passing the report
+//! count and the checksum of report ids. The helper refuses if its own count or checksum differ.
+//! Each side adds discrete Laplace noise to its own aggregate share (calibrated to one service
+//! instance's whole contribution to a window) and to its secret share of the report count,
+//! seals both to the collector, and in one transaction checks the batch rules, spends the budget
+//! of every window, stores its answer and releases the windows, so a retry with the same
+//! collection id gets the same answer (the same noise) and spends nothing more.
+//!
+//! Batch rules (as in DAP): an interval must equal a batch collected before or be disjoint from
+//! every one, so no two answers can be differenced into a smaller batch than `min_batch_size`;
+//! a batch is collected at most once for routine use, and at most `max_collections_per_batch`
+//! times in all when the task sets it. Both aggregators enforce them.
 
 use std::time::{Duration, Instant};
 
 use hush_protocol::auth::{bearer_token, token_hash, token_matches};
-use hush_protocol::collect::seal_aggregate_share;
+use hush_protocol::collect::{count_mask, count_share, seal_aggregate_share};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::collection_server::Collection;
 use hush_protocol::{Epsilon, Interval, ReportIdChecksum, Role, TaskId, Time};
@@ -24,7 +31,7 @@ use crate::audit::AuditEvent;
 use crate::error::{Error, Result};
 use crate::leader::HelperClient;
 use crate::shared::Shared;
-use crate::store::{BatchAggregation, CollectionCommit};
+use crate::store::{BatchAggregation, BatchRule, CollectRefusal, CollectionCommit};
 use crate::tasks::TaskEntry;
 
 /// How long the leader waits for in-flight aggregation of a collected interval.
@@ -90,29 +97,105 @@ fn hash(parts: &[&[u8]]) -> [u8; 32] {
     h
 }
 
-/// Adds noise to `batch`'s share at the task's ε and seals it to the collector.
+/// Adds noise to `batch`'s share at the task's aggregate ε and to this aggregator's secret
+/// share of the report count at its count ε, and seals both to the collector.
 fn noisy_sealed_share(
     task: &TaskEntry,
     role: Role,
     interval: &Interval,
+    collection_id: &[u8; 16],
     batch: &BatchAggregation,
 ) -> Result<pb::HpkeCiphertext> {
-    let eps = task.config.epsilon_per_collection();
     let mut share = batch.share.clone();
     task.vdaf
-        .add_noise(eps, &mut share, batch.report_count as usize)
+        .add_noise(
+            task.config.aggregate_epsilon(),
+            &mut share,
+            batch.report_count as usize,
+        )
         .map_err(|e| Error::corrupt("aggregate share", e))?;
+    let count = match task.config.count_epsilon() {
+        Some(eps) => {
+            let noise = hush_protocol::dp::count_noise(task.config.reports_per_instance(), eps)
+                .map_err(|e| Error::Config(format!("sampling the count noise failed: {e}")))?;
+            let mask = count_mask(&task.verify_key, &task.config.id(), collection_id, interval);
+            Some(count_share(role, batch.report_count, mask, noise))
+        }
+        None => None,
+    };
     let ct = seal_aggregate_share(
         task.config.collector_hpke_config(),
         role,
-        &task.config.id(),
+        &task.config,
         interval,
-        batch.report_count,
-        eps,
         &share,
+        count,
     )
     .map_err(|e| Error::Config(format!("sealing to the task's collector key failed: {e}")))?;
     Ok((&ct).into())
+}
+
+/// The batch rules of a collection of `interval` for `purpose`.
+fn batch_rule(task: &TaskEntry, interval: &Interval, purpose: (u8, &'static str)) -> BatchRule {
+    BatchRule {
+        batch: (interval.start(), interval.duration()),
+        purpose: purpose.0,
+        max_collections: task.config.max_collections_per_batch(),
+    }
+}
+
+/// The error of a refused collection.
+fn refusal_error(task: &TaskEntry, purpose: (u8, &'static str), r: CollectRefusal) -> Error {
+    match r {
+        CollectRefusal::OverBudget {
+            window,
+            left_micros,
+        } => Error::OverBudget {
+            window,
+            left: Epsilon::from_micros(left_micros),
+            needed: task.config.epsilon_per_collection(),
+            purpose: purpose.1,
+        },
+        CollectRefusal::Overlaps { window, batch } => Error::BatchOverlap {
+            window,
+            start: batch.0,
+            duration: batch.1,
+        },
+        CollectRefusal::Exhausted { routine, alert } => Error::BatchExhausted {
+            routine,
+            alert,
+            purpose: purpose.1,
+            max: task.config.max_collections_per_batch(),
+        },
+    }
+}
+
+/// Checks the batch rules of a collection before anything is closed or spent; a refusal is
+/// audited.
+fn check_batch_rules(
+    shared: &Shared,
+    task: &TaskEntry,
+    actor: &str,
+    action: &str,
+    windows: &[Time],
+    rule: &BatchRule,
+    purpose: (u8, &'static str),
+) -> Result<()> {
+    match shared.store.check_batch(&task.config.id(), windows, rule)? {
+        None => Ok(()),
+        Some(r) => {
+            let e = refusal_error(task, purpose, r);
+            shared.audit(AuditEvent {
+                actor: actor.into(),
+                action: action.into(),
+                tenant: task.config.tenant().into(),
+                task: task.config.id().to_string(),
+                outcome: "refused: batch rules".into(),
+                detail: e.to_string(),
+            });
+            Err(e)
+        }
+    }
 }
 
 /// Checks the ledger without spending: the smallest ε left over the windows, or the error.
@@ -141,13 +224,17 @@ fn check_budget(
     Ok(min_left)
 }
 
-/// Spends the budget, stores the answer and closes the windows in one transaction.
+/// Checks the batch rules, spends the budget, stores the answer and closes and releases the
+/// windows in one transaction.
+#[allow(clippy::too_many_arguments)]
 fn commit(
     shared: &Shared,
     task: &TaskEntry,
     cid: &[u8; 16],
     purpose: (u8, &'static str),
+    interval: &Interval,
     windows: &[Time],
+    batch: &BatchAggregation,
     request_hash: [u8; 32],
     answer: &[u8],
 ) -> Result<()> {
@@ -155,8 +242,9 @@ fn commit(
     let r = shared.store.commit_collection(&CollectionCommit {
         task: &task.config.id(),
         collection_id: cid,
-        purpose: purpose.0,
+        rule: batch_rule(task, interval, purpose),
         windows,
+        summed: (batch.report_count, batch.checksum),
         epsilon_micros: eps.micros(),
         budget_micros: task.config.budget_for(purpose.0 == 1).micros(),
         request_hash,
@@ -167,12 +255,7 @@ fn commit(
             shared.set_collected(&task.config.id(), windows, true);
             Ok(())
         }
-        Err(over) => Err(Error::OverBudget {
-            window: over.window,
-            left: Epsilon::from_micros(over.left_micros),
-            needed: eps,
-            purpose: purpose.1,
-        }),
+        Err(r) => Err(refusal_error(task, purpose, r)),
     }
 }
 
@@ -233,6 +316,16 @@ pub async fn helper_share(
         return pb::AggregateShareResponse::decode(answer.as_slice())
             .map_err(|e| Error::corrupt("collection answer", e));
     }
+    let rule = batch_rule(&task, &interval, purpose);
+    check_batch_rules(
+        shared,
+        &task,
+        "leader",
+        "aggregate_share",
+        &windows,
+        &rule,
+        purpose,
+    )?;
     let batch = shared
         .store
         .sum_batches(&task_id, &windows, task.config.output_len())?;
@@ -281,6 +374,7 @@ pub async fn helper_share(
             &task,
             Role::Helper,
             &interval,
+            &cid,
             &batch,
         )?),
     };
@@ -289,7 +383,9 @@ pub async fn helper_share(
         &task,
         &cid,
         purpose,
+        &interval,
         &windows,
+        &batch,
         request_hash,
         &answer.encode_to_vec(),
     )?;
@@ -328,45 +424,57 @@ impl CollectionService {
         Self { shared, helper }
     }
 
-    /// Only the task's tenant's collector may collect it.
-    fn authorize(&self, token: Option<&str>, task: &TaskEntry) -> Result<()> {
-        let tenant = task.config.tenant();
-        let refuse = |actor: String, why: &str| {
+    /// The answer to every request that names an unknown task or presents a token that is not
+    /// the task's tenant's: one answer, so task ids of other tenants cannot be probed.
+    fn not_yours(task_id: &TaskId) -> Error {
+        Error::Unauthenticated(format!("unknown task {task_id} or wrong collector token"))
+    }
+
+    /// The task, if it is provisioned and `token` is its tenant's collector token; otherwise
+    /// the same refusal for every case (audited with the real reason).
+    fn authorized_task(
+        &self,
+        token: Option<&str>,
+        task_id: &TaskId,
+        action: &str,
+    ) -> Result<std::sync::Arc<TaskEntry>> {
+        let refuse = |actor: String, tenant: &str, why: &str| {
             self.shared.audit(AuditEvent {
                 actor,
-                action: "collect".into(),
+                action: action.into(),
                 tenant: tenant.into(),
-                task: task.config.id().to_string(),
+                task: task_id.to_string(),
                 outcome: format!("refused: {why}"),
                 detail: String::new(),
             });
         };
         let Some(token) = token else {
-            refuse("unknown".into(), "no collector token");
+            refuse("unknown".into(), "", "no collector token");
             return Err(Error::Unauthenticated(
                 "missing collector token: send \"authorization: Bearer <tenant token>\"".into(),
             ));
         };
+        let Some(task) = self.shared.task(task_id) else {
+            refuse("unknown".into(), "", "unknown task");
+            return Err(Self::not_yours(task_id));
+        };
+        let tenant = task.config.tenant();
         if let Some(expected) = self.shared.store.tenant_token_hash(tenant)?
             && token_matches(token, &expected)
         {
-            return Ok(());
+            return Ok(task);
         }
         match self.shared.store.tenant_of_token_hash(&token_hash(token))? {
             Some(other) => {
-                refuse(format!("collector:{other}"), "cross-tenant request");
-                tracing::warn!(task = %task.config.id(), owner = tenant, requester = %other, "refused a cross-tenant collection");
-                Err(Error::PermissionDenied(format!(
-                    "task {} belongs to another tenant",
-                    task.config.id()
-                )))
+                refuse(format!("collector:{other}"), tenant, "cross-tenant request");
+                tracing::warn!(task = %task_id, owner = tenant, requester = %other, "refused a cross-tenant collection");
             }
             None => {
-                refuse("unknown".into(), "wrong collector token");
-                tracing::warn!(task = %task.config.id(), "refused a collection with a wrong token");
-                Err(Error::Unauthenticated("wrong collector token".into()))
+                refuse("unknown".into(), tenant, "wrong collector token");
+                tracing::warn!(task = %task_id, "refused a collection with a wrong token");
             }
         }
+        Err(Self::not_yours(task_id))
     }
 
     async fn collect(
@@ -377,20 +485,7 @@ impl CollectionService {
         let shared = &self.shared;
         let task_id = TaskId::try_from(req.task_id.as_ref())
             .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        let Some(task) = shared.task(&task_id) else {
-            shared.audit(AuditEvent {
-                actor: "unknown".into(),
-                action: "collect".into(),
-                task: task_id.to_string(),
-                outcome: "refused: unknown task".into(),
-                ..AuditEvent::default()
-            });
-            // Same answer as a wrong token, so task ids of other tenants cannot be probed.
-            return Err(Error::Unauthenticated(format!(
-                "unknown task {task_id} or wrong collector token"
-            )));
-        };
-        self.authorize(token, &task)?;
+        let task = self.authorized_task(token, &task_id, "collect")?;
         let (interval, windows) =
             checked_interval(&task, req.interval.as_ref(), shared.clock.now())?;
         let now = shared.clock.now();
@@ -422,6 +517,9 @@ impl CollectionService {
                 .map_err(|e| Error::corrupt("collection answer", e));
         }
         // Cheap checks first: nothing is closed or spent if they fail.
+        let actor = format!("collector:{}", task.config.tenant());
+        let rule = batch_rule(&task, &interval, purpose);
+        check_batch_rules(shared, &task, &actor, "collect", &windows, &rule, purpose)?;
         let min = task.config.min_batch_size();
         let expected = shared
             .store
@@ -499,16 +597,18 @@ impl CollectionService {
         let left = check_budget(shared, &task, purpose, &windows)?;
         let answer = pb::CollectResponse {
             interval: Some((&interval).into()),
-            report_count: batch.report_count,
             leader_encrypted_share: Some(noisy_sealed_share(
                 &task,
                 Role::Leader,
                 &interval,
+                &cid,
                 &batch,
             )?),
             helper_encrypted_share: Some(helper_share),
-            epsilon_micro: task.config.epsilon_per_collection().micros(),
+            epsilon_micro: task.config.aggregate_epsilon().micros(),
             sensitivity: task.config.sensitivity(),
+            count_epsilon_micro: task.config.count_epsilon().map_or(0, Epsilon::micros),
+            count_sensitivity: task.config.reports_per_instance(),
             budget_left_micro: left,
         };
         commit(
@@ -516,12 +616,14 @@ impl CollectionService {
             &task,
             &cid,
             purpose,
+            &interval,
             &windows,
+            &batch,
             request_hash,
             &answer.encode_to_vec(),
         )?;
         shared.audit(spend_event(
-            format!("collector:{}", task.config.tenant()),
+            actor,
             "collect",
             &task,
             &interval,
@@ -541,6 +643,106 @@ impl CollectionService {
         );
         Ok(answer)
     }
+
+    /// The noisy count of a collected batch's late reports (see `CollectLateCount`).
+    async fn late_count(
+        &self,
+        token: Option<&str>,
+        req: pb::LateCountRequest,
+    ) -> Result<pb::LateCountResponse> {
+        let shared = &self.shared;
+        let task_id = TaskId::try_from(req.task_id.as_ref())
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let task = self.authorized_task(token, &task_id, "late_count")?;
+        let now = shared.clock.now();
+        let (interval, windows) = checked_interval(&task, req.interval.as_ref(), now)?;
+        let Some(eps) = task.config.count_epsilon() else {
+            return Err(Error::WrongRole(format!(
+                "task {task_id} releases no counts (count_epsilon_percent = 0)"
+            )));
+        };
+        let batch = (interval.start(), interval.duration());
+        if shared.store.batch_collections(&task_id, batch)? == (0, 0) {
+            return Err(Error::WrongRole(format!(
+                "the interval {}+{} s was not collected as a batch; late reports are counted per collected batch",
+                interval.start().as_secs(),
+                interval.duration()
+            )));
+        }
+        // Until the report expiry (and the clock skew) has passed the batch's end, a late
+        // report can still arrive and would change the count after its release.
+        let final_at = interval
+            .end()
+            .add_secs(task.config.report_expiry_s())
+            .add_secs(shared.config.clock_skew_s);
+        if now < final_at {
+            return Err(Error::NotReady(format!(
+                "late reports of this batch can arrive until {}; ask again then",
+                final_at.as_secs()
+            )));
+        }
+        let key = {
+            let h = hash(&[
+                b"late count",
+                task_id.as_bytes(),
+                &interval.start().as_secs().to_be_bytes(),
+                &interval.duration().to_be_bytes(),
+            ]);
+            let mut k = [0u8; 16];
+            k.copy_from_slice(&h[..16]);
+            k
+        };
+        let _guard = shared.collect_lock.lock().await;
+        if let Some((_, answer)) = shared.store.collection(&task_id, &key)? {
+            return pb::LateCountResponse::decode(answer.as_slice())
+                .map_err(|e| Error::corrupt("late count answer", e));
+        }
+        let late = shared.store.late_in(&task_id, &windows)?;
+        let sensitivity = task.config.reports_per_instance();
+        let noise = hush_protocol::dp::count_noise(sensitivity, eps)
+            .map_err(|e| Error::Config(format!("sampling the count noise failed: {e}")))?;
+        let mut answer = pb::LateCountResponse {
+            interval: Some((&interval).into()),
+            noisy_late_reports: i64::try_from(late)
+                .unwrap_or(i64::MAX)
+                .saturating_add(noise),
+            epsilon_micro: eps.micros(),
+            sensitivity,
+            budget_left_micro: 0,
+        };
+        let routine = task.config.budget_for(false).micros();
+        let spent = shared.store.spent(&task_id, 0, &windows)?;
+        answer.budget_left_micro = spent
+            .iter()
+            .map(|s| routine.saturating_sub(*s).saturating_sub(eps.micros()))
+            .min()
+            .unwrap_or(0);
+        let r = shared.store.commit_late_count(
+            &task_id,
+            &key,
+            &windows,
+            eps.micros(),
+            routine,
+            &answer.encode_to_vec(),
+        )?;
+        if let Err(r) = r {
+            return Err(refusal_error(&task, (0, "routine"), r));
+        }
+        shared.audit(AuditEvent {
+            actor: format!("collector:{}", task.config.tenant()),
+            action: "late_count".into(),
+            tenant: task.config.tenant().into(),
+            task: task_id.to_string(),
+            outcome: "ok".into(),
+            detail: format!(
+                "interval {}+{} s, {late} late reports, spent ε {eps} of the routine budget",
+                interval.start().as_secs(),
+                interval.duration()
+            ),
+        });
+        shared.store.flush().await?;
+        Ok(answer)
+    }
 }
 
 #[tonic::async_trait]
@@ -552,6 +754,17 @@ impl Collection for CollectionService {
         let token = bearer_token(&request).map(str::to_owned);
         Ok(Response::new(
             self.collect(token.as_deref(), request.into_inner()).await?,
+        ))
+    }
+
+    async fn collect_late_count(
+        &self,
+        request: Request<pb::LateCountRequest>,
+    ) -> std::result::Result<Response<pb::LateCountResponse>, Status> {
+        let token = bearer_token(&request).map(str::to_owned);
+        Ok(Response::new(
+            self.late_count(token.as_deref(), request.into_inner())
+                .await?,
         ))
     }
 }

@@ -60,6 +60,38 @@ pub enum Error {
         /// "routine" or "alert".
         purpose: &'static str,
     },
+    /// The interval overlaps a batch collected before without being equal to it.
+    /// `FAILED_PRECONDITION`.
+    #[error(
+        "the interval overlaps the batch {start}+{duration} s collected before (window {window} \
+         is in both): collect exactly that batch again, or an interval disjoint from every \
+         collected batch; nothing was spent"
+    )]
+    BatchOverlap {
+        /// A window in both.
+        window: hush_protocol::Time,
+        /// The earlier batch's start.
+        start: hush_protocol::Time,
+        /// Its duration in seconds.
+        duration: u64,
+    },
+    /// The batch was collected as often as the task allows. `FAILED_PRECONDITION`.
+    #[error(
+        "the batch was collected {routine} times for routine use and {alert} times for alerts; \
+         the task allows one routine collection per batch{}, so this {purpose} collection is \
+         refused; nothing was spent",
+        if *max > 0 { format!(" and {max} in all") } else { String::new() }
+    )]
+    BatchExhausted {
+        /// Routine collections so far.
+        routine: u32,
+        /// Alert collections so far.
+        alert: u32,
+        /// The refused purpose.
+        purpose: &'static str,
+        /// The task's `max_collections_per_batch`.
+        max: u32,
+    },
     /// Too few reports for a collection. `FAILED_PRECONDITION`.
     #[error(
         "the interval holds {count} reports, fewer than the task's min_batch_size of {min}; \
@@ -130,6 +162,8 @@ impl From<Error> for tonic::Status {
             Error::WrongRole(_)
             | Error::Keys(_)
             | Error::OverBudget { .. }
+            | Error::BatchOverlap { .. }
+            | Error::BatchExhausted { .. }
             | Error::BatchTooSmall { .. }
             | Error::PastRetention { .. }
             | Error::Mismatch(_) => Status::failed_precondition(e.to_string()),

@@ -26,7 +26,9 @@ use tonic::{Request, Response, Status};
 use crate::config::LeaderConfig;
 use crate::error::{Error, Result};
 use crate::shared::Shared;
-use crate::store::{BatchAggregation, GLOBAL_SCOPE, LeaderJob, PendingReport, Stat, StatDelta};
+use crate::store::{
+    BatchAggregation, GLOBAL_SCOPE, Ingested, LeaderJob, PendingReport, Stat, StatDelta,
+};
 use crate::tasks::TaskEntry;
 use hush_protocol::Outcomes;
 use hush_protocol::auth::AddBearer;
@@ -88,7 +90,7 @@ impl IngestService {
             .iter()
             .filter_map(|c| match c {
                 Checked::Accepted(id, _) => Some(*id.as_bytes()),
-                Checked::Rejected(..) => None,
+                Checked::Rejected(..) | Checked::Late(..) => None,
             })
             .collect();
         let count_refused = |status: Status| {
@@ -137,11 +139,11 @@ impl IngestService {
     }
 
     /// Gives back the pending-report reservations of reports that were not stored (replays,
-    /// or a failed write).
-    fn settle_holdings(&self, accepted: &[TaskId], stored: Option<&[bool]>) {
+    /// late reports, or a failed write).
+    fn settle_holdings(&self, accepted: &[TaskId], stored: Option<&[Ingested]>) {
         let mut unused: BTreeMap<String, u64> = BTreeMap::new();
         for (i, task) in accepted.iter().enumerate() {
-            if stored.is_none_or(|s| !s[i])
+            if stored.is_none_or(|s| s[i] != Ingested::Stored)
                 && let Some(t) = self.shared.tenant_of(task)
             {
                 *unused.entry(t).or_default() += 1;
@@ -186,6 +188,8 @@ fn refuse_tenants(
 enum Checked {
     Accepted(TaskId, PendingReport),
     Rejected([u8; 32], RejectReason),
+    /// For a window already collected: counted per window as late.
+    Late(TaskId, hush_protocol::Time),
 }
 
 fn check_report(shared: &Shared, keyring: &hush_protocol::Keyring, bytes: &[u8]) -> Checked {
@@ -196,8 +200,12 @@ fn check_report(shared: &Shared, keyring: &hush_protocol::Keyring, bytes: &[u8])
         return Checked::Rejected(GLOBAL_SCOPE, RejectReason::UnknownTask);
     };
     let scope = *report.task_id().as_bytes();
-    if let Err(r) = shared.check_time(&task, report.time()) {
-        return Checked::Rejected(scope, r);
+    match shared.check_time(&task, report.time()) {
+        Ok(()) => {}
+        Err(RejectReason::BatchCollected) => {
+            return Checked::Late(*report.task_id(), report.time());
+        }
+        Err(r) => return Checked::Rejected(scope, r),
     }
     let Ok(leader_share) = report.open_share(Role::Leader, keyring) else {
         return Checked::Rejected(scope, RejectReason::DecryptFailure);
@@ -255,6 +263,7 @@ impl LeaderIngest for IngestService {
         let mut stats = StatDelta::default();
         let mut accepted = Vec::with_capacity(checked.len());
         let mut tasks: Vec<TaskId> = Vec::with_capacity(checked.len());
+        let mut late: BTreeMap<(TaskId, hush_protocol::Time), u64> = BTreeMap::new();
         for c in checked {
             match c {
                 Checked::Accepted(task, r) => {
@@ -265,7 +274,14 @@ impl LeaderIngest for IngestService {
                     outcomes.reject(reason);
                     stats.incr(scope, Stat::Rejected(reason));
                 }
+                Checked::Late(task, window) => {
+                    outcomes.reject(RejectReason::BatchCollected);
+                    *late.entry((task, window)).or_default() += 1;
+                }
             }
+        }
+        if let Err(e) = self.shared.store.add_late(&late) {
+            tracing::error!(error = %e, "counting late reports failed");
         }
         let accepted = match accepted
             .into_iter()
@@ -285,13 +301,13 @@ impl LeaderIngest for IngestService {
             .and_then(|r| r);
         self.settle_holdings(&tasks, stored.as_ref().ok().map(Vec::as_slice));
         let stored = stored?;
-        let n_stored = stored.iter().filter(|s| **s).count() as u64;
+        let n_stored = stored.iter().filter(|s| **s == Ingested::Stored).count() as u64;
         self.shared.pending.fetch_add(n_stored, Ordering::Relaxed);
         for s in &stored {
-            if *s {
-                outcomes.accept();
-            } else {
-                outcomes.reject(RejectReason::Replay);
+            match s {
+                Ingested::Stored => outcomes.accept(),
+                Ingested::Replay => outcomes.reject(RejectReason::Replay),
+                Ingested::Late => outcomes.reject(RejectReason::BatchCollected),
             }
         }
         // Durable before acknowledged.
@@ -607,15 +623,19 @@ impl JobDriver {
                         .map_err(|e| Error::corrupt("output share", e))?;
                     b.report_count += 1;
                     b.checksum.update(&r.report_id);
-                    stats.incr(scope, Stat::Aggregated);
                 }
                 Err(reason) => stats.incr(scope, Stat::Rejected(reason)),
             }
         }
         let store = self.shared.store.clone();
         let (id2, job2) = (*id, job.clone());
-        tokio::task::spawn_blocking(move || store.commit_leader_job(&id2, &job2, &batches, &stats))
-            .await??;
+        let left_out = tokio::task::spawn_blocking(move || {
+            store.commit_leader_job(&id2, &job2, &batches, &stats)
+        })
+        .await??;
+        if left_out > 0 {
+            tracing::warn!(job = %id, reports = left_out, "reports of windows already released were not aggregated");
+        }
         self.shared
             .pending_released(&job.task_id, job.seqs.len() as u64);
         tracing::debug!(job = %id, "aggregation job committed");

@@ -13,14 +13,20 @@
 //! | `tenants` | tenant name | SHA-256 of the tenant's collector bearer token |
 //! | `ledger` | task ‖ purpose ‖ window start | ε spent on the window, in millionths |
 //! | `collections` | task ‖ collection id | request hash and the stored answer of a collection |
-//! | `collected` | task ‖ window start | — (the window was collected: late reports are refused) |
+//! | `collected` | task ‖ window start | — (the window is closed: the leader's ingest refuses its reports as late) |
+//! | `released` | task ‖ window start | — (an aggregate share of the window left this aggregator: nothing more is accumulated into it) |
+//! | `window_batches` | task ‖ window start | start ‖ duration of the batch (interval) the window was collected in |
+//! | `batch_collections` | task ‖ batch start ‖ duration | routine u32 ‖ alert u32: collections of the batch |
+//! | `late` | task ‖ window start | reports refused because the window was closed (leader) |
 //! | `collection_ends` | task ‖ last window start ‖ collection id | — (finds answers to delete when their windows pass the task's retention) |
 //!
 //! Every change that must be atomic is one sled transaction over the trees involved: storing a
-//! batch of ingested reports with their anti-replay entries, and finishing an aggregation job
-//! (accumulating output shares, removing the reports, recording the outcome), and committing a
-//! collection (checking and spending the budget of every window, recording the answer, closing
-//! the windows). A crash before a
+//! batch of ingested reports with their anti-replay entries (refusing reports of closed windows),
+//! finishing an aggregation job (accumulating output shares into windows not yet released,
+//! removing the reports, recording the outcome), and committing a collection (checking the batch
+//! rules, checking and spending the budget of every window, recording the answer, closing and
+//! releasing the windows). sled transactions are serializable, so a check inside one cannot race
+//! a commit of another: no report enters a window after its share has left. A crash before a
 //! transaction commits loses nothing that was acknowledged; after it, nothing is counted twice.
 
 use std::collections::{BTreeMap, HashMap};
@@ -153,8 +159,19 @@ fn batch_key(task: &TaskId, window: Time) -> Vec<u8> {
     task_key(task, &window.as_secs().to_be_bytes())
 }
 
-/// Scope, anti-replay key, pending key and value of one report to store.
-type EncodedPending = ([u8; 32], Vec<u8>, Vec<u8>, Vec<u8>);
+/// Scope, anti-replay key, pending key, window key and value of one report to store.
+type EncodedPending = ([u8; 32], Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// What happened to one report offered to [`Store::store_pending`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingested {
+    /// Stored, waiting for aggregation.
+    Stored,
+    /// Its id was seen before.
+    Replay,
+    /// Its window is closed (collected): a late report.
+    Late,
+}
 
 fn abort(e: Error) -> ConflictableTransactionError<Error> {
     ConflictableTransactionError::Abort(e)
@@ -388,17 +405,101 @@ pub struct Store {
     ledger: Tree,
     collections: Tree,
     collected: Tree,
+    released: Tree,
+    window_batches: Tree,
+    batch_collections: Tree,
+    late: Tree,
     collection_ends: Tree,
     audit: crate::audit::AuditLog,
 }
 
-/// The budget of a window does not cover a collection.
+/// Why a collection may not be committed (nothing is written then).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OverBudget {
-    /// The window.
-    pub window: Time,
-    /// ε left on it, in millionths.
-    pub left_micros: u64,
+pub enum CollectRefusal {
+    /// The budget of a window does not cover the collection.
+    OverBudget {
+        /// The window.
+        window: Time,
+        /// ε left on it, in millionths.
+        left_micros: u64,
+    },
+    /// The interval overlaps a batch collected before without being equal to it.
+    Overlaps {
+        /// The window in both.
+        window: Time,
+        /// The batch it was collected in: start and duration.
+        batch: (Time, u64),
+    },
+    /// The batch was collected as often as the task allows for this purpose.
+    Exhausted {
+        /// Routine and alert collections of the batch so far.
+        routine: u32,
+        /// Alert collections so far.
+        alert: u32,
+    },
+}
+
+/// The collection rules of a batch: DAP's "equal or disjoint" rule and how often it may be
+/// collected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRule {
+    /// The batch: start and duration.
+    pub batch: (Time, u64),
+    /// 0 routine, 1 alert.
+    pub purpose: u8,
+    /// The task's `max_collections_per_batch` (0: one routine plus what the alert budget allows).
+    pub max_collections: u32,
+}
+
+impl BatchRule {
+    fn counts_key(&self, task: &TaskId) -> Vec<u8> {
+        let mut k = task_key(task, &self.batch.0.as_secs().to_be_bytes());
+        k.extend_from_slice(&self.batch.1.to_be_bytes());
+        k
+    }
+
+    fn batch_value(&self) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&self.batch.0.as_secs().to_be_bytes());
+        v[8..].copy_from_slice(&self.batch.1.to_be_bytes());
+        v
+    }
+
+    /// Checks the rule given how each window was collected before and the batch's counts.
+    fn check(
+        &self,
+        windows: &[(Time, Option<(Time, u64)>)],
+        counts: (u32, u32),
+    ) -> Option<CollectRefusal> {
+        for (w, b) in windows {
+            if let Some(b) = b
+                && *b != self.batch
+            {
+                return Some(CollectRefusal::Overlaps {
+                    window: *w,
+                    batch: *b,
+                });
+            }
+        }
+        let (routine, alert) = counts;
+        let exhausted = (self.purpose == 0 && routine >= 1)
+            || (self.max_collections > 0 && routine + alert >= self.max_collections);
+        exhausted.then_some(CollectRefusal::Exhausted { routine, alert })
+    }
+}
+
+fn decode_batch(v: &[u8]) -> Option<(Time, u64)> {
+    (v.len() == 16).then(|| (Time::from_secs(be_u64(&v[..8])), be_u64(&v[8..])))
+}
+
+fn decode_counts(v: Option<&[u8]>) -> (u32, u32) {
+    match v {
+        Some(v) if v.len() == 8 => (
+            u32::from_be_bytes(v[..4].try_into().expect("4 bytes")),
+            u32::from_be_bytes(v[4..].try_into().expect("4 bytes")),
+        ),
+        _ => (0, 0),
+    }
 }
 
 /// A collection to commit: its spend, its stored answer, the windows it closes.
@@ -408,8 +509,11 @@ pub struct CollectionCommit<'a> {
     pub task: &'a TaskId,
     /// The collection id.
     pub collection_id: &'a [u8; 16],
-    /// 0 routine, 1 alert.
-    pub purpose: u8,
+    /// The batch rules this collection must pass (purpose included).
+    pub rule: BatchRule,
+    /// The report count and checksum the answer was computed from: the commit fails if the
+    /// windows no longer hold exactly these reports.
+    pub summed: (u64, ReportIdChecksum),
     /// The windows of the interval.
     pub windows: &'a [Time],
     /// ε spent on each window, in millionths.
@@ -459,6 +563,10 @@ impl Store {
             ledger: db.open_tree("ledger")?,
             collections: db.open_tree("collections")?,
             collected: db.open_tree("collected")?,
+            released: db.open_tree("released")?,
+            window_batches: db.open_tree("window_batches")?,
+            batch_collections: db.open_tree("batch_collections")?,
+            late: db.open_tree("late")?,
             collection_ends: db.open_tree("collection_ends")?,
             audit: crate::audit::AuditLog::open(&db)?,
             db,
@@ -547,14 +655,18 @@ impl Store {
     // ---- leader ingest
 
     /// Stores accepted reports (task, seq, report) with their anti-replay entries in one
-    /// transaction. Reports whose id was seen before (or twice in `reports`) are not stored; the
-    /// result says which, in order. `stats` is applied in the same transaction, plus one
-    /// `Accepted` or `Rejected(Replay)` per report.
+    /// transaction. A report whose window is closed (collected) is refused as late and counted
+    /// per window; one whose id was seen before (or twice in `reports`) as a replay. The closed
+    /// check runs inside the transaction, so no report can enter a window once a collection
+    /// closed it. The result says, in order, what happened to each report. `stats` is applied in
+    /// the same transaction, plus one `Accepted`, `Rejected(Replay)` or
+    /// `Rejected(BatchCollected)` per report. Report times are aligned to their task's window
+    /// (the ingest checks that), so a report's time is its window.
     pub fn store_pending(
         &self,
         reports: &[(TaskId, u64, PendingReport)],
         stats: &StatDelta,
-    ) -> Result<Vec<bool>> {
+    ) -> Result<Vec<Ingested>> {
         let encoded: Vec<EncodedPending> = reports
             .iter()
             .map(|(task, seq, r)| {
@@ -562,28 +674,83 @@ impl Store {
                     *task.as_bytes(),
                     seen_key(task, r.time, &r.report_id),
                     pending_key(task, *seq),
+                    batch_key(task, r.time),
                     r.to_bytes(),
                 )
             })
             .collect();
-        let r = (&self.seen, &self.pending, &self.stats).transaction(|(seen, pending, st)| {
-            let mut stored = Vec::with_capacity(encoded.len());
-            let mut delta = stats.clone();
-            for (scope, sk, pk, v) in &encoded {
-                if seen.get(sk)?.is_some() {
-                    stored.push(false);
-                    delta.incr(*scope, Stat::Rejected(RejectReason::Replay));
-                    continue;
+        let r = (
+            &self.seen,
+            &self.pending,
+            &self.stats,
+            &self.collected,
+            &self.late,
+        )
+            .transaction(|(seen, pending, st, collected, late)| {
+                let mut stored = Vec::with_capacity(encoded.len());
+                let mut delta = stats.clone();
+                let mut late_delta: BTreeMap<&[u8], u64> = BTreeMap::new();
+                for (scope, sk, pk, wk, v) in &encoded {
+                    if collected.get(wk)?.is_some() {
+                        stored.push(Ingested::Late);
+                        *late_delta.entry(wk).or_default() += 1;
+                        delta.incr(*scope, Stat::Rejected(RejectReason::BatchCollected));
+                        continue;
+                    }
+                    if seen.get(sk)?.is_some() {
+                        stored.push(Ingested::Replay);
+                        delta.incr(*scope, Stat::Rejected(RejectReason::Replay));
+                        continue;
+                    }
+                    seen.insert(&sk[..], &[][..])?;
+                    pending.insert(&pk[..], &v[..])?;
+                    stored.push(Ingested::Stored);
+                    delta.incr(*scope, Stat::Accepted);
                 }
-                seen.insert(&sk[..], &[][..])?;
-                pending.insert(&pk[..], &v[..])?;
-                stored.push(true);
-                delta.incr(*scope, Stat::Accepted);
+                for (k, n) in late_delta {
+                    let cur = late.get(k)?.map(|v| be_u64(&v)).unwrap_or(0);
+                    late.insert(k, &(cur + n).to_be_bytes()[..])?;
+                }
+                delta.apply(st)?;
+                Ok(stored)
+            });
+        tx_result(r)
+    }
+
+    /// Counts reports refused as late before they reached [`Store::store_pending`] (the
+    /// ingest's quick check), per window, with their counters.
+    pub fn add_late(&self, late: &BTreeMap<(TaskId, Time), u64>) -> Result<()> {
+        if late.is_empty() {
+            return Ok(());
+        }
+        tx_result((&self.late, &self.stats).transaction(|(lt, st)| {
+            let mut delta = StatDelta::default();
+            for ((task, window), n) in late {
+                let k = batch_key(task, *window);
+                let cur = lt.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
+                lt.insert(k, &(cur + n).to_be_bytes()[..])?;
+                delta.add(
+                    *task.as_bytes(),
+                    Stat::Rejected(RejectReason::BatchCollected),
+                    *n,
+                );
             }
             delta.apply(st)?;
-            Ok(stored)
-        });
-        tx_result(r)
+            Ok(())
+        }))
+    }
+
+    /// Late reports of `task` over `windows`.
+    pub fn late_in(&self, task: &TaskId, windows: &[Time]) -> Result<u64> {
+        let mut n = 0;
+        for w in windows {
+            n += self
+                .late
+                .get(batch_key(task, *w))?
+                .map(|v| be_u64(&v))
+                .unwrap_or(0);
+        }
+        Ok(n)
     }
 
     /// Applies counter increments on their own.
@@ -670,14 +837,18 @@ impl Store {
     }
 
     /// Finishes a leader job in one transaction: merges `batches` into the task's batch
-    /// aggregations, removes the job's pending reports and the job, and applies `stats`.
+    /// aggregations, removes the job's pending reports and the job, and applies `stats` plus one
+    /// `Aggregated` per accumulated report. A batch whose window was released (its share left
+    /// this aggregator) is not merged: its reports are counted `Rejected(BatchCollected)`
+    /// instead, so nothing enters a window after its share has left. Returns how many reports
+    /// were left out that way.
     pub fn commit_leader_job(
         &self,
         id: &AggregationJobId,
         job: &LeaderJob,
         batches: &BTreeMap<Time, BatchAggregation>,
         stats: &StatDelta,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let pkeys: Vec<Vec<u8>> = job
             .seqs
             .iter()
@@ -687,8 +858,15 @@ impl Store {
             .iter()
             .map(|(w, b)| (batch_key(&job.task_id, *w), b))
             .collect();
-        let r = (&self.pending, &self.jobs, &self.batches, &self.stats).transaction(
-            |(pending, jobs, bt, st)| {
+        let scope = *job.task_id.as_bytes();
+        let r = (
+            &self.pending,
+            &self.jobs,
+            &self.batches,
+            &self.stats,
+            &self.released,
+        )
+            .transaction(|(pending, jobs, bt, st, released)| {
                 if jobs.get(id.as_bytes())?.is_none() {
                     return Err(abort(Error::corrupt(
                         "job",
@@ -699,11 +877,26 @@ impl Store {
                     pending.remove(&k[..])?;
                 }
                 jobs.remove(&id.as_bytes()[..])?;
-                merge_batches(bt, &bkeys)?;
-                stats.apply(st)?;
-                Ok(())
-            },
-        );
+                let mut delta = stats.clone();
+                let mut open = Vec::with_capacity(bkeys.len());
+                let mut left_out = 0;
+                for (k, b) in &bkeys {
+                    if released.get(k)?.is_some() {
+                        left_out += b.report_count;
+                        delta.add(
+                            scope,
+                            Stat::Rejected(RejectReason::BatchCollected),
+                            b.report_count,
+                        );
+                    } else {
+                        delta.add(scope, Stat::Aggregated, b.report_count);
+                        open.push((k.clone(), *b));
+                    }
+                }
+                merge_batches(bt, &open)?;
+                delta.apply(st)?;
+                Ok(left_out)
+            });
         tx_result(r)
     }
 
@@ -738,8 +931,14 @@ impl Store {
     ) -> Result<HelperCommit> {
         let jkey = task_key(task, job.as_bytes());
         let scope = *task.as_bytes();
-        let r = (&self.seen, &self.batches, &self.helper_jobs, &self.stats).transaction(
-            |(seen, bt, hj, st)| {
+        let r = (
+            &self.seen,
+            &self.batches,
+            &self.helper_jobs,
+            &self.stats,
+            &self.released,
+        )
+            .transaction(|(seen, bt, hj, st, released)| {
                 if let Some(v) = hj.get(&jkey)? {
                     let rec = HelperJobRecord::decode(&v).map_err(abort)?;
                     if rec.request_hash != request_hash {
@@ -761,6 +960,12 @@ impl Store {
                         if seen.insert(sk, &[][..])?.is_some() {
                             outcome = Err(RejectReason::Replay);
                         }
+                    }
+                    // Checked here, in the transaction that accumulates: however a leader
+                    // interleaves jobs with collections, no report enters a window whose share
+                    // has left.
+                    if outcome.is_ok() && released.get(batch_key(task, r.time))?.is_some() {
+                        outcome = Err(RejectReason::BatchCollected);
                     }
                     match (&outcome, &r.outcome) {
                         (Ok(_), Ok((share, _))) => {
@@ -794,8 +999,7 @@ impl Store {
                 hj.insert(&jkey[..], rec.encode())?;
                 stats.apply(st)?;
                 Ok(HelperCommit::Committed(response))
-            },
-        );
+            });
         tx_result(r)
     }
 
@@ -906,15 +1110,61 @@ impl Store {
             .collect()
     }
 
-    /// Checks that every window's budget covers the spend and, if so, spends it, stores the
-    /// answer and marks the windows collected, in one transaction. Concurrent commits are
-    /// serialized by sled, so two collections can never both spend the last of a budget. Returns
-    /// the smallest budget left over the windows, or which window is over budget (nothing is
-    /// written then).
+    /// How each of `windows` was collected before: the batch (start, duration) it was in.
+    fn window_batches_of(
+        &self,
+        task: &TaskId,
+        windows: &[Time],
+    ) -> Result<Vec<(Time, Option<(Time, u64)>)>> {
+        windows
+            .iter()
+            .map(|w| {
+                Ok((
+                    *w,
+                    self.window_batches
+                        .get(batch_key(task, *w))?
+                        .and_then(|v| decode_batch(&v)),
+                ))
+            })
+            .collect()
+    }
+
+    /// Routine and alert collections of a batch so far.
+    pub fn batch_collections(&self, task: &TaskId, batch: (Time, u64)) -> Result<(u32, u32)> {
+        let rule = BatchRule {
+            batch,
+            purpose: 0,
+            max_collections: 0,
+        };
+        Ok(decode_counts(
+            self.batch_collections
+                .get(rule.counts_key(task))?
+                .as_deref(),
+        ))
+    }
+
+    /// Checks the batch rules without writing (the same checks run again inside
+    /// [`Store::commit_collection`]'s transaction).
+    pub fn check_batch(
+        &self,
+        task: &TaskId,
+        windows: &[Time],
+        rule: &BatchRule,
+    ) -> Result<Option<CollectRefusal>> {
+        let ws = self.window_batches_of(task, windows)?;
+        Ok(rule.check(&ws, self.batch_collections(task, rule.batch)?))
+    }
+
+    /// Checks the batch rules and that every window's budget covers the spend and, if so,
+    /// spends it, stores the answer, counts the batch's collection and marks the windows
+    /// collected and released, in one transaction. Concurrent commits are serialized by sled, so
+    /// two collections can never both spend the last of a budget, collect overlapping batches or
+    /// exceed a batch's collections. Returns the smallest budget left over the windows, or why
+    /// the collection is refused (nothing is written then).
     pub fn commit_collection(
         &self,
         c: &CollectionCommit<'_>,
-    ) -> Result<std::result::Result<u64, OverBudget>> {
+    ) -> Result<std::result::Result<u64, CollectRefusal>> {
         let last = c
             .windows
             .iter()
@@ -923,38 +1173,128 @@ impl Store {
             .unwrap_or(Time::from_secs(0));
         let mut end_key = batch_key(c.task, last);
         end_key.extend_from_slice(c.collection_id);
+        let counts_key = c.rule.counts_key(c.task);
+        let batch_value = c.rule.batch_value();
+        let purpose = c.rule.purpose;
         let r = (
             &self.ledger,
             &self.collections,
             &self.collected,
             &self.collection_ends,
+            &self.released,
+            &self.window_batches,
+            &self.batch_collections,
+            &self.batches,
         )
-            .transaction(|(ledger, collections, collected, ends)| {
-                let mut left = u64::MAX;
-                for w in c.windows {
-                    let k = ledger_key(c.task, c.purpose, *w);
-                    let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
-                    let remaining = c.budget_micros.saturating_sub(spent);
-                    if remaining < c.epsilon_micros {
-                        return Ok(Err(OverBudget {
-                            window: *w,
-                            left_micros: remaining,
-                        }));
+            .transaction(
+                |(ledger, collections, collected, ends, released, wb, bc, bt)| {
+                    // The answer must describe what the windows hold now: a job committed
+                    // between the sum and this transaction would otherwise be in the batch
+                    // without being in the released share, and show in a later collection.
+                    let mut count = 0u64;
+                    let mut checksum = ReportIdChecksum::default();
+                    for w in c.windows {
+                        if let Some(v) = bt.get(batch_key(c.task, *w))? {
+                            let b = BatchAggregation::decode(&v).map_err(abort)?;
+                            count += b.report_count;
+                            checksum.combine(&b.checksum);
+                        }
                     }
-                    left = left.min(remaining - c.epsilon_micros);
+                    if (count, checksum) != c.summed {
+                        return Err(abort(Error::Mismatch(format!(
+                            "the interval's reports changed while it was being collected ({} then {count}); retry",
+                            c.summed.0
+                        ))));
+                    }
+                    let mut seen = Vec::with_capacity(c.windows.len());
+                    for w in c.windows {
+                        let b = wb.get(batch_key(c.task, *w))?.and_then(|v| decode_batch(&v));
+                        seen.push((*w, b));
+                    }
+                    let counts = decode_counts(bc.get(&counts_key)?.as_deref());
+                    if let Some(refusal) = c.rule.check(&seen, counts) {
+                        return Ok(Err(refusal));
+                    }
+                    let mut left = u64::MAX;
+                    for w in c.windows {
+                        let k = ledger_key(c.task, purpose, *w);
+                        let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
+                        let remaining = c.budget_micros.saturating_sub(spent);
+                        if remaining < c.epsilon_micros {
+                            return Ok(Err(CollectRefusal::OverBudget {
+                                window: *w,
+                                left_micros: remaining,
+                            }));
+                        }
+                        left = left.min(remaining - c.epsilon_micros);
+                    }
+                    for w in c.windows {
+                        let k = ledger_key(c.task, purpose, *w);
+                        let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
+                        ledger.insert(k, &(spent + c.epsilon_micros).to_be_bytes()[..])?;
+                        let wk = batch_key(c.task, *w);
+                        collected.insert(wk.clone(), &[][..])?;
+                        released.insert(wk.clone(), &[][..])?;
+                        wb.insert(wk, &batch_value[..])?;
+                    }
+                    let (routine, alert) = counts;
+                    let (routine, alert) = if purpose == 0 {
+                        (routine + 1, alert)
+                    } else {
+                        (routine, alert + 1)
+                    };
+                    let mut cv = routine.to_be_bytes().to_vec();
+                    cv.extend_from_slice(&alert.to_be_bytes());
+                    bc.insert(&counts_key[..], cv)?;
+                    let mut v = c.request_hash.to_vec();
+                    v.extend_from_slice(c.answer);
+                    collections.insert(task_key(c.task, c.collection_id), v)?;
+                    ends.insert(&end_key[..], &[][..])?;
+                    Ok(Ok(left))
+                },
+            );
+        tx_result(r)
+    }
+
+    /// Spends `epsilon_micros` of the routine budget of every window and stores the answer of a
+    /// late-count release under `key`, in one transaction; or says which window is over budget.
+    pub fn commit_late_count(
+        &self,
+        task: &TaskId,
+        key: &[u8; 16],
+        windows: &[Time],
+        epsilon_micros: u64,
+        budget_micros: u64,
+        answer: &[u8],
+    ) -> Result<std::result::Result<u64, CollectRefusal>> {
+        let r = (&self.ledger, &self.collections).transaction(|(ledger, collections)| {
+            let ck = task_key(task, key);
+            if collections.get(&ck)?.is_some() {
+                return Err(abort(Error::CollectionConflict(hex::encode(key))));
+            }
+            let mut left = u64::MAX;
+            for w in windows {
+                let k = ledger_key(task, 0, *w);
+                let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
+                let remaining = budget_micros.saturating_sub(spent);
+                if remaining < epsilon_micros {
+                    return Ok(Err(CollectRefusal::OverBudget {
+                        window: *w,
+                        left_micros: remaining,
+                    }));
                 }
-                for w in c.windows {
-                    let k = ledger_key(c.task, c.purpose, *w);
-                    let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
-                    ledger.insert(k, &(spent + c.epsilon_micros).to_be_bytes()[..])?;
-                    collected.insert(batch_key(c.task, *w), &[][..])?;
-                }
-                let mut v = c.request_hash.to_vec();
-                v.extend_from_slice(c.answer);
-                collections.insert(task_key(c.task, c.collection_id), v)?;
-                ends.insert(&end_key[..], &[][..])?;
-                Ok(Ok(left))
-            });
+                left = left.min(remaining - epsilon_micros);
+            }
+            for w in windows {
+                let k = ledger_key(task, 0, *w);
+                let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
+                ledger.insert(k, &(spent + epsilon_micros).to_be_bytes()[..])?;
+            }
+            let mut v = [0u8; 32].to_vec();
+            v.extend_from_slice(answer);
+            collections.insert(ck, v)?;
+            Ok(Ok(left))
+        });
         tx_result(r)
     }
 
@@ -972,6 +1312,11 @@ impl Store {
         }
         self.collected.apply_batch(b)?;
         Ok(())
+    }
+
+    /// Whether `window` of `task` was released (a share of it left this aggregator).
+    pub fn is_released(&self, task: &TaskId, window: Time) -> Result<bool> {
+        Ok(self.released.contains_key(batch_key(task, window))?)
     }
 
     // ---- maintenance
@@ -1187,7 +1532,12 @@ mod tests {
                 let commit = CollectionCommit {
                     task: &t,
                     collection_id: &[i as u8; 16],
-                    purpose: 0,
+                    rule: BatchRule {
+                        batch: (*w, 60),
+                        purpose: 0,
+                        max_collections: 0,
+                    },
+                    summed: (1, ReportIdChecksum::default()),
                     windows: &[*w],
                     epsilon_micros: 1,
                     budget_micros: 10,
@@ -1232,7 +1582,7 @@ mod tests {
         ];
         assert_eq!(
             s.store_pending(&batch, &StatDelta::default()).unwrap(),
-            vec![true, true]
+            vec![Ingested::Stored, Ingested::Stored]
         );
         // A replay of `a`, and a report twice in the same batch.
         let c = report(120);
@@ -1243,7 +1593,7 @@ mod tests {
         ];
         assert_eq!(
             s.store_pending(&again, &StatDelta::default()).unwrap(),
-            vec![false, true, false]
+            vec![Ingested::Replay, Ingested::Stored, Ingested::Replay]
         );
         let scanned = s.scan_pending(&task, 10, |_| false).unwrap();
         assert_eq!(
@@ -1303,6 +1653,166 @@ mod tests {
                 .report_count,
             1
         );
+    }
+
+    fn commit(
+        s: &Store,
+        task: &TaskId,
+        cid: u8,
+        batch: (Time, u64),
+        purpose: u8,
+        max: u32,
+    ) -> std::result::Result<u64, CollectRefusal> {
+        let windows: Vec<Time> = (0..batch.1 / 60)
+            .map(|i| batch.0.add_secs(60 * i))
+            .collect();
+        let sum = s.sum_batches(task, &windows, 2).unwrap();
+        s.commit_collection(&CollectionCommit {
+            task,
+            collection_id: &[cid; 16],
+            rule: BatchRule {
+                batch,
+                purpose,
+                max_collections: max,
+            },
+            summed: (sum.report_count, sum.checksum),
+            windows: &windows,
+            epsilon_micros: 1,
+            budget_micros: 100,
+            request_hash: [0; 32],
+            answer: b"a",
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn batches_are_collected_equal_or_disjoint_and_as_often_as_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 16).unwrap();
+        let t = TaskId::random();
+        let (w0, w1, w2) = (
+            Time::from_secs(0),
+            Time::from_secs(60),
+            Time::from_secs(120),
+        );
+        commit(&s, &t, 1, (w0, 60), 0, 0).unwrap();
+        // [w0, w1] overlaps [w0]: refused, whatever the purpose; nothing written.
+        assert_eq!(
+            commit(&s, &t, 2, (w0, 120), 1, 0),
+            Err(CollectRefusal::Overlaps {
+                window: w0,
+                batch: (w0, 60)
+            })
+        );
+        assert_eq!(s.spent(&t, 1, &[w0, w1]).unwrap(), [0, 0]);
+        // A second routine collection of [w0] is refused; alert drill-downs of it are not.
+        assert!(matches!(
+            commit(&s, &t, 3, (w0, 60), 0, 0),
+            Err(CollectRefusal::Exhausted {
+                routine: 1,
+                alert: 0
+            })
+        ));
+        commit(&s, &t, 4, (w0, 60), 1, 0).unwrap();
+        commit(&s, &t, 5, (w0, 60), 1, 0).unwrap();
+        assert_eq!(s.batch_collections(&t, (w0, 60)).unwrap(), (1, 2));
+        // A disjoint batch is fine; with max 1 it is collected once in all.
+        commit(&s, &t, 6, (w1, 120), 1, 1).unwrap();
+        assert!(matches!(
+            commit(&s, &t, 7, (w1, 120), 1, 1),
+            Err(CollectRefusal::Exhausted {
+                routine: 0,
+                alert: 1
+            })
+        ));
+        // [w2] alone now overlaps [w1, w2].
+        assert!(matches!(
+            commit(&s, &t, 8, (w2, 60), 0, 0),
+            Err(CollectRefusal::Overlaps { .. })
+        ));
+        assert!(s.is_released(&t, w2).unwrap());
+    }
+
+    #[test]
+    fn nothing_enters_a_released_or_closed_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 16).unwrap();
+        let task = TaskId::random();
+        let w = Time::from_secs(60);
+        // A job holding a report of `w` is in flight when `w` is released.
+        let r = report(60);
+        let seq = s.next_seq().unwrap();
+        s.store_pending(&[(task, seq, r.clone())], &StatDelta::default())
+            .unwrap();
+        let job = LeaderJob {
+            task_id: task,
+            seqs: vec![seq],
+        };
+        let id = AggregationJobId::random();
+        s.put_job(&id, &job).unwrap();
+        commit(&s, &task, 1, (w, 60), 0, 0).unwrap();
+        let mut b = BatchAggregation::empty(2);
+        b.report_count = 1;
+        b.checksum.update(&r.report_id);
+        let left_out = s
+            .commit_leader_job(&id, &job, &BTreeMap::from([(w, b)]), &StatDelta::default())
+            .unwrap();
+        assert_eq!(left_out, 1);
+        assert!(s.batch(&task, w).unwrap().is_none());
+        assert_eq!(
+            s.stats(task.as_bytes()).unwrap()[&Stat::Rejected(RejectReason::BatchCollected)],
+            1
+        );
+        // A report of the closed window is refused at ingest and counted late.
+        let late = (task, s.next_seq().unwrap(), report(60));
+        assert_eq!(
+            s.store_pending(&[late], &StatDelta::default()).unwrap(),
+            [Ingested::Late]
+        );
+        assert_eq!(s.late_in(&task, &[w]).unwrap(), 1);
+        // The helper's job commit refuses a verified report of a released window, even when
+        // the quick check before verification passed (the race the transaction closes).
+        let hr = HelperReport {
+            report_id: ReportId::random(),
+            time: w,
+            outcome: Ok((AggregateShare::zero(2), vec![1, 2, 3])),
+            mark_seen: true,
+        };
+        let before = s.batch(&task, w).unwrap();
+        let out = s
+            .commit_helper_job(
+                &task,
+                &AggregationJobId::random(),
+                w,
+                [0; 32],
+                2,
+                &[hr],
+                |o| format!("{:?}", o[0].1).into_bytes(),
+            )
+            .unwrap();
+        let HelperCommit::Committed(resp) = out else {
+            panic!("a new job")
+        };
+        assert_eq!(String::from_utf8(resp).unwrap(), "Err(BatchCollected)");
+        assert_eq!(s.batch(&task, w).unwrap(), before);
+        // A commit whose sum is stale (a job landed after it) is refused.
+        let t2 = TaskId::random();
+        let stale = s.commit_collection(&CollectionCommit {
+            task: &t2,
+            collection_id: &[1; 16],
+            rule: BatchRule {
+                batch: (w, 60),
+                purpose: 0,
+                max_collections: 0,
+            },
+            summed: (5, ReportIdChecksum::default()),
+            windows: &[w],
+            epsilon_micros: 1,
+            budget_micros: 100,
+            request_hash: [0; 32],
+            answer: b"a",
+        });
+        assert!(matches!(stale, Err(Error::Mismatch(_))), "{stale:?}");
     }
 
     #[test]

@@ -95,6 +95,8 @@ fn main() {
         collector_hpke_config: collector.config().clone(),
         alert_budget_percent: 70,
         retention_s: 0,
+        count_epsilon_percent: 10,
+        max_collections_per_batch: 0,
     })
     .unwrap();
     let leader = HpkeKeypair::generate(1);

@@ -176,6 +176,9 @@ impl TryFrom<&pb::TaskConfig> for TaskConfig {
             alert_budget_percent: u8::try_from(p.alert_budget_percent)
                 .map_err(|_| ProtoError::new(M, "alert_budget_percent", "must be at most 100"))?,
             retention_s: p.retention_s,
+            count_epsilon_percent: u8::try_from(p.count_epsilon_percent)
+                .map_err(|_| ProtoError::new(M, "count_epsilon_percent", "must be at most 50"))?,
+            max_collections_per_batch: p.max_collections_per_batch,
         };
         TaskConfig::new(params).map_err(|e| ProtoError::new(M, "task", e.to_string()))
     }
@@ -205,6 +208,8 @@ impl From<&TaskConfig> for pb::TaskConfig {
             collector_hpke_config: Some((&p.collector_hpke_config).into()),
             alert_budget_percent: p.alert_budget_percent.into(),
             retention_s: p.retention_s,
+            count_epsilon_percent: p.count_epsilon_percent.into(),
+            max_collections_per_batch: p.max_collections_per_batch,
         }
     }
 }

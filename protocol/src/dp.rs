@@ -125,6 +125,31 @@ impl AggregateNoise {
     }
 }
 
+/// One aggregator's noise on a single count (the report count of a batch, a late count): a
+/// discrete Laplace draw from prio's `PureDpDiscreteLaplace` at `epsilon` and `sensitivity`,
+/// sampled with a generator seeded from the OS.
+pub fn count_noise(sensitivity: u64, epsilon: Epsilon) -> Result<i64, prio::dp::DpError> {
+    use prio::dp::distributions::PureDpDiscreteLaplace;
+    use prio::dp::{DifferentialPrivacyStrategy, PureDpBudget, Rational};
+    use prio_rand::distr::Distribution;
+    let budget = PureDpBudget::new(Rational::from_unsigned(
+        epsilon.micros() as u128,
+        1_000_000,
+    )?)?;
+    let dist = PureDpDiscreteLaplace::from_budget(budget)
+        .create_distribution(Rational::from_unsigned(sensitivity as u128, 1)?)?;
+    let mut rng: prio_rand::rngs::StdRng = prio_rand::make_rng();
+    let x = dist.sample(&mut rng);
+    i64::try_from(&x).map_err(|_| {
+        prio::dp::DpError::InvalidParameter(format!("noise draw {x} does not fit in i64"))
+    })
+}
+
+/// The standard deviation of a count released with noise from both aggregators (two draws).
+pub fn count_noise_stddev(sensitivity: u64, epsilon: Epsilon) -> f64 {
+    aggregate_noise_stddev(sensitivity, epsilon)
+}
+
 /// The two-sided 97.5% quantile of the standard normal, for 95% confidence intervals.
 pub const Z_95: f64 = 1.959_963_984_540_054;
 
@@ -168,6 +193,17 @@ mod tests {
         let q: f64 = (-0.5f64).exp();
         let expect = (2.0 * 2.0 * q / (1.0 - q).powi(2)).sqrt();
         assert!((sd - expect).abs() < 1e-12);
+    }
+
+    #[test]
+    fn count_noise_has_the_stated_spread() {
+        let eps = Epsilon::from_micros(100_000);
+        let draws: Vec<f64> = (0..4_000)
+            .map(|_| count_noise(1, eps).unwrap() as f64)
+            .collect();
+        let sd = (draws.iter().map(|x| x * x).sum::<f64>() / draws.len() as f64).sqrt();
+        let want = discrete_laplace_variance(laplace_scale(1, eps)).sqrt();
+        assert!((sd / want - 1.0).abs() < 0.08, "sd {sd}, stated {want}");
     }
 
     #[test]

@@ -188,6 +188,15 @@ pub struct TaskParams {
     /// How long released aggregates are kept, in seconds; 0 keeps them forever.
     #[serde(default = "defaults::retention_s")]
     pub retention_s: u64,
+    /// Percent of each collection's ε spent on the noisy report count (the rest calibrates the
+    /// aggregate's noise); 0 releases no report count.
+    #[serde(default = "defaults::count_epsilon_percent")]
+    pub count_epsilon_percent: u8,
+    /// Most collections of one batch (interval) in all purposes; 0 allows one routine
+    /// collection plus as many alert drill-downs as the alert budget pays for, 1 is DAP's strict
+    /// collect-once rule.
+    #[serde(default)]
+    pub max_collections_per_batch: u32,
 }
 
 /// Default values of optional task fields.
@@ -226,7 +235,14 @@ pub mod defaults {
     pub fn retention_s() -> u64 {
         30 * 86_400
     }
+    /// 10% of each collection's ε goes to the report count.
+    pub fn count_epsilon_percent() -> u8 {
+        10
+    }
 }
+
+/// The most a task's count may take of each collection's ε, in percent.
+pub const MAX_COUNT_EPSILON_PERCENT: u8 = 50;
 
 /// A checked task configuration. Fields are private and were validated by [`TaskConfig::new`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -327,6 +343,20 @@ impl TaskConfig {
         }
         if p.alert_budget_percent > 100 {
             return Err(invalid("alert_budget_percent", "must be at most 100"));
+        }
+        if p.count_epsilon_percent > MAX_COUNT_EPSILON_PERCENT {
+            return Err(invalid(
+                "count_epsilon_percent",
+                format!("must be at most {MAX_COUNT_EPSILON_PERCENT}"),
+            ));
+        }
+        if p.count_epsilon_percent > 0
+            && (p.epsilon_per_collection.micros() * u64::from(p.count_epsilon_percent)) < 100
+        {
+            return Err(invalid(
+                "count_epsilon_percent",
+                "leaves the report count less than one millionth of ε; raise it or set 0 (no count)",
+            ));
         }
         p.collector_hpke_config
             .validate()
@@ -440,13 +470,43 @@ impl TaskConfig {
             .partition_point(|b| *b <= latency_us)
     }
 
-    /// The L1 sensitivity of one report under substitution, which the DP noise is calibrated to:
-    /// 2 for an event histogram, twice the contribution bound for the L1-bounded kinds.
+    /// The unit of privacy is one service instance's contribution to one window. Its L1
+    /// sensitivity under substitution, which the aggregate's noise is calibrated to, is twice the
+    /// contribution bound for every kind: an event histogram instance sends up to
+    /// `contribution_bound` one-hot reports (each moves two buckets by one when substituted), the
+    /// L1-bounded kinds send one report of L1 norm at most `contribution_bound`.
     pub fn sensitivity(&self) -> u64 {
+        2 * self.p.contribution_bound
+    }
+
+    /// How many reports one instance sends per window at most: `contribution_bound` for an
+    /// event histogram (one per event), 1 for the per-window kinds. It is the sensitivity of
+    /// the report count.
+    pub fn reports_per_instance(&self) -> u64 {
         match self.p.kind {
-            MeasurementKind::EventHistogram => 2,
-            _ => 2 * self.p.contribution_bound,
+            MeasurementKind::EventHistogram => self.p.contribution_bound,
+            _ => 1,
         }
+    }
+
+    /// Percent of each collection's ε spent on the report count (0: no count is released).
+    pub fn count_epsilon_percent(&self) -> u8 {
+        self.p.count_epsilon_percent
+    }
+
+    /// The ε of the noise on the aggregate: `epsilon_per_collection` less the count's part.
+    pub fn aggregate_epsilon(&self) -> Epsilon {
+        split_epsilon(self.p.epsilon_per_collection, self.p.count_epsilon_percent).0
+    }
+
+    /// The ε of the noise on the report count, if a count is released.
+    pub fn count_epsilon(&self) -> Option<Epsilon> {
+        split_epsilon(self.p.epsilon_per_collection, self.p.count_epsilon_percent).1
+    }
+
+    /// Most collections of one batch (0: one routine plus what the alert budget allows).
+    pub fn max_collections_per_batch(&self) -> u32 {
+        self.p.max_collections_per_batch
     }
 }
 
@@ -461,6 +521,17 @@ impl From<TaskConfig> for TaskParams {
     fn from(t: TaskConfig) -> Self {
         t.p
     }
+}
+
+/// Splits one collection's ε into the aggregate's part and the report count's part
+/// (`count_percent` of it, rounded down to a millionth; `None` for 0). The two add up to
+/// `total`: a collection spends exactly `total` (basic composition).
+pub fn split_epsilon(total: Epsilon, count_percent: u8) -> (Epsilon, Option<Epsilon>) {
+    let count = (u128::from(total.micros()) * u128::from(count_percent) / 100) as u64;
+    (
+        Epsilon::from_micros(total.micros() - count),
+        (count_percent > 0).then(|| Epsilon::from_micros(count)),
+    )
 }
 
 /// `n - 1` bucket bounds spaced evenly on a log scale from `min_us` to `max_us`, rounded to whole
@@ -513,6 +584,8 @@ pub(crate) mod tests {
             collector_hpke_config: HpkeKeypair::generate(1).config().clone(),
             alert_budget_percent: 70,
             retention_s: 86_400,
+            count_epsilon_percent: 10,
+            max_collections_per_batch: 0,
         }
     }
 
@@ -527,9 +600,34 @@ pub(crate) mod tests {
         assert_eq!(t.bucket_of(999), 0);
         assert_eq!(t.bucket_of(1_000), 1);
         assert_eq!(t.bucket_of(u64::MAX), 31);
-        assert_eq!(t.sensitivity(), 2);
+        // Ten events of one instance per window: the instance, not the event, is protected.
+        assert_eq!(t.sensitivity(), 20);
+        assert_eq!(t.reports_per_instance(), 10);
         assert_eq!(t.budget_for(false), Epsilon::from_micros(1_200_000));
         assert_eq!(t.budget_for(true), Epsilon::from_micros(2_800_000));
+        // 10% of ε = 1 goes to the report count.
+        assert_eq!(t.aggregate_epsilon(), Epsilon::from_micros(900_000));
+        assert_eq!(t.count_epsilon(), Some(Epsilon::from_micros(100_000)));
+        let c = TaskConfig::new(params(MeasurementKind::Counter)).unwrap();
+        assert_eq!((c.sensitivity(), c.reports_per_instance()), (20, 1));
+        let mut p = params(MeasurementKind::Counter);
+        p.count_epsilon_percent = 0;
+        let none = TaskConfig::new(p).unwrap();
+        assert_eq!(none.count_epsilon(), None);
+        assert_eq!(none.aggregate_epsilon(), Epsilon::from_micros(1_000_000));
+    }
+
+    #[test]
+    fn count_share_of_epsilon_is_checked() {
+        let mut p = params(MeasurementKind::Counter);
+        p.count_epsilon_percent = 51;
+        let e = TaskConfig::new(p).unwrap_err().to_string();
+        assert!(e.contains("count_epsilon_percent"), "{e}");
+        let mut p = params(MeasurementKind::Counter);
+        p.epsilon_per_collection = Epsilon::from_micros(5);
+        p.count_epsilon_percent = 10;
+        let e = TaskConfig::new(p).unwrap_err().to_string();
+        assert!(e.contains("count_epsilon_percent"), "{e}");
     }
 
     #[test]

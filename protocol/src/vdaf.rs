@@ -246,6 +246,16 @@ impl AggregateShare {
         &self.0
     }
 
+    /// Appends one entry (e.g. a share of the report count carried beside the aggregate).
+    pub fn push(&mut self, x: Field128) {
+        self.0.push(x);
+    }
+
+    /// Removes and returns the last entry.
+    pub fn pop(&mut self) -> Option<Field128> {
+        self.0.pop()
+    }
+
     /// Encoding: the elements back to back, 16 bytes each (prio's field encoding).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.0.len() * FIELD_LEN);
@@ -450,16 +460,26 @@ impl Vdaf {
         })
     }
 
-    /// Adds discrete Laplace noise calibrated to `epsilon` and the task's sensitivity to `share`,
-    /// through prio's `PureDpDiscreteLaplace` strategy.
+    /// Adds discrete Laplace noise to `share` at `epsilon` for one service instance's whole
+    /// contribution to a window, through prio's `PureDpDiscreteLaplace` strategy.
+    ///
+    /// prio calibrates each type to one report: sensitivity 2 for a histogram, `2 × bound` for
+    /// an L1-bounded sum. An event-histogram instance sends up to `contribution_bound` reports
+    /// per window, so by group privacy prio is given `epsilon / contribution_bound`: the scale is
+    /// then `2 × bound / ε`, the instance's sensitivity ([`TaskConfig::sensitivity`]) over ε. The
+    /// per-window kinds send one report per instance and get `epsilon` as it is.
     pub fn add_noise(
         &self,
         epsilon: Epsilon,
         share: &mut AggregateShare,
         num_measurements: usize,
     ) -> Result<(), VdafError> {
+        let reports_per_instance = match self.kind {
+            MeasurementKind::EventHistogram => self.bound as u128,
+            MeasurementKind::WindowHistogram | MeasurementKind::Counter => 1,
+        };
         let budget = PureDpBudget::new(
-            Rational::from_unsigned(epsilon.micros() as u128, 1_000_000)
+            Rational::from_unsigned(epsilon.micros() as u128, 1_000_000 * reports_per_instance)
                 .map_err(|e| VdafError::Setup(e.to_string()))?,
         )
         .map_err(|e| VdafError::Setup(e.to_string()))?;
@@ -560,6 +580,47 @@ mod tests {
         assert_eq!(AggregateShare::from_bytes(&a.to_bytes(), 1).unwrap(), a);
         assert!(AggregateShare::from_bytes(&a.to_bytes(), 2).is_err());
         assert!(AggregateShare::from_bytes(&[0xff; 16], 1).is_err());
+    }
+
+    /// The sample standard deviation of one aggregator's noise on `task` at ε = 1, over
+    /// `draws` noisy zero shares, against the discrete Laplace spread at the instance's
+    /// sensitivity.
+    fn noise_spread(task: &TaskConfig, draws: usize) -> (f64, f64) {
+        let v = Vdaf::new(task).unwrap();
+        let eps = Epsilon::from_micros(1_000_000);
+        let mut sq = 0.0;
+        let mut n = 0.0;
+        for _ in 0..draws {
+            let mut share = v.aggregate_init();
+            v.add_noise(eps, &mut share, 0).unwrap();
+            for x in crate::dp::decode_signed(&share).unwrap() {
+                sq += (x as f64) * (x as f64);
+                n += 1.0;
+            }
+        }
+        let want =
+            crate::dp::discrete_laplace_variance(crate::dp::laplace_scale(task.sensitivity(), eps))
+                .sqrt();
+        ((sq / n).sqrt(), want)
+    }
+
+    #[test]
+    fn event_histogram_noise_covers_every_event_of_an_instance() {
+        // contribution_bound = 10 events per instance and window: the noise must be that of
+        // sensitivity 20 (scale 20/ε, sd ≈ 28), not of one event (scale 2/ε, sd ≈ 2.9).
+        let task = TaskConfig::new(params(MeasurementKind::EventHistogram)).unwrap();
+        assert_eq!(task.contribution_bound(), 10);
+        let (sd, want) = noise_spread(&task, 200);
+        // 200 × 32 draws: the sample sd is within a few percent of the truth.
+        assert!((sd / want - 1.0).abs() < 0.08, "sd {sd}, theory {want}");
+        assert!(want > 25.0, "{want}");
+    }
+
+    #[test]
+    fn per_window_kinds_keep_prios_calibration() {
+        let task = TaskConfig::new(params(MeasurementKind::WindowHistogram)).unwrap();
+        let (sd, want) = noise_spread(&task, 200);
+        assert!((sd / want - 1.0).abs() < 0.08, "sd {sd}, theory {want}");
     }
 
     #[test]

@@ -142,6 +142,8 @@ fn every_message() -> Vec<Box<dyn Fn() -> Result<(), String>>> {
         collector_hpke_config: Some(cfg.clone()),
         alert_budget_percent: 70,
         retention_s: 5,
+        count_epsilon_percent: 10,
+        max_collections_per_batch: 1,
     };
     let estimate = pb::Estimate {
         value: 1.5,
@@ -151,7 +153,6 @@ fn every_message() -> Vec<Box<dyn Fn() -> Result<(), String>>> {
     let window = pb::WindowResult {
         task_id: vec![1; 32].into(),
         interval: Some(interval),
-        report_count: 5,
         noisy_counts: vec![-1, 2],
         bucket_bounds_us: vec![10],
         noise_stddev: 2.5,
@@ -161,6 +162,8 @@ fn every_message() -> Vec<Box<dyn Fn() -> Result<(), String>>> {
         p99_ms: Some(estimate),
         total: Some(estimate),
         ad_hoc: true,
+        reports: Some(estimate),
+        late_reports: Some(estimate),
     };
     vec![
         rt(cfg.clone()),
@@ -235,12 +238,24 @@ fn every_message() -> Vec<Box<dyn Fn() -> Result<(), String>>> {
         }),
         rt(pb::CollectResponse {
             interval: Some(interval),
-            report_count: 100,
             leader_encrypted_share: Some(ct.clone()),
             helper_encrypted_share: Some(ct.clone()),
             epsilon_micro: 1_000_000,
             sensitivity: 2,
             budget_left_micro: 5,
+            count_epsilon_micro: 100_000,
+            count_sensitivity: 1,
+        }),
+        rt(pb::LateCountRequest {
+            task_id: vec![1; 32].into(),
+            interval: Some(interval),
+        }),
+        rt(pb::LateCountResponse {
+            interval: Some(interval),
+            noisy_late_reports: -3,
+            epsilon_micro: 100_000,
+            sensitivity: 1,
+            budget_left_micro: 7,
         }),
         rt(pb::CreateTaskRequest {
             task: Some(task.clone()),
@@ -263,6 +278,21 @@ fn every_message() -> Vec<Box<dyn Fn() -> Result<(), String>>> {
             reports_aggregated: 2,
             reports_pending: 3,
             rejected: reasons.clone(),
+            reports_late: 4,
+        }),
+        rt(pb::KeySet {
+            epoch: 3,
+            epoch_start: 1_800,
+            epoch_s: 600,
+            shufflers: vec![pb::NamedHpkeConfig {
+                name: "shuffler-a".into(),
+                config: Some(cfg.clone()),
+            }],
+            leader: Some(pb::NamedHpkeConfig {
+                name: "leader".into(),
+                config: Some(cfg.clone()),
+            }),
+            helper: Some(cfg.clone()),
         }),
         rt(pb::RotateHpkeKeyRequest {}),
         rt(pb::SetTenantTokenRequest {

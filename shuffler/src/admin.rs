@@ -90,6 +90,7 @@ impl AdminService {
                     _ => None,
                 })
                 .collect(),
+            reports_late: 0,
         })
     }
 }
@@ -151,6 +152,22 @@ impl Admin for AdminService {
         Err(Status::failed_precondition(
             "shufflers have no collectors; set tenant tokens at the aggregators",
         ))
+    }
+
+    async fn list_hpke_keys(
+        &self,
+        _request: Request<pb::ListHpkeKeysRequest>,
+    ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
+        Ok(Response::new(pb::HpkeConfigList {
+            configs: self
+                .node
+                .keys
+                .keyring()
+                .configs()
+                .iter()
+                .map(Into::into)
+                .collect(),
+        }))
     }
 }
 

@@ -91,6 +91,8 @@ pub(crate) struct TaskSpec<'a> {
     /// ε each aggregator spends per collection, and the task's whole budget.
     pub(crate) epsilon: f64,
     pub(crate) budget: f64,
+    /// Percent of each collection's ε spent on the noisy report count.
+    pub(crate) count_epsilon_percent: u8,
 }
 
 impl TaskSpec<'_> {
@@ -117,6 +119,8 @@ impl TaskSpec<'_> {
             collector_hpke_config: collector.config().clone(),
             alert_budget_percent: 70,
             retention_s: 86_400,
+            count_epsilon_percent: self.count_epsilon_percent,
+            max_collections_per_batch: 0,
         })?)
     }
 }
@@ -138,6 +142,7 @@ fn task(
         min_batch_size: 50,
         epsilon: args.epsilon,
         budget: args.epsilon * 10.0,
+        count_epsilon_percent: hush_protocol::task::defaults::count_epsilon_percent(),
     }
     .build(collector)
 }
@@ -155,6 +160,14 @@ fn fmt_est(e: &Option<pb::Estimate>) -> String {
         }
         Some(e) => format!("{:7.1} [{:6.1},    ∞  ]", e.value, e.ci_low),
         None => format!("{:>24}", "—"),
+    }
+}
+
+/// A noisy count, right-aligned in 8 columns ("—" when the task releases none).
+fn fmt_count(e: &Option<pb::Estimate>) -> String {
+    match e {
+        Some(e) => format!("{:>8.0}", e.value),
+        None => format!("{:>8}", "—"),
     }
 }
 
@@ -618,7 +631,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     lines.push(format!(
                         "  {:<9} {:>8} {:>8.0}   {} {} {}",
                         s.name,
-                        r.report_count,
+                        fmt_count(&r.reports),
                         t,
                         fmt_est(&r.p50_ms),
                         fmt_est(&r.p95_ms),
@@ -636,18 +649,21 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
             Some(r) if total_requests > 0.0 => {
                 let e = r.total.unwrap_or_default();
                 lines.push(format!(
-                    "  errors    {:.2}% [{:.2}%, {:.2}%] of requests ({} reports)",
+                    "  errors    {:.2}% [{:.2}%, {:.2}%] of requests (≈{} reports)",
                     100.0 * e.value / total_requests,
                     100.0 * e.ci_low / total_requests,
                     100.0 * e.ci_high / total_requests,
-                    r.report_count
+                    fmt_count(&r.reports).trim()
                 ));
             }
             Some(r) => {
                 let e = r.total.unwrap_or_default();
                 lines.push(format!(
-                    "  errors    {:.0} [{:.0}, {:.0}] ({} reports; no request count to divide by)",
-                    e.value, e.ci_low, e.ci_high, r.report_count
+                    "  errors    {:.0} [{:.0}, {:.0}] (≈{} reports; no request count to divide by)",
+                    e.value,
+                    e.ci_low,
+                    e.ci_high,
+                    fmt_count(&r.reports).trim()
                 ));
             }
             None => lines.push(format!(

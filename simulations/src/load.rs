@@ -434,6 +434,7 @@ async fn run(args: LoadArgs, chaos: Option<ChaosArgs>) -> anyhow::Result<()> {
         min_batch_size: 10,
         epsilon: 1.0,
         budget: 1_000.0,
+        count_epsilon_percent: 10,
     }
     .build(&collector)?;
     cluster.provision(&task).await?;

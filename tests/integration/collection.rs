@@ -137,8 +137,9 @@ async fn with_a_large_epsilon_the_result_is_the_exact_histogram_within_its_inter
         .collect(&t, &w, ACME, BudgetPurpose::Routine)
         .await
         .unwrap();
-    assert_eq!(c.report_count, 300);
-    assert_eq!(c.epsilon, t.epsilon_per_collection());
+    // The count is released noisy (its ε here is huge, so the noise rounds to nothing).
+    assert_eq!(c.report_count, Some(300));
+    assert_eq!(c.epsilon, t.aggregate_epsilon());
     assert!(c.noise_stddev < 0.01, "{}", c.noise_stddev);
     for (i, (v, e)) in c.values.iter().zip(&expect).enumerate() {
         assert!(
@@ -163,9 +164,10 @@ async fn with_a_large_epsilon_the_result_is_the_exact_histogram_within_its_inter
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noise_matches_the_discrete_laplace_of_both_aggregators_and_decodes_negative() {
-    // 8 tasks × 5 collections of the same window × 33 buckets = 1,320 noise samples. The
-    // relative standard error of their standard deviation is about 1/sqrt(2·1320) ≈ 2%, so the
-    // 10% tolerance is five standard errors.
+    // 8 tasks × 5 collections of the same window (one routine, four alert drill-downs) × 33
+    // buckets = 1,320 noise samples. The relative standard error of their standard deviation is
+    // about 1/sqrt(2·1320) ≈ 2%, so the 10% tolerance is five standard errors. The noise is that
+    // of one instance's 20 events per window (sensitivity 40), not of one event.
     let s = setup().await;
     let eps = Epsilon::from_micros(1_000_000);
     let mut errors = Vec::new();
@@ -183,19 +185,23 @@ async fn noise_matches_the_discrete_laplace_of_both_aggregators_and_decodes_nega
     for (t, expect) in &tasks {
         let w = s.window(t);
         let w = Interval::new(w.start().sub_secs(60), 60).unwrap();
-        for _ in 0..5 {
-            let c = s
-                .collect(t, &w, ACME, BudgetPurpose::Routine)
-                .await
-                .unwrap();
-            assert_eq!(c.report_count, 12);
+        for i in 0..5 {
+            let purpose = if i == 0 {
+                BudgetPurpose::Routine
+            } else {
+                BudgetPurpose::Alert
+            };
+            let c = s.collect(t, &w, ACME, purpose).await.unwrap();
+            assert!(c.report_count.is_some());
             errors.extend(c.values.iter().zip(expect).map(|(v, e)| (v - e) as f64));
         }
     }
     let n = errors.len() as f64;
     let mean = errors.iter().sum::<f64>() / n;
     let sd = (errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-    let theory = aggregate_noise_stddev(tasks[0].0.sensitivity(), eps);
+    let t0 = &tasks[0].0;
+    assert_eq!(t0.sensitivity(), 2 * t0.contribution_bound());
+    let theory = aggregate_noise_stddev(t0.sensitivity(), t0.aggregate_epsilon());
     assert!(
         (sd / theory - 1.0).abs() < 0.10,
         "empirical sd {sd:.3} vs theoretical {theory:.3}"
@@ -204,14 +210,19 @@ async fn noise_matches_the_discrete_laplace_of_both_aggregators_and_decodes_nega
     // small negative numbers, never as huge field elements.
     let values: Vec<f64> = errors.clone();
     assert!(values.iter().any(|e| *e < -3.0));
-    assert!(values.iter().all(|e| e.abs() < 200.0));
+    assert!(values.iter().all(|e| e.abs() < 20.0 * theory));
     s.pair.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_few_reports_are_refused_and_nothing_is_spent() {
     let s = setup().await;
-    let t = task(&s.collector, |p| p.min_batch_size = 100);
+    let t = task(&s.collector, |p| {
+        p.min_batch_size = 100;
+        // Noise small enough to read the count.
+        p.epsilon_per_collection = Epsilon::from_micros(1_000_000_000);
+        p.epsilon_budget = Epsilon::from_micros(10_000_000_000);
+    });
     let client = s.provision(&t).await;
     s.submit(&client, 60, 1).await;
     let w = s.window(&t);
@@ -234,7 +245,7 @@ async fn too_few_reports_are_refused_and_nothing_is_spent() {
         .collect(&t, &w, ACME, BudgetPurpose::Routine)
         .await
         .unwrap();
-    assert_eq!(c.report_count, 110);
+    assert_eq!(c.report_count, Some(110));
     let routine = t.budget_for(false);
     assert_eq!(
         c.budget_left.micros(),
@@ -257,37 +268,56 @@ async fn the_budget_is_enforced_atomically_and_survives_restarts() {
         .await
         .unwrap();
     assert_eq!(first.budget_left.micros(), 2_000_000);
-    s.collect(&t, &w, ACME, BudgetPurpose::Routine)
-        .await
-        .unwrap();
-    // Two at once with budget for one: exactly one passes.
-    let leader = s.pair.leader_url();
-    let (a, b) = tokio::join!(
-        collect(&leader, Some(ACME), &t, &w, None, BudgetPurpose::Routine),
-        collect(&leader, Some(ACME), &t, &w, None, BudgetPurpose::Routine),
-    );
-    assert_eq!([a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(), 1);
-    let refused = a.err().or(b.err()).unwrap();
-    assert_eq!(refused.code(), Code::FailedPrecondition);
+    // One routine collection per batch, whatever budget is left.
     let e = s
         .collect(&t, &w, ACME, BudgetPurpose::Routine)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
-        e.message().contains("ε 0 left of its routine budget"),
+        e.message().contains("one routine collection per batch"),
+        "{}",
+        e.message()
+    );
+    // A retry of a finished collection gets the same answer and spends nothing.
+    let cid = [7u8; 16];
+    let leader = s.pair.leader_url();
+    let once = collect(&leader, Some(ACME), &t, &w, Some(cid), BudgetPurpose::Alert)
+        .await
+        .unwrap();
+    let again = collect(&leader, Some(ACME), &t, &w, Some(cid), BudgetPurpose::Alert)
+        .await
+        .unwrap();
+    assert_eq!(once, again);
+    assert_eq!(once.budget_left_micro, 6_000_000);
+    for _ in 0..5 {
+        s.collect(&t, &w, ACME, BudgetPurpose::Alert).await.unwrap();
+    }
+    // Two at once with budget for one: exactly one passes.
+    let (a, b) = tokio::join!(
+        collect(&leader, Some(ACME), &t, &w, None, BudgetPurpose::Alert),
+        collect(&leader, Some(ACME), &t, &w, None, BudgetPurpose::Alert),
+    );
+    assert_eq!([a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(), 1);
+    let refused = a.err().or(b.err()).unwrap();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    let e = s
+        .collect(&t, &w, ACME, BudgetPurpose::Alert)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("ε 0 left of its alert budget"),
         "{}",
         e.message()
     );
 
-    // A retry of a finished collection gets the same answer and spends nothing.
-    let cid = [7u8; 16];
     let s = Setup {
         pair: s.pair.restart(s.clock.clone()).await,
         ..s
     };
     let e = s
-        .collect(&t, &w, ACME, BudgetPurpose::Routine)
+        .collect(&t, &w, ACME, BudgetPurpose::Alert)
         .await
         .unwrap_err();
     assert!(
@@ -295,7 +325,7 @@ async fn the_budget_is_enforced_atomically_and_survives_restarts() {
         "the ledger survives a restart: {}",
         e.message()
     );
-    let first = collect(
+    let after = collect(
         &s.pair.leader_url(),
         Some(ACME),
         &t,
@@ -305,18 +335,7 @@ async fn the_budget_is_enforced_atomically_and_survives_restarts() {
     )
     .await
     .unwrap();
-    let again = collect(
-        &s.pair.leader_url(),
-        Some(ACME),
-        &t,
-        &w,
-        Some(cid),
-        BudgetPurpose::Alert,
-    )
-    .await
-    .unwrap();
-    assert_eq!(first, again);
-    assert_eq!(first.budget_left_micro, 6_000_000);
+    assert_eq!(after, once, "the stored answer survives a restart");
     s.pair.shutdown().await;
 }
 
@@ -329,11 +348,10 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
     let w = s.window(&t);
     s.mock.advance(60);
     let leader = s.pair.leader_url();
-    let e = collect(&leader, Some(OTHER), &t, &w, None, BudgetPurpose::Routine)
+    let cross = collect(&leader, Some(OTHER), &t, &w, None, BudgetPurpose::Routine)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    let e = collect(
+    let wrong = collect(
         &leader,
         Some("not-a-token-of-anyone-at-all"),
         &t,
@@ -343,7 +361,31 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
     )
     .await
     .unwrap_err();
-    assert_eq!(e.code(), Code::Unauthenticated);
+    // Another tenant's valid token on a real task gets exactly the answer of a wrong token, and
+    // of a task that does not exist: nothing tells a probing tenant which task ids are real.
+    let unknown_task = task(&s.collector, |p| {
+        p.task_id = hush_protocol::TaskId::from([0xab; 32])
+    });
+    let missing = collect(
+        &leader,
+        Some(OTHER),
+        &unknown_task,
+        &w,
+        None,
+        BudgetPurpose::Routine,
+    )
+    .await
+    .unwrap_err();
+    for e in [&cross, &wrong, &missing] {
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    }
+    assert_eq!(
+        cross.message().replace(&t.id().to_string(), "<task>"),
+        missing
+            .message()
+            .replace(&unknown_task.id().to_string(), "<task>")
+    );
+    assert_eq!(cross.message(), wrong.message());
     let e = collect(&leader, None, &t, &w, None, BudgetPurpose::Routine)
         .await
         .unwrap_err();
@@ -369,7 +411,7 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
         .filter(|e| e.action == "collect")
         .map(|e| format!("{} {}: {}", e.actor, e.outcome, e.detail))
         .collect();
-    assert_eq!(trail.len(), 4, "{trail:#?}");
+    assert_eq!(trail.len(), 5, "{trail:#?}");
     assert!(
         trail[0].starts_with("collector:other refused: cross-tenant"),
         "{trail:#?}"
@@ -379,14 +421,18 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
         "{trail:#?}"
     );
     assert!(
-        trail[2].starts_with("unknown refused: no collector token"),
+        trail[2].starts_with("unknown refused: unknown task"),
         "{trail:#?}"
     );
     assert!(
-        trail[3].starts_with("collector:acme ok: interval"),
+        trail[3].starts_with("unknown refused: no collector token"),
         "{trail:#?}"
     );
-    assert!(trail[3].contains("20 reports, spent ε 1"), "{trail:#?}");
+    assert!(
+        trail[4].starts_with("collector:acme ok: interval"),
+        "{trail:#?}"
+    );
+    assert!(trail[4].contains("20 reports, spent ε 1"), "{trail:#?}");
     let helper = s.pair.helper.shared().store.audit().entries().unwrap();
     assert!(
         helper
@@ -483,7 +529,8 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
     )
     .await
     .unwrap();
-    assert_eq!(r.report_count, 100);
+    let opened = open_collection(&t, &Keyring::new(vec![s.collector.clone()]), &r).unwrap();
+    assert_eq!(opened.report_count, Some(100));
     let (leader, helper) = (s.pair.leader.shared(), s.pair.helper.shared());
     for a in [leader, helper] {
         assert_eq!(a.store.seen_count(&t.id()), 100);
@@ -540,5 +587,227 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
         leader.store.spent(&t.id(), 0, &[w.start()]).unwrap(),
         [t.epsilon_per_collection().micros()]
     );
+    s.pair.shutdown().await;
+}
+
+/// One report of `client`'s task for the window at `time`, ready to send to the helper as a
+/// malicious leader would: the report share with the leader's verifier share.
+fn fake_job_share(s: &Setup, client: &ClientTask, key: &VerifyKey, time: Time) -> pb::ReportShare {
+    let r = client
+        .seal(
+            client
+                .shard(&Measurement::Bucket(3), ReportId::random())
+                .unwrap(),
+            time,
+        )
+        .unwrap();
+    let ls = r
+        .open_share(Role::Leader, &s.pair.leader.shared().keys.keyring())
+        .unwrap();
+    let (_, vs) = client
+        .vdaf()
+        .verify_init(key, Role::Leader, r.report_id(), r.public_share(), &ls)
+        .unwrap();
+    pb::ReportShare {
+        report_id: r.report_id().as_bytes().to_vec().into(),
+        time: r.time().as_secs(),
+        public_share: r.public_share().to_vec().into(),
+        encrypted_input_share: Some(r.encrypted_share(Role::Helper).into()),
+        leader_verifier_share: vs.into(),
+    }
+}
+
+type PeerClient = HelperAggregationClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        hush_protocol::auth::AddBearer,
+    >,
+>;
+
+fn helper_as_peer(s: &Setup) -> PeerClient {
+    HelperAggregationClient::with_interceptor(
+        client::channel(&s.pair.helper_url(), None).unwrap(),
+        hush_protocol::auth::AddBearer::new(PEER_TOKEN).unwrap(),
+    )
+}
+
+fn share_request(
+    t: &TaskConfig,
+    w: &Interval,
+    cid: u8,
+    count: u64,
+    checksum: hush_protocol::ReportIdChecksum,
+) -> pb::AggregateShareRequest {
+    pb::AggregateShareRequest {
+        task_id: t.id().as_bytes().to_vec().into(),
+        collection_id: vec![cid; 16].into(),
+        interval: Some(w.into()),
+        report_count: count,
+        checksum: checksum.as_bytes().to_vec().into(),
+        purpose: BudgetPurpose::Routine as i32,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_intervals_cannot_be_differenced_at_either_aggregator() {
+    // The attack: w1 holds 20 reports, w2 only 5 (under min_batch_size 10). Collecting [w1] and
+    // then [w1, w2] would give w2's histogram by subtraction. Both aggregators refuse the second.
+    let s = setup().await;
+    let t = task(&s.collector, |p| p.min_batch_size = 10);
+    let client = s.provision(&t).await;
+    let w1 = s.window(&t);
+    s.submit(&client, 20, 1).await;
+    s.mock.advance(60);
+    s.submit(&client, 5, 2).await;
+    s.mock.advance(60);
+    s.collect(&t, &w1, ACME, BudgetPurpose::Routine)
+        .await
+        .unwrap();
+    let both = Interval::new(w1.start(), 120).unwrap();
+    for purpose in [BudgetPurpose::Routine, BudgetPurpose::Alert] {
+        let e = s.collect(&t, &both, ACME, purpose).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains("overlaps the batch"),
+            "{}",
+            e.message()
+        );
+    }
+    // A leader that skips its own check and asks the helper directly is refused there too.
+    let helper = s.pair.helper.shared();
+    let sum = helper
+        .store
+        .sum_batches(&t.id(), &[w1.start(), w1.end()], t.output_len())
+        .unwrap();
+    assert_eq!(sum.report_count, 25);
+    let e = helper_as_peer(&s)
+        .get_aggregate_share(share_request(&t, &both, 1, 25, sum.checksum))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("overlaps the batch"),
+        "{}",
+        e.message()
+    );
+    // Nothing was spent on w2, and both refusals are audited.
+    let w2 = w1.end();
+    for a in [s.pair.leader.shared(), helper] {
+        assert_eq!(a.store.spent(&t.id(), 0, &[w2]).unwrap(), [0]);
+        assert_eq!(a.store.spent(&t.id(), 1, &[w2]).unwrap(), [0]);
+        let refused = a
+            .store
+            .audit()
+            .entries()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event.outcome == "refused: batch rules")
+            .count();
+        assert!(refused >= 1, "no audited refusal at the {}", a.role);
+    }
+    // The same batch again is fine (alert budget, fresh noise).
+    s.collect(&t, &w1, ACME, BudgetPurpose::Alert)
+        .await
+        .unwrap();
+    s.pair.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collect_once_task_refuses_every_second_collection() {
+    let s = setup().await;
+    let t = task(&s.collector, |p| {
+        p.min_batch_size = 10;
+        p.max_collections_per_batch = 1;
+    });
+    let client = s.provision(&t).await;
+    s.submit(&client, 20, 1).await;
+    let w = s.window(&t);
+    s.mock.advance(60);
+    s.collect(&t, &w, ACME, BudgetPurpose::Routine)
+        .await
+        .unwrap();
+    let e = s
+        .collect(&t, &w, ACME, BudgetPurpose::Alert)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("1 in all"), "{}", e.message());
+    s.pair.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_racing_leader_cannot_slip_a_report_into_a_released_window() {
+    let s = setup().await;
+    let key_of = |_: usize| VerifyKey::random();
+    let mut cases = Vec::new();
+    // Eight tasks, each with 20 honest reports in the current window.
+    for i in 0..8 {
+        let t = task(&s.collector, |p| p.min_batch_size = 10);
+        let key = key_of(i);
+        provision(&s.pair.leader_url(), &s.pair.helper_url(), &t, &key).await;
+        let client = client_task(&s.pair.leader_url(), &s.pair.helper_url(), &t).await;
+        s.submit(&client, 20, i as u64).await;
+        cases.push((t, key, client));
+    }
+    let start = s.clock.now();
+    s.mock.advance(60);
+    let helper = s.pair.helper.shared().clone();
+    for (i, (t, key, client)) in cases.iter().enumerate() {
+        let w = t.window(start).unwrap();
+        let before = helper
+            .store
+            .sum_batches(&t.id(), &[w.start()], t.output_len())
+            .unwrap();
+        assert_eq!(before.report_count, 20);
+        let job = pb::AggregationJobInitRequest {
+            task_id: t.id().as_bytes().to_vec().into(),
+            job_id: hush_protocol::AggregationJobId::random()
+                .as_bytes()
+                .to_vec()
+                .into(),
+            reports: vec![fake_job_share(&s, client, key, w.start())],
+        };
+        let req = share_request(t, &w, i as u8, 20, before.checksum);
+        let (mut a, mut b) = (helper_as_peer(&s), helper_as_peer(&s));
+        // Even cases race the two calls; odd ones release first, then send the job.
+        let (share, outcome) = if i % 2 == 0 {
+            let (share, job) =
+                tokio::join!(a.get_aggregate_share(req), b.init_aggregation_job(job));
+            (share, job.unwrap().into_inner())
+        } else {
+            let share = a.get_aggregate_share(req).await;
+            assert!(share.is_ok(), "{share:?}");
+            (
+                share,
+                b.init_aggregation_job(job).await.unwrap().into_inner(),
+            )
+        };
+        let accepted = matches!(
+            outcome.outcomes[0].result,
+            Some(pb::report_outcome::Result::VerifierMessage(_))
+        );
+        let after = helper
+            .store
+            .sum_batches(&t.id(), &[w.start()], t.output_len())
+            .unwrap()
+            .report_count;
+        if share.is_ok() {
+            // Released with 20: the 21st report never entered the window.
+            assert!(!accepted, "case {i}: a report entered a released window");
+            assert_eq!(after, 20, "case {i}");
+            assert_eq!(
+                outcome.outcomes[0].result,
+                Some(pb::report_outcome::Result::Rejected(
+                    pb::RejectReason::BatchCollected as i32
+                )),
+                "case {i}"
+            );
+        } else {
+            // The job won: the share was refused, nothing released.
+            assert!(accepted, "case {i}");
+            assert_eq!(after, 21, "case {i}");
+            assert_eq!(helper.store.spent(&t.id(), 0, &[w.start()]).unwrap(), [0]);
+        }
+    }
     s.pair.shutdown().await;
 }

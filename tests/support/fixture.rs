@@ -56,6 +56,8 @@ pub fn task_params(kind: MeasurementKind, collector: &HpkeKeypair) -> TaskParams
         collector_hpke_config: collector.config().clone(),
         alert_budget_percent: 70,
         retention_s: 86_400,
+        count_epsilon_percent: 10,
+        max_collections_per_batch: 0,
     }
 }
 

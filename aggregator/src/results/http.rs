@@ -32,8 +32,11 @@ pub struct WindowJson {
     pub start: u64,
     /// Interval length in seconds.
     pub duration: u64,
-    /// Reports aggregated.
-    pub report_count: u64,
+    /// The noisy number of reports aggregated with its 95% interval (absent when the task
+    /// releases no count): exact counts never leave the aggregators.
+    pub reports: Option<Estimate>,
+    /// The noisy number of reports that arrived after the window was collected, once known.
+    pub late_reports: Option<Estimate>,
     /// Noisy counts per bucket (can be negative).
     pub noisy_counts: Vec<i64>,
     /// Bucket upper bounds in microseconds (the last bucket is open-ended).
@@ -71,7 +74,8 @@ impl From<&pb::WindowResult> for WindowJson {
                 .unwrap_or_default(),
             start: i.start,
             duration: i.duration,
-            report_count: w.report_count,
+            reports: est(&w.reports),
+            late_reports: est(&w.late_reports),
             noisy_counts: w.noisy_counts.clone(),
             bucket_bounds_us: w.bucket_bounds_us.clone(),
             noise_stddev: w.noise_stddev,

@@ -78,11 +78,19 @@ pub fn window_result(task: &TaskConfig, c: &Collected, ad_hoc: bool) -> pb::Wind
     pb::WindowResult {
         task_id: task.id().as_bytes().to_vec().into(),
         interval: Some((&c.interval).into()),
-        report_count: c.report_count,
+        reports: c.report_count.map(|n| {
+            est(estimate::Estimate {
+                value: n as f64,
+                ci_low: n as f64 - hush_protocol::dp::Z_95 * c.count_noise_stddev,
+                ci_high: n as f64 + hush_protocol::dp::Z_95 * c.count_noise_stddev,
+            })
+        }),
+        late_reports: None,
         noisy_counts: c.values.clone(),
         bucket_bounds_us: task.bucket_bounds_us().to_vec(),
         noise_stddev: sd,
-        epsilon_micro: c.epsilon.micros(),
+        // What the collection spent at each aggregator: the aggregate's and the count's ε.
+        epsilon_micro: task.epsilon_per_collection().micros(),
         p50_ms: q(0.50),
         p95_ms: q(0.95),
         p99_ms: q(0.99),
@@ -200,7 +208,7 @@ impl Inner {
                     .await;
                 let stored = match outcome {
                     Ok((c, _)) => {
-                        tracing::info!(task = %id, window = start.as_secs(), reports = c.report_count, "collected a window");
+                        tracing::info!(task = %id, window = start.as_secs(), noisy_reports = ?c.report_count, "collected a window");
                         self.store
                             .put_window(&id, start, next, &window_result(task, &c, false))
                             .await

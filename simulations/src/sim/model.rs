@@ -118,7 +118,12 @@ pub(crate) fn simulate(s: &Scenario, cell: &Cell, seed: u64) -> anyhow::Result<V
         .service(&a.service)
         .ok_or_else(|| anyhow::anyhow!("no service {:?}", a.service))?;
     let bounds = s.bounds_us();
-    let eps = Epsilon::from_f64(cell.epsilon)?;
+    // The histogram's noise gets the task's aggregate part of ε (the rest pays the count).
+    let eps = hush_protocol::task::split_epsilon(
+        Epsilon::from_f64(cell.epsilon)?,
+        s.count_epsilon_percent,
+    )
+    .0;
     let sens = s.sensitivity();
     let sd = aggregate_noise_stddev(sens, eps);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

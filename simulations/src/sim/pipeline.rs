@@ -38,6 +38,7 @@ fn task(
         epsilon: eps,
         // Enough routine budget for every window of the run (30% of the total is routine).
         budget: (eps * runs * 4.0).min(1e6),
+        count_epsilon_percent: s.count_epsilon_percent,
     }
     .build(collector)
 }

@@ -28,6 +28,10 @@ pub(crate) struct Scenario {
     /// Fewest reports (instances) a window needs to be released.
     #[serde(default = "defaults::min_batch_size")]
     pub(crate) min_batch_size: u64,
+    /// Percent of each collection's ε spent on the noisy report count, as in the task (the
+    /// histogram's noise gets the rest).
+    #[serde(default = "defaults::count_epsilon_percent")]
+    pub(crate) count_epsilon_percent: u8,
     /// Windows after an anomaly starts within which detection counts toward power.
     #[serde(default = "defaults::detect_within")]
     pub(crate) detect_within: usize,
@@ -51,6 +55,9 @@ mod defaults {
     }
     pub(super) fn detect_within() -> usize {
         2
+    }
+    pub(super) fn count_epsilon_percent() -> u8 {
+        hush_protocol::task::defaults::count_epsilon_percent()
     }
 }
 
