@@ -488,6 +488,12 @@ impl BatchRule {
     }
 }
 
+/// A batch: its start and duration in seconds.
+pub type Batch = (Time, u64);
+
+/// Each window with the batch it was collected in, if any.
+type WindowBatches = Vec<(Time, Option<Batch>)>;
+
 fn decode_batch(v: &[u8]) -> Option<(Time, u64)> {
     (v.len() == 16).then(|| (Time::from_secs(be_u64(&v[..8])), be_u64(&v[8..])))
 }
