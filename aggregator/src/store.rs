@@ -1117,11 +1117,7 @@ impl Store {
     }
 
     /// How each of `windows` was collected before: the batch (start, duration) it was in.
-    fn window_batches_of(
-        &self,
-        task: &TaskId,
-        windows: &[Time],
-    ) -> Result<Vec<(Time, Option<(Time, u64)>)>> {
+    fn window_batches_of(&self, task: &TaskId, windows: &[Time]) -> Result<WindowBatches> {
         windows
             .iter()
             .map(|w| {
