@@ -31,7 +31,7 @@ use crate::shared::Shared;
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
 use hush_protocol::auth::BearerAuth;
-use hush_protocol::tls::{Both, RequirePeerCert};
+use hush_protocol::tls::{Both, PeerLog, RequirePeerCert};
 
 /// The secrets an aggregator needs, which never come from its config file.
 #[derive(Clone)]
@@ -63,6 +63,7 @@ impl Secrets {
 pub struct Aggregator {
     addr: SocketAddr,
     shared: Shared,
+    peers: PeerLog,
     shutdown: watch::Sender<bool>,
     join: JoinHandle<Result<()>>,
 }
@@ -134,8 +135,9 @@ impl Aggregator {
         let (tx, rx) = watch::channel(false);
 
         // With TLS, operator links refuse connections without a client certificate before any
-        // handler runs; HPKE configs and the token-guarded admin API stay open to any client
-        // that trusts this server.
+        // handler runs. HPKE configs go to key directories only (they present a certificate),
+        // so a service's client can never fetch keys from an aggregator; the token-guarded admin
+        // API stays open to any operator tool that trusts this server.
         // Every refusal lands in the audit trail.
         let peer_cert = |what| RequirePeerCert::new(tls.is_some(), what);
         let admin = InterceptedService::new(
@@ -146,7 +148,10 @@ impl Aggregator {
                 "admin",
             ),
         );
-        let keys_svc = HpkeKeysServer::new(KeysService::new(shared.clone()));
+        let keys_svc = InterceptedService::new(
+            HpkeKeysServer::new(KeysService::new(shared.clone())),
+            AuditRefusals::new(peer_cert("key directories"), shared.clone(), "keys"),
+        );
         let (ingest, collection, helper) = match (role, &shared.config.leader) {
             (Role::Leader, Some(lc)) => (
                 Some(InterceptedService::new(
@@ -202,8 +207,10 @@ impl Aggregator {
             let _ = srx.wait_for(|v| *v).await;
         };
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let peers = PeerLog::default();
         let router = hush_protocol::tls::server_builder(tls.as_ref())
             .map_err(|e| Error::Config(e.to_string()))?
+            .layer(peers.layer())
             .add_service(admin)
             .add_service(keys_svc)
             .add_optional_service(ingest)
@@ -223,6 +230,7 @@ impl Aggregator {
         Ok(Self {
             addr,
             shared,
+            peers,
             shutdown: tx,
             join,
         })
@@ -236,6 +244,12 @@ impl Aggregator {
     /// The shared state (for tests and tools in the same process).
     pub fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// Who connected so far: connections and requests per peer certificate name (or
+    /// anonymous).
+    pub fn peers(&self) -> &PeerLog {
+        &self.peers
     }
 
     /// Stops accepting requests, lets requests in flight finish, stops background work and

@@ -24,9 +24,10 @@ pub mod layer;
 pub mod report;
 pub mod runtime;
 
+pub use hush_protocol::directory::KeySet;
 pub use layer::HushLayer;
 pub use report::{ClientError, ClientTask, Prepared};
 pub use runtime::{
-    ClientStats, Counter, Endpoints, HushClient, Keys, Latency, RuntimeConfig, RuntimeError,
-    fetch_keys,
+    ClientStats, Counter, Endpoints, HushClient, KeySource, Latency, RuntimeConfig, RuntimeError,
+    fetch_key_set,
 };

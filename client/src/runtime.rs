@@ -23,26 +23,35 @@
 //! clock passes its end and queues one measurement per report the task's kind calls for:
 //! one per event (event histograms, at most `contribution_bound` events per window), or one per
 //! window (window histograms and counters, bounded by `contribution_bound`; over the bound the
-//! excess is dropped and counted, or clipped if the task says so). The uploader takes batches from
-//! the queue, turns them into onion packets with the latest HPKE configs (shard, seal, wrap), and
-//! sends them to the first shuffler after a random jitter, retrying the same bytes with
+//! excess is dropped and counted, or clipped if the task says so). Counters and window
+//! histograms report every window, with zero counts when nothing happened, so a report's
+//! presence tells no party whether the service had, say, an error. The uploader takes batches
+//! from the queue, turns them into onion packets with the current key set (shard, seal, wrap),
+//! and sends them to the first shuffler after a random jitter, retrying the same bytes with
 //! exponential backoff until the shuffler acknowledges. The queue is bounded: when it is full the
-//! oldest measurement is dropped and counted. HPKE configs are fetched at start (if the servers
-//! are reachable) and refreshed periodically.
+//! oldest measurement is dropped and counted.
+//!
+//! **Keys.** The client talks to exactly two servers: the first shuffler (to send packets) and
+//! its tenant's key directory (the results service, run by the same tenant). It never connects
+//! to the leader, the helper or a later shuffler, and never takes a key from the party that key
+//! belongs to, so no party can hand one client a key of its own and recognize its reports. The
+//! directory serves one identical key set per epoch to every client of the tenant (see
+//! [`hush_protocol::directory`]); the client refreshes it every `refresh_interval`, and never
+//! goes back to an older epoch. A client can instead be deployed with a pinned key set
+//! ([`KeySource::Pinned`]), which it then never refreshes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use hush_protocol::onion::{Hop, Route};
+use hush_protocol::directory::KeySet;
 use hush_protocol::proto::v1 as pb;
-use hush_protocol::proto::v1::hpke_keys_client::HpkeKeysClient;
+use hush_protocol::proto::v1::key_directory_client::KeyDirectoryClient;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
 use hush_protocol::tls;
 use hush_protocol::{
-    Clock, HpkeConfig, Measurement, MeasurementKind, ReportId, SystemClock, TaskConfig, TaskId,
-    Time,
+    Clock, Measurement, MeasurementKind, ReportId, SystemClock, TaskConfig, TaskId, Time,
 };
 use rand::Rng;
 use tokio::sync::{Notify, watch};
@@ -62,8 +71,8 @@ pub enum RuntimeError {
         /// What is wrong.
         reason: String,
     },
-    /// A server did not answer the HPKE config request.
-    #[error("fetching HPKE configs from {url} failed: {status}")]
+    /// The key directory did not answer with a usable key set.
+    #[error("fetching the key set from the key directory {url} failed: {status}")]
     Keys {
         /// The server.
         url: String,
@@ -83,18 +92,28 @@ pub enum RuntimeError {
     Duplicate(String),
 }
 
-/// Where the client sends reports and fetches keys.
+/// Where the client gets the key set it seals to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// The gRPC URL of the tenant's key directory (its results service): one identical key set
+    /// per epoch for every client of the tenant, refreshed every `refresh_interval`.
+    Directory(String),
+    /// A key set deployed with the client (e.g. in its task bundle); never refreshed, so the
+    /// parties' keys must outlive the deployment.
+    Pinned(KeySet),
+}
+
+/// Where the client sends reports and gets keys. There is no leader or helper address: a
+/// client never talks to an aggregator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoints {
-    /// The shufflers in route order, as (name, gRPC URL); packets go to the first.
-    pub shufflers: Vec<(String, String)>,
-    /// The leader's name in the route and its gRPC URL (for its HPKE configs).
-    pub leader: (String, String),
-    /// The helper's gRPC URL (for its HPKE configs).
-    pub helper_url: String,
-    /// The CA certificates (PEM) that sign the shufflers' and aggregators' certificates. With
-    /// it every URL must be `https://` and servers are verified against it; without it URLs are
-    /// plaintext `http://` (tests, `--insecure` deployments).
+    /// The first shuffler's gRPC URL: the only party that receives the client's packets.
+    pub shuffler_url: String,
+    /// Where the key set comes from.
+    pub keys: KeySource,
+    /// The CA certificates (PEM) that sign the first shuffler's and the directory's
+    /// certificates. With it every URL must be `https://` and servers are verified against it;
+    /// without it URLs are plaintext `http://` (tests, `--insecure` deployments).
     pub tls_ca: Option<Vec<u8>>,
 }
 
@@ -113,7 +132,7 @@ pub struct RuntimeConfig {
     pub retry_initial: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
-    /// How often HPKE configs are fetched again.
+    /// How often the key set is fetched again from the key directory.
     pub refresh_interval: Duration,
     /// Deadline of one request.
     pub request_timeout: Duration,
@@ -128,21 +147,10 @@ impl Default for RuntimeConfig {
             max_jitter: Duration::from_secs(2),
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
-            refresh_interval: Duration::from_secs(600),
+            refresh_interval: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// The HPKE configs a client seals to: each shuffler's (route order), the leader's, the helper's.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Keys {
-    /// Current config of each shuffler, in route order.
-    pub shufflers: Vec<HpkeConfig>,
-    /// The leader's current config.
-    pub leader: HpkeConfig,
-    /// The helper's current config.
-    pub helper: HpkeConfig,
 }
 
 fn channel(url: &str, ca: Option<&[u8]>, timeout: Duration) -> Result<Channel, RuntimeError> {
@@ -158,56 +166,22 @@ fn channel(url: &str, ca: Option<&[u8]>, timeout: Duration) -> Result<Channel, R
         .connect_lazy())
 }
 
-async fn current_config(
+/// Fetches the current key set from the key directory at `url`.
+pub async fn fetch_key_set(
     url: &str,
     ca: Option<&[u8]>,
     timeout: Duration,
-) -> Result<HpkeConfig, RuntimeError> {
+) -> Result<KeySet, RuntimeError> {
     let err = |status: String| RuntimeError::Keys {
         url: url.into(),
         status,
     };
-    let list = HpkeKeysClient::new(channel(url, ca, timeout)?)
-        .get_hpke_configs(pb::GetHpkeConfigsRequest {})
+    let set = KeyDirectoryClient::new(channel(url, ca, timeout)?)
+        .get_key_set(pb::GetKeySetRequest {})
         .await
         .map_err(|s| err(s.message().to_owned()))?
         .into_inner();
-    let configs = Vec::<HpkeConfig>::try_from(&list).map_err(|e| err(e.to_string()))?;
-    configs
-        .into_iter()
-        .next()
-        .ok_or_else(|| err("no HPKE config published".into()))
-}
-
-impl Keys {
-    /// The onion route through `endpoints`' shufflers (in order) to its leader, sealed to these
-    /// keys.
-    pub fn route(&self, endpoints: &Endpoints) -> Result<Route, hush_protocol::onion::OnionError> {
-        let hops = endpoints
-            .shufflers
-            .iter()
-            .zip(&self.shufflers)
-            .map(|((name, _), config)| Hop {
-                name: name.clone(),
-                config: config.clone(),
-            })
-            .collect();
-        Route::new(hops, endpoints.leader.0.clone())
-    }
-}
-
-/// Fetches every party's current HPKE config.
-pub async fn fetch_keys(endpoints: &Endpoints, timeout: Duration) -> Result<Keys, RuntimeError> {
-    let mut shufflers = Vec::new();
-    let ca = endpoints.tls_ca.as_deref();
-    for (_, url) in &endpoints.shufflers {
-        shufflers.push(current_config(url, ca, timeout).await?);
-    }
-    Ok(Keys {
-        shufflers,
-        leader: current_config(&endpoints.leader.1, ca, timeout).await?,
-        helper: current_config(&endpoints.helper_url, ca, timeout).await?,
-    })
+    KeySet::try_from(&set).map_err(|e| err(e.to_string()))
 }
 
 /// Counters of what the client did. Every recorded event ends in exactly one of: a report in a
@@ -278,11 +252,17 @@ struct Inner {
     queue: Mutex<VecDeque<Queued>>,
     closed: Mutex<Vec<(Arc<Metric>, WindowState)>>,
     in_flight: AtomicU64,
-    keys: RwLock<Option<Keys>>,
+    keys: RwLock<Option<KeySet>>,
     counters: Counters,
     wake: Notify,
     idle: Notify,
     shutdown: watch::Sender<bool>,
+}
+
+/// Counters and window histograms send one report per window whatever happened; event
+/// histograms one per event.
+fn reports_every_window(task: &TaskConfig) -> bool {
+    task.kind() != MeasurementKind::EventHistogram
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -303,7 +283,7 @@ impl Inner {
                 touched: false,
             };
             let old = std::mem::replace(&mut *s, fresh);
-            if old.touched {
+            if old.touched || reports_every_window(&metric.task) {
                 lock(&self.closed).push((metric.clone(), old));
             }
         }
@@ -321,13 +301,15 @@ impl Inner {
         }
     }
 
-    /// Moves every window that ended (or all, if `all`) to the closed list.
+    /// Moves every window that ended (or all, if `all`) to the closed list: those something
+    /// was recorded in, and every window of the kinds that report each window.
     fn close_windows(&self, all: bool) {
         let now = self.clock.now();
         for m in self.metrics.values() {
             let window = m.task.window_of(now);
             let mut s = lock(&m.state);
-            if s.touched && (all || s.window < window) {
+            let report = s.touched || reports_every_window(&m.task);
+            if report && (all || s.window < window) {
                 let fresh = WindowState {
                     window,
                     counts: vec![0; s.counts.len()],
@@ -393,8 +375,8 @@ impl Inner {
         self.wake.notify_one();
     }
 
-    fn build_packets(&self, keys: &Keys, items: &[Queued]) -> Vec<pb::Packet> {
-        let Ok(route) = keys.route(&self.endpoints) else {
+    fn build_packets(&self, keys: &KeySet, items: &[Queued]) -> Vec<pb::Packet> {
+        let Ok(route) = keys.route() else {
             return vec![];
         };
         let mut clients: HashMap<TaskId, Option<ClientTask>> = HashMap::new();
@@ -402,7 +384,7 @@ impl Inner {
         for item in items {
             let client = clients.entry(item.task).or_insert_with(|| {
                 let task = self.tasks.get(&item.task)?.clone();
-                match ClientTask::new(task, keys.leader.clone(), keys.helper.clone(), route.clone()) {
+                match ClientTask::new(task, keys.leader.1.clone(), keys.helper.clone(), route.clone()) {
                     Ok(c) => Some(c),
                     Err(e) => {
                         tracing::error!(task = %item.task, error = %e, "cannot build reports for this task");
@@ -459,10 +441,10 @@ pub struct Counter {
 }
 
 impl Counter {
-    /// Adds `n` to the current window's count (up to the task's bound). Never fails. `add(0)`
-    /// makes the window report a zero count: a service that calls it every window sends one
-    /// counter report per window whatever happened, so neither the shufflers nor the leader
-    /// learn from a report's presence that it had, say, an error.
+    /// Adds `n` to the current window's count (up to the task's bound). Never fails. A
+    /// registered counter reports every window, zero if `add` was never called, so neither the
+    /// shufflers nor the leader learn from a report's presence that the service had, say, an
+    /// error.
     pub fn add(&self, n: u64) {
         match &self.metric {
             Some(m) => self.inner.record(m, 0, n),
@@ -482,7 +464,7 @@ pub struct Builder {
     endpoints: Endpoints,
     config: RuntimeConfig,
     clock: Arc<dyn Clock>,
-    keys: Option<Keys>,
+    keys: Option<KeySet>,
     metrics: Vec<(String, TaskConfig)>,
     channel: Option<Channel>,
 }
@@ -520,8 +502,9 @@ impl Builder {
         self
     }
 
-    /// HPKE configs fetched beforehand (e.g. shared by many clients); refreshed later as usual.
-    pub fn keys(mut self, keys: Keys) -> Self {
+    /// A key set fetched beforehand from the key directory (e.g. shared by many clients in one
+    /// process); refreshed later as usual.
+    pub fn keys(mut self, keys: KeySet) -> Self {
         self.keys = Some(keys);
         self
     }
@@ -559,52 +542,45 @@ impl Builder {
             }
             tasks.insert(task.id(), task);
         }
-        for (_, url) in self
-            .endpoints
-            .shufflers
-            .iter()
-            .chain([&self.endpoints.leader])
-        {
-            channel(
-                url,
-                self.endpoints.tls_ca.as_deref(),
-                self.config.request_timeout,
-            )?;
-        }
-        let keys = match self.keys {
-            Some(k) => Some(k),
-            None => match fetch_keys(&self.endpoints, self.config.request_timeout).await {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    tracing::warn!(error = %e, "HPKE configs unavailable; recording continues and uploads wait");
-                    None
+        let ca = self.endpoints.tls_ca.as_deref();
+        channel(
+            &self.endpoints.shuffler_url,
+            ca,
+            self.config.request_timeout,
+        )?;
+        let keys = match (self.keys, &self.endpoints.keys) {
+            (_, KeySource::Pinned(k)) => Some(k.clone()),
+            (Some(k), KeySource::Directory(_)) => Some(k),
+            (None, KeySource::Directory(url)) => {
+                match fetch_key_set(url, ca, self.config.request_timeout).await {
+                    Ok(k) => Some(k),
+                    Err(RuntimeError::Url { url, reason }) => {
+                        return Err(RuntimeError::Url { url, reason });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no key set yet; recording continues and uploads wait");
+                        None
+                    }
                 }
-            },
+            }
         };
         // Check up front that every task's reports fit its packet size on this route.
         if let Some(k) = &keys {
-            let hops = self
-                .endpoints
-                .shufflers
-                .iter()
-                .zip(&k.shufflers)
-                .map(|((n, _), c)| Hop {
-                    name: n.clone(),
-                    config: c.clone(),
-                })
-                .collect();
-            let route = Route::new(hops, self.endpoints.leader.0.clone()).map_err(|e| {
-                RuntimeError::Task {
-                    task: TaskId::from([0; 32]),
-                    source: e.into(),
-                }
+            let route = k.route().map_err(|e| RuntimeError::Task {
+                task: TaskId::from([0; 32]),
+                source: e.into(),
             })?;
             for t in tasks.values() {
-                ClientTask::new(t.clone(), k.leader.clone(), k.helper.clone(), route.clone())
-                    .map_err(|source| RuntimeError::Task {
-                        task: t.id(),
-                        source,
-                    })?;
+                ClientTask::new(
+                    t.clone(),
+                    k.leader.1.clone(),
+                    k.helper.clone(),
+                    route.clone(),
+                )
+                .map_err(|source| RuntimeError::Task {
+                    task: t.id(),
+                    source,
+                })?;
             }
         }
         let (tx, rx) = watch::channel(false);
@@ -734,21 +710,34 @@ impl HushClient {
     }
 }
 
+/// Takes a key set from the directory unless it is older than the one in use.
+fn adopt(inner: &Inner, fresh: KeySet) {
+    let mut cur = inner.keys.write().unwrap_or_else(|p| p.into_inner());
+    match cur.as_ref() {
+        Some(c) if fresh.epoch < c.epoch => {
+            tracing::warn!(
+                current = c.epoch,
+                offered = fresh.epoch,
+                "the key directory offered an older key set; keeping the current one"
+            );
+        }
+        Some(c) if *c == fresh => {}
+        _ => {
+            tracing::debug!(epoch = fresh.epoch, digest = %fresh.short_digest(), "using a new key set");
+            *cur = Some(fresh);
+        }
+    }
+}
+
 async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan: Option<Channel>) {
     let mut delay = inner.config.retry_initial;
     let mut refreshed = tokio::time::Instant::now();
     // The batch being uploaded: the same bytes are retried until acknowledged.
     let mut batch: Vec<pb::Packet> = Vec::new();
-    let first = inner
-        .endpoints
-        .shufflers
-        .first()
-        .map(|(_, u)| u.clone())
-        .unwrap_or_default();
     let chan = match chan {
         Some(c) => c,
         None => match channel(
-            &first,
+            &inner.endpoints.shuffler_url,
             inner.endpoints.tls_ca.as_deref(),
             inner.config.request_timeout,
         ) {
@@ -763,15 +752,23 @@ async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan
         }
         inner.close_windows(false);
         inner.queue_closed();
-        let needs_keys = lock_read(&inner.keys).is_none()
-            || refreshed.elapsed() >= inner.config.refresh_interval;
-        if needs_keys {
-            match fetch_keys(&inner.endpoints, inner.config.request_timeout).await {
-                Ok(k) => {
-                    *inner.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(k);
-                    refreshed = tokio::time::Instant::now();
+        if let KeySource::Directory(url) = &inner.endpoints.keys {
+            let needs_keys = lock_read(&inner.keys).is_none()
+                || refreshed.elapsed() >= inner.config.refresh_interval;
+            if needs_keys {
+                match fetch_key_set(
+                    url,
+                    inner.endpoints.tls_ca.as_deref(),
+                    inner.config.request_timeout,
+                )
+                .await
+                {
+                    Ok(k) => {
+                        adopt(&inner, k);
+                        refreshed = tokio::time::Instant::now();
+                    }
+                    Err(e) => tracing::debug!(error = %e, "key set unavailable; will retry"),
                 }
-                Err(e) => tracing::debug!(error = %e, "HPKE configs unavailable; will retry"),
             }
         }
         if batch.is_empty() {

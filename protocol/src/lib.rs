@@ -13,6 +13,7 @@ pub mod codec;
 pub mod collect;
 pub mod convert;
 pub mod detect;
+pub mod directory;
 pub mod dp;
 pub mod estimate;
 pub mod hpke;

@@ -290,6 +290,119 @@ impl<A: Interceptor, B: Interceptor> Interceptor for Both<A, B> {
     }
 }
 
+/// The name a client certificate gives its holder: the subject's common name, else its first
+/// DNS name, else `"certificate"`.
+pub fn peer_name(cert_der: &[u8]) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(cert_der) else {
+        return "unparsable certificate".into();
+    };
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+    {
+        return cn.to_owned();
+    }
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                return (*d).to_owned();
+            }
+        }
+    }
+    "certificate".into()
+}
+
+/// Connections and requests a server saw from one kind of peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCount {
+    /// Connections (distinct remote ends) that made at least one request.
+    pub connections: u64,
+    /// Requests.
+    pub requests: u64,
+}
+
+/// The name under which [`PeerLog`] counts peers without a client certificate.
+pub const ANONYMOUS: &str = "anonymous";
+
+#[derive(Debug, Default)]
+struct PeerLogInner {
+    /// The peer name of each connection seen (bounded: cleared when it grows past
+    /// [`PeerLog::MAX_TRACKED`], after which a live connection may count twice).
+    conns: std::collections::HashMap<std::net::SocketAddr, String>,
+    by_peer: std::collections::BTreeMap<String, PeerCount>,
+}
+
+/// Who talks to a server: connections and requests per peer, named by the client certificate
+/// ([`peer_name`]) or [`ANONYMOUS`]. Addresses are only used to tell connections apart and are
+/// never reported. Add [`PeerLog::layer`] to a server and read [`PeerLog::snapshot`].
+#[derive(Clone, Debug, Default)]
+pub struct PeerLog(std::sync::Arc<std::sync::Mutex<PeerLogInner>>);
+
+impl PeerLog {
+    /// Most connections remembered at once.
+    pub const MAX_TRACKED: usize = 65_536;
+
+    /// Counts one request.
+    fn record<B>(&self, req: &tonic::codegen::http::Request<B>) {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let (addr, name) =
+            if let Some(info) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
+                let name = info
+                    .peer_certs()
+                    .and_then(|c| c.first().map(|c| peer_name(c.as_ref())))
+                    .unwrap_or_else(|| ANONYMOUS.to_owned());
+                (info.get_ref().remote_addr(), name)
+            } else if let Some(info) = req.extensions().get::<TcpConnectInfo>() {
+                (info.remote_addr(), ANONYMOUS.to_owned())
+            } else {
+                (None, ANONYMOUS.to_owned())
+            };
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let new_conn = match addr {
+            Some(a) => {
+                if g.conns.len() >= Self::MAX_TRACKED {
+                    g.conns.clear();
+                }
+                g.conns.insert(a, name.clone()).is_none()
+            }
+            None => false,
+        };
+        let c = g.by_peer.entry(name).or_default();
+        c.requests += 1;
+        c.connections += u64::from(new_conn);
+    }
+
+    /// A tower layer that counts every request before any service sees it.
+    pub fn layer<B>(
+        &self,
+    ) -> tower::util::MapRequestLayer<
+        impl Fn(tonic::codegen::http::Request<B>) -> tonic::codegen::http::Request<B> + Clone + use<B>,
+    > {
+        let me = self.clone();
+        tower::util::MapRequestLayer::new(move |req: tonic::codegen::http::Request<B>| {
+            me.record(&req);
+            req
+        })
+    }
+
+    /// What was seen so far, by peer name.
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, PeerCount> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_peer
+            .clone()
+    }
+
+    /// Connections and requests without a client certificate.
+    pub fn anonymous(&self) -> PeerCount {
+        self.snapshot().get(ANONYMOUS).copied().unwrap_or_default()
+    }
+}
+
 /// A development CA and certificates for every component (rcgen). Not for production: real
 /// deployments use each operator's own PKI.
 #[cfg(feature = "dev-ca")]

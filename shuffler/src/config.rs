@@ -67,15 +67,17 @@ pub enum IngestFrom {
     Clients,
 }
 
-/// Batching: a batch leaves when it holds `batch_size` packets, or when its oldest packet has
-/// waited `max_wait_ms` and it holds at least `min_batch_size`.
+/// Batching, per next hop and task: a batch leaves when it holds `batch_size` packets of one
+/// task, or when its oldest packet has waited `max_wait_ms` and it holds at least
+/// `min_batch_size` packets of that task. A batch never mixes tasks and never leaves smaller.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MixConfig {
-    /// k: packets that make a batch leave at once.
+    /// k: packets of one task that make its batch leave at once.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: u64,
-    /// k_min: the fewest packets a batch may leave with after the maximum wait.
+    /// k_min: the fewest packets of one task a batch may leave with after the maximum wait:
+    /// the anonymity set of every packet that leaves.
     #[serde(default = "defaults::min_batch_size")]
     pub min_batch_size: u64,
     /// The longest the oldest packet of a batch waits before the batch may leave with fewer
@@ -318,6 +320,15 @@ impl ShufflerConfig {
             return bad(format!(
                 "limits.max_buffered_packets ({}) must be at least mix.batch_size ({})",
                 l.max_buffered_packets, m.batch_size
+            ));
+        }
+        // Batches are per task: a tenant that may hold fewer than k_min packets could never
+        // complete one.
+        if l.per_tenant_max_buffered < m.min_batch_size {
+            return bad(format!(
+                "limits.per_tenant_max_buffered ({}) must be at least mix.min_batch_size ({}): \
+                 a task's batch leaves only with min_batch_size packets of that task",
+                l.per_tenant_max_buffered, m.min_batch_size
             ));
         }
         let f = &self.forward;

@@ -1,11 +1,16 @@
 //! Batching and forwarding.
 //!
-//! Packets for one next hop collect in an *open batch*. The batch closes when it holds
-//! `batch_size` packets, or when its oldest packet has waited `max_wait_ms` and it holds at least
-//! `min_batch_size`. A closed batch is shuffled with ChaCha20 seeded from the OS and sent to the
-//! next hop in slices of the shuffled order; each slice is deleted only after the next hop
-//! acknowledges it. Batches are numbered; the number of the newest closed batch is stored, so a
-//! restart forwards batches that had closed and keeps collecting the open one.
+//! Packets collect per *lane*: one next hop and one task. A lane's *open batch* closes when it
+//! holds `batch_size` packets, or when its oldest packet has waited `max_wait_ms` and it holds at
+//! least `min_batch_size`; a batch below `min_batch_size` never leaves by timeout. So every batch
+//! that leaves a shuffler holds packets of one task only, at least `min_batch_size` of them: the
+//! anonymity set of a packet is `min_batch_size` packets *of its own task*, never one packet of a
+//! rare task hidden among many of a busy one (which the next hop, seeing task ids, could pick
+//! out). A rare task's packets wait until enough of them arrived; a busy task's lane is not
+//! slowed by it. A closed batch is shuffled with ChaCha20 seeded from the OS and sent to the next
+//! hop in slices of the shuffled order; each slice is deleted only after the next hop
+//! acknowledges it. Batches are numbered per lane; the number of a lane's newest closed batch is
+//! stored, so a restart forwards batches that had closed and keeps collecting the open ones.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +51,7 @@ pub struct Admitted {
 }
 
 #[derive(Debug)]
-struct HopState {
+struct LaneState {
     /// Batches `open_lo..=open_hi` form the open batch; new packets get `open_hi`.
     open_lo: u64,
     open_hi: u64,
@@ -54,10 +59,30 @@ struct HopState {
     oldest: Option<Instant>,
     /// Closed batches waiting to be forwarded, oldest first.
     closed: VecDeque<(u64, u64)>,
+}
+
+impl LaneState {
+    fn empty() -> Self {
+        Self {
+            open_lo: 0,
+            open_hi: 0,
+            open_count: 0,
+            oldest: None,
+            closed: VecDeque::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct HopState {
+    lanes: HashMap<TaskId, LaneState>,
     wake: Arc<Notify>,
 }
 
-/// The batch state of every next hop.
+/// A batch ready to forward: its task and its batch numbers `lo..=hi`.
+type Ready = (TaskId, u64, u64);
+
+/// The batch state of every next hop and task.
 #[derive(Debug)]
 pub struct Mixer {
     mix: MixConfig,
@@ -65,29 +90,43 @@ pub struct Mixer {
     buffered: AtomicU64,
 }
 
-fn closed_key(hop: &str) -> Vec<u8> {
-    [b"closed:".as_slice(), hop.as_bytes()].concat()
+fn closed_key(hop: &str, task: &TaskId) -> Vec<u8> {
+    [b"closed:".as_slice(), task.as_bytes(), hop.as_bytes()].concat()
 }
 
 impl Mixer {
     /// Rebuilds the batch state from what the store holds.
     pub fn recover(mix: MixConfig, hops: &[NextHopConfig], store: &Store) -> Result<Self> {
+        let migrated = store.migrate_buffer_keys()?;
+        if migrated > 0 {
+            tracing::info!(
+                packets = migrated,
+                "moved buffered packets into per-task lanes"
+            );
+        }
         let buffered = store.buffered()?;
-        let mut state = HashMap::new();
+        let mut state: HashMap<String, HopState> = hops
+            .iter()
+            .map(|h| {
+                (
+                    h.name.clone(),
+                    HopState {
+                        lanes: HashMap::new(),
+                        wake: Arc::new(Notify::new()),
+                    },
+                )
+            })
+            .collect();
         let mut total = 0;
-        for h in hops {
-            let b = buffered.get(&h.name).copied().unwrap_or_default();
-            let closed_through = store.meta_u64(&closed_key(&h.name))?;
-            let mut s = HopState {
-                open_lo: 0,
-                open_hi: 0,
-                open_count: 0,
-                oldest: None,
-                closed: VecDeque::new(),
-                wake: Arc::new(Notify::new()),
+        for ((hop, task), b) in &buffered {
+            total += b.count;
+            let Some(h) = state.get_mut(hop) else {
+                tracing::warn!(%hop, packets = b.count, "packets buffered for a hop that is no longer configured; add it back to forward them");
+                continue;
             };
+            let closed_through = store.meta_u64(&closed_key(hop, task))?;
+            let mut s = LaneState::empty();
             if let Some((lo, hi)) = b.batches {
-                total += b.count;
                 match closed_through {
                     Some(c) if c >= hi => {
                         s.closed.push_back((lo, hi));
@@ -98,7 +137,7 @@ impl Mixer {
                         s.closed.push_back((lo, c));
                         s.open_lo = c + 1;
                         s.open_hi = hi;
-                        s.open_count = store.batch_keys(&h.name, c + 1, hi)?.len() as u64;
+                        s.open_count = store.batch_keys(hop, task, c + 1, hi)?.len() as u64;
                     }
                     _ => {
                         s.open_lo = lo;
@@ -109,17 +148,19 @@ impl Mixer {
                 if s.open_count > 0 {
                     s.oldest = Some(Instant::now());
                 }
-                tracing::info!(hop = %h.name, packets = b.count, closed = s.closed.len(), "recovered buffered packets");
-            } else if let Some(c) = closed_through {
-                s.open_lo = c + 1;
-                s.open_hi = c + 1;
             }
-            state.insert(h.name.clone(), s);
+            tracing::info!(%hop, %task, packets = b.count, closed = s.closed.len(), "recovered buffered packets");
+            h.lanes.insert(*task, s);
         }
-        for (hop, b) in &buffered {
-            if !state.contains_key(hop) {
-                total += b.count;
-                tracing::warn!(%hop, packets = b.count, "packets buffered for a hop that is no longer configured; add it back to forward them");
+        // Lanes with nothing buffered restart after their newest closed batch.
+        for (hop, h) in state.iter_mut() {
+            for (task, c) in store.closed_marks(hop)? {
+                h.lanes.entry(task).or_insert_with(|| {
+                    let mut s = LaneState::empty();
+                    s.open_lo = c + 1;
+                    s.open_hi = c + 1;
+                    s
+                });
             }
         }
         Ok(Self {
@@ -134,7 +175,19 @@ impl Mixer {
         self.buffered.load(Ordering::Relaxed)
     }
 
-    /// Stores admitted packets in their hops' open batches (one transaction, under the batch
+    /// Packets held in open batches (not yet released) per task, for every hop together.
+    pub fn open_per_task(&self) -> HashMap<TaskId, u64> {
+        let hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: HashMap<TaskId, u64> = HashMap::new();
+        for h in hops.values() {
+            for (t, l) in &h.lanes {
+                *out.entry(*t).or_default() += l.open_count;
+            }
+        }
+        out
+    }
+
+    /// Stores admitted packets in their lanes' open batches (one transaction, under the batch
     /// lock so no packet lands in a batch that is closing). Returns, in order, whether each was
     /// stored (false: replay).
     pub fn admit(
@@ -147,16 +200,19 @@ impl Mixer {
         let mut incoming = Vec::with_capacity(items.len());
         for a in items {
             let batch = hops
-                .get(&a.hop)
+                .get_mut(&a.hop)
                 .ok_or_else(|| {
                     Error::InvalidRequest(format!("next hop {:?} is not configured", a.hop))
                 })?
+                .lanes
+                .entry(a.task)
+                .or_insert_with(LaneState::empty)
                 .open_hi;
             incoming.push((
                 a.hop.clone(),
                 Incoming {
                     tag_key: a.tag_key,
-                    buffer_key: buffer_key(&a.hop, batch),
+                    buffer_key: buffer_key(&a.hop, &a.task, batch),
                     task: a.task,
                     payload: a.payload,
                 },
@@ -166,9 +222,12 @@ impl Mixer {
         let stored = store.accept(&plain, stats)?;
         let now = Instant::now();
         let mut n = 0;
-        for ((hop, _), ok) in incoming.iter().zip(&stored) {
+        for ((hop, i), ok) in incoming.iter().zip(&stored) {
             if *ok {
-                let s = hops.get_mut(hop).expect("checked above");
+                let s = hops
+                    .get_mut(hop)
+                    .and_then(|h| h.lanes.get_mut(&i.task))
+                    .expect("lane made above");
                 s.open_count += 1;
                 s.oldest.get_or_insert(now);
                 n += 1;
@@ -187,45 +246,52 @@ impl Mixer {
             .clone()
     }
 
-    /// The next batch of `hop` to forward, closing the open batch if it is ready; or when to
-    /// look again.
+    /// The next batch of `hop` to forward (of any task), closing a lane's open batch if it is
+    /// ready; or when to look again.
     fn ready(
         &self,
         store: &Store,
         hop: &str,
-    ) -> Result<std::result::Result<(u64, u64), Option<Instant>>> {
+    ) -> Result<std::result::Result<Ready, Option<Instant>>> {
         let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
-        let s = hops.get_mut(hop).expect("hop is configured");
-        if let Some(b) = s.closed.front() {
-            return Ok(Ok(*b));
+        let h = hops.get_mut(hop).expect("hop is configured");
+        for (task, s) in &h.lanes {
+            if let Some((lo, hi)) = s.closed.front() {
+                return Ok(Ok((*task, *lo, *hi)));
+            }
         }
         let max_wait = Duration::from_millis(self.mix.max_wait_ms);
-        let full = s.open_count >= self.mix.batch_size;
-        let waited = s.oldest.is_some_and(|t| t.elapsed() >= max_wait);
-        if full || (waited && s.open_count >= self.mix.min_batch_size) {
-            let b = (s.open_lo, s.open_hi);
-            store.set_meta_u64(&closed_key(hop), s.open_hi)?;
-            s.closed.push_back(b);
-            s.open_lo = s.open_hi + 1;
-            s.open_hi += 1;
-            s.open_count = 0;
-            s.oldest = None;
-            return Ok(Ok(b));
+        let mut next: Option<Instant> = None;
+        for (task, s) in h.lanes.iter_mut() {
+            let full = s.open_count >= self.mix.batch_size;
+            let waited = s.oldest.is_some_and(|t| t.elapsed() >= max_wait);
+            if full || (waited && s.open_count >= self.mix.min_batch_size) {
+                let b = (s.open_lo, s.open_hi);
+                store.set_meta_u64(&closed_key(hop, task), s.open_hi)?;
+                s.closed.push_back(b);
+                s.open_lo = s.open_hi + 1;
+                s.open_hi += 1;
+                s.open_count = 0;
+                s.oldest = None;
+                return Ok(Ok((*task, b.0, b.1)));
+            }
+            // Not ready: look again at its deadline if it has enough packets; otherwise only
+            // more packets of its task can make it ready (a new packet wakes us).
+            if let Some(t) = s.oldest
+                && s.open_count >= self.mix.min_batch_size
+            {
+                let d = t + max_wait;
+                next = Some(next.map_or(d, |n| n.min(d)));
+            }
         }
-        // Not ready: look again at the deadline if there is one; otherwise a new packet wakes us.
-        Ok(Err(match s.oldest {
-            Some(t) if s.open_count >= self.mix.min_batch_size => Some(t + max_wait),
-            // Fewer than k_min: only more packets can make the batch ready.
-            _ => None,
-        }))
+        Ok(Err(next))
     }
 
-    fn finished(&self, hop: &str) {
+    fn finished(&self, hop: &str, task: &TaskId) {
         let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
-        hops.get_mut(hop)
-            .expect("hop is configured")
-            .closed
-            .pop_front();
+        if let Some(l) = hops.get_mut(hop).and_then(|h| h.lanes.get_mut(task)) {
+            l.closed.pop_front();
+        }
     }
 
     fn forwarded(&self, n: u64) {
@@ -323,7 +389,7 @@ pub async fn forwarder(
             }
         };
         match ready {
-            Ok((lo, hi)) => {
+            Ok((task, lo, hi)) => {
                 match forward_batch(
                     &store,
                     &mixer,
@@ -331,13 +397,12 @@ pub async fn forwarder(
                     &fwd,
                     &mut client,
                     &holdings,
-                    lo,
-                    hi,
+                    (task, lo, hi),
                     &mut shutdown,
                 )
                 .await
                 {
-                    Ok(true) => mixer.finished(&hop.name),
+                    Ok(true) => mixer.finished(&hop.name, &task),
                     Ok(false) => return,
                     Err(e) => {
                         tracing::error!(hop = %hop.name, error = %e, "forwarding a batch failed; retrying");
@@ -365,8 +430,9 @@ pub async fn forwarder(
     }
 }
 
-/// Shuffles batch `lo..=hi` of `hop` and sends it in slices, each deleted after the next hop
-/// acknowledges it. Returns false if shutdown interrupted it (the rest stays stored).
+/// Shuffles batch `lo..=hi` of `task`'s lane to `hop` and sends it in slices, each deleted after
+/// the next hop acknowledges it. Returns false if shutdown interrupted it (the rest stays
+/// stored).
 #[allow(clippy::too_many_arguments)]
 async fn forward_batch(
     store: &Store,
@@ -375,13 +441,13 @@ async fn forward_batch(
     fwd: &ForwardConfig,
     client: &mut HopClient,
     (tasks, holdings): &(Tasks, Arc<TenantHoldings>),
-    lo: u64,
-    hi: u64,
+    (task, lo, hi): Ready,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool> {
     let s = store.clone();
     let name = hop.name.clone();
-    let mut keys = tokio::task::spawn_blocking(move || s.batch_keys(&name, lo, hi)).await??;
+    let mut keys =
+        tokio::task::spawn_blocking(move || s.batch_keys(&name, &task, lo, hi)).await??;
     let mut rng = ChaCha20Rng::try_from_os_rng()
         .map_err(|e| Error::Config(format!("the OS random number generator failed: {e}")))?;
     keys.shuffle(&mut rng);

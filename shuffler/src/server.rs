@@ -10,7 +10,7 @@ use hush_protocol::proto::v1::admin_server::AdminServer;
 use hush_protocol::proto::v1::hpke_keys_server::HpkeKeysServer;
 use hush_protocol::proto::v1::shuffler_server::ShufflerServer;
 use hush_protocol::quota::TenantHoldings;
-use hush_protocol::tls::RequirePeerCert;
+use hush_protocol::tls::{PeerLog, RequirePeerCert};
 use hush_protocol::{Clock, TaskConfig};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -33,6 +33,7 @@ use crate::store::Store;
 pub struct ShufflerNode {
     addr: SocketAddr,
     node: Node,
+    peers: PeerLog,
     shutdown: watch::Sender<bool>,
     join: JoinHandle<Result<()>>,
 }
@@ -135,14 +136,21 @@ impl ShufflerNode {
             AdminServer::new(AdminService::new(node.clone())),
             BearerAuth::new(admin_token, "admin token"),
         );
-        let keys_svc = HpkeKeysServer::new(KeysService::new(node.clone()));
+        // HPKE configs go to key directories only (they present a certificate): a service's
+        // client never fetches keys from the party they belong to.
+        let keys_svc = InterceptedService::new(
+            HpkeKeysServer::new(KeysService::new(node.clone())),
+            RequirePeerCert::new(tls.is_some(), "key directories"),
+        );
         let mut srx = rx.clone();
         let signal = async move {
             let _ = srx.wait_for(|v| *v).await;
         };
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let peers = PeerLog::default();
         let router = hush_protocol::tls::server_builder(tls.as_ref())
             .map_err(|e| Error::Config(e.to_string()))?
+            .layer(peers.layer())
             .add_service(ingest)
             .add_service(admin)
             .add_service(keys_svc);
@@ -157,6 +165,7 @@ impl ShufflerNode {
         Ok(Self {
             addr,
             node,
+            peers,
             shutdown: tx,
             join,
         })
@@ -170,6 +179,11 @@ impl ShufflerNode {
     /// The shared state (for tests and tools in the same process).
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// Who connected so far, per peer certificate name (or anonymous).
+    pub fn peers(&self) -> &PeerLog {
+        &self.peers
     }
 
     /// Stops accepting requests, lets requests in flight finish, stops forwarding (what is not

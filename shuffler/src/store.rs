@@ -5,9 +5,9 @@
 //! | `tasks` | task id | the task (protobuf `TaskConfig`) |
 //! | `keys` | `"keyset"` | the HPKE [`KeySet`] |
 //! | `tags` | key epoch ‖ replay tag | — (anti-replay; deleted with the key) |
-//! | `buffer` | hop ‖ batch ‖ random | task id ‖ peeled packet, until the next hop acknowledges it |
+//! | `buffer` | hop ‖ task ‖ batch ‖ random | task id ‖ peeled packet, until the next hop acknowledges it |
 //! | `stats` | task ‖ code | counters of accepted, forwarded and refused packets |
-//! | `meta` | `"closed:"` ‖ hop | number of the newest closed batch of a hop |
+//! | `meta` | `"closed:"` ‖ task ‖ hop | number of the newest closed batch of a lane (hop and task) |
 //!
 //! The buffer key holds no arrival order: inside a batch, packets are keyed by 16 random bytes.
 //! The key epoch is the first 8 bytes of SHA-256 of the HPKE public key that opened the packet,
@@ -121,15 +121,22 @@ pub fn hop_prefix(hop: &str) -> Vec<u8> {
     k
 }
 
-/// A buffer key: hop ‖ batch ‖ 16 random bytes.
-pub fn buffer_key(hop: &str, batch: u64) -> Vec<u8> {
+/// The buffer key prefix of a lane: hop ‖ task.
+pub fn lane_prefix(hop: &str, task: &TaskId) -> Vec<u8> {
     let mut k = hop_prefix(hop);
+    k.extend_from_slice(task.as_bytes());
+    k
+}
+
+/// A buffer key: hop ‖ task ‖ batch ‖ 16 random bytes.
+pub fn buffer_key(hop: &str, task: &TaskId, batch: u64) -> Vec<u8> {
+    let mut k = lane_prefix(hop, task);
     k.extend_from_slice(&batch.to_be_bytes());
     k.extend_from_slice(&rand::random::<[u8; 16]>());
     k
 }
 
-/// What the buffer holds for one hop, as found at startup.
+/// What the buffer holds for one lane, as found at startup.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Buffered {
     /// Packets.
@@ -286,11 +293,11 @@ impl Store {
         }))
     }
 
-    /// The buffer keys of `hop`'s packets in batches `lo..=hi`.
-    pub fn batch_keys(&self, hop: &str, lo: u64, hi: u64) -> Result<Vec<Vec<u8>>> {
-        let mut start = hop_prefix(hop);
+    /// The buffer keys of the packets of `task`'s lane to `hop` in batches `lo..=hi`.
+    pub fn batch_keys(&self, hop: &str, task: &TaskId, lo: u64, hi: u64) -> Result<Vec<Vec<u8>>> {
+        let mut start = lane_prefix(hop, task);
         start.extend_from_slice(&lo.to_be_bytes());
-        let mut end = hop_prefix(hop);
+        let mut end = lane_prefix(hop, task);
         end.extend_from_slice(&hi.to_be_bytes());
         end.extend_from_slice(&[0xff; 17]);
         self.buffer
@@ -347,25 +354,75 @@ impl Store {
         Ok(out)
     }
 
-    /// What the buffer holds, per hop name.
-    pub fn buffered(&self) -> Result<BTreeMap<String, Buffered>> {
-        let mut out: BTreeMap<String, Buffered> = BTreeMap::new();
+    /// What the buffer holds, per lane (hop name and task).
+    pub fn buffered(&self) -> Result<BTreeMap<(String, TaskId), Buffered>> {
+        let mut out: BTreeMap<(String, TaskId), Buffered> = BTreeMap::new();
         for k in self.buffer.iter().keys() {
             let k = k?;
             let n = *k
                 .first()
                 .ok_or_else(|| Error::corrupt("buffer key", "empty"))? as usize;
-            if k.len() != 1 + n + 8 + 16 {
+            if k.len() != 1 + n + 32 + 8 + 16 {
                 return Err(Error::corrupt("buffer key", "wrong length"));
             }
             let hop = String::from_utf8_lossy(&k[1..1 + n]).into_owned();
-            let batch = u64::from_be_bytes(k[1 + n..1 + n + 8].try_into().expect("8 bytes"));
-            let e = out.entry(hop).or_default();
+            let task = TaskId::try_from(&k[1 + n..1 + n + 32])
+                .map_err(|e| Error::corrupt("buffer key", e))?;
+            let at = 1 + n + 32;
+            let batch = u64::from_be_bytes(k[at..at + 8].try_into().expect("8 bytes"));
+            let e = out.entry((hop, task)).or_default();
             e.count += 1;
             e.batches = Some(match e.batches {
                 None => (batch, batch),
                 Some((lo, hi)) => (lo.min(batch), hi.max(batch)),
             });
+        }
+        Ok(out)
+    }
+
+    /// Moves packets stored under the earlier per-hop key (hop ‖ batch ‖ random) to their
+    /// task's lane, keeping their batch number; returns how many moved.
+    pub fn migrate_buffer_keys(&self) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.buffer.iter() {
+            let (k, v) = kv?;
+            let Some(&len) = k.first() else { continue };
+            let len = len as usize;
+            if k.len() != 1 + len + 8 + 16 || v.len() < 32 {
+                continue;
+            }
+            let mut nk = k[..1 + len].to_vec();
+            nk.extend_from_slice(&v[..32]);
+            nk.extend_from_slice(&k[1 + len..]);
+            batch.remove(k);
+            batch.insert(nk, v);
+            n += 1;
+        }
+        if n > 0 {
+            self.buffer.apply_batch(batch)?;
+            self.db.flush()?;
+        }
+        Ok(n)
+    }
+
+    /// The newest closed batch of each lane of `hop` that has one.
+    pub fn closed_marks(&self, hop: &str) -> Result<Vec<(TaskId, u64)>> {
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix(b"closed:") {
+            let (k, v) = kv?;
+            let rest = &k[7..];
+            if rest.len() != 32 + hop.len() || &rest[32..] != hop.as_bytes() {
+                continue;
+            }
+            let task =
+                TaskId::try_from(&rest[..32]).map_err(|e| Error::corrupt("closed mark", e))?;
+            let c = u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::corrupt("meta value", "not 8 bytes"))?,
+            );
+            out.push((task, c));
         }
         Ok(out)
     }
@@ -435,13 +492,15 @@ impl Store {
 mod tests {
     use super::*;
 
+    const TASK: [u8; 32] = [7u8; 32];
+
     fn incoming(hop: &str, batch: u64, tag: u8) -> Incoming {
         let mut tag_key = [0u8; 40];
         tag_key[8] = tag;
         Incoming {
             tag_key,
-            buffer_key: buffer_key(hop, batch),
-            task: TaskId::from([7u8; 32]),
+            buffer_key: buffer_key(hop, &TaskId::from(TASK), batch),
+            task: TaskId::from(TASK),
             payload: vec![tag; 10],
         }
     }
@@ -464,19 +523,26 @@ mod tests {
             vec![false]
         );
         let b = s.buffered().unwrap();
+        let task = TaskId::from(TASK);
         assert_eq!(
-            b["b"],
+            b[&("b".to_owned(), task)],
             Buffered {
                 count: 2,
                 batches: Some((0, 0))
             }
         );
-        assert_eq!(s.batch_keys("b", 1, 5).unwrap().len(), 0);
-        let keys = s.batch_keys("b", 0, 0).unwrap();
+        assert_eq!(s.batch_keys("b", &task, 1, 5).unwrap().len(), 0);
+        let keys = s.batch_keys("b", &task, 0, 0).unwrap();
         assert_eq!(keys.len(), 2);
         assert!(
-            s.batch_keys("bb", 0, 0).unwrap().is_empty(),
+            s.batch_keys("bb", &task, 0, 0).unwrap().is_empty(),
             "hop prefixes do not overlap"
+        );
+        assert!(
+            s.batch_keys("b", &TaskId::from([8u8; 32]), 0, 0)
+                .unwrap()
+                .is_empty(),
+            "lanes of other tasks are apart"
         );
         let p = s.packets(&keys).unwrap();
         s.remove_forwarded(
@@ -492,5 +558,22 @@ mod tests {
         assert_eq!(st[&Stat::Rejected(RejectReason::Replay)], 2);
         assert_eq!(s.delete_tags([0; 8]).unwrap(), 2);
         assert_eq!(s.tag_count(), 0);
+    }
+
+    #[test]
+    fn packets_under_the_earlier_per_hop_keys_move_to_their_lanes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 8).unwrap();
+        let mut old = hop_prefix("b");
+        old.extend_from_slice(&3u64.to_be_bytes());
+        old.extend_from_slice(&[1; 16]);
+        let mut v = TASK.to_vec();
+        v.extend_from_slice(b"packet");
+        s.buffer.insert(old, v).unwrap();
+        assert_eq!(s.migrate_buffer_keys().unwrap(), 1);
+        assert_eq!(s.migrate_buffer_keys().unwrap(), 0);
+        let task = TaskId::from(TASK);
+        let keys = s.batch_keys("b", &task, 3, 3).unwrap();
+        assert_eq!(s.packets(&keys).unwrap()[0].2, b"packet");
     }
 }

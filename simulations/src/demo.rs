@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
 use hush_aggregator::{Aggregator, AggregatorConfig, Secrets, client as agg_client};
-use hush_client::{Endpoints, HushClient, RuntimeConfig, fetch_keys};
+use hush_client::{Endpoints, HushClient, KeySet, KeySource, RuntimeConfig, fetch_key_set};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::task::log_spaced_bounds;
 use hush_protocol::{
@@ -35,7 +35,8 @@ use tonic::transport::ClientTlsConfig;
 const ADMIN_TOKEN: &str = "demo-admin-token-not-secret";
 const PEER_TOKEN: &str = "demo-peer-token-not-secret";
 const TENANT_TOKEN: &str = "demo-tenant-token-not-secret";
-pub(crate) const COLLECT_DELAY_S: u64 = 5;
+/// The shufflers' `max_wait_ms` in the in-process cluster.
+const MAX_WAIT_MS: u64 = 200;
 
 /// Run the whole cluster on loopback with simulated services and print what the collector sees.
 #[derive(Debug, Clone, clap::Args)]
@@ -179,21 +180,20 @@ pub(crate) struct Cluster {
     pub(crate) results: ResultsService,
     /// The development CA every component's certificate chains to.
     pub(crate) ca_pem: Vec<u8>,
+    /// How long after a window closes the results service collects it (derived from the
+    /// cascade's timing).
+    pub(crate) collect_delay_s: u64,
 }
 
 impl Cluster {
-    /// What a service's client runtime is configured with: every URL `https://`, verified
-    /// against the cluster's CA.
+    /// What a service's client runtime is configured with: the first shuffler and the key
+    /// directory (the results service), `https://`, verified against the cluster's CA. No
+    /// aggregator address: clients never talk to one.
     pub(crate) fn endpoints(&self) -> Endpoints {
         let url = |a: std::net::SocketAddr| format!("https://{a}");
         Endpoints {
-            shufflers: ["shuffler-a", "shuffler-b"]
-                .iter()
-                .zip(&self.shufflers)
-                .map(|(name, n)| ((*name).into(), url(n.local_addr())))
-                .collect(),
-            leader: ("leader".into(), url(self.leader.local_addr())),
-            helper_url: url(self.helper.local_addr()),
+            shuffler_url: url(self.shufflers[0].local_addr()),
+            keys: KeySource::Directory(url(self.results.grpc_addr())),
             tls_ca: Some(self.ca_pem.clone()),
         }
     }
@@ -202,7 +202,30 @@ impl Cluster {
     pub(crate) fn client_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
         let e = self.endpoints();
         let tls = hush_protocol::tls::server_auth_client(&self.ca_pem);
-        Ok(agg_client::channel(&e.shufflers[0].1, Some(&tls))?)
+        Ok(agg_client::channel(&e.shuffler_url, Some(&tls))?)
+    }
+
+    /// The key set of the current epoch, fetched from the key directory as a client does
+    /// (once the directory has fetched the parties' keys).
+    pub(crate) async fn key_set(&self) -> anyhow::Result<KeySet> {
+        let results = &self.results;
+        wait_until("the key directory", Duration::from_secs(60), || {
+            results.key_set().is_some()
+        })
+        .await?;
+        let KeySource::Directory(url) = self.endpoints().keys else {
+            bail!("the demo's clients use the key directory");
+        };
+        Ok(fetch_key_set(&url, Some(&self.ca_pem), Duration::from_secs(10)).await?)
+    }
+
+    /// Connections (and requests) the leader and the helper saw without a client certificate:
+    /// a service's client never connects to an aggregator, so both must be zero.
+    pub(crate) fn anonymous_at_aggregators(&self) -> (u64, u64) {
+        (
+            self.leader.peers().anonymous().connections,
+            self.helper.peers().anonymous().connections,
+        )
     }
 
     /// Waits until `clients` uploaded every closed window, the shufflers forwarded everything
@@ -246,7 +269,7 @@ impl Cluster {
         window: Time,
         ids: &[TaskId],
     ) -> anyhow::Result<()> {
-        mock.advance(COLLECT_DELAY_S);
+        mock.advance(self.collect_delay_s);
         let store = self.results.store().clone();
         wait_until(
             "the results service to collect",
@@ -263,15 +286,18 @@ impl Cluster {
 }
 
 /// Starts helper, leader, two shufflers and a results service (with `detection`, the TOML of
-/// its `[detection]` section) on 127.0.0.1 with sled under `dir`, and provisions `tasks`. Every
-/// link is TLS with certificates from a development CA made in `dir/certs` (as `hush certs`
-/// does): mutual between the components, server-authenticated for clients.
+/// its `[detection]` section; the key directory of the cascade, whose collection delay follows
+/// the clients' `runtime` timing) on 127.0.0.1 with sled under `dir`, and provisions `tasks`.
+/// Every link is TLS with certificates from a development CA made in `dir/certs` (as `hush
+/// certs` does): mutual between the components and for the operator's tools,
+/// server-authenticated for clients.
 pub(crate) async fn start_cluster(
     dir: &std::path::Path,
     clock: Arc<dyn Clock>,
     tasks: &[TaskConfig],
     collector: &HpkeKeypair,
     detection: &str,
+    runtime: &RuntimeConfig,
 ) -> anyhow::Result<Cluster> {
     let any = "127.0.0.1:0";
     let (sections, ca_pem) =
@@ -281,7 +307,14 @@ pub(crate) async fn start_cluster(
             .get(name)
             .context("a component without a certificate")
     };
-    let tools_tls = hush_protocol::tls::server_auth_client(&ca_pem);
+    // The operator's tools present their own certificate: nothing connects to an aggregator
+    // anonymously.
+    let tools_tls = hush_protocol::tls::TlsMaterial::from_pem(
+        std::fs::read(dir.join("certs/operator.pem"))?,
+        std::fs::read(dir.join("certs/operator-key.pem"))?,
+        ca_pem.clone(),
+    )?
+    .client();
     let secrets = Secrets {
         admin_token: ADMIN_TOKEN.into(),
         peer_token: PEER_TOKEN.into(),
@@ -313,7 +346,7 @@ pub(crate) async fn start_cluster(
         anyhow::Ok(ShufflerConfig::from_toml(&format!(
             "name = \"{name}\"\nlisten = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 32\n\
              ingest_from = \"{ingest_from}\"\n\
-             [mix]\nbatch_size = 1000\nmin_batch_size = 1\nmax_wait_ms = 200\n\
+             [mix]\nbatch_size = 1000\nmin_batch_size = 1\nmax_wait_ms = {MAX_WAIT_MS}\n\
              [[next_hop]]\nname = \"{}\"\nkind = \"{}\"\nurl = \"{}\"\n{}",
             dir.join(name).display(),
             next.0,
@@ -377,16 +410,31 @@ pub(crate) async fn start_cluster(
             })
             .await?;
     }
+    let hop = |name: &str, url: &str| {
+        format!("{{ name = \"{name}\", url = \"{url}\", max_wait_ms = {MAX_WAIT_MS} }}")
+    };
+    let results_config = ResultsConfig::from_toml(&format!(
+        "tenant = \"demo\"\nlisten_grpc = \"{any}\"\nlisten_http = \"{any}\"\ndata_dir = \"{}\"\nleader_url = \"{leader_url}\"\n\
+         task_files = [{}]\npoll_interval_ms = 50\n{}\n\
+         [detection]\n{detection}\n\
+         [cascade]\nleader_name = \"leader\"\nhelper_url = \"{helper_url}\"\nshufflers = [{}, {}]\n\
+         client_max_jitter_ms = {}\nclient_tick_ms = {}\n",
+        dir.join("results").display(),
+        task_files.join(", "),
+        tls_of("collector")?,
+        hop("shuffler-a", &shuffler_urls[0]),
+        hop("shuffler-b", &shuffler_urls[1]),
+        runtime.max_jitter.as_millis(),
+        runtime.tick.as_millis(),
+    ))?;
+    let collect_delay_s = results_config.collect_delay_s();
     let results = ResultsService::start(
-        ResultsConfig::from_toml(&format!(
-            "tenant = \"demo\"\nlisten_grpc = \"{any}\"\nlisten_http = \"{any}\"\ndata_dir = \"{}\"\nleader_url = \"{leader_url}\"\n\
-             task_files = [{}]\ncollect_delay_s = {COLLECT_DELAY_S}\npoll_interval_ms = 50\n{}\n\
-             [detection]\n{detection}\n",
-            dir.join("results").display(),
-            task_files.join(", "),
-            tls_of("collector")?
-        ))?,
-        ResultsSecrets { tenant_token: TENANT_TOKEN.into(), collector_key: collector.clone(), api_token: None },
+        results_config,
+        ResultsSecrets {
+            tenant_token: TENANT_TOKEN.into(),
+            collector_key: collector.clone(),
+            api_token: None,
+        },
         clock,
     )
     .await?;
@@ -396,6 +444,7 @@ pub(crate) async fn start_cluster(
         shufflers: vec![a, b],
         results,
         ca_pem,
+        collect_delay_s,
     })
 }
 
@@ -521,10 +570,6 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     let detection = "false_alarm_rate = 0.01\nerror_rates = [{ errors = \"errors\", requests = \
                      [\"checkout latency\", \"search latency\", \"auth latency\"] }]";
-    let cluster = start_cluster(&dir, clock.clone(), &all_tasks, &collector, detection).await?;
-    let endpoints = cluster.endpoints();
-    let keys = fetch_keys(&endpoints, Duration::from_secs(10)).await?;
-    let channel = cluster.client_channel()?;
     let runtime = RuntimeConfig {
         queue_capacity: 1_000,
         max_batch: 100,
@@ -535,6 +580,18 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         refresh_interval: Duration::from_secs(3_600),
         request_timeout: Duration::from_secs(30),
     };
+    let cluster = start_cluster(
+        &dir,
+        clock.clone(),
+        &all_tasks,
+        &collector,
+        detection,
+        &runtime,
+    )
+    .await?;
+    let endpoints = cluster.endpoints();
+    let keys = cluster.key_set().await?;
+    let channel = cluster.client_channel()?;
     let mut agents = Vec::new();
     for i in 0..args.agents {
         let s = &services[(i % 3) as usize];
@@ -739,7 +796,29 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.epsilon,
         all_tasks[0].budget_for(false).as_f64()
     );
+    let peers = |p: &hush_protocol::tls::PeerLog| {
+        p.snapshot()
+            .iter()
+            .map(|(name, c)| format!("{name} {}", c.connections))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (anon_leader, anon_helper) = cluster.anonymous_at_aggregators();
+    println!(
+        "  keys: every client sealed to key set {} (epoch {}) from the key directory; connections by peer: leader [{}], helper [{}]; from clients: {}",
+        keys.short_digest(),
+        keys.epoch,
+        peers(cluster.leader.peers()),
+        peers(cluster.helper.peers()),
+        anon_leader + anon_helper
+    );
     let ok = sum["accepted"] == sum["reports"] && aggregated == sum["accepted"];
+    if anon_leader + anon_helper > 0 {
+        bail!(
+            "{anon_leader} anonymous connections reached the leader and {anon_helper} the helper: \
+             clients must never connect to an aggregator"
+        );
+    }
     for (_, c) in agents {
         c.shutdown(Duration::from_secs(1)).await;
     }

@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hush_aggregator::client as agg_client;
-use hush_client::{ClientTask, Endpoints, fetch_keys};
+use hush_client::{ClientTask, KeySet};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
 use hush_protocol::task::log_spaced_bounds;
-use hush_protocol::tls::server_auth_client;
 use hush_protocol::{Clock, HpkeKeypair, MeasurementKind, SystemClock, TaskConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -186,7 +185,6 @@ struct Cluster {
     procs: Vec<Proc>,
     urls: BTreeMap<&'static str, String>,
     tools: ClientTlsConfig,
-    ca_pem: Vec<u8>,
 }
 
 /// Writes certificates and configs under `dir` and starts the four servers.
@@ -271,12 +269,45 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
     Ok(Cluster {
         procs,
         urls: COMPONENTS.iter().map(|c| (*c, url(c))).collect(),
-        tools: server_auth_client(&ca_pem),
-        ca_pem,
+        // The operator's tools present the operator certificate (the parties serve HPKE
+        // configs to certificate holders only).
+        tools: hush_protocol::tls::TlsMaterial::from_pem(
+            std::fs::read(dir.join("certs/operator.pem"))?,
+            std::fs::read(dir.join("certs/operator-key.pem"))?,
+            ca_pem.clone(),
+        )?
+        .client(),
     })
 }
 
 impl Cluster {
+    /// The parties' current HPKE configs as one key set, fetched with the operator's
+    /// certificate the way a key directory fetches them.
+    async fn key_set(&self) -> anyhow::Result<KeySet> {
+        let first = |c: &'static str| {
+            let url = self.urls[c].clone();
+            let tls = self.tools.clone();
+            async move {
+                agg_client::hpke_configs(&url, Some(&tls))
+                    .await?
+                    .into_iter()
+                    .next()
+                    .with_context(|| format!("{c} publishes no HPKE config"))
+            }
+        };
+        Ok(KeySet {
+            epoch: 0,
+            epoch_start: hush_protocol::Time::from_secs(0),
+            epoch_s: 86_400,
+            shufflers: vec![
+                ("shuffler-a".into(), first("shuffler-a").await?),
+                ("shuffler-b".into(), first("shuffler-b").await?),
+            ],
+            leader: ("leader".into(), first("leader").await?),
+            helper: first("helper").await?,
+        })
+    }
+
     async fn provision(&self, task: &TaskConfig) -> anyhow::Result<()> {
         crate::demo::provision(
             (&self.urls["leader"], &self.urls["helper"]),
@@ -438,22 +469,13 @@ async fn run(args: LoadArgs, chaos: Option<ChaosArgs>) -> anyhow::Result<()> {
     }
     .build(&collector)?;
     cluster.provision(&task).await?;
-    let endpoints = Endpoints {
-        shufflers: vec![
-            ("shuffler-a".into(), cluster.urls["shuffler-a"].clone()),
-            ("shuffler-b".into(), cluster.urls["shuffler-b"].clone()),
-        ],
-        leader: ("leader".into(), cluster.urls["leader"].clone()),
-        helper_url: cluster.urls["helper"].clone(),
-        tls_ca: Some(cluster.ca_pem.clone()),
-    };
-    let keys = fetch_keys(&endpoints, Duration::from_secs(10)).await?;
-    let route = keys.route(&endpoints)?;
+    // The harness plays the tenant's key directory: one key set for every sender.
+    let keys = cluster.key_set().await?;
     let client = Arc::new(ClientTask::new(
         task.clone(),
-        keys.leader.clone(),
+        keys.leader.1.clone(),
         keys.helper.clone(),
-        route,
+        keys.route()?,
     )?);
 
     // Senders: `agents` connections, each with its share of the rate, 10 requests a second.

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hush_aggregator::{Aggregator, AggregatorConfig};
-use hush_client::{Endpoints, HushClient, RuntimeConfig};
+use hush_client::{Endpoints, HushClient, KeySource, RuntimeConfig};
 use hush_protocol::{
     Clock, HpkeKeypair, MeasurementKind, MockClock, Role, TaskConfig, Time, VerifyKey,
 };
-use hush_tests::cluster::{aggregator_config, provision, secrets, stats, url, wait_drained};
+use hush_tests::cluster::{
+    Directory, aggregator_config, provision, secrets, stats, url, wait_drained,
+};
 use hush_tests::mixnet::{Mix, provision_shuffler, shuffler_config_text};
 use hush_tests::task_params;
 
@@ -27,13 +29,13 @@ async fn the_client_keeps_recording_with_servers_down_and_delivers_when_they_ret
     let mock = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
     let clock: Arc<dyn Clock> = mock.clone();
     let (leader_addr, helper_addr, shuffler_addr) = (free_addr(), free_addr(), free_addr());
+    let directory_addr = free_addr();
     let mut p = task_params(MeasurementKind::EventHistogram, &HpkeKeypair::generate(1));
     p.contribution_bound = 100;
     let task = TaskConfig::new(p).unwrap();
     let endpoints = Endpoints {
-        shufflers: vec![("shuffler-a".into(), url(shuffler_addr))],
-        leader: ("leader".into(), url(leader_addr)),
-        helper_url: url(helper_addr),
+        shuffler_url: url(shuffler_addr),
+        keys: KeySource::Directory(url(directory_addr)),
         tls_ca: None,
     };
     let config = RuntimeConfig {
@@ -124,6 +126,17 @@ async fn the_client_keeps_recording_with_servers_down_and_delivers_when_they_ret
     )
     .await;
     provision_shuffler(&url(shuffler_addr), &task).await;
+    // The key directory comes back on its address too.
+    let directory = Directory::start(
+        directory_addr,
+        &url(leader_addr),
+        &url(helper_addr),
+        &[("shuffler-a", url(shuffler_addr))],
+        &task,
+        600,
+        clock.clone(),
+    )
+    .await;
 
     assert!(
         client.flush(Duration::from_secs(60)).await,
@@ -146,6 +159,7 @@ async fn the_client_keeps_recording_with_servers_down_and_delivers_when_they_ret
     let l = wait_drained(&url(leader_addr), &task, Duration::from_secs(60)).await;
     assert_eq!(l.reports_aggregated, s.accepted);
     assert!(client.shutdown(Duration::from_secs(5)).await);
+    directory.shutdown().await;
     shuffler.shutdown().await.unwrap();
     leader.shutdown().await.unwrap();
     helper.shutdown().await.unwrap();
@@ -165,9 +179,8 @@ async fn flush_never_reports_done_while_reports_wait() {
     p.contribution_bound = 20_000;
     let task = TaskConfig::new(p).unwrap();
     let endpoints = Endpoints {
-        shufflers: vec![("shuffler-a".into(), down.clone())],
-        leader: ("leader".into(), down.clone()),
-        helper_url: down,
+        shuffler_url: down.clone(),
+        keys: KeySource::Directory(down),
         tls_ca: None,
     };
     let config = RuntimeConfig {

@@ -5,6 +5,7 @@ mod client_runtime;
 mod collection;
 mod docs_samples;
 mod fuzz_regressions;
+mod key_directory;
 mod report_path;
 mod results;
 mod shuffler;

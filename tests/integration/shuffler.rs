@@ -578,15 +578,17 @@ async fn output_order_is_uncorrelated_with_input_order() {
 async fn a_tenant_holding_its_limit_of_packets_is_pushed_back_and_others_are_not() {
     let sink = RecordingLeader::start().await;
     let acme = histogram_task();
+    let acme_b = hush_tests::for_tenant(&acme, "acme");
     let other = hush_tests::for_tenant(&acme, "other");
     let dir = tempfile::tempdir().unwrap();
-    // A batch leaves only once it holds 200 packets: until then everything stays buffered.
+    // A task's batch leaves only once it holds 100 packets: until then everything stays
+    // buffered. acme may hold 130 packets over its tasks.
     let mix = Mix {
-        batch_size: 200,
-        min_batch_size: 200,
+        batch_size: 100,
+        min_batch_size: 100,
         max_wait_ms: 600_000,
     };
-    let limits = "[limits]\nmax_request_packets = 100\nper_tenant_max_buffered = 100\n";
+    let limits = "[limits]\nmax_request_packets = 100\nper_tenant_max_buffered = 130\n";
     let sink_url = sink.url();
     let start = || {
         start_shuffler(
@@ -600,61 +602,47 @@ async fn a_tenant_holding_its_limit_of_packets_is_pushed_back_and_others_are_not
     };
     let mut node = start().await;
     let u = url(node.local_addr());
-    provision_shuffler(&u, &acme).await;
-    provision_shuffler(&u, &other).await;
+    for t in [&acme, &acme_b, &other] {
+        provision_shuffler(&u, t).await;
+    }
     let bodies = |from: u32| (from..from + 200).map(|i| i.to_be_bytes().to_vec());
     let a = one_hop_packets(&u, "shuffler-a", &acme, bodies(0)).await;
+    let b = one_hop_packets(&u, "shuffler-a", &acme_b, bodies(500)).await;
     let o = one_hop_packets(&u, "shuffler-a", &other, bodies(1_000)).await;
     let send = |u: String, p: Vec<pb::Packet>| async move {
         ShufflerClient::new(client::channel(&u, None).unwrap())
             .submit_packets(pb::SubmitPacketsRequest { packets: p })
             .await
     };
-    assert_eq!(
-        send(u.clone(), a[..100].to_vec())
-            .await
-            .unwrap()
-            .into_inner()
-            .accepted,
-        100
-    );
-    // acme holds its limit: pushed back whole, counted, nothing stored.
-    let e = send(u.clone(), a[100..110].to_vec()).await.unwrap_err();
+    let accepted = |r: Result<tonic::Response<pb::SubmitPacketsResponse>, tonic::Status>| {
+        r.unwrap().into_inner().accepted
+    };
+    assert_eq!(accepted(send(u.clone(), a[..90].to_vec()).await), 90);
+    assert_eq!(accepted(send(u.clone(), b[..30].to_vec()).await), 30);
+    // acme holds 120 of its 130: 20 more are pushed back whole, counted, nothing stored.
+    let e = send(u.clone(), b[30..50].to_vec()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("acme"), "{}", e.message());
     // other is not affected, alone or mixed with acme's packets.
-    assert_eq!(
-        send(u.clone(), o[..50].to_vec())
-            .await
-            .unwrap()
-            .into_inner()
-            .accepted,
-        50
-    );
-    let mixed: Vec<pb::Packet> = a[110..120].iter().chain(&o[50..60]).cloned().collect();
+    assert_eq!(accepted(send(u.clone(), o[..50].to_vec()).await), 50);
+    let mixed: Vec<pb::Packet> = b[50..70].iter().chain(&o[50..60]).cloned().collect();
     let r = send(u.clone(), mixed).await.unwrap().into_inner();
     assert_eq!(r.accepted, 10);
     assert_eq!(r.rejected[0].reason, RejectReason::OverQuota as i32);
-    assert_eq!(r.rejected[0].count, 10);
+    assert_eq!(r.rejected[0].count, 20);
     // The holdings are counted from the store again after a restart.
     node.shutdown().await.unwrap();
     node = start().await;
     let u = url(node.local_addr());
-    let e = send(u.clone(), a[120..130].to_vec()).await.unwrap_err();
+    let e = send(u.clone(), b[70..90].to_vec()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
-    // other's packets fill the batch; once it is forwarded, acme is taken again.
-    assert_eq!(
-        send(u.clone(), o[60..100].to_vec())
-            .await
-            .unwrap()
-            .into_inner()
-            .accepted,
-        40
-    );
-    assert_eq!(sink.wait_for(200, Duration::from_secs(30)).await.len(), 200);
+    // Ten more of acme's first task fit its limit and fill that task's batch; once it is
+    // forwarded, acme is taken again.
+    assert_eq!(accepted(send(u.clone(), a[90..100].to_vec()).await), 10);
+    assert_eq!(sink.wait_for(100, Duration::from_secs(30)).await.len(), 100);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let accepted = loop {
-        match send(u.clone(), a[130..140].to_vec()).await {
+    let taken = loop {
+        match send(u.clone(), b[90..110].to_vec()).await {
             Ok(r) => break r.into_inner().accepted,
             Err(e) => {
                 assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
@@ -666,12 +654,99 @@ async fn a_tenant_holding_its_limit_of_packets_is_pushed_back_and_others_are_not
             }
         }
     };
-    assert_eq!(accepted, 10);
+    assert_eq!(taken, 20);
     let sa = stats(&u, Some(&acme)).await;
-    assert_eq!(sa.reports_accepted, 110);
-    assert!(reasons(&sa)[&RejectReason::OverQuota] >= 30);
+    assert_eq!(sa.reports_accepted, 100);
+    let sb = stats(&u, Some(&acme_b)).await;
+    assert_eq!(sb.reports_accepted, 50);
+    assert!(reasons(&sb)[&RejectReason::OverQuota] >= 60);
     let so = stats(&u, Some(&other)).await;
-    assert_eq!(so.reports_accepted, 100);
+    assert_eq!(so.reports_accepted, 60);
     assert!(reasons(&so).is_empty(), "{so:?}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rare_tasks_packets_wait_for_their_own_anonymity_set_and_a_busy_task_is_not_slowed() {
+    // The attack: one packet of a rare task leaving in a batch of 100 of a busy task is picked
+    // out by its task id at the next hop, and linked to its sender by the first shuffler. Every
+    // batch must hold at least k_min packets of each task it carries.
+    const K_MIN: usize = 20;
+    let sink = RecordingLeader::start().await;
+    let busy = histogram_task();
+    let rare = histogram_task();
+    let dir = tempfile::tempdir().unwrap();
+    let mix = Mix {
+        batch_size: 1_000,
+        min_batch_size: K_MIN as u64,
+        max_wait_ms: 100,
+    };
+    let node = start_shuffler(
+        "shuffler-a",
+        dir.path(),
+        ("leader", "leader", &sink.url()),
+        mix,
+        "",
+        Arc::new(SystemClock),
+    )
+    .await;
+    let u = url(node.local_addr());
+    provision_shuffler(&u, &busy).await;
+    provision_shuffler(&u, &rare).await;
+    let body = |tag: u8, i: u32| [vec![tag], i.to_be_bytes().to_vec()].concat();
+    let rare_packets = one_hop_packets(
+        &u,
+        "shuffler-a",
+        &rare,
+        (0..K_MIN as u32).map(|i| body(b'R', i)),
+    )
+    .await;
+    let busy_packets =
+        one_hop_packets(&u, "shuffler-a", &busy, (0..100).map(|i| body(b'B', i))).await;
+    let rare_seen = |got: &[Vec<u8>]| got.iter().filter(|r| r[0] == b'R').count();
+
+    // One rare packet and 100 busy ones arrive together: the busy batch leaves after max_wait,
+    // the rare packet stays.
+    let mut first = vec![rare_packets[0].clone()];
+    first.extend(busy_packets.iter().cloned());
+    assert_eq!(submit_packets(&u, &first, 200).await.accepted, 101);
+    let got = sink.wait_for(100, Duration::from_secs(10)).await;
+    assert_eq!(
+        rare_seen(&got),
+        0,
+        "the rare packet left with the busy task's batch"
+    );
+    // More rare packets, still one short of k_min: however long they wait, none leaves.
+    assert_eq!(
+        submit_packets(&u, &rare_packets[1..K_MIN - 1], 100)
+            .await
+            .accepted,
+        (K_MIN - 2) as u64
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(rare_seen(&sink.received()), 0);
+    assert_eq!(
+        node.node().mixer.open_per_task()[&rare.id()],
+        (K_MIN - 1) as u64
+    );
+    // Meanwhile another busy batch flows through unhindered.
+    let more_busy =
+        one_hop_packets(&u, "shuffler-a", &busy, (100..150).map(|i| body(b'B', i))).await;
+    assert_eq!(submit_packets(&u, &more_busy, 100).await.accepted, 50);
+    let got = sink.wait_for(150, Duration::from_secs(10)).await;
+    assert_eq!(rare_seen(&got), 0);
+    // The k_min-th rare packet releases all of them, together.
+    assert_eq!(
+        submit_packets(&u, &rare_packets[K_MIN - 1..], 10)
+            .await
+            .accepted,
+        1
+    );
+    let got = sink.wait_for(150 + K_MIN, Duration::from_secs(10)).await;
+    assert_eq!(rare_seen(&got), K_MIN);
+    assert!(
+        got[150..].iter().all(|r| r[0] == b'R'),
+        "the rare task's batch holds only its own packets"
+    );
     node.shutdown().await.unwrap();
 }

@@ -1,14 +1,15 @@
 //! Mutual TLS on every operator link: a shuffler, the leader and the helper started with
 //! certificates from one CA refuse a caller without a client certificate, with a certificate
-//! from another CA, or speaking plaintext, on each link; services' clients reach the public
-//! services with server-authenticated TLS; and reports travel the whole TLS cascade.
+//! from another CA, or speaking plaintext, on each link; HPKE configs go only to certificate
+//! holders (key directories), never to a service's client; services' clients reach the first
+//! shuffler with server-authenticated TLS; and reports travel the whole TLS cascade.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hush_aggregator::{Aggregator, AggregatorConfig, client};
-use hush_client::{Endpoints, HushClient, RuntimeConfig};
+use hush_client::{Endpoints, HushClient, KeySet, KeySource, RuntimeConfig};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::collection_client::CollectionClient;
 use hush_protocol::proto::v1::helper_aggregation_client::HelperAggregationClient;
@@ -207,6 +208,15 @@ fn init_job(c: Channel) -> futures_like::BoxFuture<Result<(), tonic::Status>> {
     })
 }
 
+fn get_keys(c: Channel) -> futures_like::BoxFuture<Result<(), tonic::Status>> {
+    Box::pin(async move {
+        HpkeKeysClient::new(c)
+            .get_hpke_configs(pb::GetHpkeConfigsRequest {})
+            .await
+            .map(|_| ())
+    })
+}
+
 fn collect(c: Channel) -> futures_like::BoxFuture<Result<(), tonic::Status>> {
     Box::pin(async move {
         CollectionClient::new(c)
@@ -221,7 +231,7 @@ async fn every_operator_link_refuses_callers_without_a_certificate_from_a_truste
     let clock: Arc<dyn Clock> = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
     let c = TlsCluster::start(clock).await;
     let rogue = DevCa::new("someone else's CA").unwrap();
-    let links: [(&str, String, Call); 4] = [
+    let links: [(&str, String, Call); 8] = [
         (
             "shuffler-a → shuffler-b",
             https(c.second.local_addr()),
@@ -234,6 +244,20 @@ async fn every_operator_link_refuses_callers_without_a_certificate_from_a_truste
         ),
         ("leader → helper", https(c.helper.local_addr()), init_job),
         ("collector → leader", https(c.leader.local_addr()), collect),
+        // HPKE configs: only key directories (certificate holders) may fetch them, so no
+        // party can hand a service's client a key of its own.
+        ("directory → leader", https(c.leader.local_addr()), get_keys),
+        ("directory → helper", https(c.helper.local_addr()), get_keys),
+        (
+            "directory → shuffler-a",
+            https(c.first.local_addr()),
+            get_keys,
+        ),
+        (
+            "directory → shuffler-b",
+            https(c.second.local_addr()),
+            get_keys,
+        ),
     ];
     for (link, url, call) in links {
         // No client certificate: the TLS handshake succeeds (public services share the port),
@@ -290,23 +314,13 @@ async fn every_operator_link_refuses_callers_without_a_certificate_from_a_truste
             })
             .collect()
     };
-    assert_eq!(actions(&c.leader), ["ingest.call", "collection.call"]);
-    assert_eq!(actions(&c.helper), ["aggregation.call"]);
-    // Clients of services need no certificate: HPKE configs of every server, and the first
-    // shuffler's ingest.
-    for url in [
-        https(c.leader.local_addr()),
-        https(c.helper.local_addr()),
-        https(c.first.local_addr()),
-        https(c.second.local_addr()),
-    ] {
-        let list = HpkeKeysClient::new(chan(&url, Some(&c.trust())))
-            .get_hpke_configs(pb::GetHpkeConfigsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(!list.configs.is_empty(), "{url}");
-    }
+    assert_eq!(
+        actions(&c.leader),
+        ["ingest.call", "collection.call", "keys.call"]
+    );
+    assert_eq!(actions(&c.helper), ["aggregation.call", "keys.call"]);
+    // Clients of services need no certificate for the first shuffler's ingest, the only
+    // operator service they use.
     submit_packets(chan(&https(c.first.local_addr()), Some(&c.trust())))
         .await
         .unwrap();
@@ -362,13 +376,38 @@ async fn reports_travel_the_whole_tls_cascade_and_are_aggregated() {
             .await
             .unwrap();
     }
-    let endpoints = Endpoints {
+    // The clients are deployed with a pinned key set (fetched once, with a certificate, as a
+    // key directory does): they never ask any party for keys.
+    let directory = c.with_cert_of(&c.ca);
+    let first_config = |addr| {
+        let tls = directory.clone();
+        async move {
+            client::hpke_configs(&https(addr), Some(&tls))
+                .await
+                .unwrap()[0]
+                .clone()
+        }
+    };
+    let pinned = KeySet {
+        epoch: 1,
+        epoch_start: Time::from_secs(0),
+        epoch_s: 86_400,
         shufflers: vec![
-            ("shuffler-a".into(), https(c.first.local_addr())),
-            ("shuffler-b".into(), https(c.second.local_addr())),
+            (
+                "shuffler-a".into(),
+                first_config(c.first.local_addr()).await,
+            ),
+            (
+                "shuffler-b".into(),
+                first_config(c.second.local_addr()).await,
+            ),
         ],
-        leader: ("leader".into(), https(c.leader.local_addr())),
-        helper_url: https(c.helper.local_addr()),
+        leader: ("leader".into(), first_config(c.leader.local_addr()).await),
+        helper: first_config(c.helper.local_addr()).await,
+    };
+    let endpoints = Endpoints {
+        shuffler_url: https(c.first.local_addr()),
+        keys: KeySource::Pinned(pinned),
         tls_ca: Some(c.ca.cert_pem().as_bytes().to_vec()),
     };
     let config = RuntimeConfig {

@@ -1,5 +1,6 @@
 //! `hush demo --windows 2 --agents 200`: the whole cluster in one command finishes, prints every
-//! window, accounts for every report, and exits 0.
+//! window, accounts for every report, shows that no client connected to an aggregator, and
+//! exits 0.
 
 use std::process::Command;
 
@@ -29,6 +30,12 @@ fn the_demo_runs_two_windows_and_exits_zero() {
     assert!(
         !stdout.contains("no result"),
         "a window was not released:\n{stdout}"
+    );
+    // Over the whole run, no service's client connected to the leader or the helper: keys
+    // came from the key directory, reports went to the first shuffler.
+    assert!(
+        stdout.contains("from clients: 0"),
+        "clients reached an aggregator:\n{stdout}"
     );
     // The demo kept its databases where it was told to.
     for d in ["leader", "helper", "shuffler-a", "shuffler-b", "results"] {

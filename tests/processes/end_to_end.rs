@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hush_aggregator::AggregatorConfig;
-use hush_client::{Endpoints, HushClient, RuntimeConfig, fetch_keys};
+use hush_client::{Endpoints, HushClient, KeySource, RuntimeConfig, fetch_key_set};
 use hush_protocol::{
     Clock, Codec, Epsilon, HpkeKeypair, MeasurementKind, SystemClock, TaskConfig, VerifyKey,
 };
@@ -160,11 +160,17 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
         "results.toml",
         &format!(
             "tenant = \"acme\"\nlisten_grpc = \"127.0.0.1:0\"\nlisten_http = \"127.0.0.1:0\"\n\
-             data_dir = \"{}\"\nleader_url = \"{}\"\ntask_files = [{}]\ncollect_delay_s = 5\n\
-             poll_interval_ms = 100\n",
+             data_dir = \"{}\"\nleader_url = \"{}\"\ntask_files = [{}]\n\
+             poll_interval_ms = 100\n\
+             [cascade]\nhelper_url = \"{}\"\nclient_max_jitter_ms = 200\nclient_tick_ms = 200\n\
+             shufflers = [{{ name = \"shuffler-a\", url = \"{}\", max_wait_ms = 200 }}, \
+             {{ name = \"shuffler-b\", url = \"{}\", max_wait_ms = 200 }}]\n",
             dir.join("results").display(),
             leader.url(),
-            files.join(", ")
+            files.join(", "),
+            helper.url(),
+            a.url(),
+            b.url(),
         ),
     );
     let key = URL_SAFE_NO_PAD.encode(collector.to_bytes());
@@ -181,19 +187,23 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
         .http_addr()
         .expect("the results service serves HTTP");
 
-    // A few hundred service instances, each with its own client and connection.
+    // A few hundred service instances, each with its own client and connection, getting their
+    // keys from the results service (the tenant's key directory), never from a party.
     let endpoints = Endpoints {
-        shufflers: vec![
-            ("shuffler-a".into(), a.url()),
-            ("shuffler-b".into(), b.url()),
-        ],
-        leader: ("leader".into(), leader.url()),
-        helper_url: helper.url(),
+        shuffler_url: a.url(),
+        keys: KeySource::Directory(results.url()),
         tls_ca: None,
     };
-    let keys = fetch_keys(&endpoints, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let begun = Instant::now();
+    let keys = loop {
+        match fetch_key_set(&results.url(), None, Duration::from_secs(10)).await {
+            Ok(k) => break k,
+            Err(e) => {
+                assert!(begun.elapsed() < Duration::from_secs(30), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     let config = RuntimeConfig {
         tick: Duration::from_millis(200),
         max_jitter: Duration::from_millis(200),

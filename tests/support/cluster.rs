@@ -357,3 +357,69 @@ impl Stored {
         (decode_signed(&total.share).unwrap(), total.report_count)
     }
 }
+
+/// A tenant's results service acting as the key directory of a plaintext cascade, on
+/// 127.0.0.1 with its database in a temporary directory. `shufflers` are (name, URL) in route
+/// order; `task` is written as its one task file.
+#[derive(Debug)]
+pub struct Directory {
+    /// The running service.
+    pub service: hush_aggregator::results::ResultsService,
+    /// Its directory (config, task file, database).
+    pub dir: TempDir,
+}
+
+impl Directory {
+    /// Starts it on `listen` (epochs of `epoch_s`; keys are fetched on its first tick).
+    pub async fn start(
+        listen: SocketAddr,
+        leader_url: &str,
+        helper_url: &str,
+        shufflers: &[(&str, String)],
+        task: &TaskConfig,
+        epoch_s: u64,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+        let dir = tempfile::tempdir().unwrap();
+        let task_file = dir.path().join("task.toml");
+        std::fs::write(&task_file, toml::to_string(task.params()).unwrap()).unwrap();
+        let hops: Vec<String> = shufflers
+            .iter()
+            .map(|(n, u)| format!("{{ name = \"{n}\", url = \"{u}\", max_wait_ms = 100 }}"))
+            .collect();
+        let config = ResultsConfig::from_toml(&format!(
+            "tenant = \"{}\"\nlisten_grpc = \"{listen}\"\nlisten_http = \"127.0.0.1:0\"\n\
+             data_dir = \"{}\"\nleader_url = \"{leader_url}\"\ntask_files = [\"{}\"]\n\
+             poll_interval_ms = 50\n\
+             [cascade]\nhelper_url = \"{helper_url}\"\nkey_epoch_s = {epoch_s}\nshufflers = [{}]\n",
+            task.tenant(),
+            dir.path().join("data").display(),
+            task_file.display(),
+            hops.join(", ")
+        ))
+        .expect("a valid directory config");
+        let service = ResultsService::start(
+            config,
+            ResultsSecrets {
+                tenant_token: "directory-test-token-0123456789".into(),
+                collector_key: HpkeKeypair::generate(1),
+                api_token: None,
+            },
+            clock,
+        )
+        .await
+        .expect("the key directory starts");
+        Self { service, dir }
+    }
+
+    /// The directory's gRPC URL (plaintext).
+    pub fn url(&self) -> String {
+        url(self.service.grpc_addr())
+    }
+
+    /// Stops it.
+    pub async fn shutdown(self) {
+        self.service.shutdown().await.expect("the directory stops");
+    }
+}

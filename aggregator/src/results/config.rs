@@ -37,9 +37,11 @@ pub struct ResultsConfig {
     #[serde(default = "defaults::api_token_env")]
     pub api_token_env: String,
     /// How long after a window closes it is collected, in seconds: reports still in the
-    /// cascade have this long to arrive; later ones are refused.
-    #[serde(default = "defaults::collect_delay_s")]
-    pub collect_delay_s: u64,
+    /// cascade have this long to arrive; later ones are refused and counted as late. With a
+    /// `[cascade]` section it defaults to what the cascade can hold a report
+    /// ([`CascadeConfig::min_collect_delay_s`]) and may not be shorter; without one, 30 s.
+    #[serde(default)]
+    pub collect_delay_s: Option<u64>,
     /// How often the scheduler looks for windows to collect, in milliseconds.
     #[serde(default = "defaults::poll_interval_ms")]
     pub poll_interval_ms: u64,
@@ -53,6 +55,77 @@ pub struct ResultsConfig {
     /// the link is plaintext, which `hush results` allows only with `--insecure`.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+    /// The tenant's route through the mixnet: this service serves its clients the key set of
+    /// every party on it (the key directory), and the collection delay follows its timing.
+    #[serde(default)]
+    pub cascade: Option<CascadeConfig>,
+    /// The leader's allowed clock skew (its `clock_skew_s`): late reports of a window can arrive
+    /// until its end plus the task's report expiry plus this; only then is the late count
+    /// asked for.
+    #[serde(default = "defaults::clock_skew_s")]
+    pub clock_skew_s: u64,
+}
+
+/// `[cascade]`: the tenant's route, for the key directory and the collection delay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CascadeConfig {
+    /// The shufflers in route order (clients send to the first).
+    pub shufflers: Vec<ShufflerHop>,
+    /// The leader's name in onion routes (its HPKE configs come from `leader_url`).
+    #[serde(default = "defaults::leader_name")]
+    pub leader_name: String,
+    /// The helper's gRPC URL, for its HPKE configs.
+    pub helper_url: String,
+    /// Length of a key epoch, in seconds: every client of the tenant gets the same key set for
+    /// a whole epoch. Parties must keep a retired key at least two epochs plus the clients'
+    /// refresh interval (their `key_grace_period_s`, a day by default, does).
+    #[serde(default = "defaults::key_epoch_s")]
+    pub key_epoch_s: u64,
+    /// The longest random delay the tenant's clients wait before an upload (their runtime's
+    /// `max_jitter`), in milliseconds.
+    #[serde(default = "defaults::client_max_jitter_ms")]
+    pub client_max_jitter_ms: u64,
+    /// How often the tenant's clients close windows (their runtime's `tick`), in milliseconds.
+    #[serde(default = "defaults::client_tick_ms")]
+    pub client_tick_ms: u64,
+}
+
+/// One shuffler of the route.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShufflerHop {
+    /// Its name in onion routes.
+    pub name: String,
+    /// Its gRPC URL, for its HPKE configs.
+    pub url: String,
+    /// Its `[mix] max_wait_ms`: the longest a packet waits there in a batch that reached
+    /// `min_batch_size`.
+    #[serde(default = "defaults::max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+/// Time each hop may add for forwarding and retries, besides its batch wait.
+pub const HOP_SLACK_MS: u64 = 1_000;
+/// Time the leader may take to aggregate what arrived, besides the cascade.
+pub const AGGREGATION_SLACK_S: u64 = 5;
+
+impl CascadeConfig {
+    /// The shortest collection delay that lets every report the cascade releases in time reach
+    /// the leader: the clients' tick and jitter, each hop's `max_wait_ms` plus
+    /// [`HOP_SLACK_MS`], rounded up to a second, plus [`AGGREGATION_SLACK_S`]. A batch below a
+    /// shuffler's `min_batch_size` is never released by timeout: its reports can still arrive
+    /// late and are counted as such.
+    pub fn min_collect_delay_s(&self) -> u64 {
+        let hold_ms = self.client_tick_ms
+            + self.client_max_jitter_ms
+            + self
+                .shufflers
+                .iter()
+                .map(|h| h.max_wait_ms + HOP_SLACK_MS)
+                .sum::<u64>();
+        hold_ms.div_ceil(1_000) + AGGREGATION_SLACK_S
+    }
 }
 
 /// `[detection]`: how released windows are tested for anomalies.
@@ -88,8 +161,23 @@ mod defaults {
     pub(super) fn api_token_env() -> String {
         "HUSH_RESULTS_TOKEN".into()
     }
-    pub(super) fn collect_delay_s() -> u64 {
-        30
+    pub(super) fn clock_skew_s() -> u64 {
+        300
+    }
+    pub(super) fn leader_name() -> String {
+        "leader".into()
+    }
+    pub(super) fn key_epoch_s() -> u64 {
+        600
+    }
+    pub(super) fn client_max_jitter_ms() -> u64 {
+        2_000
+    }
+    pub(super) fn client_tick_ms() -> u64 {
+        250
+    }
+    pub(super) fn max_wait_ms() -> u64 {
+        30_000
     }
     pub(super) fn poll_interval_ms() -> u64 {
         1_000
@@ -129,6 +217,76 @@ impl ResultsConfig {
         if c.poll_interval_ms == 0 {
             return Err(Error::Config("poll_interval_ms must be positive".into()));
         }
+        if let Some(cascade) = &c.cascade {
+            if cascade.shufflers.is_empty() {
+                return Err(Error::Config(
+                    "cascade.shufflers lists no shuffler: clients send to the first".into(),
+                ));
+            }
+            if cascade.key_epoch_s == 0 {
+                return Err(Error::Config("cascade.key_epoch_s must be positive".into()));
+            }
+            let tls = c.tls.is_some();
+            crate::config::check_url_scheme(&cascade.helper_url, tls, "cascade.helper_url")?;
+            for h in &cascade.shufflers {
+                crate::config::check_url_scheme(&h.url, tls, "cascade.shufflers.url")?;
+            }
+            let min = cascade.min_collect_delay_s();
+            if let Some(d) = c.collect_delay_s
+                && d < min
+            {
+                return Err(Error::Config(format!(
+                    "collect_delay_s = {d} is shorter than the cascade can hold a report ({min} s: \
+                     client tick {} ms + jitter {} ms + each shuffler's max_wait_ms + {HOP_SLACK_MS} ms, \
+                     plus {AGGREGATION_SLACK_S} s to aggregate); reports arriving later would be \
+                     refused as late. Raise it to at least {min}, or lower the shufflers' max_wait_ms",
+                    cascade.client_tick_ms, cascade.client_max_jitter_ms
+                )));
+            }
+        }
         Ok(c)
+    }
+
+    /// The collection delay in force: the configured one, else what the cascade needs, else
+    /// 30 s.
+    pub fn collect_delay_s(&self) -> u64 {
+        self.collect_delay_s.unwrap_or_else(|| {
+            self.cascade
+                .as_ref()
+                .map_or(30, CascadeConfig::min_collect_delay_s)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "tenant = \"acme\"\nlisten_grpc = \"127.0.0.1:0\"\nlisten_http = \"127.0.0.1:0\"\n\
+        data_dir = \"/tmp/x\"\nleader_url = \"http://127.0.0.1:1\"\ntask_files = [\"t.toml\"]\n";
+    const CASCADE: &str = "[cascade]\nhelper_url = \"http://127.0.0.1:2\"\n\
+        shufflers = [{ name = \"a\", url = \"http://127.0.0.1:3\", max_wait_ms = 2000 },\
+        { name = \"b\", url = \"http://127.0.0.1:4\", max_wait_ms = 3000 }]\n";
+
+    #[test]
+    fn the_collection_delay_follows_the_cascade() {
+        let c = ResultsConfig::from_toml(&format!("{BASE}{CASCADE}")).unwrap();
+        // 250 + 2000 + (2000 + 1000) + (3000 + 1000) = 9250 ms → 10 s, + 5 s.
+        assert_eq!(c.collect_delay_s(), 15);
+        let ok =
+            ResultsConfig::from_toml(&format!("{BASE}collect_delay_s = 60\n{CASCADE}")).unwrap();
+        assert_eq!(ok.collect_delay_s(), 60);
+        let e = ResultsConfig::from_toml(&format!("{BASE}collect_delay_s = 14\n{CASCADE}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("collect_delay_s = 14") && e.contains("at least 15"),
+            "{e}"
+        );
+        // Without a cascade: the old default.
+        assert_eq!(
+            ResultsConfig::from_toml(BASE).unwrap().collect_delay_s(),
+            30
+        );
     }
 }

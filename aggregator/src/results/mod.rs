@@ -2,15 +2,20 @@
 //! window of each of the tenant's tasks on a schedule, stores the released noisy aggregates in
 //! sled, and serves them over gRPC (`hush.v1.Results`) and HTTP/JSON (axum).
 //!
-//! Each window is collected once, `collect_delay_s` after it closes, with a collection id
-//! derived from the task and window, so a crash between collecting and storing repeats the same
-//! collection and gets the same answer without spending budget twice. A window the aggregators
+//! Each window is collected once, `collect_delay_s` after it closes (by default what the
+//! `[cascade]` can hold a report), with a collection id derived from the task and window, so a
+//! crash between collecting and storing repeats the same collection and gets the same answer
+//! without spending budget twice. Once no more late reports can arrive for a window (its end
+//! plus the task's report expiry and the leader's clock skew), its noisy late-report count is
+//! asked for once and stored with the window. With a `[cascade]` section the service is also
+//! its tenant's key directory ([`directory`]). A window the aggregators
 //! refuse for good (too few reports, budget spent) is recorded as skipped with the reason. An
 //! ad-hoc collection of a custom interval spends budget; the APIs allow it only with the
 //! service's API token and say what it spent.
 
 mod config;
 mod detection;
+mod directory;
 pub mod http;
 mod store;
 
@@ -24,6 +29,7 @@ use hush_protocol::collect::{Collected, open_collection};
 use hush_protocol::estimate;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::collection_client::CollectionClient;
+use hush_protocol::proto::v1::key_directory_server::KeyDirectoryServer;
 use hush_protocol::proto::v1::results_server::{Results, ResultsServer};
 use hush_protocol::{Clock, HpkeKeypair, Interval, Keyring, TaskConfig, TaskId, TaskParams, Time};
 use tokio::net::TcpListener;
@@ -33,7 +39,10 @@ use tonic::transport::ClientTlsConfig;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-pub use config::{DetectionConfig, ErrorRate, ResultsConfig};
+pub use config::{
+    AGGREGATION_SLACK_S, CascadeConfig, DetectionConfig, ErrorRate, HOP_SLACK_MS, ResultsConfig,
+    ShufflerHop,
+};
 pub use store::ResultsStore;
 
 use crate::error::{Error, Result};
@@ -110,6 +119,8 @@ pub struct Inner {
     clock: Arc<dyn Clock>,
     /// The collector's side of the link to the leader.
     tls: Option<ClientTlsConfig>,
+    /// The key directory, with a `[cascade]` section.
+    directory: Option<directory::Directory>,
 }
 
 /// Why a collection did not give a result.
@@ -166,9 +177,111 @@ impl Inner {
         Ok((c, resp.budget_left_micro))
     }
 
+    /// Asks the leader for the noisy late-report count of a collected window.
+    async fn late_count(
+        &self,
+        task: &TaskConfig,
+        interval: &Interval,
+    ) -> std::result::Result<pb::Estimate, CollectFailure> {
+        let channel = crate::client::channel(&self.config.leader_url, self.tls.as_ref())
+            .map_err(|e| CollectFailure::Retry(e.to_string()))?;
+        let mut req = Request::new(pb::LateCountRequest {
+            task_id: task.id().as_bytes().to_vec().into(),
+            interval: Some(interval.into()),
+        });
+        let auth = format!("Bearer {}", self.secrets.tenant_token)
+            .parse()
+            .map_err(|_| {
+                CollectFailure::Refused("the tenant token is not valid header text".into())
+            })?;
+        req.metadata_mut().insert("authorization", auth);
+        let r = CollectionClient::new(channel)
+            .collect_late_count(req)
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::FailedPrecondition
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+                | tonic::Code::InvalidArgument => CollectFailure::Refused(s.message().to_owned()),
+                _ => CollectFailure::Retry(format!("{:?}: {}", s.code(), s.message())),
+            })?
+            .into_inner();
+        // Noise from the leader alone: the helper never sees a late report.
+        let sd = hush_protocol::dp::discrete_laplace_variance(hush_protocol::dp::laplace_scale(
+            r.sensitivity,
+            hush_protocol::Epsilon::from_micros(r.epsilon_micro),
+        ))
+        .sqrt();
+        let v = r.noisy_late_reports as f64;
+        Ok(pb::Estimate {
+            value: v,
+            ci_low: v - hush_protocol::dp::Z_95 * sd,
+            ci_high: v + hush_protocol::dp::Z_95 * sd,
+        })
+    }
+
+    /// Asks for the late counts of every released window whose late reports are all in.
+    async fn late_counts(&self, task: &TaskConfig, now: Time) {
+        let id = task.id();
+        let precision = task.time_precision_s();
+        loop {
+            let cursor = match self.store.cursor_or_init(&id, task.window_of(now)) {
+                Ok(c) => c,
+                Err(_) => return,
+            };
+            let start = match self.store.late_cursor_or_init(&id, cursor) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the late-count cursor failed");
+                    return;
+                }
+            };
+            // Only windows the collection cursor has passed, once their late reports are in.
+            let next = start.add_secs(precision);
+            if next > cursor
+                || next
+                    .add_secs(task.report_expiry_s())
+                    .add_secs(self.config.clock_skew_s)
+                    > now
+            {
+                return;
+            }
+            let late = match self.store.window(&id, start) {
+                Ok(Some(_)) => {
+                    let Ok(interval) = Interval::new(start, precision) else {
+                        return;
+                    };
+                    match self.late_count(task, &interval).await {
+                        Ok(e) => Some(e),
+                        Err(CollectFailure::Refused(why)) => {
+                            tracing::info!(task = %id, window = start.as_secs(), %why, "no late count for the window");
+                            None
+                        }
+                        Err(CollectFailure::Retry(why)) => {
+                            tracing::debug!(task = %id, window = start.as_secs(), %why, "late count not available yet");
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading a window failed");
+                    return;
+                }
+            };
+            if let Err(e) = self.store.put_late(&id, start, next, late).await {
+                tracing::error!(error = %e, "storing a late count failed");
+                return;
+            }
+        }
+    }
+
     /// Collects every window of every task that closed at least `collect_delay_s` ago.
     async fn tick(&self) {
         let now = self.clock.now();
+        if let Some(d) = &self.directory {
+            d.refresh(now).await;
+        }
         for task in self.tasks.values() {
             let id = task.id();
             // Released results past the task's retention go, as the aggregators' do.
@@ -192,7 +305,7 @@ impl Inner {
                     }
                 };
                 let next = start.add_secs(precision);
-                if next.add_secs(self.config.collect_delay_s) > now {
+                if next.add_secs(self.config.collect_delay_s()) > now {
                     break;
                 }
                 let interval = match Interval::new(start, precision) {
@@ -227,6 +340,9 @@ impl Inner {
                     break;
                 }
             }
+        }
+        for task in self.tasks.values() {
+            self.late_counts(task, now).await;
         }
         if let Err(e) = self.detect().await {
             tracing::error!(error = %e, "anomaly detection failed; will retry");
@@ -397,6 +513,7 @@ impl Results for ResultsGrpc {
 /// A running results service.
 #[derive(Debug)]
 pub struct ResultsService {
+    peers: hush_protocol::tls::PeerLog,
     grpc: SocketAddr,
     http: SocketAddr,
     inner: Arc<Inner>,
@@ -421,6 +538,16 @@ impl ResultsService {
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen_http)))?;
         let (grpc, http) = (grpc_l.local_addr()?, http_l.local_addr()?);
+        let tls = material.as_ref().map(|m| m.client());
+        let directory = match &config.cascade {
+            Some(c) => Some(directory::Directory::new(
+                c.clone(),
+                config.leader_url.clone(),
+                tls.clone(),
+                store.clone(),
+            )?),
+            None => None,
+        };
         let inner = Arc::new(Inner {
             keyring: Keyring::new(vec![secrets.collector_key.clone()]),
             config,
@@ -428,16 +555,22 @@ impl ResultsService {
             tasks,
             secrets,
             clock,
-            tls: material.as_ref().map(|m| m.client()),
+            tls,
+            directory,
         });
         let (tx, rx) = watch::channel(false);
 
         let mut srx = rx.clone();
         // The results API is served over TLS with the same certificate when one is configured
         // (server-authenticated: dashboards present no certificate).
+        let peers = hush_protocol::tls::PeerLog::default();
         let grpc_server = hush_protocol::tls::server_builder(material.as_ref())
             .map_err(|e| Error::Config(e.to_string()))?
+            .layer(peers.layer())
             .add_service(ResultsServer::new(ResultsGrpc(inner.clone())))
+            .add_service(KeyDirectoryServer::new(directory::DirectoryGrpc(
+                inner.clone(),
+            )))
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc_l), async move {
                 let _ = srx.wait_for(|v| *v).await;
             });
@@ -455,6 +588,7 @@ impl ResultsService {
         });
         tracing::info!(%grpc, %http, tasks = inner.tasks.len(), "results service listening");
         Ok(Self {
+            peers,
             grpc,
             http,
             inner,
@@ -476,6 +610,16 @@ impl ResultsService {
     /// The database of released results.
     pub fn store(&self) -> &ResultsStore {
         &self.inner.store
+    }
+
+    /// Who connected to the gRPC listener so far (services' clients are anonymous).
+    pub fn peers(&self) -> &hush_protocol::tls::PeerLog {
+        &self.peers
+    }
+
+    /// The key set the key directory serves now, if it is one and has one.
+    pub fn key_set(&self) -> Option<hush_protocol::directory::KeySet> {
+        self.inner.directory.as_ref().and_then(|d| d.current())
     }
 
     /// Stops serving and collecting.

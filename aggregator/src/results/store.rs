@@ -8,6 +8,8 @@
 //! | `skipped` | task ‖ window start | why a window has no result (text) |
 //! | `tested` | task ‖ window start | the window went through anomaly detection (empty) |
 //! | `alerts` | task ‖ window start ‖ detector | an `Alert` (protobuf) |
+//! | `late_cursors` | task | start of the next window whose late-report count is due |
+//! | `meta` | `"keyset"` | the key directory's current `KeySet` (protobuf) |
 //!
 //! Only released, noisy aggregates are stored. [`ResultsStore::expire`] deletes everything of a
 //! task's windows older than its retention (the cursor stays).
@@ -31,6 +33,8 @@ pub struct ResultsStore {
     skipped: Tree,
     tested: Tree,
     alerts: Tree,
+    late_cursors: Tree,
+    meta: Tree,
 }
 
 fn key(task: &TaskId, parts: &[u64]) -> Vec<u8> {
@@ -60,6 +64,8 @@ impl ResultsStore {
             skipped: db.open_tree("skipped")?,
             tested: db.open_tree("tested")?,
             alerts: db.open_tree("alerts")?,
+            late_cursors: db.open_tree("late_cursors")?,
+            meta: db.open_tree("meta")?,
             db,
         })
     }
@@ -110,23 +116,76 @@ impl ResultsStore {
 
     /// The next window to collect; `first` (stored) if the task has no cursor yet.
     pub fn cursor_or_init(&self, task: &TaskId, first: Time) -> Result<Time> {
-        let v = match self.cursors.compare_and_swap(
-            task.as_bytes(),
-            None as Option<&[u8]>,
-            Some(&first.as_secs().to_be_bytes()[..]),
-        )? {
-            Ok(()) => return Ok(first),
-            Err(cas) => cas
-                .current
-                .ok_or_else(|| Error::corrupt("cursor", "vanished"))?,
-        };
-        let b: [u8; 8] = v
-            .as_ref()
-            .try_into()
-            .map_err(|_| Error::corrupt("cursor", "not 8 bytes"))?;
-        Ok(Time::from_secs(u64::from_be_bytes(b)))
+        cursor_or_init(&self.cursors, task, first)
     }
 
+    /// The next window whose late count is due; `first` (stored) if the task has none yet.
+    pub fn late_cursor_or_init(&self, task: &TaskId, first: Time) -> Result<Time> {
+        cursor_or_init(&self.late_cursors, task, first)
+    }
+
+    /// Moves the late-count cursor past a window, storing its noisy late count (if any) in
+    /// the window's result.
+    pub async fn put_late(
+        &self,
+        task: &TaskId,
+        start: Time,
+        next: Time,
+        late: Option<pb::Estimate>,
+    ) -> Result<()> {
+        if let Some(e) = late
+            && let Some(mut w) = self.window(task, start)?
+        {
+            w.late_reports = Some(e);
+            self.windows
+                .insert(key(task, &[start.as_secs()]), w.encode_to_vec())?;
+        }
+        self.late_cursors
+            .insert(task.as_bytes(), &next.as_secs().to_be_bytes()[..])?;
+        crate::store::flush_db(&self.db).await
+    }
+
+    /// The key directory's stored key set.
+    pub fn key_set(&self) -> Result<Option<hush_protocol::directory::KeySet>> {
+        match self.meta.get(b"keyset")? {
+            None => Ok(None),
+            Some(v) => {
+                let p = pb::KeySet::decode(&*v).map_err(|e| Error::corrupt("key set", e))?;
+                Ok(Some(
+                    hush_protocol::directory::KeySet::try_from(&p)
+                        .map_err(|e| Error::corrupt("key set", e))?,
+                ))
+            }
+        }
+    }
+
+    /// Stores the key directory's key set, durably.
+    pub async fn put_key_set(&self, set: &hush_protocol::directory::KeySet) -> Result<()> {
+        self.meta
+            .insert(b"keyset", pb::KeySet::from(set).encode_to_vec())?;
+        crate::store::flush_db(&self.db).await
+    }
+}
+
+fn cursor_or_init(tree: &Tree, task: &TaskId, first: Time) -> Result<Time> {
+    let v = match tree.compare_and_swap(
+        task.as_bytes(),
+        None as Option<&[u8]>,
+        Some(&first.as_secs().to_be_bytes()[..]),
+    )? {
+        Ok(()) => return Ok(first),
+        Err(cas) => cas
+            .current
+            .ok_or_else(|| Error::corrupt("cursor", "vanished"))?,
+    };
+    let b: [u8; 8] = v
+        .as_ref()
+        .try_into()
+        .map_err(|_| Error::corrupt("cursor", "not 8 bytes"))?;
+    Ok(Time::from_secs(u64::from_be_bytes(b)))
+}
+
+impl ResultsStore {
     /// Every released window of a task, oldest first.
     pub fn windows(&self, task: &TaskId) -> Result<Vec<pb::WindowResult>> {
         self.windows

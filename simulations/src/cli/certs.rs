@@ -8,9 +8,15 @@ use anyhow::Context;
 use hush_protocol::tls::TlsFiles;
 use hush_protocol::tls::dev::{DevCa, loopback_hosts};
 
-/// The components of a two-shuffler deployment.
-pub(crate) const COMPONENTS: [&str; 5] =
-    ["leader", "helper", "shuffler-a", "shuffler-b", "collector"];
+/// The components of a two-shuffler deployment, and a certificate for operators' tools.
+pub(crate) const COMPONENTS: [&str; 6] = [
+    "leader",
+    "helper",
+    "shuffler-a",
+    "shuffler-b",
+    "collector",
+    "operator",
+];
 
 /// Make a development CA and certificates.
 #[derive(Debug, clap::Args)]

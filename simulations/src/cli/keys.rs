@@ -39,7 +39,8 @@ pub(crate) fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum KeysCommand {
-    /// Show an aggregator's or shuffler's published HPKE configs.
+    /// Show an aggregator's or shuffler's HPKE configs (admin token from HUSH_ADMIN_TOKEN; the
+    /// public HpkeKeys service answers key directories only).
     Show {
         /// The gRPC URL.
         #[arg(long)]
@@ -67,7 +68,14 @@ fn print_configs(configs: &[HpkeConfig]) {
 
 pub(crate) async fn run(cmd: KeysCommand, tls: Option<&ClientTlsConfig>) -> anyhow::Result<()> {
     match cmd {
-        KeysCommand::Show { url } => print_configs(&client::hpke_configs(&url, tls).await?),
+        KeysCommand::Show { url } => {
+            let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
+            let list = client::admin(&url, &token, tls)?
+                .list_hpke_keys(pb::ListHpkeKeysRequest {})
+                .await?
+                .into_inner();
+            print_configs(&Vec::<HpkeConfig>::try_from(&list)?);
+        }
         KeysCommand::Rotate { aggregator } => {
             let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
             let list = client::admin(&aggregator, &token, tls)?

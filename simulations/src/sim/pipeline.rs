@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hush_client::{HushClient, RuntimeConfig, fetch_keys};
+use hush_client::{HushClient, RuntimeConfig};
 use hush_protocol::{Clock, HpkeKeypair, MeasurementKind, MockClock, SystemClock, TaskConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -75,19 +75,6 @@ pub(crate) async fn simulate(
     let start = SystemClock.now().round_down(WINDOW_S);
     let mock = Arc::new(MockClock::new(start));
     let clock: Arc<dyn Clock> = mock.clone();
-    let cluster = start_cluster(
-        dir.path(),
-        clock.clone(),
-        &[lat.clone(), err.clone()],
-        &collector,
-        "",
-    )
-    .await
-    .context("starting the in-process cluster")?;
-    let endpoints = cluster.endpoints();
-    let keys = fetch_keys(&endpoints, Duration::from_secs(10)).await?;
-    let channel = cluster.client_channel()?;
-    let instances = cell.events / s.events_per_client;
     let config = RuntimeConfig {
         queue_capacity: 1_000,
         max_batch: 100,
@@ -98,6 +85,20 @@ pub(crate) async fn simulate(
         refresh_interval: Duration::from_secs(3_600),
         request_timeout: Duration::from_secs(30),
     };
+    let cluster = start_cluster(
+        dir.path(),
+        clock.clone(),
+        &[lat.clone(), err.clone()],
+        &collector,
+        "",
+        &config,
+    )
+    .await
+    .context("starting the in-process cluster")?;
+    let endpoints = cluster.endpoints();
+    let keys = cluster.key_set().await?;
+    let channel = cluster.client_channel()?;
+    let instances = cell.events / s.events_per_client;
     let mut clients = Vec::new();
     for _ in 0..instances {
         clients.push(
