@@ -280,7 +280,9 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
         accepted += s.accepted;
         dropped_over_bound += s.dropped_over_bound;
     }
-    assert_eq!(sent, 2 * CLIENTS as u64);
+    // Both metrics report every window, also the partial one the clients started in: at least
+    // one report per client and metric for the recorded window.
+    assert!(sent >= 2 * CLIENTS as u64, "{sent}");
     assert_eq!(accepted, sent);
     assert_eq!(dropped_over_bound, over_bound);
 
@@ -316,16 +318,31 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
     check_total(&lat, events as f64, "latency events");
     check_total(&err, error_total as f64, "errors");
 
-    // At the leader: every accepted report aggregated once, none refused, none left pending.
-    for t in [&latency, &errors] {
-        let s = stats(&leader.url(), Some(t)).await;
-        assert_eq!(s.reports_aggregated, CLIENTS as u64, "{}: {s:?}", t.name());
-        assert_eq!(s.reports_pending, 0, "{s:?}");
-        assert!(rejections(&s).is_empty(), "{}: {s:?}", t.name());
-    }
-
+    // The clients stop (reporting their open windows); then at the leader every report any
+    // client had accepted is aggregated once, none refused, none left pending.
     for c in &clients {
-        c.shutdown(Duration::from_secs(1)).await;
+        assert!(c.shutdown(Duration::from_secs(10)).await);
+    }
+    let accepted: u64 = clients.iter().map(|c| c.stats().accepted).sum();
+    let begun = Instant::now();
+    loop {
+        let (mut aggregated, mut pending) = (0, 0);
+        for t in [&latency, &errors] {
+            let s = stats(&leader.url(), Some(t)).await;
+            assert!(rejections(&s).is_empty(), "{}: {s:?}", t.name());
+            assert!(s.reports_aggregated >= CLIENTS as u64, "{}: {s:?}", t.name());
+            aggregated += s.reports_aggregated;
+            pending += s.reports_pending;
+        }
+        if aggregated == accepted && pending == 0 {
+            break;
+        }
+        assert!(aggregated <= accepted, "{aggregated} aggregated of {accepted}");
+        assert!(
+            begun.elapsed() < Duration::from_secs(30),
+            "{aggregated} of {accepted} aggregated, {pending} pending"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     results.terminate();
     a.terminate();

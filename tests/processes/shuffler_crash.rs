@@ -27,7 +27,7 @@ fn write_config(dir: &Path, listen: SocketAddr, sink: &str, mix: Mix, name: &str
         ("leader", "leader", sink),
         mix,
         // Appended to [forward]: slices of 50 packets.
-        "chunk_packets = 50\n[limits]\nmax_buffered_packets = 100000\n",
+        "chunk_packets = 50\n[limits]\nmax_buffered_packets = 100000\nper_tenant_max_buffered = 100000\n",
     );
     ShufflerConfig::from_toml(&text).expect("valid config");
     let path = dir.join(name);
