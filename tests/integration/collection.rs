@@ -811,3 +811,95 @@ async fn a_racing_leader_cannot_slip_a_report_into_a_released_window() {
     }
     s.pair.shutdown().await;
 }
+
+async fn late_count(
+    leader_url: &str,
+    token: &str,
+    t: &TaskConfig,
+    w: &Interval,
+) -> Result<pb::LateCountResponse, tonic::Status> {
+    let mut req = tonic::Request::new(pb::LateCountRequest {
+        task_id: t.id().as_bytes().to_vec().into(),
+        interval: Some(w.into()),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    pb::collection_client::CollectionClient::new(client::channel(leader_url, None).unwrap())
+        .collect_late_count(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_reports_are_counted_and_released_once_with_noise_when_no_more_can_arrive() {
+    let s = setup().await;
+    let t = task(&s.collector, |p| {
+        p.min_batch_size = 10;
+        p.report_expiry_s = 600;
+        // The count's ε is 10% of 1000: noise far below one report.
+        p.epsilon_per_collection = Epsilon::from_micros(1_000_000_000);
+        p.epsilon_budget = Epsilon::from_micros(10_000_000_000);
+    });
+    let client = s.provision(&t).await;
+    s.submit(&client, 20, 1).await;
+    let w = s.window(&t);
+    s.mock.advance(60);
+    let leader = s.pair.leader_url();
+    // Not collected yet: there is no batch to count late reports for.
+    let e = late_count(&leader, ACME, &t, &w).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    s.collect(&t, &w, ACME, BudgetPurpose::Routine)
+        .await
+        .unwrap();
+    // Three reports of the window arrive after its collection: refused, counted per task.
+    let late: Vec<Vec<u8>> = (0..3)
+        .map(|_| {
+            client
+                .seal(
+                    client
+                        .shard(&Measurement::Bucket(1), ReportId::random())
+                        .unwrap(),
+                    w.start(),
+                )
+                .unwrap()
+                .to_bytes()
+        })
+        .collect();
+    let r = submit(&leader, &late, 10).await;
+    assert_eq!(r.rejected[&pb::RejectReason::BatchCollected], 3);
+    let st = hush_tests::cluster::stats(&leader, Some(&t)).await;
+    assert_eq!(st.reports_late, 3, "{st:?}");
+    // Until the report expiry and the clock skew have passed, more could come: not yet.
+    let e = late_count(&leader, ACME, &t, &w).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("can arrive until"), "{}", e.message());
+    // Another tenant gets the same answer as for an unknown task.
+    let e = late_count(&leader, OTHER, &t, &w).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    s.mock.advance(600 + 300);
+    let spent_before = s
+        .pair
+        .leader
+        .shared()
+        .store
+        .spent(&t.id(), 0, &[w.start()])
+        .unwrap()[0];
+    let first = late_count(&leader, ACME, &t, &w).await.unwrap();
+    assert_eq!(first.noisy_late_reports, 3);
+    assert_eq!(first.epsilon_micro, t.count_epsilon().unwrap().micros());
+    // Asked again: the same answer, nothing more spent.
+    let again = late_count(&leader, ACME, &t, &w).await.unwrap();
+    assert_eq!(first, again);
+    let spent_after = s
+        .pair
+        .leader
+        .shared()
+        .store
+        .spent(&t.id(), 0, &[w.start()])
+        .unwrap()[0];
+    assert_eq!(
+        spent_after - spent_before,
+        t.count_epsilon().unwrap().micros()
+    );
+    s.pair.shutdown().await;
+}

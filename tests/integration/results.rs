@@ -91,6 +91,7 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     mock.advance(62);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let path = format!("/v1/tasks/{}/windows", task.id());
+    let window_path = format!("/v1/tasks/{}/windows/{}", task.id(), window.as_secs());
     let (code, body) = request(results.http_addr(), "GET", &path, None, None).await;
     assert_eq!((code, body.as_str()), (200, "[]"));
     mock.advance(5);
@@ -224,6 +225,40 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     )
     .await;
     assert_eq!(code, 404, "{text}");
+
+    // Two reports of the window arrive after it was collected. Once no more can arrive (the
+    // report expiry and the clock skew past its end), the service asks for the noisy late count
+    // once and shows it with the window.
+    let late: Vec<Vec<u8>> = (0..2)
+        .map(|_| {
+            let m = client.latency_event(Duration::from_millis(3)).unwrap();
+            client
+                .seal(client.shard(&m, ReportId::random()).unwrap(), window)
+                .unwrap()
+                .to_bytes()
+        })
+        .collect();
+    let r = submit(&pair.leader_url(), &late, 10).await;
+    assert_eq!(r.rejected[&pb::RejectReason::BatchCollected], 2);
+    let (_, text) = request(results.http_addr(), "GET", &window_path, None, None).await;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(v["late_reports"].is_null(), "not known yet: {text}");
+    mock.advance(task.report_expiry_s() + 300);
+    let start = Instant::now();
+    let late = loop {
+        let (_, text) = request(results.http_addr(), "GET", &window_path, None, None).await;
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if !v["late_reports"].is_null() {
+            break v["late_reports"].clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (lo, hi) = (
+        late["ci_low"].as_f64().unwrap(),
+        late["ci_high"].as_f64().unwrap(),
+    );
+    assert!(lo <= 2.0 && 2.0 <= hi, "{late}");
 
     results.shutdown().await.unwrap();
     pair.shutdown().await;

@@ -16,7 +16,9 @@ use hush_protocol::{
     Clock, Codec, Epsilon, HpkeKeypair, MeasurementKind, SystemClock, TaskConfig, VerifyKey,
 };
 use hush_shuffler::ShufflerConfig;
-use hush_tests::cluster::{provision, rejections, set_tenant_token, stats};
+use hush_tests::cluster::{
+    ADMIN_TOKEN, client_task, provision, rejections, set_tenant_token, stats, submit,
+};
 use hush_tests::http::request;
 use hush_tests::mixnet::{Mix, provision_shuffler, shuffler_config_text};
 use hush_tests::process::HushProcess;
@@ -330,20 +332,60 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
         for t in [&latency, &errors] {
             let s = stats(&leader.url(), Some(t)).await;
             assert!(rejections(&s).is_empty(), "{}: {s:?}", t.name());
-            assert!(s.reports_aggregated >= CLIENTS as u64, "{}: {s:?}", t.name());
+            assert!(
+                s.reports_aggregated >= CLIENTS as u64,
+                "{}: {s:?}",
+                t.name()
+            );
             aggregated += s.reports_aggregated;
             pending += s.reports_pending;
         }
         if aggregated == accepted && pending == 0 {
             break;
         }
-        assert!(aggregated <= accepted, "{aggregated} aggregated of {accepted}");
+        assert!(
+            aggregated <= accepted,
+            "{aggregated} aggregated of {accepted}"
+        );
         assert!(
             begun.elapsed() < Duration::from_secs(30),
             "{aggregated} of {accepted} aggregated, {pending} pending"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A report for the released window arrives late: refused, and counted in `hush task stats`.
+    let late_client = client_task(&leader.url(), &helper.url(), &latency).await;
+    let late = late_client
+        .seal(
+            late_client
+                .shard(
+                    &hush_protocol::Measurement::Counts({
+                        let mut c = vec![0; latency.output_len()];
+                        c[0] = 1;
+                        c
+                    }),
+                    hush_protocol::ReportId::random(),
+                )
+                .unwrap(),
+            window,
+        )
+        .unwrap();
+    let r = submit(&leader.url(), &[late.to_bytes()], 1).await;
+    assert_eq!(
+        r.rejected[&hush_protocol::proto::v1::RejectReason::BatchCollected],
+        1
+    );
+    let out = std::process::Command::new(hush_bin())
+        .args(["task", "stats", "--aggregator", &leader.url(), "--task"])
+        .arg(latency.id().to_string())
+        .env("HUSH_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("late:       1 "), "{text}");
     results.terminate();
     a.terminate();
     b.terminate();

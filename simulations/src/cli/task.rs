@@ -205,6 +205,10 @@ pub(crate) async fn run(cmd: TaskCommand, tls: Option<&ClientTlsConfig>) -> anyh
             println!("accepted:   {}", s.reports_accepted);
             println!("aggregated: {}", s.reports_aggregated);
             println!("pending:    {}", s.reports_pending);
+            println!(
+                "late:       {} (arrived after their window was collected: a shuffler held them, or the results service's collect_delay_s is too short for the cascade)",
+                s.reports_late
+            );
             for r in &s.rejected {
                 let name = pb::RejectReason::try_from(r.reason)
                     .map(|r| {
