@@ -354,3 +354,77 @@ async fn rotating_every_partys_key_during_traffic_loses_nothing() {
     b.shutdown().await.unwrap();
     pair.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_and_window_histograms_report_every_window_even_when_nothing_happened() {
+    // A report's presence must not tell the shufflers or the leader that the service had, say,
+    // an error: a registered counter (and window histogram) reports every window, zero if
+    // nothing was recorded, without the service calling `add(0)`.
+    let mock = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let clock: Arc<dyn Clock> = mock.clone();
+    let pair = InProcessPair::start(clock.clone()).await;
+    let collector = HpkeKeypair::generate(1);
+    let errors = TaskConfig::new(task_params(MeasurementKind::Counter, &collector)).unwrap();
+    let latency =
+        TaskConfig::new(task_params(MeasurementKind::WindowHistogram, &collector)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let shuffler = start_shuffler(
+        "shuffler-a",
+        dir.path(),
+        ("leader", "leader", &pair.leader_url()),
+        Mix {
+            batch_size: 1_000,
+            min_batch_size: 1,
+            max_wait_ms: 50,
+        },
+        "",
+        clock.clone(),
+    )
+    .await;
+    let shuffler_url = url(shuffler.local_addr());
+    for t in [&errors, &latency] {
+        provision(&pair.leader_url(), &pair.helper_url(), t, &VerifyKey::random()).await;
+        provision_shuffler(&shuffler_url, t).await;
+    }
+    let directory = Directory::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &pair.leader_url(),
+        &pair.helper_url(),
+        &[("shuffler-a", shuffler_url.clone())],
+        &errors,
+        3_600,
+        clock.clone(),
+    )
+    .await;
+    let client = HushClient::builder(Endpoints {
+        shuffler_url,
+        keys: KeySource::Directory(directory.url()),
+        tls_ca: None,
+    })
+    .counter_task("errors", errors.clone())
+    .latency_task("checkout", "GET /", latency.clone())
+    .config(fast_client())
+    .clock(clock.clone())
+    .start()
+    .await
+    .unwrap();
+    // Three windows in which the service records nothing at all.
+    for _ in 0..3 {
+        mock.advance(60);
+        assert!(client.flush(Duration::from_secs(30)).await, "{:?}", client.stats());
+    }
+    assert_eq!(client.stats().accepted, 6, "{:?}", client.stats());
+    for t in [&errors, &latency] {
+        let start = std::time::Instant::now();
+        while stats(&pair.leader_url(), Some(t)).await.reports_accepted < 3 {
+            assert!(start.elapsed() < Duration::from_secs(30));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let s = wait_drained(&pair.leader_url(), t, Duration::from_secs(30)).await;
+        assert_eq!(s.reports_aggregated, 3, "{}: {s:?}", t.name());
+    }
+    assert!(client.shutdown(Duration::from_secs(5)).await);
+    directory.shutdown().await;
+    shuffler.shutdown().await.unwrap();
+    pair.shutdown().await;
+}
