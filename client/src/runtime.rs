@@ -648,6 +648,12 @@ impl HushClient {
         }
     }
 
+    /// The key set the client seals to now (`None` before the first one arrived). Compare its
+    /// [`KeySet::digest`] with other clients' to check that the directory served all alike.
+    pub fn key_set(&self) -> Option<KeySet> {
+        lock_read(&self.inner.keys).clone()
+    }
+
     /// What the client did so far.
     pub fn stats(&self) -> ClientStats {
         let c = &self.inner.counters;

@@ -187,7 +187,19 @@ async fn a_leader_that_answers_each_caller_with_its_own_key_cannot_tag_a_client(
                 .digest(),
         );
     }
-    assert_eq!(digests.len(), 1, "every caller got the same key set");
+    for c in &clients {
+        let start = std::time::Instant::now();
+        while c.key_set().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        digests.insert(c.key_set().unwrap().digest());
+    }
+    assert_eq!(
+        digests.len(),
+        1,
+        "every caller and every client got the same key set"
+    );
     for epoch in 0..2 {
         for (i, c) in clients.iter().enumerate() {
             c.counter("errors").add(i as u64 % 3);
@@ -383,7 +395,13 @@ async fn counters_and_window_histograms_report_every_window_even_when_nothing_ha
     .await;
     let shuffler_url = url(shuffler.local_addr());
     for t in [&errors, &latency] {
-        provision(&pair.leader_url(), &pair.helper_url(), t, &VerifyKey::random()).await;
+        provision(
+            &pair.leader_url(),
+            &pair.helper_url(),
+            t,
+            &VerifyKey::random(),
+        )
+        .await;
         provision_shuffler(&shuffler_url, t).await;
     }
     let directory = Directory::start(
@@ -411,7 +429,11 @@ async fn counters_and_window_histograms_report_every_window_even_when_nothing_ha
     // Three windows in which the service records nothing at all.
     for _ in 0..3 {
         mock.advance(60);
-        assert!(client.flush(Duration::from_secs(30)).await, "{:?}", client.stats());
+        assert!(
+            client.flush(Duration::from_secs(30)).await,
+            "{:?}",
+            client.stats()
+        );
     }
     assert_eq!(client.stats().accepted, 6, "{:?}", client.stats());
     for t in [&errors, &latency] {
