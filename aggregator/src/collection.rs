@@ -354,15 +354,15 @@ pub async fn helper_share(
             ),
         });
         shared.store.flush().await?;
-        return Err(Error::Mismatch(format!(
-            "the helper aggregated {} reports (checksum {}) but the leader {} (checksum {})",
-            batch.report_count,
-            hex::encode(batch.checksum.as_bytes()),
-            req.report_count,
-            hex::encode(leader_checksum.as_bytes())
-        )));
+        // No counts in the answer: it reaches the collector. Both audit trails have them.
+        return Err(Error::Mismatch(
+            "the helper and the leader aggregated different reports (report counts or report-id \
+             checksums differ; both operators' audit trails and logs have the numbers)"
+                .into(),
+        ));
     }
     if batch.report_count < task.config.min_batch_size() {
+        tracing::info!(task = %task_id, reports = batch.report_count, "refused a collection under min_batch_size");
         return Err(Error::BatchTooSmall {
             count: batch.report_count,
             min: task.config.min_batch_size(),
@@ -527,6 +527,7 @@ impl CollectionService {
             .report_count
             + shared.store.pending_in(&task_id, &windows)?;
         if expected < min {
+            tracing::info!(task = %task_id, reports = expected, "refused a collection under min_batch_size");
             return Err(Error::BatchTooSmall {
                 count: expected,
                 min,
@@ -554,9 +555,10 @@ impl CollectionService {
                 break;
             }
             if start.elapsed() > DRAIN_TIMEOUT {
-                return reopen(Error::NotReady(format!(
-                    "{pending} reports of the interval are still being aggregated; retry later"
-                )));
+                tracing::warn!(task = %task_id, pending, "collection gave up waiting for aggregation");
+                return reopen(Error::NotReady(
+                    "reports of the interval are still being aggregated; retry later".into(),
+                ));
             }
             shared.new_reports.notify_one();
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -565,6 +567,7 @@ impl CollectionService {
             .store
             .sum_batches(&task_id, &windows, task.config.output_len())?;
         if batch.report_count < min {
+            tracing::info!(task = %task_id, reports = batch.report_count, "refused a collection under min_batch_size");
             return reopen(Error::BatchTooSmall {
                 count: batch.report_count,
                 min,

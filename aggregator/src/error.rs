@@ -92,18 +92,20 @@ pub enum Error {
         /// The task's `max_collections_per_batch`.
         max: u32,
     },
-    /// Too few reports for a collection. `FAILED_PRECONDITION`.
+    /// Too few reports for a collection. `FAILED_PRECONDITION`. The message never holds the
+    /// count: exact counts never leave the aggregators (the operator's log has it).
     #[error(
-        "the interval holds {count} reports, fewer than the task's min_batch_size of {min}; \
+        "the interval holds fewer reports than the task's min_batch_size of {min}; \
          collect a longer interval or wait for more reports (nothing was spent)"
     )]
     BatchTooSmall {
-        /// Reports in the interval.
+        /// Reports in the interval (for the operator's log only).
         count: u64,
         /// The task's minimum.
         min: u64,
     },
-    /// The two aggregators did not aggregate the same reports. `FAILED_PRECONDITION`.
+    /// The two aggregators did not aggregate the same reports. `FAILED_PRECONDITION`. The
+    /// message must not hold a report count: it reaches the collector.
     #[error("the aggregators disagree on the reports of the interval: {0}")]
     Mismatch(String),
     /// The interval is older than the task's retention: its aggregates were deleted.

@@ -90,7 +90,7 @@ impl IngestService {
             .iter()
             .filter_map(|c| match c {
                 Checked::Accepted(id, _) => Some(*id.as_bytes()),
-                Checked::Rejected(..) | Checked::Late(..) => None,
+                Checked::Rejected(..) => None,
             })
             .collect();
         let count_refused = |status: Status| {
@@ -188,8 +188,6 @@ fn refuse_tenants(
 enum Checked {
     Accepted(TaskId, PendingReport),
     Rejected([u8; 32], RejectReason),
-    /// For a window already collected: counted per window as late.
-    Late(TaskId, hush_protocol::Time),
 }
 
 fn check_report(shared: &Shared, keyring: &hush_protocol::Keyring, bytes: &[u8]) -> Checked {
@@ -201,10 +199,9 @@ fn check_report(shared: &Shared, keyring: &hush_protocol::Keyring, bytes: &[u8])
     };
     let scope = *report.task_id().as_bytes();
     match shared.check_time(&task, report.time()) {
-        Ok(()) => {}
-        Err(RejectReason::BatchCollected) => {
-            return Checked::Late(*report.task_id(), report.time());
-        }
+        // A report of a closed window is opened and checked for replay like any other before
+        // the store counts it as late: junk and replays never inflate the late count.
+        Ok(()) | Err(RejectReason::BatchCollected) => {}
         Err(r) => return Checked::Rejected(scope, r),
     }
     let Ok(leader_share) = report.open_share(Role::Leader, keyring) else {
@@ -263,7 +260,6 @@ impl LeaderIngest for IngestService {
         let mut stats = StatDelta::default();
         let mut accepted = Vec::with_capacity(checked.len());
         let mut tasks: Vec<TaskId> = Vec::with_capacity(checked.len());
-        let mut late: BTreeMap<(TaskId, hush_protocol::Time), u64> = BTreeMap::new();
         for c in checked {
             match c {
                 Checked::Accepted(task, r) => {
@@ -274,14 +270,7 @@ impl LeaderIngest for IngestService {
                     outcomes.reject(reason);
                     stats.incr(scope, Stat::Rejected(reason));
                 }
-                Checked::Late(task, window) => {
-                    outcomes.reject(RejectReason::BatchCollected);
-                    *late.entry((task, window)).or_default() += 1;
-                }
             }
-        }
-        if let Err(e) = self.shared.store.add_late(&late) {
-            tracing::error!(error = %e, "counting late reports failed");
         }
         let accepted = match accepted
             .into_iter()

@@ -661,8 +661,9 @@ impl Store {
     // ---- leader ingest
 
     /// Stores accepted reports (task, seq, report) with their anti-replay entries in one
-    /// transaction. A report whose window is closed (collected) is refused as late and counted
-    /// per window; one whose id was seen before (or twice in `reports`) as a replay. The closed
+    /// transaction. A report whose id was seen before (or twice in `reports`) is refused as a
+    /// replay; one whose window is closed (collected) is marked seen and refused as late,
+    /// counted per window. The closed
     /// check runs inside the transaction, so no report can enter a window once a collection
     /// closed it. The result says, in order, what happened to each report. `stats` is applied in
     /// the same transaction, plus one `Accepted`, `Rejected(Replay)` or
@@ -697,18 +698,19 @@ impl Store {
                 let mut delta = stats.clone();
                 let mut late_delta: BTreeMap<&[u8], u64> = BTreeMap::new();
                 for (scope, sk, pk, wk, v) in &encoded {
+                    if seen.get(sk)?.is_some() {
+                        stored.push(Ingested::Replay);
+                        delta.incr(*scope, Stat::Rejected(RejectReason::Replay));
+                        continue;
+                    }
+                    // Seen either way: a late report counts once, however often it is resent.
+                    seen.insert(&sk[..], &[][..])?;
                     if collected.get(wk)?.is_some() {
                         stored.push(Ingested::Late);
                         *late_delta.entry(wk).or_default() += 1;
                         delta.incr(*scope, Stat::Rejected(RejectReason::BatchCollected));
                         continue;
                     }
-                    if seen.get(sk)?.is_some() {
-                        stored.push(Ingested::Replay);
-                        delta.incr(*scope, Stat::Rejected(RejectReason::Replay));
-                        continue;
-                    }
-                    seen.insert(&sk[..], &[][..])?;
                     pending.insert(&pk[..], &v[..])?;
                     stored.push(Ingested::Stored);
                     delta.incr(*scope, Stat::Accepted);
@@ -721,29 +723,6 @@ impl Store {
                 Ok(stored)
             });
         tx_result(r)
-    }
-
-    /// Counts reports refused as late before they reached [`Store::store_pending`] (the
-    /// ingest's quick check), per window, with their counters.
-    pub fn add_late(&self, late: &BTreeMap<(TaskId, Time), u64>) -> Result<()> {
-        if late.is_empty() {
-            return Ok(());
-        }
-        tx_result((&self.late, &self.stats).transaction(|(lt, st)| {
-            let mut delta = StatDelta::default();
-            for ((task, window), n) in late {
-                let k = batch_key(task, *window);
-                let cur = lt.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
-                lt.insert(k, &(cur + n).to_be_bytes()[..])?;
-                delta.add(
-                    *task.as_bytes(),
-                    Stat::Rejected(RejectReason::BatchCollected),
-                    *n,
-                );
-            }
-            delta.apply(st)?;
-            Ok(())
-        }))
     }
 
     /// Late reports of `task` over `windows`.
@@ -1203,14 +1182,17 @@ impl Store {
                         }
                     }
                     if (count, checksum) != c.summed {
-                        return Err(abort(Error::Mismatch(format!(
-                            "the interval's reports changed while it was being collected ({} then {count}); retry",
-                            c.summed.0
-                        ))));
+                        // No counts in the message: it can reach the collector.
+                        return Err(abort(Error::Mismatch(
+                            "the interval's reports changed while it was being collected; retry"
+                                .into(),
+                        )));
                     }
                     let mut seen = Vec::with_capacity(c.windows.len());
                     for w in c.windows {
-                        let b = wb.get(batch_key(c.task, *w))?.and_then(|v| decode_batch(&v));
+                        let b = wb
+                            .get(batch_key(c.task, *w))?
+                            .and_then(|v| decode_batch(&v));
                         seen.push((*w, b));
                     }
                     let counts = decode_counts(bc.get(&counts_key)?.as_deref());
@@ -1768,8 +1750,14 @@ mod tests {
         // A report of the closed window is refused at ingest and counted late.
         let late = (task, s.next_seq().unwrap(), report(60));
         assert_eq!(
-            s.store_pending(&[late], &StatDelta::default()).unwrap(),
+            s.store_pending(std::slice::from_ref(&late), &StatDelta::default())
+                .unwrap(),
             [Ingested::Late]
+        );
+        // Resent, it is a replay: the late count counts each report once.
+        assert_eq!(
+            s.store_pending(&[late], &StatDelta::default()).unwrap(),
+            [Ingested::Replay]
         );
         assert_eq!(s.late_in(&task, &[w]).unwrap(), 1);
         // The helper's job commit refuses a verified report of a released window, even when

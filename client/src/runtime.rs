@@ -37,7 +37,8 @@
 //! belongs to, so no party can hand one client a key of its own and recognize its reports. The
 //! directory serves one identical key set per epoch to every client of the tenant (see
 //! [`hush_protocol::directory`]); the client refreshes it every `refresh_interval`, and never
-//! goes back to an older epoch. A client can instead be deployed with a pinned key set
+//! takes an ended epoch's set in place of a current one, nor one of an epoch that has not
+//! begun. A client can instead be deployed with a pinned key set
 //! ([`KeySource::Pinned`]), which it then never refreshes.
 
 use std::collections::{HashMap, VecDeque};
@@ -716,22 +717,36 @@ impl HushClient {
     }
 }
 
-/// Takes a key set from the directory unless it is older than the one in use.
+/// Whether a client holding `cur` takes `fresh` from the directory at `now`: not a set of an
+/// epoch that has not begun (beyond one epoch of clock skew), and not an ended epoch's set in
+/// place of a current one. A directory can move clients forward, never pin them to a far-future
+/// set or roll them back.
+fn should_adopt(cur: Option<&KeySet>, fresh: &KeySet, now: u64) -> bool {
+    if fresh.epoch_start.as_secs() > now.saturating_add(fresh.epoch_s) {
+        return false;
+    }
+    let ended = |k: &KeySet| k.epoch_start.as_secs().saturating_add(k.epoch_s) <= now;
+    match cur {
+        Some(c) if c == fresh => false,
+        Some(c) if ended(fresh) && !ended(c) => false,
+        _ => true,
+    }
+}
+
+/// Takes a key set from the directory if [`should_adopt`] says so.
 fn adopt(inner: &Inner, fresh: KeySet) {
+    let now = inner.clock.now().as_secs();
     let mut cur = inner.keys.write().unwrap_or_else(|p| p.into_inner());
-    match cur.as_ref() {
-        Some(c) if fresh.epoch < c.epoch => {
-            tracing::warn!(
-                current = c.epoch,
-                offered = fresh.epoch,
-                "the key directory offered an older key set; keeping the current one"
-            );
-        }
-        Some(c) if *c == fresh => {}
-        _ => {
-            tracing::debug!(epoch = fresh.epoch, digest = %fresh.short_digest(), "using a new key set");
-            *cur = Some(fresh);
-        }
+    if should_adopt(cur.as_ref(), &fresh, now) {
+        tracing::debug!(epoch = fresh.epoch, digest = %fresh.short_digest(), "using a new key set");
+        *cur = Some(fresh);
+    } else if cur.as_ref() != Some(&fresh) {
+        tracing::warn!(
+            offered = fresh.epoch,
+            epoch_start = fresh.epoch_start.as_secs(),
+            now,
+            "the key directory offered a key set of an ended or a future epoch; keeping the current one"
+        );
     }
 }
 
@@ -855,4 +870,44 @@ async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan
 
 fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hush_protocol::HpkeKeypair;
+
+    fn set(epoch: u64) -> KeySet {
+        KeySet {
+            epoch,
+            epoch_start: Time::from_secs(epoch * 600),
+            epoch_s: 600,
+            shufflers: vec![("a".into(), HpkeKeypair::generate(1).config().clone())],
+            leader: ("leader".into(), HpkeKeypair::generate(2).config().clone()),
+            helper: HpkeKeypair::generate(3).config().clone(),
+        }
+    }
+
+    #[test]
+    fn a_directory_moves_clients_forward_never_back_or_to_the_far_future() {
+        let now = 10 * 600 + 5;
+        let current = set(10);
+        assert!(should_adopt(None, &current, now));
+        assert!(!should_adopt(Some(&current), &current, now));
+        // The next epoch (even a little early, within one epoch of skew).
+        assert!(should_adopt(Some(&current), &set(11), now));
+        // A rollback to an ended epoch, or a set from far ahead, is refused.
+        assert!(!should_adopt(Some(&current), &set(9), now));
+        assert!(!should_adopt(Some(&current), &set(12), now));
+        assert!(!should_adopt(None, &set(u64::MAX / 600), now));
+        // Another epoch length (the directory's key_epoch_s changed): the current set of it is
+        // taken although its epoch number is smaller.
+        let mut longer = set(0);
+        longer.epoch = 1;
+        longer.epoch_start = Time::from_secs(6_000);
+        longer.epoch_s = 6_000;
+        assert!(should_adopt(Some(&current), &longer, now));
+        // With nothing current, even a stale set beats none (the parties keep old keys a while).
+        assert!(should_adopt(None, &set(9), now));
+    }
 }

@@ -3,9 +3,9 @@
 //! tenant. It never holds a verification key.
 
 use hush_protocol::proto::v1 as pb;
-use hush_protocol::proto::v1::ReasonCount;
 use hush_protocol::proto::v1::admin_server::Admin;
 use hush_protocol::proto::v1::hpke_keys_server::HpkeKeys;
+use hush_protocol::proto::v1::{ReasonCount, RejectReason};
 use hush_protocol::{TaskConfig, TaskId};
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -79,7 +79,10 @@ impl AdminService {
             task_id: task_id.to_vec().into(),
             reports_accepted: get(Stat::Accepted),
             reports_aggregated: get(Stat::Forwarded),
-            reports_pending: get(Stat::Accepted).saturating_sub(get(Stat::Forwarded)),
+            // Held: accepted, neither forwarded nor dropped past the report expiry.
+            reports_pending: get(Stat::Accepted)
+                .saturating_sub(get(Stat::Forwarded))
+                .saturating_sub(get(Stat::Rejected(RejectReason::TooOld))),
             rejected: counters
                 .iter()
                 .filter_map(|(s, n)| match s {

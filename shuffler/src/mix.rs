@@ -287,6 +287,54 @@ impl Mixer {
         Ok(Err(next))
     }
 
+    /// Deletes the open batch of every lane that stayed below `min_batch_size` for longer than
+    /// its task's report expiry (the leader would refuse its reports as too old anyway), counts
+    /// its packets as refused `TOO_OLD` and gives their tenant's holdings back. Such a batch is
+    /// never released: it would leave with fewer than `min_batch_size` packets of its task.
+    /// Returns how many packets went.
+    pub fn expire_stale(
+        &self,
+        store: &Store,
+        tasks: &Tasks,
+        holdings: &TenantHoldings,
+    ) -> Result<u64> {
+        let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = 0;
+        for (hop, h) in hops.iter_mut() {
+            for (task, l) in h.lanes.iter_mut() {
+                let Some(oldest) = l.oldest else { continue };
+                let expiry = Duration::from_secs(
+                    tasks
+                        .get(task)
+                        .map_or(hush_protocol::task::defaults::report_expiry_s(), |t| {
+                            t.report_expiry_s()
+                        }),
+                );
+                if l.open_count == 0
+                    || l.open_count >= self.mix.min_batch_size
+                    || oldest.elapsed() < expiry
+                {
+                    continue;
+                }
+                // Under the lock, so no packet joins the batch while it goes.
+                let keys = store.batch_keys(hop, task, l.open_lo, l.open_hi)?;
+                let n = keys.len() as u64;
+                store.remove_expired(&keys, task)?;
+                l.open_lo = l.open_hi + 1;
+                l.open_hi += 1;
+                l.open_count = 0;
+                l.oldest = None;
+                if let Some(t) = tasks.tenant(task) {
+                    holdings.release(&t, n);
+                }
+                tracing::warn!(%hop, %task, packets = n, "dropped a batch that stayed under min_batch_size past the task's report expiry");
+                total += n;
+            }
+        }
+        self.buffered.fetch_sub(total, Ordering::Relaxed);
+        Ok(total)
+    }
+
     fn finished(&self, hop: &str, task: &TaskId) {
         let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = hops.get_mut(hop).and_then(|h| h.lanes.get_mut(task)) {

@@ -205,6 +205,22 @@ async fn maintenance(node: Node, mut shutdown: watch::Receiver<bool>) {
         }
         node.limiter.forget_idle();
         node.tenant_limiter.forget_idle();
+        let n = node.clone();
+        match tokio::task::spawn_blocking(move || {
+            n.mixer
+                .expire_stale(&n.store, &n.tasks, &n.buffered_by_tenant)
+        })
+        .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(_)) => {
+                if let Err(e) = node.store.flush().await {
+                    tracing::error!(error = %e, "flushing after dropping stale packets failed");
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "dropping stale packets failed"),
+            Err(e) => tracing::error!(error = %e, "dropping stale packets panicked"),
+        }
         let keys = node.keys.clone();
         match tokio::task::spawn_blocking(move || keys.expire()).await {
             Ok(Ok(())) => {}

@@ -340,6 +340,24 @@ impl Store {
         }))
     }
 
+    /// Deletes packets of `task` that waited past its report expiry, counting each as refused
+    /// `TOO_OLD`, in one transaction.
+    pub fn remove_expired(&self, keys: &[Vec<u8>], task: &TaskId) -> Result<()> {
+        let mut delta = StatDelta::default();
+        delta.add(
+            *task.as_bytes(),
+            Stat::Rejected(RejectReason::TooOld),
+            keys.len() as u64,
+        );
+        tx_result((&self.buffer, &self.stats).transaction(|(buffer, st)| {
+            for k in keys {
+                buffer.remove(&k[..])?;
+            }
+            delta.apply(st)?;
+            Ok(())
+        }))
+    }
+
     /// How many packets the buffer holds per task (read once at start).
     pub fn buffered_per_task(&self) -> Result<HashMap<TaskId, u64>> {
         let mut out: HashMap<TaskId, u64> = HashMap::new();

@@ -233,10 +233,12 @@ async fn too_few_reports_are_refused_and_nothing_is_spent() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
-        e.message().contains("60 reports") && e.message().contains("min_batch_size of 100"),
+        e.message().contains("min_batch_size of 100"),
         "{}",
         e.message()
     );
+    // The refusal does not tell the collector the exact count.
+    assert!(!e.message().contains("60"), "{}", e.message());
     // Nothing was closed or spent: late reports still count, and the full routine budget is left.
     s.mock.set(w.start());
     s.submit(&client, 50, 2).await;
@@ -498,10 +500,20 @@ async fn a_helper_with_other_reports_makes_the_collection_fail_loudly() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("disagree"), "{}", e.message());
+    // The collector learns that they disagree, not the counts; the helper's audit trail has
+    // them for the operators.
     assert!(
-        e.message().contains("disagree") && e.message().contains("21 reports"),
+        !e.message().contains("21") && !e.message().contains("20"),
         "{}",
         e.message()
+    );
+    let helper_trail = s.pair.helper.shared().store.audit().entries().unwrap();
+    assert!(
+        helper_trail
+            .iter()
+            .any(|e| e.event.detail.contains("helper 21 reports, leader 20")),
+        "{helper_trail:#?}"
     );
     s.pair.shutdown().await;
 }

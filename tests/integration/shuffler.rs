@@ -750,3 +750,75 @@ async fn a_rare_tasks_packets_wait_for_their_own_anonymity_set_and_a_busy_task_i
     );
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stuck_under_k_min_past_the_report_expiry_is_dropped_and_its_quota_freed() {
+    // A rare task's lane below k_min is never released; without an end its packets would hold
+    // the tenant's (and the node's) buffer forever. Past the task's report expiry the leader
+    // would refuse them anyway: the shuffler drops them, counts them TOO_OLD, frees the quota.
+    let sink = RecordingLeader::start().await;
+    let mut p = task_params(MeasurementKind::EventHistogram, &HpkeKeypair::generate(1));
+    p.report_expiry_s = 1;
+    let task = TaskConfig::new(p).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mix = Mix {
+        batch_size: 1_000,
+        min_batch_size: 20,
+        max_wait_ms: 50,
+    };
+    let text = hush_tests::mixnet::shuffler_config_text(
+        "shuffler-a",
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        ("leader", "leader", &sink.url()),
+        mix,
+        "[limits]\nmax_request_packets = 20\nper_tenant_max_buffered = 20\n",
+    )
+    .replace(
+        "cache_mb = 16\n",
+        "cache_mb = 16\nmaintenance_interval_s = 1\n",
+    );
+    let node = ShufflerNode::start(
+        hush_shuffler::ShufflerConfig::from_toml(&text).unwrap(),
+        hush_tests::cluster::ADMIN_TOKEN,
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let u = url(node.local_addr());
+    provision_shuffler(&u, &task).await;
+    let packets = one_hop_packets(
+        &u,
+        "shuffler-a",
+        &task,
+        (0..21u32).map(|i| i.to_be_bytes().to_vec()),
+    )
+    .await;
+    assert_eq!(submit_packets(&u, &packets[..16], 20).await.accepted, 16);
+    // The tenant holds 16 of its 20: five more do not fit.
+    let e = ShufflerClient::new(client::channel(&u, None).unwrap())
+        .submit_packets(pb::SubmitPacketsRequest {
+            packets: packets[16..].to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    let start = std::time::Instant::now();
+    loop {
+        let s = stats(&u, Some(&task)).await;
+        if reasons(&s).get(&RejectReason::TooOld) == Some(&16) {
+            assert_eq!(s.reports_pending, 0, "accepted 16, dropped 16: {s:?}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(node.node().mixer.buffered(), 0);
+    assert!(
+        sink.received().is_empty(),
+        "a stuck batch is dropped, never released"
+    );
+    // The quota is free again.
+    assert_eq!(submit_packets(&u, &packets[16..], 20).await.accepted, 5);
+    node.shutdown().await.unwrap();
+}

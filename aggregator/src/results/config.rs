@@ -78,8 +78,9 @@ pub struct CascadeConfig {
     /// The helper's gRPC URL, for its HPKE configs.
     pub helper_url: String,
     /// Length of a key epoch, in seconds: every client of the tenant gets the same key set for
-    /// a whole epoch. Parties must keep a retired key at least two epochs plus the clients'
-    /// refresh interval (their `key_grace_period_s`, a day by default, does).
+    /// a whole epoch. Parties should keep a retired key at least two epochs plus the clients'
+    /// refresh interval (their `key_grace_period_s`, a day by default, does; nothing checks it
+    /// across operators).
     #[serde(default = "defaults::key_epoch_s")]
     pub key_epoch_s: u64,
     /// The longest random delay the tenant's clients wait before an upload (their runtime's

@@ -71,7 +71,12 @@ impl Directory {
     pub(crate) async fn refresh(&self, now: Time) {
         let epoch_s = self.cascade.key_epoch_s;
         let epoch = now.as_secs() / epoch_s;
-        if self.current().is_some_and(|k| k.epoch >= epoch) {
+        // The set in service is this epoch's (under this epoch length): nothing to do. Any
+        // other (an older epoch, another `key_epoch_s`, a clock that went back) is replaced.
+        if self
+            .current()
+            .is_some_and(|k| k.epoch == epoch && k.epoch_s == epoch_s)
+        {
             return;
         }
         if self
