@@ -481,6 +481,20 @@ pub(crate) async fn provision(
     Ok(())
 }
 
+/// Stops every client at once (each reports its open window and uploads for up to `timeout`).
+pub(crate) async fn shutdown_clients(
+    clients: impl IntoIterator<Item = HushClient>,
+    timeout: Duration,
+) {
+    let stops: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(async move { c.shutdown(timeout).await }))
+        .collect();
+    for s in stops {
+        let _ = s.await;
+    }
+}
+
 pub(crate) async fn wait_until<F: Fn() -> bool>(
     what: &str,
     timeout: Duration,
@@ -819,9 +833,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
              clients must never connect to an aggregator"
         );
     }
-    for (_, c) in agents {
-        c.shutdown(Duration::from_secs(1)).await;
-    }
+    shutdown_clients(agents.into_iter().map(|(_, c)| c), Duration::from_secs(5)).await;
     cluster.results.shutdown().await?;
     for s in cluster.shufflers {
         s.shutdown().await?;

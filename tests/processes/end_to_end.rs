@@ -322,8 +322,16 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
 
     // The clients stop (reporting their open windows); then at the leader every report any
     // client had accepted is aggregated once, none refused, none left pending.
-    for c in &clients {
-        assert!(c.shutdown(Duration::from_secs(10)).await);
+    let stops: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|c| tokio::spawn(async move { c.shutdown(Duration::from_secs(30)).await }))
+        .collect();
+    for s in stops {
+        assert!(
+            s.await.unwrap(),
+            "a client could not upload its last window"
+        );
     }
     let accepted: u64 = clients.iter().map(|c| c.stats().accepted).sum();
     let begun = Instant::now();

@@ -167,9 +167,7 @@ pub(crate) async fn simulate(
         }
         out.push(run);
     }
-    for c in clients {
-        c.shutdown(Duration::from_secs(1)).await;
-    }
+    crate::demo::shutdown_clients(clients, Duration::from_secs(5)).await;
     cluster.results.shutdown().await?;
     for n in cluster.shufflers {
         n.shutdown().await?;
