@@ -33,6 +33,14 @@ impl AdminService {
                 self.shared.role, self.shared.role
             )));
         }
+        if entry.config.packet_size() > self.shared.config.max_packet_size {
+            return Err(Error::InvalidRequest(format!(
+                "the task's packet_size {} is above this aggregator's max_packet_size {}; raise \
+                 max_packet_size in its config (request size limits follow from it)",
+                entry.config.packet_size(),
+                self.shared.config.max_packet_size
+            )));
+        }
         let id = entry.config.id();
         let event = |outcome: &str| AuditEvent {
             actor: "admin".into(),

@@ -107,17 +107,66 @@ impl fmt::Display for AuditEntry {
     }
 }
 
+/// Records refusals in the audit trail at a bounded rate: at most [`RefusalAudit::PER_SECOND`]
+/// entries a second; a flood is summarised by the count of refusals left out (in the next entry
+/// that is written), so refused requests cannot fill the disk.
+#[derive(Clone)]
+pub struct RefusalAudit {
+    limiter: std::sync::Arc<governor::DefaultDirectRateLimiter>,
+    left_out: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl fmt::Debug for RefusalAudit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefusalAudit").finish_non_exhaustive()
+    }
+}
+
+impl Default for RefusalAudit {
+    fn default() -> Self {
+        let quota = governor::Quota::per_second(
+            std::num::NonZeroU32::new(Self::PER_SECOND).unwrap_or(std::num::NonZeroU32::MIN),
+        );
+        Self {
+            limiter: std::sync::Arc::new(governor::RateLimiter::direct(quota)),
+            left_out: Default::default(),
+        }
+    }
+}
+
+impl RefusalAudit {
+    /// Most audit entries of refusals per second.
+    pub const PER_SECOND: u32 = 10;
+
+    /// Appends `e` unless the rate is exceeded (then only counts it).
+    pub fn record(&self, shared: &crate::shared::Shared, mut e: AuditEvent) {
+        use std::sync::atomic::Ordering;
+        if self.limiter.check().is_err() {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let left_out = self.left_out.swap(0, Ordering::Relaxed);
+        if left_out > 0 {
+            if !e.detail.is_empty() {
+                e.detail.push_str("; ");
+            }
+            e.detail.push_str(&format!(
+                "{left_out} earlier refusals not recorded (rate limit)"
+            ));
+        }
+        shared.audit(e);
+    }
+}
+
 /// Records the requests an interceptor refuses as unauthenticated (no client certificate, a
-/// wrong or missing token) in the audit trail, then passes the refusal on. At most
-/// [`AuditRefusals::PER_SECOND`] entries a second per service: a flood is summarised by the
-/// count of refusals left out, so it cannot fill the disk.
+/// wrong or missing token) in the audit trail, then passes the refusal on, at a bounded rate
+/// per service ([`RefusalAudit`]).
 #[derive(Clone)]
 pub struct AuditRefusals<I> {
     inner: I,
     shared: crate::shared::Shared,
     service: &'static str,
-    limiter: std::sync::Arc<governor::DefaultDirectRateLimiter>,
-    left_out: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    audit: RefusalAudit,
 }
 
 impl<I> fmt::Debug for AuditRefusals<I> {
@@ -130,19 +179,15 @@ impl<I> fmt::Debug for AuditRefusals<I> {
 
 impl<I> AuditRefusals<I> {
     /// Most audit entries of refused requests per second and service.
-    pub const PER_SECOND: u32 = 10;
+    pub const PER_SECOND: u32 = RefusalAudit::PER_SECOND;
 
     /// Wraps `inner`, the authentication of `service` (e.g. "admin").
     pub fn new(inner: I, shared: crate::shared::Shared, service: &'static str) -> Self {
-        let quota = governor::Quota::per_second(
-            std::num::NonZeroU32::new(Self::PER_SECOND).unwrap_or(std::num::NonZeroU32::MIN),
-        );
         Self {
             inner,
             shared,
             service,
-            limiter: std::sync::Arc::new(governor::RateLimiter::direct(quota)),
-            left_out: Default::default(),
+            audit: RefusalAudit::default(),
         }
     }
 }
@@ -152,34 +197,26 @@ impl<I: tonic::service::Interceptor> tonic::service::Interceptor for AuditRefusa
         &mut self,
         req: tonic::Request<()>,
     ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        use std::sync::atomic::Ordering;
         let remote = req.remote_addr();
         let refused = match self.inner.call(req) {
             Ok(r) => return Ok(r),
             Err(s) => s,
         };
-        if self.limiter.check().is_err() {
-            self.left_out.fetch_add(1, Ordering::Relaxed);
-            return Err(refused);
-        }
-        let left_out = self.left_out.swap(0, Ordering::Relaxed);
-        let mut detail = format!(
+        let detail = format!(
             "from {}",
             remote.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string())
         );
-        if left_out > 0 {
-            detail.push_str(&format!(
-                "; {left_out} earlier refusals of this service not recorded (rate limit)"
-            ));
-        }
-        self.shared.audit(AuditEvent {
-            actor: "unauthenticated".into(),
-            action: format!("{}.call", self.service),
-            tenant: String::new(),
-            task: String::new(),
-            outcome: format!("refused: {}", refused.message()),
-            detail,
-        });
+        self.audit.record(
+            &self.shared,
+            AuditEvent {
+                actor: "unauthenticated".into(),
+                action: format!("{}.call", self.service),
+                tenant: String::new(),
+                task: String::new(),
+                outcome: format!("refused: {}", refused.message()),
+                detail,
+            },
+        );
         Err(refused)
     }
 }

@@ -34,6 +34,9 @@ use crate::shared::Shared;
 use crate::store::{BatchAggregation, BatchRule, CollectRefusal, CollectionCommit};
 use crate::tasks::TaskEntry;
 
+/// The most windows one collection may span.
+pub const MAX_WINDOWS: u64 = 10_000;
+
 /// How long the leader waits for in-flight aggregation of a collected interval.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -67,13 +70,14 @@ fn checked_interval(
     i.check_aligned(precision).map_err(|e| {
         Error::InvalidRequest(format!("{e} (the task's time precision is {precision} s)"))
     })?;
-    let windows: Vec<Time> = i.buckets(precision).collect();
-    if windows.len() > 10_000 {
+    // Counted before anything is built: an attacker's interval may span 2^58 windows.
+    let n = i.bucket_count(precision);
+    if n > MAX_WINDOWS {
         return Err(Error::InvalidRequest(format!(
-            "the interval spans {} windows; collect at most 10000 at once",
-            windows.len()
+            "the interval spans {n} windows; collect at most {MAX_WINDOWS} at once"
         )));
     }
+    let windows: Vec<Time> = i.buckets(precision).collect();
     Ok((i, windows))
 }
 
@@ -185,14 +189,17 @@ fn check_batch_rules(
         None => Ok(()),
         Some(r) => {
             let e = refusal_error(task, purpose, r);
-            shared.audit(AuditEvent {
-                actor: actor.into(),
-                action: action.into(),
-                tenant: task.config.tenant().into(),
-                task: task.config.id().to_string(),
-                outcome: "refused: batch rules".into(),
-                detail: e.to_string(),
-            });
+            shared.collect_refusals.record(
+                shared,
+                AuditEvent {
+                    actor: actor.into(),
+                    action: action.into(),
+                    tenant: task.config.tenant().into(),
+                    task: task.config.id().to_string(),
+                    outcome: "refused: batch rules".into(),
+                    detail: e.to_string(),
+                },
+            );
             Err(e)
         }
     }
@@ -342,17 +349,20 @@ pub async fn helper_share(
             leader_count = req.report_count,
             "the leader and the helper aggregated different reports; refusing the collection"
         );
-        shared.audit(AuditEvent {
-            actor: "leader".into(),
-            action: "aggregate_share".into(),
-            tenant: task.config.tenant().into(),
-            task: task_id.to_string(),
-            outcome: "refused: the aggregators aggregated different reports".into(),
-            detail: format!(
-                "helper {} reports, leader {}",
-                batch.report_count, req.report_count
-            ),
-        });
+        shared.collect_refusals.record(
+            shared,
+            AuditEvent {
+                actor: "leader".into(),
+                action: "aggregate_share".into(),
+                tenant: task.config.tenant().into(),
+                task: task_id.to_string(),
+                outcome: "refused: the aggregators aggregated different reports".into(),
+                detail: format!(
+                    "helper {} reports, leader {}",
+                    batch.report_count, req.report_count
+                ),
+            },
+        );
         shared.store.flush().await?;
         // No counts in the answer: it reaches the collector. Both audit trails have them.
         return Err(Error::Mismatch(
@@ -439,14 +449,17 @@ impl CollectionService {
         action: &str,
     ) -> Result<std::sync::Arc<TaskEntry>> {
         let refuse = |actor: String, tenant: &str, why: &str| {
-            self.shared.audit(AuditEvent {
-                actor,
-                action: action.into(),
-                tenant: tenant.into(),
-                task: task_id.to_string(),
-                outcome: format!("refused: {why}"),
-                detail: String::new(),
-            });
+            self.shared.collect_refusals.record(
+                &self.shared,
+                AuditEvent {
+                    actor,
+                    action: action.into(),
+                    tenant: tenant.into(),
+                    task: task_id.to_string(),
+                    outcome: format!("refused: {why}"),
+                    detail: String::new(),
+                },
+            );
         };
         let Some(token) = token else {
             refuse("unknown".into(), "", "no collector token");

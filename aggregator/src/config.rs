@@ -32,6 +32,14 @@ pub struct AggregatorConfig {
     /// Most reports in one ingest request or aggregation job request.
     #[serde(default = "defaults::max_request_reports")]
     pub max_request_reports: usize,
+    /// The largest `packet_size` of a task this aggregator takes (a report is never larger than
+    /// its packet). Tasks with larger packets are refused; request size limits follow from it
+    /// and `max_request_reports`, so an oversize request is refused before it is buffered.
+    #[serde(default = "defaults::max_packet_size")]
+    pub max_packet_size: usize,
+    /// Requests, streams and connections served at once.
+    #[serde(default)]
+    pub server: hush_protocol::serve::ServerLimits,
     /// sled page cache, in MiB.
     #[serde(default = "defaults::cache_mb")]
     pub cache_mb: u64,
@@ -115,6 +123,9 @@ mod defaults {
     pub(super) fn cache_mb() -> u64 {
         256
     }
+    pub(super) fn max_packet_size() -> usize {
+        8_192
+    }
     pub(super) fn maintenance_interval_s() -> u64 {
         60
     }
@@ -175,6 +186,14 @@ impl AggregatorConfig {
                 "max_request_reports must be at least 1".into(),
             ));
         }
+        let sizes = hush_protocol::task::PACKET_SIZE_RANGE;
+        if !sizes.contains(&u32::try_from(self.max_packet_size).unwrap_or(u32::MAX)) {
+            return Err(Error::Config(format!(
+                "max_packet_size ({}) must be in {sizes:?}",
+                self.max_packet_size
+            )));
+        }
+        self.server.check().map_err(Error::Config)?;
         if let Some(l) = &self.leader {
             if l.job_size == 0 || l.job_size > self.max_request_reports {
                 return Err(Error::Config(format!(
@@ -201,6 +220,22 @@ impl AggregatorConfig {
             check_url_scheme(&l.helper_url, self.tls.is_some(), "leader.helper_url")?;
         }
         Ok(())
+    }
+
+    /// The largest leader ingest request: `max_request_reports` reports of at most
+    /// `max_packet_size` bytes.
+    pub fn ingest_message_limit(&self) -> usize {
+        hush_protocol::serve::message_limit(self.max_request_reports, self.max_packet_size, 1_024)
+    }
+
+    /// The largest aggregation job request: per report its shares, public share and the
+    /// leader's verifier share, at most twice a packet.
+    pub fn job_message_limit(&self) -> usize {
+        hush_protocol::serve::message_limit(
+            self.max_request_reports,
+            2 * self.max_packet_size,
+            1_024,
+        )
     }
 
     /// Reads the `[tls]` files, if configured.

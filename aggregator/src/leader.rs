@@ -33,8 +33,9 @@ use crate::tasks::TaskEntry;
 use hush_protocol::Outcomes;
 use hush_protocol::auth::AddBearer;
 
-/// Largest gRPC message the aggregators exchange.
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// Largest collection answer (two sealed aggregate shares of at most 1,025 entries, plus the
+/// count): far below this.
+pub const MAX_COLLECTION_BYTES: usize = 4 * 1024 * 1024;
 
 /// Token buckets of reports per tenant.
 type TenantQuota = governor::DefaultKeyedRateLimiter<String>;
@@ -322,6 +323,7 @@ pub type HelperClient = HelperAggregationClient<InterceptedService<Channel, AddB
 /// certificate when `tls` is set.
 pub fn helper_client(
     cfg: &LeaderConfig,
+    message_limit: usize,
     peer_token: &str,
     tls: Option<&ClientTlsConfig>,
 ) -> Result<HelperClient> {
@@ -333,8 +335,8 @@ pub fn helper_client(
     let auth = AddBearer::new(peer_token).map_err(|e| Error::Config(e.message().to_owned()))?;
     Ok(
         HelperAggregationClient::with_interceptor(endpoint.connect_lazy(), auth)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(message_limit)
+            .max_encoding_message_size(message_limit),
     )
 }
 
@@ -356,7 +358,7 @@ impl JobDriver {
         peer_token: &str,
         tls: Option<&ClientTlsConfig>,
     ) -> Result<Self> {
-        let helper = helper_client(&cfg, peer_token, tls)?;
+        let helper = helper_client(&cfg, shared.config.job_message_limit(), peer_token, tls)?;
         Ok(Self {
             shared,
             cfg,

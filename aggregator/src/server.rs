@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, KeysService};
 use crate::audit::AuditRefusals;
@@ -26,7 +25,7 @@ use crate::config::{AggregatorConfig, secret_from_env};
 use crate::error::{Error, Result};
 use crate::helper::HelperService;
 use crate::keys::KeyManager;
-use crate::leader::{IngestService, JobDriver, MAX_MESSAGE_BYTES, helper_client};
+use crate::leader::{IngestService, JobDriver, MAX_COLLECTION_BYTES, helper_client};
 use crate::shared::Shared;
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
@@ -124,6 +123,7 @@ impl Aggregator {
             pending_by_tenant: Arc::new(TenantHoldings::new(config_leader_max_pending)),
             collected: Default::default(),
             collect_lock: Default::default(),
+            collect_refusals: Default::default(),
         };
         for t in shared.tasks.all() {
             let n = shared.store.pending_count(&t.config.id())?;
@@ -156,15 +156,20 @@ impl Aggregator {
             (Role::Leader, Some(lc)) => (
                 Some(InterceptedService::new(
                     LeaderIngestServer::new(IngestService::new(shared.clone()))
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                        .max_decoding_message_size(shared.config.ingest_message_limit()),
                     AuditRefusals::new(peer_cert("the last shuffler"), shared.clone(), "ingest"),
                 )),
                 Some(InterceptedService::new(
                     CollectionServer::new(CollectionService::new(
                         shared.clone(),
-                        helper_client(lc, &secrets.peer_token, client_tls.as_ref())?,
+                        helper_client(
+                            lc,
+                            shared.config.job_message_limit(),
+                            &secrets.peer_token,
+                            client_tls.as_ref(),
+                        )?,
                     ))
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    .max_encoding_message_size(MAX_COLLECTION_BYTES),
                     AuditRefusals::new(peer_cert("collectors"), shared.clone(), "collection"),
                 )),
                 None,
@@ -174,8 +179,8 @@ impl Aggregator {
                 None,
                 Some(InterceptedService::new(
                     HelperAggregationServer::new(HelperService::new(shared.clone()))
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                        .max_decoding_message_size(shared.config.job_message_limit())
+                        .max_encoding_message_size(shared.config.job_message_limit()),
                     AuditRefusals::new(
                         Both(
                             peer_cert("the leader"),
@@ -206,10 +211,14 @@ impl Aggregator {
         let signal = async move {
             let _ = srx.wait_for(|v| *v).await;
         };
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = shared.config.server.incoming(listener);
         let peers = PeerLog::default();
-        let router = hush_protocol::tls::server_builder(tls.as_ref())
-            .map_err(|e| Error::Config(e.to_string()))?
+        let builder = hush_protocol::tls::server_builder(tls.as_ref())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let router = shared
+            .config
+            .server
+            .apply(builder)
             .layer(peers.layer())
             .add_service(admin)
             .add_service(keys_svc)

@@ -39,6 +39,8 @@ pub struct Shared {
     pub collected: Arc<RwLock<HashSet<(TaskId, Time)>>>,
     /// Serializes collections in this process.
     pub collect_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Audits refused collections at a bounded rate.
+    pub collect_refusals: crate::audit::RefusalAudit,
 }
 
 impl Shared {

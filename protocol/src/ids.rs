@@ -284,13 +284,19 @@ impl Interval {
         t >= self.start && t < self.end()
     }
 
+    /// How many windows of `precision` seconds the interval spans (rounded up), without
+    /// building them: check this against a limit before calling [`Interval::buckets`].
+    pub fn bucket_count(&self, precision: u64) -> u64 {
+        self.duration.div_ceil(precision.max(1))
+    }
+
     /// The window starts (multiples of `precision`) the interval covers, in order.
     pub fn buckets(&self, precision: u64) -> impl Iterator<Item = Time> + use<> {
         let start = self.start.0;
         let end = self.end().0;
         let step = precision.max(1);
         (0..)
-            .map(move |i: u64| start + i * step)
+            .map_while(move |i: u64| i.checked_mul(step).and_then(|o| start.checked_add(o)))
             .take_while(move |t| *t < end)
             .map(Time)
     }
@@ -305,6 +311,19 @@ impl fmt::Display for Interval {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_intervals_count_their_windows_without_overflow() {
+        let top = u64::MAX - u64::MAX % 60;
+        let i = Interval::new(Time(0), top).unwrap();
+        assert_eq!(i.bucket_count(60), top / 60);
+        let last = Interval::new(Time(top - 60), 60).unwrap();
+        assert_eq!(last.buckets(60).collect::<Vec<_>>(), vec![Time(top - 60)]);
+        assert!(
+            Interval::new(Time(top), 120).is_err(),
+            "start + duration overflows"
+        );
+    }
 
     #[test]
     fn ids_round_trip_through_text_and_bytes() {

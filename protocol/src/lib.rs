@@ -23,6 +23,7 @@ pub mod onion;
 pub mod outcomes;
 pub mod quota;
 pub mod report;
+pub mod serve;
 pub mod task;
 pub mod tls;
 pub mod vdaf;

@@ -45,6 +45,14 @@ impl AdminService {
             .ok_or_else(|| Error::InvalidRequest("CreateTaskRequest.task is missing".into()))?;
         let config =
             TaskConfig::try_from(task).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let max = self.node.config.limits.max_packet_size;
+        if config.packet_size() > max {
+            return Err(Error::InvalidRequest(format!(
+                "the task's packet_size {} is above this shuffler's limits.max_packet_size {max}; \
+                 raise it in its config (request size limits follow from it)",
+                config.packet_size()
+            )));
+        }
         let id = config.id();
         let encoded = pb::TaskConfig::from(&config).encode_to_vec();
         if let Some(prev) = self.node.store.task(&id)? {

@@ -45,6 +45,9 @@ pub struct ShufflerConfig {
     /// The hops packets may name next: further shufflers or the leader.
     #[serde(default, rename = "next_hop")]
     pub next_hops: Vec<NextHopConfig>,
+    /// Requests, streams and connections served at once.
+    #[serde(default)]
+    pub server: hush_protocol::serve::ServerLimits,
     /// Who submits packets to this node. With TLS, `"shufflers"` (the default) refuses
     /// connections without a client certificate from a trusted CA; the first shuffler of a
     /// cascade sets `"clients"`, whose services present none.
@@ -103,6 +106,11 @@ pub struct LimitConfig {
     /// Most packets in one request.
     #[serde(default = "defaults::max_request_packets")]
     pub max_request_packets: usize,
+    /// The largest `packet_size` of a task this shuffler takes. Tasks with larger packets are
+    /// refused; the request size limit is `max_request_packets` packets of this size, so an
+    /// oversize request is refused before it is buffered.
+    #[serde(default = "defaults::max_packet_size")]
+    pub max_packet_size: usize,
     /// Most packets held (accepted, not yet acknowledged by the next hop). Past it, requests
     /// get RESOURCE_EXHAUSTED.
     #[serde(default = "defaults::max_buffered_packets")]
@@ -133,6 +141,7 @@ impl Default for LimitConfig {
     fn default() -> Self {
         Self {
             max_request_packets: defaults::max_request_packets(),
+            max_packet_size: defaults::max_packet_size(),
             max_buffered_packets: defaults::max_buffered_packets(),
             per_source_packets_per_s: defaults::per_source_packets_per_s(),
             per_source_burst: defaults::per_source_burst(),
@@ -219,6 +228,9 @@ mod defaults {
     }
     pub(super) fn max_request_packets() -> usize {
         1_000
+    }
+    pub(super) fn max_packet_size() -> usize {
+        8_192
     }
     pub(super) fn max_buffered_packets() -> u64 {
         100_000
@@ -316,6 +328,16 @@ impl ShufflerConfig {
                 l.per_tenant_max_buffered, l.max_request_packets
             ));
         }
+        let sizes = hush_protocol::task::PACKET_SIZE_RANGE;
+        if !sizes.contains(&u32::try_from(l.max_packet_size).unwrap_or(u32::MAX)) {
+            return bad(format!(
+                "limits.max_packet_size ({}) must be in {sizes:?}",
+                l.max_packet_size
+            ));
+        }
+        if let Err(e) = self.server.check() {
+            return bad(e);
+        }
         if l.max_buffered_packets < m.batch_size {
             return bad(format!(
                 "limits.max_buffered_packets ({}) must be at least mix.batch_size ({})",
@@ -356,6 +378,16 @@ impl ShufflerConfig {
             .map_err(|e| Error::Config(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The largest request to this node: `max_request_packets` packets of at most
+    /// `max_packet_size` bytes with their task ids.
+    pub fn ingest_message_limit(&self) -> usize {
+        hush_protocol::serve::message_limit(
+            self.limits.max_request_packets,
+            self.limits.max_packet_size + 32,
+            1_024,
+        )
     }
 
     /// The configured next hop called `name`, if any.

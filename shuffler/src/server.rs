@@ -17,14 +17,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, KeysService};
 use crate::config::{IngestFrom, ShufflerConfig};
 use crate::error::{Error, Result};
 use crate::ingest::IngestService;
 use crate::keys::NodeKeys;
-use crate::mix::{HopClient, MAX_MESSAGE_BYTES, Mixer, forwarder};
+use crate::mix::{HopClient, Mixer, forwarder};
 use crate::node::{Node, SourceLimiter, Tasks, TenantLimiter};
 use crate::store::Store;
 
@@ -126,7 +125,7 @@ impl ShufflerNode {
         // CA before any handler runs; the first one takes services' clients.
         let ingest = InterceptedService::new(
             ShufflerServer::new(IngestService::new(node.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(node.config.ingest_message_limit()),
             RequirePeerCert::new(
                 tls.is_some() && node.config.ingest_from == IngestFrom::Shufflers,
                 "the previous shuffler",
@@ -146,10 +145,14 @@ impl ShufflerNode {
         let signal = async move {
             let _ = srx.wait_for(|v| *v).await;
         };
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = node.config.server.incoming(listener);
         let peers = PeerLog::default();
-        let router = hush_protocol::tls::server_builder(tls.as_ref())
-            .map_err(|e| Error::Config(e.to_string()))?
+        let builder = hush_protocol::tls::server_builder(tls.as_ref())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let router = node
+            .config
+            .server
+            .apply(builder)
             .layer(peers.layer())
             .add_service(ingest)
             .add_service(admin)

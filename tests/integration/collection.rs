@@ -915,3 +915,60 @@ async fn late_reports_are_counted_and_released_once_with_noise_when_no_more_can_
     );
     s.pair.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_intervals_an_attacker_can_send_are_refused_at_once_and_serving_goes_on() {
+    let s = setup().await;
+    let t = task(&s.collector, |p| p.min_batch_size = 10);
+    let client = s.provision(&t).await;
+    s.submit(&client, 20, 1).await;
+    let w = s.window(&t);
+    s.mock.advance(60);
+    let leader = s.pair.leader_url();
+    let top = u64::MAX - u64::MAX % 60;
+    let started = std::time::Instant::now();
+    let w0 = w.start().as_secs();
+    let room = u64::MAX - w0;
+    for (start, duration) in [(w0, room - room % 60), (w0, 60 * 10_001)] {
+        let i = Interval::new(Time::from_secs(start), duration).unwrap();
+        let e = collect(&leader, Some(ACME), &t, &i, None, BudgetPurpose::Routine)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains("collect at most 10000"),
+            "{}",
+            e.message()
+        );
+        // A leader sending it straight to the helper gets the same.
+        let e = helper_as_peer(&s)
+            .get_aggregate_share(share_request(
+                &t,
+                &i,
+                1,
+                0,
+                hush_protocol::ReportIdChecksum::default(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    // The last window representable: aligned, and in the future, refused without overflow.
+    let last = Interval::new(Time::from_secs(top - 60), 60).unwrap();
+    let e = collect(&leader, Some(ACME), &t, &last, None, BudgetPurpose::Routine)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refusals must not build the windows: {:?}",
+        started.elapsed()
+    );
+    // The leader and the helper still serve: a real collection goes through.
+    let c = s
+        .collect(&t, &w, ACME, BudgetPurpose::Routine)
+        .await
+        .unwrap();
+    assert!(c.report_count.is_some());
+    s.pair.shutdown().await;
+}

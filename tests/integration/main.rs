@@ -9,4 +9,5 @@ mod key_directory;
 mod report_path;
 mod results;
 mod shuffler;
+mod surface;
 mod tls;

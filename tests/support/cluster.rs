@@ -36,8 +36,19 @@ pub fn aggregator_config(
     listen: SocketAddr,
     helper_url: Option<String>,
 ) -> AggregatorConfig {
+    aggregator_config_with(dir, listen, helper_url, "")
+}
+
+/// [`aggregator_config`] with `top` (top-level keys and sections other than `[leader]`, e.g.
+/// a `[server]` section) added.
+pub fn aggregator_config_with(
+    dir: &Path,
+    listen: SocketAddr,
+    helper_url: Option<String>,
+    top: &str,
+) -> AggregatorConfig {
     let mut text = format!(
-        "listen = \"{listen}\"\ndata_dir = \"{}\"\ncache_mb = 32\nmaintenance_interval_s = 3600\n",
+        "listen = \"{listen}\"\ndata_dir = \"{}\"\ncache_mb = 32\nmaintenance_interval_s = 3600\n{top}\n",
         dir.join("data").display()
     );
     if let Some(url) = helper_url {

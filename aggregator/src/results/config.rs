@@ -59,6 +59,9 @@ pub struct ResultsConfig {
     /// every party on it (the key directory), and the collection delay follows its timing.
     #[serde(default)]
     pub cascade: Option<CascadeConfig>,
+    /// Requests, streams and connections served at once (gRPC and HTTP).
+    #[serde(default)]
+    pub server: hush_protocol::serve::ServerLimits,
     /// The leader's allowed clock skew (its `clock_skew_s`): late reports of a window can arrive
     /// until its end plus the task's report expiry plus this; only then is the late count
     /// asked for.
@@ -218,6 +221,7 @@ impl ResultsConfig {
         if c.poll_interval_ms == 0 {
             return Err(Error::Config("poll_interval_ms must be positive".into()));
         }
+        c.server.check().map_err(Error::Config)?;
         if let Some(cascade) = &c.cascade {
             if cascade.shufflers.is_empty() {
                 return Err(Error::Config(

@@ -36,7 +36,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::ClientTlsConfig;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 pub use config::{
@@ -161,7 +160,7 @@ impl Inner {
             })?;
         req.metadata_mut().insert("authorization", auth);
         let resp = CollectionClient::new(channel)
-            .max_decoding_message_size(256 << 20)
+            .max_decoding_message_size(crate::leader::MAX_COLLECTION_BYTES)
             .collect(req)
             .await
             .map_err(|s| match s.code() {
@@ -564,14 +563,18 @@ impl ResultsService {
         // The results API is served over TLS with the same certificate when one is configured
         // (server-authenticated: dashboards present no certificate).
         let peers = hush_protocol::tls::PeerLog::default();
-        let grpc_server = hush_protocol::tls::server_builder(material.as_ref())
-            .map_err(|e| Error::Config(e.to_string()))?
+        let builder = hush_protocol::tls::server_builder(material.as_ref())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let grpc_server = inner
+            .config
+            .server
+            .apply(builder)
             .layer(peers.layer())
             .add_service(ResultsServer::new(ResultsGrpc(inner.clone())))
             .add_service(KeyDirectoryServer::new(directory::DirectoryGrpc(
                 inner.clone(),
             )))
-            .serve_with_incoming_shutdown(TcpIncoming::from(grpc_l), async move {
+            .serve_with_incoming_shutdown(inner.config.server.incoming(grpc_l), async move {
                 let _ = srx.wait_for(|v| *v).await;
             });
         let mut hrx = rx.clone();

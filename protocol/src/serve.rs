@@ -1,0 +1,206 @@
+//! Limits every hush server applies to what one peer can make it do: requests served at once
+//! (the excess refused at once with RESOURCE_EXHAUSTED, which clients and shufflers treat as
+//! "retry later"), HTTP/2 streams per connection, and open connections (the excess closed at
+//! accept). Server plumbing, like the TLS server builder in [`crate::tls`]: both move to a server
+//! crate when the workspace is restructured.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::codegen::tokio_stream::Stream;
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+
+/// `[server]`: how much one server takes on at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerLimits {
+    /// Requests served at once over all connections; more are refused at once with
+    /// RESOURCE_EXHAUSTED.
+    #[serde(default = "defaults::max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// HTTP/2 streams (requests in flight) one connection may open.
+    #[serde(default = "defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Open connections; a connection past it is closed as soon as it is accepted.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: defaults::max_concurrent_requests(),
+            max_concurrent_streams: defaults::max_concurrent_streams(),
+            max_connections: defaults::max_connections(),
+        }
+    }
+}
+
+mod defaults {
+    pub(super) fn max_concurrent_requests() -> usize {
+        64
+    }
+    pub(super) fn max_concurrent_streams() -> u32 {
+        32
+    }
+    pub(super) fn max_connections() -> usize {
+        1_024
+    }
+}
+
+impl ServerLimits {
+    /// Checks that every limit is positive.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_concurrent_requests == 0
+            || self.max_concurrent_streams == 0
+            || self.max_connections == 0
+        {
+            return Err(
+                "server.max_concurrent_requests, max_concurrent_streams and max_connections must be positive"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `server` with these limits: load shedding over a global limit of requests in flight,
+    /// and HTTP/2 streams per connection. Connections are limited by [`LimitedIncoming`].
+    pub fn apply(
+        &self,
+        server: tonic::transport::Server,
+    ) -> tonic::transport::Server<
+        tower::layer::util::Stack<
+            tower::limit::GlobalConcurrencyLimitLayer,
+            tower::layer::util::Identity,
+        >,
+    > {
+        server
+            .load_shed(true)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                self.max_concurrent_requests,
+            ))
+    }
+
+    /// The accepted connections of `listener`, at most `max_connections` open at once.
+    pub fn incoming(&self, listener: tokio::net::TcpListener) -> LimitedIncoming {
+        LimitedIncoming {
+            inner: TcpIncoming::from(listener).with_nodelay(Some(true)),
+            permits: Arc::new(Semaphore::new(self.max_connections)),
+            refused: Arc::default(),
+        }
+    }
+}
+
+/// A stream of accepted connections that closes those past the limit at once.
+#[derive(Debug)]
+pub struct LimitedIncoming {
+    inner: TcpIncoming,
+    permits: Arc<Semaphore>,
+    refused: Arc<AtomicU64>,
+}
+
+impl LimitedIncoming {
+    /// A counter of the connections closed because the limit was reached.
+    pub fn refused_counter(&self) -> Arc<AtomicU64> {
+        self.refused.clone()
+    }
+}
+
+impl Stream for LimitedIncoming {
+    type Item = Result<LimitedStream, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(stream))) => match self.permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        return Poll::Ready(Some(Ok(LimitedStream {
+                            stream,
+                            _permit: permit,
+                        })));
+                    }
+                    Err(_) => {
+                        // Dropping the stream closes it.
+                        self.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            "refused a connection: the server holds its limit of open connections"
+                        );
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// An accepted connection holding one of the server's connection permits.
+#[derive(Debug)]
+pub struct LimitedStream {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedStream {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The largest gRPC message a server decodes for `items` items of at most `item_bytes` each,
+/// with `overhead` bytes for framing and the other fields.
+pub fn message_limit(items: usize, item_bytes: usize, overhead: usize) -> usize {
+    items
+        .saturating_mul(item_bytes.saturating_add(16))
+        .saturating_add(overhead)
+}

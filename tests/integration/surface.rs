@@ -1,0 +1,351 @@
+//! The network surface under attack: floods of concurrent requests and connections, and
+//! oversize requests, against real servers on loopback. Each attack is refused early, the server
+//! keeps serving, and every legitimate report still arrives exactly once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hush_aggregator::{Aggregator, client};
+use hush_client::ClientTask;
+use hush_protocol::proto::v1::leader_ingest_client::LeaderIngestClient;
+use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
+use hush_protocol::proto::v1::{self as pb};
+use hush_protocol::{
+    Clock, Codec, HpkeKeypair, Measurement, MeasurementKind, MockClock, ReportId, Role,
+    SystemClock, TaskConfig, Time, VerifyKey,
+};
+use hush_shuffler::{ShufflerConfig, ShufflerNode};
+use hush_tests::cluster::{
+    ADMIN_TOKEN, aggregator_config_with, client_task, provision, secrets, stats, url, wait_drained,
+};
+use hush_tests::mixnet::{Mix, RecordingLeader, one_hop_packets, provision_shuffler};
+use hush_tests::task_params;
+use tonic::Code;
+
+const TIGHT: &str =
+    "[server]\nmax_concurrent_requests = 2\nmax_concurrent_streams = 4\nmax_connections = 64\n";
+
+/// Sends `packets` in one request until the shuffler takes them, counting how often it shed
+/// the request as overloaded.
+async fn submit_until_taken(url: String, packets: Vec<pb::Packet>) -> (u64, u64) {
+    let mut shed = 0;
+    // One connection per sender, as a client or a shuffler keeps it.
+    let mut c = ShufflerClient::new(client::channel(&url, None).unwrap());
+    loop {
+        match c
+            .submit_packets(pb::SubmitPacketsRequest {
+                packets: packets.clone(),
+            })
+            .await
+        {
+            Ok(r) => return (r.into_inner().accepted, shed),
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                shed += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(s) => panic!("unexpected refusal: {s:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_concurrent_requests_is_shed_and_every_packet_still_arrives_once() {
+    let sink = RecordingLeader::start().await;
+    let task = TaskConfig::new(task_params(
+        MeasurementKind::EventHistogram,
+        &HpkeKeypair::generate(1),
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mix = Mix {
+        batch_size: 1_000,
+        min_batch_size: 1,
+        max_wait_ms: 50,
+    };
+    let text = hush_tests::mixnet::shuffler_config_text(
+        "shuffler-a",
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        ("leader", "leader", &sink.url()),
+        mix,
+        "",
+    )
+    .replace("cache_mb = 16\n", &format!("cache_mb = 16\n{TIGHT}"));
+    let node = ShufflerNode::start(
+        ShufflerConfig::from_toml(&text).unwrap(),
+        ADMIN_TOKEN,
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let u = url(node.local_addr());
+    provision_shuffler(&u, &task).await;
+    let packets = one_hop_packets(
+        &u,
+        "shuffler-a",
+        &task,
+        (0..2_000u32).map(|i| i.to_be_bytes().to_vec()),
+    )
+    .await;
+    // 40 senders at once, each on its own connection, against a limit of 2 requests in flight.
+    let senders: Vec<_> = packets
+        .chunks(50)
+        .map(|c| tokio::spawn(submit_until_taken(u.clone(), c.to_vec())))
+        .collect();
+    let (mut accepted, mut shed) = (0, 0);
+    for s in senders {
+        let (a, sh) = s.await.unwrap();
+        accepted += a;
+        shed += sh;
+    }
+    assert_eq!(accepted, 2_000);
+    assert!(shed > 0, "nothing was shed: the limit did not hold");
+    let got = sink.wait_for(2_000, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2_000);
+    assert_eq!(sink.duplicates(), 0);
+
+    // Connections past the limit are closed as soon as they are accepted.
+    let text = text.replace("max_connections = 64", "max_connections = 2");
+    node.shutdown().await.unwrap();
+    let node = ShufflerNode::start(
+        ShufflerConfig::from_toml(&text).unwrap(),
+        ADMIN_TOKEN,
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let addr = node.local_addr();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut third, &mut buf),
+    )
+    .await
+    .expect("the refused connection is closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Once the held connections go, the server takes new ones and serves.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = stats(&url(addr), Some(&task)).await;
+    assert_eq!(s.reports_accepted, 2_000);
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_sheds_a_flood_and_aggregates_every_report_once() {
+    let mock = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let clock: Arc<dyn Clock> = mock.clone();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (hd, ld) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let helper = Aggregator::start(
+        Role::Helper,
+        aggregator_config_with(hd.path(), any, None, ""),
+        secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let leader = Aggregator::start(
+        Role::Leader,
+        aggregator_config_with(ld.path(), any, Some(url(helper.local_addr())), TIGHT),
+        secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let (lu, hu) = (url(leader.local_addr()), url(helper.local_addr()));
+    let task = TaskConfig::new(task_params(
+        MeasurementKind::EventHistogram,
+        &HpkeKeypair::generate(1),
+    ))
+    .unwrap();
+    provision(&lu, &hu, &task, &VerifyKey::random()).await;
+    let c: ClientTask = client_task(&lu, &hu, &task).await;
+    let reports: Vec<Vec<u8>> = (0..2_000)
+        .map(|i| {
+            c.seal(
+                c.shard(&Measurement::Bucket(i % 8), ReportId::random())
+                    .unwrap(),
+                clock.now(),
+            )
+            .unwrap()
+            .to_bytes()
+        })
+        .collect();
+    let senders: Vec<_> = reports
+        .chunks(50)
+        .map(|chunk| {
+            let (lu, chunk) = (lu.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                let mut shed = 0u64;
+                let mut c = LeaderIngestClient::new(client::channel(&lu, None).unwrap());
+                loop {
+                    match c
+                        .submit_reports(pb::SubmitReportsRequest {
+                            reports: chunk.iter().map(|r| r.clone().into()).collect(),
+                        })
+                        .await
+                    {
+                        Ok(r) => return (r.into_inner().accepted, shed),
+                        Err(s) if s.code() == Code::ResourceExhausted => {
+                            shed += 1;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(s) => panic!("unexpected refusal: {s:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut accepted, mut shed) = (0, 0);
+    for s in senders {
+        let (a, sh) = s.await.unwrap();
+        accepted += a;
+        shed += sh;
+    }
+    assert_eq!(accepted, 2_000);
+    assert!(shed > 0, "nothing was shed: the limit did not hold");
+    let s = wait_drained(&lu, &task, Duration::from_secs(60)).await;
+    assert_eq!(s.reports_aggregated, 2_000, "{s:?}");
+    assert!(s.rejected.is_empty(), "none twice, none lost: {s:?}");
+    leader.shutdown().await.unwrap();
+    helper.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_requests_are_refused_before_they_are_buffered() {
+    let clock: Arc<dyn Clock> = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (hd, ld) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let helper = Aggregator::start(
+        Role::Helper,
+        aggregator_config_with(hd.path(), any, None, ""),
+        secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let leader = Aggregator::start(
+        Role::Leader,
+        aggregator_config_with(
+            ld.path(),
+            any,
+            Some(url(helper.local_addr())),
+            "max_request_reports = 100\nmax_packet_size = 4096\n",
+        ),
+        secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let lu = url(leader.local_addr());
+    // 100 reports of 4 KiB fit (about 0.4 MB); one request of 2 MB is refused as too large
+    // whatever it holds, before the leader decodes it.
+    let limit = leader.shared().config.ingest_message_limit();
+    assert!(limit < 1 << 20, "{limit}");
+    let e = LeaderIngestClient::new(client::channel(&lu, None).unwrap())
+        .max_encoding_message_size(64 << 20)
+        .submit_reports(pb::SubmitReportsRequest {
+            reports: vec![vec![0u8; 2 << 20].into()],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    // A task whose packets are larger than the limit is refused at provisioning.
+    let mut p = task_params(MeasurementKind::EventHistogram, &HpkeKeypair::generate(1));
+    p.packet_size = 16_384;
+    let big = TaskConfig::new(p).unwrap();
+    let e = client::admin(&lu, ADMIN_TOKEN, None)
+        .unwrap()
+        .create_task(pb::CreateTaskRequest {
+            task: Some((&big).into()),
+            vdaf_verify_key: VerifyKey::random().as_bytes().to_vec().into(),
+            role: "leader".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("max_packet_size"), "{}", e.message());
+    // The leader still serves.
+    let s = stats(&lu, None).await;
+    assert_eq!(s.reports_accepted, 0);
+    leader.shutdown().await.unwrap();
+    helper.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_collections_cannot_fill_the_audit_trail() {
+    let clock: Arc<dyn Clock> = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let pair = hush_tests::cluster::InProcessPair::start(clock.clone()).await;
+    let task = TaskConfig::new(task_params(
+        MeasurementKind::EventHistogram,
+        &HpkeKeypair::generate(1),
+    ))
+    .unwrap();
+    provision(
+        &pair.leader_url(),
+        &pair.helper_url(),
+        &task,
+        &VerifyKey::random(),
+    )
+    .await;
+    let w = task.window(clock.now()).unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..500 {
+        let e = hush_tests::cluster::collect(
+            &pair.leader_url(),
+            Some("not-anyones-token-0123456789"),
+            &task,
+            &w,
+            None,
+            pb::BudgetPurpose::Routine,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let refused = |a: &Aggregator| {
+        a.shared()
+            .store
+            .audit()
+            .entries()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event.action == "collect")
+            .collect::<Vec<_>>()
+    };
+    let n = refused(&pair.leader).len() as u64;
+    assert!(
+        n <= seconds * 10 + 10,
+        "{n} audit entries for 500 refusals in {seconds} s"
+    );
+    // The next entry that is written says how many were left out.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let _ = hush_tests::cluster::collect(
+        &pair.leader_url(),
+        None,
+        &task,
+        &w,
+        None,
+        pb::BudgetPurpose::Routine,
+    )
+    .await;
+    let last = refused(&pair.leader).pop().unwrap();
+    assert!(
+        last.event.detail.contains("earlier refusals not recorded"),
+        "{last}"
+    );
+    pair.leader.shared().store.audit().verify().unwrap();
+    pair.shutdown().await;
+}
