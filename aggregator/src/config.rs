@@ -53,10 +53,59 @@ pub struct AggregatorConfig {
     /// Settings only the leader uses.
     #[serde(default)]
     pub leader: Option<LeaderConfig>,
+    /// Who may call which service, by certificate name (with TLS).
+    #[serde(default)]
+    pub peers: PeerConfig,
     /// This aggregator's certificate, key and trusted CAs. Without it the aggregator speaks
     /// plaintext, which `hush leader|helper` allow only with `--insecure`.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+}
+
+/// `[peers]`: the certificate names (common name, DNS or URI subject alternative name) allowed
+/// on each operator service. With TLS the lists of the services a role serves are required: a
+/// valid certificate of the wrong role is refused with PERMISSION_DENIED and audited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Leader: the last shuffler(s) of the cascade, allowed on `LeaderIngest`.
+    #[serde(default)]
+    pub shufflers: Vec<String>,
+    /// Leader: the tenants' collectors (results services), allowed on `Collection`.
+    #[serde(default)]
+    pub collectors: Vec<String>,
+    /// Helper: the leader, allowed on `HelperAggregation`.
+    #[serde(default)]
+    pub leader: Vec<String>,
+    /// Key directories allowed on `HpkeKeys`; empty: any certificate from a trusted CA
+    /// (services' clients hold none).
+    #[serde(default)]
+    pub key_directories: Vec<String>,
+}
+
+impl PeerConfig {
+    /// Checks that the lists `role` needs with TLS are there.
+    pub fn check_for(&self, role: hush_protocol::Role) -> Result<()> {
+        let missing = match role {
+            hush_protocol::Role::Leader if self.shufflers.is_empty() => {
+                Some(("shufflers", "the last shuffler, e.g. [\"shuffler-b\"]"))
+            }
+            hush_protocol::Role::Leader if self.collectors.is_empty() => Some((
+                "collectors",
+                "the tenants' results services, e.g. [\"collector\"]",
+            )),
+            hush_protocol::Role::Helper if self.leader.is_empty() => {
+                Some(("leader", "the leader, e.g. [\"leader\"]"))
+            }
+            _ => None,
+        };
+        match missing {
+            Some((field, who)) => Err(Error::Config(format!(
+                "with TLS, [peers] {field} must name the certificates allowed to call the {role}: {who}"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The leader's aggregation job settings.

@@ -97,6 +97,9 @@ impl Aggregator {
         }
         let addr = listener.local_addr()?;
         let tls = config.tls_material()?;
+        if tls.is_some() {
+            config.peers.check_for(role)?;
+        }
         let client_tls = tls.as_ref().map(|m| m.client());
         let store = Store::open(&config.data_dir, config.cache_mb)?;
         let tasks = store
@@ -139,7 +142,9 @@ impl Aggregator {
         // so a service's client can never fetch keys from an aggregator; the token-guarded admin
         // API stays open to any operator tool that trusts this server.
         // Every refusal lands in the audit trail.
-        let peer_cert = |what| RequirePeerCert::new(tls.is_some(), what);
+        let peers_cfg = shared.config.peers.clone();
+        let peer_cert =
+            |what, allowed: &[String]| RequirePeerCert::named(tls.is_some(), what, allowed);
         let admin = InterceptedService::new(
             AdminServer::new(AdminService::new(shared.clone())),
             AuditRefusals::new(
@@ -150,14 +155,22 @@ impl Aggregator {
         );
         let keys_svc = InterceptedService::new(
             HpkeKeysServer::new(KeysService::new(shared.clone())),
-            AuditRefusals::new(peer_cert("key directories"), shared.clone(), "keys"),
+            AuditRefusals::new(
+                peer_cert("key directories", &peers_cfg.key_directories),
+                shared.clone(),
+                "keys",
+            ),
         );
         let (ingest, collection, helper) = match (role, &shared.config.leader) {
             (Role::Leader, Some(lc)) => (
                 Some(InterceptedService::new(
                     LeaderIngestServer::new(IngestService::new(shared.clone()))
                         .max_decoding_message_size(shared.config.ingest_message_limit()),
-                    AuditRefusals::new(peer_cert("the last shuffler"), shared.clone(), "ingest"),
+                    AuditRefusals::new(
+                        peer_cert("the last shuffler", &peers_cfg.shufflers),
+                        shared.clone(),
+                        "ingest",
+                    ),
                 )),
                 Some(InterceptedService::new(
                     CollectionServer::new(CollectionService::new(
@@ -170,7 +183,11 @@ impl Aggregator {
                         )?,
                     ))
                     .max_encoding_message_size(MAX_COLLECTION_BYTES),
-                    AuditRefusals::new(peer_cert("collectors"), shared.clone(), "collection"),
+                    AuditRefusals::new(
+                        peer_cert("collectors", &peers_cfg.collectors),
+                        shared.clone(),
+                        "collection",
+                    ),
                 )),
                 None,
             ),
@@ -183,7 +200,7 @@ impl Aggregator {
                         .max_encoding_message_size(shared.config.job_message_limit()),
                     AuditRefusals::new(
                         Both(
-                            peer_cert("the leader"),
+                            peer_cert("the leader", &peers_cfg.leader),
                             BearerAuth::new(&secrets.peer_token, "leader-helper token"),
                         ),
                         shared.clone(),

@@ -76,6 +76,16 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
+    /// The HTTPS listener's config could not be built.
+    #[error(
+        "HTTPS server config ({what}): {reason}; check that cert and key are PEM and belong together"
+    )]
+    Https {
+        /// Which part.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// Generating development certificates failed.
     #[cfg(feature = "dev-ca")]
     #[error("generating a development certificate for {name:?}: {source}")]
@@ -177,6 +187,28 @@ impl TlsMaterial {
             .timeout(std::time::Duration::from_secs(10))
     }
 
+    /// A rustls server config with this certificate, for HTTPS listeners (the results API):
+    /// server-authenticated, no client certificate asked for (dashboards present none).
+    pub fn https_server(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &'static str, e: String| TlsError::Https { what, reason: e };
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("cert", e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| bad("key", e.to_string()))?;
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("protocol versions", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("cert and key", e.to_string()))?;
+        Ok(std::sync::Arc::new(config))
+    }
+
     /// The client side of an operator link: verify the server against the CAs and present this
     /// component's certificate.
     pub fn client(&self) -> ClientTlsConfig {
@@ -246,37 +278,96 @@ pub fn endpoint(
     }
 }
 
-/// Refuses requests on connections that presented no client certificate, before any handler
-/// runs. (A certificate from an untrusted CA never gets this far: the handshake fails.) When
-/// the server runs without TLS (`--insecure`, tests) it lets everything through.
-#[derive(Clone, Copy, Debug)]
+/// Refuses requests on connections that presented no client certificate, and (when names are
+/// configured) requests whose certificate names none of the allowed peers, before any handler
+/// runs. (A certificate from an untrusted CA never gets this far: the handshake fails.) When the
+/// server runs without TLS (`--insecure`, tests) it lets everything through.
+#[derive(Clone, Debug)]
 pub struct RequirePeerCert {
     enabled: bool,
     what: &'static str,
+    allowed: std::sync::Arc<[String]>,
 }
 
 impl RequirePeerCert {
-    /// `what` names the callers expected ("a shuffler", "the leader").
+    /// Any certificate from a trusted CA; `what` names the callers expected ("the leader").
     pub fn new(enabled: bool, what: &'static str) -> Self {
-        Self { enabled, what }
+        Self::named(enabled, what, &[])
+    }
+
+    /// A certificate that names one of `allowed` (its common name, a DNS or a URI subject
+    /// alternative name, e.g. `shuffler-b` or `spiffe://hush/shuffler-b`); an empty list takes
+    /// any certificate from a trusted CA.
+    pub fn named(enabled: bool, what: &'static str, allowed: &[String]) -> Self {
+        Self {
+            enabled,
+            what,
+            allowed: allowed.into(),
+        }
     }
 }
 
 impl Interceptor for RequirePeerCert {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        if !self.enabled || req.peer_certs().is_some_and(|c| !c.is_empty()) {
+        if !self.enabled {
+            return Ok(req);
+        }
+        let Some(cert) = req.peer_certs().and_then(|c| c.first().cloned()) else {
+            tracing::warn!(
+                expected = self.what,
+                remote = ?req.remote_addr(),
+                "refused a request without a client certificate"
+            );
+            return Err(Status::unauthenticated(format!(
+                "this service is only for {}: connect with a client certificate from a trusted CA",
+                self.what
+            )));
+        };
+        if self.allowed.is_empty() {
+            return Ok(req);
+        }
+        let names = peer_names(cert.as_ref());
+        if names.iter().any(|n| self.allowed.contains(n)) {
             return Ok(req);
         }
         tracing::warn!(
             expected = self.what,
+            ?names,
             remote = ?req.remote_addr(),
-            "refused a request without a client certificate"
+            "refused a certificate of another role"
         );
-        Err(Status::unauthenticated(format!(
-            "this service is only for {}: connect with a client certificate from a trusted CA",
-            self.what
+        Err(Status::permission_denied(format!(
+            "this service is only for {} ({}); the certificate names {}",
+            self.what,
+            self.allowed.join(", "),
+            names.join(", ")
         )))
     }
+}
+
+/// Every name a certificate gives its holder: the subject's common names, then the DNS names
+/// and URIs among its subject alternative names.
+pub fn peer_names(cert_der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(cert_der) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d)
+                | x509_parser::extensions::GeneralName::URI(d) => out.push((*d).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    out.dedup();
+    out
 }
 
 /// Two interceptors, `A` first.

@@ -48,6 +48,9 @@ pub struct ShufflerConfig {
     /// Requests, streams and connections served at once.
     #[serde(default)]
     pub server: hush_protocol::serve::ServerLimits,
+    /// Who may call which service, by certificate name (with TLS).
+    #[serde(default)]
+    pub peers: PeerConfig,
     /// Who submits packets to this node. With TLS, `"shufflers"` (the default) refuses
     /// connections without a client certificate from a trusted CA; the first shuffler of a
     /// cascade sets `"clients"`, whose services present none.
@@ -57,6 +60,20 @@ pub struct ShufflerConfig {
     /// which `hush shuffler` allows only with `--insecure`.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+}
+
+/// `[peers]`: the certificate names (common name, DNS or URI subject alternative name) allowed
+/// on this node's services, with TLS.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The previous shuffler(s), allowed on `Shuffler` when `ingest_from = "shufflers"`
+    /// (required then): a valid certificate of another role is refused with PERMISSION_DENIED.
+    #[serde(default)]
+    pub previous: Vec<String>,
+    /// Key directories allowed on `HpkeKeys`; empty: any certificate from a trusted CA.
+    #[serde(default)]
+    pub key_directories: Vec<String>,
 }
 
 /// Who submits packets to a shuffler.

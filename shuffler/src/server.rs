@@ -61,6 +61,16 @@ impl ShufflerNode {
         config.check()?;
         let addr = listener.local_addr()?;
         let tls = config.tls_material()?;
+        if tls.is_some()
+            && config.ingest_from == IngestFrom::Shufflers
+            && config.peers.previous.is_empty()
+        {
+            return Err(Error::Config(
+                "with TLS and ingest_from = \"shufflers\", [peers] previous must name the \
+                 previous shuffler's certificate, e.g. previous = [\"shuffler-a\"]"
+                    .into(),
+            ));
+        }
         let client_tls = tls.as_ref().map(|m| m.client());
         let hop_clients = config
             .next_hops
@@ -126,9 +136,10 @@ impl ShufflerNode {
         let ingest = InterceptedService::new(
             ShufflerServer::new(IngestService::new(node.clone()))
                 .max_decoding_message_size(node.config.ingest_message_limit()),
-            RequirePeerCert::new(
+            RequirePeerCert::named(
                 tls.is_some() && node.config.ingest_from == IngestFrom::Shufflers,
                 "the previous shuffler",
+                &node.config.peers.previous,
             ),
         );
         let admin = InterceptedService::new(
@@ -139,7 +150,11 @@ impl ShufflerNode {
         // client never fetches keys from the party they belong to.
         let keys_svc = InterceptedService::new(
             HpkeKeysServer::new(KeysService::new(node.clone())),
-            RequirePeerCert::new(tls.is_some(), "key directories"),
+            RequirePeerCert::named(
+                tls.is_some(),
+                "key directories",
+                &node.config.peers.key_directories,
+            ),
         );
         let mut srx = rx.clone();
         let signal = async move {

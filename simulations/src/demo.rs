@@ -322,7 +322,8 @@ pub(crate) async fn start_cluster(
     let helper = Aggregator::start(
         Role::Helper,
         AggregatorConfig::from_toml(&format!(
-            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n{}",
+            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n\
+             [peers]\nleader = [\"leader\"]\nkey_directories = [\"collector\"]\n{}",
             dir.join("helper").display(),
             tls_of("helper")?
         ))?,
@@ -333,7 +334,9 @@ pub(crate) async fn start_cluster(
     let leader = Aggregator::start(
         Role::Leader,
         AggregatorConfig::from_toml(&format!(
-            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n[leader]\nhelper_url = \"https://{}\"\njob_size = 500\njob_poll_interval_ms = 50\n{}",
+            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n\
+             [peers]\nshufflers = [\"shuffler-b\"]\ncollectors = [\"collector\"]\nkey_directories = [\"collector\"]\n\
+             [leader]\nhelper_url = \"https://{}\"\njob_size = 500\njob_poll_interval_ms = 50\n{}",
             dir.join("leader").display(),
             helper.local_addr(),
             tls_of("leader")?
@@ -346,6 +349,7 @@ pub(crate) async fn start_cluster(
         anyhow::Ok(ShufflerConfig::from_toml(&format!(
             "name = \"{name}\"\nlisten = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 32\n\
              ingest_from = \"{ingest_from}\"\n\
+             [peers]\nprevious = [\"shuffler-a\"]\nkey_directories = [\"collector\"]\n\
              [mix]\nbatch_size = 1000\nmin_batch_size = 1\nmax_wait_ms = {MAX_WAIT_MS}\n\
              [[next_hop]]\nname = \"{}\"\nkind = \"{}\"\nurl = \"{}\"\n{}",
             dir.join(name).display(),
@@ -434,6 +438,7 @@ pub(crate) async fn start_cluster(
             tenant_token: TENANT_TOKEN.into(),
             collector_key: collector.clone(),
             api_token: None,
+            read_token: "demo-read-token-not-secret".into(),
         },
         clock,
     )

@@ -206,7 +206,8 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
     configs.insert(
         "helper",
         format!(
-            "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\ncache_mb = 64\n{}",
+            "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\ncache_mb = 64\n\
+             [peers]\nleader = [\"leader\"]\nkey_directories = [\"operator\"]\n{}",
             ports["helper"],
             data("helper"),
             tls("helper")?
@@ -216,6 +217,7 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
         "leader",
         format!(
             "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\ncache_mb = 64\n\
+             [peers]\nshufflers = [\"shuffler-b\"]\ncollectors = [\"collector\"]\nkey_directories = [\"operator\"]\n\
              [leader]\nhelper_url = \"{}\"\njob_size = 500\njob_poll_interval_ms = 50\n\
              retry_initial_ms = 100\nretry_max_ms = 2000\nmax_pending_reports = 200000\n\
              tenant_max_pending = 200000\n{}",
@@ -233,7 +235,9 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
             name,
             format!(
                 "name = \"{name}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = {:?}\ncache_mb = 64\n\
-                 ingest_from = \"{from}\"\n[mix]\nbatch_size = 1000\nmin_batch_size = 1\n\
+                 ingest_from = \"{from}\"\n\
+                 [peers]\nprevious = [\"shuffler-a\"]\nkey_directories = [\"operator\"]\n\
+                 [mix]\nbatch_size = 1000\nmin_batch_size = 1\n\
                  max_wait_ms = 200\n[forward]\nretry_initial_ms = 100\nretry_max_ms = 2000\n\
                  [limits]\nmax_buffered_packets = 200000\nper_tenant_max_buffered = 200000\n\
                  [[next_hop]]\nname = \"{next}\"\nkind = \"{kind}\"\nurl = \"{}\"\n{}",

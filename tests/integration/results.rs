@@ -21,6 +21,7 @@ use hush_tests::task_params;
 
 const TENANT_TOKEN: &str = "acme-collector-token-0123456789";
 const API_TOKEN: &str = "results-api-token-0123456789";
+const READ_TOKEN: &str = "results-read-token-0123456789";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
@@ -59,6 +60,7 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
         tenant_token: TENANT_TOKEN.into(),
         collector_key: collector.clone(),
         api_token: Some(API_TOKEN.into()),
+        read_token: READ_TOKEN.into(),
     };
     let results = ResultsService::start(config, secrets, clock.clone())
         .await
@@ -92,12 +94,12 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let path = format!("/v1/tasks/{}/windows", task.id());
     let window_path = format!("/v1/tasks/{}/windows/{}", task.id(), window.as_secs());
-    let (code, body) = request(results.http_addr(), "GET", &path, None, None).await;
+    let (code, body) = request(results.http_addr(), "GET", &path, Some(READ_TOKEN), None).await;
     assert_eq!((code, body.as_str()), (200, "[]"));
     mock.advance(5);
     let start = Instant::now();
     let windows: Vec<WindowJson> = loop {
-        let (code, body) = request(results.http_addr(), "GET", &path, None, None).await;
+        let (code, body) = request(results.http_addr(), "GET", &path, Some(READ_TOKEN), None).await;
         assert_eq!(code, 200, "{body}");
         let w: Vec<WindowJson> = serde_json::from_str(&body).unwrap();
         if !w.is_empty() {
@@ -128,7 +130,29 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     assert!(w.total.unwrap().covers(200.0));
 
     // The same window over gRPC.
-    let mut grpc = ResultsClient::new(client::channel(&url(results.grpc_addr()), None).unwrap());
+    // Every read needs the read token, on both APIs.
+    let (code, _) = request(results.http_addr(), "GET", &path, None, None).await;
+    assert_eq!(code, 401);
+    let (code, _) = request(
+        results.http_addr(),
+        "GET",
+        &path,
+        Some("wrong-token-0123456789"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 401);
+    let e = ResultsClient::new(client::channel(&url(results.grpc_addr()), None).unwrap())
+        .list_windows(pb::ListWindowsRequest {
+            task_id: task.id().as_bytes().to_vec().into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let mut grpc = ResultsClient::with_interceptor(
+        client::channel(&url(results.grpc_addr()), None).unwrap(),
+        hush_protocol::auth::AddBearer::new(READ_TOKEN).unwrap(),
+    );
     let g = grpc
         .get_window(pb::GetWindowRequest {
             task_id: task.id().as_bytes().to_vec().into(),
@@ -149,13 +173,20 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
         .unwrap()
         .into_inner();
     assert!(alerts.alerts.is_empty(), "{alerts:?}");
-    let (code, text) = request(results.http_addr(), "GET", "/v1/alerts", None, None).await;
+    let (code, text) = request(
+        results.http_addr(),
+        "GET",
+        "/v1/alerts",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
     assert_eq!((code, text.as_str()), (200, "[]"));
     let (code, _) = request(
         results.http_addr(),
         "GET",
         &format!("/v1/tasks/{}/alerts", task.id()),
-        None,
+        Some(READ_TOKEN),
         None,
     )
     .await;
@@ -220,7 +251,7 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
         results.http_addr(),
         "GET",
         &format!("/v1/tasks/{}/windows/{}", task.id(), window.as_secs() + 60),
-        None,
+        Some(READ_TOKEN),
         None,
     )
     .await;
@@ -240,13 +271,27 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
         .collect();
     let r = submit(&pair.leader_url(), &late, 10).await;
     assert_eq!(r.rejected[&pb::RejectReason::BatchCollected], 2);
-    let (_, text) = request(results.http_addr(), "GET", &window_path, None, None).await;
+    let (_, text) = request(
+        results.http_addr(),
+        "GET",
+        &window_path,
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert!(v["late_reports"].is_null(), "not known yet: {text}");
     mock.advance(task.report_expiry_s() + 300);
     let start = Instant::now();
     let late = loop {
-        let (_, text) = request(results.http_addr(), "GET", &window_path, None, None).await;
+        let (_, text) = request(
+            results.http_addr(),
+            "GET",
+            &window_path,
+            Some(READ_TOKEN),
+            None,
+        )
+        .await;
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         if !v["late_reports"].is_null() {
             break v["late_reports"].clone();

@@ -349,3 +349,105 @@ async fn a_flood_of_refused_collections_cannot_fill_the_audit_trail() {
     pair.leader.shared().store.audit().verify().unwrap();
     pair.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_results_api_speaks_https_with_tls_and_refuses_plaintext_off_loopback() {
+    use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+    use hush_protocol::tls::dev::{DevCa, loopback_hosts};
+    use hush_tests::http::{request, request_tls};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = DevCa::new("results test CA").unwrap();
+    let issued = ca.issue("collector", &loopback_hosts()).unwrap();
+    std::fs::write(d.join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(d.join("c.pem"), &issued.cert_pem).unwrap();
+    std::fs::write(d.join("c-key.pem"), &issued.key_pem).unwrap();
+    let task = TaskConfig::new(task_params(
+        MeasurementKind::Counter,
+        &HpkeKeypair::generate(1),
+    ))
+    .unwrap();
+    std::fs::write(d.join("task.toml"), toml::to_string(task.params()).unwrap()).unwrap();
+    let config = |listen: &str, leader: &str, tls: bool| {
+        let mut text = format!(
+            "tenant = \"acme\"\nlisten_grpc = \"{listen}\"\nlisten_http = \"{listen}\"\n\
+             data_dir = \"{}\"\nleader_url = \"{leader}\"\ntask_files = [\"{}\"]\n",
+            d.join("data").display(),
+            d.join("task.toml").display()
+        );
+        if tls {
+            text.push_str(&format!(
+                "[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+                d.join("c.pem").display(),
+                d.join("c-key.pem").display(),
+                d.join("ca.pem").display()
+            ));
+        }
+        ResultsConfig::from_toml(&text).unwrap()
+    };
+    let secrets = || ResultsSecrets {
+        tenant_token: "acme-token-0123456789".into(),
+        collector_key: HpkeKeypair::generate(1),
+        api_token: None,
+        read_token: "read-token-0123456789".into(),
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Plaintext on an address other than loopback is refused without --insecure.
+    let e = ResultsService::start(
+        config("0.0.0.0:0", "http://127.0.0.1:1", false),
+        secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("not a loopback address"), "{e}");
+    let mut insecure = config("0.0.0.0:0", "http://127.0.0.1:1", false);
+    insecure.insecure = true;
+    ResultsService::start(insecure, secrets(), clock.clone())
+        .await
+        .unwrap()
+        .shutdown()
+        .await
+        .unwrap();
+    // With [tls] the HTTP API is HTTPS: reads work with the CA and the read token, plaintext
+    // gets no HTTP answer, and a read without the token is refused.
+    let svc = ResultsService::start(
+        config("127.0.0.1:0", "https://127.0.0.1:1", true),
+        secrets(),
+        clock,
+    )
+    .await
+    .unwrap();
+    let path = format!("/v1/tasks/{}/windows", task.id());
+    let (code, body) = request_tls(
+        svc.http_addr(),
+        ca.cert_pem().as_bytes(),
+        "GET",
+        &path,
+        Some("read-token-0123456789"),
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "[]"));
+    let (code, _) = request_tls(
+        svc.http_addr(),
+        ca.cert_pem().as_bytes(),
+        "GET",
+        &path,
+        None,
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (addr, p2) = (svc.http_addr(), path.clone());
+    let plain = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::spawn(async move {
+            request(addr, "GET", &p2, Some("read-token-0123456789"), None).await
+        }),
+    )
+    .await;
+    assert!(
+        !matches!(plain, Ok(Ok((200, _)))),
+        "plaintext got an answer: {plain:?}"
+    );
+    svc.shutdown().await.unwrap();
+}

@@ -63,7 +63,8 @@ impl TlsCluster {
         let helper = Aggregator::start(
             Role::Helper,
             AggregatorConfig::from_toml(&format!(
-                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncache_mb = 16\n{}",
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncache_mb = 16\n\
+                 [peers]\nleader = [\"leader\"]\nkey_directories = [\"directory\"]\n{}",
                 d.join("helper").display(),
                 tls("helper")
             ))
@@ -77,6 +78,7 @@ impl TlsCluster {
             Role::Leader,
             AggregatorConfig::from_toml(&format!(
                 "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncache_mb = 16\n\
+                 [peers]\nshufflers = [\"shuffler-b\"]\ncollectors = [\"collector\"]\nkey_directories = [\"directory\"]\n\
                  [leader]\nhelper_url = \"https://{}\"\njob_size = 100\njob_poll_interval_ms = 20\n{}",
                 d.join("leader").display(),
                 helper.local_addr(),
@@ -91,7 +93,8 @@ impl TlsCluster {
         let shuffler = |name: &str, from: &str, next: (&str, &str, String)| {
             ShufflerConfig::from_toml(&format!(
                 "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncache_mb = 16\n\
-                 ingest_from = \"{from}\"\n[mix]\nbatch_size = 100\nmin_batch_size = 1\nmax_wait_ms = 50\n\
+                 ingest_from = \"{from}\"\n\
+                 [peers]\nprevious = [\"shuffler-a\"]\nkey_directories = [\"directory\"]\n[mix]\nbatch_size = 100\nmin_batch_size = 1\nmax_wait_ms = 50\n\
                  [forward]\nretry_initial_ms = 20\nretry_max_ms = 200\n\
                  [[next_hop]]\nname = \"{}\"\nkind = \"{}\"\nurl = \"{}\"\n{}",
                 d.join(name).display(),
@@ -146,9 +149,15 @@ impl TlsCluster {
         server_auth_client(self.ca.cert_pem().as_bytes())
     }
 
-    /// A client presenting a certificate of `issuer` (this cluster's CA or another).
+    /// A client presenting a certificate of `issuer` (this cluster's CA or another) named
+    /// "caller".
     fn with_cert_of(&self, issuer: &DevCa) -> ClientTlsConfig {
-        let issued = issuer.issue("caller", &loopback_hosts()).unwrap();
+        self.named(issuer, "caller")
+    }
+
+    /// A client presenting a certificate of `issuer` named `name`.
+    fn named(&self, issuer: &DevCa, name: &str) -> ClientTlsConfig {
+        let issued = issuer.issue(name, &loopback_hosts()).unwrap();
         self.trust()
             .identity(Identity::from_pem(issued.cert_pem, issued.key_pem))
     }
@@ -227,39 +236,64 @@ fn collect(c: Channel) -> futures_like::BoxFuture<Result<(), tonic::Status>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_operator_link_refuses_callers_without_a_certificate_from_a_trusted_ca() {
+async fn every_operator_link_refuses_callers_without_the_right_certificate() {
     let clock: Arc<dyn Clock> = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
     let c = TlsCluster::start(clock).await;
     let rogue = DevCa::new("someone else's CA").unwrap();
-    let links: [(&str, String, Call); 8] = [
+    // (link, URL, call, the certificate name the link is configured for)
+    let links: [(&str, String, Call, &str); 8] = [
         (
             "shuffler-a → shuffler-b",
             https(c.second.local_addr()),
             submit_packets,
+            "shuffler-a",
         ),
         (
             "shuffler-b → leader",
             https(c.leader.local_addr()),
             submit_reports,
+            "shuffler-b",
         ),
-        ("leader → helper", https(c.helper.local_addr()), init_job),
-        ("collector → leader", https(c.leader.local_addr()), collect),
+        (
+            "leader → helper",
+            https(c.helper.local_addr()),
+            init_job,
+            "leader",
+        ),
+        (
+            "collector → leader",
+            https(c.leader.local_addr()),
+            collect,
+            "collector",
+        ),
         // HPKE configs: only key directories (certificate holders) may fetch them, so no
         // party can hand a service's client a key of its own.
-        ("directory → leader", https(c.leader.local_addr()), get_keys),
-        ("directory → helper", https(c.helper.local_addr()), get_keys),
+        (
+            "directory → leader",
+            https(c.leader.local_addr()),
+            get_keys,
+            "directory",
+        ),
+        (
+            "directory → helper",
+            https(c.helper.local_addr()),
+            get_keys,
+            "directory",
+        ),
         (
             "directory → shuffler-a",
             https(c.first.local_addr()),
             get_keys,
+            "directory",
         ),
         (
             "directory → shuffler-b",
             https(c.second.local_addr()),
             get_keys,
+            "directory",
         ),
     ];
-    for (link, url, call) in links {
+    for (link, url, call, role) in links {
         // No client certificate: the TLS handshake succeeds (public services share the port),
         // and the service refuses before its handler runs.
         let e = call(chan(&url, Some(&c.trust()))).await.unwrap_err();
@@ -293,10 +327,17 @@ async fn every_operator_link_refuses_callers_without_a_certificate_from_a_truste
             ),
             "{link}: plaintext reached a handler or interceptor: {e:?}"
         );
+        // A valid certificate of this CA but of another role is refused before any handler.
+        let e = call(chan(&url, Some(&c.with_cert_of(&c.ca))))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{link}: {e:?}");
+        assert!(e.message().contains("caller"), "{link}: {}", e.message());
         // The right certificate gets through to the handler, which judges the (empty) request.
-        let r = call(chan(&url, Some(&c.with_cert_of(&c.ca)))).await;
+        let r = call(chan(&url, Some(&c.named(&c.ca, role)))).await;
         if let Err(e) = &r {
             assert_ne!(e.code(), Code::Unauthenticated, "{link}: {e:?}");
+            assert_ne!(e.code(), Code::PermissionDenied, "{link}: {e:?}");
             assert_ne!(e.code(), Code::Unavailable, "{link}: {e:?}");
         }
     }
@@ -309,16 +350,36 @@ async fn every_operator_link_refuses_callers_without_a_certificate_from_a_truste
             .into_iter()
             .filter(|e| e.event.actor == "unauthenticated")
             .map(|e| {
-                assert!(e.event.outcome.contains("client certificate"), "{e}");
+                assert!(
+                    e.event.outcome.contains("client certificate")
+                        || e.event.outcome.contains("the certificate names caller"),
+                    "{e}"
+                );
                 e.event.action
             })
             .collect()
     };
+    // Each link's two refusals (no certificate, then another role's) are in the trail.
     assert_eq!(
         actions(&c.leader),
-        ["ingest.call", "collection.call", "keys.call"]
+        [
+            "ingest.call",
+            "ingest.call",
+            "collection.call",
+            "collection.call",
+            "keys.call",
+            "keys.call"
+        ]
     );
-    assert_eq!(actions(&c.helper), ["aggregation.call", "keys.call"]);
+    assert_eq!(
+        actions(&c.helper),
+        [
+            "aggregation.call",
+            "aggregation.call",
+            "keys.call",
+            "keys.call"
+        ]
+    );
     // Clients of services need no certificate for the first shuffler's ingest, the only
     // operator service they use.
     submit_packets(chan(&https(c.first.local_addr()), Some(&c.trust())))
@@ -378,7 +439,7 @@ async fn reports_travel_the_whole_tls_cascade_and_are_aggregated() {
     }
     // The clients are deployed with a pinned key set (fetched once, with a certificate, as a
     // key directory does): they never ask any party for keys.
-    let directory = c.with_cert_of(&c.ca);
+    let directory = c.named(&c.ca, "directory");
     let first_config = |addr| {
         let tls = directory.clone();
         async move {

@@ -28,6 +28,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use crate::hush_bin;
 
 const CLIENTS: usize = 300;
+const READ_TOKEN: &str = "results-read-token-0123456789";
 const WINDOW_S: u64 = 4;
 const BOUND: u64 = 20;
 const TENANT_TOKEN: &str = "e2e-tenant-token";
@@ -104,7 +105,7 @@ async fn released(results: SocketAddr, task: &TaskConfig, start: u64) -> serde_j
     let path = format!("/v1/tasks/{}/windows/{start}", task.id());
     let begun = Instant::now();
     loop {
-        let (status, body) = request(results, "GET", &path, None, None).await;
+        let (status, body) = request(results, "GET", &path, Some(READ_TOKEN), None).await;
         if status == 200 {
             return serde_json::from_str(&body).expect("JSON");
         }
@@ -181,6 +182,7 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
         &["results", "--insecure", "--config", &results_config].map(String::from),
         &[
             ("HUSH_TENANT_TOKEN", TENANT_TOKEN),
+            ("HUSH_RESULTS_READ_TOKEN", READ_TOKEN),
             ("HUSH_COLLECTOR_KEY", &key),
         ],
         &dir.join("results.log"),

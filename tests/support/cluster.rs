@@ -416,6 +416,7 @@ impl Directory {
                 tenant_token: "directory-test-token-0123456789".into(),
                 collector_key: HpkeKeypair::generate(1),
                 api_token: None,
+                read_token: "directory-read-token-0123456789".into(),
             },
             clock,
         )

@@ -36,6 +36,10 @@ pub struct ResultsConfig {
     /// service's APIs. Unset: ad-hoc collection is disabled.
     #[serde(default = "defaults::api_token_env")]
     pub api_token_env: String,
+    /// Environment variable holding the token every read of the results APIs must present
+    /// (`authorization: Bearer ...`); required. The ad-hoc token reads too.
+    #[serde(default = "defaults::read_token_env")]
+    pub read_token_env: String,
     /// How long after a window closes it is collected, in seconds: reports still in the
     /// cascade have this long to arrive; later ones are refused and counted as late. With a
     /// `[cascade]` section it defaults to what the cascade can hold a report
@@ -55,6 +59,10 @@ pub struct ResultsConfig {
     /// the link is plaintext, which `hush results` allows only with `--insecure`.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+    /// Set by `hush results --insecure`, never from the file: allows plaintext listeners on
+    /// addresses other than loopback.
+    #[serde(skip)]
+    pub insecure: bool,
     /// The tenant's route through the mixnet: this service serves its clients the key set of
     /// every party on it (the key directory), and the collection delay follows its timing.
     #[serde(default)]
@@ -164,6 +172,9 @@ mod defaults {
     }
     pub(super) fn api_token_env() -> String {
         "HUSH_RESULTS_TOKEN".into()
+    }
+    pub(super) fn read_token_env() -> String {
+        "HUSH_RESULTS_READ_TOKEN".into()
     }
     pub(super) fn clock_skew_s() -> u64 {
         300

@@ -199,11 +199,7 @@ async fn ad_hoc(
     Json(req): Json<AdHocRequest>,
 ) -> Reply<AdHocJson> {
     let id = parse_task(&task)?;
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let token = bearer(&headers);
     let interval = Interval::new(Time::from_secs(req.start), req.duration)
         .map_err(|e| fail(Error::InvalidRequest(e.to_string())))?;
     let purpose = match req.purpose.as_deref() {
@@ -279,14 +275,58 @@ async fn task_alerts(
     Ok(Json(a.iter().map(AlertJson::from).collect()))
 }
 
-/// The API's routes.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Every read needs the read token (or the ad-hoc token).
+async fn require_read(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match inner.check_read(bearer(&headers)) {
+        Ok(()) => next.run(req).await,
+        Err(e) => fail(e).into_response(),
+    }
+}
+
+/// The API's routes: reads behind the read token, ad-hoc collection behind the API token, all
+/// under the server's limit of requests in flight (the excess answered 503 at once).
 pub(super) fn router(inner: Arc<Inner>) -> Router {
-    Router::new()
+    use tower::ServiceBuilder;
+    let limit = inner.config.server.max_concurrent_requests;
+    let reads = Router::new()
         .route("/v1/tasks", get(tasks))
         .route("/v1/tasks/{task}/windows", get(windows))
         .route("/v1/tasks/{task}/windows/{start}", get(window))
-        .route("/v1/tasks/{task}/collect", post(ad_hoc))
         .route("/v1/tasks/{task}/alerts", get(task_alerts))
         .route("/v1/alerts", get(all_alerts))
+        .route_layer(axum::middleware::from_fn_with_state(
+            inner.clone(),
+            require_read,
+        ));
+    Router::new()
+        .route("/v1/tasks/{task}/collect", post(ad_hoc))
+        .merge(reads)
         .with_state(inner)
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(
+                    |_: tower::BoxError| async {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            Json(serde_json::json!({ "error": "the results service is busy; retry later" })),
+                        )
+                    },
+                ))
+                .load_shed()
+                .concurrency_limit(limit),
+        )
 }

@@ -55,6 +55,8 @@ pub struct ResultsSecrets {
     pub collector_key: HpkeKeypair,
     /// The token that allows ad-hoc collections; None disables them.
     pub api_token: Option<String>,
+    /// The token every read of the results APIs must present.
+    pub read_token: String,
 }
 
 impl std::fmt::Debug for ResultsSecrets {
@@ -133,6 +135,28 @@ pub enum CollectFailure {
 }
 
 impl Inner {
+    /// Whether `token` may read released results: the read token, or the ad-hoc token.
+    fn check_read(&self, token: Option<&str>) -> Result<()> {
+        let Some(t) = token else {
+            return Err(Error::Unauthenticated(format!(
+                "reading results needs the read token: send \"authorization: Bearer <token>\" \
+                 (the service's {})",
+                self.config.read_token_env
+            )));
+        };
+        let ok = token_matches(t, &token_hash(&self.secrets.read_token))
+            || self
+                .secrets
+                .api_token
+                .as_deref()
+                .is_some_and(|a| token_matches(t, &token_hash(a)));
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated("wrong read token".into()))
+        }
+    }
+
     fn task(&self, id: &TaskId) -> Result<&TaskConfig> {
         self.tasks.get(id).ok_or(Error::UnknownTask(*id))
     }
@@ -438,6 +462,7 @@ impl Results for ResultsGrpc {
         &self,
         request: Request<pb::ListWindowsRequest>,
     ) -> std::result::Result<Response<pb::ListWindowsResponse>, Status> {
+        self.0.check_read(bearer_token(&request))?;
         let id = task_id(&request.into_inner().task_id)?;
         self.0.task(&id)?;
         Ok(Response::new(pb::ListWindowsResponse {
@@ -449,6 +474,7 @@ impl Results for ResultsGrpc {
         &self,
         request: Request<pb::GetWindowRequest>,
     ) -> std::result::Result<Response<pb::WindowResult>, Status> {
+        self.0.check_read(bearer_token(&request))?;
         let r = request.into_inner();
         let id = task_id(&r.task_id)?;
         self.0.task(&id)?;
@@ -496,6 +522,7 @@ impl Results for ResultsGrpc {
         &self,
         request: Request<pb::ListAlertsRequest>,
     ) -> std::result::Result<Response<pb::ListAlertsResponse>, Status> {
+        self.0.check_read(bearer_token(&request))?;
         let r = request.into_inner();
         let task = if r.task_id.is_empty() {
             None
@@ -529,6 +556,20 @@ impl ResultsService {
     ) -> Result<Self> {
         let tasks = load_tasks(&config)?;
         let material = crate::config::read_tls(config.tls.as_ref())?;
+        if material.is_none() && !config.insecure {
+            for (what, a) in [
+                ("listen_grpc", config.listen_grpc),
+                ("listen_http", config.listen_http),
+            ] {
+                if !a.ip().is_loopback() {
+                    return Err(Error::Config(format!(
+                        "{what} = {a} is not a loopback address and the config has no [tls]: \
+                         the results APIs would carry tokens and results in clear. Add a [tls] \
+                         section, listen on 127.0.0.1, or pass --insecure"
+                    )));
+                }
+            }
+        }
         let store = ResultsStore::open(&config.data_dir, config.cache_mb)?;
         let grpc_l = TcpListener::bind(config.listen_grpc)
             .await
@@ -577,11 +618,35 @@ impl ResultsService {
             .serve_with_incoming_shutdown(inner.config.server.incoming(grpc_l), async move {
                 let _ = srx.wait_for(|v| *v).await;
             });
+        // The HTTP/JSON API: HTTPS with the same certificate when [tls] is set.
         let mut hrx = rx.clone();
-        let http_server =
-            axum::serve(http_l, http::router(inner.clone())).with_graceful_shutdown(async move {
-                let _ = hrx.wait_for(|v| *v).await;
-            });
+        let router = http::router(inner.clone());
+        let http_server: std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>,
+        > = match &material {
+            Some(m) => {
+                let config = axum_server::tls_rustls::RustlsConfig::from_config(
+                    m.https_server().map_err(|e| Error::Config(e.to_string()))?,
+                );
+                let handle = axum_server::Handle::new();
+                let h2 = handle.clone();
+                tokio::spawn(async move {
+                    let _ = hrx.wait_for(|v| *v).await;
+                    h2.graceful_shutdown(Some(Duration::from_secs(10)));
+                });
+                let server = axum_server::from_tcp_rustls(http_l.into_std()?, config)?
+                    .handle(handle)
+                    .serve(router.into_make_service());
+                Box::pin(server)
+            }
+            None => Box::pin(
+                axum::serve(http_l, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = hrx.wait_for(|v| *v).await;
+                    })
+                    .into_future(),
+            ),
+        };
         let sched = scheduler(inner.clone(), rx.clone());
         let join = tokio::spawn(async move {
             let (g, h, ()) = tokio::join!(grpc_server, http_server, sched);

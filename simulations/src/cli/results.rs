@@ -14,7 +14,8 @@ use hush_protocol::{Codec, HpkeKeypair, SystemClock};
 pub(crate) struct Args {
     /// The TOML config file. Secrets come from the environment variables it names: the
     /// tenant's collector token (HUSH_TENANT_TOKEN), the collector key pair from `hush keygen`
-    /// (HUSH_COLLECTOR_KEY), and optionally the API token that allows ad-hoc collections
+    /// (HUSH_COLLECTOR_KEY), the token every read of the results APIs must present
+    /// (HUSH_RESULTS_READ_TOKEN), and optionally the API token that allows ad-hoc collections
     /// (HUSH_RESULTS_TOKEN).
     #[arg(long, value_parser = super::existing_file)]
     config: PathBuf,
@@ -25,8 +26,9 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let config = ResultsConfig::from_file(&args.config)?;
+    let mut config = ResultsConfig::from_file(&args.config)?;
     super::certs::require_tls_or_insecure(config.tls.is_some(), args.insecure)?;
+    config.insecure = args.insecure;
     let key = super::env_secret(&config.collector_key_env, "collector key pair")?;
     let key = URL_SAFE_NO_PAD
         .decode(key)
@@ -42,6 +44,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         api_token: std::env::var(&config.api_token_env)
             .ok()
             .filter(|t| !t.trim().is_empty()),
+        read_token: super::env_secret(&config.read_token_env, "results read token")?,
     };
     let svc = ResultsService::start(config, secrets, Arc::new(SystemClock))
         .await
