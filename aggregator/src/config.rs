@@ -29,6 +29,11 @@ pub struct AggregatorConfig {
     /// How long a retired HPKE key still opens reports, in seconds.
     #[serde(default = "defaults::key_grace_period_s")]
     pub key_grace_period_s: u64,
+    /// How often a fresh HPKE key is made current on schedule, in seconds (0: only on
+    /// command). The retired key keeps opening for `key_grace_period_s`; with it go its replay
+    /// tags (shufflers), so stored tags cover at most a period plus the grace period.
+    #[serde(default = "defaults::key_rotation_period_s")]
+    pub key_rotation_period_s: u64,
     /// Most reports in one ingest request or aggregation job request.
     #[serde(default = "defaults::max_request_reports")]
     pub max_request_reports: usize,
@@ -47,7 +52,9 @@ pub struct AggregatorConfig {
     #[serde(default = "defaults::maintenance_interval_s")]
     pub maintenance_interval_s: u64,
     /// How long the helper keeps the answer of a finished aggregation job for retries, in
-    /// seconds.
+    /// seconds. The leader's config holds the helper's value: it never resends a job older than
+    /// 90% of it (the helper may have forgotten it) and gives the job up visibly instead, so
+    /// both operators must set the same value.
     #[serde(default = "defaults::helper_job_retention_s")]
     pub helper_job_retention_s: u64,
     /// Settings only the leader uses.
@@ -166,6 +173,9 @@ mod defaults {
     pub(super) fn key_grace_period_s() -> u64 {
         86_400
     }
+    pub(super) fn key_rotation_period_s() -> u64 {
+        86_400
+    }
     pub(super) fn max_request_reports() -> usize {
         1_000
     }
@@ -243,6 +253,11 @@ impl AggregatorConfig {
             )));
         }
         self.server.check().map_err(Error::Config)?;
+        if self.helper_job_retention_s < 60 {
+            return Err(Error::Config(
+                "helper_job_retention_s must be at least 60 seconds".into(),
+            ));
+        }
         if let Some(l) = &self.leader {
             if l.job_size == 0 || l.job_size > self.max_request_reports {
                 return Err(Error::Config(format!(

@@ -67,6 +67,21 @@ impl KeyManager {
         Ok(set.configs())
     }
 
+    /// Rotates if the current key is `period_s` old (0: never); returns whether it did.
+    pub async fn rotate_if_due(&self, period_s: u64) -> Result<bool> {
+        let mut set = self.set.lock().await;
+        if !set.rotation_due(self.clock.now(), period_s) {
+            return Ok(false);
+        }
+        let mut next = set.clone();
+        let id = next.rotate(self.clock.now())?.id();
+        self.store.save_key_set(&next).await?;
+        *set = next;
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = set.keyring();
+        tracing::info!(config_id = id, "rotated the HPKE key on schedule");
+        Ok(true)
+    }
+
     /// Deletes retired keys past their grace period.
     pub async fn expire(&self) -> Result<Vec<u8>> {
         let mut set = self.set.lock().await;

@@ -468,6 +468,7 @@ impl JobDriver {
             let job = LeaderJob {
                 task_id: id,
                 seqs: pending.iter().map(|(s, _)| *s).collect(),
+                created: Some(self.shared.clock.now()),
             };
             let job_id = AggregationJobId::random();
             self.shared.store.put_job(&job_id, &job)?;
@@ -479,10 +480,30 @@ impl JobDriver {
         Ok(None)
     }
 
+    /// The oldest a job may be and still be sent to the helper: 90% of the helper's job
+    /// retention (`helper_job_retention_s`, the same in both configs). Past it the helper may
+    /// have forgotten that it already accumulated the job, and would refuse its reports as
+    /// replays: the leader gives the job up visibly instead.
+    fn resend_deadline(
+        &self,
+        job: &LeaderJob,
+        first_seen: hush_protocol::Time,
+    ) -> hush_protocol::Time {
+        let retention = self.shared.config.helper_job_retention_s;
+        job.created
+            .unwrap_or(first_seen)
+            .add_secs(retention - retention / 10)
+    }
+
     async fn run_job_until_done(self: Arc<Self>, id: AggregationJobId, job: LeaderJob) {
         let mut delay = Duration::from_millis(self.cfg.retry_initial_ms);
         let max = Duration::from_millis(self.cfg.retry_max_ms);
+        let deadline = self.resend_deadline(&job, self.shared.clock.now());
         loop {
+            if self.shared.clock.now() >= deadline {
+                self.abandon(&id, &job);
+                break;
+            }
             match self.run_job(&id, &job).await {
                 Ok(()) => break,
                 Err(e) => {
@@ -493,6 +514,31 @@ impl JobDriver {
             }
         }
         self.mark(&job, false);
+    }
+
+    /// Gives a job up: its reports are counted `TOO_OLD` and the windows they belong to will
+    /// disagree with the helper if it had accumulated them (the collection says so).
+    fn abandon(&self, id: &AggregationJobId, job: &LeaderJob) {
+        match self.shared.store.abandon_leader_job(id, job) {
+            Ok(n) => {
+                self.shared
+                    .pending_released(&job.task_id, job.seqs.len() as u64);
+                tracing::error!(
+                    job = %id,
+                    reports = n,
+                    "gave up an aggregation job older than 90% of the helper's job retention; its reports are counted too_old"
+                );
+                self.shared.audit(crate::audit::AuditEvent {
+                    actor: "leader".into(),
+                    action: "aggregation.job".into(),
+                    tenant: self.shared.tenant_of(&job.task_id).unwrap_or_default(),
+                    task: job.task_id.to_string(),
+                    outcome: "abandoned: older than the helper's job retention".into(),
+                    detail: format!("job {id}, {n} reports counted too_old"),
+                });
+            }
+            Err(e) => tracing::error!(job = %id, error = %e, "giving up an aggregation job failed"),
+        }
     }
 
     /// One attempt at a job. Every step before the commit is deterministic, so a retry (even

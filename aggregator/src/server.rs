@@ -341,6 +341,13 @@ async fn maintenance(shared: Shared, mut shutdown: watch::Receiver<bool>) {
                 Err(e) => tracing::error!(error = %e, "expiring aggregation job records failed"),
             }
         }
+        if let Err(e) = shared
+            .keys
+            .rotate_if_due(shared.config.key_rotation_period_s)
+            .await
+        {
+            tracing::error!(error = %e, "rotating the HPKE key failed");
+        }
         if let Err(e) = shared.keys.expire().await {
             tracing::error!(error = %e, "expiring HPKE keys failed");
         }

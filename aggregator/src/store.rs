@@ -241,23 +241,34 @@ pub struct LeaderJob {
     pub task_id: TaskId,
     /// Sequence numbers of the job's pending reports, ascending.
     pub seqs: Vec<u64>,
+    /// When the job was first created (`None` for jobs recorded before this was stored).
+    pub created: Option<Time>,
 }
 
 impl Codec for LeaderJob {
     const NAME: &'static str = "LeaderJob";
     fn encode(&self, out: &mut Vec<u8>) {
-        out.put_u8(1);
+        out.put_u8(2);
         self.task_id.encode(out);
+        out.put_u64(self.created.map_or(0, Time::as_secs));
         out.put_u32(self.seqs.len() as u32);
         for s in &self.seqs {
             out.put_u64(*s);
         }
     }
     fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, hush_protocol::DecodeError> {
-        if r.u8("version")? != 1 {
+        let version = r.u8("version")?;
+        if version != 1 && version != 2 {
             return Err(r.invalid("version", "unknown"));
         }
         let task_id = TaskId::decode(r)?;
+        let created = if version == 2 {
+            Some(r.u64("created")?)
+                .filter(|t| *t != 0)
+                .map(Time::from_secs)
+        } else {
+            None
+        };
         let n = r.u32("seqs")? as usize;
         if n > r.remaining() / 8 {
             return Err(r.invalid("seqs", "count exceeds the record"));
@@ -265,7 +276,11 @@ impl Codec for LeaderJob {
         let seqs = (0..n)
             .map(|_| r.u64("seq"))
             .collect::<std::result::Result<_, _>>()?;
-        Ok(Self { task_id, seqs })
+        Ok(Self {
+            task_id,
+            seqs,
+            created,
+        })
     }
 }
 
@@ -885,6 +900,34 @@ impl Store {
         tx_result(r)
     }
 
+    /// Gives up a leader job the helper may no longer remember: removes its pending reports
+    /// and the job, counting the reports as refused `TOO_OLD`, in one transaction. Returns how
+    /// many reports went.
+    pub fn abandon_leader_job(&self, id: &AggregationJobId, job: &LeaderJob) -> Result<u64> {
+        let pkeys: Vec<Vec<u8>> = job
+            .seqs
+            .iter()
+            .map(|s| pending_key(&job.task_id, *s))
+            .collect();
+        let mut delta = StatDelta::default();
+        delta.add(
+            *job.task_id.as_bytes(),
+            Stat::Rejected(RejectReason::TooOld),
+            pkeys.len() as u64,
+        );
+        tx_result(
+            (&self.pending, &self.jobs, &self.stats).transaction(|(pending, jobs, st)| {
+                for k in &pkeys {
+                    pending.remove(&k[..])?;
+                }
+                jobs.remove(&id.as_bytes()[..])?;
+                delta.apply(st)?;
+                Ok(())
+            }),
+        )?;
+        Ok(pkeys.len() as u64)
+    }
+
     // ---- helper jobs
 
     /// The stored outcome of a helper job, if it finished.
@@ -1481,6 +1524,7 @@ mod tests {
             &LeaderJob {
                 task_id: task,
                 seqs: vec![batch[0].1],
+                created: None,
             },
         )
         .unwrap();
@@ -1614,6 +1658,7 @@ mod tests {
         let job = LeaderJob {
             task_id: task,
             seqs: vec![seq],
+            created: Some(Time::from_secs(60)),
         };
         let id = AggregationJobId::random();
         s.put_job(&id, &job).unwrap();
@@ -1731,6 +1776,7 @@ mod tests {
         let job = LeaderJob {
             task_id: task,
             seqs: vec![seq],
+            created: Some(Time::from_secs(60)),
         };
         let id = AggregationJobId::random();
         s.put_job(&id, &job).unwrap();
@@ -1812,6 +1858,7 @@ mod tests {
         let j = LeaderJob {
             task_id: TaskId::random(),
             seqs: vec![1, 5, 9],
+            created: Some(Time::from_secs(1_800)),
         };
         assert_eq!(LeaderJob::from_bytes(&j.to_bytes()).unwrap(), j);
         let mut b = BatchAggregation::empty(3);

@@ -85,6 +85,12 @@ impl KeySet {
         Ok(self.entries[0].keypair.config())
     }
 
+    /// Whether the current key is at least `period_s` old (0: never), so a scheduled rotation
+    /// is due.
+    pub fn rotation_due(&self, now: Time, period_s: u64) -> bool {
+        period_s > 0 && self.entries[0].created.add_secs(period_s) <= now
+    }
+
     /// Deletes retired keys whose grace period has ended; returns their config ids.
     pub fn expire(&mut self, now: Time, grace_s: u64) -> Vec<u8> {
         let mut removed = Vec::new();
@@ -172,6 +178,19 @@ mod tests {
         assert!(ks.keyring().open(&Label::OnionLayer, &ct, b"").is_err());
         let back = KeySet::from_bytes(&ks.to_bytes()).unwrap();
         assert_eq!(back.configs(), vec![new]);
+    }
+
+    #[test]
+    fn a_rotation_is_due_once_the_current_key_is_a_period_old() {
+        let mut ks = KeySet::generate(Time::from_secs(100));
+        assert!(!ks.rotation_due(Time::from_secs(150), 100));
+        assert!(ks.rotation_due(Time::from_secs(200), 100));
+        assert!(
+            !ks.rotation_due(Time::from_secs(10_000), 0),
+            "0 never rotates"
+        );
+        ks.rotate(Time::from_secs(200)).unwrap();
+        assert!(!ks.rotation_due(Time::from_secs(250), 100));
     }
 
     #[test]

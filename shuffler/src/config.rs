@@ -26,6 +26,11 @@ pub struct ShufflerConfig {
     /// How long a retired HPKE key still opens packets, in seconds.
     #[serde(default = "defaults::key_grace_period_s")]
     pub key_grace_period_s: u64,
+    /// How often a fresh HPKE key is made current on schedule, in seconds (0: only on
+    /// command). The retired key keeps opening for `key_grace_period_s`; with it go its replay
+    /// tags (shufflers), so stored tags cover at most a period plus the grace period.
+    #[serde(default = "defaults::key_rotation_period_s")]
+    pub key_rotation_period_s: u64,
     /// sled page cache, in MiB.
     #[serde(default = "defaults::cache_mb")]
     pub cache_mb: u64,
@@ -226,6 +231,9 @@ mod defaults {
         "HUSH_ADMIN_TOKEN".into()
     }
     pub(super) fn key_grace_period_s() -> u64 {
+        86_400
+    }
+    pub(super) fn key_rotation_period_s() -> u64 {
         86_400
     }
     pub(super) fn cache_mb() -> u64 {

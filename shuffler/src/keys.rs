@@ -73,6 +73,23 @@ impl NodeKeys {
         Ok(configs)
     }
 
+    /// Rotates if the current key is `period_s` old (0: never); returns whether it did.
+    pub fn rotate_if_due(&self, period_s: u64) -> Result<bool> {
+        let now = self.clock.now();
+        let rotated = self.update(|s| {
+            if s.rotation_due(now, period_s) {
+                s.rotate(now)?;
+                Ok(true)
+            } else {
+                Ok(false)
+            }
+        })?;
+        if rotated {
+            tracing::info!("rotated the HPKE key on schedule");
+        }
+        Ok(rotated)
+    }
+
     /// Deletes retired keys past their grace period and the replay tags of their epochs.
     pub fn expire(&self) -> Result<()> {
         let now = self.clock.now();

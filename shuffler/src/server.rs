@@ -240,7 +240,13 @@ async fn maintenance(node: Node, mut shutdown: watch::Receiver<bool>) {
             Err(e) => tracing::error!(error = %e, "dropping stale packets panicked"),
         }
         let keys = node.keys.clone();
-        match tokio::task::spawn_blocking(move || keys.expire()).await {
+        let period = node.config.key_rotation_period_s;
+        match tokio::task::spawn_blocking(move || {
+            keys.rotate_if_due(period)?;
+            keys.expire()
+        })
+        .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "expiring HPKE keys failed"),
             Err(e) => tracing::error!(error = %e, "expiring HPKE keys panicked"),

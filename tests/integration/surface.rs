@@ -451,3 +451,172 @@ async fn the_results_api_speaks_https_with_tls_and_refuses_plaintext_off_loopbac
     );
     svc.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_key_rotation_keeps_only_the_live_epochs_replay_tags() {
+    let mock = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let clock: Arc<dyn Clock> = mock.clone();
+    let sink = RecordingLeader::start().await;
+    let task = TaskConfig::new(task_params(
+        MeasurementKind::EventHistogram,
+        &HpkeKeypair::generate(1),
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mix = Mix {
+        batch_size: 1_000,
+        min_batch_size: 1,
+        max_wait_ms: 20,
+    };
+    let text = hush_tests::mixnet::shuffler_config_text(
+        "shuffler-a",
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        ("leader", "leader", &sink.url()),
+        mix,
+        "",
+    )
+    .replace(
+        "cache_mb = 16\n",
+        "cache_mb = 16\nmaintenance_interval_s = 1\nkey_rotation_period_s = 60\nkey_grace_period_s = 60\n",
+    );
+    let node = ShufflerNode::start(
+        ShufflerConfig::from_toml(&text).unwrap(),
+        ADMIN_TOKEN,
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let u = url(node.local_addr());
+    provision_shuffler(&u, &task).await;
+    let mut ids = std::collections::BTreeSet::new();
+    for round in 0..6u32 {
+        // Senders seal to the key published now (a key directory would hand it out).
+        let configs = client::hpke_configs(&u, None).await.unwrap();
+        ids.insert(configs[0].id());
+        let packets = one_hop_packets(
+            &u,
+            "shuffler-a",
+            &task,
+            (0..20u32).map(|i| (round * 100 + i).to_be_bytes().to_vec()),
+        )
+        .await;
+        assert_eq!(
+            hush_tests::mixnet::submit_packets(&u, &packets, 20)
+                .await
+                .accepted,
+            20
+        );
+        sink.wait_for(20 * (round as usize + 1), Duration::from_secs(10))
+            .await;
+        // A key period passes: maintenance rotates, and the key retired a period ago goes with
+        // its tags.
+        mock.advance(60);
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+    }
+    assert!(ids.len() >= 5, "the key rotated on schedule: {ids:?}");
+    assert_eq!(sink.received().len(), 120);
+    let tags = node.node().store.tag_count();
+    assert!(
+        tags <= 60,
+        "{tags} replay tags after 120 packets: only the live epochs' should be kept"
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_never_resends_a_job_older_than_the_helpers_job_retention() {
+    let mock = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let clock: Arc<dyn Clock> = mock.clone();
+    // A helper that is not there: every attempt at the job fails.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let ld = tempfile::tempdir().unwrap();
+    let leader = Aggregator::start(
+        Role::Leader,
+        aggregator_config_with(
+            ld.path(),
+            "127.0.0.1:0".parse().unwrap(),
+            Some(url(gone)),
+            "helper_job_retention_s = 1000\n",
+        ),
+        secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let lu = url(leader.local_addr());
+    let mut p = task_params(MeasurementKind::EventHistogram, &HpkeKeypair::generate(1));
+    p.report_expiry_s = 100_000;
+    let task = TaskConfig::new(p).unwrap();
+    client::admin(&lu, ADMIN_TOKEN, None)
+        .unwrap()
+        .create_task(pb::CreateTaskRequest {
+            task: Some((&task).into()),
+            vdaf_verify_key: VerifyKey::random().as_bytes().to_vec().into(),
+            role: "leader".into(),
+        })
+        .await
+        .unwrap();
+    // The helper's keys are not reachable either: seal to a stand-in helper key (the helper
+    // never sees this job anyway).
+    let leader_key = client::hpke_configs(&lu, None).await.unwrap()[0].clone();
+    let c = ClientTask::new(
+        task.clone(),
+        leader_key,
+        HpkeKeypair::generate(9).config().clone(),
+        hush_protocol::onion::Route::new(
+            vec![hush_protocol::onion::Hop {
+                name: "s".into(),
+                config: HpkeKeypair::generate(1).config().clone(),
+            }],
+            "leader",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let reports: Vec<Vec<u8>> = (0..10)
+        .map(|_| {
+            c.seal(
+                c.shard(&Measurement::Bucket(1), ReportId::random())
+                    .unwrap(),
+                clock.now(),
+            )
+            .unwrap()
+            .to_bytes()
+        })
+        .collect();
+    assert_eq!(
+        hush_tests::cluster::submit(&lu, &reports, 10)
+            .await
+            .accepted,
+        10
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stats(&lu, Some(&task)).await.reports_pending, 10);
+    // 90% of the helper's retention later, the job is given up, visibly.
+    mock.advance(900);
+    let start = std::time::Instant::now();
+    let s = loop {
+        let s = stats(&lu, Some(&task)).await;
+        if s.reports_pending == 0 {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        hush_tests::cluster::rejections(&s)[&pb::RejectReason::TooOld],
+        10
+    );
+    let trail = leader.shared().store.audit().entries().unwrap();
+    assert!(
+        trail.iter().any(
+            |e| e.event.action == "aggregation.job" && e.event.outcome.starts_with("abandoned")
+        ),
+        "{trail:#?}"
+    );
+    leader.shutdown().await.unwrap();
+}
