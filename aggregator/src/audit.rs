@@ -253,6 +253,16 @@ impl AuditLog {
         })
     }
 
+    /// Entries in the log.
+    pub fn len(&self) -> usize {
+        self.log.len()
+    }
+
+    /// Whether the log is empty.
+    pub fn is_empty(&self) -> bool {
+        self.log.is_empty()
+    }
+
     /// Appends an entry at `time` (atomically with the head). Not flushed: the caller's next
     /// flush makes it durable with the change it records.
     pub fn append(&self, time: u64, e: AuditEvent) -> Result<AuditEntry> {

@@ -7,9 +7,10 @@
 //! - aggregate shares of windows that start more than `retention_s` ago, and stored collection
 //!   answers whose last window does (`retention_s = 0` keeps them forever).
 //!
-//! The budget ledger and the collected marks stay (a few bytes per window), and collections of
-//! intervals older than the retention are refused, so deleting an aggregate never frees budget
-//! or lets a window be collected again. Every run that deleted something appends one audit entry
+//! - what is kept per window (budget ledger, closed, released and batch marks, late counts) for
+//!   windows past `retention_s`: collections of intervals that start before the retention cutoff
+//!   are refused, and ingest refuses reports that old, so deleting them never frees budget or
+//!   lets a window be collected again. Every run that deleted something appends one audit entry
 //! per task with the counts (never data).
 
 use hush_protocol::{TaskConfig, Time};
@@ -29,6 +30,8 @@ pub struct Deleted {
     pub aggregates: u64,
     /// Stored collection answers.
     pub collections: u64,
+    /// Per-window records (ledger, marks, late counts).
+    pub window_marks: u64,
 }
 
 impl Deleted {
@@ -66,6 +69,8 @@ pub fn run_once(shared: &Shared) -> Result<Vec<(TaskConfig, Deleted)>> {
         if let Some(cutoff) = aggregate_cutoff(task, now) {
             d.aggregates = shared.store.expire_aggregates(&id, cutoff)?;
             d.collections = shared.store.expire_collections(&id, cutoff)?;
+            d.window_marks = shared.store.expire_window_marks(&id, cutoff)?;
+            shared.forget_collected_before(&id, cutoff);
         }
         if d.is_empty() {
             continue;
@@ -85,12 +90,13 @@ pub fn run_once(shared: &Shared) -> Result<Vec<(TaskConfig, Deleted)>> {
             task: id.to_string(),
             outcome: "ok".into(),
             detail: format!(
-                "{} report ids and {} pending reports older than {}; {} window aggregates and {} collection answers older than {}",
+                "{} report ids and {} pending reports older than {}; {} window aggregates, {} collection answers and {} per-window records older than {}",
                 d.seen_ids,
                 d.pending_reports,
                 cutoff.as_secs(),
                 d.aggregates,
                 d.collections,
+                d.window_marks,
                 aggregate_cutoff(task, now).map_or("never (retention_s = 0)".into(), |c| c.as_secs().to_string()),
             ),
         });

@@ -84,6 +84,10 @@ impl Shared {
         if time > now.add_secs(self.config.clock_skew_s) {
             return Err(RejectReason::TooNew);
         }
+        // A window past the task's retention has no aggregate and no records left.
+        if crate::retention::aggregate_cutoff(&task.config, now).is_some_and(|c| time < c) {
+            return Err(RejectReason::TooOld);
+        }
         if self.is_collected(&task.config.id(), task.config.window_of(time)) {
             return Err(RejectReason::BatchCollected);
         }
@@ -96,6 +100,14 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&(*task, window))
+    }
+
+    /// Forgets the collected marks of `task`'s windows before `cutoff`, in memory (retention).
+    pub fn forget_collected_before(&self, task: &TaskId, cutoff: Time) {
+        self.collected
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(t, w)| t != task || *w >= cutoff);
     }
 
     /// Records windows as collected, in memory (the store is written by the caller).

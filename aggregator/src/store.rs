@@ -1419,6 +1419,69 @@ impl Store {
         Ok(n)
     }
 
+    /// Deletes what `task` keeps per window for windows that start before `cutoff` (past its
+    /// retention): the ledger of both purposes, the closed, released and batch marks, the batch
+    /// collection counts (of batches starting before it) and the late counts; returns how many
+    /// records went. Collections of intervals that start before the cutoff are refused anyway
+    /// and ingest refuses reports that old, so nothing needs these any more.
+    pub fn expire_window_marks(&self, task: &TaskId, cutoff: Time) -> Result<u64> {
+        let mut n = 0;
+        let range = batch_key(task, Time::from_secs(0))..batch_key(task, cutoff);
+        for tree in [
+            &self.collected,
+            &self.released,
+            &self.window_batches,
+            &self.late,
+            &self.batch_collections,
+        ] {
+            let mut b = sled::Batch::default();
+            for k in tree.range(range.clone()).keys() {
+                b.remove(k?);
+                n += 1;
+            }
+            tree.apply_batch(b)?;
+        }
+        let mut b = sled::Batch::default();
+        for purpose in [0u8, 1] {
+            let r =
+                ledger_key(task, purpose, Time::from_secs(0))..ledger_key(task, purpose, cutoff);
+            for k in self.ledger.range(r).keys() {
+                b.remove(k?);
+                n += 1;
+            }
+        }
+        self.ledger.apply_batch(b)?;
+        Ok(n)
+    }
+
+    /// Every tree of the database with its number of entries.
+    pub fn tree_sizes(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = [
+            ("tasks", &self.tasks),
+            ("keys", &self.keys),
+            ("seen", &self.seen),
+            ("pending", &self.pending),
+            ("jobs", &self.jobs),
+            ("helper_jobs", &self.helper_jobs),
+            ("batches", &self.batches),
+            ("stats", &self.stats),
+            ("tenants", &self.tenants),
+            ("ledger", &self.ledger),
+            ("collections", &self.collections),
+            ("collected", &self.collected),
+            ("released", &self.released),
+            ("window_batches", &self.window_batches),
+            ("batch_collections", &self.batch_collections),
+            ("late", &self.late),
+            ("collection_ends", &self.collection_ends),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_owned(), t.len()))
+        .collect();
+        out.push(("audit".to_owned(), self.audit.len()));
+        out
+    }
+
     /// Deletes the stored answers of `task`'s collections whose last window starts before
     /// `cutoff`; returns how many.
     pub fn expire_collections(&self, task: &TaskId, cutoff: Time) -> Result<u64> {

@@ -463,6 +463,21 @@ impl Store {
         Ok(())
     }
 
+    /// Every tree of the database with its number of entries.
+    pub fn tree_sizes(&self) -> Vec<(String, usize)> {
+        [
+            ("tasks", &self.tasks),
+            ("keys", &self.keys),
+            ("tags", &self.tags),
+            ("buffer", &self.buffer),
+            ("stats", &self.stats),
+            ("meta", &self.meta),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_owned(), t.len()))
+        .collect()
+    }
+
     /// Packets in the buffer.
     pub fn buffered_total(&self) -> usize {
         self.buffer.len()

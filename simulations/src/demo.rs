@@ -164,6 +164,27 @@ fn fmt_est(e: &Option<pb::Estimate>) -> String {
     }
 }
 
+/// Extra settings of an in-process cluster (the soak test shortens every period).
+#[derive(Clone, Debug)]
+pub(crate) struct Tuning {
+    /// Top-level TOML lines added to both aggregators' configs.
+    pub(crate) aggregator: String,
+    /// Top-level TOML lines added to both shufflers' configs.
+    pub(crate) shuffler: String,
+    /// The key directory's epoch.
+    pub(crate) key_epoch_s: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            aggregator: String::new(),
+            shuffler: String::new(),
+            key_epoch_s: 600,
+        }
+    }
+}
+
 /// A noisy count, right-aligned in 8 columns ("—" when the task releases none).
 fn fmt_count(e: &Option<pb::Estimate>) -> String {
     match e {
@@ -298,6 +319,7 @@ pub(crate) async fn start_cluster(
     collector: &HpkeKeypair,
     detection: &str,
     runtime: &RuntimeConfig,
+    tuning: &Tuning,
 ) -> anyhow::Result<Cluster> {
     let any = "127.0.0.1:0";
     let (sections, ca_pem) =
@@ -322,9 +344,10 @@ pub(crate) async fn start_cluster(
     let helper = Aggregator::start(
         Role::Helper,
         AggregatorConfig::from_toml(&format!(
-            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n\
+            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n{}\n\
              [peers]\nleader = [\"leader\"]\nkey_directories = [\"collector\"]\n{}",
             dir.join("helper").display(),
+            tuning.aggregator,
             tls_of("helper")?
         ))?,
         secrets.clone(),
@@ -334,10 +357,11 @@ pub(crate) async fn start_cluster(
     let leader = Aggregator::start(
         Role::Leader,
         AggregatorConfig::from_toml(&format!(
-            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n\
+            "listen = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 64\n{}\n\
              [peers]\nshufflers = [\"shuffler-b\"]\ncollectors = [\"collector\"]\nkey_directories = [\"collector\"]\n\
              [leader]\nhelper_url = \"https://{}\"\njob_size = 500\njob_poll_interval_ms = 50\n{}",
             dir.join("leader").display(),
+            tuning.aggregator,
             helper.local_addr(),
             tls_of("leader")?
         ))?,
@@ -347,12 +371,13 @@ pub(crate) async fn start_cluster(
     .await?;
     let shuffler = |name: &str, ingest_from: &str, next: (&str, &str, String)| {
         anyhow::Ok(ShufflerConfig::from_toml(&format!(
-            "name = \"{name}\"\nlisten = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 32\n\
+            "name = \"{name}\"\nlisten = \"{any}\"\ndata_dir = \"{}\"\ncache_mb = 32\n{}\n\
              ingest_from = \"{ingest_from}\"\n\
              [peers]\nprevious = [\"shuffler-a\"]\nkey_directories = [\"collector\"]\n\
              [mix]\nbatch_size = 1000\nmin_batch_size = 1\nmax_wait_ms = {MAX_WAIT_MS}\n\
              [[next_hop]]\nname = \"{}\"\nkind = \"{}\"\nurl = \"{}\"\n{}",
             dir.join(name).display(),
+            tuning.shuffler,
             next.0,
             next.1,
             next.2,
@@ -422,7 +447,7 @@ pub(crate) async fn start_cluster(
          task_files = [{}]\npoll_interval_ms = 50\n{}\n\
          [detection]\n{detection}\n\
          [cascade]\nleader_name = \"leader\"\nhelper_url = \"{helper_url}\"\nshufflers = [{}, {}]\n\
-         client_max_jitter_ms = {}\nclient_tick_ms = {}\n",
+         client_max_jitter_ms = {}\nclient_tick_ms = {}\nkey_epoch_s = {}\n",
         dir.join("results").display(),
         task_files.join(", "),
         tls_of("collector")?,
@@ -430,6 +455,7 @@ pub(crate) async fn start_cluster(
         hop("shuffler-b", &shuffler_urls[1]),
         runtime.max_jitter.as_millis(),
         runtime.tick.as_millis(),
+        tuning.key_epoch_s,
     ))?;
     let collect_delay_s = results_config.collect_delay_s();
     let results = ResultsService::start(
@@ -606,6 +632,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &collector,
         detection,
         &runtime,
+        &Tuning::default(),
     )
     .await?;
     let endpoints = cluster.endpoints();

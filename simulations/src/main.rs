@@ -6,6 +6,7 @@ mod cli;
 mod demo;
 mod load;
 mod sim;
+mod soak;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();

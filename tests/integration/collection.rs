@@ -561,6 +561,8 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
         assert_eq!(deleted.len(), 1);
         let d = deleted[0].1;
         assert_eq!((d.seen_ids, d.aggregates, d.collections), (100, 1, 1));
+        // The ledger, the closed, released and batch marks and the batch's collection count.
+        assert!(d.window_marks >= 5, "{d:?}");
         // Gone from sled.
         assert_eq!(a.store.seen_count(&t.id()), 0);
         assert!(a.store.batches(&t.id()).unwrap().is_empty());
@@ -582,7 +584,8 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
         // A second run finds nothing more.
         assert!(hush_aggregator::retention::run_once(a).unwrap().is_empty());
     }
-    // The deleted window cannot be collected again, and its spent budget is not reset.
+    // The deleted window cannot be collected again: intervals past the retention are refused
+    // before any budget is looked at, so its per-window records could go too.
     let e = collect(
         &s.pair.leader_url(),
         Some(ACME),
@@ -595,10 +598,18 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
     .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("retention"), "{}", e.message());
-    assert_eq!(
-        leader.store.spent(&t.id(), 0, &[w.start()]).unwrap(),
-        [t.epsilon_per_collection().micros()]
-    );
+    assert_eq!(leader.store.spent(&t.id(), 0, &[w.start()]).unwrap(), [0]);
+    // And a report of that window is refused as too old, not aggregated into it again.
+    let late = client
+        .seal(
+            client
+                .shard(&Measurement::Bucket(0), ReportId::random())
+                .unwrap(),
+            w.start(),
+        )
+        .unwrap();
+    let r = submit(&s.pair.leader_url(), &[late.to_bytes()], 1).await;
+    assert_eq!(r.rejected[&pb::RejectReason::TooOld], 1);
     s.pair.shutdown().await;
 }
 

@@ -620,3 +620,75 @@ async fn the_leader_never_resends_a_job_older_than_the_helpers_job_retention() {
     );
     leader.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_results_http_api_sheds_a_flood_and_keeps_serving() {
+    use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let task = TaskConfig::new(task_params(
+        MeasurementKind::Counter,
+        &HpkeKeypair::generate(1),
+    ))
+    .unwrap();
+    std::fs::write(d.join("task.toml"), toml::to_string(task.params()).unwrap()).unwrap();
+    let config = ResultsConfig::from_toml(&format!(
+        "tenant = \"acme\"\nlisten_grpc = \"127.0.0.1:0\"\nlisten_http = \"127.0.0.1:0\"\n\
+         data_dir = \"{}\"\nleader_url = \"http://127.0.0.1:1\"\ntask_files = [\"{}\"]\n\
+         [server]\nmax_concurrent_requests = 1\n",
+        d.join("data").display(),
+        d.join("task.toml").display()
+    ))
+    .unwrap();
+    let svc = ResultsService::start(
+        config,
+        ResultsSecrets {
+            tenant_token: "acme-token-0123456789".into(),
+            collector_key: HpkeKeypair::generate(1),
+            api_token: None,
+            read_token: "read-token-0123456789".into(),
+        },
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let path = format!("/v1/tasks/{}/windows", task.id());
+    let requests: Vec<_> = (0..200)
+        .map(|_| {
+            let (addr, path) = (svc.http_addr(), path.clone());
+            tokio::spawn(async move {
+                hush_tests::http::request(addr, "GET", &path, Some("read-token-0123456789"), None)
+                    .await
+                    .0
+            })
+        })
+        .collect();
+    let mut codes = std::collections::BTreeMap::new();
+    for r in requests {
+        *codes.entry(r.await.unwrap()).or_insert(0) += 1;
+    }
+    assert!(
+        codes.get(&503).copied().unwrap_or(0) > 0,
+        "nothing shed: {codes:?}"
+    );
+    assert!(
+        codes.get(&200).copied().unwrap_or(0) > 0,
+        "nothing served: {codes:?}"
+    );
+    assert_eq!(
+        codes.keys().filter(|c| **c != 200 && **c != 503).count(),
+        0,
+        "{codes:?}"
+    );
+    // And it still serves.
+    let (code, _) = hush_tests::http::request(
+        svc.http_addr(),
+        "GET",
+        &path,
+        Some("read-token-0123456789"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+    svc.shutdown().await.unwrap();
+}

@@ -11,6 +11,7 @@ mod demo;
 mod end_to_end;
 mod load;
 mod shuffler_crash;
+mod soak;
 
 use std::path::Path;
 

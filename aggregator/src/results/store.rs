@@ -145,6 +145,23 @@ impl ResultsStore {
         crate::store::flush_db(&self.db).await
     }
 
+    /// Every tree of the database with its number of entries.
+    pub fn tree_sizes(&self) -> Vec<(String, usize)> {
+        [
+            ("windows", &self.windows),
+            ("ad_hoc", &self.ad_hoc),
+            ("cursors", &self.cursors),
+            ("skipped", &self.skipped),
+            ("tested", &self.tested),
+            ("alerts", &self.alerts),
+            ("late_cursors", &self.late_cursors),
+            ("meta", &self.meta),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_owned(), t.len()))
+        .collect()
+    }
+
     /// The key directory's stored key set.
     pub fn key_set(&self) -> Result<Option<hush_protocol::directory::KeySet>> {
         match self.meta.get(b"keyset")? {

@@ -54,6 +54,9 @@ enum Command {
     /// `load` while components are SIGKILLed and restarted at random; the same exactly-once
     /// check at the end.
     Chaos(crate::load::ChaosArgs),
+    /// Run the in-process cluster at a steady rate for many windows with every retention
+    /// period shortened, and check that every sled tree stays flat (exit 1 otherwise).
+    Soak(crate::soak::SoakArgs),
     /// Sweep privacy (ε) and traffic against detection power, false alarms, time to detect and
     /// quantile error with the real noise mechanism and detectors; writes CSV, PNG plots and a
     /// markdown summary.
@@ -117,6 +120,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(a) => crate::demo::run(a).await,
         Command::Load(a) => crate::load::run_load(a).await,
         Command::Chaos(a) => crate::load::run_chaos(a).await,
+        Command::Soak(a) => crate::soak::run(a).await,
         Command::Sim(a) => crate::sim::run(a).await,
         Command::Task(t) => task::run(t, tls).await,
         Command::Keygen(k) => keys::keygen(k),

@@ -92,6 +92,7 @@ pub(crate) async fn simulate(
         &collector,
         "",
         &config,
+        &crate::demo::Tuning::default(),
     )
     .await
     .context("starting the in-process cluster")?;
