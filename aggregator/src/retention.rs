@@ -5,13 +5,14 @@
 //! - the leader's pending reports older than the report expiry that are in no job in flight
 //!   (counted as refused `TOO_OLD`: the helper would refuse them too);
 //! - aggregate shares of windows that start more than `retention_s` ago, and stored collection
-//!   answers whose last window does (`retention_s = 0` keeps them forever).
-//!
+//!   answers whose last window does (`retention_s = 0` keeps them forever);
 //! - what is kept per window (budget ledger, closed, released and batch marks, late counts) for
 //!   windows past `retention_s`: collections of intervals that start before the retention cutoff
 //!   are refused, and ingest refuses reports that old, so deleting them never frees budget or
-//!   lets a window be collected again. Every run that deleted something appends one audit entry
-//! per task with the counts (never data).
+//!   lets a window be collected again.
+//!
+//! Every run that deleted something appends one audit entry per task with the counts (never
+//! data).
 
 use hush_protocol::{TaskConfig, Time};
 
