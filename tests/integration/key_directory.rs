@@ -178,6 +178,7 @@ async fn a_leader_that_answers_each_caller_with_its_own_key_cannot_tag_a_client(
         clients.push(c);
     }
     // Every client asks the directory, many times; the attacker is asked once per epoch.
+    directory.wait_ready().await;
     let mut digests = std::collections::BTreeSet::new();
     for _ in 0..30 {
         digests.insert(

@@ -425,6 +425,18 @@ impl Directory {
         Self { service, dir }
     }
 
+    /// Waits until the directory has fetched its first key set (at most 30 s).
+    pub async fn wait_ready(&self) {
+        let start = Instant::now();
+        while self.service.key_set().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the key directory never got a key set"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The directory's gRPC URL (plaintext).
     pub fn url(&self) -> String {
         url(self.service.grpc_addr())
