@@ -514,7 +514,10 @@ async fn scheduled_key_rotation_keeps_only_the_live_epochs_replay_tags() {
         mock.advance(60);
         let start = std::time::Instant::now();
         while client::hpke_configs(&u, None).await.unwrap()[0].id() == configs[0].id() {
-            assert!(start.elapsed() < Duration::from_secs(20), "no scheduled rotation");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no scheduled rotation"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
