@@ -1,4 +1,4 @@
-//! `hush soak --windows 20 --agents 60`: at a steady report rate, with every retention period
+//! `hush soak --windows 26 --agents 40`: at a steady report rate, with every retention period
 //! shortened, every sled tree of every component stays flat once retention has caught up (the
 //! command exits 1 naming any tree that keeps growing).
 
@@ -9,7 +9,7 @@ use crate::hush_bin;
 #[test]
 fn storage_stays_flat_at_a_steady_rate_once_retention_catches_up() {
     let out = Command::new(hush_bin())
-        .args(["soak", "--windows", "20", "--agents", "60"])
+        .args(["soak", "--windows", "26", "--agents", "40"])
         .env("RUST_LOG", "warn")
         .output()
         .expect("run hush soak");
