@@ -162,8 +162,8 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<()> {
     cluster.leader.shutdown().await?;
     cluster.helper.shutdown().await?;
 
-    // Retention has caught up by WARM; the first key cycle (rotation plus grace) after it sets
-    // each tree's peak, and the rest of the run must stay under it.
+    // Retention has caught up by WARM; from there the run splits into two halves of whole key
+    // cycles, and the second half's mean of each tree must stay near the first half's.
     let warm = WARM;
     let last = history.len() - 1;
     // Each half spans whole key cycles (rotation period), so their means compare.
