@@ -205,6 +205,16 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     let collect = format!("/v1/tasks/{}/collect", task.id());
     let (code, _) = request(results.http_addr(), "POST", &collect, None, Some(&body)).await;
     assert_eq!(code, 401);
+    // The read token reads; it cannot spend budget.
+    let (code, _) = request(
+        results.http_addr(),
+        "POST",
+        &collect,
+        Some(READ_TOKEN),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(code, 401);
     let (code, text) = request(
         results.http_addr(),
         "POST",
