@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::shared::Shared;
 use crate::store::{GLOBAL_SCOPE, Stat};
 use crate::tasks::TaskEntry;
-use hush_protocol::auth::token_hash;
+use hush_server::auth::token_hash;
 
 /// The `Admin` service.
 #[derive(Clone, Debug)]
@@ -146,7 +146,11 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::RotateHpkeKeyRequest>,
     ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
-        let configs = self.shared.keys.rotate().await?;
+        let keys = self.shared.keys.clone();
+        let configs = tokio::task::spawn_blocking(move || keys.rotate())
+            .await
+            .map_err(Error::from)?
+            .map_err(Error::from)?;
         self.shared.audit(AuditEvent {
             actor: "admin".into(),
             action: "key.rotate".into(),

@@ -296,10 +296,7 @@ impl AuditLog {
                 head.insert(HEAD, head_value(seq, &entry.hash))?;
                 Ok(entry)
             });
-        r.map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => Error::Storage(e),
-        })
+        hush_server::db::tx_result(r)
     }
 
     /// Appends, logging instead of failing: an audit write must not undo the change it records.

@@ -6,21 +6,20 @@ use hush_protocol::HpkeConfig;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::admin_client::AdminClient;
 use hush_protocol::proto::v1::hpke_keys_client::HpkeKeysClient;
-use hush_protocol::tls;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::error::{Error, Result};
-use hush_protocol::auth::AddBearer;
+use hush_protocol::link::AddBearer;
 
 /// An admin client that sends the admin bearer token.
 pub type Admin = AdminClient<InterceptedService<Channel, AddBearer>>;
 
 /// A channel to `url`, connected lazily: `https://host:port` with `tls` (see
-/// [`hush_protocol::tls`]), `http://host:port` without.
+/// [`hush_protocol::link`]), `http://host:port` without.
 pub fn channel(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel> {
-    Ok(tls::endpoint(url, tls, "URL")
-        .map_err(|e| Error::Config(e.to_string()))?
+    Ok(hush_protocol::link::endpoint(url, tls, "URL")
+        .map_err(|e| Error::config(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
@@ -29,7 +28,7 @@ pub fn channel(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel> {
 
 /// An admin client for the aggregator at `url`.
 pub fn admin(url: &str, token: &str, tls: Option<&ClientTlsConfig>) -> Result<Admin> {
-    let auth = AddBearer::new(token).map_err(|e| Error::Config(e.message().to_owned()))?;
+    let auth = AddBearer::new(token).map_err(|e| Error::config(e.message().to_owned()))?;
     Ok(AdminClient::with_interceptor(channel(url, tls)?, auth))
 }
 

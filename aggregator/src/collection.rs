@@ -19,11 +19,11 @@
 
 use std::time::{Duration, Instant};
 
-use hush_protocol::auth::{bearer_token, token_hash, token_matches};
 use hush_protocol::collect::{count_mask, count_share, seal_aggregate_share};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::collection_server::Collection;
 use hush_protocol::{Epsilon, Interval, ReportIdChecksum, Role, TaskId, Time};
+use hush_server::auth::{bearer_token, token_hash, token_matches};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -121,7 +121,7 @@ fn noisy_sealed_share(
     let count = match task.config.count_epsilon() {
         Some(eps) => {
             let noise = hush_protocol::dp::count_noise(task.config.reports_per_instance(), eps)
-                .map_err(|e| Error::Config(format!("sampling the count noise failed: {e}")))?;
+                .map_err(|e| Error::config(format!("sampling the count noise failed: {e}")))?;
             let mask = count_mask(&task.verify_key, &task.config.id(), collection_id, interval);
             Some(count_share(role, batch.report_count, mask, noise))
         }
@@ -135,7 +135,7 @@ fn noisy_sealed_share(
         &share,
         count,
     )
-    .map_err(|e| Error::Config(format!("sealing to the task's collector key failed: {e}")))?;
+    .map_err(|e| Error::config(format!("sealing to the task's collector key failed: {e}")))?;
     Ok((&ct).into())
 }
 
@@ -716,7 +716,7 @@ impl CollectionService {
         let late = shared.store.late_in(&task_id, &windows)?;
         let sensitivity = task.config.reports_per_instance();
         let noise = hush_protocol::dp::count_noise(sensitivity, eps)
-            .map_err(|e| Error::Config(format!("sampling the count noise failed: {e}")))?;
+            .map_err(|e| Error::config(format!("sampling the count noise failed: {e}")))?;
         let mut answer = pb::LateCountResponse {
             interval: Some((&interval).into()),
             noisy_late_reports: i64::try_from(late)

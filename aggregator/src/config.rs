@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use hush_protocol::tls::{TlsFiles, TlsMaterial};
+use hush_server::tls::{TlsFiles, TlsMaterial};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -44,7 +44,7 @@ pub struct AggregatorConfig {
     pub max_packet_size: usize,
     /// Requests, streams and connections served at once.
     #[serde(default)]
-    pub server: hush_protocol::serve::ServerLimits,
+    pub server: hush_server::serve::ServerLimits,
     /// sled page cache, in MiB.
     #[serde(default = "defaults::cache_mb")]
     pub cache_mb: u64,
@@ -107,7 +107,7 @@ impl PeerConfig {
             _ => None,
         };
         match missing {
-            Some((field, who)) => Err(Error::Config(format!(
+            Some((field, who)) => Err(Error::config(format!(
                 "with TLS, [peers] {field} must name the certificates allowed to call the {role}: {who}"
             ))),
             None => Ok(()),
@@ -227,13 +227,13 @@ impl AggregatorConfig {
     /// Reads and checks a config file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+            .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))
     }
 
     /// Parses and checks a config.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let c: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let c: Self = toml::from_str(text).map_err(|e| Error::config(e.to_string()))?;
         c.check()?;
         Ok(c)
     }
@@ -241,43 +241,43 @@ impl AggregatorConfig {
     /// Checks value ranges.
     pub fn check(&self) -> Result<()> {
         if self.max_request_reports == 0 {
-            return Err(Error::Config(
+            return Err(Error::config(
                 "max_request_reports must be at least 1".into(),
             ));
         }
         let sizes = hush_protocol::task::PACKET_SIZE_RANGE;
         if !sizes.contains(&u32::try_from(self.max_packet_size).unwrap_or(u32::MAX)) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "max_packet_size ({}) must be in {sizes:?}",
                 self.max_packet_size
             )));
         }
-        self.server.check().map_err(Error::Config)?;
+        self.server.check().map_err(Error::config)?;
         if self.helper_job_retention_s < 60 {
-            return Err(Error::Config(
+            return Err(Error::config(
                 "helper_job_retention_s must be at least 60 seconds".into(),
             ));
         }
         if let Some(l) = &self.leader {
             if l.job_size == 0 || l.job_size > self.max_request_reports {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "leader.job_size must be in 1..={} (max_request_reports)",
                     self.max_request_reports
                 )));
             }
             if l.tenant_max_pending < l.job_size as u64 {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "leader.tenant_max_pending ({}) must be at least leader.job_size ({})",
                     l.tenant_max_pending, l.job_size
                 )));
             }
             if l.max_concurrent_jobs == 0 {
-                return Err(Error::Config(
+                return Err(Error::config(
                     "leader.max_concurrent_jobs must be at least 1".into(),
                 ));
             }
             if l.retry_initial_ms == 0 || l.retry_max_ms < l.retry_initial_ms {
-                return Err(Error::Config(
+                return Err(Error::config(
                     "leader.retry_initial_ms must be positive and at most retry_max_ms".into(),
                 ));
             }
@@ -289,17 +289,13 @@ impl AggregatorConfig {
     /// The largest leader ingest request: `max_request_reports` reports of at most
     /// `max_packet_size` bytes.
     pub fn ingest_message_limit(&self) -> usize {
-        hush_protocol::serve::message_limit(self.max_request_reports, self.max_packet_size, 1_024)
+        hush_server::serve::message_limit(self.max_request_reports, self.max_packet_size, 1_024)
     }
 
     /// The largest aggregation job request: per report its shares, public share and the
     /// leader's verifier share, at most twice a packet.
     pub fn job_message_limit(&self) -> usize {
-        hush_protocol::serve::message_limit(
-            self.max_request_reports,
-            2 * self.max_packet_size,
-            1_024,
-        )
+        hush_server::serve::message_limit(self.max_request_reports, 2 * self.max_packet_size, 1_024)
     }
 
     /// Reads the `[tls]` files, if configured.
@@ -313,19 +309,19 @@ pub fn read_tls(files: Option<&TlsFiles>) -> Result<Option<TlsMaterial>> {
     files
         .map(|f| f.read_with(|p| std::fs::read(p)))
         .transpose()
-        .map_err(|e| Error::Config(e.to_string()))
+        .map_err(|e| Error::config(e.to_string()))
 }
 
 /// Checks that `url` is `https://` when TLS is configured and `http://` when it is not.
 pub fn check_url_scheme(url: &str, tls: bool, what: &str) -> Result<()> {
-    hush_protocol::tls::check_scheme(url, tls, what).map_err(|e| Error::Config(e.to_string()))
+    hush_protocol::link::check_scheme(url, tls, what).map_err(|e| Error::config(e.to_string()))
 }
 
 /// Reads a secret from the environment variable `name`.
 pub fn secret_from_env(name: &str, what: &str) -> Result<String> {
     match std::env::var(name) {
         Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
-        _ => Err(Error::Config(format!(
+        _ => Err(Error::config(format!(
             "the {what} is read from the environment variable {name}, which is not set"
         ))),
     }

@@ -1,27 +1,18 @@
 //! The aggregator's error type and how each case maps to a gRPC status.
 
 use hush_protocol::TaskId;
+use hush_server::ServerError;
 
 /// Errors of the aggregator roles. Each variant documents the gRPC status it becomes; internal
 /// details (storage, crypto) are logged, not sent to peers.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// sled failed. `INTERNAL`.
-    #[error("storage error: {0}")]
-    Storage(#[from] sled::Error),
-    /// A stored record does not decode: the database is corrupt or from another version.
-    /// `INTERNAL`.
-    #[error("corrupt stored {what}: {detail}")]
-    Corrupt {
-        /// Which record.
-        what: &'static str,
-        /// What failed.
-        detail: String,
-    },
-    /// The configuration is unusable. Only at startup.
-    #[error("configuration error: {0}")]
-    Config(String),
+    /// A failure no request caused: storage, a corrupt record, the configuration, I/O at
+    /// startup, a failed blocking task (`INTERNAL`), or a key rotation that cannot pick an id
+    /// (`FAILED_PRECONDITION`).
+    #[error(transparent)]
+    Server(#[from] ServerError),
     /// The task is not provisioned here. `NOT_FOUND`.
     #[error("task {0} is not provisioned at this aggregator")]
     UnknownTask(TaskId),
@@ -132,23 +123,16 @@ pub enum Error {
     /// Valid credentials for something else. `PERMISSION_DENIED`.
     #[error("{0}")]
     PermissionDenied(String),
-    /// A key rotation could not pick an id. `FAILED_PRECONDITION`.
-    #[error(transparent)]
-    Keys(#[from] hush_protocol::keys::KeySetError),
-    /// An I/O error at startup (binding, data directory).
-    #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
-    /// A blocking task panicked or was cancelled. `INTERNAL`.
-    #[error("internal task failed: {0}")]
-    Join(String),
 }
 
 impl Error {
     pub(crate) fn corrupt(what: &'static str, detail: impl ToString) -> Self {
-        Error::Corrupt {
-            what,
-            detail: detail.to_string(),
-        }
+        Error::Server(ServerError::corrupt(what, detail))
+    }
+
+    /// An unusable configuration, found at startup.
+    pub fn config(why: String) -> Self {
+        Error::Server(ServerError::Config(why))
     }
 }
 
@@ -162,7 +146,6 @@ impl From<Error> for tonic::Status {
             }
             Error::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
             Error::WrongRole(_)
-            | Error::Keys(_)
             | Error::OverBudget { .. }
             | Error::BatchOverlap { .. }
             | Error::BatchExhausted { .. }
@@ -174,21 +157,32 @@ impl From<Error> for tonic::Status {
             Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
             Error::Overloaded(_) => Status::resource_exhausted(e.to_string()),
             Error::Peer(s) => Status::unavailable(format!("peer aggregator: {}", s.message())),
-            Error::Storage(_)
-            | Error::Corrupt { .. }
-            | Error::Config(_)
-            | Error::Io(_)
-            | Error::Join(_) => {
-                tracing::error!(error = %e, "internal error");
-                Status::internal("internal error; see the aggregator's log")
-            }
+            Error::Server(s) => s.to_status("aggregator"),
         }
     }
 }
 
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
-        Error::Join(e.to_string())
+        Error::Server(e.into())
+    }
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::Server(e.into())
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Server(e.into())
+    }
+}
+
+impl From<hush_protocol::keys::KeySetError> for Error {
+    fn from(e: hush_protocol::keys::KeySetError) -> Self {
+        Error::Server(e.into())
     }
 }
 

@@ -103,7 +103,7 @@ impl HelperService {
         let hash: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &encoded)
             .as_ref()
             .try_into()
-            .map_err(|_| Error::Join("sha256 length".into()))?;
+            .map_err(|_| Error::corrupt("request hash", "sha256 length"))?;
 
         // A retry of a finished job: answer from the record without doing the work again.
         if let Some(rec) = self.shared.store.helper_job(&task_id, &job_id)? {

@@ -31,7 +31,7 @@ use crate::store::{
 };
 use crate::tasks::TaskEntry;
 use hush_protocol::Outcomes;
-use hush_protocol::auth::AddBearer;
+use hush_protocol::link::AddBearer;
 
 /// Largest collection answer (two sealed aggregate shares of at most 1,025 entries, plus the
 /// count): far below this.
@@ -327,12 +327,12 @@ pub fn helper_client(
     peer_token: &str,
     tls: Option<&ClientTlsConfig>,
 ) -> Result<HelperClient> {
-    let endpoint = hush_protocol::tls::endpoint(&cfg.helper_url, tls, "leader.helper_url")
-        .map_err(|e| Error::Config(e.to_string()))?
+    let endpoint = hush_protocol::link::endpoint(&cfg.helper_url, tls, "leader.helper_url")
+        .map_err(|e| Error::config(e.to_string()))?
         .timeout(Duration::from_millis(cfg.helper_timeout_ms))
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
-    let auth = AddBearer::new(peer_token).map_err(|e| Error::Config(e.message().to_owned()))?;
+    let auth = AddBearer::new(peer_token).map_err(|e| Error::config(e.message().to_owned()))?;
     Ok(
         HelperAggregationClient::with_interceptor(endpoint.connect_lazy(), auth)
             .max_decoding_message_size(message_limit)

@@ -11,8 +11,8 @@ use hush_protocol::proto::v1::collection_server::CollectionServer;
 use hush_protocol::proto::v1::helper_aggregation_server::HelperAggregationServer;
 use hush_protocol::proto::v1::hpke_keys_server::HpkeKeysServer;
 use hush_protocol::proto::v1::leader_ingest_server::LeaderIngestServer;
-use hush_protocol::quota::TenantHoldings;
 use hush_protocol::{Clock, Role};
+use hush_server::quota::TenantHoldings;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -29,8 +29,8 @@ use crate::leader::{IngestService, JobDriver, MAX_COLLECTION_BYTES, helper_clien
 use crate::shared::Shared;
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
-use hush_protocol::auth::BearerAuth;
-use hush_protocol::tls::{Both, PeerLog, RequirePeerCert};
+use hush_server::auth::BearerAuth;
+use hush_server::tls::{Both, PeerLog, RequirePeerCert};
 
 /// The secrets an aggregator needs, which never come from its config file.
 #[derive(Clone)]
@@ -77,7 +77,7 @@ impl Aggregator {
     ) -> Result<Self> {
         let listener = TcpListener::bind(config.listen)
             .await
-            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
+            .map_err(|e| Error::config(format!("cannot listen on {}: {e}", config.listen)))?;
         Self::start_on(role, config, secrets, clock, listener).await
     }
 
@@ -91,7 +91,7 @@ impl Aggregator {
     ) -> Result<Self> {
         config.check()?;
         if role == Role::Leader && config.leader.is_none() {
-            return Err(Error::Config(
+            return Err(Error::config(
                 "the leader needs a [leader] section with helper_url".into(),
             ));
         }
@@ -107,8 +107,7 @@ impl Aggregator {
             .iter()
             .map(|b| TaskEntry::decode(b))
             .collect::<Result<Vec<_>>>()?;
-        let keys =
-            KeyManager::load(store.clone(), clock.clone(), config.key_grace_period_s).await?;
+        let keys = KeyManager::load(store.clone(), clock.clone(), config.key_grace_period_s)?;
         let pending_now = store.pending_total();
         let config_leader_max_pending = config
             .leader
@@ -230,8 +229,8 @@ impl Aggregator {
         };
         let incoming = shared.config.server.incoming(listener);
         let peers = PeerLog::default();
-        let builder = hush_protocol::tls::server_builder(tls.as_ref())
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let builder = hush_server::tls::server_builder(tls.as_ref())
+            .map_err(|e| Error::config(e.to_string()))?;
         let router = shared
             .config
             .server
@@ -250,7 +249,7 @@ impl Aggregator {
             }
             let _ = maintenance.await;
             store.flush().await?;
-            served.map_err(|e| Error::Io(std::io::Error::other(e)))
+            served.map_err(|e| Error::from(std::io::Error::other(e)))
         });
         tracing::info!(%addr, %role, tls = tls.is_some(), "aggregator listening");
         Ok(Self {
@@ -341,15 +340,17 @@ async fn maintenance(shared: Shared, mut shutdown: watch::Receiver<bool>) {
                 Err(e) => tracing::error!(error = %e, "expiring aggregation job records failed"),
             }
         }
-        if let Err(e) = shared
-            .keys
-            .rotate_if_due(shared.config.key_rotation_period_s)
-            .await
+        // Key changes flush the database: off the async workers.
+        let (keys, period) = (shared.keys.clone(), shared.config.key_rotation_period_s);
+        match tokio::task::spawn_blocking(move || {
+            keys.rotate_if_due(period)?;
+            keys.expire()
+        })
+        .await
         {
-            tracing::error!(error = %e, "rotating the HPKE key failed");
-        }
-        if let Err(e) = shared.keys.expire().await {
-            tracing::error!(error = %e, "expiring HPKE keys failed");
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "rotating or expiring HPKE keys failed"),
+            Err(e) => tracing::error!(error = %e, "the key maintenance thread failed"),
         }
     }
 }

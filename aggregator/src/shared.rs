@@ -5,8 +5,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use hush_protocol::proto::v1::RejectReason;
-use hush_protocol::quota::TenantHoldings;
 use hush_protocol::{Clock, Role, TaskId, Time};
+use hush_server::quota::TenantHoldings;
 use tokio::sync::Notify;
 
 use crate::config::AggregatorConfig;

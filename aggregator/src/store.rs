@@ -33,12 +33,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use hush_protocol::codec::{Codec, Reader, Writer};
-use hush_protocol::keys::KeySet;
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{
     AggregateShare, AggregationJobId, HpkeCiphertext, ReportId, ReportIdChecksum, TaskId, Time,
 };
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use hush_server::db::{abort, tx_result};
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
 
 use crate::error::{Error, Result};
@@ -171,17 +171,6 @@ pub enum Ingested {
     Replay,
     /// Its window is closed (collected): a late report.
     Late,
-}
-
-fn abort(e: Error) -> ConflictableTransactionError<Error> {
-    ConflictableTransactionError::Abort(e)
-}
-
-fn tx_result<T>(r: std::result::Result<T, TransactionError<Error>>) -> Result<T> {
-    r.map_err(|e| match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => Error::Storage(e),
-    })
 }
 
 /// A leader's accepted report, waiting for aggregation. The leader's input share is stored
@@ -554,23 +543,19 @@ fn ledger_key(task: &TaskId, purpose: u8, window: Time) -> Vec<u8> {
 }
 
 impl Store {
+    /// The `keys` tree ([`crate::keys`]).
+    pub(crate) fn keys_tree(&self) -> &Tree {
+        &self.keys
+    }
+
+    /// The database.
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(cache_mb * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    Error::Config(format!(
-                        "the database in {} is in use by another process",
-                        dir.display()
-                    ))
-                }
-                e => Error::Storage(e),
-            })?;
+        let db = hush_server::db::open(dir, cache_mb)?;
         Ok(Self {
             tasks: db.open_tree("tasks")?,
             keys: db.open_tree("keys")?,
@@ -596,7 +581,7 @@ impl Store {
 
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<()> {
-        flush_db(&self.db).await
+        Ok(hush_server::db::flush(&self.db).await?)
     }
 
     /// The audit trail.
@@ -656,22 +641,6 @@ impl Store {
     }
 
     // ---- keys
-
-    /// The stored key set, if any.
-    pub fn key_set(&self) -> Result<Option<KeySet>> {
-        match self.keys.get(b"keyset")? {
-            Some(v) => Ok(Some(
-                KeySet::from_bytes(&v).map_err(|e| Error::corrupt("key set", e))?,
-            )),
-            None => Ok(None),
-        }
-    }
-
-    /// Replaces the key set, durably.
-    pub async fn save_key_set(&self, ks: &KeySet) -> Result<()> {
-        self.keys.insert(b"keyset", ks.to_bytes())?;
-        self.flush().await
-    }
 
     // ---- leader ingest
 
@@ -1492,7 +1461,7 @@ impl Store {
             .keys()
             .collect::<std::result::Result<_, _>>()?;
         let n = keys.len() as u64;
-        tx_result((&self.collections, &self.collection_ends).transaction(
+        tx_result::<_, Error>((&self.collections, &self.collection_ends).transaction(
             |(collections, ends)| {
                 for k in &keys {
                     collections.remove(task_key(task, &k[40..]))?;
@@ -1536,25 +1505,6 @@ fn merge_batches(
         cur.merge(add).map_err(abort)?;
         bt.insert(&k[..], cur.encode())?;
     }
-    Ok(())
-}
-
-/// Makes everything written to `db` durable, on a blocking thread of tokio's pool.
-///
-/// Not `sled::Db::flush_async`: that runs the flush on sled's own small I/O pool while holding
-/// sled's process-wide read lock, and under load every pool thread ends up in a flush waiting
-/// for a log write that only a pool thread can do, once a batch or transaction is queued for the
-/// write lock (sled 0.34, spacejam/sled#1308): the whole process stalls. A flush on our own
-/// thread leaves sled's pool free to write.
-pub async fn flush_db(db: &sled::Db) -> Result<()> {
-    let db = db.clone();
-    tokio::task::spawn_blocking(move || db.flush())
-        .await
-        .map_err(|e| {
-            sled::Error::Io(std::io::Error::other(format!(
-                "the flush thread failed: {e}"
-            )))
-        })??;
     Ok(())
 }
 

@@ -47,10 +47,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hush_protocol::directory::KeySet;
+use hush_protocol::link as tls;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::key_directory_client::KeyDirectoryClient;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
-use hush_protocol::tls;
 use hush_protocol::{
     Clock, Measurement, MeasurementKind, ReportId, SystemClock, TaskConfig, TaskId, Time,
 };

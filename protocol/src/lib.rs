@@ -7,7 +7,6 @@
 //! This crate does no I/O: no runtime, no storage, no servers. Decoders are strict (no trailing
 //! bytes, no truncation) and errors name what was wrong.
 
-pub mod auth;
 pub mod clock;
 pub mod codec;
 pub mod collect;
@@ -19,13 +18,11 @@ pub mod estimate;
 pub mod hpke;
 pub mod ids;
 pub mod keys;
+pub mod link;
 pub mod onion;
 pub mod outcomes;
-pub mod quota;
 pub mod report;
-pub mod serve;
 pub mod task;
-pub mod tls;
 pub mod vdaf;
 
 /// The protocol version. It is part of every HPKE info string, the VDAF context and replay tags,

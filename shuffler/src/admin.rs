@@ -150,7 +150,8 @@ impl Admin for AdminService {
         let keys = self.node.keys.clone();
         let configs = tokio::task::spawn_blocking(move || keys.rotate())
             .await
-            .map_err(Error::from)??;
+            .map_err(Error::from)?
+            .map_err(Error::from)?;
         Ok(Response::new(pb::HpkeConfigList {
             configs: configs.iter().map(Into::into).collect(),
         }))

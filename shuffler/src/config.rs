@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use hush_protocol::tls::{TlsFiles, TlsMaterial};
+use hush_server::tls::{TlsFiles, TlsMaterial};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -52,7 +52,7 @@ pub struct ShufflerConfig {
     pub next_hops: Vec<NextHopConfig>,
     /// Requests, streams and connections served at once.
     #[serde(default)]
-    pub server: hush_protocol::serve::ServerLimits,
+    pub server: hush_server::serve::ServerLimits,
     /// Who may call which service, by certificate name (with TLS).
     #[serde(default)]
     pub peers: PeerConfig,
@@ -293,8 +293,8 @@ impl ShufflerConfig {
     /// Reads and checks a config file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+            .map_err(|e| Error::config(format!("reading {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))
     }
 
     /// Reads the `[tls]` files, if configured.
@@ -303,19 +303,19 @@ impl ShufflerConfig {
             .as_ref()
             .map(|f| f.read_with(|p| std::fs::read(p)))
             .transpose()
-            .map_err(|e| Error::Config(e.to_string()))
+            .map_err(|e| Error::config(e.to_string()))
     }
 
     /// Parses and checks a config.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let c: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let c: Self = toml::from_str(text).map_err(|e| Error::config(e.to_string()))?;
         c.check()?;
         Ok(c)
     }
 
     /// Checks value ranges.
     pub fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Config(m));
+        let bad = |m: String| Err(Error::config(m));
         if self.name.is_empty() || self.name.len() > 255 {
             return bad("name must be 1 to 255 bytes".into());
         }
@@ -334,7 +334,7 @@ impl ShufflerConfig {
         }
         if l.per_tenant_packets_per_s == 0 || (l.per_tenant_burst as usize) < l.max_request_packets
         {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "limits.per_tenant_packets_per_s must be positive and limits.per_tenant_burst ({}) \
                  at least limits.max_request_packets ({})",
                 l.per_tenant_burst, l.max_request_packets
@@ -395,12 +395,12 @@ impl ShufflerConfig {
             if h.name.is_empty() || h.name.len() > 255 {
                 return bad(format!("next hop name {:?} must be 1 to 255 bytes", h.name));
             }
-            hush_protocol::tls::check_scheme(
+            hush_protocol::link::check_scheme(
                 &h.url,
                 self.tls.is_some(),
                 &format!("next hop {:?}: url", h.name),
             )
-            .map_err(|e| Error::Config(e.to_string()))?;
+            .map_err(|e| Error::config(e.to_string()))?;
         }
         Ok(())
     }
@@ -408,7 +408,7 @@ impl ShufflerConfig {
     /// The largest request to this node: `max_request_packets` packets of at most
     /// `max_packet_size` bytes with their task ids.
     pub fn ingest_message_limit(&self) -> usize {
-        hush_protocol::serve::message_limit(
+        hush_server::serve::message_limit(
             self.limits.max_request_packets,
             self.limits.max_packet_size + 32,
             1_024,

@@ -21,7 +21,7 @@ use hush_protocol::TaskId;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::leader_ingest_client::LeaderIngestClient;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
-use hush_protocol::quota::TenantHoldings;
+use hush_server::quota::TenantHoldings;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -363,8 +363,8 @@ impl HopClient {
         timeout: Duration,
         tls: Option<&ClientTlsConfig>,
     ) -> Result<Self> {
-        let channel = hush_protocol::tls::endpoint(&h.url, tls, &format!("next hop {:?}", h.name))
-            .map_err(|e| Error::Config(e.to_string()))?
+        let channel = hush_protocol::link::endpoint(&h.url, tls, &format!("next hop {:?}", h.name))
+            .map_err(|e| Error::config(e.to_string()))?
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
@@ -497,7 +497,7 @@ async fn forward_batch(
     let mut keys =
         tokio::task::spawn_blocking(move || s.batch_keys(&name, &task, lo, hi)).await??;
     let mut rng = ChaCha20Rng::try_from_os_rng()
-        .map_err(|e| Error::Config(format!("the OS random number generator failed: {e}")))?;
+        .map_err(|e| Error::config(format!("the OS random number generator failed: {e}")))?;
     keys.shuffle(&mut rng);
     tracing::debug!(hop = %hop.name, packets = keys.len(), "forwarding a batch");
     for slice in keys.chunks(fwd.chunk_packets) {

@@ -6,8 +6,8 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, RwLock};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use hush_protocol::quota::TenantHoldings;
 use hush_protocol::{Clock, TaskConfig, TaskId};
+use hush_server::quota::TenantHoldings;
 
 use crate::config::{LimitConfig, ShufflerConfig};
 use crate::keys::NodeKeys;

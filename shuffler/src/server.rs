@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hush_protocol::auth::BearerAuth;
 use hush_protocol::proto::v1::admin_server::AdminServer;
 use hush_protocol::proto::v1::hpke_keys_server::HpkeKeysServer;
 use hush_protocol::proto::v1::shuffler_server::ShufflerServer;
-use hush_protocol::quota::TenantHoldings;
-use hush_protocol::tls::{PeerLog, RequirePeerCert};
 use hush_protocol::{Clock, TaskConfig};
+use hush_server::auth::BearerAuth;
+use hush_server::quota::TenantHoldings;
+use hush_server::tls::{PeerLog, RequirePeerCert};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -47,7 +47,7 @@ impl ShufflerNode {
     ) -> Result<Self> {
         let listener = TcpListener::bind(config.listen)
             .await
-            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
+            .map_err(|e| Error::config(format!("cannot listen on {}: {e}", config.listen)))?;
         Self::start_on(config, admin_token, clock, listener).await
     }
 
@@ -65,7 +65,7 @@ impl ShufflerNode {
             && config.ingest_from == IngestFrom::Shufflers
             && config.peers.previous.is_empty()
         {
-            return Err(Error::Config(
+            return Err(Error::config(
                 "with TLS and ingest_from = \"shufflers\", [peers] previous must name the \
                  previous shuffler's certificate, e.g. previous = [\"shuffler-a\"]"
                     .into(),
@@ -162,8 +162,8 @@ impl ShufflerNode {
         };
         let incoming = node.config.server.incoming(listener);
         let peers = PeerLog::default();
-        let builder = hush_protocol::tls::server_builder(tls.as_ref())
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let builder = hush_server::tls::server_builder(tls.as_ref())
+            .map_err(|e| Error::config(e.to_string()))?;
         let router = node
             .config
             .server
@@ -177,7 +177,7 @@ impl ShufflerNode {
             let served = router.serve_with_incoming_shutdown(incoming, signal).await;
             while background.join_next().await.is_some() {}
             store.flush().await?;
-            served.map_err(|e| Error::Io(std::io::Error::other(e)))
+            served.map_err(|e| Error::from(std::io::Error::other(e)))
         });
         tracing::info!(%addr, name = %node.config.name, tls = tls.is_some(), "shuffler listening");
         Ok(Self {
@@ -243,7 +243,7 @@ async fn maintenance(node: Node, mut shutdown: watch::Receiver<bool>) {
         let period = node.config.key_rotation_period_s;
         match tokio::task::spawn_blocking(move || {
             keys.rotate_if_due(period)?;
-            keys.expire()
+            keys.expire().map(|_| ())
         })
         .await
         {

@@ -17,10 +17,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use hush_protocol::TaskId;
-use hush_protocol::codec::Codec;
-use hush_protocol::keys::KeySet;
 use hush_protocol::proto::v1::RejectReason;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use hush_server::db::tx_result;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
 
 use crate::error::{Error, Result};
@@ -160,31 +159,20 @@ pub struct Store {
     meta: Tree,
 }
 
-fn tx_result<T>(r: std::result::Result<T, TransactionError<Error>>) -> Result<T> {
-    r.map_err(|e| match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => Error::Storage(e),
-    })
-}
-
 impl Store {
+    /// The `keys` tree ([`crate::keys`]).
+    pub(crate) fn keys_tree(&self) -> &Tree {
+        &self.keys
+    }
+
+    /// The database.
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(cache_mb * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    Error::Config(format!(
-                        "the database in {} is in use by another process",
-                        dir.display()
-                    ))
-                }
-                e => Error::Storage(e),
-            })?;
+        let db = hush_server::db::open(dir, cache_mb)?;
         Ok(Self {
             tasks: db.open_tree("tasks")?,
             keys: db.open_tree("keys")?,
@@ -196,18 +184,9 @@ impl Store {
         })
     }
 
-    /// Makes everything written so far durable, on a blocking thread of tokio's pool.
-    ///
-    /// Not `sled::Db::flush_async`: it flushes on sled's small I/O pool while holding sled's
-    /// process-wide read lock, and under load the pool fills with flushes that wait for a log
-    /// write only a pool thread can do, once a batch is queued for the write lock (sled 0.34,
-    /// spacejam/sled#1308): the process stalls. Flushing on our own thread leaves the pool free.
+    /// Makes everything written so far durable ([`hush_server::db::flush`]).
     pub async fn flush(&self) -> Result<()> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| Error::Join(format!("the flush thread failed: {e}")))??;
-        Ok(())
+        Ok(hush_server::db::flush(&self.db).await?)
     }
 
     /// Stores a task; returns the previous encoding, if any.
@@ -230,23 +209,6 @@ impl Store {
             .values()
             .map(|v| Ok(v?.to_vec()))
             .collect()
-    }
-
-    /// The HPKE key set, if one was stored.
-    pub fn key_set(&self) -> Result<Option<KeySet>> {
-        match self.keys.get(b"keyset")? {
-            Some(v) => Ok(Some(
-                KeySet::from_bytes(&v).map_err(|e| Error::corrupt("key set", e))?,
-            )),
-            None => Ok(None),
-        }
-    }
-
-    /// Replaces the key set and flushes (blocking; key changes are rare).
-    pub fn save_key_set_blocking(&self, ks: &KeySet) -> Result<()> {
-        self.keys.insert(b"keyset", ks.to_bytes())?;
-        self.db.flush()?;
-        Ok(())
     }
 
     /// Stores peeled packets with their replay tags. A packet whose tag is already stored (or
@@ -484,7 +446,7 @@ impl Store {
     }
 
     /// Deletes every replay tag of a key epoch; returns how many.
-    pub fn delete_tags(&self, epoch: [u8; 8]) -> Result<usize> {
+    pub fn delete_tags(&self, epoch: [u8; 8]) -> std::result::Result<usize, sled::Error> {
         let mut batch = sled::Batch::default();
         let mut n = 0;
         for k in self.tags.scan_prefix(epoch).keys() {

@@ -222,7 +222,7 @@ impl Cluster {
     /// One connection to the first shuffler that many client runtimes can share.
     pub(crate) fn client_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
         let e = self.endpoints();
-        let tls = hush_protocol::tls::server_auth_client(&self.ca_pem);
+        let tls = hush_protocol::link::server_auth_client(&self.ca_pem);
         Ok(agg_client::channel(&e.shuffler_url, Some(&tls))?)
     }
 
@@ -331,7 +331,7 @@ pub(crate) async fn start_cluster(
     };
     // The operator's tools present their own certificate: nothing connects to an aggregator
     // anonymously.
-    let tools_tls = hush_protocol::tls::TlsMaterial::from_pem(
+    let tools_tls = hush_server::tls::TlsMaterial::from_pem(
         std::fs::read(dir.join("certs/operator.pem"))?,
         std::fs::read(dir.join("certs/operator-key.pem"))?,
         ca_pem.clone(),
@@ -842,7 +842,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.epsilon,
         all_tasks[0].budget_for(false).as_f64()
     );
-    let peers = |p: &hush_protocol::tls::PeerLog| {
+    let peers = |p: &hush_server::tls::PeerLog| {
         p.snapshot()
             .iter()
             .map(|(name, c)| format!("{name} {}", c.connections))

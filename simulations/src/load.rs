@@ -275,7 +275,7 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
         urls: COMPONENTS.iter().map(|c| (*c, url(c))).collect(),
         // The operator's tools present the operator certificate (the parties serve HPKE
         // configs to certificate holders only).
-        tools: hush_protocol::tls::TlsMaterial::from_pem(
+        tools: hush_server::tls::TlsMaterial::from_pem(
             std::fs::read(dir.join("certs/operator.pem"))?,
             std::fs::read(dir.join("certs/operator-key.pem"))?,
             ca_pem.clone(),

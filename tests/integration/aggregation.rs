@@ -215,7 +215,7 @@ async fn a_retried_job_gets_the_same_answer_and_counts_once() {
         job_id: job_id.as_bytes().to_vec().into(),
         reports: shares.clone(),
     };
-    let auth = hush_protocol::auth::AddBearer::new(PEER_TOKEN).unwrap();
+    let auth = hush_protocol::link::AddBearer::new(PEER_TOKEN).unwrap();
     let mut helper = HelperAggregationClient::with_interceptor(
         client::channel(&pair.helper_url(), None).unwrap(),
         auth,

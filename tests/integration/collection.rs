@@ -474,7 +474,7 @@ async fn a_helper_with_other_reports_makes_the_collection_fail_loudly() {
         .unwrap();
     let mut helper = HelperAggregationClient::with_interceptor(
         client::channel(&s.pair.helper_url(), None).unwrap(),
-        hush_protocol::auth::AddBearer::new(PEER_TOKEN).unwrap(),
+        hush_protocol::link::AddBearer::new(PEER_TOKEN).unwrap(),
     );
     helper
         .init_aggregation_job(pb::AggregationJobInitRequest {
@@ -643,14 +643,14 @@ fn fake_job_share(s: &Setup, client: &ClientTask, key: &VerifyKey, time: Time) -
 type PeerClient = HelperAggregationClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        hush_protocol::auth::AddBearer,
+        hush_protocol::link::AddBearer,
     >,
 >;
 
 fn helper_as_peer(s: &Setup) -> PeerClient {
     HelperAggregationClient::with_interceptor(
         client::channel(&s.pair.helper_url(), None).unwrap(),
-        hush_protocol::auth::AddBearer::new(PEER_TOKEN).unwrap(),
+        hush_protocol::link::AddBearer::new(PEER_TOKEN).unwrap(),
     )
 }
 

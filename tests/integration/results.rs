@@ -151,7 +151,7 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let mut grpc = ResultsClient::with_interceptor(
         client::channel(&url(results.grpc_addr()), None).unwrap(),
-        hush_protocol::auth::AddBearer::new(READ_TOKEN).unwrap(),
+        hush_protocol::link::AddBearer::new(READ_TOKEN).unwrap(),
     );
     let g = grpc
         .get_window(pb::GetWindowRequest {

@@ -353,7 +353,7 @@ async fn a_flood_of_refused_collections_cannot_fill_the_audit_trail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_results_api_speaks_https_with_tls_and_refuses_plaintext_off_loopback() {
     use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
-    use hush_protocol::tls::dev::{DevCa, loopback_hosts};
+    use hush_server::tls::dev::{DevCa, loopback_hosts};
     use hush_tests::http::{request, request_tls};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -16,11 +16,11 @@ use hush_protocol::proto::v1::helper_aggregation_client::HelperAggregationClient
 use hush_protocol::proto::v1::hpke_keys_client::HpkeKeysClient;
 use hush_protocol::proto::v1::leader_ingest_client::LeaderIngestClient;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
-use hush_protocol::tls::dev::{DevCa, Issued, loopback_hosts};
-use hush_protocol::tls::{TlsFiles, server_auth_client};
 use hush_protocol::{
     Clock, HpkeKeypair, MeasurementKind, MockClock, Role, TaskConfig, Time, VerifyKey,
 };
+use hush_server::tls::dev::{DevCa, Issued, loopback_hosts};
+use hush_server::tls::{TlsFiles, server_auth_client};
 use hush_shuffler::{ShufflerConfig, ShufflerNode};
 use hush_tests::cluster::{ADMIN_TOKEN, PEER_TOKEN, secrets};
 use hush_tests::task_params;

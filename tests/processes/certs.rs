@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use hush_protocol::tls::TlsFiles;
+use hush_server::tls::TlsFiles;
 
 use crate::hush_bin;
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use hush_protocol::detect::DetectorConfig;
-use hush_protocol::tls::TlsFiles;
+use hush_server::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -69,7 +69,7 @@ pub struct ResultsConfig {
     pub cascade: Option<CascadeConfig>,
     /// Requests, streams and connections served at once (gRPC and HTTP).
     #[serde(default)]
-    pub server: hush_protocol::serve::ServerLimits,
+    pub server: hush_server::serve::ServerLimits,
     /// The leader's allowed clock skew (its `clock_skew_s`): late reports of a window can arrive
     /// until its end plus the task's report expiry plus this; only then is the late count
     /// asked for.
@@ -206,9 +206,9 @@ impl ResultsConfig {
     /// Reads and checks a config file; task file paths become relative to its folder.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+            .map_err(|e| Error::config(format!("reading {}: {e}", path.display())))?;
         let mut c = Self::from_toml(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for f in &mut c.task_files {
             if f.is_relative() {
@@ -220,27 +220,27 @@ impl ResultsConfig {
 
     /// Parses and checks a config.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let c: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let c: Self = toml::from_str(text).map_err(|e| Error::config(e.to_string()))?;
         crate::config::check_url_scheme(&c.leader_url, c.tls.is_some(), "leader_url")?;
         c.detection
             .detector
             .validate()
-            .map_err(|e| Error::Config(e.to_string()))?;
+            .map_err(|e| Error::config(e.to_string()))?;
         if c.task_files.is_empty() {
-            return Err(Error::Config("task_files lists no task".into()));
+            return Err(Error::config("task_files lists no task".into()));
         }
         if c.poll_interval_ms == 0 {
-            return Err(Error::Config("poll_interval_ms must be positive".into()));
+            return Err(Error::config("poll_interval_ms must be positive".into()));
         }
-        c.server.check().map_err(Error::Config)?;
+        c.server.check().map_err(Error::config)?;
         if let Some(cascade) = &c.cascade {
             if cascade.shufflers.is_empty() {
-                return Err(Error::Config(
+                return Err(Error::config(
                     "cascade.shufflers lists no shuffler: clients send to the first".into(),
                 ));
             }
             if cascade.key_epoch_s == 0 {
-                return Err(Error::Config("cascade.key_epoch_s must be positive".into()));
+                return Err(Error::config("cascade.key_epoch_s must be positive".into()));
             }
             let tls = c.tls.is_some();
             crate::config::check_url_scheme(&cascade.helper_url, tls, "cascade.helper_url")?;
@@ -251,7 +251,7 @@ impl ResultsConfig {
             if let Some(d) = c.collect_delay_s
                 && d < min
             {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "collect_delay_s = {d} is shorter than the cascade can hold a report ({min} s: \
                      client tick {} ms + jitter {} ms + each shuffler's max_wait_ms + {HOP_SLACK_MS} ms, \
                      plus {AGGREGATION_SLACK_S} s to aggregate); reports arriving later would be \

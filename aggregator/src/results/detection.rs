@@ -53,13 +53,13 @@ pub(super) fn check(rates: &[ErrorRate], tasks: &HashMap<&str, &TaskConfig>) -> 
         let names = std::iter::once(&r.errors).chain(&r.requests);
         for n in names {
             if !tasks.contains_key(n.as_str()) {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "[detection] error_rates names task {n:?}, which is not among task_files"
                 )));
             }
         }
         if r.requests.is_empty() {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "[detection] error rate of {:?} lists no request tasks",
                 r.errors
             )));

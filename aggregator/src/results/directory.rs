@@ -143,7 +143,7 @@ impl Directory {
                 .await?,
         };
         set.route()
-            .map_err(|e| Error::Config(format!("the cascade is not a valid route: {e}")))?;
+            .map_err(|e| Error::config(format!("the cascade is not a valid route: {e}")))?;
         Ok(set)
     }
 }

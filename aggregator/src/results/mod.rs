@@ -24,7 +24,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hush_protocol::auth::{bearer_token, token_hash, token_matches};
 use hush_protocol::collect::{Collected, open_collection};
 use hush_protocol::estimate;
 use hush_protocol::proto::v1 as pb;
@@ -32,6 +31,7 @@ use hush_protocol::proto::v1::collection_client::CollectionClient;
 use hush_protocol::proto::v1::key_directory_server::KeyDirectoryServer;
 use hush_protocol::proto::v1::results_server::{Results, ResultsServer};
 use hush_protocol::{Clock, HpkeKeypair, Interval, Keyring, TaskConfig, TaskId, TaskParams, Time};
+use hush_server::auth::{bearer_token, token_hash, token_matches};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -426,13 +426,13 @@ pub fn load_tasks(config: &ResultsConfig) -> Result<BTreeMap<TaskId, TaskConfig>
     let mut tasks = BTreeMap::new();
     for f in &config.task_files {
         let text = std::fs::read_to_string(f)
-            .map_err(|e| Error::Config(format!("reading {}: {e}", f.display())))?;
+            .map_err(|e| Error::config(format!("reading {}: {e}", f.display())))?;
         let params: TaskParams =
-            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", f.display())))?;
+            toml::from_str(&text).map_err(|e| Error::config(format!("{}: {e}", f.display())))?;
         let t =
-            TaskConfig::new(params).map_err(|e| Error::Config(format!("{}: {e}", f.display())))?;
+            TaskConfig::new(params).map_err(|e| Error::config(format!("{}: {e}", f.display())))?;
         if t.tenant() != config.tenant {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "{}: task {} belongs to tenant {:?}, not {:?}",
                 f.display(),
                 t.id(),
@@ -539,7 +539,7 @@ impl Results for ResultsGrpc {
 /// A running results service.
 #[derive(Debug)]
 pub struct ResultsService {
-    peers: hush_protocol::tls::PeerLog,
+    peers: hush_server::tls::PeerLog,
     grpc: SocketAddr,
     http: SocketAddr,
     inner: Arc<Inner>,
@@ -562,7 +562,7 @@ impl ResultsService {
                 ("listen_http", config.listen_http),
             ] {
                 if !a.ip().is_loopback() {
-                    return Err(Error::Config(format!(
+                    return Err(Error::config(format!(
                         "{what} = {a} is not a loopback address and the config has no [tls]: \
                          the results APIs would carry tokens and results in clear. Add a [tls] \
                          section, listen on 127.0.0.1, or pass --insecure"
@@ -573,10 +573,10 @@ impl ResultsService {
         let store = ResultsStore::open(&config.data_dir, config.cache_mb)?;
         let grpc_l = TcpListener::bind(config.listen_grpc)
             .await
-            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen_grpc)))?;
+            .map_err(|e| Error::config(format!("cannot listen on {}: {e}", config.listen_grpc)))?;
         let http_l = TcpListener::bind(config.listen_http)
             .await
-            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen_http)))?;
+            .map_err(|e| Error::config(format!("cannot listen on {}: {e}", config.listen_http)))?;
         let (grpc, http) = (grpc_l.local_addr()?, http_l.local_addr()?);
         let tls = material.as_ref().map(|m| m.client());
         let directory = match &config.cascade {
@@ -603,9 +603,9 @@ impl ResultsService {
         let mut srx = rx.clone();
         // The results API is served over TLS with the same certificate when one is configured
         // (server-authenticated: dashboards present no certificate).
-        let peers = hush_protocol::tls::PeerLog::default();
-        let builder = hush_protocol::tls::server_builder(material.as_ref())
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let peers = hush_server::tls::PeerLog::default();
+        let builder = hush_server::tls::server_builder(material.as_ref())
+            .map_err(|e| Error::config(e.to_string()))?;
         let grpc_server = inner
             .config
             .server
@@ -626,7 +626,7 @@ impl ResultsService {
         > = match &material {
             Some(m) => {
                 let config = axum_server::tls_rustls::RustlsConfig::from_config(
-                    m.https_server().map_err(|e| Error::Config(e.to_string()))?,
+                    m.https_server().map_err(|e| Error::config(e.to_string()))?,
                 );
                 let handle = axum_server::Handle::new();
                 let h2 = handle.clone();
@@ -650,7 +650,7 @@ impl ResultsService {
         let sched = scheduler(inner.clone(), rx.clone());
         let join = tokio::spawn(async move {
             let (g, h, ()) = tokio::join!(grpc_server, http_server, sched);
-            g.map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            g.map_err(|e| Error::from(std::io::Error::other(e)))?;
             h?;
             Ok(())
         });
@@ -681,7 +681,7 @@ impl ResultsService {
     }
 
     /// Who connected to the gRPC listener so far (services' clients are anonymous).
-    pub fn peers(&self) -> &hush_protocol::tls::PeerLog {
+    pub fn peers(&self) -> &hush_server::tls::PeerLog {
         &self.peers
     }
 

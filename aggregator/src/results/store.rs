@@ -52,11 +52,7 @@ fn decode(v: &[u8]) -> Result<pb::WindowResult> {
 impl ResultsStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("results"))
-            .cache_capacity(cache_mb * 1024 * 1024)
-            .open()?;
+        let db = hush_server::db::open_at(dir, "results", cache_mb)?;
         Ok(Self {
             windows: db.open_tree("windows")?,
             ad_hoc: db.open_tree("ad_hoc")?,
@@ -84,7 +80,7 @@ impl ResultsStore {
             .insert(key(task, &[start.as_secs()]), r.encode_to_vec())?;
         self.cursors
             .insert(task.as_bytes(), &next.as_secs().to_be_bytes()[..])?;
-        crate::store::flush_db(&self.db).await?;
+        hush_server::db::flush(&self.db).await?;
         Ok(())
     }
 
@@ -100,7 +96,7 @@ impl ResultsStore {
             .insert(key(task, &[start.as_secs()]), why.as_bytes())?;
         self.cursors
             .insert(task.as_bytes(), &next.as_secs().to_be_bytes()[..])?;
-        crate::store::flush_db(&self.db).await?;
+        hush_server::db::flush(&self.db).await?;
         Ok(())
     }
 
@@ -110,7 +106,7 @@ impl ResultsStore {
         let seq = self.db.generate_id()?;
         self.ad_hoc
             .insert(key(task, &[i.start, i.duration, seq]), r.encode_to_vec())?;
-        crate::store::flush_db(&self.db).await?;
+        hush_server::db::flush(&self.db).await?;
         Ok(())
     }
 
@@ -142,7 +138,7 @@ impl ResultsStore {
         }
         self.late_cursors
             .insert(task.as_bytes(), &next.as_secs().to_be_bytes()[..])?;
-        crate::store::flush_db(&self.db).await
+        Ok(hush_server::db::flush(&self.db).await?)
     }
 
     /// Every tree of the database with its number of entries.
@@ -180,7 +176,7 @@ impl ResultsStore {
     pub async fn put_key_set(&self, set: &hush_protocol::directory::KeySet) -> Result<()> {
         self.meta
             .insert(b"keyset", pb::KeySet::from(set).encode_to_vec())?;
-        crate::store::flush_db(&self.db).await
+        Ok(hush_server::db::flush(&self.db).await?)
     }
 }
 
@@ -264,7 +260,7 @@ impl ResultsStore {
             self.alerts.insert(k, a.encode_to_vec())?;
         }
         self.tested.insert(key(task, &[start]), &[][..])?;
-        crate::store::flush_db(&self.db).await
+        Ok(hush_server::db::flush(&self.db).await?)
     }
 
     /// Deletes the results, ad-hoc results, skip notes, detection marks and alerts of `task`'s
@@ -288,7 +284,7 @@ impl ResultsStore {
             tree.apply_batch(batch)?;
         }
         if released > 0 {
-            crate::store::flush_db(&self.db).await?;
+            hush_server::db::flush(&self.db).await?;
         }
         Ok(released)
     }

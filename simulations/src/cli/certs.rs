@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use hush_protocol::tls::TlsFiles;
-use hush_protocol::tls::dev::{DevCa, loopback_hosts};
+use hush_server::tls::TlsFiles;
+use hush_server::tls::dev::{DevCa, loopback_hosts};
 
 /// The components of a two-shuffler deployment, and a certificate for operators' tools.
 pub(crate) const COMPONENTS: [&str; 6] = [

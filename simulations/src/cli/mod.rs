@@ -108,7 +108,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     let tls = match &cli.ca {
         Some(p) => {
             let pem = std::fs::read(p).with_context(|| format!("reading --ca {}", p.display()))?;
-            Some(hush_protocol::tls::server_auth_client(&pem))
+            Some(hush_protocol::link::server_auth_client(&pem))
         }
         None => None,
     };

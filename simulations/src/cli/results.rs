@@ -52,7 +52,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     // Tools and tests that start the process read these lines to learn the bound addresses.
     println!("http on {}", svc.http_addr());
     println!("listening on {}", svc.grpc_addr());
-    hush_aggregator::server::shutdown_signal().await;
+    hush_server::serve::shutdown_signal().await;
     tracing::info!("shutting down");
     svc.shutdown().await?;
     Ok(())

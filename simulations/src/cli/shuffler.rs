@@ -29,7 +29,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .context("starting the shuffler")?;
     // Tools and tests that start the process read this line to learn the bound address.
     println!("listening on {}", node.local_addr());
-    hush_aggregator::server::shutdown_signal().await;
+    hush_server::serve::shutdown_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await?;
     Ok(())

@@ -16,36 +16,19 @@
 
 use std::path::PathBuf;
 
+pub use hush_protocol::link::server_auth_client;
 use serde::{Deserialize, Serialize};
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 use zeroize::Zeroizing;
 
 /// A TLS setting that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A URL's scheme does not match whether TLS is configured.
-    #[error("{what} {url:?}: {why}")]
-    Scheme {
-        /// Which setting holds the URL.
-        what: String,
-        /// The URL.
-        url: String,
-        /// What to change.
-        why: &'static str,
-    },
-    /// The URL does not parse.
-    #[error("{what} {url:?} is not a valid URL: {source}")]
-    Url {
-        /// Which setting holds the URL.
-        what: String,
-        /// The URL.
-        url: String,
-        /// Why.
-        #[source]
-        source: tonic::transport::Error,
-    },
+    /// A link setting (URL scheme, client TLS config) is unusable.
+    #[error(transparent)]
+    Link(#[from] hush_protocol::link::LinkError),
     /// The PEM material was refused by the TLS library.
     #[error(
         "TLS material refused ({what}): {source}; check that cert, key and ca are PEM files and the key belongs to the certificate"
@@ -226,55 +209,6 @@ pub fn server_builder(tls: Option<&TlsMaterial>) -> Result<Server, TlsError> {
                 source,
             }),
         None => Ok(Server::builder()),
-    }
-}
-
-/// A client that verifies servers against `ca_pem` and presents no certificate (a service's
-/// client runtime, operators' tools).
-pub fn server_auth_client(ca_pem: &[u8]) -> ClientTlsConfig {
-    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem))
-}
-
-/// Checks that `url` is `https://` when TLS is configured and `http://` when it is not, so a
-/// TLS deployment never silently talks plaintext. `what` names the setting.
-pub fn check_scheme(url: &str, tls: bool, what: &str) -> Result<(), TlsError> {
-    let why = match (url.starts_with("https://"), url.starts_with("http://"), tls) {
-        (true, _, true) | (_, true, false) => return Ok(()),
-        (_, true, true) => {
-            "TLS is configured, so links must be https://; plaintext only with --insecure and no [tls] section"
-        }
-        (true, _, false) => {
-            "https:// needs TLS: configure a [tls] section (see hush certs), or use http:// with --insecure"
-        }
-        _ => "use an http:// or https:// URL",
-    };
-    Err(TlsError::Scheme {
-        what: what.to_owned(),
-        url: url.to_owned(),
-        why,
-    })
-}
-
-/// An endpoint for `url`: `https://` with `tls`, `http://` without ([`check_scheme`]).
-pub fn endpoint(
-    url: &str,
-    tls: Option<&ClientTlsConfig>,
-    what: &str,
-) -> Result<Endpoint, TlsError> {
-    check_scheme(url, tls.is_some(), what)?;
-    let e = Endpoint::from_shared(url.to_owned()).map_err(|source| TlsError::Url {
-        what: what.to_owned(),
-        url: url.to_owned(),
-        source,
-    })?;
-    match tls {
-        Some(t) => e
-            .tls_config(t.clone())
-            .map_err(|source| TlsError::Material {
-                what: "client TLS config",
-                source,
-            }),
-        None => Ok(e),
     }
 }
 
@@ -624,22 +558,6 @@ pub mod dev {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_must_match_whether_tls_is_configured() {
-        let tls = ClientTlsConfig::new();
-        assert!(endpoint("http://127.0.0.1:1", None, "x").is_ok());
-        assert!(endpoint("https://127.0.0.1:1", Some(&tls), "x").is_ok());
-        let e = endpoint("http://127.0.0.1:1", Some(&tls), "leader.helper_url").unwrap_err();
-        assert!(e.to_string().contains("leader.helper_url"), "{e}");
-        assert!(e.to_string().contains("must be https"), "{e}");
-        assert!(check_scheme("https://h:1", true, "x").is_ok());
-        assert!(check_scheme("http://h:1", false, "x").is_ok());
-        let e = endpoint("https://127.0.0.1:1", None, "x").unwrap_err();
-        assert!(e.to_string().contains("[tls]"), "{e}");
-        assert!(endpoint("ftp://127.0.0.1:1", None, "x").is_err());
-        assert!(endpoint("not a url", None, "x").is_err());
-    }
 
     #[test]
     fn material_must_be_pem() {

@@ -1,5 +1,5 @@
-//! Bearer-token authentication for gRPC services (interceptors only; no I/O). Only a SHA-256 hash of the expected token is
-//! kept, and comparison is constant-time.
+//! Bearer-token authentication for gRPC services (server-side interceptors). Only a SHA-256 hash
+//! of the expected token is kept, and comparison is constant-time.
 
 use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
@@ -72,36 +72,10 @@ impl Interceptor for BearerAuth {
     }
 }
 
-/// Adds a bearer token to outgoing requests.
-#[derive(Clone)]
-pub struct AddBearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl std::fmt::Debug for AddBearer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AddBearer(<redacted>)")
-    }
-}
-
-impl AddBearer {
-    /// Sends `token`. Fails if the token is not valid header text.
-    pub fn new(token: &str) -> Result<Self, Status> {
-        let v = format!("Bearer {token}").parse().map_err(|_| {
-            Status::invalid_argument("the token has characters not allowed in a header")
-        })?;
-        Ok(Self(v))
-    }
-}
-
-impl Interceptor for AddBearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hush_protocol::link::AddBearer;
 
     #[test]
     fn bearer_auth_accepts_only_the_token() {

@@ -1,8 +1,7 @@
 //! Limits every hush server applies to what one peer can make it do: requests served at once
 //! (the excess refused at once with RESOURCE_EXHAUSTED, which clients and shufflers treat as
 //! "retry later"), HTTP/2 streams per connection, and open connections (the excess closed at
-//! accept). Server plumbing, like the TLS server builder in [`crate::tls`]: both move to a server
-//! crate when the workspace is restructured.
+//! accept); and the one signal every server process stops on ([`shutdown_signal`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -203,4 +202,26 @@ pub fn message_limit(items: usize, item_bytes: usize, overhead: usize) -> usize 
     items
         .saturating_mul(item_bytes.saturating_add(16))
         .saturating_add(overhead)
+}
+
+/// Resolves on Ctrl-C or SIGTERM: every hush server process drains and stops on it.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }

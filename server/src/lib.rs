@@ -1,0 +1,20 @@
+//! # hush-server
+//!
+//! What every hush server process shares, whatever its role (shuffler, leader, helper, the
+//! collector's results service): the sled database ([`db`]), serving with limits and the one
+//! shutdown signal ([`serve`]), TLS and peer identities ([`tls`]), bearer tokens ([`auth`]),
+//! per-tenant bounds ([`quota`]), the HPKE key manager ([`keys`]) and the error core
+//! ([`error`]).
+//!
+//! It never holds a role's logic: no report, packet or collection is handled here, and nothing
+//! here logs a measurement or a sender's address above debug level.
+
+pub mod auth;
+pub mod db;
+pub mod error;
+pub mod keys;
+pub mod quota;
+pub mod serve;
+pub mod tls;
+
+pub use error::ServerError;
