@@ -1,7 +1,5 @@
 //! gRPC clients for operators' tools: the admin API and HPKE config discovery.
 
-use std::time::Duration;
-
 use hush_protocol::HpkeConfig;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::admin_client::AdminClient;
@@ -18,12 +16,7 @@ pub type Admin = AdminClient<InterceptedService<Channel, AddBearer>>;
 /// A channel to `url`, connected lazily: `https://host:port` with `tls` (see
 /// [`hush_protocol::link`]), `http://host:port` without.
 pub fn channel(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel> {
-    Ok(hush_protocol::link::endpoint(url, tls, "URL")
-        .map_err(|e| Error::config(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(60))
-        .tcp_nodelay(true)
-        .connect_lazy())
+    hush_protocol::link::channel(url, tls, "URL").map_err(|e| Error::config(e.to_string()))
 }
 
 /// An admin client for the aggregator at `url`.

@@ -306,10 +306,7 @@ impl AggregatorConfig {
 
 /// Reads the files of a `[tls]` section, if there is one.
 pub fn read_tls(files: Option<&TlsFiles>) -> Result<Option<TlsMaterial>> {
-    files
-        .map(|f| f.read_with(|p| std::fs::read(p)))
-        .transpose()
-        .map_err(|e| Error::config(e.to_string()))
+    hush_server::tls::read_tls(files).map_err(|e| Error::config(e.to_string()))
 }
 
 /// Checks that `url` is `https://` when TLS is configured and `http://` when it is not.

@@ -33,9 +33,7 @@ use crate::tasks::TaskEntry;
 use hush_protocol::Outcomes;
 use hush_protocol::link::AddBearer;
 
-/// Largest collection answer (two sealed aggregate shares of at most 1,025 entries, plus the
-/// count): far below this.
-pub const MAX_COLLECTION_BYTES: usize = 4 * 1024 * 1024;
+pub use hush_protocol::collect::MAX_COLLECTION_BYTES;
 
 /// Token buckets of reports per tenant.
 type TenantQuota = governor::DefaultKeyedRateLimiter<String>;

@@ -17,7 +17,6 @@ pub mod error;
 pub mod helper;
 pub mod keys;
 pub mod leader;
-pub mod results;
 pub mod retention;
 pub mod server;
 pub mod shared;

@@ -48,7 +48,7 @@ pub fn report_cutoff(task: &TaskConfig, now: Time, clock_skew_s: u64) -> Time {
 
 /// Windows that start before this are past the task's retention; `None` keeps them forever.
 pub fn aggregate_cutoff(task: &TaskConfig, now: Time) -> Option<Time> {
-    (task.retention_s() > 0).then(|| now.sub_secs(task.retention_s()))
+    task.aggregate_cutoff(now)
 }
 
 /// Applies retention to every task once; returns what was deleted, per task.

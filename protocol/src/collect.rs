@@ -31,6 +31,10 @@ use crate::proto::v1 as pb;
 use crate::task::{Epsilon, TaskConfig};
 use crate::vdaf::{AggregateShare, VdafError, VerifyKey};
 
+/// Largest collection answer (two sealed aggregate shares of at most 1,025 entries, plus the
+/// count): far below this.
+pub const MAX_COLLECTION_BYTES: usize = 4 * 1024 * 1024;
+
 /// Why a collection result could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

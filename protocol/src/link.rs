@@ -85,6 +85,20 @@ pub fn endpoint(
     }
 }
 
+/// A channel to `url`, connected lazily (no I/O until the first call): `https://host:port` with
+/// `tls`, `http://host:port` without. Connecting gives up after 5 s and a call after 60 s.
+pub fn channel(
+    url: &str,
+    tls: Option<&ClientTlsConfig>,
+    what: &str,
+) -> Result<tonic::transport::Channel, LinkError> {
+    Ok(endpoint(url, tls, what)?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
 /// Adds a bearer token to outgoing requests.
 #[derive(Clone)]
 pub struct AddBearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);

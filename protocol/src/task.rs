@@ -447,6 +447,11 @@ impl TaskConfig {
         self.p.retention_s
     }
 
+    /// Windows that start before this are past the task's retention; `None` keeps them forever.
+    pub fn aggregate_cutoff(&self, now: Time) -> Option<Time> {
+        (self.retention_s() > 0).then(|| now.sub_secs(self.retention_s()))
+    }
+
     /// The window holding `t`.
     pub fn window_of(&self, t: Time) -> Time {
         t.round_down(self.p.time_precision_s)

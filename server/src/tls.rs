@@ -115,6 +115,11 @@ impl TlsFiles {
     }
 }
 
+/// Reads the files of a `[tls]` section, if there is one.
+pub fn read_tls(files: Option<&TlsFiles>) -> Result<Option<TlsMaterial>, TlsError> {
+    files.map(|f| f.read_with(|p| std::fs::read(p))).transpose()
+}
+
 /// A component's certificate, key and trusted CAs, as PEM bytes.
 #[derive(Clone)]
 pub struct TlsMaterial {

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
 use hush_aggregator::{Aggregator, AggregatorConfig, Secrets, client as agg_client};
 use hush_client::{Endpoints, HushClient, KeySet, KeySource, RuntimeConfig, fetch_key_set};
+use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::task::log_spaced_bounds;
 use hush_protocol::{

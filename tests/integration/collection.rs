@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use hush_aggregator::client;
 use hush_client::ClientTask;
+use hush_collector::estimate;
 use hush_protocol::collect::{Collected, open_collection};
 use hush_protocol::dp::aggregate_noise_stddev;
-use hush_protocol::estimate;
 use hush_protocol::proto::v1::helper_aggregation_client::HelperAggregationClient;
 use hush_protocol::proto::v1::{self as pb, BudgetPurpose};
 use hush_protocol::{

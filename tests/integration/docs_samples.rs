@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use hush_aggregator::AggregatorConfig;
-use hush_aggregator::results::{ResultsConfig, load_tasks};
+use hush_collector::{ResultsConfig, load_tasks};
 use hush_protocol::{TaskConfig, TaskParams};
 use hush_shuffler::ShufflerConfig;
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hush_aggregator::client;
-use hush_aggregator::results::http::WindowJson;
-use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+use hush_collector::http::WindowJson;
+use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::results_client::ResultsClient;
 use hush_protocol::{

@@ -352,7 +352,7 @@ async fn a_flood_of_refused_collections_cannot_fill_the_audit_trail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_results_api_speaks_https_with_tls_and_refuses_plaintext_off_loopback() {
-    use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+    use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
     use hush_server::tls::dev::{DevCa, loopback_hosts};
     use hush_tests::http::{request, request_tls};
     let dir = tempfile::tempdir().unwrap();
@@ -630,7 +630,7 @@ async fn the_leader_never_resends_a_job_older_than_the_helpers_job_retention() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_results_http_api_sheds_a_flood_and_keeps_serving() {
-    use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+    use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let task = TaskConfig::new(task_params(

@@ -375,7 +375,7 @@ impl Stored {
 #[derive(Debug)]
 pub struct Directory {
     /// The running service.
-    pub service: hush_aggregator::results::ResultsService,
+    pub service: hush_collector::ResultsService,
     /// Its directory (config, task file, database).
     pub dir: TempDir,
 }
@@ -391,7 +391,7 @@ impl Directory {
         epoch_s: u64,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+        use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
         let dir = tempfile::tempdir().unwrap();
         let task_file = dir.path().join("task.toml");
         std::fs::write(&task_file, toml::to_string(task.params()).unwrap()).unwrap();

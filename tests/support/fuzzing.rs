@@ -160,7 +160,7 @@ pub fn config(data: &[u8]) {
             let _ = hush_shuffler::ShufflerConfig::from_toml(text);
         }
         2 => {
-            let _ = hush_aggregator::results::ResultsConfig::from_toml(text);
+            let _ = hush_collector::ResultsConfig::from_toml(text);
         }
         _ => {
             if let Ok(p) = toml::from_str::<TaskParams>(text) {

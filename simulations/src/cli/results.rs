@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hush_aggregator::results::{ResultsConfig, ResultsSecrets, ResultsService};
+use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
 use hush_protocol::{Codec, HpkeKeypair, SystemClock};
 
 /// Run a tenant's results service.

@@ -383,7 +383,7 @@ pub(crate) fn agreement(pipeline: &[model::Released], model: &[model::Released])
     Agreement {
         chi2,
         df,
-        p_value: 1.0 - hush_protocol::detect::normal_cdf(z),
+        p_value: 1.0 - hush_collector::detect::normal_cdf(z),
         variance_ratio: vp / vm.max(1e-12),
         pipeline_windows: pipeline.len(),
         model_windows: model.len(),

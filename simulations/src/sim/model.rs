@@ -1,10 +1,11 @@
 //! The model mode: exact aggregates of simulated traffic with the aggregators' noise mechanism
 //! applied, then the detectors the results service runs. Fast enough for 10^7 events per window.
 
-use hush_protocol::detect::{self, CountWindow, DetectorConfig, HistogramWindow};
+use hush_collector::detect::normal_cdf;
+use hush_collector::detect::{self, CountWindow, DetectorConfig, HistogramWindow};
+use hush_collector::estimate::quantile_point_ms;
+use hush_protocol::Epsilon;
 use hush_protocol::dp::{AggregateNoise, NoiseRng, aggregate_noise_stddev};
-use hush_protocol::estimate::quantile_point_ms;
-use hush_protocol::{Epsilon, detect::normal_cdf};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Binomial, Distribution};

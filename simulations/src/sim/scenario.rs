@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use hush_protocol::detect::DetectorConfig;
+use hush_collector::detect::DetectorConfig;
 use hush_protocol::task::log_spaced_bounds;
 use serde::{Deserialize, Serialize};
 

@@ -22,9 +22,9 @@ use hush_protocol::{HpkeConfig, Time};
 use tonic::transport::ClientTlsConfig;
 use tonic::{Request, Response, Status};
 
-use super::config::CascadeConfig;
-use super::store::ResultsStore;
+use crate::config::CascadeConfig;
 use crate::error::{Error, Result};
+use crate::store::ResultsStore;
 
 /// How long after a failed fetch the directory tries again.
 const RETRY: Duration = Duration::from_secs(5);
@@ -106,7 +106,8 @@ impl Directory {
     }
 
     async fn config_of(&self, url: &str, who: &str) -> Result<HpkeConfig> {
-        let channel = crate::client::channel(url, self.tls.as_ref())?;
+        let channel = hush_protocol::link::channel(url, self.tls.as_ref(), "URL")
+            .map_err(|e| Error::config(e.to_string()))?;
         let list = HpkeKeysClient::new(channel)
             .get_hpke_configs(pb::GetHpkeConfigsRequest {})
             .await
@@ -150,7 +151,7 @@ impl Directory {
 
 /// The gRPC face of the directory.
 #[derive(Clone, Debug)]
-pub(crate) struct DirectoryGrpc(pub(crate) std::sync::Arc<super::Inner>);
+pub(crate) struct DirectoryGrpc(pub(crate) std::sync::Arc<crate::Inner>);
 
 #[tonic::async_trait]
 impl KeyDirectory for DirectoryGrpc {

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use hush_protocol::detect::DetectorConfig;
+use crate::detect::DetectorConfig;
 use hush_server::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
@@ -221,7 +221,8 @@ impl ResultsConfig {
     /// Parses and checks a config.
     pub fn from_toml(text: &str) -> Result<Self> {
         let c: Self = toml::from_str(text).map_err(|e| Error::config(e.to_string()))?;
-        crate::config::check_url_scheme(&c.leader_url, c.tls.is_some(), "leader_url")?;
+        hush_protocol::link::check_scheme(&c.leader_url, c.tls.is_some(), "leader_url")
+            .map_err(|e| Error::config(e.to_string()))?;
         c.detection
             .detector
             .validate()
@@ -243,9 +244,11 @@ impl ResultsConfig {
                 return Err(Error::config("cascade.key_epoch_s must be positive".into()));
             }
             let tls = c.tls.is_some();
-            crate::config::check_url_scheme(&cascade.helper_url, tls, "cascade.helper_url")?;
+            hush_protocol::link::check_scheme(&cascade.helper_url, tls, "cascade.helper_url")
+                .map_err(|e| Error::config(e.to_string()))?;
             for h in &cascade.shufflers {
-                crate::config::check_url_scheme(&h.url, tls, "cascade.shufflers.url")?;
+                hush_protocol::link::check_scheme(&h.url, tls, "cascade.shufflers.url")
+                    .map_err(|e| Error::config(e.to_string()))?;
             }
             let min = cascade.min_collect_delay_s();
             if let Some(d) = c.collect_delay_s

@@ -11,16 +11,16 @@
 
 use std::sync::Arc;
 
+use crate::estimate::Estimate;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hush_protocol::estimate::Estimate;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::{Interval, TaskId, Time};
 use serde::{Deserialize, Serialize};
 
-use super::Inner;
+use crate::Inner;
 use crate::error::Error;
 
 /// A released window as JSON.

@@ -496,7 +496,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::task::log_spaced_bounds;
+    use hush_protocol::task::log_spaced_bounds;
 
     #[test]
     fn normal_quantile_matches_tables() {

@@ -1,3 +1,12 @@
+//! # hush-collector
+//!
+//! The collector, the party a tenant runs: it holds the tenant's collector key, asks the leader
+//! for each closed window, combines the two aggregators' noisy shares into statistics with
+//! confidence intervals ([`estimate`]), runs anomaly detection on them ([`detect`]), and serves
+//! them. It never sees a report, a share of one report or a client's address, and it shares no
+//! code with the aggregators beyond the wire formats (hush-protocol) and server plumbing
+//! (hush-server).
+//!
 //! The results service (`hush results`): holds a tenant's collector key, collects each closed
 //! window of each of the tenant's tasks on a schedule, stores the released noisy aggregates in
 //! sled, and serves them over gRPC (`hush.v1.Results`) and HTTP/JSON (axum).
@@ -14,8 +23,11 @@
 //! service's API token and say what it spent.
 
 mod config;
+pub mod detect;
 mod detection;
 mod directory;
+pub mod error;
+pub mod estimate;
 pub mod http;
 mod store;
 
@@ -25,7 +37,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hush_protocol::collect::{Collected, open_collection};
-use hush_protocol::estimate;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::collection_client::CollectionClient;
 use hush_protocol::proto::v1::key_directory_server::KeyDirectoryServer;
@@ -169,8 +180,9 @@ impl Inner {
         collection_id: Option<[u8; 16]>,
         purpose: pb::BudgetPurpose,
     ) -> std::result::Result<(Collected, u64), CollectFailure> {
-        let channel = crate::client::channel(&self.config.leader_url, self.tls.as_ref())
-            .map_err(|e| CollectFailure::Retry(e.to_string()))?;
+        let channel =
+            hush_protocol::link::channel(&self.config.leader_url, self.tls.as_ref(), "leader_url")
+                .map_err(|e| CollectFailure::Retry(e.to_string()))?;
         let mut req = Request::new(pb::CollectRequest {
             task_id: task.id().as_bytes().to_vec().into(),
             interval: Some(interval.into()),
@@ -184,7 +196,7 @@ impl Inner {
             })?;
         req.metadata_mut().insert("authorization", auth);
         let resp = CollectionClient::new(channel)
-            .max_decoding_message_size(crate::leader::MAX_COLLECTION_BYTES)
+            .max_decoding_message_size(hush_protocol::collect::MAX_COLLECTION_BYTES)
             .collect(req)
             .await
             .map_err(|s| match s.code() {
@@ -206,8 +218,9 @@ impl Inner {
         task: &TaskConfig,
         interval: &Interval,
     ) -> std::result::Result<pb::Estimate, CollectFailure> {
-        let channel = crate::client::channel(&self.config.leader_url, self.tls.as_ref())
-            .map_err(|e| CollectFailure::Retry(e.to_string()))?;
+        let channel =
+            hush_protocol::link::channel(&self.config.leader_url, self.tls.as_ref(), "leader_url")
+                .map_err(|e| CollectFailure::Retry(e.to_string()))?;
         let mut req = Request::new(pb::LateCountRequest {
             task_id: task.id().as_bytes().to_vec().into(),
             interval: Some(interval.into()),
@@ -308,7 +321,7 @@ impl Inner {
         for task in self.tasks.values() {
             let id = task.id();
             // Released results past the task's retention go, as the aggregators' do.
-            if let Some(cutoff) = crate::retention::aggregate_cutoff(task, now) {
+            if let Some(cutoff) = task.aggregate_cutoff(now) {
                 match self.store.expire(&id, cutoff).await {
                     Ok(0) => {}
                     Ok(n) => {
@@ -381,7 +394,7 @@ impl Inner {
         purpose: pb::BudgetPurpose,
     ) -> Result<(pb::WindowResult, u64)> {
         let Some(expected) = &self.secrets.api_token else {
-            return Err(Error::WrongRole(format!(
+            return Err(Error::Disabled(format!(
                 "ad-hoc collection is disabled: set {} for this service to allow it",
                 self.config.api_token_env
             )));
@@ -555,7 +568,8 @@ impl ResultsService {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         let tasks = load_tasks(&config)?;
-        let material = crate::config::read_tls(config.tls.as_ref())?;
+        let material = hush_server::tls::read_tls(config.tls.as_ref())
+            .map_err(|e| Error::config(e.to_string()))?;
         if material.is_none() && !config.insecure {
             for (what, a) in [
                 ("listen_grpc", config.listen_grpc),

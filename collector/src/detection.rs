@@ -1,15 +1,15 @@
-//! Anomaly detection on every released window (`hush_protocol::detect`). It reads only released,
+//! Anomaly detection on every released window (`crate::detect`). It reads only released,
 //! noisy results, so it spends no privacy budget; the alerts and the fact that a window was
 //! tested are stored, so a restart neither repeats nor skips a window.
 
 use std::collections::{HashMap, HashSet};
 
-use hush_protocol::detect::{self, CountWindow, HistogramWindow, Test};
+use crate::detect::{self, CountWindow, HistogramWindow, Test};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::{MeasurementKind, TaskConfig, TaskId, Time};
 
-use super::Inner;
-use super::config::ErrorRate;
+use crate::Inner;
+use crate::config::ErrorRate;
 use crate::error::{Error, Result};
 
 fn start_of(w: &pb::WindowResult) -> u64 {
