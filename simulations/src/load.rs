@@ -25,7 +25,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::{Channel, ClientTlsConfig};
 
-use crate::demo::TaskSpec;
+use crate::cluster::TaskSpec;
 
 const ADMIN_TOKEN: &str = "load-admin-token-0123456789";
 const PEER_TOKEN: &str = "load-peer-token-0123456789";
@@ -33,7 +33,7 @@ const COMPONENTS: [&str; 4] = ["helper", "leader", "shuffler-b", "shuffler-a"];
 
 /// Drive the cluster at a fixed rate.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct LoadArgs {
+pub struct LoadArgs {
     /// Reports per second sent to the first shuffler.
     #[arg(long, default_value_t = 500)]
     rate: u64,
@@ -54,7 +54,7 @@ pub(crate) struct LoadArgs {
 
 /// The same load, with components SIGKILLed and restarted while it runs.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct ChaosArgs {
+pub struct ChaosArgs {
     #[command(flatten)]
     load: LoadArgs,
     /// Mean time between kills (each ±50% at random).
@@ -189,8 +189,7 @@ struct Cluster {
 
 /// Writes certificates and configs under `dir` and starts the four servers.
 fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
-    let (sections, ca_pem) =
-        crate::cli::certs::dev_tls_sections(&dir.join("certs"), "hush load CA")?;
+    let (sections, ca_pem) = crate::certs::dev_tls_sections(&dir.join("certs"), "hush load CA")?;
     let tls = |name: &str| -> anyhow::Result<&String> {
         sections
             .get(name)
@@ -313,7 +312,7 @@ impl Cluster {
     }
 
     async fn provision(&self, task: &TaskConfig) -> anyhow::Result<()> {
-        crate::demo::provision(
+        crate::cluster::provision(
             (&self.urls["leader"], &self.urls["helper"]),
             &[&self.urls["shuffler-a"], &self.urls["shuffler-b"]],
             &self.tools,
@@ -434,11 +433,13 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     sorted[i] as f64 / 1_000.0
 }
 
-pub(crate) async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
+/// `hush load`: steady traffic through the in-process cluster at a target rate.
+pub async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
     run(args, None).await
 }
 
-pub(crate) async fn run_chaos(args: ChaosArgs) -> anyhow::Result<()> {
+/// `hush chaos`: the load run while components are killed and restarted.
+pub async fn run_chaos(args: ChaosArgs) -> anyhow::Result<()> {
     for t in &args.targets {
         if !COMPONENTS.contains(&t.as_str()) {
             bail!("--targets: {t:?} is not one of {COMPONENTS:?}");
@@ -452,7 +453,7 @@ async fn run(args: LoadArgs, chaos: Option<ChaosArgs>) -> anyhow::Result<()> {
         args.rate > 0 && args.agents > 0,
         "--rate and --agents must be positive"
     );
-    let (dir, _tmp) = crate::demo::data_dir(args.data_dir.as_deref())?;
+    let (dir, _tmp) = crate::cluster::data_dir(args.data_dir.as_deref())?;
     let mode = if chaos.is_some() { "chaos" } else { "load" };
     println!(
         "hush {mode}: shuffler-a, shuffler-b, leader, helper as processes on 127.0.0.1 (mutual TLS); data in {}",

@@ -17,11 +17,11 @@ use hush_protocol::{
     Clock, HpkeKeypair, MeasurementKind, MockClock, SystemClock, TaskConfig, TaskId,
 };
 
-use crate::demo::{TaskSpec, Tuning, data_dir, shutdown_clients, start_cluster};
+use crate::cluster::{TaskSpec, Tuning, data_dir, shutdown_clients, start_cluster};
 
 /// Run the cluster at a steady rate and check that its storage stays flat.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct SoakArgs {
+pub struct SoakArgs {
     /// Windows to run (one simulated minute each); at least 26.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(26..=10_000))]
     pub(crate) windows: u64,
@@ -64,7 +64,8 @@ fn task(name: &str, kind: MeasurementKind, collector: &HpkeKeypair) -> anyhow::R
 /// One snapshot: entries per (component, tree).
 type Sizes = BTreeMap<(String, String), usize>;
 
-pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<()> {
+/// Runs the soak and fails if any tree keeps growing.
+pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (dir, _tmp) = data_dir(args.data_dir.as_deref())?;
     let start = SystemClock.now().round_down(WINDOW_S);

@@ -36,7 +36,7 @@ pub(crate) enum Mode {
 
 /// Sweep privacy against detection power and quantile error.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct SimArgs {
+pub struct SimArgs {
     /// Model (fast), pipeline (the real system) or check (do both agree?).
     #[arg(long, value_enum, default_value = "model")]
     pub(crate) mode: Mode,
@@ -413,7 +413,7 @@ async fn check(s: &Scenario) -> anyhow::Result<(Cell, Agreement)> {
 }
 
 /// Runs `hush sim`.
-pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
+pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let mut s = Scenario::from_file(&args.scenario)?;
     if let Some(r) = args.repetitions {
         anyhow::ensure!(r > 0, "--repetitions must be positive");

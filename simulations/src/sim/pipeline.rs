@@ -16,7 +16,7 @@ use rand_distr::{Binomial, Distribution, LogNormal};
 
 use super::model::{Cell, Released};
 use super::scenario::{AnomalyKind, Scenario};
-use crate::demo::{TaskSpec, start_cluster};
+use crate::cluster::{TaskSpec, start_cluster};
 
 const WINDOW_S: u64 = 60;
 
@@ -92,7 +92,7 @@ pub(crate) async fn simulate(
         &collector,
         "",
         &config,
-        &crate::demo::Tuning::default(),
+        &crate::cluster::Tuning::default(),
     )
     .await
     .context("starting the in-process cluster")?;
@@ -168,7 +168,7 @@ pub(crate) async fn simulate(
         }
         out.push(run);
     }
-    crate::demo::shutdown_clients(clients, Duration::from_secs(5)).await;
+    crate::cluster::shutdown_clients(clients, Duration::from_secs(5)).await;
     cluster.results.shutdown().await?;
     for n in cluster.shufflers {
         n.shutdown().await?;

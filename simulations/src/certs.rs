@@ -1,15 +1,15 @@
-//! `hush certs`: a development CA and a certificate per component, for mutual TLS on loopback
-//! or a test deployment. Production deployments use each operator's own PKI.
+//! A development CA and a certificate per component, written to a directory: for `hush certs`,
+//! the demo and the load harness. Production deployments use each operator's own PKI.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use hush_server::tls::TlsFiles;
 use hush_server::tls::dev::{DevCa, loopback_hosts};
 
 /// The components of a two-shuffler deployment, and a certificate for operators' tools.
-pub(crate) const COMPONENTS: [&str; 6] = [
+pub const COMPONENTS: [&str; 6] = [
     "leader",
     "helper",
     "shuffler-a",
@@ -17,27 +17,6 @@ pub(crate) const COMPONENTS: [&str; 6] = [
     "collector",
     "operator",
 ];
-
-/// Make a development CA and certificates.
-#[derive(Debug, clap::Args)]
-pub(crate) struct CertsArgs {
-    /// Directory to write `ca.pem`, `ca-key.pem` and `<name>.pem` / `<name>-key.pem` into
-    /// (created if missing; existing files are not overwritten without --force).
-    #[arg(long)]
-    out: PathBuf,
-    /// Components to issue certificates for (each valid as TLS server and client).
-    #[arg(long, value_delimiter = ',', default_values_t = COMPONENTS.map(String::from))]
-    names: Vec<String>,
-    /// Host names and IP addresses every certificate is valid for, besides its own name.
-    #[arg(long, value_delimiter = ',', default_values_t = loopback_hosts())]
-    hosts: Vec<String>,
-    /// The CA's common name; one CA per operator ("operator-a dev CA") gives per-operator trust.
-    #[arg(long, default_value = "hush dev CA")]
-    ca_name: String,
-    /// Overwrite existing files.
-    #[arg(long)]
-    force: bool,
-}
 
 /// Writes `contents` to `path`; keys are readable by the owner only.
 fn write(path: &Path, contents: &str, secret: bool, force: bool) -> anyhow::Result<()> {
@@ -67,7 +46,7 @@ fn write(path: &Path, contents: &str, secret: bool, force: bool) -> anyhow::Resu
 
 /// Makes a CA and a certificate for each of `names` in `dir`; returns each component's
 /// `[tls]` files (trusting this CA) in the order of `names`.
-pub(crate) fn write_certs(
+pub fn write_certs(
     dir: &Path,
     ca_name: &str,
     names: &[String],
@@ -104,7 +83,7 @@ pub(crate) fn write_certs(
 
 /// A development CA in `dir` with a certificate for each of [`COMPONENTS`] valid on loopback;
 /// returns each component's `[tls]` config section and the CA certificate (PEM).
-pub(crate) fn dev_tls_sections(
+pub fn dev_tls_sections(
     dir: &Path,
     ca_name: &str,
 ) -> anyhow::Result<(std::collections::BTreeMap<String, String>, Vec<u8>)> {
@@ -120,35 +99,4 @@ pub(crate) fn dev_tls_sections(
     }
     let ca = std::fs::read(dir.join("ca.pem")).context("reading the CA certificate")?;
     Ok((sections, ca))
-}
-
-pub(crate) fn run(a: CertsArgs) -> anyhow::Result<()> {
-    let files = write_certs(&a.out, &a.ca_name, &a.names, &a.hosts, a.force)?;
-    println!("CA: {}", a.out.join("ca.pem").display());
-    for (name, f) in a.names.iter().zip(&files) {
-        println!(
-            "{name}: [tls] cert = {:?}, key = {:?}, ca = {:?}",
-            f.cert, f.key, f.ca
-        );
-    }
-    println!(
-        "hosts: {} (the CA key is {}; keep it, or delete it once every certificate is issued)",
-        a.hosts.join(", "),
-        a.out.join("ca-key.pem").display()
-    );
-    Ok(())
-}
-
-/// Refuses to serve plaintext unless asked to.
-pub(crate) fn require_tls_or_insecure(has_tls: bool, insecure: bool) -> anyhow::Result<()> {
-    match (has_tls, insecure) {
-        (true, false) | (false, true) => Ok(()),
-        (false, false) => anyhow::bail!(
-            "the config has no [tls] section: add one (`hush certs` makes development \
-             certificates) or pass --insecure to run plaintext"
-        ),
-        (true, true) => anyhow::bail!(
-            "--insecure asks for plaintext but the config has a [tls] section: drop one of them"
-        ),
-    }
 }

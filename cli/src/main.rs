@@ -1,4 +1,7 @@
-//! Command-line parsing and dispatch.
+//! `hush`: the front door to every hush role and tool. One file per command, each thin over
+//! the libraries: `aggregator` (hush-aggregator), `shuffler` (hush-shuffler), `results`
+//! (hush-collector), `task`, `keys`, `tenant`, `keygen`, `certs`, `audit`; the demo, load,
+//! chaos, soak and simulation commands run hush-sim's in-process cluster.
 
 use std::path::PathBuf;
 
@@ -7,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod aggregator;
 mod audit;
-pub(crate) mod certs;
+mod certs;
 mod keys;
 mod results;
 mod shuffler;
@@ -46,21 +49,21 @@ enum Command {
     /// Run the whole cluster on loopback with simulated services and print per window what the
     /// collector sees: report counts, latency quantiles with 95% confidence intervals, error
     /// rates.
-    Demo(crate::demo::DemoArgs),
+    Demo(hush_sim::demo::DemoArgs),
     /// Run the cluster as processes (mutual TLS) at a fixed report rate; print throughput, p99
     /// upload latency, peak memory per process, and check every acknowledged report is
     /// aggregated exactly once (exit 1 otherwise).
-    Load(crate::load::LoadArgs),
+    Load(hush_sim::load::LoadArgs),
     /// `load` while components are SIGKILLed and restarted at random; the same exactly-once
     /// check at the end.
-    Chaos(crate::load::ChaosArgs),
+    Chaos(hush_sim::load::ChaosArgs),
     /// Run the in-process cluster at a steady rate for many windows with every retention
     /// period shortened, and check that every sled tree stays flat (exit 1 otherwise).
-    Soak(crate::soak::SoakArgs),
+    Soak(hush_sim::soak::SoakArgs),
     /// Sweep privacy (ε) and traffic against detection power, false alarms, time to detect and
     /// quantile error with the real noise mechanism and detectors; writes CSV, PNG plots and a
     /// markdown summary.
-    Sim(crate::sim::SimArgs),
+    Sim(hush_sim::sim::SimArgs),
     /// Run a tenant's results service until SIGINT or SIGTERM: collects every closed window and
     /// serves the noisy statistics over gRPC and HTTP/JSON.
     Results(results::Args),
@@ -117,11 +120,11 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Aggregator(a) => aggregator::run(a).await,
         Command::Shuffler(a) => shuffler::run(a).await,
         Command::Results(a) => results::run(a).await,
-        Command::Demo(a) => crate::demo::run(a).await,
-        Command::Load(a) => crate::load::run_load(a).await,
-        Command::Chaos(a) => crate::load::run_chaos(a).await,
-        Command::Soak(a) => crate::soak::run(a).await,
-        Command::Sim(a) => crate::sim::run(a).await,
+        Command::Demo(a) => hush_sim::demo::run(a).await,
+        Command::Load(a) => hush_sim::load::run_load(a).await,
+        Command::Chaos(a) => hush_sim::load::run_chaos(a).await,
+        Command::Soak(a) => hush_sim::soak::run(a).await,
+        Command::Sim(a) => hush_sim::sim::run(a).await,
         Command::Task(t) => task::run(t, tls).await,
         Command::Keygen(k) => keys::keygen(k),
         Command::Keys(k) => keys::run(k, tls).await,
@@ -146,5 +149,27 @@ pub(crate) fn existing_file(s: &str) -> Result<PathBuf, String> {
         Ok(p)
     } else {
         Err(format!("{s} is not a file"))
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Cli::parse();
+    init_logging(args.log_format, args.verbose);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hush: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hush: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

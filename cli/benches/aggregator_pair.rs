@@ -1,7 +1,7 @@
 //! Throughput of the leader–helper pair over real gRPC on loopback, beside the raw crypto bound
 //! measured in the same run.
 //!
-//! `cargo bench -p hush-sim --bench aggregator_pair [-- N1 N2 ...]`
+//! `cargo bench -p hush-cli --bench aggregator_pair [-- N1 N2 ...]`
 //!
 //! * Raw bound: one thread does, per report, what the pair must do at minimum: both HPKE opens,
 //!   both `verify_init`s, the combination of verifier shares and both `verify_next`s. Its rate
@@ -12,6 +12,10 @@
 //!   Peak resident memory (VmHWM) of each process is read from /proc.
 //!
 //! The goal is pair / bound ≥ 0.8 with peak memory that does not grow with N.
+//!
+//! `cargo test` runs this file too (`test = true` in cli/Cargo.toml): without the `--bench` flag
+//! that `cargo bench` passes, it runs the same measurement path once on a tiny N and checks that
+//! every report arrived, so the bench cannot rot.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -99,6 +103,8 @@ async fn run_pair(task: &TaskConfig, n: usize) -> PairRun {
             role.into(),
             "--config".into(),
             c,
+            // Loopback only: the bench measures aggregation, not TLS.
+            "--insecure".into(),
         ]
     };
     let mut helper = HushProcess::spawn(
@@ -150,15 +156,18 @@ async fn run_pair(task: &TaskConfig, n: usize) -> PairRun {
 }
 
 fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
     let sizes: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect::<Vec<_>>();
-    let sizes = if sizes.is_empty() {
-        vec![10_000, 40_000]
-    } else {
-        sizes
+    let sizes = match (bench, sizes.is_empty()) {
+        (true, true) => vec![10_000, 40_000],
+        (true, false) => sizes,
+        // Under `cargo test`: the measurement path on a tiny N.
+        (false, _) => vec![200],
     };
+    let raw_n = if bench { 2_000 } else { 50 };
     let task = TaskConfig::new(task_params(
         MeasurementKind::EventHistogram,
         &HpkeKeypair::generate(1),
@@ -166,7 +175,7 @@ fn main() {
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
 
-    let bound = raw_bound(&task, 2_000);
+    let bound = raw_bound(&task, raw_n);
     println!(
         "raw single-threaded bound (2 opens + 2 verify_init + combine + 2 verify_next): {bound:.0} reports/s"
     );
@@ -187,6 +196,6 @@ fn main() {
     // The bound again, to show the machine's speed did not drift during the run.
     println!(
         "raw bound after the runs: {:.0} reports/s",
-        raw_bound(&task, 2_000)
+        raw_bound(&task, raw_n)
     );
 }

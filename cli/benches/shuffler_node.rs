@@ -1,7 +1,7 @@
 //! Throughput of one shuffler process (peel + store + shuffle + forward) beside the raw HPKE-open
 //! rate measured in the same run.
 //!
-//! `cargo bench -p hush-sim --bench shuffler_node [-- N1 N2 ...]`
+//! `cargo bench -p hush-cli --bench shuffler_node [-- N1 N2 ...]`
 //!
 //! * Raw: `onion::peel` of default-size (4,096-byte) packets, on one thread and on every core
 //!   (rayon), with nothing else: the bound for a node that must open every packet.
@@ -11,6 +11,10 @@
 //!   memory (VmHWM) of the shuffler is read from /proc.
 //!
 //! The goal is node ≥ 0.7 × the raw open rate on both cores.
+//!
+//! `cargo test` runs this file too (`test = true` in cli/Cargo.toml): without the `--bench` flag
+//! that `cargo bench` passes, it runs the same measurement path once on a tiny N and checks that
+//! every report arrived, so the bench cannot rot.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -116,9 +120,15 @@ async fn run_node(task: &TaskConfig, n: usize) -> (f64, f64) {
     let path = dir.path().join("config.toml");
     std::fs::write(&path, config).unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_hush"));
-    let args = ["shuffler", "--config", &path.display().to_string()]
-        .map(String::from)
-        .to_vec();
+    // Loopback only: the bench measures peeling and mixing, not TLS.
+    let args = [
+        "shuffler",
+        "--config",
+        &path.display().to_string(),
+        "--insecure",
+    ]
+    .map(String::from)
+    .to_vec();
     let mut node = HushProcess::spawn(bin, &args, &dir.path().join("log"));
     provision_shuffler(&node.url(), task).await;
     let key = hush_aggregator::client::hpke_configs(&node.url(), None)
@@ -158,22 +168,25 @@ async fn run_node(task: &TaskConfig, n: usize) -> (f64, f64) {
 }
 
 fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
     let sizes: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let sizes = if sizes.is_empty() {
-        vec![20_000, 80_000]
-    } else {
-        sizes
+    let sizes = match (bench, sizes.is_empty()) {
+        (true, true) => vec![20_000, 80_000],
+        (true, false) => sizes,
+        // Under `cargo test`: the measurement path on a tiny N.
+        (false, _) => vec![300],
     };
+    let raw_n = if bench { 5_000 } else { 100 };
     let task = TaskConfig::new(task_params(
         MeasurementKind::EventHistogram,
         &HpkeKeypair::generate(1),
     ))
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (one, all) = raw_rates(&task, 5_000);
+    let (one, all) = raw_rates(&task, raw_n);
     println!("packet size {} bytes", task.packet_size());
     println!(
         "raw HPKE open (onion::peel): {one:.0} packets/s on one thread, {all:.0} packets/s on all cores"
@@ -190,6 +203,6 @@ fn main() {
             rate / all
         );
     }
-    let (one, all) = raw_rates(&task, 5_000);
+    let (one, all) = raw_rates(&task, raw_n);
     println!("raw after the runs: {one:.0} packets/s on one thread, {all:.0} on all cores");
 }
