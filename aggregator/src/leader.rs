@@ -14,6 +14,7 @@ use std::time::Duration;
 use hush_protocol::proto::v1::helper_aggregation_client::HelperAggregationClient;
 use hush_protocol::proto::v1::leader_ingest_server::LeaderIngest;
 use hush_protocol::proto::v1::{self as pb, RejectReason};
+use hush_protocol::retry::{Failure, RetryPolicy, what_to_fix};
 use hush_protocol::vdaf::VdafError;
 use hush_protocol::{AggregationJobId, Codec, HpkeCiphertext, Report, Role, TaskId};
 use rayon::prelude::*;
@@ -494,8 +495,11 @@ impl JobDriver {
     }
 
     async fn run_job_until_done(self: Arc<Self>, id: AggregationJobId, job: LeaderJob) {
-        let mut delay = Duration::from_millis(self.cfg.retry_initial_ms);
-        let max = Duration::from_millis(self.cfg.retry_max_ms);
+        let mut backoff = RetryPolicy::new(
+            Duration::from_millis(self.cfg.retry_initial_ms),
+            Duration::from_millis(self.cfg.retry_max_ms),
+        )
+        .backoff();
         let deadline = self.resend_deadline(&job, self.shared.clock.now());
         loop {
             if self.shared.clock.now() >= deadline {
@@ -505,9 +509,26 @@ impl JobDriver {
             match self.run_job(&id, &job).await {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::warn!(job = %id, error = %e, retry_in_ms = delay.as_millis() as u64, "aggregation job failed; retrying");
+                    let (delay, failure) = match &e {
+                        Error::Peer(status) => backoff.after(status.code()),
+                        _ => (backoff.next_transient(), Failure::Transient),
+                    };
+                    match (failure, &e) {
+                        (Failure::Permanent, Error::Peer(status)) => tracing::warn!(
+                            job = %id,
+                            error = %e,
+                            fix = what_to_fix(status.code()),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "the helper refuses an aggregation job; holding it"
+                        ),
+                        _ => tracing::warn!(
+                            job = %id,
+                            error = %e,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "aggregation job failed; retrying"
+                        ),
+                    }
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(max);
                 }
             }
         }

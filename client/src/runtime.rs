@@ -51,6 +51,7 @@ use hush_protocol::link as tls;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::key_directory_client::KeyDirectoryClient;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
+use hush_protocol::retry::{Failure, RetryPolicy, what_to_fix};
 use hush_protocol::{
     Clock, Measurement, MeasurementKind, ReportId, SystemClock, TaskConfig, TaskId, Time,
 };
@@ -751,7 +752,8 @@ fn adopt(inner: &Inner, fresh: KeySet) {
 }
 
 async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan: Option<Channel>) {
-    let mut delay = inner.config.retry_initial;
+    let mut backoff =
+        RetryPolicy::new(inner.config.retry_initial, inner.config.retry_max).backoff();
     let mut refreshed = tokio::time::Instant::now();
     // The batch being uploaded: the same bytes are retried until acknowledged.
     let mut batch: Vec<pb::Packet> = Vec::new();
@@ -839,7 +841,7 @@ async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan
                     drop(rej);
                     batch.clear();
                     inner.in_flight.store(0, Ordering::Relaxed);
-                    delay = inner.config.retry_initial;
+                    backoff.reset();
                     continue;
                 }
                 Err(s) => {
@@ -847,12 +849,22 @@ async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan
                         .counters
                         .upload_retries
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(code = ?s.code(), "upload failed; retrying with backoff");
+                    let (delay, failure) = backoff.after(s.code());
+                    if failure == Failure::Permanent {
+                        tracing::warn!(
+                            code = ?s.code(),
+                            message = s.message(),
+                            fix = what_to_fix(s.code()),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "the first shuffler refuses uploads; holding them"
+                        );
+                    } else {
+                        tracing::debug!(code = ?s.code(), "upload failed; retrying with backoff");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.wait_for(|v| *v) => return,
                     }
-                    delay = (delay * 2).min(inner.config.retry_max);
                     continue;
                 }
             }

@@ -19,7 +19,9 @@ pub mod keys;
 pub mod link;
 pub mod onion;
 pub mod outcomes;
+
 pub mod report;
+pub mod retry;
 pub mod task;
 pub mod vdaf;
 

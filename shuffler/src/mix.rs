@@ -21,6 +21,7 @@ use hush_protocol::TaskId;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::leader_ingest_client::LeaderIngestClient;
 use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
+use hush_protocol::retry::{Failure, RetryPolicy, what_to_fix};
 use hush_server::quota::TenantHoldings;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
@@ -505,7 +506,11 @@ async fn forward_batch(
         if packets.is_empty() {
             continue;
         }
-        let mut delay = Duration::from_millis(fwd.retry_initial_ms);
+        let mut backoff = RetryPolicy::new(
+            Duration::from_millis(fwd.retry_initial_ms),
+            Duration::from_millis(fwd.retry_max_ms),
+        )
+        .backoff();
         loop {
             match client.send(&packets).await {
                 Ok((accepted, refused)) => {
@@ -515,18 +520,29 @@ async fn forward_batch(
                     break;
                 }
                 Err(status) => {
-                    tracing::warn!(
-                        hop = %hop.name,
-                        code = ?status.code(),
-                        message = status.message(),
-                        retry_in_ms = delay.as_millis() as u64,
-                        "the next hop did not take a batch slice; retrying"
-                    );
+                    let (delay, failure) = backoff.after(status.code());
+                    if failure == Failure::Permanent {
+                        tracing::warn!(
+                            hop = %hop.name,
+                            code = ?status.code(),
+                            message = status.message(),
+                            fix = what_to_fix(status.code()),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "the next hop refuses a batch slice; holding it"
+                        );
+                    } else {
+                        tracing::warn!(
+                            hop = %hop.name,
+                            code = ?status.code(),
+                            message = status.message(),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "the next hop did not take a batch slice; retrying"
+                        );
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.wait_for(|v| *v) => return Ok(false),
                     }
-                    delay = (delay * 2).min(Duration::from_millis(fwd.retry_max_ms));
                 }
             }
         }
