@@ -327,6 +327,8 @@ pub(super) fn router(inner: Arc<Inner>) -> Router {
                     },
                 ))
                 .load_shed()
-                .concurrency_limit(limit),
+                // One semaphore for the whole API: `Router::layer` wraps each route on its own,
+                // and a per-route limit would let a flood of one route pass while another is busy.
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limit)),
         )
 }

@@ -1,0 +1,502 @@
+//! The records the store keeps and their encodings: counters, keys of every tree, pending
+//! reports, jobs, aggregates, and the batch rules of collection.
+
+use std::collections::{BTreeMap, HashMap};
+
+use hush_protocol::codec::{Codec, Reader, Writer};
+use hush_protocol::proto::v1::RejectReason;
+use hush_protocol::{AggregateShare, HpkeCiphertext, ReportId, ReportIdChecksum, TaskId, Time};
+use hush_server::db::abort;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+
+use crate::error::{Error, Result};
+
+/// Counters are kept per task, or under this scope for reports whose task is unknown.
+pub const GLOBAL_SCOPE: [u8; 32] = [0; 32];
+
+/// What a stats counter counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stat {
+    /// Reports accepted at ingest (leader) or in a job (helper).
+    Accepted,
+    /// Reports accumulated into an aggregate share.
+    Aggregated,
+    /// Reports refused, by reason.
+    Rejected(RejectReason),
+}
+
+impl Stat {
+    pub(super) fn code(self) -> u8 {
+        match self {
+            Stat::Accepted => 200,
+            Stat::Aggregated => 201,
+            Stat::Rejected(r) => r as i32 as u8,
+        }
+    }
+
+    pub(super) fn from_code(c: u8) -> Option<Self> {
+        match c {
+            200 => Some(Stat::Accepted),
+            201 => Some(Stat::Aggregated),
+            c => RejectReason::try_from(c as i32).ok().map(Stat::Rejected),
+        }
+    }
+}
+
+/// Counter increments to apply together.
+#[derive(Clone, Debug, Default)]
+pub struct StatDelta(HashMap<([u8; 32], Stat), u64>);
+
+impl StatDelta {
+    /// Adds `n` to `stat` of `scope` (a task id, or [`GLOBAL_SCOPE`]).
+    pub fn add(&mut self, scope: [u8; 32], stat: Stat, n: u64) {
+        if n > 0 {
+            *self.0.entry((scope, stat)).or_default() += n;
+        }
+    }
+
+    /// Adds one.
+    pub fn incr(&mut self, scope: [u8; 32], stat: Stat) {
+        self.add(scope, stat, 1);
+    }
+
+    /// Merges another delta.
+    pub fn merge(&mut self, other: StatDelta) {
+        for ((s, k), n) in other.0 {
+            self.add(s, k, n);
+        }
+    }
+
+    /// The counts of one scope, by stat.
+    pub fn for_scope(&self, scope: &[u8; 32]) -> BTreeMap<Stat, u64> {
+        self.0
+            .iter()
+            .filter(|((s, _), _)| s == scope)
+            .map(|((_, k), n)| (*k, *n))
+            .collect()
+    }
+
+    pub(super) fn apply(
+        &self,
+        stats: &TransactionalTree,
+    ) -> std::result::Result<(), ConflictableTransactionError<Error>> {
+        for ((scope, stat), n) in &self.0 {
+            let key = stat_key(scope, *stat);
+            let cur = stats.get(key)?.map(|v| be_u64(&v)).unwrap_or(0);
+            stats.insert(&key[..], &(cur + n).to_be_bytes()[..])?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn stat_key(scope: &[u8; 32], stat: Stat) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[..32].copy_from_slice(scope);
+    k[32] = stat.code();
+    k
+}
+
+pub(super) fn be_u64(v: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = v.len().min(8);
+    b[8 - n..].copy_from_slice(&v[..n]);
+    u64::from_be_bytes(b)
+}
+
+pub(super) fn task_key(task: &TaskId, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(32 + suffix.len());
+    k.extend_from_slice(task.as_bytes());
+    k.extend_from_slice(suffix);
+    k
+}
+
+/// The anti-replay key of a report: task ‖ time ‖ report id, so expiry is a range deletion.
+pub fn seen_key(task: &TaskId, time: Time, id: &ReportId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(56);
+    k.extend_from_slice(task.as_bytes());
+    k.extend_from_slice(&time.as_secs().to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(super) fn pending_key(task: &TaskId, seq: u64) -> Vec<u8> {
+    task_key(task, &seq.to_be_bytes())
+}
+
+pub(super) fn batch_key(task: &TaskId, window: Time) -> Vec<u8> {
+    task_key(task, &window.as_secs().to_be_bytes())
+}
+
+/// Scope, anti-replay key, pending key, window key and value of one report to store.
+pub(super) type EncodedPending = ([u8; 32], Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// What happened to one report offered to [`Store::store_pending`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingested {
+    /// Stored, waiting for aggregation.
+    Stored,
+    /// Its id was seen before.
+    Replay,
+    /// Its window is closed (collected): a late report.
+    Late,
+}
+
+/// A leader's accepted report, waiting for aggregation. The leader's input share is stored
+/// opened (it reveals nothing without the helper's share) so aggregation does not pay for a
+/// second HPKE open; the helper's share stays sealed to the helper.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PendingReport {
+    /// The report id.
+    pub report_id: ReportId,
+    /// The report's time.
+    pub time: Time,
+    /// Encoded Prio3 public share.
+    pub public_share: Vec<u8>,
+    /// The leader's opened input share.
+    pub leader_share: Vec<u8>,
+    /// The helper's sealed input share.
+    pub helper_share: HpkeCiphertext,
+}
+
+impl std::fmt::Debug for PendingReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingReport")
+            .field("report_id", &self.report_id)
+            .field("time", &self.time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Codec for PendingReport {
+    const NAME: &'static str = "PendingReport";
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u8(1);
+        self.report_id.encode(out);
+        self.time.encode(out);
+        out.put_opaque_u32(&self.public_share);
+        out.put_opaque_u32(&self.leader_share);
+        self.helper_share.encode(out);
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, hush_protocol::DecodeError> {
+        if r.u8("version")? != 1 {
+            return Err(r.invalid("version", "unknown"));
+        }
+        Ok(Self {
+            report_id: ReportId::decode(r)?,
+            time: Time::decode(r)?,
+            public_share: r.opaque_u32("public_share")?.to_vec(),
+            leader_share: r.opaque_u32("leader_share")?.to_vec(),
+            helper_share: HpkeCiphertext::decode(r)?,
+        })
+    }
+}
+
+/// A leader's aggregation job in flight: which pending reports it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderJob {
+    /// The task.
+    pub task_id: TaskId,
+    /// Sequence numbers of the job's pending reports, ascending.
+    pub seqs: Vec<u64>,
+    /// When the job was first created (`None` for jobs recorded before this was stored).
+    pub created: Option<Time>,
+}
+
+impl Codec for LeaderJob {
+    const NAME: &'static str = "LeaderJob";
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u8(2);
+        self.task_id.encode(out);
+        out.put_u64(self.created.map_or(0, Time::as_secs));
+        out.put_u32(self.seqs.len() as u32);
+        for s in &self.seqs {
+            out.put_u64(*s);
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, hush_protocol::DecodeError> {
+        let version = r.u8("version")?;
+        if version != 1 && version != 2 {
+            return Err(r.invalid("version", "unknown"));
+        }
+        let task_id = TaskId::decode(r)?;
+        let created = if version == 2 {
+            Some(r.u64("created")?)
+                .filter(|t| *t != 0)
+                .map(Time::from_secs)
+        } else {
+            None
+        };
+        let n = r.u32("seqs")? as usize;
+        if n > r.remaining() / 8 {
+            return Err(r.invalid("seqs", "count exceeds the record"));
+        }
+        let seqs = (0..n)
+            .map(|_| r.u64("seq"))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Self {
+            task_id,
+            seqs,
+            created,
+        })
+    }
+}
+
+/// The aggregate of one task's time bucket at one aggregator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchAggregation {
+    /// Reports accumulated.
+    pub report_count: u64,
+    /// Checksum of their report ids.
+    pub checksum: ReportIdChecksum,
+    /// The aggregate share.
+    pub share: AggregateShare,
+}
+
+impl BatchAggregation {
+    /// An empty batch of `len` entries.
+    pub fn empty(len: usize) -> Self {
+        Self {
+            report_count: 0,
+            checksum: ReportIdChecksum::default(),
+            share: AggregateShare::zero(len),
+        }
+    }
+
+    /// Adds another batch of the same task.
+    pub fn merge(&mut self, other: &BatchAggregation) -> Result<()> {
+        self.share
+            .merge(&other.share)
+            .map_err(|e| Error::corrupt("batch aggregation", e))?;
+        self.report_count += other.report_count;
+        self.checksum.combine(&other.checksum);
+        Ok(())
+    }
+
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let share = self.share.to_bytes();
+        let mut out = Vec::with_capacity(1 + 8 + 32 + 4 + share.len());
+        out.put_u8(1);
+        out.put_u64(self.report_count);
+        out.extend_from_slice(self.checksum.as_bytes());
+        out.put_u32(self.share.len() as u32);
+        out.extend_from_slice(&share);
+        out
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new("BatchAggregation", bytes);
+        let parse = |r: &mut Reader<'_>| -> std::result::Result<Self, String> {
+            if r.u8("version").map_err(|e| e.to_string())? != 1 {
+                return Err("unknown version".into());
+            }
+            let report_count = r.u64("report_count").map_err(|e| e.to_string())?;
+            let checksum =
+                ReportIdChecksum::from(r.array::<32>("checksum").map_err(|e| e.to_string())?);
+            let len = r.u32("len").map_err(|e| e.to_string())? as usize;
+            let share = AggregateShare::from_bytes(r.rest(), len).map_err(|e| e.to_string())?;
+            Ok(Self {
+                report_count,
+                checksum,
+                share,
+            })
+        };
+        parse(&mut r).map_err(|e| Error::corrupt("batch aggregation", e))
+    }
+}
+
+/// A helper's record of a finished aggregation job, so a retry gets the same answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelperJobRecord {
+    /// When the job was committed.
+    pub committed: Time,
+    /// SHA-256 of the request.
+    pub request_hash: [u8; 32],
+    /// The encoded response.
+    pub response: Vec<u8>,
+}
+
+impl HelperJobRecord {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(41 + self.response.len());
+        out.put_u8(1);
+        out.put_u64(self.committed.as_secs());
+        out.extend_from_slice(&self.request_hash);
+        out.extend_from_slice(&self.response);
+        out
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < 41 || bytes[0] != 1 {
+            return Err(Error::corrupt("helper job", "bad header"));
+        }
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&bytes[9..41]);
+        Ok(Self {
+            committed: Time::from_secs(be_u64(&bytes[1..9])),
+            request_hash: h,
+            response: bytes[41..].to_vec(),
+        })
+    }
+}
+
+/// The outcome of committing a helper job.
+#[derive(Debug)]
+pub enum HelperCommit {
+    /// This call committed the job; the value is the response.
+    Committed(Vec<u8>),
+    /// The job had already been committed with the same request: the stored response.
+    Existing(Vec<u8>),
+}
+
+/// One report of a helper job, ready to commit.
+#[derive(Debug)]
+pub struct HelperReport {
+    /// The report id.
+    pub report_id: ReportId,
+    /// The report's time.
+    pub time: Time,
+    /// The output share and the verifier message if the report verified, else the reason.
+    pub outcome: std::result::Result<(AggregateShare, Vec<u8>), RejectReason>,
+    /// Whether the report reaches the anti-replay table (false when its time is out of range).
+    pub mark_seen: bool,
+}
+
+/// Why a collection may not be committed (nothing is written then).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CollectRefusal {
+    /// The budget of a window does not cover the collection.
+    OverBudget {
+        /// The window.
+        window: Time,
+        /// ε left on it, in millionths.
+        left_micros: u64,
+    },
+    /// The interval overlaps a batch collected before without being equal to it.
+    Overlaps {
+        /// The window in both.
+        window: Time,
+        /// The batch it was collected in: start and duration.
+        batch: (Time, u64),
+    },
+    /// The batch was collected as often as the task allows for this purpose.
+    Exhausted {
+        /// Routine and alert collections of the batch so far.
+        routine: u32,
+        /// Alert collections so far.
+        alert: u32,
+    },
+}
+
+/// The collection rules of a batch: DAP's "equal or disjoint" rule and how often it may be
+/// collected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRule {
+    /// The batch: start and duration.
+    pub batch: (Time, u64),
+    /// 0 routine, 1 alert.
+    pub purpose: u8,
+    /// The task's `max_collections_per_batch` (0: one routine plus what the alert budget allows).
+    pub max_collections: u32,
+}
+
+impl BatchRule {
+    pub(super) fn counts_key(&self, task: &TaskId) -> Vec<u8> {
+        let mut k = task_key(task, &self.batch.0.as_secs().to_be_bytes());
+        k.extend_from_slice(&self.batch.1.to_be_bytes());
+        k
+    }
+
+    pub(super) fn batch_value(&self) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&self.batch.0.as_secs().to_be_bytes());
+        v[8..].copy_from_slice(&self.batch.1.to_be_bytes());
+        v
+    }
+
+    /// Checks the rule given how each window was collected before and the batch's counts.
+    pub(super) fn check(
+        &self,
+        windows: &[(Time, Option<(Time, u64)>)],
+        counts: (u32, u32),
+    ) -> Option<CollectRefusal> {
+        for (w, b) in windows {
+            if let Some(b) = b
+                && *b != self.batch
+            {
+                return Some(CollectRefusal::Overlaps {
+                    window: *w,
+                    batch: *b,
+                });
+            }
+        }
+        let (routine, alert) = counts;
+        let exhausted = (self.purpose == 0 && routine >= 1)
+            || (self.max_collections > 0 && routine + alert >= self.max_collections);
+        exhausted.then_some(CollectRefusal::Exhausted { routine, alert })
+    }
+}
+
+/// A batch: its start and duration in seconds.
+pub type Batch = (Time, u64);
+
+/// Each window with the batch it was collected in, if any.
+pub(super) type WindowBatches = Vec<(Time, Option<Batch>)>;
+
+pub(super) fn decode_batch(v: &[u8]) -> Option<(Time, u64)> {
+    (v.len() == 16).then(|| (Time::from_secs(be_u64(&v[..8])), be_u64(&v[8..])))
+}
+
+pub(super) fn decode_counts(v: Option<&[u8]>) -> (u32, u32) {
+    match v {
+        Some(v) if v.len() == 8 => (
+            u32::from_be_bytes(v[..4].try_into().expect("4 bytes")),
+            u32::from_be_bytes(v[4..].try_into().expect("4 bytes")),
+        ),
+        _ => (0, 0),
+    }
+}
+
+/// A collection to commit: its spend, its stored answer, the windows it closes.
+#[derive(Clone, Debug)]
+pub struct CollectionCommit<'a> {
+    /// The task.
+    pub task: &'a TaskId,
+    /// The collection id.
+    pub collection_id: &'a [u8; 16],
+    /// The batch rules this collection must pass (purpose included).
+    pub rule: BatchRule,
+    /// The report count and checksum the answer was computed from: the commit fails if the
+    /// windows no longer hold exactly these reports.
+    pub summed: (u64, ReportIdChecksum),
+    /// The windows of the interval.
+    pub windows: &'a [Time],
+    /// ε spent on each window, in millionths.
+    pub epsilon_micros: u64,
+    /// The purpose's budget per window, in millionths.
+    pub budget_micros: u64,
+    /// Hash of the request, for retries.
+    pub request_hash: [u8; 32],
+    /// The encoded answer.
+    pub answer: &'a [u8],
+}
+
+pub(super) fn ledger_key(task: &TaskId, purpose: u8, window: Time) -> Vec<u8> {
+    let mut k = task_key(task, &[purpose]);
+    k.extend_from_slice(&window.as_secs().to_be_bytes());
+    k
+}
+
+pub(super) fn merge_batches(
+    bt: &TransactionalTree,
+    batches: &[(Vec<u8>, &BatchAggregation)],
+) -> std::result::Result<(), ConflictableTransactionError<Error>> {
+    for (k, add) in batches {
+        let mut cur = match bt.get(k)? {
+            Some(v) => BatchAggregation::decode(&v).map_err(abort)?,
+            None => BatchAggregation::empty(add.share.len()),
+        };
+        cur.merge(add).map_err(abort)?;
+        bt.insert(&k[..], cur.encode())?;
+    }
+    Ok(())
+}
