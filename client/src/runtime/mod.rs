@@ -47,19 +47,20 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hush_protocol::directory::KeySet;
-use hush_protocol::link as tls;
 use hush_protocol::proto::v1 as pb;
-use hush_protocol::proto::v1::key_directory_client::KeyDirectoryClient;
-use hush_protocol::proto::v1::shuffler_client::ShufflerClient;
-use hush_protocol::retry::{Failure, RetryPolicy, what_to_fix};
-use hush_protocol::{
-    Clock, Measurement, MeasurementKind, ReportId, SystemClock, TaskConfig, TaskId, Time,
-};
-use rand::Rng;
+use hush_protocol::{Clock, Measurement, MeasurementKind, SystemClock, TaskConfig, TaskId, Time};
 use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
 
 use crate::report::{ClientError, ClientTask};
+
+mod discovery;
+mod uploader;
+mod window;
+
+use discovery::channel;
+pub use discovery::fetch_key_set;
+use uploader::background;
 
 /// Why the runtime could not start or fetch keys.
 #[derive(Debug, thiserror::Error)]
@@ -155,37 +156,6 @@ impl Default for RuntimeConfig {
     }
 }
 
-fn channel(url: &str, ca: Option<&[u8]>, timeout: Duration) -> Result<Channel, RuntimeError> {
-    let tls = ca.map(tls::server_auth_client);
-    Ok(tls::endpoint(url, tls.as_ref(), "endpoint")
-        .map_err(|e| RuntimeError::Url {
-            url: url.into(),
-            reason: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
-
-/// Fetches the current key set from the key directory at `url`.
-pub async fn fetch_key_set(
-    url: &str,
-    ca: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<KeySet, RuntimeError> {
-    let err = |status: String| RuntimeError::Keys {
-        url: url.into(),
-        status,
-    };
-    let set = KeyDirectoryClient::new(channel(url, ca, timeout)?)
-        .get_key_set(pb::GetKeySetRequest {})
-        .await
-        .map_err(|s| err(s.message().to_owned()))?
-        .into_inner();
-    KeySet::try_from(&set).map_err(|e| err(e.to_string()))
-}
-
 /// Counters of what the client did. Every recorded event ends in exactly one of: a report in a
 /// packet, dropped over the bound, dropped from a full queue, or still queued.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -261,153 +231,8 @@ struct Inner {
     shutdown: watch::Sender<bool>,
 }
 
-/// Counters and window histograms send one report per window whatever happened; event
-/// histograms one per event.
-fn reports_every_window(task: &TaskConfig) -> bool {
-    task.kind() != MeasurementKind::EventHistogram
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Inner {
-    /// Adds `amount` to bucket `bucket` of the metric's current window, within the bound.
-    fn record(&self, metric: &Arc<Metric>, bucket: usize, amount: u64) {
-        self.counters.recorded.fetch_add(amount, Ordering::Relaxed);
-        let window = metric.task.window_of(self.clock.now());
-        let mut s = lock(&metric.state);
-        if s.window != window {
-            let fresh = WindowState {
-                window,
-                counts: vec![0; s.counts.len()],
-                total: 0,
-                touched: false,
-            };
-            let old = std::mem::replace(&mut *s, fresh);
-            if old.touched || reports_every_window(&metric.task) {
-                lock(&self.closed).push((metric.clone(), old));
-            }
-        }
-        let room = metric.task.contribution_bound().saturating_sub(s.total);
-        let take = amount.min(room);
-        if take < amount {
-            self.counters
-                .dropped_over_bound
-                .fetch_add(amount - take, Ordering::Relaxed);
-        }
-        if let Some(c) = s.counts.get_mut(bucket) {
-            *c += take;
-            s.total += take;
-            s.touched = true;
-        }
-    }
-
-    /// Moves every window that ended (or all, if `all`) to the closed list: those something
-    /// was recorded in, and every window of the kinds that report each window.
-    fn close_windows(&self, all: bool) {
-        let now = self.clock.now();
-        for m in self.metrics.values() {
-            let window = m.task.window_of(now);
-            let mut s = lock(&m.state);
-            let report = s.touched || reports_every_window(&m.task);
-            if report && (all || s.window < window) {
-                let fresh = WindowState {
-                    window,
-                    counts: vec![0; s.counts.len()],
-                    total: 0,
-                    touched: false,
-                };
-                let old = std::mem::replace(&mut *s, fresh);
-                lock(&self.closed).push((m.clone(), old));
-            }
-        }
-    }
-
-    /// Turns closed windows into queued measurements.
-    fn queue_closed(&self) {
-        // The queue stays locked from taking the closed windows until their reports are queued,
-        // so `flush` never sees a moment where they are in neither place.
-        let mut q = lock(&self.queue);
-        let closed = std::mem::take(&mut *lock(&self.closed));
-        if closed.is_empty() {
-            return;
-        }
-        let mut items = Vec::new();
-        for (m, w) in closed {
-            let task = m.task.id();
-            match m.task.kind() {
-                MeasurementKind::EventHistogram => {
-                    for (b, c) in w.counts.iter().enumerate() {
-                        for _ in 0..*c {
-                            items.push(Queued {
-                                task,
-                                measurement: Measurement::Bucket(b),
-                                time: w.window,
-                            });
-                        }
-                    }
-                }
-                MeasurementKind::WindowHistogram => {
-                    items.push(Queued {
-                        task,
-                        measurement: Measurement::Counts(w.counts),
-                        time: w.window,
-                    });
-                }
-                MeasurementKind::Counter => {
-                    items.push(Queued {
-                        task,
-                        measurement: Measurement::Count(w.total),
-                        time: w.window,
-                    });
-                }
-            }
-        }
-        for item in items {
-            if q.len() >= self.config.queue_capacity {
-                q.pop_front();
-                self.counters
-                    .dropped_queue_full
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            q.push_back(item);
-        }
-        drop(q);
-        self.wake.notify_one();
-    }
-
-    fn build_packets(&self, keys: &KeySet, items: &[Queued]) -> Vec<pb::Packet> {
-        let Ok(route) = keys.route() else {
-            return vec![];
-        };
-        let mut clients: HashMap<TaskId, Option<ClientTask>> = HashMap::new();
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            let client = clients.entry(item.task).or_insert_with(|| {
-                let task = self.tasks.get(&item.task)?.clone();
-                match ClientTask::new(task, keys.leader.1.clone(), keys.helper.clone(), route.clone()) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        tracing::error!(task = %item.task, error = %e, "cannot build reports for this task");
-                        None
-                    }
-                }
-            });
-            let Some(client) = client else { continue };
-            let packet = client
-                .shard(&item.measurement, ReportId::random())
-                .and_then(|p| client.seal(p, item.time))
-                .and_then(|r| client.wrap(&r));
-            match packet {
-                Ok(p) => out.push(p),
-                Err(e) => {
-                    tracing::error!(task = %item.task, error = %e, "a measurement did not fit its task")
-                }
-            }
-        }
-        out
-    }
 }
 
 /// A latency metric of one service operation.
@@ -718,208 +543,6 @@ impl HushClient {
     }
 }
 
-/// Whether a client holding `cur` takes `fresh` from the directory at `now`: not a set of an
-/// epoch that has not begun (beyond one epoch of clock skew), and not an ended epoch's set in
-/// place of a current one. A directory can move clients forward, never pin them to a far-future
-/// set or roll them back.
-fn should_adopt(cur: Option<&KeySet>, fresh: &KeySet, now: u64) -> bool {
-    if fresh.epoch_start.as_secs() > now.saturating_add(fresh.epoch_s) {
-        return false;
-    }
-    let ended = |k: &KeySet| k.epoch_start.as_secs().saturating_add(k.epoch_s) <= now;
-    match cur {
-        Some(c) if c == fresh => false,
-        Some(c) if ended(fresh) && !ended(c) => false,
-        _ => true,
-    }
-}
-
-/// Takes a key set from the directory if [`should_adopt`] says so.
-fn adopt(inner: &Inner, fresh: KeySet) {
-    let now = inner.clock.now().as_secs();
-    let mut cur = inner.keys.write().unwrap_or_else(|p| p.into_inner());
-    if should_adopt(cur.as_ref(), &fresh, now) {
-        tracing::debug!(epoch = fresh.epoch, digest = %fresh.short_digest(), "using a new key set");
-        *cur = Some(fresh);
-    } else if cur.as_ref() != Some(&fresh) {
-        tracing::warn!(
-            offered = fresh.epoch,
-            epoch_start = fresh.epoch_start.as_secs(),
-            now,
-            "the key directory offered a key set of an ended or a future epoch; keeping the current one"
-        );
-    }
-}
-
-async fn background(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>, chan: Option<Channel>) {
-    let mut backoff =
-        RetryPolicy::new(inner.config.retry_initial, inner.config.retry_max).backoff();
-    let mut refreshed = tokio::time::Instant::now();
-    // The batch being uploaded: the same bytes are retried until acknowledged.
-    let mut batch: Vec<pb::Packet> = Vec::new();
-    let chan = match chan {
-        Some(c) => c,
-        None => match channel(
-            &inner.endpoints.shuffler_url,
-            inner.endpoints.tls_ca.as_deref(),
-            inner.config.request_timeout,
-        ) {
-            Ok(c) => c,
-            Err(_) => return,
-        },
-    };
-    let mut shuffler = ShufflerClient::new(chan).max_encoding_message_size(64 << 20);
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        inner.close_windows(false);
-        inner.queue_closed();
-        if let KeySource::Directory(url) = &inner.endpoints.keys {
-            let needs_keys = lock_read(&inner.keys).is_none()
-                || refreshed.elapsed() >= inner.config.refresh_interval;
-            if needs_keys {
-                match fetch_key_set(
-                    url,
-                    inner.endpoints.tls_ca.as_deref(),
-                    inner.config.request_timeout,
-                )
-                .await
-                {
-                    Ok(k) => {
-                        adopt(&inner, k);
-                        refreshed = tokio::time::Instant::now();
-                    }
-                    Err(e) => tracing::debug!(error = %e, "key set unavailable; will retry"),
-                }
-            }
-        }
-        if batch.is_empty() {
-            let keys = lock_read(&inner.keys).clone();
-            if let Some(keys) = keys {
-                let items: Vec<Queued> = {
-                    let mut q = lock(&inner.queue);
-                    let n = q.len().min(inner.config.max_batch);
-                    // Counted in flight before the queue is unlocked (see `flush`).
-                    inner.in_flight.store(n as u64, Ordering::Relaxed);
-                    q.drain(..n).collect()
-                };
-                if !items.is_empty() {
-                    let i2 = inner.clone();
-                    batch = tokio::task::spawn_blocking(move || i2.build_packets(&keys, &items))
-                        .await
-                        .unwrap_or_default();
-                    inner.in_flight.store(batch.len() as u64, Ordering::Relaxed);
-                    inner
-                        .counters
-                        .reports_sent
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    // Spread a fleet's uploads.
-                    let jitter = inner.config.max_jitter.mul_f64(rand::rng().random::<f64>());
-                    tokio::select! {
-                        _ = tokio::time::sleep(jitter) => {}
-                        _ = shutdown.wait_for(|v| *v) => return,
-                    }
-                }
-            }
-        }
-        if !batch.is_empty() {
-            let req = pb::SubmitPacketsRequest {
-                packets: batch.clone(),
-            };
-            match shuffler.submit_packets(req).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    inner
-                        .counters
-                        .accepted
-                        .fetch_add(r.accepted, Ordering::Relaxed);
-                    let mut rej = lock(&inner.counters.rejected);
-                    for rc in r.rejected {
-                        *rej.entry(rc.reason).or_default() += rc.count;
-                    }
-                    drop(rej);
-                    batch.clear();
-                    inner.in_flight.store(0, Ordering::Relaxed);
-                    backoff.reset();
-                    continue;
-                }
-                Err(s) => {
-                    inner
-                        .counters
-                        .upload_retries
-                        .fetch_add(1, Ordering::Relaxed);
-                    let (delay, failure) = backoff.after(s.code());
-                    if failure == Failure::Permanent {
-                        tracing::warn!(
-                            code = ?s.code(),
-                            message = s.message(),
-                            fix = what_to_fix(s.code()),
-                            retry_in_ms = delay.as_millis() as u64,
-                            "the first shuffler refuses uploads; holding them"
-                        );
-                    } else {
-                        tracing::debug!(code = ?s.code(), "upload failed; retrying with backoff");
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.wait_for(|v| *v) => return,
-                    }
-                    continue;
-                }
-            }
-        }
-        if lock(&inner.queue).is_empty() {
-            inner.idle.notify_waiters();
-        }
-        tokio::select! {
-            _ = inner.wake.notified() => {}
-            _ = tokio::time::sleep(inner.config.tick) => {}
-            _ = shutdown.wait_for(|v| *v) => return,
-        }
-    }
-}
-
 fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use hush_protocol::HpkeKeypair;
-
-    fn set(epoch: u64) -> KeySet {
-        KeySet {
-            epoch,
-            epoch_start: Time::from_secs(epoch * 600),
-            epoch_s: 600,
-            shufflers: vec![("a".into(), HpkeKeypair::generate(1).config().clone())],
-            leader: ("leader".into(), HpkeKeypair::generate(2).config().clone()),
-            helper: HpkeKeypair::generate(3).config().clone(),
-        }
-    }
-
-    #[test]
-    fn a_directory_moves_clients_forward_never_back_or_to_the_far_future() {
-        let now = 10 * 600 + 5;
-        let current = set(10);
-        assert!(should_adopt(None, &current, now));
-        assert!(!should_adopt(Some(&current), &current, now));
-        // The next epoch (even a little early, within one epoch of skew).
-        assert!(should_adopt(Some(&current), &set(11), now));
-        // A rollback to an ended epoch, or a set from far ahead, is refused.
-        assert!(!should_adopt(Some(&current), &set(9), now));
-        assert!(!should_adopt(Some(&current), &set(12), now));
-        assert!(!should_adopt(None, &set(u64::MAX / 600), now));
-        // Another epoch length (the directory's key_epoch_s changed): the current set of it is
-        // taken although its epoch number is smaller.
-        let mut longer = set(0);
-        longer.epoch = 1;
-        longer.epoch_start = Time::from_secs(6_000);
-        longer.epoch_s = 6_000;
-        assert!(should_adopt(Some(&current), &longer, now));
-        // With nothing current, even a stale set beats none (the parties keep old keys a while).
-        assert!(should_adopt(None, &set(9), now));
-    }
 }
