@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use hush_protocol::collect::{count_mask, count_share, seal_aggregate_share};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::collection_server::Collection;
-use hush_protocol::{Epsilon, Interval, ReportIdChecksum, Role, TaskId, Time};
+use hush_protocol::{BudgetPurpose, Epsilon, Interval, ReportIdChecksum, Role, TaskId, Time};
 use hush_server::auth::{bearer_token, token_hash, token_matches};
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -40,12 +40,8 @@ pub const MAX_WINDOWS: u64 = 10_000;
 /// How long the leader waits for in-flight aggregation of a collected interval.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn purpose_code(p: i32) -> Result<(u8, &'static str)> {
-    match pb::BudgetPurpose::try_from(p) {
-        Ok(pb::BudgetPurpose::Unspecified | pb::BudgetPurpose::Routine) => Ok((0, "routine")),
-        Ok(pb::BudgetPurpose::Alert) => Ok((1, "alert")),
-        Err(_) => Err(Error::InvalidRequest(format!("unknown budget purpose {p}"))),
-    }
+fn purpose_of(p: i32) -> Result<BudgetPurpose> {
+    BudgetPurpose::from_proto(p).map_err(Error::InvalidRequest)
 }
 
 fn checked_interval(
@@ -140,16 +136,16 @@ fn noisy_sealed_share(
 }
 
 /// The batch rules of a collection of `interval` for `purpose`.
-fn batch_rule(task: &TaskEntry, interval: &Interval, purpose: (u8, &'static str)) -> BatchRule {
+fn batch_rule(task: &TaskEntry, interval: &Interval, purpose: BudgetPurpose) -> BatchRule {
     BatchRule {
         batch: (interval.start(), interval.duration()),
-        purpose: purpose.0,
+        purpose,
         max_collections: task.config.max_collections_per_batch(),
     }
 }
 
 /// The error of a refused collection.
-fn refusal_error(task: &TaskEntry, purpose: (u8, &'static str), r: CollectRefusal) -> Error {
+fn refusal_error(task: &TaskEntry, purpose: BudgetPurpose, r: CollectRefusal) -> Error {
     match r {
         CollectRefusal::OverBudget {
             window,
@@ -158,7 +154,7 @@ fn refusal_error(task: &TaskEntry, purpose: (u8, &'static str), r: CollectRefusa
             window,
             left: Epsilon::from_micros(left_micros),
             needed: task.config.epsilon_per_collection(),
-            purpose: purpose.1,
+            purpose: purpose.name(),
         },
         CollectRefusal::Overlaps { window, batch } => Error::BatchOverlap {
             window,
@@ -168,7 +164,7 @@ fn refusal_error(task: &TaskEntry, purpose: (u8, &'static str), r: CollectRefusa
         CollectRefusal::Exhausted { routine, alert } => Error::BatchExhausted {
             routine,
             alert,
-            purpose: purpose.1,
+            purpose: purpose.name(),
             max: task.config.max_collections_per_batch(),
         },
     }
@@ -183,7 +179,7 @@ fn check_batch_rules(
     action: &str,
     windows: &[Time],
     rule: &BatchRule,
-    purpose: (u8, &'static str),
+    purpose: BudgetPurpose,
 ) -> Result<()> {
     match shared.store.check_batch(&task.config.id(), windows, rule)? {
         None => Ok(()),
@@ -209,12 +205,12 @@ fn check_batch_rules(
 fn check_budget(
     shared: &Shared,
     task: &TaskEntry,
-    purpose: (u8, &'static str),
+    purpose: BudgetPurpose,
     windows: &[Time],
 ) -> Result<u64> {
     let eps = task.config.epsilon_per_collection();
-    let budget = task.config.budget_for(purpose.0 == 1).micros();
-    let spent = shared.store.spent(&task.config.id(), purpose.0, windows)?;
+    let budget = task.config.budget_for(purpose).micros();
+    let spent = shared.store.spent(&task.config.id(), purpose, windows)?;
     let mut min_left = u64::MAX;
     for (w, s) in windows.iter().zip(spent) {
         let left = budget.saturating_sub(s);
@@ -223,7 +219,7 @@ fn check_budget(
                 window: *w,
                 left: Epsilon::from_micros(left),
                 needed: eps,
-                purpose: purpose.1,
+                purpose: purpose.name(),
             });
         }
         min_left = min_left.min(left - eps.micros());
@@ -238,7 +234,7 @@ fn commit(
     shared: &Shared,
     task: &TaskEntry,
     cid: &[u8; 16],
-    purpose: (u8, &'static str),
+    purpose: BudgetPurpose,
     interval: &Interval,
     windows: &[Time],
     batch: &BatchAggregation,
@@ -253,7 +249,7 @@ fn commit(
         windows,
         summed: (batch.report_count, batch.checksum),
         epsilon_micros: eps.micros(),
-        budget_micros: task.config.budget_for(purpose.0 == 1).micros(),
+        budget_micros: task.config.budget_for(purpose).micros(),
         request_hash,
         answer,
     })?;
@@ -301,14 +297,14 @@ pub async fn helper_share(
         TaskId::try_from(req.task_id.as_ref()).map_err(|e| Error::InvalidRequest(e.to_string()))?;
     let task = shared.task(&task_id).ok_or(Error::UnknownTask(task_id))?;
     let (interval, windows) = checked_interval(&task, req.interval.as_ref(), shared.clock.now())?;
-    let purpose = purpose_code(req.purpose)?;
+    let purpose = purpose_of(req.purpose)?;
     let cid: [u8; 16] = req
         .collection_id
         .as_ref()
         .try_into()
         .map_err(|_| Error::InvalidRequest("collection_id must be 16 bytes".into()))?;
     let request_hash = hash(&[&pb::AggregateShareRequest {
-        purpose: i32::from(purpose.0) + 1,
+        purpose: purpose.to_proto() as i32,
         ..req.clone()
     }
     .encode_to_vec()]);
@@ -405,7 +401,7 @@ pub async fn helper_share(
         &task,
         &interval,
         batch.report_count,
-        purpose.1,
+        purpose.name(),
         left,
     ));
     shared.store.flush().await?;
@@ -414,7 +410,7 @@ pub async fn helper_share(
         start = interval.start().as_secs(),
         duration = interval.duration(),
         reports = batch.report_count,
-        purpose = purpose.1,
+        purpose = purpose.name(),
         epsilon = %task.config.epsilon_per_collection(),
         "released a noisy aggregate share"
     );
@@ -509,13 +505,13 @@ impl CollectionService {
                 interval.end().as_secs() - now.as_secs()
             )));
         }
-        let purpose = purpose_code(req.purpose)?;
+        let purpose = purpose_of(req.purpose)?;
         let cid = collection_id(&req.collection_id)?;
         let request_hash = hash(&[
             task_id.as_bytes(),
             &interval.start().as_secs().to_be_bytes(),
             &interval.duration().to_be_bytes(),
-            &[purpose.0],
+            &[purpose.code()],
         ]);
 
         let _guard = shared.collect_lock.lock().await;
@@ -593,7 +589,7 @@ impl CollectionService {
             interval: Some((&interval).into()),
             report_count: batch.report_count,
             checksum: batch.checksum.as_bytes().to_vec().into(),
-            purpose: i32::from(purpose.0) + 1,
+            purpose: purpose.to_proto() as i32,
         };
         let helper_share = self
             .helper
@@ -644,7 +640,7 @@ impl CollectionService {
             &task,
             &interval,
             batch.report_count,
-            purpose.1,
+            purpose.name(),
             left,
         ));
         shared.store.flush().await?;
@@ -653,7 +649,7 @@ impl CollectionService {
             start = interval.start().as_secs(),
             duration = interval.duration(),
             reports = batch.report_count,
-            purpose = purpose.1,
+            purpose = purpose.name(),
             epsilon = %task.config.epsilon_per_collection(),
             "released a noisy collection"
         );
@@ -726,8 +722,10 @@ impl CollectionService {
             sensitivity,
             budget_left_micro: 0,
         };
-        let routine = task.config.budget_for(false).micros();
-        let spent = shared.store.spent(&task_id, 0, &windows)?;
+        let routine = task.config.budget_for(BudgetPurpose::Routine).micros();
+        let spent = shared
+            .store
+            .spent(&task_id, BudgetPurpose::Routine, &windows)?;
         answer.budget_left_micro = spent
             .iter()
             .map(|s| routine.saturating_sub(*s).saturating_sub(eps.micros()))
@@ -742,7 +740,7 @@ impl CollectionService {
             &answer.encode_to_vec(),
         )?;
         if let Err(r) = r {
-            return Err(refusal_error(&task, (0, "routine"), r));
+            return Err(refusal_error(&task, BudgetPurpose::Routine, r));
         }
         shared.audit(AuditEvent {
             actor: format!("collector:{}", task.config.tenant()),

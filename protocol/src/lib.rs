@@ -44,5 +44,5 @@ pub use hpke::{HpkeCiphertext, HpkeConfig, HpkeKeypair, Keyring, Label, Role};
 pub use ids::{AggregationJobId, CollectionId, Interval, ReportId, ReportIdChecksum, TaskId, Time};
 pub use outcomes::Outcomes;
 pub use report::Report;
-pub use task::{Epsilon, MeasurementKind, TaskConfig, TaskParams};
+pub use task::{BudgetPurpose, Epsilon, MeasurementKind, TaskConfig, TaskParams};
 pub use vdaf::{AggregateShare, Measurement, Vdaf, VerifyKey};

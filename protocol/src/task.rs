@@ -244,6 +244,57 @@ pub mod defaults {
 /// The most a task's count may take of each collection's ε, in percent.
 pub const MAX_COUNT_EPSILON_PERCENT: u8 = 50;
 
+/// What a collection spends its budget on: routine collection of closed windows, or alert
+/// drill-downs. Each has its own share of a window's budget and its own ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BudgetPurpose {
+    /// Routine collection (once per batch).
+    Routine,
+    /// Alert drill-downs (`alert_budget_percent` of the budget).
+    Alert,
+}
+
+impl BudgetPurpose {
+    /// Both purposes.
+    pub const ALL: [BudgetPurpose; 2] = [BudgetPurpose::Routine, BudgetPurpose::Alert];
+
+    /// Its byte in stored keys (the privacy ledger): 0 routine, 1 alert.
+    pub fn code(self) -> u8 {
+        match self {
+            BudgetPurpose::Routine => 0,
+            BudgetPurpose::Alert => 1,
+        }
+    }
+
+    /// Its name in messages and the audit trail.
+    pub fn name(self) -> &'static str {
+        match self {
+            BudgetPurpose::Routine => "routine",
+            BudgetPurpose::Alert => "alert",
+        }
+    }
+
+    /// From the wire; unspecified means routine.
+    pub fn from_proto(p: i32) -> Result<Self, String> {
+        match crate::proto::v1::BudgetPurpose::try_from(p) {
+            Ok(
+                crate::proto::v1::BudgetPurpose::Unspecified
+                | crate::proto::v1::BudgetPurpose::Routine,
+            ) => Ok(BudgetPurpose::Routine),
+            Ok(crate::proto::v1::BudgetPurpose::Alert) => Ok(BudgetPurpose::Alert),
+            Err(_) => Err(format!("unknown budget purpose {p}")),
+        }
+    }
+
+    /// On the wire.
+    pub fn to_proto(self) -> crate::proto::v1::BudgetPurpose {
+        match self {
+            BudgetPurpose::Routine => crate::proto::v1::BudgetPurpose::Routine,
+            BudgetPurpose::Alert => crate::proto::v1::BudgetPurpose::Alert,
+        }
+    }
+}
+
 /// A checked task configuration. Fields are private and were validated by [`TaskConfig::new`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "TaskParams", into = "TaskParams")]
@@ -421,13 +472,12 @@ impl TaskConfig {
     }
     /// The part of the budget for a purpose: the alert share is `alert_budget_percent`, routine
     /// the rest.
-    pub fn budget_for(&self, alert: bool) -> Epsilon {
+    pub fn budget_for(&self, purpose: BudgetPurpose) -> Epsilon {
         let total = self.p.epsilon_budget.micros() as u128;
         let alert_part = total * self.p.alert_budget_percent as u128 / 100;
-        Epsilon::from_micros(if alert {
-            alert_part
-        } else {
-            total - alert_part
+        Epsilon::from_micros(match purpose {
+            BudgetPurpose::Alert => alert_part,
+            BudgetPurpose::Routine => total - alert_part,
         } as u64)
     }
     /// Report expiry in seconds.
@@ -608,8 +658,19 @@ pub(crate) mod tests {
         // Ten events of one instance per window: the instance, not the event, is protected.
         assert_eq!(t.sensitivity(), 20);
         assert_eq!(t.reports_per_instance(), 10);
-        assert_eq!(t.budget_for(false), Epsilon::from_micros(1_200_000));
-        assert_eq!(t.budget_for(true), Epsilon::from_micros(2_800_000));
+        assert_eq!(
+            t.budget_for(BudgetPurpose::Routine),
+            Epsilon::from_micros(1_200_000)
+        );
+        assert_eq!(
+            t.budget_for(BudgetPurpose::Alert),
+            Epsilon::from_micros(2_800_000)
+        );
+        for p in BudgetPurpose::ALL {
+            assert_eq!(BudgetPurpose::from_proto(p.to_proto() as i32), Ok(p));
+        }
+        assert_eq!(BudgetPurpose::from_proto(0), Ok(BudgetPurpose::Routine));
+        assert!(BudgetPurpose::from_proto(9).is_err());
         // 10% of ε = 1 goes to the report count.
         assert_eq!(t.aggregate_epsilon(), Epsilon::from_micros(900_000));
         assert_eq!(t.count_epsilon(), Some(Epsilon::from_micros(100_000)));

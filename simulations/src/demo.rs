@@ -398,7 +398,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  privacy: every collection spent ε {} at each aggregator; each window's routine budget is ε {:.1}",
         args.epsilon,
-        all_tasks[0].budget_for(false).as_f64()
+        all_tasks[0]
+            .budget_for(hush_protocol::BudgetPurpose::Routine)
+            .as_f64()
     );
     let peers = |p: &hush_server::tls::PeerLog| {
         p.snapshot()

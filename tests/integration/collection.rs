@@ -248,7 +248,7 @@ async fn too_few_reports_are_refused_and_nothing_is_spent() {
         .await
         .unwrap();
     assert_eq!(c.report_count, Some(110));
-    let routine = t.budget_for(false);
+    let routine = t.budget_for(hush_protocol::BudgetPurpose::Routine);
     assert_eq!(
         c.budget_left.micros(),
         routine.micros() - t.epsilon_per_collection().micros()
@@ -598,7 +598,13 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
     .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("retention"), "{}", e.message());
-    assert_eq!(leader.store.spent(&t.id(), 0, &[w.start()]).unwrap(), [0]);
+    assert_eq!(
+        leader
+            .store
+            .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w.start()])
+            .unwrap(),
+        [0]
+    );
     // And a report of that window is refused as too old, not aggregated into it again.
     let late = client
         .seal(
@@ -716,8 +722,18 @@ async fn overlapping_intervals_cannot_be_differenced_at_either_aggregator() {
     // Nothing was spent on w2, and both refusals are audited.
     let w2 = w1.end();
     for a in [s.pair.leader.shared(), helper] {
-        assert_eq!(a.store.spent(&t.id(), 0, &[w2]).unwrap(), [0]);
-        assert_eq!(a.store.spent(&t.id(), 1, &[w2]).unwrap(), [0]);
+        assert_eq!(
+            a.store
+                .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w2])
+                .unwrap(),
+            [0]
+        );
+        assert_eq!(
+            a.store
+                .spent(&t.id(), hush_protocol::BudgetPurpose::Alert, &[w2])
+                .unwrap(),
+            [0]
+        );
         let refused = a
             .store
             .audit()
@@ -829,7 +845,13 @@ async fn a_racing_leader_cannot_slip_a_report_into_a_released_window() {
             // The job won: the share was refused, nothing released.
             assert!(accepted, "case {i}");
             assert_eq!(after, 21, "case {i}");
-            assert_eq!(helper.store.spent(&t.id(), 0, &[w.start()]).unwrap(), [0]);
+            assert_eq!(
+                helper
+                    .store
+                    .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w.start()])
+                    .unwrap(),
+                [0]
+            );
         }
     }
     s.pair.shutdown().await;
@@ -905,7 +927,7 @@ async fn late_reports_are_counted_and_released_once_with_noise_when_no_more_can_
         .leader
         .shared()
         .store
-        .spent(&t.id(), 0, &[w.start()])
+        .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w.start()])
         .unwrap()[0];
     let first = late_count(&leader, ACME, &t, &w).await.unwrap();
     assert_eq!(first.noisy_late_reports, 3);
@@ -918,7 +940,7 @@ async fn late_reports_are_counted_and_released_once_with_noise_when_no_more_can_
         .leader
         .shared()
         .store
-        .spent(&t.id(), 0, &[w.start()])
+        .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w.start()])
         .unwrap()[0];
     assert_eq!(
         spent_after - spent_before,

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use hush_protocol::BudgetPurpose;
 use hush_protocol::codec::Codec;
 use hush_protocol::{ReportIdChecksum, TaskId, Time};
 use hush_server::db::{abort, tx_result};
@@ -80,7 +81,12 @@ impl Store {
     }
 
     /// ε spent so far (millionths) per window, for one purpose.
-    pub fn spent(&self, task: &TaskId, purpose: u8, windows: &[Time]) -> Result<Vec<u64>> {
+    pub fn spent(
+        &self,
+        task: &TaskId,
+        purpose: BudgetPurpose,
+        windows: &[Time],
+    ) -> Result<Vec<u64>> {
         windows
             .iter()
             .map(|w| {
@@ -135,7 +141,7 @@ impl Store {
     pub fn batch_collections(&self, task: &TaskId, batch: (Time, u64)) -> Result<(u32, u32)> {
         let rule = BatchRule {
             batch,
-            purpose: 0,
+            purpose: BudgetPurpose::Routine,
             max_collections: 0,
         };
         Ok(decode_counts(
@@ -243,7 +249,7 @@ impl Store {
                         wb.insert(wk, &batch_value[..])?;
                     }
                     let (routine, alert) = counts;
-                    let (routine, alert) = if purpose == 0 {
+                    let (routine, alert) = if purpose == BudgetPurpose::Routine {
                         (routine + 1, alert)
                     } else {
                         (routine, alert + 1)
@@ -279,7 +285,7 @@ impl Store {
             }
             let mut left = u64::MAX;
             for w in windows {
-                let k = ledger_key(task, 0, *w);
+                let k = ledger_key(task, BudgetPurpose::Routine, *w);
                 let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
                 let remaining = budget_micros.saturating_sub(spent);
                 if remaining < epsilon_micros {
@@ -291,7 +297,7 @@ impl Store {
                 left = left.min(remaining - epsilon_micros);
             }
             for w in windows {
-                let k = ledger_key(task, 0, *w);
+                let k = ledger_key(task, BudgetPurpose::Routine, *w);
                 let spent = ledger.get(&k)?.map(|v| be_u64(&v)).unwrap_or(0);
                 ledger.insert(k, &(spent + epsilon_micros).to_be_bytes()[..])?;
             }

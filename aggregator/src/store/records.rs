@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use hush_protocol::BudgetPurpose;
 use hush_protocol::codec::{Codec, Reader, Writer};
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{AggregateShare, HpkeCiphertext, ReportId, ReportIdChecksum, TaskId, Time};
@@ -394,7 +395,7 @@ pub struct BatchRule {
     /// The batch: start and duration.
     pub batch: (Time, u64),
     /// 0 routine, 1 alert.
-    pub purpose: u8,
+    pub purpose: BudgetPurpose,
     /// The task's `max_collections_per_batch` (0: one routine plus what the alert budget allows).
     pub max_collections: u32,
 }
@@ -430,7 +431,7 @@ impl BatchRule {
             }
         }
         let (routine, alert) = counts;
-        let exhausted = (self.purpose == 0 && routine >= 1)
+        let exhausted = (self.purpose == BudgetPurpose::Routine && routine >= 1)
             || (self.max_collections > 0 && routine + alert >= self.max_collections);
         exhausted.then_some(CollectRefusal::Exhausted { routine, alert })
     }
@@ -480,8 +481,8 @@ pub struct CollectionCommit<'a> {
     pub answer: &'a [u8],
 }
 
-pub(super) fn ledger_key(task: &TaskId, purpose: u8, window: Time) -> Vec<u8> {
-    let mut k = task_key(task, &[purpose]);
+pub(super) fn ledger_key(task: &TaskId, purpose: BudgetPurpose, window: Time) -> Vec<u8> {
+    let mut k = task_key(task, &[purpose.code()]);
     k.extend_from_slice(&window.as_secs().to_be_bytes());
     k
 }

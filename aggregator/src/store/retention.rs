@@ -1,5 +1,6 @@
 //! Retention: everything past a task's report expiry or retention is deleted, per tree.
 
+use hush_protocol::BudgetPurpose;
 use hush_protocol::codec::Codec;
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{TaskId, Time};
@@ -105,7 +106,7 @@ impl Store {
             tree.apply_batch(b)?;
         }
         let mut b = sled::Batch::default();
-        for purpose in [0u8, 1] {
+        for purpose in BudgetPurpose::ALL {
             let r =
                 ledger_key(task, purpose, Time::from_secs(0))..ledger_key(task, purpose, cutoff);
             for k in self.ledger.range(r).keys() {

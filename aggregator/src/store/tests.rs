@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use hush_protocol::BudgetPurpose;
 use hush_protocol::codec::Codec;
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{
@@ -76,7 +77,7 @@ fn retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger() {
                 collection_id: &[i as u8; 16],
                 rule: BatchRule {
                     batch: (*w, 60),
-                    purpose: 0,
+                    purpose: BudgetPurpose::Routine,
                     max_collections: 0,
                 },
                 summed: (1, ReportIdChecksum::default()),
@@ -104,7 +105,10 @@ fn retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger() {
     assert!(s.collection(&task, &[1; 16]).unwrap().is_none());
     assert!(s.collection(&task, &[2; 16]).unwrap().is_some());
     // The ledger and the collected marks stay; the other task is untouched.
-    assert_eq!(s.spent(&task, 0, &windows).unwrap(), [1, 1, 1]);
+    assert_eq!(
+        s.spent(&task, BudgetPurpose::Routine, &windows).unwrap(),
+        [1, 1, 1]
+    );
     assert_eq!(s.collected_windows().unwrap().len(), 6);
     assert_eq!(s.batches(&other).unwrap().len(), 3);
     assert!(s.collection(&other, &[0; 16]).unwrap().is_some());
@@ -203,7 +207,7 @@ fn commit(
     task: &TaskId,
     cid: u8,
     batch: (Time, u64),
-    purpose: u8,
+    purpose: BudgetPurpose,
     max: u32,
 ) -> std::result::Result<u64, CollectRefusal> {
     let windows: Vec<Time> = (0..batch.1 / 60)
@@ -238,31 +242,34 @@ fn batches_are_collected_equal_or_disjoint_and_as_often_as_allowed() {
         Time::from_secs(60),
         Time::from_secs(120),
     );
-    commit(&s, &t, 1, (w0, 60), 0, 0).unwrap();
+    commit(&s, &t, 1, (w0, 60), BudgetPurpose::Routine, 0).unwrap();
     // [w0, w1] overlaps [w0]: refused, whatever the purpose; nothing written.
     assert_eq!(
-        commit(&s, &t, 2, (w0, 120), 1, 0),
+        commit(&s, &t, 2, (w0, 120), BudgetPurpose::Alert, 0),
         Err(CollectRefusal::Overlaps {
             window: w0,
             batch: (w0, 60)
         })
     );
-    assert_eq!(s.spent(&t, 1, &[w0, w1]).unwrap(), [0, 0]);
+    assert_eq!(
+        s.spent(&t, BudgetPurpose::Alert, &[w0, w1]).unwrap(),
+        [0, 0]
+    );
     // A second routine collection of [w0] is refused; alert drill-downs of it are not.
     assert!(matches!(
-        commit(&s, &t, 3, (w0, 60), 0, 0),
+        commit(&s, &t, 3, (w0, 60), BudgetPurpose::Routine, 0),
         Err(CollectRefusal::Exhausted {
             routine: 1,
             alert: 0
         })
     ));
-    commit(&s, &t, 4, (w0, 60), 1, 0).unwrap();
-    commit(&s, &t, 5, (w0, 60), 1, 0).unwrap();
+    commit(&s, &t, 4, (w0, 60), BudgetPurpose::Alert, 0).unwrap();
+    commit(&s, &t, 5, (w0, 60), BudgetPurpose::Alert, 0).unwrap();
     assert_eq!(s.batch_collections(&t, (w0, 60)).unwrap(), (1, 2));
     // A disjoint batch is fine; with max 1 it is collected once in all.
-    commit(&s, &t, 6, (w1, 120), 1, 1).unwrap();
+    commit(&s, &t, 6, (w1, 120), BudgetPurpose::Alert, 1).unwrap();
     assert!(matches!(
-        commit(&s, &t, 7, (w1, 120), 1, 1),
+        commit(&s, &t, 7, (w1, 120), BudgetPurpose::Alert, 1),
         Err(CollectRefusal::Exhausted {
             routine: 0,
             alert: 1
@@ -270,7 +277,7 @@ fn batches_are_collected_equal_or_disjoint_and_as_often_as_allowed() {
     ));
     // [w2] alone now overlaps [w1, w2].
     assert!(matches!(
-        commit(&s, &t, 8, (w2, 60), 0, 0),
+        commit(&s, &t, 8, (w2, 60), BudgetPurpose::Routine, 0),
         Err(CollectRefusal::Overlaps { .. })
     ));
     assert!(s.is_released(&t, w2).unwrap());
@@ -294,7 +301,7 @@ fn nothing_enters_a_released_or_closed_window() {
     };
     let id = AggregationJobId::random();
     s.put_job(&id, &job).unwrap();
-    commit(&s, &task, 1, (w, 60), 0, 0).unwrap();
+    commit(&s, &task, 1, (w, 60), BudgetPurpose::Routine, 0).unwrap();
     let mut b = BatchAggregation::empty(2);
     b.report_count = 1;
     b.checksum.update(&r.report_id);
@@ -352,7 +359,7 @@ fn nothing_enters_a_released_or_closed_window() {
         collection_id: &[1; 16],
         rule: BatchRule {
             batch: (w, 60),
-            purpose: 0,
+            purpose: BudgetPurpose::Routine,
             max_collections: 0,
         },
         summed: (5, ReportIdChecksum::default()),
