@@ -138,8 +138,8 @@ impl RefusalAudit {
     /// Most audit entries of refusals per second.
     pub const PER_SECOND: u32 = 10;
 
-    /// Appends `e` unless the rate is exceeded (then only counts it).
-    pub fn record(&self, shared: &crate::shared::Shared, mut e: AuditEvent) {
+    /// Appends `e` to `trail` unless the rate is exceeded (then only counts it).
+    pub fn record(&self, trail: &AuditTrail, mut e: AuditEvent) {
         use std::sync::atomic::Ordering;
         if self.limiter.check().is_err() {
             self.left_out.fetch_add(1, Ordering::Relaxed);
@@ -154,7 +154,23 @@ impl RefusalAudit {
                 "{left_out} earlier refusals not recorded (rate limit)"
             ));
         }
-        shared.audit(e);
+        trail.record(e);
+    }
+}
+
+/// Where a service appends: the audit log and the clock that stamps entries.
+#[derive(Clone, Debug)]
+pub struct AuditTrail {
+    /// The log.
+    pub log: AuditLog,
+    /// The time source.
+    pub clock: std::sync::Arc<dyn hush_protocol::Clock>,
+}
+
+impl AuditTrail {
+    /// Appends `e` at the current time (logged, never fails the caller).
+    pub fn record(&self, e: AuditEvent) {
+        self.log.record(self.clock.now().as_secs(), e);
     }
 }
 
@@ -164,7 +180,7 @@ impl RefusalAudit {
 #[derive(Clone)]
 pub struct AuditRefusals<I> {
     inner: I,
-    shared: crate::shared::Shared,
+    trail: AuditTrail,
     service: &'static str,
     audit: RefusalAudit,
 }
@@ -182,10 +198,10 @@ impl<I> AuditRefusals<I> {
     pub const PER_SECOND: u32 = RefusalAudit::PER_SECOND;
 
     /// Wraps `inner`, the authentication of `service` (e.g. "admin").
-    pub fn new(inner: I, shared: crate::shared::Shared, service: &'static str) -> Self {
+    pub fn new(inner: I, trail: AuditTrail, service: &'static str) -> Self {
         Self {
             inner,
-            shared,
+            trail,
             service,
             audit: RefusalAudit::default(),
         }
@@ -207,7 +223,7 @@ impl<I: tonic::service::Interceptor> tonic::service::Interceptor for AuditRefusa
             remote.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string())
         );
         self.audit.record(
-            &self.shared,
+            &self.trail,
             AuditEvent {
                 actor: "unauthenticated".into(),
                 action: format!("{}.call", self.service),

@@ -10,8 +10,8 @@
 
 pub mod admin;
 pub mod audit;
+pub mod checks;
 pub mod client;
-pub mod collection;
 pub mod config;
 pub mod error;
 pub mod helper;

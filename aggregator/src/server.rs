@@ -20,12 +20,13 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::admin::{AdminService, KeysService};
 use crate::audit::AuditRefusals;
-use crate::collection::CollectionService;
 use crate::config::{AggregatorConfig, secret_from_env};
 use crate::error::{Error, Result};
 use crate::helper::HelperService;
 use crate::keys::KeyManager;
-use crate::leader::{IngestService, JobDriver, MAX_COLLECTION_BYTES, helper_client};
+use crate::leader::{
+    CollectionService, IngestService, JobDriver, MAX_COLLECTION_BYTES, helper_client,
+};
 use crate::shared::Shared;
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
@@ -148,7 +149,7 @@ impl Aggregator {
             AdminServer::new(AdminService::new(shared.clone())),
             AuditRefusals::new(
                 BearerAuth::new(&secrets.admin_token, "admin token"),
-                shared.clone(),
+                shared.trail(),
                 "admin",
             ),
         );
@@ -156,7 +157,7 @@ impl Aggregator {
             HpkeKeysServer::new(KeysService::new(shared.clone())),
             AuditRefusals::new(
                 peer_cert("key directories", &peers_cfg.key_directories),
-                shared.clone(),
+                shared.trail(),
                 "keys",
             ),
         );
@@ -167,7 +168,7 @@ impl Aggregator {
                         .max_decoding_message_size(shared.config.ingest_message_limit()),
                     AuditRefusals::new(
                         peer_cert("the last shuffler", &peers_cfg.shufflers),
-                        shared.clone(),
+                        shared.trail(),
                         "ingest",
                     ),
                 )),
@@ -184,7 +185,7 @@ impl Aggregator {
                     .max_encoding_message_size(MAX_COLLECTION_BYTES),
                     AuditRefusals::new(
                         peer_cert("collectors", &peers_cfg.collectors),
-                        shared.clone(),
+                        shared.trail(),
                         "collection",
                     ),
                 )),
@@ -202,7 +203,7 @@ impl Aggregator {
                             peer_cert("the leader", &peers_cfg.leader),
                             BearerAuth::new(&secrets.peer_token, "leader-helper token"),
                         ),
-                        shared.clone(),
+                        shared.trail(),
                         "aggregation",
                     ),
                 )),

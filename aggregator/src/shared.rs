@@ -62,7 +62,15 @@ impl Shared {
 
     /// Appends `e` to the audit trail at the current time (logged, never fails the caller).
     pub fn audit(&self, e: crate::audit::AuditEvent) {
-        self.store.audit().record(self.clock.now().as_secs(), e);
+        self.trail().record(e);
+    }
+
+    /// The audit trail with this process's clock.
+    pub fn trail(&self) -> crate::audit::AuditTrail {
+        crate::audit::AuditTrail {
+            log: self.store.audit().clone(),
+            clock: self.clock.clone(),
+        }
     }
 
     /// The task if it is provisioned here for this process's role.
@@ -85,7 +93,7 @@ impl Shared {
             return Err(RejectReason::TooNew);
         }
         // A window past the task's retention has no aggregate and no records left.
-        if crate::retention::aggregate_cutoff(&task.config, now).is_some_and(|c| time < c) {
+        if task.config.aggregate_cutoff(now).is_some_and(|c| time < c) {
             return Err(RejectReason::TooOld);
         }
         if self.is_collected(&task.config.id(), task.config.window_of(time)) {

@@ -5,7 +5,7 @@
 //!
 //! * Raw: `onion::peel` of default-size (4,096-byte) packets, on one thread and on every core
 //!   (rayon), with nothing else: the bound for a node that must open every packet.
-//! * Node: a real `hush shuffler` process with sled in a temp dir forwards to a minimal ingest
+//! * Shared: a real `hush shuffler` process with sled in a temp dir forwards to a minimal ingest
 //!   server in this process that only counts. Four submitters send batches of 500; the clock runs
 //!   from the first submission until the last packet has reached the next hop. Peak resident
 //!   memory (VmHWM) of the shuffler is read from /proc.

@@ -8,7 +8,7 @@ use crate::detect::{self, CountWindow, HistogramWindow, Test};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::{MeasurementKind, TaskConfig, TaskId, Time};
 
-use crate::Inner;
+use crate::Shared;
 use crate::config::ErrorRate;
 use crate::error::{Error, Result};
 
@@ -76,7 +76,7 @@ enum Requests {
     Missing,
 }
 
-impl Inner {
+impl Shared {
     fn requests(&self, names: &[String], start: u64) -> Result<Requests> {
         let (mut sum, mut var) = (0.0, 0.0);
         for n in names {

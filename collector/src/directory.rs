@@ -151,7 +151,7 @@ impl Directory {
 
 /// The gRPC face of the directory.
 #[derive(Clone, Debug)]
-pub(crate) struct DirectoryGrpc(pub(crate) std::sync::Arc<crate::Inner>);
+pub(crate) struct DirectoryGrpc(pub(crate) std::sync::Arc<crate::Shared>);
 
 #[tonic::async_trait]
 impl KeyDirectory for DirectoryGrpc {

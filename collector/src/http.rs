@@ -20,7 +20,7 @@ use hush_protocol::proto::v1 as pb;
 use hush_protocol::{Interval, TaskId, Time};
 use serde::{Deserialize, Serialize};
 
-use crate::Inner;
+use crate::Shared;
 use crate::error::Error;
 
 /// A released window as JSON.
@@ -146,7 +146,7 @@ fn parse_task(s: &str) -> Result<TaskId, (StatusCode, Json<serde_json::Value>)> 
         .map_err(|e: hush_protocol::ids::IdError| fail(Error::InvalidRequest(e.to_string())))
 }
 
-async fn tasks(State(inner): State<Arc<Inner>>) -> Json<Vec<TaskJson>> {
+async fn tasks(State(inner): State<Arc<Shared>>) -> Json<Vec<TaskJson>> {
     Json(
         inner
             .tasks
@@ -162,7 +162,7 @@ async fn tasks(State(inner): State<Arc<Inner>>) -> Json<Vec<TaskJson>> {
 }
 
 async fn windows(
-    State(inner): State<Arc<Inner>>,
+    State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
 ) -> Reply<Vec<WindowJson>> {
     let id = parse_task(&task)?;
@@ -172,7 +172,7 @@ async fn windows(
 }
 
 async fn window(
-    State(inner): State<Arc<Inner>>,
+    State(inner): State<Arc<Shared>>,
     Path((task, start)): Path<(String, u64)>,
 ) -> Reply<WindowJson> {
     let id = parse_task(&task)?;
@@ -193,7 +193,7 @@ async fn window(
 }
 
 async fn ad_hoc(
-    State(inner): State<Arc<Inner>>,
+    State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
     headers: HeaderMap,
     Json(req): Json<AdHocRequest>,
@@ -260,13 +260,13 @@ impl From<&pb::Alert> for AlertJson {
     }
 }
 
-async fn all_alerts(State(inner): State<Arc<Inner>>) -> Reply<Vec<AlertJson>> {
+async fn all_alerts(State(inner): State<Arc<Shared>>) -> Reply<Vec<AlertJson>> {
     let a = inner.store.alerts(None).map_err(fail)?;
     Ok(Json(a.iter().map(AlertJson::from).collect()))
 }
 
 async fn task_alerts(
-    State(inner): State<Arc<Inner>>,
+    State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
 ) -> Reply<Vec<AlertJson>> {
     let id = parse_task(&task)?;
@@ -285,7 +285,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Every read needs the read token (or the ad-hoc token).
 async fn require_read(
-    State(inner): State<Arc<Inner>>,
+    State(inner): State<Arc<Shared>>,
     headers: HeaderMap,
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -299,7 +299,7 @@ async fn require_read(
 
 /// The API's routes: reads behind the read token, ad-hoc collection behind the API token, all
 /// under the server's limit of requests in flight (the excess answered 503 at once).
-pub(super) fn router(inner: Arc<Inner>) -> Router {
+pub(super) fn router(inner: Arc<Shared>) -> Router {
     use tower::ServiceBuilder;
     let limit = inner.config.server.max_concurrent_requests;
     let reads = Router::new()

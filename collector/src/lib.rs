@@ -122,7 +122,7 @@ pub fn window_result(task: &TaskConfig, c: &Collected, ad_hoc: bool) -> pb::Wind
 
 /// State shared by the scheduler and the APIs.
 #[derive(Debug)]
-pub struct Inner {
+pub struct Shared {
     config: ResultsConfig,
     store: ResultsStore,
     tasks: BTreeMap<TaskId, TaskConfig>,
@@ -145,7 +145,7 @@ pub enum CollectFailure {
     Retry(String),
 }
 
-impl Inner {
+impl Shared {
     /// Whether `token` may read released results: the read token, or the ad-hoc token.
     fn check_read(&self, token: Option<&str>) -> Result<()> {
         let Some(t) = token else {
@@ -463,7 +463,7 @@ pub fn load_tasks(config: &ResultsConfig) -> Result<BTreeMap<TaskId, TaskConfig>
 }
 
 #[derive(Clone, Debug)]
-struct ResultsGrpc(Arc<Inner>);
+struct ResultsGrpc(Arc<Shared>);
 
 fn task_id(b: &[u8]) -> std::result::Result<TaskId, Status> {
     TaskId::try_from(b).map_err(|e| Status::invalid_argument(e.to_string()))
@@ -555,7 +555,7 @@ pub struct ResultsService {
     peers: hush_server::tls::PeerLog,
     grpc: SocketAddr,
     http: SocketAddr,
-    inner: Arc<Inner>,
+    inner: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     join: JoinHandle<Result<()>>,
 }
@@ -602,7 +602,7 @@ impl ResultsService {
             )?),
             None => None,
         };
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(Shared {
             keyring: Keyring::new(vec![secrets.collector_key.clone()]),
             config,
             store,
@@ -711,7 +711,7 @@ impl ResultsService {
     }
 }
 
-async fn scheduler(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+async fn scheduler(inner: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let every = Duration::from_millis(inner.config.poll_interval_ms);
     loop {
         inner.tick().await;

@@ -11,19 +11,19 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result};
-use crate::node::Node;
+use crate::shared::Shared;
 use crate::store::{NO_TASK, Stat};
 
 /// The `Admin` service of a shuffler.
 #[derive(Clone, Debug)]
 pub struct AdminService {
-    node: Node,
+    shared: Shared,
 }
 
 impl AdminService {
     /// A service over `node`.
-    pub fn new(node: Node) -> Self {
-        Self { node }
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
     }
 
     async fn create_task(&self, req: pb::CreateTaskRequest) -> Result<bool> {
@@ -45,7 +45,7 @@ impl AdminService {
             .ok_or_else(|| Error::InvalidRequest("CreateTaskRequest.task is missing".into()))?;
         let config =
             TaskConfig::try_from(task).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        let max = self.node.config.limits.max_packet_size;
+        let max = self.shared.config.limits.max_packet_size;
         if config.packet_size() > max {
             return Err(Error::InvalidRequest(format!(
                 "the task's packet_size {} is above this shuffler's limits.max_packet_size {max}; \
@@ -55,17 +55,17 @@ impl AdminService {
         }
         let id = config.id();
         let encoded = pb::TaskConfig::from(&config).encode_to_vec();
-        if let Some(prev) = self.node.store.task(&id)? {
+        if let Some(prev) = self.shared.store.task(&id)? {
             return if prev == encoded {
                 Ok(false)
             } else {
                 Err(Error::TaskConflict(id))
             };
         }
-        self.node.store.put_task(&id, encoded)?;
-        self.node.store.flush().await?;
+        self.shared.store.put_task(&id, encoded)?;
+        self.shared.store.flush().await?;
         tracing::info!(task = %id, tenant = config.tenant(), packet_size = config.packet_size(), "provisioned a task");
-        self.node.tasks.insert(config);
+        self.shared.tasks.insert(config);
         Ok(true)
     }
 
@@ -74,14 +74,14 @@ impl AdminService {
             NO_TASK
         } else {
             let id = TaskId::try_from(task_id).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-            if self.node.tasks.get(&id).is_none() {
+            if self.shared.tasks.get(&id).is_none() {
                 return Err(Error::InvalidRequest(format!(
                     "task {id} is not provisioned at this shuffler"
                 )));
             }
             *id.as_bytes()
         };
-        let counters = self.node.store.stats(&scope)?;
+        let counters = self.shared.store.stats(&scope)?;
         let get = |s: Stat| counters.get(&s).copied().unwrap_or(0);
         Ok(pb::TaskStats {
             task_id: task_id.to_vec().into(),
@@ -122,7 +122,7 @@ impl Admin for AdminService {
     ) -> std::result::Result<Response<pb::ListTasksResponse>, Status> {
         let tenant = request.into_inner().tenant;
         let mut tasks: Vec<TaskConfig> = self
-            .node
+            .shared
             .tasks
             .snapshot()
             .into_values()
@@ -147,7 +147,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::RotateHpkeKeyRequest>,
     ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
-        let keys = self.node.keys.clone();
+        let keys = self.shared.keys.clone();
         let configs = tokio::task::spawn_blocking(move || keys.rotate())
             .await
             .map_err(Error::from)?
@@ -172,7 +172,7 @@ impl Admin for AdminService {
     ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
         Ok(Response::new(pb::HpkeConfigList {
             configs: self
-                .node
+                .shared
                 .keys
                 .keyring()
                 .configs()
@@ -186,13 +186,13 @@ impl Admin for AdminService {
 /// The `HpkeKeys` service: the shuffler's public HPKE configs, current first.
 #[derive(Clone, Debug)]
 pub struct KeysService {
-    node: Node,
+    shared: Shared,
 }
 
 impl KeysService {
     /// A service over `node`.
-    pub fn new(node: Node) -> Self {
-        Self { node }
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
     }
 }
 
@@ -204,7 +204,7 @@ impl HpkeKeys for KeysService {
     ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
         Ok(Response::new(pb::HpkeConfigList {
             configs: self
-                .node
+                .shared
                 .keys
                 .keyring()
                 .configs()

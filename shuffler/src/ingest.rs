@@ -15,19 +15,19 @@ use tonic::{Request, Response, Status};
 use crate::config::{HopKind, ShufflerConfig};
 use crate::error::{Error, Result};
 use crate::mix::Admitted;
-use crate::node::Node;
+use crate::shared::Shared;
 use crate::store::{NO_TASK, Stat, StatDelta, key_epoch};
 
 /// The gRPC ingest service.
 #[derive(Clone, Debug)]
 pub struct IngestService {
-    node: Node,
+    shared: Shared,
 }
 
 impl IngestService {
     /// A service over `node`.
-    pub fn new(node: Node) -> Self {
-        Self { node }
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
     }
 }
 
@@ -106,7 +106,7 @@ impl IngestService {
                 1,
             );
         }
-        self.node.store.add_stats(&delta)
+        self.shared.store.add_stats(&delta)
     }
 
     /// Refuses a whole request for overload, counting every packet under `OverQuota`.
@@ -125,7 +125,7 @@ impl IngestService {
         source: IpAddr,
         packets: Vec<pb::Packet>,
     ) -> Result<pb::SubmitPacketsResponse, Status> {
-        let limits = &self.node.config.limits;
+        let limits = &self.shared.config.limits;
         if packets.len() > limits.max_request_packets {
             return Err(Status::invalid_argument(format!(
                 "{} packets in one request; the limit is {}",
@@ -137,8 +137,8 @@ impl IngestService {
             return Ok(pb::SubmitPacketsResponse::default());
         }
         let n = packets.len() as u32;
-        let tasks = self.node.tasks.snapshot();
-        if !self.node.limiter.take(source, n) {
+        let tasks = self.shared.tasks.snapshot();
+        if !self.shared.limiter.take(source, n) {
             return Err(self.refuse(
                 &packets,
                 &tasks,
@@ -166,7 +166,7 @@ impl IngestService {
             }
             let over: HashSet<String> = per_tenant
                 .into_iter()
-                .filter(|(t, k)| !self.node.tenant_limiter.take(t.clone(), *k))
+                .filter(|(t, k)| !self.shared.tenant_limiter.take(t.clone(), *k))
                 .map(|(t, _)| t)
                 .collect();
             if !over.is_empty() {
@@ -196,7 +196,7 @@ impl IngestService {
                 *wanted.entry(t).or_default() += 1;
             }
         }
-        let holdings = self.node.buffered_by_tenant.clone();
+        let holdings = self.shared.buffered_by_tenant.clone();
         let full = holdings.reserve(&wanted);
         if !full.is_empty() {
             let (theirs, rest): (Vec<pb::Packet>, Vec<pb::Packet>) = packets
@@ -224,7 +224,7 @@ impl IngestService {
             }
         };
         let n = packets.len() as u32;
-        let held = self.node.mixer.buffered();
+        let held = self.shared.mixer.buffered();
         if held + u64::from(n) > limits.max_buffered_packets {
             give_back(&BTreeMap::new());
             return Err(self.refuse(
@@ -237,7 +237,7 @@ impl IngestService {
             )?);
         }
 
-        let node = self.node.clone();
+        let node = self.shared.clone();
         let result =
             tokio::task::spawn_blocking(move || -> Result<(Outcomes, BTreeMap<String, u64>)> {
                 let keyring = node.keys.keyring();
@@ -292,7 +292,7 @@ impl IngestService {
             outcomes.reject(RejectReason::OverQuota);
         }
         // Durable before acknowledged.
-        self.node.store.flush().await?;
+        self.shared.store.flush().await?;
         tracing::debug!(accepted = outcomes.accepted(), "took a batch of packets");
         Ok(pb::SubmitPacketsResponse {
             accepted: outcomes.accepted(),

@@ -18,9 +18,10 @@ pub mod error;
 pub mod ingest;
 pub mod keys;
 pub mod mix;
-pub mod node;
 pub mod server;
+pub mod shared;
 pub mod store;
+pub mod tasks;
 
 pub use config::{HopKind, NextHopConfig, ShufflerConfig};
 pub use error::{Error, Result};

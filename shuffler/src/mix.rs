@@ -32,8 +32,8 @@ use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::config::{ForwardConfig, HopKind, MixConfig, NextHopConfig};
 use crate::error::{Error, Result};
-use crate::node::Tasks;
 use crate::store::{Incoming, StatDelta, Store, StoredPacket, buffer_key};
+use crate::tasks::Tasks;
 
 /// Largest gRPC message a shuffler sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

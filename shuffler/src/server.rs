@@ -24,14 +24,15 @@ use crate::error::{Error, Result};
 use crate::ingest::IngestService;
 use crate::keys::NodeKeys;
 use crate::mix::{HopClient, Mixer, forwarder};
-use crate::node::{Node, SourceLimiter, Tasks, TenantLimiter};
+use crate::shared::{Shared, SourceLimiter, TenantLimiter};
 use crate::store::Store;
+use crate::tasks::Tasks;
 
 /// A running shuffler.
 #[derive(Debug)]
 pub struct ShufflerNode {
     addr: SocketAddr,
-    node: Node,
+    shared: Shared,
     peers: PeerLog,
     shutdown: watch::Sender<bool>,
     join: JoinHandle<Result<()>>,
@@ -104,7 +105,7 @@ impl ShufflerNode {
                 buffered_by_tenant.add(&t, n);
             }
         }
-        let node = Node {
+        let shared = Shared {
             buffered_by_tenant,
             limiter: Arc::new(SourceLimiter::new(&config.limits)),
             tenant_limiter: Arc::new(TenantLimiter::for_tenants(&config.limits)),
@@ -118,53 +119,53 @@ impl ShufflerNode {
         let (tx, rx) = watch::channel(false);
 
         let mut background = JoinSet::new();
-        for (hop, client) in node.config.next_hops.iter().zip(hop_clients) {
+        for (hop, client) in shared.config.next_hops.iter().zip(hop_clients) {
             background.spawn(forwarder(
-                node.store.clone(),
-                node.mixer.clone(),
+                shared.store.clone(),
+                shared.mixer.clone(),
                 hop.clone(),
                 client,
-                (node.tasks.clone(), node.buffered_by_tenant.clone()),
-                node.config.forward.clone(),
+                (shared.tasks.clone(), shared.buffered_by_tenant.clone()),
+                shared.config.forward.clone(),
                 rx.clone(),
             ));
         }
-        background.spawn(maintenance(node.clone(), rx.clone()));
+        background.spawn(maintenance(shared.clone(), rx.clone()));
 
         // With TLS, a later shuffler refuses connections without a certificate from a trusted
         // CA before any handler runs; the first one takes services' clients.
         let ingest = InterceptedService::new(
-            ShufflerServer::new(IngestService::new(node.clone()))
-                .max_decoding_message_size(node.config.ingest_message_limit()),
+            ShufflerServer::new(IngestService::new(shared.clone()))
+                .max_decoding_message_size(shared.config.ingest_message_limit()),
             RequirePeerCert::named(
-                tls.is_some() && node.config.ingest_from == IngestFrom::Shufflers,
+                tls.is_some() && shared.config.ingest_from == IngestFrom::Shufflers,
                 "the previous shuffler",
-                &node.config.peers.previous,
+                &shared.config.peers.previous,
             ),
         );
         let admin = InterceptedService::new(
-            AdminServer::new(AdminService::new(node.clone())),
+            AdminServer::new(AdminService::new(shared.clone())),
             BearerAuth::new(admin_token, "admin token"),
         );
         // HPKE configs go to key directories only (they present a certificate): a service's
         // client never fetches keys from the party they belong to.
         let keys_svc = InterceptedService::new(
-            HpkeKeysServer::new(KeysService::new(node.clone())),
+            HpkeKeysServer::new(KeysService::new(shared.clone())),
             RequirePeerCert::named(
                 tls.is_some(),
                 "key directories",
-                &node.config.peers.key_directories,
+                &shared.config.peers.key_directories,
             ),
         );
         let mut srx = rx.clone();
         let signal = async move {
             let _ = srx.wait_for(|v| *v).await;
         };
-        let incoming = node.config.server.incoming(listener);
+        let incoming = shared.config.server.incoming(listener);
         let peers = PeerLog::default();
         let builder = hush_server::tls::server_builder(tls.as_ref())
             .map_err(|e| Error::config(e.to_string()))?;
-        let router = node
+        let router = shared
             .config
             .server
             .apply(builder)
@@ -172,17 +173,17 @@ impl ShufflerNode {
             .add_service(ingest)
             .add_service(admin)
             .add_service(keys_svc);
-        let store = node.store.clone();
+        let store = shared.store.clone();
         let join = tokio::spawn(async move {
             let served = router.serve_with_incoming_shutdown(incoming, signal).await;
             while background.join_next().await.is_some() {}
             store.flush().await?;
             served.map_err(|e| Error::from(std::io::Error::other(e)))
         });
-        tracing::info!(%addr, name = %node.config.name, tls = tls.is_some(), "shuffler listening");
+        tracing::info!(%addr, name = %shared.config.name, tls = tls.is_some(), "shuffler listening");
         Ok(Self {
             addr,
-            node,
+            shared,
             peers,
             shutdown: tx,
             join,
@@ -195,8 +196,8 @@ impl ShufflerNode {
     }
 
     /// The shared state (for tests and tools in the same process).
-    pub fn node(&self) -> &Node {
-        &self.node
+    pub fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// Who connected so far, per peer certificate name (or anonymous).
@@ -214,16 +215,16 @@ impl ShufflerNode {
 
 /// Deletes keys past their grace period (with their replay tags) and forgets idle rate-limit
 /// buckets.
-async fn maintenance(node: Node, mut shutdown: watch::Receiver<bool>) {
-    let every = Duration::from_secs(node.config.maintenance_interval_s.max(1));
+async fn maintenance(shared: Shared, mut shutdown: watch::Receiver<bool>) {
+    let every = Duration::from_secs(shared.config.maintenance_interval_s.max(1));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait_for(|v| *v) => return,
         }
-        node.limiter.forget_idle();
-        node.tenant_limiter.forget_idle();
-        let n = node.clone();
+        shared.limiter.forget_idle();
+        shared.tenant_limiter.forget_idle();
+        let n = shared.clone();
         match tokio::task::spawn_blocking(move || {
             n.mixer
                 .expire_stale(&n.store, &n.tasks, &n.buffered_by_tenant)
@@ -232,15 +233,15 @@ async fn maintenance(node: Node, mut shutdown: watch::Receiver<bool>) {
         {
             Ok(Ok(0)) => {}
             Ok(Ok(_)) => {
-                if let Err(e) = node.store.flush().await {
+                if let Err(e) = shared.store.flush().await {
                     tracing::error!(error = %e, "flushing after dropping stale packets failed");
                 }
             }
             Ok(Err(e)) => tracing::error!(error = %e, "dropping stale packets failed"),
             Err(e) => tracing::error!(error = %e, "dropping stale packets panicked"),
         }
-        let keys = node.keys.clone();
-        let period = node.config.key_rotation_period_s;
+        let keys = shared.keys.clone();
+        let period = shared.config.key_rotation_period_s;
         match tokio::task::spawn_blocking(move || {
             keys.rotate_if_due(period)?;
             keys.expire().map(|_| ())

@@ -160,7 +160,7 @@ pub struct Store {
 }
 
 impl Store {
-    /// The `keys` tree ([`crate::keys`]).
+    /// The `keys` tree (the key manager reads and writes it).
     pub(crate) fn keys_tree(&self) -> &Tree {
         &self.keys
     }

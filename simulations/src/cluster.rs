@@ -167,7 +167,7 @@ impl Cluster {
         let mixers: Vec<_> = self
             .shufflers
             .iter()
-            .map(|s| s.node().mixer.clone())
+            .map(|s| s.shared().mixer.clone())
             .collect();
         wait_until("the shufflers to forward", Duration::from_secs(120), || {
             mixers.iter().all(|m| m.buffered() == 0)

@@ -150,8 +150,14 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         };
         put("leader", cluster.leader.shared().store.tree_sizes());
         put("helper", cluster.helper.shared().store.tree_sizes());
-        put("shuffler-a", cluster.shufflers[0].node().store.tree_sizes());
-        put("shuffler-b", cluster.shufflers[1].node().store.tree_sizes());
+        put(
+            "shuffler-a",
+            cluster.shufflers[0].shared().store.tree_sizes(),
+        );
+        put(
+            "shuffler-b",
+            cluster.shufflers[1].shared().store.tree_sizes(),
+        );
         put("results", cluster.results.store().tree_sizes());
         history.push(sizes);
     }

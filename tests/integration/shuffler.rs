@@ -429,7 +429,7 @@ async fn overload_gets_resource_exhausted_and_stores_nothing() {
     assert_eq!((s.reports_accepted, s.reports_pending), (100, 100));
     assert_eq!(reasons(&s)[&RejectReason::OverQuota], 200);
     assert_eq!(
-        node.node().store.buffered_total(),
+        node.shared().store.buffered_total(),
         100,
         "refused packets are not stored"
     );
@@ -726,7 +726,7 @@ async fn a_rare_tasks_packets_wait_for_their_own_anonymity_set_and_a_busy_task_i
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(rare_seen(&sink.received()), 0);
     assert_eq!(
-        node.node().mixer.open_per_task()[&rare.id()],
+        node.shared().mixer.open_per_task()[&rare.id()],
         (K_MIN - 1) as u64
     );
     // Meanwhile another busy batch flows through unhindered.
@@ -813,7 +813,7 @@ async fn a_batch_stuck_under_k_min_past_the_report_expiry_is_dropped_and_its_quo
         assert!(start.elapsed() < Duration::from_secs(20), "{s:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(node.node().mixer.buffered(), 0);
+    assert_eq!(node.shared().mixer.buffered(), 0);
     assert!(
         sink.received().is_empty(),
         "a stuck batch is dropped, never released"

@@ -523,7 +523,7 @@ async fn scheduled_key_rotation_keeps_only_the_live_epochs_replay_tags() {
     }
     assert!(ids.len() >= 5, "the key rotated on schedule: {ids:?}");
     assert_eq!(sink.received().len(), 120);
-    let tags = node.node().store.tag_count();
+    let tags = node.shared().store.tag_count();
     assert!(
         tags <= 60,
         "{tags} replay tags after 120 packets: only the live epochs' should be kept"

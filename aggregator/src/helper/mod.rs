@@ -6,6 +6,8 @@
 //! verified output shares, and stores the response under the job id and the request's hash, so a
 //! retried job gets the same answer and is never counted twice.
 
+pub mod share;
+
 use hush_protocol::proto::v1::helper_aggregation_server::HelperAggregation;
 use hush_protocol::proto::v1::{self as pb, RejectReason};
 use hush_protocol::report::input_share_aad;
@@ -14,8 +16,8 @@ use prost::Message;
 use rayon::prelude::*;
 use tonic::{Request, Response, Status};
 
+use crate::checks::{ciphertext, reject_reason};
 use crate::error::{Error, Result};
-use crate::leader::{ciphertext, reject_reason};
 use crate::shared::Shared;
 use crate::store::{HelperCommit, HelperReport};
 use crate::tasks::TaskEntry;
@@ -175,7 +177,7 @@ impl HelperAggregation for HelperService {
         request: Request<pb::AggregateShareRequest>,
     ) -> std::result::Result<Response<pb::AggregateShareResponse>, Status> {
         Ok(Response::new(
-            crate::collection::helper_share(&self.shared, request.into_inner()).await?,
+            share::helper_share(&self.shared, request.into_inner()).await?,
         ))
     }
 }

@@ -1,18 +1,19 @@
-//! State shared by the services and background tasks of one shuffler.
+//! State shared by the services and background tasks of one shuffler ([`Shared`], like the
+//! aggregator's), and its rate limiters.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use hush_protocol::{Clock, TaskConfig, TaskId};
+use hush_protocol::Clock;
 use hush_server::quota::TenantHoldings;
 
 use crate::config::{LimitConfig, ShufflerConfig};
 use crate::keys::NodeKeys;
 use crate::mix::Mixer;
 use crate::store::Store;
+use crate::tasks::Tasks;
 
 /// Token buckets per key: per source address, or per tenant.
 pub struct KeyedLimiter<K: std::hash::Hash + Eq + Clone>(DefaultKeyedRateLimiter<K>);
@@ -70,46 +71,9 @@ impl TenantLimiter {
     }
 }
 
-/// Provisioned tasks: what a shuffler needs of them (packet size, tenant).
-#[derive(Clone, Debug, Default)]
-pub struct Tasks(Arc<RwLock<HashMap<TaskId, TaskConfig>>>);
-
-impl Tasks {
-    /// The task, if provisioned.
-    pub fn get(&self, id: &TaskId) -> Option<TaskConfig> {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
-    }
-
-    /// A copy of every task.
-    pub fn snapshot(&self) -> HashMap<TaskId, TaskConfig> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The tenant of a task, if provisioned.
-    pub fn tenant(&self, id: &TaskId) -> Option<String> {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .map(|t| t.tenant().to_owned())
-    }
-
-    /// Adds or replaces a task.
-    pub fn insert(&self, t: TaskConfig) {
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(t.id(), t);
-    }
-}
-
 /// What every part of a shuffler shares.
 #[derive(Clone, Debug)]
-pub struct Node {
+pub struct Shared {
     /// The configuration.
     pub config: Arc<ShufflerConfig>,
     /// The database.
