@@ -1,7 +1,6 @@
 //! The operator's API (admin bearer token) and HPKE config discovery (public).
 
 use hush_protocol::proto::v1::admin_server::Admin;
-use hush_protocol::proto::v1::hpke_keys_server::HpkeKeys;
 use hush_protocol::proto::v1::{self as pb, ReasonCount, RejectReason};
 use hush_protocol::{Role, TaskId};
 use tonic::{Request, Response, Status};
@@ -197,31 +196,6 @@ impl Admin for AdminService {
     async fn list_hpke_keys(
         &self,
         _request: Request<pb::ListHpkeKeysRequest>,
-    ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
-        Ok(Response::new(pb::HpkeConfigList {
-            configs: self.shared.keys.configs().iter().map(Into::into).collect(),
-        }))
-    }
-}
-
-/// The `HpkeKeys` service: the aggregator's public HPKE configs, current first.
-#[derive(Clone, Debug)]
-pub struct KeysService {
-    shared: Shared,
-}
-
-impl KeysService {
-    /// A service over `shared`.
-    pub fn new(shared: Shared) -> Self {
-        Self { shared }
-    }
-}
-
-#[tonic::async_trait]
-impl HpkeKeys for KeysService {
-    async fn get_hpke_configs(
-        &self,
-        _request: Request<pb::GetHpkeConfigsRequest>,
     ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
         Ok(Response::new(pb::HpkeConfigList {
             configs: self.shared.keys.configs().iter().map(Into::into).collect(),

@@ -162,29 +162,7 @@ impl From<Error> for tonic::Status {
     }
 }
 
-impl From<tokio::task::JoinError> for Error {
-    fn from(e: tokio::task::JoinError) -> Self {
-        Error::Server(e.into())
-    }
-}
-
-impl From<sled::Error> for Error {
-    fn from(e: sled::Error) -> Self {
-        Error::Server(e.into())
-    }
-}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::Server(e.into())
-    }
-}
-
-impl From<hush_protocol::keys::KeySetError> for Error {
-    fn from(e: hush_protocol::keys::KeySetError) -> Self {
-        Error::Server(e.into())
-    }
-}
+hush_server::server_error_conversions!(Error);
 
 /// The aggregator's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::admin::{AdminService, KeysService};
+use crate::admin::AdminService;
 use crate::audit::AuditRefusals;
 use crate::config::{AggregatorConfig, secret_from_env};
 use crate::error::{Error, Result};
@@ -31,6 +31,7 @@ use crate::shared::Shared;
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
 use hush_server::auth::BearerAuth;
+use hush_server::keys::KeysService;
 use hush_server::tls::{Both, PeerLog, RequirePeerCert};
 
 /// The secrets an aggregator needs, which never come from its config file.
@@ -154,7 +155,7 @@ impl Aggregator {
             ),
         );
         let keys_svc = InterceptedService::new(
-            HpkeKeysServer::new(KeysService::new(shared.clone())),
+            HpkeKeysServer::new(KeysService::new(shared.keys.clone())),
             AuditRefusals::new(
                 peer_cert("key directories", &peers_cfg.key_directories),
                 shared.trail(),
@@ -287,31 +288,9 @@ impl Aggregator {
 
     /// Serves until the process receives SIGINT or SIGTERM, then shuts down gracefully.
     pub async fn run_until_signal(self) -> Result<()> {
-        shutdown_signal().await;
+        hush_server::serve::shutdown_signal().await;
         tracing::info!("shutting down");
         self.shutdown().await
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
     }
 }
 

@@ -76,3 +76,38 @@ impl From<tokio::task::JoinError> for ServerError {
         ServerError::Join(e.to_string())
     }
 }
+
+/// Implements `From` into a role's error type (which has a `Server(ServerError)` variant) for
+/// every failure [`ServerError`] wraps: sled, I/O, a failed blocking task, a key set change.
+#[macro_export]
+macro_rules! server_error_conversions {
+    ($t:ty) => {
+        impl From<$crate::error::private::SledError> for $t {
+            fn from(e: $crate::error::private::SledError) -> Self {
+                Self::Server(e.into())
+            }
+        }
+        impl From<std::io::Error> for $t {
+            fn from(e: std::io::Error) -> Self {
+                Self::Server(e.into())
+            }
+        }
+        impl From<$crate::error::private::JoinError> for $t {
+            fn from(e: $crate::error::private::JoinError) -> Self {
+                Self::Server(e.into())
+            }
+        }
+        impl From<$crate::error::private::KeySetError> for $t {
+            fn from(e: $crate::error::private::KeySetError) -> Self {
+                Self::Server(e.into())
+            }
+        }
+    };
+}
+
+#[doc(hidden)]
+pub mod private {
+    pub use hush_protocol::keys::KeySetError;
+    pub use sled::Error as SledError;
+    pub use tokio::task::JoinError;
+}

@@ -6,6 +6,8 @@
 use std::sync::{Arc, Mutex, RwLock};
 
 use hush_protocol::keys::KeySet;
+use hush_protocol::proto::v1 as pb;
+use hush_protocol::proto::v1::hpke_keys_server::HpkeKeys;
 use hush_protocol::{Clock, Codec, HpkeConfig, Keyring};
 
 use crate::error::ServerError;
@@ -22,6 +24,20 @@ pub trait KeyStore: Send + Sync + 'static {
         let _ = config;
         Ok(())
     }
+}
+
+/// [`KeyStore::load_key_set`] for a store that keeps the set under `"keyset"` in `tree`.
+pub fn load_from_tree(tree: &sled::Tree) -> Result<Option<KeySet>, ServerError> {
+    tree.get(b"keyset")?
+        .map(|v| KeySet::from_bytes(&v).map_err(|e| ServerError::corrupt("key set", e)))
+        .transpose()
+}
+
+/// [`KeyStore::save_key_set`] for the same: written, then `db` flushed before it returns.
+pub fn save_to_tree(tree: &sled::Tree, db: &sled::Db, set: &KeySet) -> Result<(), ServerError> {
+    tree.insert(b"keyset", set.to_bytes())?;
+    db.flush()?;
+    Ok(())
 }
 
 /// The live key set and the keyring derived from it, shared by the services that open
@@ -150,6 +166,39 @@ impl<S: KeyStore> KeyManager<S> {
             );
         }
         Ok(removed.iter().map(HpkeConfig::id).collect())
+    }
+}
+
+/// The `HpkeKeys` service: a receiver's public HPKE configs, current first.
+#[derive(Debug)]
+pub struct KeysService<S> {
+    keys: KeyManager<S>,
+}
+
+impl<S> Clone for KeysService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+impl<S> KeysService<S> {
+    /// Publishes `keys`.
+    pub fn new(keys: KeyManager<S>) -> Self {
+        Self { keys }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: KeyStore> HpkeKeys for KeysService<S> {
+    async fn get_hpke_configs(
+        &self,
+        _request: tonic::Request<pb::GetHpkeConfigsRequest>,
+    ) -> Result<tonic::Response<pb::HpkeConfigList>, tonic::Status> {
+        Ok(tonic::Response::new(pb::HpkeConfigList {
+            configs: self.keys.configs().iter().map(Into::into).collect(),
+        }))
     }
 }
 

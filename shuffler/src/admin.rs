@@ -4,7 +4,6 @@
 
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::admin_server::Admin;
-use hush_protocol::proto::v1::hpke_keys_server::HpkeKeys;
 use hush_protocol::proto::v1::{ReasonCount, RejectReason};
 use hush_protocol::{TaskConfig, TaskId};
 use prost::Message;
@@ -169,38 +168,6 @@ impl Admin for AdminService {
     async fn list_hpke_keys(
         &self,
         _request: Request<pb::ListHpkeKeysRequest>,
-    ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
-        Ok(Response::new(pb::HpkeConfigList {
-            configs: self
-                .shared
-                .keys
-                .keyring()
-                .configs()
-                .iter()
-                .map(Into::into)
-                .collect(),
-        }))
-    }
-}
-
-/// The `HpkeKeys` service: the shuffler's public HPKE configs, current first.
-#[derive(Clone, Debug)]
-pub struct KeysService {
-    shared: Shared,
-}
-
-impl KeysService {
-    /// A service over `node`.
-    pub fn new(shared: Shared) -> Self {
-        Self { shared }
-    }
-}
-
-#[tonic::async_trait]
-impl HpkeKeys for KeysService {
-    async fn get_hpke_configs(
-        &self,
-        _request: Request<pb::GetHpkeConfigsRequest>,
     ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
         Ok(Response::new(pb::HpkeConfigList {
             configs: self

@@ -2,7 +2,6 @@
 //! Each key is an epoch for anti-replay: replay tags are stored under the key that opened the
 //! packet and deleted with the key after its grace period.
 
-use hush_protocol::Codec;
 use hush_protocol::HpkeConfig;
 use hush_protocol::keys::KeySet;
 use hush_server::ServerError;
@@ -15,18 +14,11 @@ pub type NodeKeys = hush_server::keys::KeyManager<Store>;
 
 impl KeyStore for Store {
     fn load_key_set(&self) -> Result<Option<KeySet>, ServerError> {
-        match self.keys_tree().get(b"keyset")? {
-            Some(v) => Ok(Some(
-                KeySet::from_bytes(&v).map_err(|e| ServerError::corrupt("key set", e))?,
-            )),
-            None => Ok(None),
-        }
+        hush_server::keys::load_from_tree(self.keys_tree())
     }
 
     fn save_key_set(&self, set: &KeySet) -> Result<(), ServerError> {
-        self.keys_tree().insert(b"keyset", set.to_bytes())?;
-        self.db().flush()?;
-        Ok(())
+        hush_server::keys::save_to_tree(self.keys_tree(), self.db(), set)
     }
 
     fn retired(&self, config: &HpkeConfig) -> Result<(), ServerError> {

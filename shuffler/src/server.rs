@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tonic::service::interceptor::InterceptedService;
 
-use crate::admin::{AdminService, KeysService};
+use crate::admin::AdminService;
 use crate::config::{IngestFrom, ShufflerConfig};
 use crate::error::{Error, Result};
 use crate::ingest::IngestService;
@@ -27,6 +27,7 @@ use crate::mix::{HopClient, Mixer, forwarder};
 use crate::shared::{Shared, SourceLimiter, TenantLimiter};
 use crate::store::Store;
 use crate::tasks::Tasks;
+use hush_server::keys::KeysService;
 
 /// A running shuffler.
 #[derive(Debug)]
@@ -150,7 +151,7 @@ impl ShufflerNode {
         // HPKE configs go to key directories only (they present a certificate): a service's
         // client never fetches keys from the party they belong to.
         let keys_svc = InterceptedService::new(
-            HpkeKeysServer::new(KeysService::new(shared.clone())),
+            HpkeKeysServer::new(KeysService::new(shared.keys.clone())),
             RequirePeerCert::named(
                 tls.is_some(),
                 "key directories",
