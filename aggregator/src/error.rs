@@ -125,17 +125,6 @@ pub enum Error {
     PermissionDenied(String),
 }
 
-impl Error {
-    pub(crate) fn corrupt(what: &'static str, detail: impl ToString) -> Self {
-        Error::Server(ServerError::corrupt(what, detail))
-    }
-
-    /// An unusable configuration, found at startup.
-    pub fn config(why: String) -> Self {
-        Error::Server(ServerError::Config(why))
-    }
-}
-
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use tonic::Status;

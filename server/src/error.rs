@@ -77,11 +77,23 @@ impl From<tokio::task::JoinError> for ServerError {
     }
 }
 
-/// Implements `From` into a role's error type (which has a `Server(ServerError)` variant) for
-/// every failure [`ServerError`] wraps: sled, I/O, a failed blocking task, a key set change.
+/// For a role's error type (which has a `Server(ServerError)` variant): the constructors
+/// `corrupt` and `config`, and `From` for every failure [`ServerError`] wraps: sled, I/O, a
+/// failed blocking task, a key set change.
 #[macro_export]
 macro_rules! server_error_conversions {
     ($t:ty) => {
+        impl $t {
+            /// A stored record named `what` that does not decode.
+            pub fn corrupt(what: &'static str, detail: impl ToString) -> Self {
+                Self::Server($crate::ServerError::corrupt(what, detail))
+            }
+
+            /// An unusable configuration, found at startup.
+            pub fn config(why: String) -> Self {
+                Self::Server($crate::ServerError::Config(why))
+            }
+        }
         impl From<$crate::error::private::SledError> for $t {
             fn from(e: $crate::error::private::SledError) -> Self {
                 Self::Server(e.into())
