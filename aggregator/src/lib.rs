@@ -7,6 +7,12 @@
 //!
 //! [`Aggregator::start`](server::Aggregator::start) runs one role over a config
 //! ([`AggregatorConfig`](config::AggregatorConfig)); the `hush aggregator` command wraps it.
+//! The leader's code is [`leader`] (ingest, jobs, collection), the helper's [`helper`], and the
+//! checks both run on a collection [`checks`].
+//!
+//! An aggregator never stores or logs an opened measurement (only aggregate shares), never
+//! releases a share without noise and a budget entry, and never learns a client's address: its
+//! reports come from the last shuffler.
 
 pub mod admin;
 pub mod audit;

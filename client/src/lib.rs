@@ -1,5 +1,9 @@
 //! # hush-client
 //!
+//! The only hush code a service runs. It never sends a measurement in the clear, never talks to
+//! an aggregator or a later shuffler (only to the first shuffler and its tenant's key directory),
+//! and never blocks or fails the service's request path.
+//!
 //! The library a service embeds to report telemetry to hush: [`HushClient`] (the runtime: a
 //! metrics registry and a background uploader, see [`runtime`]), [`HushLayer`] (a `tracing`
 //! layer that records span durations as latencies) and [`ClientTask`] (the report path). The

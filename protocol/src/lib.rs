@@ -1,11 +1,14 @@
 //! # hush-protocol
 //!
-//! The wire formats and pure logic every hush party shares: ids and coarse time, task
-//! configuration, HPKE envelopes, the report and onion packet formats, the Prio3 wrapper, DP
-//! decoding, and the generated `hush.v1` gRPC code with checked conversions into domain types.
+//! The wire formats, crypto and task configuration every hush party shares: ids and coarse
+//! time, task configuration and budget purposes, HPKE envelopes and key sets, the report and
+//! onion packet formats, the Prio3 wrapper, DP decoding, the key directory's signed-off set, the
+//! client side of a link (endpoints, TLS client config, bearer tokens), the one retry policy, and
+//! the generated `hush.v1` gRPC code with checked conversions into domain types.
 //!
-//! This crate does no I/O: no runtime, no storage, no servers. Decoders are strict (no trailing
-//! bytes, no truncation) and errors name what was wrong.
+//! It never does I/O: no runtime, no storage, no servers, no files (server plumbing is
+//! hush-server). Decoders are strict (no trailing bytes, no truncation) and errors name what was
+//! wrong.
 
 pub mod clock;
 pub mod codec;
