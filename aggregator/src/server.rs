@@ -27,7 +27,7 @@ use crate::keys::KeyManager;
 use crate::leader::{
     CollectionService, IngestService, JobDriver, MAX_COLLECTION_BYTES, helper_client,
 };
-use crate::shared::Shared;
+use crate::shared::{LeaderState, Shared};
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
 use hush_server::auth::BearerAuth;
@@ -122,16 +122,18 @@ impl Aggregator {
             tasks: TaskCache::new(tasks),
             keys,
             clock,
-            new_reports: Arc::new(Notify::new()),
-            pending: Arc::new(AtomicU64::new(pending_now)),
-            pending_by_tenant: Arc::new(TenantHoldings::new(config_leader_max_pending)),
+            leader: LeaderState {
+                new_reports: Arc::new(Notify::new()),
+                pending: Arc::new(AtomicU64::new(pending_now)),
+                pending_by_tenant: Arc::new(TenantHoldings::new(config_leader_max_pending)),
+            },
             collected: Default::default(),
             collect_lock: Default::default(),
             collect_refusals: Default::default(),
         };
         for t in shared.tasks.all() {
             let n = shared.store.pending_count(&t.config.id())?;
-            shared.pending_by_tenant.add(t.config.tenant(), n);
+            shared.leader.pending_by_tenant.add(t.config.tenant(), n);
         }
         for (task, window) in shared.store.collected_windows()? {
             shared.set_collected(&task, &[window], true);

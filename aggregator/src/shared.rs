@@ -14,6 +14,17 @@ use crate::keys::KeyManager;
 use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
 
+/// The leader's own state: reports waiting for aggregation.
+#[derive(Clone, Debug)]
+pub struct LeaderState {
+    /// Woken when the leader stores new reports.
+    pub new_reports: Arc<Notify>,
+    /// Reports the leader holds that are not aggregated yet.
+    pub pending: Arc<AtomicU64>,
+    /// The same per tenant, against `[leader] tenant_max_pending`.
+    pub pending_by_tenant: Arc<TenantHoldings>,
+}
+
 /// What every service of an aggregator shares.
 #[derive(Clone, Debug)]
 pub struct Shared {
@@ -29,12 +40,8 @@ pub struct Shared {
     pub keys: KeyManager,
     /// The time source.
     pub clock: Arc<dyn Clock>,
-    /// Woken when the leader stores new reports.
-    pub new_reports: Arc<Notify>,
-    /// Reports the leader holds that are not aggregated yet.
-    pub pending: Arc<AtomicU64>,
-    /// The same per tenant, against `[leader] tenant_max_pending`.
-    pub pending_by_tenant: Arc<TenantHoldings>,
+    /// What only the leader uses (idle at a helper).
+    pub leader: LeaderState,
     /// Windows that were collected: reports for them are refused as `BatchCollected`.
     pub collected: Arc<RwLock<HashSet<(TaskId, Time)>>>,
     /// Serializes collections in this process.
@@ -51,12 +58,16 @@ impl Shared {
 
     /// `n` pending reports of `task` left the store (aggregated, expired).
     pub fn pending_released(&self, task: &TaskId, n: u64) {
-        self.pending.fetch_sub(
-            n.min(self.pending.load(std::sync::atomic::Ordering::Relaxed)),
+        self.leader.pending.fetch_sub(
+            n.min(
+                self.leader
+                    .pending
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
             std::sync::atomic::Ordering::Relaxed,
         );
         if let Some(t) = self.tenant_of(task) {
-            self.pending_by_tenant.release(&t, n);
+            self.leader.pending_by_tenant.release(&t, n);
         }
     }
 

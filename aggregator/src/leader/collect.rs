@@ -186,7 +186,7 @@ impl CollectionService {
                     "reports of the interval are still being aggregated; retry later".into(),
                 ));
             }
-            shared.new_reports.notify_one();
+            shared.leader.new_reports.notify_one();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let batch = shared

@@ -84,7 +84,7 @@ impl IngestService {
             }
             status
         };
-        let holdings = &self.shared.pending_by_tenant;
+        let holdings = &self.shared.leader.pending_by_tenant;
         let full = holdings.reserve(&per_tenant);
         let checked = refuse_tenants(checked, &full, &tenant, || {
             format!(
@@ -131,7 +131,7 @@ impl IngestService {
             }
         }
         for (t, n) in unused {
-            self.shared.pending_by_tenant.release(&t, n);
+            self.shared.leader.pending_by_tenant.release(&t, n);
         }
     }
 }
@@ -216,7 +216,7 @@ impl LeaderIngest for IngestService {
             )));
         }
         if let Some(lc) = &self.shared.config.leader {
-            let pending = self.shared.pending.load(Ordering::Relaxed);
+            let pending = self.shared.leader.pending.load(Ordering::Relaxed);
             if pending + reports.len() as u64 > lc.max_pending_reports {
                 return Err(Status::resource_exhausted(format!(
                     "the leader holds {pending} reports waiting for aggregation (limit {}); retry later",
@@ -272,7 +272,10 @@ impl LeaderIngest for IngestService {
         self.settle_holdings(&tasks, stored.as_ref().ok().map(Vec::as_slice));
         let stored = stored?;
         let n_stored = stored.iter().filter(|s| **s == Ingested::Stored).count() as u64;
-        self.shared.pending.fetch_add(n_stored, Ordering::Relaxed);
+        self.shared
+            .leader
+            .pending
+            .fetch_add(n_stored, Ordering::Relaxed);
         for s in &stored {
             match s {
                 Ingested::Stored => outcomes.accept(),
@@ -283,7 +286,7 @@ impl LeaderIngest for IngestService {
         // Durable before acknowledged.
         self.shared.store.flush().await?;
         if outcomes.accepted() > 0 {
-            self.shared.new_reports.notify_one();
+            self.shared.leader.new_reports.notify_one();
         }
         tracing::debug!(
             accepted = outcomes.accepted(),

@@ -121,7 +121,7 @@ impl JobDriver {
                 in_flight.spawn(async move { me.run_job_until_done(id, job).await });
             }
             tokio::select! {
-                _ = self.shared.new_reports.notified() => {}
+                _ = self.shared.leader.new_reports.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
                 _ = shutdown.changed() => break,
