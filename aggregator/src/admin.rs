@@ -145,10 +145,11 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::RotateHpkeKeyRequest>,
     ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
-        let keys = self.shared.keys.clone();
-        let configs = tokio::task::spawn_blocking(move || keys.rotate())
+        let configs = self
+            .shared
+            .keys
+            .rotate_off_thread()
             .await
-            .map_err(Error::from)?
             .map_err(Error::from)?;
         self.shared.audit(AuditEvent {
             actor: "admin".into(),
@@ -197,8 +198,6 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::ListHpkeKeysRequest>,
     ) -> std::result::Result<Response<pb::HpkeConfigList>, Status> {
-        Ok(Response::new(pb::HpkeConfigList {
-            configs: self.shared.keys.configs().iter().map(Into::into).collect(),
-        }))
+        Ok(Response::new(self.shared.keys.config_list()))
     }
 }

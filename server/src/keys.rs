@@ -99,6 +99,19 @@ impl<S: KeyStore> KeyManager<S> {
         self.keyring().configs()
     }
 
+    /// The same, as `HpkeKeys` and the admin API answer them.
+    pub fn config_list(&self) -> pb::HpkeConfigList {
+        pb::HpkeConfigList {
+            configs: self.configs().iter().map(Into::into).collect(),
+        }
+    }
+
+    /// [`rotate`](Self::rotate) on tokio's blocking pool (it flushes the store).
+    pub async fn rotate_off_thread(&self) -> Result<Vec<HpkeConfig>, ServerError> {
+        let keys = self.clone();
+        tokio::task::spawn_blocking(move || keys.rotate()).await?
+    }
+
     /// Applies `change` to a copy of the key set, stores it, then makes it live.
     fn update<T>(
         &self,
@@ -196,9 +209,7 @@ impl<S: KeyStore> HpkeKeys for KeysService<S> {
         &self,
         _request: tonic::Request<pb::GetHpkeConfigsRequest>,
     ) -> Result<tonic::Response<pb::HpkeConfigList>, tonic::Status> {
-        Ok(tonic::Response::new(pb::HpkeConfigList {
-            configs: self.keys.configs().iter().map(Into::into).collect(),
-        }))
+        Ok(tonic::Response::new(self.keys.config_list()))
     }
 }
 
