@@ -17,7 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     config.bytes(["."]);
 
+    // The descriptor set the reflection service serves (`grpcurl list`).
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("hush_descriptor.bin"))
         .build_client(true)
         .build_server(true)
         .compile_with_config(config, &protos, std::slice::from_ref(&root))?;

@@ -32,6 +32,7 @@ use crate::store::Store;
 use crate::tasks::{TaskCache, TaskEntry};
 use hush_server::auth::BearerAuth;
 use hush_server::keys::KeysService;
+use hush_server::probe::Probes;
 use hush_server::tls::{Both, PeerLog, RequirePeerCert};
 
 /// The secrets an aggregator needs, which never come from its config file.
@@ -225,11 +226,28 @@ impl Aggregator {
             }
             _ => None,
         };
-        let maintenance = tokio::spawn(maintenance(shared.clone(), rx.clone()));
+        let mut names = vec![
+            hush_protocol::proto::v1::admin_server::SERVICE_NAME,
+            hush_protocol::proto::v1::hpke_keys_server::SERVICE_NAME,
+        ];
+        if role == Role::Leader {
+            names.push(hush_protocol::proto::v1::leader_ingest_server::SERVICE_NAME);
+            names.push(hush_protocol::proto::v1::collection_server::SERVICE_NAME);
+        } else {
+            names.push(hush_protocol::proto::v1::helper_aggregation_server::SERVICE_NAME);
+        }
+        let (probes, probe_svcs) = Probes::new(&names, shared.config.server.reflection).await?;
+        let maintenance = tokio::spawn(maintenance(shared.clone(), probes.clone(), rx.clone()));
 
         let mut srx = rx.clone();
+        let (drain_probes, grace) = (
+            probes.clone(),
+            Duration::from_millis(shared.config.server.drain_grace_ms),
+        );
         let signal = async move {
             let _ = srx.wait_for(|v| *v).await;
+            drain_probes.draining().await;
+            tokio::time::sleep(grace).await;
         };
         let incoming = shared.config.server.incoming(listener);
         let peers = PeerLog::default();
@@ -240,6 +258,8 @@ impl Aggregator {
             .server
             .apply(builder)
             .layer(peers.layer())
+            .add_service(probe_svcs.health)
+            .add_optional_service(probe_svcs.reflection)
             .add_service(admin)
             .add_service(keys_svc)
             .add_optional_service(ingest)
@@ -298,7 +318,7 @@ impl Aggregator {
 
 /// Applies retention ([`crate::retention`]), expires finished helper jobs and HPKE keys past
 /// their grace period.
-async fn maintenance(shared: Shared, mut shutdown: watch::Receiver<bool>) {
+async fn maintenance(shared: Shared, probes: Probes, mut shutdown: watch::Receiver<bool>) {
     let every = Duration::from_secs(shared.config.maintenance_interval_s.max(1));
     loop {
         tokio::select! {
@@ -306,6 +326,9 @@ async fn maintenance(shared: Shared, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.wait_for(|v| *v) => return,
         }
         let now = shared.clock.now();
+        probes
+            .store_written(shared.store.probe_write(now.as_secs()).await.is_ok())
+            .await;
         let s = shared.clone();
         match tokio::task::spawn_blocking(move || crate::retention::run_once(&s)).await {
             Ok(Ok(_)) => {}

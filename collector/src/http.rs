@@ -297,6 +297,15 @@ async fn require_read(
     }
 }
 
+/// Ready while every service is SERVING (not draining, the store takes writes): 200, else 503.
+async fn readyz(State(inner): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    if inner.probes.serving() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
 /// The API's routes: reads behind the read token, ad-hoc collection behind the API token, all
 /// under the server's limit of requests in flight (the excess answered 503 at once).
 pub(super) fn router(inner: Arc<Shared>) -> Router {
@@ -312,6 +321,10 @@ pub(super) fn router(inner: Arc<Shared>) -> Router {
             inner.clone(),
             require_read,
         ));
+    let probes = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(inner.clone());
     Router::new()
         .route("/v1/tasks/{task}/collect", post(ad_hoc))
         .merge(reads)
@@ -331,4 +344,6 @@ pub(super) fn router(inner: Arc<Shared>) -> Router {
                 // and a per-route limit would let a flood of one route pass while another is busy.
                 .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limit)),
         )
+        // Probes answer outside the limit: a busy service is alive and ready.
+        .merge(probes)
 }

@@ -133,6 +133,8 @@ pub struct Shared {
     tls: Option<ClientTlsConfig>,
     /// The key directory, with a `[cascade]` section.
     directory: Option<directory::Directory>,
+    /// Health as the gRPC health protocol and `/readyz` report it.
+    probes: hush_server::probe::Probes,
 }
 
 /// Why a collection did not give a result.
@@ -602,7 +604,16 @@ impl ResultsService {
             )?),
             None => None,
         };
+        let (probes, probe_svcs) = hush_server::probe::Probes::new(
+            &[
+                hush_protocol::proto::v1::results_server::SERVICE_NAME,
+                hush_protocol::proto::v1::key_directory_server::SERVICE_NAME,
+            ],
+            config.server.reflection,
+        )
+        .await?;
         let inner = Arc::new(Shared {
+            probes,
             keyring: Keyring::new(vec![secrets.collector_key.clone()]),
             config,
             store,
@@ -625,12 +636,22 @@ impl ResultsService {
             .server
             .apply(builder)
             .layer(peers.layer())
+            .add_service(probe_svcs.health)
+            .add_optional_service(probe_svcs.reflection)
             .add_service(ResultsServer::new(ResultsGrpc(inner.clone())))
             .add_service(KeyDirectoryServer::new(directory::DirectoryGrpc(
                 inner.clone(),
             )))
-            .serve_with_incoming_shutdown(inner.config.server.incoming(grpc_l), async move {
-                let _ = srx.wait_for(|v| *v).await;
+            .serve_with_incoming_shutdown(inner.config.server.incoming(grpc_l), {
+                let (probes, grace) = (
+                    inner.probes.clone(),
+                    Duration::from_millis(inner.config.server.drain_grace_ms),
+                );
+                async move {
+                    let _ = srx.wait_for(|v| *v).await;
+                    probes.draining().await;
+                    tokio::time::sleep(grace).await;
+                }
             });
         // The HTTP/JSON API: HTTPS with the same certificate when [tls] is set.
         let mut hrx = rx.clone();
@@ -714,6 +735,11 @@ impl ResultsService {
 async fn scheduler(inner: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let every = Duration::from_millis(inner.config.poll_interval_ms);
     loop {
+        let now = inner.clock.now().as_secs();
+        inner
+            .probes
+            .store_written(inner.store.probe_write(now).await.is_ok())
+            .await;
         inner.tick().await;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

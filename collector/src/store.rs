@@ -50,6 +50,11 @@ fn decode(v: &[u8]) -> Result<pb::WindowResult> {
 }
 
 impl ResultsStore {
+    /// Writes and flushes a probe record: whether the store takes writes now (health).
+    pub async fn probe_write(&self, now_s: u64) -> Result<()> {
+        Ok(hush_server::db::probe_write(&self.db, now_s).await?)
+    }
+
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
         let db = hush_server::db::open_at(dir, "results", cache_mb)?;

@@ -39,6 +39,10 @@ pub mod proto {
     pub mod v1 {
         tonic::include_proto!("hush.v1");
     }
+
+    /// The encoded `FileDescriptorSet` of every `hush.v1` proto, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/hush_descriptor.bin"));
 }
 
 pub use clock::{Clock, MockClock, SystemClock};

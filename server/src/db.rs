@@ -50,6 +50,14 @@ pub async fn flush(db: &sled::Db) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Writes and flushes a probe record (tree `health`, one key): whether the store can take a
+/// write now, as the health protocol reports it.
+pub async fn probe_write(db: &sled::Db, now_s: u64) -> Result<(), ServerError> {
+    db.open_tree("health")?
+        .insert(b"probe", &now_s.to_be_bytes())?;
+    flush(db).await
+}
+
 /// Aborts a transaction with `e`.
 pub fn abort<E>(e: E) -> ConflictableTransactionError<E> {
     ConflictableTransactionError::Abort(e)

@@ -3,8 +3,8 @@
 //! What every hush server process shares, whatever its role (shuffler, leader, helper, the
 //! collector's results service): the sled database ([`db`]), serving with limits and the one
 //! shutdown signal ([`serve`]), TLS and peer identities ([`tls`]), bearer tokens ([`auth`]),
-//! per-tenant bounds ([`quota`]), the HPKE key manager ([`keys`]) and the error core
-//! ([`error`]).
+//! per-tenant bounds ([`quota`]), the HPKE key manager ([`keys`]), health and reflection
+//! ([`probe`]) and the error core ([`error`]).
 //!
 //! It never holds a role's logic: no report, packet or collection is handled here, and nothing
 //! here logs a measurement or a sender's address above debug level.
@@ -13,6 +13,7 @@ pub mod auth;
 pub mod db;
 pub mod error;
 pub mod keys;
+pub mod probe;
 pub mod quota;
 pub mod serve;
 pub mod tls;

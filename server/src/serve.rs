@@ -29,6 +29,13 @@ pub struct ServerLimits {
     /// Open connections; a connection past it is closed as soon as it is accepted.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Serve gRPC reflection (`grpcurl list`); turn off to publish only the health service.
+    #[serde(default = "defaults::reflection")]
+    pub reflection: bool,
+    /// On shutdown (SIGTERM), how long every service reports NOT_SERVING over the health
+    /// protocol before the listener stops, so a load balancer can move traffic away.
+    #[serde(default)]
+    pub drain_grace_ms: u64,
 }
 
 impl Default for ServerLimits {
@@ -37,6 +44,8 @@ impl Default for ServerLimits {
             max_concurrent_requests: defaults::max_concurrent_requests(),
             max_concurrent_streams: defaults::max_concurrent_streams(),
             max_connections: defaults::max_connections(),
+            reflection: defaults::reflection(),
+            drain_grace_ms: 0,
         }
     }
 }
@@ -50,6 +59,9 @@ mod defaults {
     }
     pub(super) fn max_connections() -> usize {
         1_024
+    }
+    pub(super) fn reflection() -> bool {
+        true
     }
 }
 

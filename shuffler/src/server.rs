@@ -28,6 +28,7 @@ use crate::shared::{Shared, SourceLimiter, TenantLimiter};
 use crate::store::Store;
 use crate::tasks::Tasks;
 use hush_server::keys::KeysService;
+use hush_server::probe::Probes;
 
 /// A running shuffler.
 #[derive(Debug)]
@@ -131,7 +132,6 @@ impl ShufflerNode {
                 rx.clone(),
             ));
         }
-        background.spawn(maintenance(shared.clone(), rx.clone()));
 
         // With TLS, a later shuffler refuses connections without a certificate from a trusted
         // CA before any handler runs; the first one takes services' clients.
@@ -158,9 +158,24 @@ impl ShufflerNode {
                 &shared.config.peers.key_directories,
             ),
         );
+        let names = [
+            hush_protocol::proto::v1::shuffler_server::SERVICE_NAME,
+            hush_protocol::proto::v1::admin_server::SERVICE_NAME,
+            hush_protocol::proto::v1::hpke_keys_server::SERVICE_NAME,
+        ];
+        let (probes, probe_svcs) = Probes::new(&names, shared.config.server.reflection)
+            .await
+            .map_err(Error::from)?;
+        background.spawn(maintenance(shared.clone(), probes.clone(), rx.clone()));
         let mut srx = rx.clone();
+        let (drain_probes, grace) = (
+            probes.clone(),
+            Duration::from_millis(shared.config.server.drain_grace_ms),
+        );
         let signal = async move {
             let _ = srx.wait_for(|v| *v).await;
+            drain_probes.draining().await;
+            tokio::time::sleep(grace).await;
         };
         let incoming = shared.config.server.incoming(listener);
         let peers = PeerLog::default();
@@ -171,6 +186,8 @@ impl ShufflerNode {
             .server
             .apply(builder)
             .layer(peers.layer())
+            .add_service(probe_svcs.health)
+            .add_optional_service(probe_svcs.reflection)
             .add_service(ingest)
             .add_service(admin)
             .add_service(keys_svc);
@@ -216,13 +233,21 @@ impl ShufflerNode {
 
 /// Deletes keys past their grace period (with their replay tags) and forgets idle rate-limit
 /// buckets.
-async fn maintenance(shared: Shared, mut shutdown: watch::Receiver<bool>) {
+async fn maintenance(shared: Shared, probes: Probes, mut shutdown: watch::Receiver<bool>) {
     let every = Duration::from_secs(shared.config.maintenance_interval_s.max(1));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait_for(|v| *v) => return,
         }
+        let now = shared.clock.now().as_secs();
+        probes
+            .store_written(
+                hush_server::db::probe_write(shared.store.db(), now)
+                    .await
+                    .is_ok(),
+            )
+            .await;
         shared.limiter.forget_idle();
         shared.tenant_limiter.forget_idle();
         let n = shared.clone();

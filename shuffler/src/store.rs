@@ -166,7 +166,7 @@ impl Store {
     }
 
     /// The database.
-    pub(crate) fn db(&self) -> &sled::Db {
+    pub fn db(&self) -> &sled::Db {
         &self.db
     }
 

@@ -6,6 +6,7 @@ mod collection;
 mod docs_samples;
 mod fuzz_regressions;
 mod key_directory;
+mod probes;
 mod report_path;
 mod results;
 mod shuffler;
