@@ -258,6 +258,13 @@ impl Aggregator {
             .server
             .apply(builder)
             .layer(peers.layer())
+            .layer(hush_server::trace::RequestSpans::new(
+                if role == Role::Leader {
+                    "leader"
+                } else {
+                    "helper"
+                },
+            ))
             .add_service(probe_svcs.health)
             .add_optional_service(probe_svcs.reflection)
             .add_service(admin)

@@ -636,6 +636,7 @@ impl ResultsService {
             .server
             .apply(builder)
             .layer(peers.layer())
+            .layer(hush_server::trace::RequestSpans::new("results"))
             .add_service(probe_svcs.health)
             .add_optional_service(probe_svcs.reflection)
             .add_service(ResultsServer::new(ResultsGrpc(inner.clone())))

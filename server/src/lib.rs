@@ -4,7 +4,7 @@
 //! collector's results service): the sled database ([`db`]), serving with limits and the one
 //! shutdown signal ([`serve`]), TLS and peer identities ([`tls`]), bearer tokens ([`auth`]),
 //! per-tenant bounds ([`quota`]), the HPKE key manager ([`keys`]), health and reflection
-//! ([`probe`]) and the error core ([`error`]).
+//! ([`probe`]), a span per request ([`trace`]) and the error core ([`error`]).
 //!
 //! It never holds a role's logic: no report, packet or collection is handled here, and nothing
 //! here logs a measurement or a sender's address above debug level.
@@ -17,5 +17,6 @@ pub mod probe;
 pub mod quota;
 pub mod serve;
 pub mod tls;
+pub mod trace;
 
 pub use error::ServerError;

@@ -186,6 +186,7 @@ impl ShufflerNode {
             .server
             .apply(builder)
             .layer(peers.layer())
+            .layer(hush_server::trace::RequestSpans::new("shuffler"))
             .add_service(probe_svcs.health)
             .add_optional_service(probe_svcs.reflection)
             .add_service(ingest)

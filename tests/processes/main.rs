@@ -12,6 +12,7 @@ mod end_to_end;
 mod load;
 mod shuffler_crash;
 mod soak;
+mod spans;
 
 use std::path::Path;
 

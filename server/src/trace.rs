@@ -1,0 +1,107 @@
+//! One tracing span per request on every gRPC server: the server's party, the gRPC method, the
+//! caller's role (the name its client certificate gives, or `anonymous`; never an address), and
+//! on completion the gRPC status and latency. Every log line written while a request runs
+//! carries the span's fields, and `--log-format json` writes them as JSON.
+//!
+//! The completion event is at debug level (`RUST_LOG=hush_server::trace=debug` logs every
+//! request). The status comes from the response headers, where tonic puts every refusal and
+//! handler error (a trailers-only response); a response whose status only arrives in trailers
+//! is logged as `0` (OK).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tonic::codegen::http;
+use tracing::Instrument;
+
+use crate::tls::{ANONYMOUS, peer_name};
+
+/// The layer: add it to a server with `.layer(RequestSpans::new("leader"))`.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestSpans {
+    party: &'static str,
+}
+
+impl RequestSpans {
+    /// Spans for the server of `party` ("leader", "helper", "shuffler", "results").
+    pub fn new(party: &'static str) -> Self {
+        Self { party }
+    }
+}
+
+impl<S> tower::Layer<S> for RequestSpans {
+    type Service = Spanned<S>;
+
+    fn layer(&self, inner: S) -> Spanned<S> {
+        Spanned {
+            inner,
+            party: self.party,
+        }
+    }
+}
+
+/// A service whose requests each run in their own span.
+#[derive(Clone, Debug)]
+pub struct Spanned<S> {
+    inner: S,
+    party: &'static str,
+}
+
+/// The caller's role: its certificate's name, or [`ANONYMOUS`].
+fn caller<B>(req: &http::Request<B>) -> String {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.peer_certs())
+        .and_then(|c| c.first().map(|c| peer_name(c.as_ref())))
+        .unwrap_or_else(|| ANONYMOUS.to_owned())
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Spanned<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let span = tracing::info_span!(
+            "request",
+            party = self.party,
+            method = %req.uri().path(),
+            peer = %caller(&req),
+        );
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(
+            async move {
+                let out = fut.await;
+                let latency_ms = start.elapsed().as_secs_f64() * 1e3;
+                match &out {
+                    Ok(resp) => {
+                        let status = resp
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("0")
+                            .to_owned();
+                        tracing::debug!(grpc_status = %status, latency_ms, "request served");
+                    }
+                    Err(_) => tracing::debug!(latency_ms, "request failed in transport"),
+                }
+                out
+            }
+            .instrument(span),
+        )
+    }
+}
