@@ -55,6 +55,7 @@ use tonic::transport::Channel;
 use crate::report::{ClientError, ClientTask};
 
 mod discovery;
+mod export;
 mod uploader;
 mod window;
 

@@ -82,6 +82,7 @@ pub(super) async fn background(
         }
         inner.close_windows(false);
         inner.queue_closed();
+        super::export::export(&inner);
         if let KeySource::Directory(url) = &inner.endpoints.keys {
             let needs_keys = lock_read(&inner.keys).is_none()
                 || refreshed.elapsed() >= inner.config.refresh_interval;
@@ -94,10 +95,14 @@ pub(super) async fn background(
                 .await
                 {
                     Ok(k) => {
+                        super::export::key_refresh(true);
                         adopt(&inner, k);
                         refreshed = tokio::time::Instant::now();
                     }
-                    Err(e) => tracing::debug!(error = %e, "key set unavailable; will retry"),
+                    Err(e) => {
+                        super::export::key_refresh(false);
+                        tracing::debug!(error = %e, "key set unavailable; will retry");
+                    }
                 }
             }
         }
@@ -156,6 +161,7 @@ pub(super) async fn background(
                         .counters
                         .upload_retries
                         .fetch_add(1, Ordering::Relaxed);
+                    super::export::upload_error(s.code());
                     let (delay, failure) = backoff.after(s.code());
                     if failure == Failure::Permanent {
                         tracing::warn!(
