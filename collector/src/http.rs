@@ -297,6 +297,41 @@ async fn require_read(
     }
 }
 
+/// One span per HTTP request, like [`hush_server::trace`] on the gRPC side: the party, the
+/// method and matched route (never the query or a token), and on completion the HTTP status and
+/// latency (a debug event, `request served`). HTTP callers carry no certificate: `peer` is
+/// `http`.
+async fn span_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let span = tracing::info_span!(
+        "request",
+        party = "results",
+        method = %format!("{} {route}", req.method()),
+        peer = "http",
+    );
+    let start = std::time::Instant::now();
+    async move {
+        let resp = next.run(req).await;
+        let latency_ms = start.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(
+            http_status = resp.status().as_u16(),
+            latency_ms,
+            "request served"
+        );
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
 /// Ready while every service is SERVING (not draining, the store takes writes): 200, else 503.
 async fn readyz(State(inner): State<Arc<Shared>>) -> (StatusCode, &'static str) {
     if inner.probes.serving() {
@@ -346,4 +381,5 @@ pub(super) fn router(inner: Arc<Shared>) -> Router {
         )
         // Probes answer outside the limit: a busy service is alive and ready.
         .merge(probes)
+        .layer(axum::middleware::from_fn(span_request))
 }

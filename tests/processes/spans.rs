@@ -100,3 +100,76 @@ async fn every_request_is_a_json_span_with_method_role_status_and_latency() {
         assert!(!e.3.to_string().contains("127.0.0.1"), "{}", e.3);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_results_http_api_logs_a_span_per_request_with_route_and_status() {
+    use base64::Engine as _;
+    use hush_protocol::{Codec, HpkeKeypair, MeasurementKind, TaskConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let collector = HpkeKeypair::generate(1);
+    let task = TaskConfig::new(hush_tests::task_params(
+        MeasurementKind::Counter,
+        &collector,
+    ))
+    .unwrap();
+    std::fs::write(d.join("task.toml"), toml::to_string(task.params()).unwrap()).unwrap();
+    let config = d.join("results.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tenant = \"acme\"\nlisten_grpc = \"127.0.0.1:0\"\nlisten_http = \"127.0.0.1:0\"\n\
+             data_dir = \"{}\"\nleader_url = \"http://127.0.0.1:1\"\ntask_files = [\"{}\"]\n",
+            d.join("data").display(),
+            d.join("task.toml").display()
+        ),
+    )
+    .unwrap();
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(collector.to_bytes());
+    let log = d.join("log");
+    let mut results = HushProcess::spawn_with_env(
+        hush_bin(),
+        &[
+            "--log-format",
+            "json",
+            "results",
+            "--insecure",
+            "--config",
+            &config.display().to_string(),
+        ]
+        .map(String::from),
+        &[
+            ("RUST_LOG", "info,hush_collector=debug"),
+            ("HUSH_TENANT_TOKEN", "acme-token-0123456789"),
+            ("HUSH_RESULTS_READ_TOKEN", "read-token-0123456789"),
+            ("HUSH_COLLECTOR_KEY", &key),
+        ],
+        &log,
+    );
+    let http = results.http_addr().expect("HTTP address");
+    let path = format!("/v1/tasks/{}/windows", task.id());
+    let (ok, _) =
+        hush_tests::http::request(http, "GET", &path, Some("read-token-0123456789"), None).await;
+    let (refused, _) = hush_tests::http::request(http, "GET", &path, None, None).await;
+    assert_eq!((ok, refused), (200, 401));
+    results.terminate();
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "request served" && v["span"]["party"] == "results")
+        .collect();
+    let statuses: Vec<u64> = lines
+        .iter()
+        .filter(|v| v["span"]["method"] == "GET /v1/tasks/{task}/windows")
+        .map(|v| v["fields"]["http_status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [200, 401], "{text}");
+    for v in &lines {
+        // The route, not the request's path: no task id, no query, no token.
+        assert!(!v.to_string().contains("read-token"), "{v}");
+        assert!(!v.to_string().contains(&task.id().to_string()), "{v}");
+        assert_eq!(v["span"]["peer"], "http");
+    }
+}
