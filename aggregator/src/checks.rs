@@ -297,3 +297,39 @@ pub fn ciphertext(
     p.and_then(|c| HpkeCiphertext::try_from(c).ok())
         .ok_or(RejectReason::Malformed)
 }
+
+/// After a share was committed: the audit entry of what it spent, a flush, and the log line
+/// (`what`: "collection" at the leader, "aggregate share" at the helper).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn record_release(
+    shared: &Shared,
+    actor: String,
+    action: &str,
+    task: &TaskEntry,
+    interval: &Interval,
+    reports: u64,
+    purpose: BudgetPurpose,
+    left_micros: u64,
+    what: &str,
+) -> Result<()> {
+    shared.audit(spend_event(
+        actor,
+        action,
+        task,
+        interval,
+        reports,
+        purpose.name(),
+        left_micros,
+    ));
+    shared.store.flush().await?;
+    tracing::info!(
+        task = %task.config.id(),
+        start = interval.start().as_secs(),
+        duration = interval.duration(),
+        reports,
+        purpose = purpose.name(),
+        epsilon = %task.config.epsilon_per_collection(),
+        "released a noisy {what}"
+    );
+    Ok(())
+}

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hush_protocol::collect::{Collected, open_collection};
+use hush_protocol::link::AddBearer;
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::collection_client::CollectionClient;
 use hush_protocol::proto::v1::key_directory_server::KeyDirectoryServer;
@@ -46,6 +47,7 @@ use hush_server::auth::{bearer_token, token_hash, token_matches};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ClientTlsConfig;
 use tonic::{Request, Response, Status};
 
@@ -137,6 +139,17 @@ pub struct Shared {
     probes: hush_server::probe::Probes,
 }
 
+/// What a refusal of the leader means for a collection: for good, or worth another try.
+fn leader_failure(s: Status) -> CollectFailure {
+    match s.code() {
+        tonic::Code::FailedPrecondition
+        | tonic::Code::PermissionDenied
+        | tonic::Code::Unauthenticated
+        | tonic::Code::InvalidArgument => CollectFailure::Refused(s.message().to_owned()),
+        _ => CollectFailure::Retry(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
 /// Why a collection did not give a result.
 #[derive(Debug)]
 pub enum CollectFailure {
@@ -174,6 +187,22 @@ impl Shared {
         self.tasks.get(id).ok_or(Error::UnknownTask(*id))
     }
 
+    /// The leader's `Collection` service, called with the tenant's token.
+    fn leader(
+        &self,
+    ) -> std::result::Result<
+        CollectionClient<InterceptedService<tonic::transport::Channel, AddBearer>>,
+        CollectFailure,
+    > {
+        let channel =
+            hush_protocol::link::channel(&self.config.leader_url, self.tls.as_ref(), "leader_url")
+                .map_err(|e| CollectFailure::Retry(e.to_string()))?;
+        let auth = AddBearer::new(&self.secrets.tenant_token).map_err(|_| {
+            CollectFailure::Refused("the tenant token is not valid header text".into())
+        })?;
+        Ok(CollectionClient::with_interceptor(channel, auth))
+    }
+
     /// Collects `interval` of `task` from the leader and decodes it.
     async fn collect(
         &self,
@@ -182,32 +211,18 @@ impl Shared {
         collection_id: Option<[u8; 16]>,
         purpose: pb::BudgetPurpose,
     ) -> std::result::Result<(Collected, u64), CollectFailure> {
-        let channel =
-            hush_protocol::link::channel(&self.config.leader_url, self.tls.as_ref(), "leader_url")
-                .map_err(|e| CollectFailure::Retry(e.to_string()))?;
-        let mut req = Request::new(pb::CollectRequest {
+        let req = Request::new(pb::CollectRequest {
             task_id: task.id().as_bytes().to_vec().into(),
             interval: Some(interval.into()),
             collection_id: collection_id.map(|c| c.to_vec()).unwrap_or_default().into(),
             purpose: purpose as i32,
         });
-        let auth = format!("Bearer {}", self.secrets.tenant_token)
-            .parse()
-            .map_err(|_| {
-                CollectFailure::Refused("the tenant token is not valid header text".into())
-            })?;
-        req.metadata_mut().insert("authorization", auth);
-        let resp = CollectionClient::new(channel)
+        let resp = self
+            .leader()?
             .max_decoding_message_size(hush_protocol::collect::MAX_COLLECTION_BYTES)
             .collect(req)
             .await
-            .map_err(|s| match s.code() {
-                tonic::Code::FailedPrecondition
-                | tonic::Code::PermissionDenied
-                | tonic::Code::Unauthenticated
-                | tonic::Code::InvalidArgument => CollectFailure::Refused(s.message().to_owned()),
-                _ => CollectFailure::Retry(format!("{:?}: {}", s.code(), s.message())),
-            })?
+            .map_err(leader_failure)?
             .into_inner();
         let c = open_collection(task, &self.keyring, &resp)
             .map_err(|e| CollectFailure::Refused(e.to_string()))?;
@@ -220,29 +235,15 @@ impl Shared {
         task: &TaskConfig,
         interval: &Interval,
     ) -> std::result::Result<pb::Estimate, CollectFailure> {
-        let channel =
-            hush_protocol::link::channel(&self.config.leader_url, self.tls.as_ref(), "leader_url")
-                .map_err(|e| CollectFailure::Retry(e.to_string()))?;
-        let mut req = Request::new(pb::LateCountRequest {
+        let req = Request::new(pb::LateCountRequest {
             task_id: task.id().as_bytes().to_vec().into(),
             interval: Some(interval.into()),
         });
-        let auth = format!("Bearer {}", self.secrets.tenant_token)
-            .parse()
-            .map_err(|_| {
-                CollectFailure::Refused("the tenant token is not valid header text".into())
-            })?;
-        req.metadata_mut().insert("authorization", auth);
-        let r = CollectionClient::new(channel)
+        let r = self
+            .leader()?
             .collect_late_count(req)
             .await
-            .map_err(|s| match s.code() {
-                tonic::Code::FailedPrecondition
-                | tonic::Code::PermissionDenied
-                | tonic::Code::Unauthenticated
-                | tonic::Code::InvalidArgument => CollectFailure::Refused(s.message().to_owned()),
-                _ => CollectFailure::Retry(format!("{:?}: {}", s.code(), s.message())),
-            })?
+            .map_err(leader_failure)?
             .into_inner();
         // Noise from the leader alone: the helper never sees a late report.
         let sd = hush_protocol::dp::discrete_laplace_variance(hush_protocol::dp::laplace_scale(

@@ -119,24 +119,17 @@ pub async fn helper_share(
         request_hash,
         &answer.encode_to_vec(),
     )?;
-    shared.audit(spend_event(
+    record_release(
+        shared,
         "leader".into(),
         "aggregate_share",
         &task,
         &interval,
         batch.report_count,
-        purpose.name(),
+        purpose,
         left,
-    ));
-    shared.store.flush().await?;
-    tracing::info!(
-        task = %task_id,
-        start = interval.start().as_secs(),
-        duration = interval.duration(),
-        reports = batch.report_count,
-        purpose = purpose.name(),
-        epsilon = %task.config.epsilon_per_collection(),
-        "released a noisy aggregate share"
-    );
+        "aggregate share",
+    )
+    .await?;
     Ok(answer)
 }

@@ -251,25 +251,18 @@ impl CollectionService {
             request_hash,
             &answer.encode_to_vec(),
         )?;
-        shared.audit(spend_event(
+        record_release(
+            shared,
             actor,
             "collect",
             &task,
             &interval,
             batch.report_count,
-            purpose.name(),
+            purpose,
             left,
-        ));
-        shared.store.flush().await?;
-        tracing::info!(
-            task = %task_id,
-            start = interval.start().as_secs(),
-            duration = interval.duration(),
-            reports = batch.report_count,
-            purpose = purpose.name(),
-            epsilon = %task.config.epsilon_per_collection(),
-            "released a noisy collection"
-        );
+            "collection",
+        )
+        .await?;
         Ok(answer)
     }
 
