@@ -143,6 +143,7 @@ impl RefusalAudit {
         use std::sync::atomic::Ordering;
         if self.limiter.check().is_err() {
             self.left_out.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(hush_server::metrics::names::AUDIT_NOT_RECORDED).increment(1);
             return;
         }
         let left_out = self.left_out.swap(0, Ordering::Relaxed);
@@ -317,8 +318,13 @@ impl AuditLog {
 
     /// Appends, logging instead of failing: an audit write must not undo the change it records.
     pub fn record(&self, time: u64, e: AuditEvent) {
-        if let Err(err) = self.append(time, e) {
-            tracing::error!(error = %err, "writing the audit trail failed");
+        use hush_server::metrics::names;
+        match self.append(time, e) {
+            Ok(_) => metrics::counter!(names::AUDIT_ENTRIES).increment(1),
+            Err(err) => {
+                metrics::counter!(names::AUDIT_FAILURES).increment(1);
+                tracing::error!(error = %err, "writing the audit trail failed");
+            }
         }
     }
 

@@ -298,6 +298,32 @@ pub fn ciphertext(
         .ok_or(RejectReason::Malformed)
 }
 
+/// Counts a collection (an aggregate share request at the helper) that took since `started`:
+/// released, refused (a rule said no: budget, overlap, size, retention, authorization, a bad
+/// request) or failed.
+pub(crate) fn record_collection<T>(purpose: i32, started: std::time::Instant, out: &Result<T>) {
+    use hush_server::metrics::names;
+    let purpose = BudgetPurpose::from_proto(purpose).map_or("unknown", |p| p.name());
+    let outcome = match out {
+        Ok(_) => "released",
+        Err(
+            Error::OverBudget { .. }
+            | Error::BatchOverlap { .. }
+            | Error::BatchExhausted { .. }
+            | Error::BatchTooSmall { .. }
+            | Error::PastRetention { .. }
+            | Error::Unauthenticated(_)
+            | Error::PermissionDenied(_)
+            | Error::InvalidRequest(_)
+            | Error::UnknownTask(_)
+            | Error::CollectionConflict(_),
+        ) => "refused",
+        Err(_) => "failed",
+    };
+    metrics::counter!(names::COLLECTIONS, "purpose" => purpose, "outcome" => outcome).increment(1);
+    metrics::histogram!(names::COLLECTION_SECONDS).record(started.elapsed().as_secs_f64());
+}
+
 /// After a share was committed: the audit entry of what it spent, a flush, and the log line
 /// (`what`: "collection" at the leader, "aggregate share" at the helper).
 #[allow(clippy::too_many_arguments)]
@@ -322,6 +348,18 @@ pub(crate) async fn record_release(
         left_micros,
     ));
     shared.store.flush().await?;
+    {
+        use hush_server::metrics::names;
+        let labels = [
+            ("task", task.config.id().to_string()),
+            ("purpose", purpose.name().to_owned()),
+        ];
+        let windows = interval.bucket_count(task.config.time_precision_s());
+        metrics::gauge!(names::EPSILON_SPENT, &labels)
+            .increment(task.config.epsilon_per_collection().as_f64() * windows as f64);
+        metrics::gauge!(names::EPSILON_LEFT, &labels)
+            .set(Epsilon::from_micros(left_micros).as_f64());
+    }
     tracing::info!(
         task = %task.config.id(),
         start = interval.start().as_secs(),

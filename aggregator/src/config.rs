@@ -45,6 +45,9 @@ pub struct AggregatorConfig {
     /// Requests, streams and connections served at once.
     #[serde(default)]
     pub server: hush_server::serve::ServerLimits,
+    /// The Prometheus endpoint (`[metrics] listen`); off by default.
+    #[serde(default)]
+    pub metrics: hush_server::metrics::MetricsConfig,
     /// sled page cache, in MiB.
     #[serde(default = "defaults::cache_mb")]
     pub cache_mb: u64,

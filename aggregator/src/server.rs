@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hush_protocol::proto::v1::admin_server::AdminServer;
@@ -64,6 +64,7 @@ impl Secrets {
 #[derive(Debug)]
 pub struct Aggregator {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shared: Shared,
     peers: PeerLog,
     shutdown: watch::Sender<bool>,
@@ -249,14 +250,37 @@ impl Aggregator {
             drain_probes.draining().await;
             tokio::time::sleep(grace).await;
         };
-        let incoming = shared.config.server.incoming(listener);
-        let peers = PeerLog::default();
-        let builder = hush_server::tls::server_builder(tls.as_ref())
+        let incoming = shared
+            .config
+            .server
+            .incoming(listener, tls.as_ref())
             .map_err(|e| Error::config(e.to_string()))?;
+        let peers = PeerLog::default();
+        let metrics = {
+            let shared = shared.clone();
+            hush_server::metrics::MetricsServer::start(
+                &shared.config.metrics.clone(),
+                if role == Role::Leader {
+                    "leader"
+                } else {
+                    "helper"
+                },
+                Arc::new(move || {
+                    hush_server::metrics::record_store(shared.store.db());
+                    if shared.role == Role::Leader {
+                        metrics::gauge!(hush_server::metrics::names::REPORTS_PENDING)
+                            .set(shared.leader.pending.load(Ordering::Relaxed) as f64);
+                    }
+                }),
+                rx.clone(),
+            )
+            .await?
+        };
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr());
         let router = shared
             .config
             .server
-            .apply(builder)
+            .apply(tonic::transport::Server::builder())
             .layer(peers.layer())
             .layer(hush_server::trace::RequestSpans::new(
                 if role == Role::Leader {
@@ -274,9 +298,12 @@ impl Aggregator {
             .add_optional_service(helper);
         let store = shared.store.clone();
         let join = tokio::spawn(async move {
-            let served = router.serve_with_incoming_shutdown(incoming, signal).await;
+            let served = hush_server::serve_incoming!(router, incoming, signal);
             if let Some(d) = driver {
                 let _ = d.await;
+            }
+            if let Some(m) = metrics {
+                m.join().await;
             }
             let _ = maintenance.await;
             store.flush().await?;
@@ -285,6 +312,7 @@ impl Aggregator {
         tracing::info!(%addr, %role, tls = tls.is_some(), "aggregator listening");
         Ok(Self {
             addr,
+            metrics_addr,
             shared,
             peers,
             shutdown: tx,
@@ -295,6 +323,11 @@ impl Aggregator {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the Prometheus endpoint, if `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The shared state (for tests and tools in the same process).

@@ -34,7 +34,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let agg = Aggregator::start(args.role, config, secrets, Arc::new(SystemClock))
         .await
         .context("starting the aggregator")?;
-    // Tools and tests that start the process read this line to learn the bound address.
+    // Tools and tests that start the process read these lines to learn the bound addresses.
+    if let Some(m) = agg.metrics_addr() {
+        println!("metrics on {m}");
+    }
     println!("listening on {}", agg.local_addr());
     agg.run_until_signal().await?;
     Ok(())

@@ -50,6 +50,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("starting the results service")?;
     // Tools and tests that start the process read these lines to learn the bound addresses.
+    if let Some(m) = svc.metrics_addr() {
+        println!("metrics on {m}");
+    }
     println!("http on {}", svc.http_addr());
     println!("listening on {}", svc.grpc_addr());
     hush_server::serve::shutdown_signal().await;

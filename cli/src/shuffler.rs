@@ -27,7 +27,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let node = ShufflerNode::start(config, &token, Arc::new(SystemClock))
         .await
         .context("starting the shuffler")?;
-    // Tools and tests that start the process read this line to learn the bound address.
+    // Tools and tests that start the process read these lines to learn the bound addresses.
+    if let Some(m) = node.metrics_addr() {
+        println!("metrics on {m}");
+    }
     println!("listening on {}", node.local_addr());
     hush_server::serve::shutdown_signal().await;
     tracing::info!("shutting down");

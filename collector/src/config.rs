@@ -70,6 +70,9 @@ pub struct ResultsConfig {
     /// Requests, streams and connections served at once (gRPC and HTTP).
     #[serde(default)]
     pub server: hush_server::serve::ServerLimits,
+    /// The Prometheus endpoint (`[metrics] listen`); off by default.
+    #[serde(default)]
+    pub metrics: hush_server::metrics::MetricsConfig,
     /// The leader's allowed clock skew (its `clock_skew_s`): late reports of a window can arrive
     /// until its end plus the task's report expiry plus this; only then is the late count
     /// asked for.

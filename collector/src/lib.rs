@@ -217,16 +217,36 @@ impl Shared {
             collection_id: collection_id.map(|c| c.to_vec()).unwrap_or_default().into(),
             purpose: purpose as i32,
         });
-        let resp = self
-            .leader()?
-            .max_decoding_message_size(hush_protocol::collect::MAX_COLLECTION_BYTES)
-            .collect(req)
-            .await
-            .map_err(leader_failure)?
-            .into_inner();
-        let c = open_collection(task, &self.keyring, &resp)
-            .map_err(|e| CollectFailure::Refused(e.to_string()))?;
-        Ok((c, resp.budget_left_micro))
+        let started = std::time::Instant::now();
+        let out = async {
+            let resp = self
+                .leader()?
+                .max_decoding_message_size(hush_protocol::collect::MAX_COLLECTION_BYTES)
+                .collect(req)
+                .await
+                .map_err(leader_failure)?
+                .into_inner();
+            let c = open_collection(task, &self.keyring, &resp)
+                .map_err(|e| CollectFailure::Refused(e.to_string()))?;
+            Ok((c, resp.budget_left_micro))
+        }
+        .await;
+        {
+            use hush_server::metrics::names;
+            let outcome = match &out {
+                Ok(_) => "released",
+                Err(CollectFailure::Refused(_)) => "refused",
+                Err(CollectFailure::Retry(_)) => "failed",
+            };
+            let purpose = match purpose {
+                pb::BudgetPurpose::Alert => "alert",
+                _ => "routine",
+            };
+            metrics::counter!(names::COLLECTIONS, "purpose" => purpose, "outcome" => outcome)
+                .increment(1);
+            metrics::histogram!(names::COLLECTION_SECONDS).record(started.elapsed().as_secs_f64());
+        }
+        out
     }
 
     /// Asks the leader for the noisy late-report count of a collected window.
@@ -358,15 +378,18 @@ impl Shared {
                 let outcome = self
                     .collect(task, &interval, Some(cid), pb::BudgetPurpose::Routine)
                     .await;
+                let windows = hush_server::metrics::names::WINDOWS_RELEASED;
                 let stored = match outcome {
                     Ok((c, _)) => {
                         tracing::info!(task = %id, window = start.as_secs(), noisy_reports = ?c.report_count, "collected a window");
+                        metrics::counter!(windows, "outcome" => "released").increment(1);
                         self.store
                             .put_window(&id, start, next, &window_result(task, &c, false))
                             .await
                     }
                     Err(CollectFailure::Refused(why)) => {
                         tracing::info!(task = %id, window = start.as_secs(), %why, "window has no result");
+                        metrics::counter!(windows, "outcome" => "skipped").increment(1);
                         self.store.skip_window(&id, start, next, &why).await
                     }
                     Err(CollectFailure::Retry(why)) => {
@@ -558,6 +581,7 @@ pub struct ResultsService {
     peers: hush_server::tls::PeerLog,
     grpc: SocketAddr,
     http: SocketAddr,
+    metrics: Option<SocketAddr>,
     inner: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     join: JoinHandle<Result<()>>,
@@ -630,12 +654,10 @@ impl ResultsService {
         // The results API is served over TLS with the same certificate when one is configured
         // (server-authenticated: dashboards present no certificate).
         let peers = hush_server::tls::PeerLog::default();
-        let builder = hush_server::tls::server_builder(material.as_ref())
-            .map_err(|e| Error::config(e.to_string()))?;
-        let grpc_server = inner
+        let grpc_router = inner
             .config
             .server
-            .apply(builder)
+            .apply(tonic::transport::Server::builder())
             .layer(peers.layer())
             .layer(hush_server::trace::RequestSpans::new("results"))
             .add_service(probe_svcs.health)
@@ -643,18 +665,36 @@ impl ResultsService {
             .add_service(ResultsServer::new(ResultsGrpc(inner.clone())))
             .add_service(KeyDirectoryServer::new(directory::DirectoryGrpc(
                 inner.clone(),
-            )))
-            .serve_with_incoming_shutdown(inner.config.server.incoming(grpc_l), {
-                let (probes, grace) = (
-                    inner.probes.clone(),
-                    Duration::from_millis(inner.config.server.drain_grace_ms),
-                );
-                async move {
-                    let _ = srx.wait_for(|v| *v).await;
-                    probes.draining().await;
-                    tokio::time::sleep(grace).await;
-                }
-            });
+            )));
+        let grpc_incoming = inner
+            .config
+            .server
+            .incoming(grpc_l, material.as_ref())
+            .map_err(|e| Error::config(e.to_string()))?;
+        let grpc_signal = {
+            let (probes, grace) = (
+                inner.probes.clone(),
+                Duration::from_millis(inner.config.server.drain_grace_ms),
+            );
+            async move {
+                let _ = srx.wait_for(|v| *v).await;
+                probes.draining().await;
+                tokio::time::sleep(grace).await;
+            }
+        };
+        let grpc_server =
+            async move { hush_server::serve_incoming!(grpc_router, grpc_incoming, grpc_signal) };
+        let metrics = {
+            let inner = inner.clone();
+            hush_server::metrics::MetricsServer::start(
+                &inner.config.metrics.clone(),
+                "results",
+                Arc::new(move || hush_server::metrics::record_store(inner.store.db())),
+                rx.clone(),
+            )
+            .await?
+        };
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr());
         // The HTTP/JSON API: HTTPS with the same certificate when [tls] is set.
         let mut hrx = rx.clone();
         let router = http::router(inner.clone());
@@ -687,6 +727,9 @@ impl ResultsService {
         let sched = scheduler(inner.clone(), rx.clone());
         let join = tokio::spawn(async move {
             let (g, h, ()) = tokio::join!(grpc_server, http_server, sched);
+            if let Some(m) = metrics {
+                m.join().await;
+            }
             g.map_err(|e| Error::from(std::io::Error::other(e)))?;
             h?;
             Ok(())
@@ -696,6 +739,7 @@ impl ResultsService {
             peers,
             grpc,
             http,
+            metrics: metrics_addr,
             inner,
             shutdown: tx,
             join,
@@ -710,6 +754,11 @@ impl ResultsService {
     /// The HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http
+    }
+
+    /// The address of the Prometheus endpoint, if `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
     }
 
     /// The database of released results.

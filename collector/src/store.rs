@@ -147,6 +147,11 @@ impl ResultsStore {
     }
 
     /// Every tree of the database with its number of entries.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Entries per tree (what a soak test watches for growth).
     pub fn tree_sizes(&self) -> Vec<(String, usize)> {
         [
             ("windows", &self.windows),
@@ -265,7 +270,11 @@ impl ResultsStore {
             self.alerts.insert(k, a.encode_to_vec())?;
         }
         self.tested.insert(key(task, &[start]), &[][..])?;
-        Ok(hush_server::db::flush(&self.db).await?)
+        hush_server::db::flush(&self.db).await?;
+        if !alerts.is_empty() {
+            metrics::counter!(hush_server::metrics::names::ALERTS).increment(alerts.len() as u64);
+        }
+        Ok(())
     }
 
     /// Deletes the results, ad-hoc results, skip notes, detection marks and alerts of `task`'s

@@ -5,13 +5,13 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tonic::codegen::tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
@@ -99,12 +99,115 @@ impl ServerLimits {
             ))
     }
 
-    /// The accepted connections of `listener`, at most `max_connections` open at once.
-    pub fn incoming(&self, listener: tokio::net::TcpListener) -> LimitedIncoming {
-        LimitedIncoming {
+    /// The accepted connections of `listener`, at most `max_connections` open at once, with
+    /// the TLS handshake done when `tls` is given (see [`Incoming`]).
+    pub fn incoming(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: Option<&crate::tls::TlsMaterial>,
+    ) -> Result<Incoming, crate::tls::TlsError> {
+        let plain = LimitedIncoming {
             inner: TcpIncoming::from(listener).with_nodelay(Some(true)),
             permits: Arc::new(Semaphore::new(self.max_connections)),
-            refused: Arc::default(),
+        };
+        Ok(match tls {
+            None => Incoming::Plain(plain),
+            Some(m) => Incoming::Tls(TlsIncoming {
+                inner: plain,
+                acceptor: tokio_rustls::TlsAcceptor::from(m.grpc_server()?),
+                handshakes: JoinSet::new(),
+                done: false,
+            }),
+        })
+    }
+}
+
+/// How long a peer may take to finish the TLS handshake before its connection is closed.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The connections a gRPC server serves: plaintext (tests, `--insecure`) or after a TLS
+/// handshake. Serve each with [`serve_incoming!`](crate::serve_incoming).
+#[derive(Debug)]
+pub enum Incoming {
+    /// Plaintext connections.
+    Plain(LimitedIncoming),
+    /// TLS connections.
+    Tls(TlsIncoming),
+}
+
+/// Serves a tonic router over an [`Incoming`] until `signal` resolves: one call for both kinds
+/// of connection (`serve_incoming!(router, incoming, signal)`).
+#[macro_export]
+macro_rules! serve_incoming {
+    ($router:expr, $incoming:expr, $signal:expr) => {
+        match $incoming {
+            $crate::serve::Incoming::Plain(i) => {
+                $router.serve_with_incoming_shutdown(i, $signal).await
+            }
+            $crate::serve::Incoming::Tls(i) => {
+                $router.serve_with_incoming_shutdown(i, $signal).await
+            }
+        }
+    };
+}
+
+/// Accepted connections after their TLS handshake. Handshakes run concurrently, each bounded by
+/// a timeout, so one stalled peer holds up nobody else; a failed one closes its connection and
+/// counts in `hush_tls_handshake_failures_total`.
+pub struct TlsIncoming {
+    inner: LimitedIncoming,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshakes: JoinSet<std::io::Result<tokio_rustls::server::TlsStream<LimitedStream>>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for TlsIncoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIncoming")
+            .field("handshakes", &self.handshakes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream for TlsIncoming {
+    type Item = std::io::Result<tokio_rustls::server::TlsStream<LimitedStream>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        while !this.done {
+            match Pin::new(&mut this.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    let acceptor = this.acceptor.clone();
+                    this.handshakes.spawn(async move {
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                            .map_err(|_| {
+                                std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "the TLS handshake timed out",
+                                )
+                            })?
+                    });
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => this.done = true,
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match this.handshakes.poll_join_next(cx) {
+                Poll::Ready(Some(Ok(Ok(stream)))) => return Poll::Ready(Some(Ok(stream))),
+                Poll::Ready(Some(Ok(Err(e)))) => {
+                    metrics::counter!(crate::metrics::names::TLS_HANDSHAKE_FAILURES).increment(1);
+                    tracing::debug!(error = %e, "a TLS handshake failed");
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    metrics::counter!(crate::metrics::names::TLS_HANDSHAKE_FAILURES).increment(1);
+                    tracing::warn!(error = %e, "a TLS handshake task failed");
+                }
+                Poll::Ready(None) if this.done => return Poll::Ready(None),
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
@@ -114,14 +217,6 @@ impl ServerLimits {
 pub struct LimitedIncoming {
     inner: TcpIncoming,
     permits: Arc<Semaphore>,
-    refused: Arc<AtomicU64>,
-}
-
-impl LimitedIncoming {
-    /// A counter of the connections closed because the limit was reached.
-    pub fn refused_counter(&self) -> Arc<AtomicU64> {
-        self.refused.clone()
-    }
 }
 
 impl Stream for LimitedIncoming {
@@ -139,7 +234,7 @@ impl Stream for LimitedIncoming {
                     }
                     Err(_) => {
                         // Dropping the stream closes it.
-                        self.refused.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(crate::metrics::names::CONNECTIONS_REFUSED).increment(1);
                         tracing::warn!(
                             "refused a connection: the server holds its limit of open connections"
                         );

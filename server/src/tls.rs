@@ -19,7 +19,7 @@ use std::path::PathBuf;
 pub use hush_protocol::link::server_auth_client;
 use serde::{Deserialize, Serialize};
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+use tonic::transport::{ClientTlsConfig, Identity};
 use tonic::{Request, Status};
 use zeroize::Zeroizing;
 
@@ -164,20 +164,49 @@ impl TlsMaterial {
         &self.ca
     }
 
-    /// The server side: present the certificate; verify client certificates against the CAs
-    /// when one is presented. Whether a service needs one is [`RequirePeerCert`]'s decision.
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, self.key.as_slice()))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .client_auth_optional(true)
-            // A peer that opens a connection and never finishes the handshake is dropped.
-            .timeout(std::time::Duration::from_secs(10))
+    /// The server side of every gRPC listener: present the certificate; verify a client
+    /// certificate against the CAs when one is presented (whether a service needs one is
+    /// [`RequirePeerCert`]'s decision); HTTP/2 by ALPN. Handshakes run in
+    /// [`crate::serve::TlsIncoming`], which counts the ones that fail.
+    pub fn grpc_server(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let bad = |what: &'static str, e: String| TlsError::Https { what, reason: e };
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&self.ca) {
+            roots
+                .add(c.map_err(|e| bad("ca", e.to_string()))?)
+                .map_err(|e| bad("ca", e.to_string()))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| bad("client certificate verifier", e.to_string()))?;
+        let (certs, key) = self.cert_and_key()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("protocol versions", e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("cert and key", e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(std::sync::Arc::new(config))
     }
 
-    /// A rustls server config with this certificate, for HTTPS listeners (the results API):
-    /// server-authenticated, no client certificate asked for (dashboards present none).
-    pub fn https_server(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+    #[allow(clippy::type_complexity)]
+    fn cert_and_key(
+        &self,
+    ) -> Result<
+        (
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        TlsError,
+    > {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let bad = |what: &'static str, e: String| TlsError::Https { what, reason: e };
@@ -186,6 +215,14 @@ impl TlsMaterial {
             .map_err(|e| bad("cert", e.to_string()))?;
         let key =
             PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| bad("key", e.to_string()))?;
+        Ok((certs, key))
+    }
+
+    /// A rustls server config with this certificate, for HTTPS listeners (the results API):
+    /// server-authenticated, no client certificate asked for (dashboards present none).
+    pub fn https_server(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        let bad = |what: &'static str, e: String| TlsError::Https { what, reason: e };
+        let (certs, key) = self.cert_and_key()?;
         let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -201,19 +238,6 @@ impl TlsMaterial {
     /// component's certificate.
     pub fn client(&self) -> ClientTlsConfig {
         server_auth_client(&self.ca).identity(Identity::from_pem(&self.cert, self.key.as_slice()))
-    }
-}
-
-/// A server builder that speaks TLS with `tls`, plaintext without.
-pub fn server_builder(tls: Option<&TlsMaterial>) -> Result<Server, TlsError> {
-    match tls {
-        Some(m) => Server::builder()
-            .tls_config(m.server())
-            .map_err(|source| TlsError::Material {
-                what: "server TLS config",
-                source,
-            }),
-        None => Ok(Server::builder()),
     }
 }
 
@@ -252,6 +276,7 @@ impl Interceptor for RequirePeerCert {
             return Ok(req);
         }
         let Some(cert) = req.peer_certs().and_then(|c| c.first().cloned()) else {
+            metrics::counter!(crate::metrics::names::PEER_REFUSALS, "expected" => self.what, "reason" => "no_certificate").increment(1);
             tracing::warn!(
                 expected = self.what,
                 remote = ?req.remote_addr(),
@@ -269,6 +294,7 @@ impl Interceptor for RequirePeerCert {
         if names.iter().any(|n| self.allowed.contains(n)) {
             return Ok(req);
         }
+        metrics::counter!(crate::metrics::names::PEER_REFUSALS, "expected" => self.what, "reason" => "wrong_role").increment(1);
         tracing::warn!(
             expected = self.what,
             ?names,
@@ -595,7 +621,7 @@ mod tests {
         let m = ca.material(&leader).unwrap();
         assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(m.ca_pem().starts_with(b"-----BEGIN CERTIFICATE-----"));
-        let _ = m.server();
+        m.grpc_server().unwrap();
         let _ = m.client();
     }
 }

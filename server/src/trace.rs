@@ -7,6 +7,9 @@
 //! request). The status comes from the response headers, where tonic puts every refusal and
 //! handler error (a trailers-only response); a response whose status only arrives in trailers
 //! is logged as `0` (OK).
+//!
+//! Each completed request also counts in `hush_requests_total{method, grpc_status}` and
+//! `hush_request_duration_seconds{method}` ([`crate::metrics`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,6 +19,7 @@ use std::time::Instant;
 use tonic::codegen::http;
 use tracing::Instrument;
 
+use crate::metrics::names::{REQUEST_SECONDS, REQUESTS};
 use crate::tls::{ANONYMOUS, peer_name};
 
 /// The layer: add it to a server with `.layer(RequestSpans::new("leader"))`.
@@ -75,10 +79,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().to_owned();
         let span = tracing::info_span!(
             "request",
             party = self.party,
-            method = %req.uri().path(),
+            method = %method,
             peer = %caller(&req),
         );
         let start = Instant::now();
@@ -96,6 +101,17 @@ where
                             .unwrap_or("0")
                             .to_owned();
                         tracing::debug!(grpc_status = %status, latency_ms, "request served");
+                        // A method no service serves is answered UNIMPLEMENTED: its path (any
+                        // string a caller sends) never becomes a label.
+                        let method = if status == "12" {
+                            "unknown".to_owned()
+                        } else {
+                            method
+                        };
+                        metrics::histogram!(REQUEST_SECONDS, "method" => method.clone())
+                            .record(latency_ms / 1e3);
+                        metrics::counter!(REQUESTS, "method" => method, "grpc_status" => status)
+                            .increment(1);
                     }
                     Err(_) => tracing::debug!(latency_ms, "request failed in transport"),
                 }

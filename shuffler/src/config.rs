@@ -53,6 +53,9 @@ pub struct ShufflerConfig {
     /// Requests, streams and connections served at once.
     #[serde(default)]
     pub server: hush_server::serve::ServerLimits,
+    /// The Prometheus endpoint (`[metrics] listen`); off by default.
+    #[serde(default)]
+    pub metrics: hush_server::metrics::MetricsConfig,
     /// Who may call which service, by certificate name (with TLS).
     #[serde(default)]
     pub peers: PeerConfig,

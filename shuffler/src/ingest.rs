@@ -92,31 +92,52 @@ fn check(
 }
 
 impl IngestService {
-    /// Counts `packets` as refused under `OverQuota`.
+    /// Counts `packets` as refused under `OverQuota`, and per tenant over `limit` in the
+    /// metrics.
     fn count_over_quota(
         &self,
         packets: &[pb::Packet],
         tasks: &HashMap<TaskId, TaskConfig>,
+        limit: &'static str,
     ) -> Result<()> {
         let mut delta = StatDelta::default();
+        let mut per_tenant: BTreeMap<&str, u64> = BTreeMap::new();
         for p in packets {
             delta.add(
                 scope_of(p, tasks),
                 Stat::Rejected(RejectReason::OverQuota),
                 1,
             );
+            let tenant = TaskId::try_from(p.task_id.as_ref())
+                .ok()
+                .and_then(|id| tasks.get(&id))
+                .map_or("", |t| t.tenant());
+            *per_tenant.entry(tenant).or_default() += 1;
+        }
+        for (tenant, n) in per_tenant {
+            hush_server::metrics::record_quota_refusals(tenant, limit, n);
         }
         self.shared.store.add_stats(&delta)
     }
 
-    /// Refuses a whole request for overload, counting every packet under `OverQuota`.
+    /// Refuses a whole request for overload (over `limit`), counting every packet under
+    /// `OverQuota`.
     fn refuse(
         &self,
         packets: &[pb::Packet],
         tasks: &HashMap<TaskId, TaskConfig>,
+        limit: &'static str,
         message: String,
     ) -> Result<Status> {
-        self.count_over_quota(packets, tasks)?;
+        self.count_over_quota(packets, tasks, limit)?;
+        let mut refused = Outcomes::default();
+        for _ in packets {
+            refused.reject(RejectReason::OverQuota);
+        }
+        hush_server::metrics::record_rejections(
+            hush_server::metrics::names::PACKETS_REJECTED,
+            &refused,
+        );
         Ok(Error::Overloaded(message).into())
     }
 
@@ -142,6 +163,7 @@ impl IngestService {
             return Err(self.refuse(
                 &packets,
                 &tasks,
+                "source_rate",
                 format!(
                     "this source is over its rate limit of {} packets/s; retry later",
                     limits.per_source_packets_per_s
@@ -180,10 +202,10 @@ impl IngestService {
                     limits.per_tenant_packets_per_s
                 );
                 if rest.is_empty() {
-                    return Err(self.refuse(&theirs, &tasks, message)?);
+                    return Err(self.refuse(&theirs, &tasks, "rate", message)?);
                 }
                 // A mixed request: only the over-quota tenants' packets are refused.
-                self.count_over_quota(&theirs, &tasks)?;
+                self.count_over_quota(&theirs, &tasks, "rate")?;
                 tracing::debug!(%message, refused = theirs.len(), "refused packets over a tenant quota");
                 over_quota = theirs.len() as u64;
                 packets = rest;
@@ -207,9 +229,9 @@ impl IngestService {
                 limits.per_tenant_max_buffered
             );
             if rest.is_empty() {
-                return Err(self.refuse(&theirs, &tasks, message)?);
+                return Err(self.refuse(&theirs, &tasks, "pending", message)?);
             }
-            self.count_over_quota(&theirs, &tasks)?;
+            self.count_over_quota(&theirs, &tasks, "pending")?;
             tracing::debug!(%message, refused = theirs.len(), "refused packets over a tenant quota");
             over_quota += theirs.len() as u64;
             packets = rest;
@@ -230,6 +252,7 @@ impl IngestService {
             return Err(self.refuse(
                 &packets,
                 &tasks,
+                "capacity",
                 format!(
                     "this shuffler holds {held} packets (limit {}); retry later",
                     limits.max_buffered_packets
@@ -293,6 +316,11 @@ impl IngestService {
         }
         // Durable before acknowledged.
         self.shared.store.flush().await?;
+        hush_server::metrics::record_outcomes(
+            hush_server::metrics::names::PACKETS_ACCEPTED,
+            hush_server::metrics::names::PACKETS_REJECTED,
+            &outcomes,
+        );
         tracing::debug!(accepted = outcomes.accepted(), "took a batch of packets");
         Ok(pb::SubmitPacketsResponse {
             accepted: outcomes.accepted(),

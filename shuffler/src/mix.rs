@@ -451,7 +451,10 @@ pub async fn forwarder(
                 )
                 .await
                 {
-                    Ok(true) => mixer.finished(&hop.name, &task),
+                    Ok(true) => {
+                        metrics::counter!(hush_server::metrics::names::BATCHES).increment(1);
+                        mixer.finished(&hop.name, &task)
+                    }
                     Ok(false) => return,
                     Err(e) => {
                         tracing::error!(hop = %hop.name, error = %e, "forwarding a batch failed; retrying");
@@ -520,6 +523,7 @@ async fn forward_batch(
                     break;
                 }
                 Err(status) => {
+                    metrics::counter!(hush_server::metrics::names::FORWARD_RETRIES).increment(1);
                     let (delay, failure) = backoff.after(status.code());
                     if failure == Failure::Permanent {
                         tracing::warn!(
@@ -559,6 +563,7 @@ async fn forward_batch(
         tokio::task::spawn_blocking(move || s.remove_forwarded(&done)).await??;
         store.flush().await?;
         mixer.forwarded(n);
+        metrics::counter!(hush_server::metrics::names::PACKETS_FORWARDED).increment(n);
         for (tenant, k) in per_tenant {
             holdings.release(&tenant, k);
         }

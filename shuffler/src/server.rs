@@ -34,6 +34,7 @@ use hush_server::probe::Probes;
 #[derive(Debug)]
 pub struct ShufflerNode {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shared: Shared,
     peers: PeerLog,
     shutdown: watch::Sender<bool>,
@@ -177,14 +178,32 @@ impl ShufflerNode {
             drain_probes.draining().await;
             tokio::time::sleep(grace).await;
         };
-        let incoming = shared.config.server.incoming(listener);
-        let peers = PeerLog::default();
-        let builder = hush_server::tls::server_builder(tls.as_ref())
+        let incoming = shared
+            .config
+            .server
+            .incoming(listener, tls.as_ref())
             .map_err(|e| Error::config(e.to_string()))?;
+        let peers = PeerLog::default();
+        let metrics = {
+            let shared = shared.clone();
+            hush_server::metrics::MetricsServer::start(
+                &shared.config.metrics.clone(),
+                "shuffler",
+                Arc::new(move || {
+                    hush_server::metrics::record_store(shared.store.db());
+                    metrics::gauge!(hush_server::metrics::names::PACKETS_BUFFERED)
+                        .set(shared.mixer.buffered() as f64);
+                }),
+                rx.clone(),
+            )
+            .await
+            .map_err(Error::from)?
+        };
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr());
         let router = shared
             .config
             .server
-            .apply(builder)
+            .apply(tonic::transport::Server::builder())
             .layer(peers.layer())
             .layer(hush_server::trace::RequestSpans::new("shuffler"))
             .add_service(probe_svcs.health)
@@ -194,14 +213,18 @@ impl ShufflerNode {
             .add_service(keys_svc);
         let store = shared.store.clone();
         let join = tokio::spawn(async move {
-            let served = router.serve_with_incoming_shutdown(incoming, signal).await;
+            let served = hush_server::serve_incoming!(router, incoming, signal);
             while background.join_next().await.is_some() {}
+            if let Some(m) = metrics {
+                m.join().await;
+            }
             store.flush().await?;
             served.map_err(|e| Error::from(std::io::Error::other(e)))
         });
         tracing::info!(%addr, name = %shared.config.name, tls = tls.is_some(), "shuffler listening");
         Ok(Self {
             addr,
+            metrics_addr,
             shared,
             peers,
             shutdown: tx,
@@ -212,6 +235,11 @@ impl ShufflerNode {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the Prometheus endpoint, if `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The shared state (for tests and tools in the same process).

@@ -10,6 +10,7 @@ mod certs;
 mod demo;
 mod end_to_end;
 mod load;
+mod metrics;
 mod shuffler_crash;
 mod soak;
 mod spans;

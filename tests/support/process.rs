@@ -23,6 +23,7 @@ pub struct HushProcess {
     child: Option<Child>,
     addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl HushProcess {
@@ -46,6 +47,7 @@ impl HushProcess {
             child: None,
             addr: "0.0.0.0:0".parse().unwrap(),
             http_addr: None,
+            metrics_addr: None,
         };
         p.start();
         p
@@ -70,8 +72,12 @@ impl HushProcess {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         let (http_tx, http_rx) = mpsc::channel();
+        let (metrics_tx, metrics_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("metrics on ") {
+                    let _ = metrics_tx.send(a.trim().to_owned());
+                }
                 if let Some(a) = line.strip_prefix("http on ") {
                     let _ = http_tx.send(a.trim().to_owned());
                 }
@@ -85,6 +91,11 @@ impl HushProcess {
                 self.addr = a.parse().expect("an address");
                 // A results service prints its HTTP address before the gRPC one.
                 self.http_addr = http_rx
+                    .try_recv()
+                    .ok()
+                    .map(|h| h.parse().expect("an address"));
+                // So does a server with a Prometheus endpoint.
+                self.metrics_addr = metrics_rx
                     .try_recv()
                     .ok()
                     .map(|h| h.parse().expect("an address"));
@@ -126,6 +137,11 @@ impl HushProcess {
     /// The HTTP/JSON address, for a process that serves one (the results service).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The Prometheus endpoint's address, for a process started with `[metrics] listen`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://addr`.

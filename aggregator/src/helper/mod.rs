@@ -151,15 +151,32 @@ impl HelperService {
             })
         })
         .await??;
-        let bytes = match commit {
+        let (bytes, fresh) = match commit {
             HelperCommit::Committed(b) => {
                 self.shared.store.flush().await?;
-                b
+                (b, true)
             }
-            HelperCommit::Existing(b) => b,
+            HelperCommit::Existing(b) => (b, false),
         };
-        pb::AggregationJobResponse::decode(bytes.as_slice())
-            .map_err(|e| Error::corrupt("helper job response", e))
+        let response = pb::AggregationJobResponse::decode(bytes.as_slice())
+            .map_err(|e| Error::corrupt("helper job response", e))?;
+        if fresh {
+            let mut counted = hush_protocol::Outcomes::default();
+            for o in &response.outcomes {
+                match o.result {
+                    Some(pb::report_outcome::Result::VerifierMessage(_)) => counted.accept(),
+                    Some(pb::report_outcome::Result::Rejected(code)) => counted
+                        .reject(RejectReason::try_from(code).unwrap_or(RejectReason::Unspecified)),
+                    None => {}
+                }
+            }
+            hush_server::metrics::record_outcomes(
+                hush_server::metrics::names::REPORTS_AGGREGATED,
+                hush_server::metrics::names::REPORTS_REJECTED,
+                &counted,
+            );
+        }
+        Ok(response)
     }
 }
 
@@ -169,15 +186,26 @@ impl HelperAggregation for HelperService {
         &self,
         request: Request<pb::AggregationJobInitRequest>,
     ) -> std::result::Result<Response<pb::AggregationJobResponse>, Status> {
-        Ok(Response::new(self.init_job(request.into_inner()).await?))
+        use hush_server::metrics::names;
+        metrics::counter!(names::JOBS_STARTED).increment(1);
+        let started = std::time::Instant::now();
+        let out = self.init_job(request.into_inner()).await;
+        let outcome = if out.is_ok() { "committed" } else { "refused" };
+        metrics::counter!(names::JOBS_FINISHED, "outcome" => outcome).increment(1);
+        if out.is_ok() {
+            metrics::histogram!(names::JOB_SECONDS).record(started.elapsed().as_secs_f64());
+        }
+        Ok(Response::new(out?))
     }
 
     async fn get_aggregate_share(
         &self,
         request: Request<pb::AggregateShareRequest>,
     ) -> std::result::Result<Response<pb::AggregateShareResponse>, Status> {
-        Ok(Response::new(
-            share::helper_share(&self.shared, request.into_inner()).await?,
-        ))
+        let (started, req) = (std::time::Instant::now(), request.into_inner());
+        let purpose = req.purpose;
+        let out = share::helper_share(&self.shared, req).await;
+        crate::checks::record_collection(purpose, started, &out);
+        Ok(Response::new(out?))
     }
 }

@@ -376,9 +376,11 @@ impl Collection for CollectionService {
         request: Request<pb::CollectRequest>,
     ) -> std::result::Result<Response<pb::CollectResponse>, Status> {
         let token = bearer_token(&request).map(str::to_owned);
-        Ok(Response::new(
-            self.collect(token.as_deref(), request.into_inner()).await?,
-        ))
+        let (started, req) = (std::time::Instant::now(), request.into_inner());
+        let purpose = req.purpose;
+        let out = self.collect(token.as_deref(), req).await;
+        crate::checks::record_collection(purpose, started, &out);
+        Ok(Response::new(out?))
     }
 
     async fn collect_late_count(

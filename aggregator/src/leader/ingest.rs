@@ -76,9 +76,15 @@ impl IngestService {
             .collect();
         let count_refused = |status: Status| {
             let mut delta = StatDelta::default();
+            let mut refused = hush_protocol::Outcomes::default();
             for scope in &scopes {
                 delta.incr(*scope, Stat::Rejected(RejectReason::OverQuota));
+                refused.reject(RejectReason::OverQuota);
             }
+            hush_server::metrics::record_rejections(
+                hush_server::metrics::names::REPORTS_REJECTED,
+                &refused,
+            );
             if let Err(e) = self.shared.store.add_stats(&delta) {
                 tracing::error!(error = %e, "counting refused reports failed");
             }
@@ -86,6 +92,9 @@ impl IngestService {
         };
         let holdings = &self.shared.leader.pending_by_tenant;
         let full = holdings.reserve(&per_tenant);
+        for t in &full {
+            hush_server::metrics::record_quota_refusals(t, "pending", per_tenant[t]);
+        }
         let checked = refuse_tenants(checked, &full, &tenant, || {
             format!(
                 "tenant {full:?} holds its limit of {} reports waiting for aggregation; retry later",
@@ -109,6 +118,7 @@ impl IngestService {
             .collect();
         for t in &over {
             holdings.release(t, per_tenant[t]);
+            hush_server::metrics::record_quota_refusals(t, "rate", per_tenant[t]);
         }
         refuse_tenants(checked, &over, &tenant, || {
             format!(
@@ -288,6 +298,11 @@ impl LeaderIngest for IngestService {
         if outcomes.accepted() > 0 {
             self.shared.leader.new_reports.notify_one();
         }
+        hush_server::metrics::record_outcomes(
+            hush_server::metrics::names::REPORTS_ACCEPTED,
+            hush_server::metrics::names::REPORTS_REJECTED,
+            &outcomes,
+        );
         tracing::debug!(
             accepted = outcomes.accepted(),
             "ingested a batch of reports"

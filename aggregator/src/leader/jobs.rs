@@ -204,6 +204,9 @@ impl JobDriver {
     }
 
     async fn run_job_until_done(self: Arc<Self>, id: AggregationJobId, job: LeaderJob) {
+        use hush_server::metrics::names;
+        metrics::counter!(names::JOBS_STARTED).increment(1);
+        let started = std::time::Instant::now();
         let mut backoff = RetryPolicy::new(
             Duration::from_millis(self.cfg.retry_initial_ms),
             Duration::from_millis(self.cfg.retry_max_ms),
@@ -213,11 +216,17 @@ impl JobDriver {
         loop {
             if self.shared.clock.now() >= deadline {
                 self.abandon(&id, &job);
+                metrics::counter!(names::JOBS_FINISHED, "outcome" => "abandoned").increment(1);
                 break;
             }
             match self.run_job(&id, &job).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    metrics::counter!(names::JOBS_FINISHED, "outcome" => "committed").increment(1);
+                    metrics::histogram!(names::JOB_SECONDS).record(started.elapsed().as_secs_f64());
+                    break;
+                }
                 Err(e) => {
+                    metrics::counter!(names::JOB_RETRIES).increment(1);
                     let (delay, failure) = match &e {
                         Error::Peer(status) => backoff.after(status.code()),
                         _ => (backoff.next_transient(), Failure::Transient),
@@ -309,6 +318,8 @@ impl JobDriver {
 
         let scope = *job.task_id.as_bytes();
         let mut stats = StatDelta::default();
+        // What the metrics count once the job commits.
+        let mut counted = hush_protocol::Outcomes::default();
         let mut sent = Vec::with_capacity(inits.len());
         let mut shares = Vec::with_capacity(inits.len());
         for (r, init) in inits {
@@ -323,7 +334,10 @@ impl JobDriver {
                     });
                     sent.push((r, state));
                 }
-                Err(e) => stats.incr(scope, Stat::Rejected(reject_reason(&e))),
+                Err(e) => {
+                    stats.incr(scope, Stat::Rejected(reject_reason(&e)));
+                    counted.reject(reject_reason(&e));
+                }
             }
         }
 
@@ -388,8 +402,12 @@ impl JobDriver {
                         .map_err(|e| Error::corrupt("output share", e))?;
                     b.report_count += 1;
                     b.checksum.update(&r.report_id);
+                    counted.accept();
                 }
-                Err(reason) => stats.incr(scope, Stat::Rejected(reason)),
+                Err(reason) => {
+                    stats.incr(scope, Stat::Rejected(reason));
+                    counted.reject(reason);
+                }
             }
         }
         let store = self.shared.store.clone();
@@ -401,6 +419,12 @@ impl JobDriver {
         if left_out > 0 {
             tracing::warn!(job = %id, reports = left_out, "reports of windows already released were not aggregated");
         }
+        metrics::counter!(hush_server::metrics::names::REPORTS_AGGREGATED)
+            .increment(counted.accepted().saturating_sub(left_out as u64));
+        hush_server::metrics::record_rejections(
+            hush_server::metrics::names::REPORTS_REJECTED,
+            &counted,
+        );
         self.shared
             .pending_released(&job.task_id, job.seqs.len() as u64);
         tracing::debug!(job = %id, "aggregation job committed");

@@ -77,7 +77,7 @@ impl Store {
     }
 
     /// The database.
-    pub(crate) fn db(&self) -> &sled::Db {
+    pub fn db(&self) -> &sled::Db {
         &self.db
     }
 
