@@ -35,18 +35,7 @@ fn write_config(dir: &Path, listen: SocketAddr, helper_url: Option<&str>) -> Str
     path.display().to_string()
 }
 
-fn args(role: &str, config: &str) -> Vec<String> {
-    [
-        "aggregator",
-        "--insecure",
-        "--role",
-        role,
-        "--config",
-        config,
-    ]
-    .map(String::from)
-    .to_vec()
-}
+use hush_tests::process::aggregator_args as args;
 
 struct Cluster {
     leader: HushProcess,

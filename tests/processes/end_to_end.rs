@@ -21,7 +21,7 @@ use hush_tests::cluster::{
 };
 use hush_tests::http::request;
 use hush_tests::mixnet::{Mix, provision_shuffler, shuffler_config_text};
-use hush_tests::process::HushProcess;
+use hush_tests::process::{HushProcess, insecure_aggregator};
 use hush_tests::task_params;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -55,20 +55,7 @@ fn aggregator(dir: &Path, role: &str, helper_url: Option<&str>) -> HushProcess {
         ));
     }
     AggregatorConfig::from_toml(&text).expect("valid aggregator config");
-    let config = write(dir, &format!("{role}.toml"), &text);
-    HushProcess::spawn(
-        hush_bin(),
-        &[
-            "aggregator",
-            "--insecure",
-            "--role",
-            role,
-            "--config",
-            &config,
-        ]
-        .map(String::from),
-        &dir.join(format!("{role}.log")),
-    )
+    insecure_aggregator(hush_bin(), dir, role, &text)
 }
 
 fn shuffler(dir: &Path, name: &str, next: (&str, &str, &str)) -> HushProcess {

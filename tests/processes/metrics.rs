@@ -21,7 +21,7 @@ use hush_tests::http::request;
 use hush_tests::mixnet::{
     Mix, one_hop_packets, provision_shuffler, shuffler_config_text, submit_packets,
 };
-use hush_tests::process::HushProcess;
+use hush_tests::process::{HushProcess, insecure_aggregator};
 use hush_tests::task_params;
 use prometheus_parse::{Scrape, Value};
 
@@ -93,20 +93,7 @@ fn aggregator(dir: &Path, role: &str, helper_url: Option<&str>) -> HushProcess {
             "[leader]\nhelper_url = \"{u}\"\njob_size = 50\njob_poll_interval_ms = 20\n"
         ));
     }
-    let config = write(dir, &format!("{role}.toml"), &text);
-    HushProcess::spawn(
-        hush_bin(),
-        &[
-            "aggregator",
-            "--insecure",
-            "--role",
-            role,
-            "--config",
-            &config,
-        ]
-        .map(String::from),
-        &dir.join(format!("{role}.log")),
-    )
+    insecure_aggregator(hush_bin(), dir, role, &text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,32 @@ use nix::unistd::Pid;
 
 use crate::cluster::{ADMIN_TOKEN, PEER_TOKEN};
 
+/// The arguments of `hush aggregator --insecure --role ROLE --config CONFIG`.
+pub fn aggregator_args(role: &str, config: &str) -> Vec<String> {
+    [
+        "aggregator",
+        "--insecure",
+        "--role",
+        role,
+        "--config",
+        config,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Writes `config_text` to `dir/ROLE.toml` and runs a plaintext aggregator of `role` on it,
+/// logging to `dir/ROLE.log`.
+pub fn insecure_aggregator(bin: &Path, dir: &Path, role: &str, config_text: &str) -> HushProcess {
+    let config = dir.join(format!("{role}.toml"));
+    std::fs::write(&config, config_text).expect("write the config");
+    HushProcess::spawn(
+        bin,
+        &aggregator_args(role, &config.display().to_string()),
+        &dir.join(format!("{role}.log")),
+    )
+}
+
 /// One `hush` process.
 #[derive(Debug)]
 pub struct HushProcess {
