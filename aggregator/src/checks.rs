@@ -324,6 +324,23 @@ pub(crate) fn record_collection<T>(purpose: i32, started: std::time::Instant, ou
     metrics::histogram!(names::COLLECTION_SECONDS).record(started.elapsed().as_secs_f64());
 }
 
+/// Counts `spent` ε (summed over the windows charged) of `purpose` for `task`, with `left_micros`
+/// left in its most spent window.
+pub(crate) fn record_epsilon(
+    task: &TaskEntry,
+    purpose: BudgetPurpose,
+    spent: f64,
+    left_micros: u64,
+) {
+    use hush_server::metrics::names;
+    let labels = [
+        ("task", task.config.id().to_string()),
+        ("purpose", purpose.name().to_owned()),
+    ];
+    metrics::gauge!(names::EPSILON_SPENT, &labels).increment(spent);
+    metrics::gauge!(names::EPSILON_LEFT, &labels).set(Epsilon::from_micros(left_micros).as_f64());
+}
+
 /// After a share was committed: the audit entry of what it spent, a flush, and the log line
 /// (`what`: "collection" at the leader, "aggregate share" at the helper).
 #[allow(clippy::too_many_arguments)]
@@ -348,18 +365,13 @@ pub(crate) async fn record_release(
         left_micros,
     ));
     shared.store.flush().await?;
-    {
-        use hush_server::metrics::names;
-        let labels = [
-            ("task", task.config.id().to_string()),
-            ("purpose", purpose.name().to_owned()),
-        ];
-        let windows = interval.bucket_count(task.config.time_precision_s());
-        metrics::gauge!(names::EPSILON_SPENT, &labels)
-            .increment(task.config.epsilon_per_collection().as_f64() * windows as f64);
-        metrics::gauge!(names::EPSILON_LEFT, &labels)
-            .set(Epsilon::from_micros(left_micros).as_f64());
-    }
+    record_epsilon(
+        task,
+        purpose,
+        task.config.epsilon_per_collection().as_f64()
+            * interval.bucket_count(task.config.time_precision_s()) as f64,
+        left_micros,
+    );
     tracing::info!(
         task = %task.config.id(),
         start = interval.start().as_secs(),

@@ -257,6 +257,7 @@ impl Aggregator {
             .map_err(|e| Error::config(e.to_string()))?;
         let peers = PeerLog::default();
         let metrics = {
+            let gauges = hush_server::metrics::StoreGauges::new(shared.store.db().clone());
             let shared = shared.clone();
             hush_server::metrics::MetricsServer::start(
                 &shared.config.metrics.clone(),
@@ -266,7 +267,7 @@ impl Aggregator {
                     "helper"
                 },
                 Arc::new(move || {
-                    hush_server::metrics::record_store(shared.store.db());
+                    gauges.record();
                     if shared.role == Role::Leader {
                         metrics::gauge!(hush_server::metrics::names::REPORTS_PENDING)
                             .set(shared.leader.pending.load(Ordering::Relaxed) as f64);
@@ -280,15 +281,18 @@ impl Aggregator {
         let router = shared
             .config
             .server
-            .apply(tonic::transport::Server::builder())
+            .apply(
+                tonic::transport::Server::builder(),
+                hush_server::trace::RequestSpans::new(
+                    if role == Role::Leader {
+                        "leader"
+                    } else {
+                        "helper"
+                    },
+                    &names,
+                ),
+            )
             .layer(peers.layer())
-            .layer(hush_server::trace::RequestSpans::new(
-                if role == Role::Leader {
-                    "leader"
-                } else {
-                    "helper"
-                },
-            ))
             .add_service(probe_svcs.health)
             .add_optional_service(probe_svcs.reflection)
             .add_service(admin)

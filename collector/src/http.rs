@@ -3,11 +3,15 @@
 //! | method and path | answer |
 //! | --- | --- |
 //! | `GET /v1/tasks` | the tenant's tasks |
-//! | `GET /v1/tasks/{task}/windows` | every released window of a task |
+//! | `GET /v1/tasks/{task}/windows` | a page of a task's released windows |
 //! | `GET /v1/tasks/{task}/windows/{start}` | one window |
 //! | `POST /v1/tasks/{task}/collect` `{"start": s, "duration": d}` | an ad-hoc collection (spends budget; API token) |
-//! | `GET /v1/alerts` | every alert of the tenant's tasks |
-//! | `GET /v1/tasks/{task}/alerts` | a task's alerts |
+//! | `GET /v1/alerts` | a page of the alerts of the tenant's tasks |
+//! | `GET /v1/tasks/{task}/alerts` | a page of a task's alerts |
+//!
+//! Lists take `from`, `to` (seconds since the epoch, window starts in `[from, to)`), `limit` and
+//! `page_token` ([`crate::paging`]), and answer JSON or, with `Accept: text/csv` or
+//! `format=csv`, CSV (the next page's token then in the `x-next-page-token` header).
 
 use std::sync::Arc;
 
@@ -128,6 +132,197 @@ pub struct AdHocRequest {
 
 type Reply<T> = Result<Json<T>, (StatusCode, Json<serde_json::Value>)>;
 
+/// The query of a list: a time range, a page, and the format.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Window starts from (seconds since the epoch).
+    pub from: Option<u64>,
+    /// Window starts before (seconds since the epoch, exclusive).
+    pub to: Option<u64>,
+    /// At most this many items (default 1,000, at most 5,000).
+    pub limit: Option<u32>,
+    /// The previous page's `next_page_token`.
+    pub page_token: Option<String>,
+    /// `json` (the default) or `csv`.
+    pub format: Option<String>,
+}
+
+impl ListQuery {
+    fn page(&self) -> Result<crate::PageRequest, (StatusCode, Json<serde_json::Value>)> {
+        crate::paging::page_request(
+            self.from.unwrap_or(0),
+            self.to.unwrap_or(0),
+            self.limit.unwrap_or(0),
+            self.page_token.as_deref().unwrap_or(""),
+        )
+        .map_err(fail)
+    }
+
+    /// Whether the answer is CSV: `format=csv`, or `Accept: text/csv` without a `format`.
+    fn csv(&self, headers: &HeaderMap) -> Result<bool, (StatusCode, Json<serde_json::Value>)> {
+        match self.format.as_deref() {
+            Some("csv") => Ok(true),
+            Some("json") => Ok(false),
+            Some(other) => Err(fail(Error::InvalidRequest(format!(
+                "format {other:?} is neither \"json\" nor \"csv\""
+            )))),
+            None => Ok(headers
+                .get(axum::http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("text/csv"))),
+        }
+    }
+}
+
+/// A list's query, or the JSON error a malformed one gets.
+fn list_query(
+    q: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<ListQuery, (StatusCode, Json<serde_json::Value>)> {
+    q.map(|q| q.0).map_err(|e| {
+        fail(Error::InvalidRequest(format!(
+            "{}; lists take from, to, limit, page_token and format",
+            e.body_text()
+        )))
+    })
+}
+
+/// A page of windows as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowsPage {
+    /// The windows, oldest first.
+    pub windows: Vec<WindowJson>,
+    /// Pass as `page_token` (with the same range) for the next page; null on the last.
+    pub next_page_token: Option<String>,
+}
+
+/// A page of alerts as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlertsPage {
+    /// The alerts, oldest window first.
+    pub alerts: Vec<AlertJson>,
+    /// Pass as `page_token` (with the same range) for the next page; null on the last.
+    pub next_page_token: Option<String>,
+}
+
+type Listed = Result<axum::response::Response, (StatusCode, Json<serde_json::Value>)>;
+
+/// A page as JSON, or as CSV rows with the next token in a header.
+fn listed<T: Serialize>(
+    csv: Option<Result<String, csv::Error>>,
+    json: T,
+    next: Option<&[u8]>,
+) -> Listed {
+    use axum::response::IntoResponse;
+    match csv {
+        None => Ok(Json(json).into_response()),
+        Some(body) => {
+            let body = body.map_err(|e| fail(Error::InvalidRequest(format!("CSV: {e}"))))?;
+            let mut resp = (
+                [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+                body,
+            )
+                .into_response();
+            if let Some(n) = next {
+                let token = crate::paging::next_token(Some(n));
+                if let Ok(v) = axum::http::HeaderValue::from_str(&token) {
+                    resp.headers_mut().insert("x-next-page-token", v);
+                }
+            }
+            Ok(resp)
+        }
+    }
+}
+
+fn est_cells(e: &Option<Estimate>) -> [String; 3] {
+    match e {
+        Some(e) => [
+            e.value.to_string(),
+            e.ci_low.to_string(),
+            // An open interval: empty, as a spreadsheet reads "no bound".
+            if e.ci_high.is_finite() {
+                e.ci_high.to_string()
+            } else {
+                String::new()
+            },
+        ],
+        None => Default::default(),
+    }
+}
+
+/// Windows as CSV: one row each, estimates as value, low, high; noisy counts `;`-separated.
+fn windows_csv(ws: &[WindowJson]) -> Result<String, csv::Error> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let mut head = vec!["task_id", "start", "duration"];
+    let ests = [
+        "reports",
+        "late_reports",
+        "total",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+    ];
+    let cols: Vec<String> = ests
+        .iter()
+        .flat_map(|e| [(*e).to_owned(), format!("{e}_low"), format!("{e}_high")])
+        .collect();
+    head.extend(cols.iter().map(String::as_str));
+    head.extend(["noise_stddev", "epsilon", "ad_hoc", "noisy_counts"]);
+    w.write_record(&head)?;
+    for x in ws {
+        let mut row = vec![
+            x.task_id.clone(),
+            x.start.to_string(),
+            x.duration.to_string(),
+        ];
+        for e in [
+            &x.reports,
+            &x.late_reports,
+            &x.total,
+            &x.p50_ms,
+            &x.p95_ms,
+            &x.p99_ms,
+        ] {
+            row.extend(est_cells(e));
+        }
+        row.push(x.noise_stddev.to_string());
+        row.push(x.epsilon.to_string());
+        row.push(x.ad_hoc.to_string());
+        row.push(
+            x.noisy_counts
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(";"),
+        );
+        w.write_record(&row)?;
+    }
+    let bytes = w.into_inner().map_err(|e| e.into_error())?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Alerts as CSV, one row each.
+fn alerts_csv(alerts: &[AlertJson]) -> Result<String, csv::Error> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for a in alerts {
+        w.serialize(a)?;
+    }
+    if alerts.is_empty() {
+        w.write_record([
+            "task_id",
+            "window_start",
+            "detector",
+            "statistic",
+            "threshold",
+            "baseline",
+            "observed",
+            "explanation",
+        ])?;
+    }
+    let bytes = w.into_inner().map_err(|e| e.into_error())?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 fn fail(e: Error) -> (StatusCode, Json<serde_json::Value>) {
     let status: tonic::Status = e.into();
     let code = match status.code() {
@@ -164,11 +359,26 @@ async fn tasks(State(inner): State<Arc<Shared>>) -> Json<Vec<TaskJson>> {
 async fn windows(
     State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
-) -> Reply<Vec<WindowJson>> {
+    headers: HeaderMap,
+    q: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Listed {
+    let q = list_query(q)?;
     let id = parse_task(&task)?;
     inner.task(&id).map_err(fail)?;
-    let ws = inner.store.windows(&id).map_err(fail)?;
-    Ok(Json(ws.iter().map(WindowJson::from).collect()))
+    let page = inner.store.windows_page(&id, &q.page()?).map_err(fail)?;
+    let windows: Vec<WindowJson> = page.items.iter().map(WindowJson::from).collect();
+    let csv = q.csv(&headers)?.then(|| windows_csv(&windows));
+    listed(
+        csv,
+        WindowsPage {
+            windows,
+            next_page_token: page
+                .next
+                .as_deref()
+                .map(|n| crate::paging::next_token(Some(n))),
+        },
+        page.next.as_deref(),
+    )
 }
 
 async fn window(
@@ -260,19 +470,41 @@ impl From<&pb::Alert> for AlertJson {
     }
 }
 
-async fn all_alerts(State(inner): State<Arc<Shared>>) -> Reply<Vec<AlertJson>> {
-    let a = inner.store.alerts(None).map_err(fail)?;
-    Ok(Json(a.iter().map(AlertJson::from).collect()))
+async fn all_alerts(
+    State(inner): State<Arc<Shared>>,
+    headers: HeaderMap,
+    q: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Listed {
+    alerts_of(&inner, None, &headers, list_query(q)?)
 }
 
 async fn task_alerts(
     State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
-) -> Reply<Vec<AlertJson>> {
+    headers: HeaderMap,
+    q: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Listed {
+    let q = list_query(q)?;
     let id = parse_task(&task)?;
     inner.task(&id).map_err(fail)?;
-    let a = inner.store.alerts(Some(&id)).map_err(fail)?;
-    Ok(Json(a.iter().map(AlertJson::from).collect()))
+    alerts_of(&inner, Some(&id), &headers, q)
+}
+
+fn alerts_of(inner: &Shared, task: Option<&TaskId>, headers: &HeaderMap, q: ListQuery) -> Listed {
+    let page = inner.store.alerts_page(task, &q.page()?).map_err(fail)?;
+    let alerts: Vec<AlertJson> = page.items.iter().map(AlertJson::from).collect();
+    let csv = q.csv(headers)?.then(|| alerts_csv(&alerts));
+    listed(
+        csv,
+        AlertsPage {
+            alerts,
+            next_page_token: page
+                .next
+                .as_deref()
+                .map(|n| crate::paging::next_token(Some(n))),
+        },
+        page.next.as_deref(),
+    )
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -29,6 +29,7 @@ mod directory;
 pub mod error;
 pub mod estimate;
 pub mod http;
+pub mod paging;
 mod store;
 
 use std::collections::BTreeMap;
@@ -55,7 +56,7 @@ pub use config::{
     AGGREGATION_SLACK_S, CascadeConfig, DetectionConfig, ErrorRate, HOP_SLACK_MS, ResultsConfig,
     ShufflerHop,
 };
-pub use store::ResultsStore;
+pub use store::{Page, PageRequest, ResultsStore};
 
 use crate::error::{Error, Result};
 
@@ -502,10 +503,14 @@ impl Results for ResultsGrpc {
         request: Request<pb::ListWindowsRequest>,
     ) -> std::result::Result<Response<pb::ListWindowsResponse>, Status> {
         self.0.check_read(bearer_token(&request))?;
-        let id = task_id(&request.into_inner().task_id)?;
+        let r = request.into_inner();
+        let id = task_id(&r.task_id)?;
         self.0.task(&id)?;
+        let req = paging::page_request(r.from, r.to, r.page_size, &r.page_token)?;
+        let page = self.0.store.windows_page(&id, &req)?;
         Ok(Response::new(pb::ListWindowsResponse {
-            windows: self.0.store.windows(&id)?,
+            next_page_token: paging::next_token(page.next.as_deref()),
+            windows: page.items,
         }))
     }
 
@@ -570,8 +575,12 @@ impl Results for ResultsGrpc {
             self.0.task(&id).map_err(Status::from)?;
             Some(id)
         };
-        let alerts = self.0.store.alerts(task.as_ref()).map_err(Status::from)?;
-        Ok(Response::new(pb::ListAlertsResponse { alerts }))
+        let req = paging::page_request(r.from, r.to, r.page_size, &r.page_token)?;
+        let page = self.0.store.alerts_page(task.as_ref(), &req)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            next_page_token: paging::next_token(page.next.as_deref()),
+            alerts: page.items,
+        }))
     }
 }
 
@@ -629,14 +638,12 @@ impl ResultsService {
             )?),
             None => None,
         };
-        let (probes, probe_svcs) = hush_server::probe::Probes::new(
-            &[
-                hush_protocol::proto::v1::results_server::SERVICE_NAME,
-                hush_protocol::proto::v1::key_directory_server::SERVICE_NAME,
-            ],
-            config.server.reflection,
-        )
-        .await?;
+        let names = [
+            hush_protocol::proto::v1::results_server::SERVICE_NAME,
+            hush_protocol::proto::v1::key_directory_server::SERVICE_NAME,
+        ];
+        let (probes, probe_svcs) =
+            hush_server::probe::Probes::new(&names, config.server.reflection).await?;
         let inner = Arc::new(Shared {
             probes,
             keyring: Keyring::new(vec![secrets.collector_key.clone()]),
@@ -657,9 +664,11 @@ impl ResultsService {
         let grpc_router = inner
             .config
             .server
-            .apply(tonic::transport::Server::builder())
+            .apply(
+                tonic::transport::Server::builder(),
+                hush_server::trace::RequestSpans::new("results", &names),
+            )
             .layer(peers.layer())
-            .layer(hush_server::trace::RequestSpans::new("results"))
             .add_service(probe_svcs.health)
             .add_optional_service(probe_svcs.reflection)
             .add_service(ResultsServer::new(ResultsGrpc(inner.clone())))
@@ -685,11 +694,12 @@ impl ResultsService {
         let grpc_server =
             async move { hush_server::serve_incoming!(grpc_router, grpc_incoming, grpc_signal) };
         let metrics = {
+            let gauges = hush_server::metrics::StoreGauges::new(inner.store.db().clone());
             let inner = inner.clone();
             hush_server::metrics::MetricsServer::start(
                 &inner.config.metrics.clone(),
                 "results",
-                Arc::new(move || hush_server::metrics::record_store(inner.store.db())),
+                Arc::new(move || gauges.record()),
                 rx.clone(),
             )
             .await?

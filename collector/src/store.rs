@@ -37,6 +37,62 @@ pub struct ResultsStore {
     meta: Tree,
 }
 
+/// A time range and a page of a list: items whose window starts in `[from, to)`, at most
+/// `limit`, continuing after a page token (the key the previous page stopped before).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Window starts from (seconds, inclusive).
+    pub from: u64,
+    /// Window starts before (seconds, exclusive).
+    pub to: u64,
+    /// At most this many items.
+    pub limit: usize,
+    /// Where the previous page stopped: the key of its next item.
+    pub after: Option<Vec<u8>>,
+}
+
+/// One page of a list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page<T> {
+    /// The items, oldest window first.
+    pub items: Vec<T>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<Vec<u8>>,
+}
+
+/// Up to `req.limit` entries of `tree` within `[lo, hi)` (keys), from `req.after` on, and the key
+/// of the entry after them. `keep` filters entries (by key) without counting the ones it drops.
+fn page(
+    tree: &Tree,
+    lo: Vec<u8>,
+    hi: Vec<u8>,
+    req: &PageRequest,
+    keep: impl Fn(&[u8]) -> bool,
+) -> Result<Page<sled::IVec>> {
+    let lo = match &req.after {
+        Some(a) if *a > lo => a.clone(),
+        _ => lo,
+    };
+    let mut items = Vec::new();
+    if lo >= hi {
+        return Ok(Page { items, next: None });
+    }
+    for kv in tree.range(lo..hi) {
+        let (k, v) = kv?;
+        if !keep(&k) {
+            continue;
+        }
+        if items.len() == req.limit {
+            return Ok(Page {
+                items,
+                next: Some(k.to_vec()),
+            });
+        }
+        items.push(v);
+    }
+    Ok(Page { items, next: None })
+}
+
 fn key(task: &TaskId, parts: &[u64]) -> Vec<u8> {
     let mut k = task.as_bytes().to_vec();
     for p in parts {
@@ -147,11 +203,6 @@ impl ResultsStore {
     }
 
     /// Every tree of the database with its number of entries.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
-    }
-
-    /// Entries per tree (what a soak test watches for growth).
     pub fn tree_sizes(&self) -> Vec<(String, usize)> {
         [
             ("windows", &self.windows),
@@ -166,6 +217,11 @@ impl ResultsStore {
         .into_iter()
         .map(|(n, t)| (n.to_owned(), t.len()))
         .collect()
+    }
+
+    /// The database.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     /// The key directory's stored key set.
@@ -216,6 +272,21 @@ impl ResultsStore {
             .values()
             .map(|v| decode(&v?))
             .collect()
+    }
+
+    /// A page of a task's released windows starting in `[req.from, req.to)`, oldest first.
+    pub fn windows_page(&self, task: &TaskId, req: &PageRequest) -> Result<Page<pb::WindowResult>> {
+        let p = page(
+            &self.windows,
+            key(task, &[req.from]),
+            key(task, &[req.to]),
+            req,
+            |_| true,
+        )?;
+        Ok(Page {
+            items: p.items.iter().map(|v| decode(v)).collect::<Result<_>>()?,
+            next: p.next,
+        })
     }
 
     /// The start of a task's newest released window, if any.
@@ -303,6 +374,30 @@ impl ResultsStore {
         Ok(released)
     }
 
+    /// A page of the alerts of `task` (or of every task) whose window starts in
+    /// `[req.from, req.to)`; a task's alerts oldest window first, tasks in id order.
+    pub fn alerts_page(&self, task: Option<&TaskId>, req: &PageRequest) -> Result<Page<pb::Alert>> {
+        let (lo, hi) = match task {
+            Some(t) => (key(t, &[req.from]), key(t, &[req.to])),
+            None => (Vec::new(), vec![0xff; 41]),
+        };
+        let start_of = |k: &[u8]| {
+            k.get(32..40)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+        };
+        let p = page(&self.alerts, lo, hi, req, |k| {
+            start_of(k).is_some_and(|s| s >= req.from && s < req.to)
+        })?;
+        Ok(Page {
+            items: p
+                .items
+                .iter()
+                .map(|v| pb::Alert::decode(&**v).map_err(|e| Error::corrupt("alert", e)))
+                .collect::<Result<_>>()?,
+            next: p.next,
+        })
+    }
+
     /// The alerts of a task (`None`: of every task), oldest window first.
     pub fn alerts(&self, task: Option<&TaskId>) -> Result<Vec<pb::Alert>> {
         let prefix = task.map(|t| t.as_bytes().to_vec()).unwrap_or_default();
@@ -351,5 +446,118 @@ mod tests {
         assert_eq!(s.windows(&other).unwrap().len(), 3);
         assert_eq!(s.alerts(Some(&other)).unwrap().len(), 3);
         assert_eq!(s.expire(&task, Time::from_secs(120)).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn pages_cover_a_range_once_in_order_and_never_leave_their_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ResultsStore::open(dir.path(), 8).unwrap();
+        let (task, other) = (TaskId::random(), TaskId::random());
+        for t in [task, other] {
+            for i in 0..25u64 {
+                let w = i * 60;
+                let r = pb::WindowResult {
+                    task_id: t.as_bytes().to_vec().into(),
+                    interval: Some(pb::Interval {
+                        start: w,
+                        duration: 60,
+                    }),
+                    ..Default::default()
+                };
+                s.put_window(&t, Time::from_secs(w), Time::from_secs(w + 60), &r)
+                    .await
+                    .unwrap();
+                let alerts: Vec<pb::Alert> = ["a", "b"]
+                    .iter()
+                    .map(|d| pb::Alert {
+                        task_id: t.as_bytes().to_vec().into(),
+                        window_start: w,
+                        detector: (*d).into(),
+                        ..Default::default()
+                    })
+                    .collect();
+                s.put_tested(&t, w, &alerts).await.unwrap();
+            }
+        }
+        // Windows starting in [300, 1200), 4 at a time: 15 windows in 4 pages.
+        let mut req = PageRequest {
+            from: 300,
+            to: 1_200,
+            limit: 4,
+            after: None,
+        };
+        let mut starts = Vec::new();
+        let mut pages = 0;
+        loop {
+            let p = s.windows_page(&task, &req).unwrap();
+            pages += 1;
+            starts.extend(p.items.iter().map(|w| w.interval.unwrap().start));
+            match p.next {
+                Some(n) => req.after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(starts, (5..20).map(|i| i * 60).collect::<Vec<_>>());
+        assert_eq!(pages, 4);
+        // A token from the other task's list cannot move this task's list out of its task.
+        let foreign = s
+            .windows_page(
+                &other,
+                &PageRequest {
+                    from: 0,
+                    to: u64::MAX,
+                    limit: 1,
+                    after: None,
+                },
+            )
+            .unwrap()
+            .next;
+        let p = s
+            .windows_page(
+                &task,
+                &PageRequest {
+                    from: 0,
+                    to: u64::MAX,
+                    limit: 100,
+                    after: foreign,
+                },
+            )
+            .unwrap();
+        assert!(
+            p.items
+                .iter()
+                .all(|w| w.task_id.as_ref() == task.as_bytes())
+        );
+        // Alerts: two per window; of every task, filtered by time, paged across tasks.
+        let mut req = PageRequest {
+            from: 600,
+            to: 720,
+            limit: 3,
+            after: None,
+        };
+        let mut got = Vec::new();
+        loop {
+            let p = s.alerts_page(None, &req).unwrap();
+            got.extend(p.items);
+            match p.next {
+                Some(n) => req.after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(got.len(), 8, "2 windows × 2 detectors × 2 tasks");
+        assert!(got.iter().all(|a| (600..720).contains(&a.window_start)));
+        let one = s
+            .alerts_page(
+                Some(&task),
+                &PageRequest {
+                    from: 0,
+                    to: 120,
+                    limit: 10,
+                    after: None,
+                },
+            )
+            .unwrap();
+        assert_eq!(one.items.len(), 4);
+        assert_eq!(one.next, None);
     }
 }

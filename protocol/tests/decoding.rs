@@ -302,9 +302,14 @@ fn every_message() -> Vec<Box<dyn Fn() -> Result<(), String>>> {
         rt(pb::SetTenantTokenResponse {}),
         rt(pb::ListWindowsRequest {
             task_id: vec![1; 32].into(),
+            from: 60,
+            to: 600,
+            page_size: 10,
+            page_token: "AAAA".into(),
         }),
         rt(pb::ListWindowsResponse {
             windows: vec![window.clone()],
+            next_page_token: "AAAB".into(),
         }),
         rt(pb::GetWindowRequest {
             task_id: vec![1; 32].into(),
@@ -318,6 +323,10 @@ fn every_message() -> Vec<Box<dyn Fn() -> Result<(), String>>> {
         rt(window),
         rt(pb::ListAlertsRequest {
             task_id: vec![1; 32].into(),
+            from: 0,
+            to: 0,
+            page_size: 0,
+            page_token: String::new(),
         }),
         rt(pb::ListAlertsResponse {
             alerts: vec![pb::Alert {
@@ -330,6 +339,7 @@ fn every_message() -> Vec<Box<dyn Fn() -> Result<(), String>>> {
                 observed: 135.0,
                 explanation: "p95 rose".into(),
             }],
+            next_page_token: String::new(),
         }),
     ]
 }

@@ -79,7 +79,7 @@ macro_rules! catalog {
 
 catalog! {
     REQUESTS = "hush_requests_total", Counter, "all", ["method", "grpc_status"],
-        "gRPC requests served, by method and status code (unknown methods as method=\"unknown\"; 8 is RESOURCE_EXHAUSTED: load shed).";
+        "gRPC requests answered, by method and status code (a path no service serves as method=\"unknown\"; 8 is RESOURCE_EXHAUSTED: load shed, or a quota or capacity refusal).";
     REQUEST_SECONDS = "hush_request_duration_seconds", Histogram, "all", ["method"],
         "Time to serve a gRPC request.";
     TLS_HANDSHAKE_FAILURES = "hush_tls_handshake_failures_total", Counter, "all", [],
@@ -101,7 +101,7 @@ catalog! {
     JOBS_STARTED = "hush_aggregation_jobs_started_total", Counter, "leader, helper", [],
         "Aggregation jobs started (the leader: created or resumed; the helper: requests received).";
     JOBS_FINISHED = "hush_aggregation_jobs_finished_total", Counter, "leader, helper", ["outcome"],
-        "Aggregation jobs finished: outcome committed, abandoned (leader, past the helper's retention) or refused (helper).";
+        "Aggregation jobs finished: outcome committed, abandoned (leader, past the helper's retention), refused (helper) or repeated (helper: a retry answered from its record).";
     JOB_RETRIES = "hush_aggregation_job_retries_total", Counter, "leader", [],
         "Attempts of an aggregation job that failed and will be retried.";
     JOB_SECONDS = "hush_aggregation_job_duration_seconds", Histogram, "leader, helper", [],
@@ -111,7 +111,7 @@ catalog! {
     COLLECTION_SECONDS = "hush_collection_duration_seconds", Histogram, "leader, helper, results", [],
         "Time to answer a collection (at the results service: a whole collection through the leader).";
     EPSILON_SPENT = "hush_epsilon_spent", Gauge, "leader, helper", ["task", "purpose"],
-        "ε this aggregator charged to its privacy ledger since the process started: ε per collection times the windows each release covered (a gauge: ε is not a whole number).";
+        "ε this aggregator charged to its privacy ledger since the process started (collections and late-report counts): ε spent times the windows charged (a gauge: ε is not a whole number).";
     EPSILON_LEFT = "hush_epsilon_left", Gauge, "leader, helper", ["task", "purpose"],
         "ε left in the most spent window of the task's latest release.";
     AUDIT_ENTRIES = "hush_audit_entries_total", Counter, "leader, helper", [],
@@ -125,11 +125,11 @@ catalog! {
     PACKETS_REJECTED = "hush_packets_rejected_total", Counter, "shuffler", ["reason"],
         "Packets a shuffler refused, by reason.";
     PACKETS_BUFFERED = "hush_shuffler_buffered_packets", Gauge, "shuffler", [],
-        "Packets held in the shuffler's pool, waiting for a batch.";
+        "Packets held, waiting for a batch or for the next hop.";
     BATCHES = "hush_shuffler_batches_total", Counter, "shuffler", [],
-        "Batches the shuffler mixed and released.";
+        "Batches the shuffler mixed and forwarded.";
     PACKETS_FORWARDED = "hush_shuffler_forwarded_packets_total", Counter, "shuffler", [],
-        "Packets the next hop (shuffler or leader) acknowledged.";
+        "Packets the next hop (shuffler or leader) accepted.";
     FORWARD_RETRIES = "hush_shuffler_forward_retries_total", Counter, "shuffler", [],
         "Forwarding attempts that failed and will be retried.";
     WINDOWS_RELEASED = "hush_results_windows_total", Counter, "results", ["outcome"],
@@ -221,11 +221,17 @@ impl MetricsServer {
             .await
             .map_err(|e| ServerError::Config(format!("metrics: cannot listen on {listen}: {e}")))?;
         let addr = listener.local_addr()?;
+        // One scrape at a time: a flood of scrapes waits instead of walking the store in
+        // parallel.
+        let one = Arc::new(tokio::sync::Mutex::new(()));
         let app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
-                let (handle, refresh) = (handle.clone(), refresh.clone());
-                async move { scrape(handle, refresh).await }
+                let (handle, refresh, one) = (handle.clone(), refresh.clone(), one.clone());
+                async move {
+                    let _turn = one.lock().await;
+                    scrape(handle, refresh).await
+                }
             }),
         );
         let join = tokio::spawn(async move {
@@ -275,13 +281,45 @@ async fn scrape(
     )
 }
 
-/// Sets the store gauges from `db`: entries per tree and bytes on disk.
-pub fn record_store(db: &sled::Db) {
-    for (tree, n) in crate::db::tree_sizes(db) {
-        metrics::gauge!(names::STORE_ENTRIES, "tree" => tree).set(n as f64);
+/// How often a scrape counts the entries of the store's trees (a walk of every tree); scrapes
+/// in between report the last count.
+pub const TREE_COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The store gauges of one server: entries per tree (counted at most every
+/// [`TREE_COUNT_EVERY`]) and bytes on disk.
+#[derive(Debug)]
+pub struct StoreGauges {
+    db: sled::Db,
+    counted: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl StoreGauges {
+    /// Gauges of `db`.
+    pub fn new(db: sled::Db) -> Self {
+        Self {
+            db,
+            counted: std::sync::Mutex::new(None),
+        }
     }
-    if let Ok(bytes) = db.size_on_disk() {
-        metrics::gauge!(names::STORE_BYTES).set(bytes as f64);
+
+    /// Sets the gauges (call it from a scrape's refresh).
+    pub fn record(&self) {
+        let due = {
+            let mut last = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= TREE_COUNT_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            for (tree, n) in crate::db::tree_sizes(&self.db) {
+                metrics::gauge!(names::STORE_ENTRIES, "tree" => tree).set(n as f64);
+            }
+        }
+        if let Ok(bytes) = self.db.size_on_disk() {
+            metrics::gauge!(names::STORE_BYTES).set(bytes as f64);
+        }
     }
 }
 

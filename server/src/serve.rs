@@ -3,6 +3,7 @@
 //! "retry later"), HTTP/2 streams per connection, and open connections (the excess closed at
 //! accept); and the one signal every server process stops on ([`shutdown_signal`]).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,6 +13,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tonic::codegen::http;
+use tower::layer::util::{Identity, Stack};
+
+use crate::trace::RequestSpans;
 use tonic::codegen::tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
@@ -80,20 +85,19 @@ impl ServerLimits {
         Ok(())
     }
 
-    /// `server` with these limits: load shedding over a global limit of requests in flight,
-    /// and HTTP/2 streams per connection. Connections are limited by [`LimitedIncoming`].
+    /// `server` with these limits and a span per request: outermost [`RequestSpans`] (so every
+    /// request, a shed one too, is logged and counted), then load shedding ([`ShedLayer`]) over
+    /// a global limit of requests in flight; HTTP/2 streams per connection. Connections are
+    /// limited by [`LimitedIncoming`].
     pub fn apply(
         &self,
         server: tonic::transport::Server,
-    ) -> tonic::transport::Server<
-        tower::layer::util::Stack<
-            tower::limit::GlobalConcurrencyLimitLayer,
-            tower::layer::util::Identity,
-        >,
-    > {
+        spans: RequestSpans,
+    ) -> tonic::transport::Server<ServerLayers> {
         server
-            .load_shed(true)
             .max_concurrent_streams(self.max_concurrent_streams)
+            .layer(spans)
+            .layer(ShedLayer)
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
                 self.max_concurrent_requests,
             ))
@@ -119,6 +123,75 @@ impl ServerLimits {
                 done: false,
             }),
         })
+    }
+}
+
+/// The layers [`ServerLimits::apply`] puts on a server, outermost last.
+pub type ServerLayers = Stack<
+    tower::limit::GlobalConcurrencyLimitLayer,
+    Stack<ShedLayer, Stack<RequestSpans, Identity>>,
+>;
+
+/// Load shedding that answers in gRPC: a request that arrives while the inner service (the
+/// concurrency limit) is not ready is refused at once with RESOURCE_EXHAUSTED, which clients and
+/// shufflers treat as "retry later". Unlike tonic's own load shedding, the refusal is a response
+/// the layers outside see (and count), not a transport error.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShedLayer;
+
+impl<S> tower::Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+
+    fn layer(&self, inner: S) -> Shed<S> {
+        Shed {
+            inner,
+            ready: false,
+        }
+    }
+}
+
+/// See [`ShedLayer`].
+#[derive(Clone, Debug)]
+pub struct Shed<S> {
+    inner: S,
+    ready: bool,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Shed<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                self.ready = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.ready = false;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if std::mem::take(&mut self.ready) {
+            Box::pin(self.inner.call(req))
+        } else {
+            let refused = tonic::Status::resource_exhausted(
+                "the server holds its limit of requests in flight; retry later",
+            )
+            .into_http();
+            Box::pin(std::future::ready(Ok(refused)))
+        }
     }
 }
 

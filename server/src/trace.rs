@@ -11,8 +11,10 @@
 //! Each completed request also counts in `hush_requests_total{method, grpc_status}` and
 //! `hush_request_duration_seconds{method}` ([`crate::metrics`]).
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -22,16 +24,43 @@ use tracing::Instrument;
 use crate::metrics::names::{REQUEST_SECONDS, REQUESTS};
 use crate::tls::{ANONYMOUS, peer_name};
 
-/// The layer: add it to a server with `.layer(RequestSpans::new("leader"))`.
-#[derive(Clone, Copy, Debug)]
+/// The layer, which [`crate::serve::ServerLimits::apply`] puts outermost on every server.
+#[derive(Clone, Debug)]
 pub struct RequestSpans {
     party: &'static str,
+    methods: Arc<HashSet<String>>,
 }
 
 impl RequestSpans {
-    /// Spans for the server of `party` ("leader", "helper", "shuffler", "results").
-    pub fn new(party: &'static str) -> Self {
-        Self { party }
+    /// Spans for the server of `party` ("leader", "helper", "shuffler", "results") serving
+    /// `services` (full gRPC names) besides health and reflection. A request for any other path
+    /// is `method = "unknown"` in its span and its metrics: the path a caller sends never
+    /// becomes a label or a log field.
+    pub fn new(party: &'static str, services: &[&str]) -> Self {
+        let mut methods = HashSet::new();
+        for set in [
+            hush_protocol::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(set) else {
+                continue;
+            };
+            for file in &set.file {
+                for svc in &file.service {
+                    let full = format!("{}.{}", file.package(), svc.name());
+                    if services.contains(&full.as_str()) || full == "grpc.health.v1.Health" {
+                        for m in &svc.method {
+                            methods.insert(format!("/{full}/{}", m.name()));
+                        }
+                    }
+                }
+            }
+        }
+        methods.insert("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".into());
+        Self {
+            party,
+            methods: Arc::new(methods),
+        }
     }
 }
 
@@ -42,6 +71,7 @@ impl<S> tower::Layer<S> for RequestSpans {
         Spanned {
             inner,
             party: self.party,
+            methods: self.methods.clone(),
         }
     }
 }
@@ -51,6 +81,7 @@ impl<S> tower::Layer<S> for RequestSpans {
 pub struct Spanned<S> {
     inner: S,
     party: &'static str,
+    methods: Arc<HashSet<String>>,
 }
 
 /// The caller's role: its certificate's name, or [`ANONYMOUS`].
@@ -79,7 +110,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().to_owned();
+        let method = if self.methods.contains(req.uri().path()) {
+            req.uri().path().to_owned()
+        } else {
+            "unknown".to_owned()
+        };
         let span = tracing::info_span!(
             "request",
             party = self.party,
@@ -101,13 +136,6 @@ where
                             .unwrap_or("0")
                             .to_owned();
                         tracing::debug!(grpc_status = %status, latency_ms, "request served");
-                        // A method no service serves is answered UNIMPLEMENTED: its path (any
-                        // string a caller sends) never becomes a label.
-                        let method = if status == "12" {
-                            "unknown".to_owned()
-                        } else {
-                            method
-                        };
                         metrics::histogram!(REQUEST_SECONDS, "method" => method.clone())
                             .record(latency_ms / 1e3);
                         metrics::counter!(REQUESTS, "method" => method, "grpc_status" => status)

@@ -34,21 +34,48 @@ struct Rule {
     annotations: BTreeMap<String, String>,
 }
 
-/// The metric names an expression selects.
+/// The metrics an expression selects, each with the label names its matchers use.
 #[derive(Default)]
-struct Names(Vec<String>);
+struct Names(Vec<(String, Vec<String>)>);
 
 impl ExprVisitor for Names {
     type Error = String;
 
     fn pre_visit(&mut self, e: &Expr) -> Result<bool, String> {
-        match e {
-            Expr::VectorSelector(v) => self.0.extend(v.name.clone()),
-            Expr::MatrixSelector(m) => self.0.extend(m.vs.name.clone()),
-            _ => {}
+        let vs = match e {
+            Expr::VectorSelector(v) => v,
+            Expr::MatrixSelector(m) => &m.vs,
+            _ => return Ok(true),
+        };
+        if let Some(n) = &vs.name {
+            let labels = vs
+                .matchers
+                .matchers
+                .iter()
+                .map(|m| m.name.clone())
+                .collect();
+            self.0.push((n.clone(), labels));
         }
         Ok(true)
     }
+}
+
+/// The labels a series of `name` can carry: the metric's own, `le` on buckets, and what
+/// Prometheus adds (`job`, `instance`).
+fn labels_of(name: &str) -> Vec<&'static str> {
+    let mut out = vec!["job", "instance"];
+    if let Some(m) = CATALOG.iter().find(|m| {
+        name == m.name
+            || name
+                .strip_prefix(m.name)
+                .is_some_and(|s| s.starts_with('_'))
+    }) {
+        out.extend(m.labels);
+        if name.ends_with("_bucket") {
+            out.push("le");
+        }
+    }
+    out
 }
 
 /// The series names a metric is exported as (a histogram as its `_bucket`, `_sum`, `_count`).
@@ -86,8 +113,15 @@ fn the_example_alert_rules_parse_and_read_only_exported_metrics() {
             let mut names = Names::default();
             walk_expr(&mut names, &expr).unwrap();
             assert!(!names.0.is_empty(), "{} reads no metric", r.alert);
-            for n in names.0 {
+            for (n, labels) in names.0 {
                 assert!(exported.contains(&n), "{}: hush exports no {n}", r.alert);
+                for l in &labels {
+                    assert!(
+                        labels_of(&n).contains(&l.as_str()),
+                        "{}: {n} has no label {l}",
+                        r.alert
+                    );
+                }
                 used.insert(n);
             }
             if let Some(d) = &r.for_ {

@@ -117,6 +117,14 @@ impl IngestService {
         for (tenant, n) in per_tenant {
             hush_server::metrics::record_quota_refusals(tenant, limit, n);
         }
+        let mut refused = Outcomes::default();
+        for _ in packets {
+            refused.reject(RejectReason::OverQuota);
+        }
+        hush_server::metrics::record_rejections(
+            hush_server::metrics::names::PACKETS_REJECTED,
+            &refused,
+        );
         self.shared.store.add_stats(&delta)
     }
 
@@ -130,14 +138,6 @@ impl IngestService {
         message: String,
     ) -> Result<Status> {
         self.count_over_quota(packets, tasks, limit)?;
-        let mut refused = Outcomes::default();
-        for _ in packets {
-            refused.reject(RejectReason::OverQuota);
-        }
-        hush_server::metrics::record_rejections(
-            hush_server::metrics::names::PACKETS_REJECTED,
-            &refused,
-        );
         Ok(Error::Overloaded(message).into())
     }
 
@@ -311,16 +311,17 @@ impl IngestService {
             }
         };
         give_back(&stored);
-        for _ in 0..over_quota {
-            outcomes.reject(RejectReason::OverQuota);
-        }
-        // Durable before acknowledged.
-        self.shared.store.flush().await?;
+        // The over-quota packets were counted when they were refused.
         hush_server::metrics::record_outcomes(
             hush_server::metrics::names::PACKETS_ACCEPTED,
             hush_server::metrics::names::PACKETS_REJECTED,
             &outcomes,
         );
+        for _ in 0..over_quota {
+            outcomes.reject(RejectReason::OverQuota);
+        }
+        // Durable before acknowledged.
+        self.shared.store.flush().await?;
         tracing::debug!(accepted = outcomes.accepted(), "took a batch of packets");
         Ok(pb::SubmitPacketsResponse {
             accepted: outcomes.accepted(),

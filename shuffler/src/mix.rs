@@ -517,6 +517,8 @@ async fn forward_batch(
         loop {
             match client.send(&packets).await {
                 Ok((accepted, refused)) => {
+                    metrics::counter!(hush_server::metrics::names::PACKETS_FORWARDED)
+                        .increment(accepted);
                     if refused > 0 {
                         tracing::warn!(hop = %hop.name, accepted, refused, "the next hop refused some packets");
                     }
@@ -563,7 +565,6 @@ async fn forward_batch(
         tokio::task::spawn_blocking(move || s.remove_forwarded(&done)).await??;
         store.flush().await?;
         mixer.forwarded(n);
-        metrics::counter!(hush_server::metrics::names::PACKETS_FORWARDED).increment(n);
         for (tenant, k) in per_tenant {
             holdings.release(&tenant, k);
         }

@@ -185,12 +185,13 @@ impl ShufflerNode {
             .map_err(|e| Error::config(e.to_string()))?;
         let peers = PeerLog::default();
         let metrics = {
+            let gauges = hush_server::metrics::StoreGauges::new(shared.store.db().clone());
             let shared = shared.clone();
             hush_server::metrics::MetricsServer::start(
                 &shared.config.metrics.clone(),
                 "shuffler",
                 Arc::new(move || {
-                    hush_server::metrics::record_store(shared.store.db());
+                    gauges.record();
                     metrics::gauge!(hush_server::metrics::names::PACKETS_BUFFERED)
                         .set(shared.mixer.buffered() as f64);
                 }),
@@ -203,9 +204,11 @@ impl ShufflerNode {
         let router = shared
             .config
             .server
-            .apply(tonic::transport::Server::builder())
+            .apply(
+                tonic::transport::Server::builder(),
+                hush_server::trace::RequestSpans::new("shuffler", &names),
+            )
             .layer(peers.layer())
-            .layer(hush_server::trace::RequestSpans::new("shuffler"))
             .add_service(probe_svcs.health)
             .add_optional_service(probe_svcs.reflection)
             .add_service(ingest)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hush_aggregator::client;
-use hush_collector::http::WindowJson;
+use hush_collector::http::{WindowJson, WindowsPage};
 use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::results_client::ResultsClient;
@@ -95,15 +95,18 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     let path = format!("/v1/tasks/{}/windows", task.id());
     let window_path = format!("/v1/tasks/{}/windows/{}", task.id(), window.as_secs());
     let (code, body) = request(results.http_addr(), "GET", &path, Some(READ_TOKEN), None).await;
-    assert_eq!((code, body.as_str()), (200, "[]"));
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"windows":[],"next_page_token":null}"#)
+    );
     mock.advance(5);
     let start = Instant::now();
     let windows: Vec<WindowJson> = loop {
         let (code, body) = request(results.http_addr(), "GET", &path, Some(READ_TOKEN), None).await;
         assert_eq!(code, 200, "{body}");
-        let w: Vec<WindowJson> = serde_json::from_str(&body).unwrap();
-        if !w.is_empty() {
-            break w;
+        let w: WindowsPage = serde_json::from_str(&body).unwrap();
+        if !w.windows.is_empty() {
+            break w.windows;
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
@@ -129,6 +132,51 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     assert!(p99.covers(40.0), "{p99:?}");
     assert!(w.total.unwrap().covers(200.0));
 
+    // Lists take a time range, a page size and a format.
+    let http = results.http_addr();
+    let get = |q: String| {
+        let p = format!("{path}?{q}");
+        async move { request(http, "GET", &p, Some(READ_TOKEN), None).await }
+    };
+    let (code, body) = get(format!("from={}", window.as_secs() + 60)).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"windows":[],"next_page_token":null}"#)
+    );
+    let (code, body) = get(format!(
+        "from={}&to={}&limit=1",
+        window.as_secs(),
+        window.as_secs() + 60
+    ))
+    .await;
+    let page: WindowsPage = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (code, page.windows.len(), page.next_page_token),
+        (200, 1, None)
+    );
+    let (code, csv_body) = get("format=csv".into()).await;
+    assert_eq!(code, 200, "{csv_body}");
+    let mut rows = csv::Reader::from_reader(csv_body.as_bytes());
+    let head = rows.headers().unwrap().clone();
+    let rows: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 1);
+    let cell = |name: &str| rows[0][head.iter().position(|h| h == name).unwrap()].to_owned();
+    assert_eq!(cell("start"), window.as_secs().to_string());
+    assert!((cell("p95_ms").parse::<f64>().unwrap() - w.p95_ms.unwrap().value).abs() < 1e-9);
+    for (q, says) in [
+        ("limit=100000".to_owned(), "at most 5000"),
+        ("from=10&to=5".to_owned(), "from <= to"),
+        ("page_token=%21%21".to_owned(), "next_page_token"),
+        ("format=xml".to_owned(), "neither"),
+        ("limt=5".to_owned(), "lists take"),
+    ] {
+        let (code, body) = get(q.clone()).await;
+        assert_eq!(code, 400, "{q}: {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("{q}: {body}"));
+        assert!(v["error"].as_str().unwrap().contains(says), "{q}: {body}");
+    }
+
     // The same window over gRPC.
     // Every read needs the read token, on both APIs.
     let (code, _) = request(results.http_addr(), "GET", &path, None, None).await;
@@ -145,6 +193,7 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     let e = ResultsClient::new(client::channel(&url(results.grpc_addr()), None).unwrap())
         .list_windows(pb::ListWindowsRequest {
             task_id: task.id().as_bytes().to_vec().into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -168,11 +217,36 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     let alerts = grpc
         .list_alerts(pb::ListAlertsRequest {
             task_id: task.id().as_bytes().to_vec().into(),
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     assert!(alerts.alerts.is_empty(), "{alerts:?}");
+    let listed = grpc
+        .list_windows(pb::ListWindowsRequest {
+            task_id: task.id().as_bytes().to_vec().into(),
+            from: window.as_secs(),
+            to: window.as_secs() + 60,
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (listed.windows.len(), listed.next_page_token.as_str()),
+        (1, "")
+    );
+    let e = grpc
+        .list_windows(pb::ListWindowsRequest {
+            task_id: task.id().as_bytes().to_vec().into(),
+            page_size: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     let (code, text) = request(
         results.http_addr(),
         "GET",
@@ -181,7 +255,10 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
         None,
     )
     .await;
-    assert_eq!((code, text.as_str()), (200, "[]"));
+    assert_eq!(
+        (code, text.as_str()),
+        (200, r#"{"alerts":[],"next_page_token":null}"#)
+    );
     let (code, _) = request(
         results.http_addr(),
         "GET",

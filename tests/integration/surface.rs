@@ -427,7 +427,10 @@ async fn the_results_api_speaks_https_with_tls_and_refuses_plaintext_off_loopbac
         Some("read-token-0123456789"),
     )
     .await;
-    assert_eq!((code, body.as_str()), (200, "[]"));
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"windows":[],"next_page_token":null}"#)
+    );
     let (code, _) = request_tls(
         svc.http_addr(),
         ca.cert_pem().as_bytes(),

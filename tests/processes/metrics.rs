@@ -251,11 +251,38 @@ async fn every_server_exports_prometheus_metrics_that_follow_the_reports() {
     );
     assert!(value(&s, "hush_aggregation_job_duration_seconds", &[]) >= 1.0);
     assert_eq!(value(&s, "hush_aggregation_job_retries_total", &[]), 0.0);
-    let s = until(lm, "the pending gauge going back to zero", 10, |s| {
+    until(lm, "the pending gauge going back to zero", 10, |s| {
         value(s, "hush_reports_pending", &[]) == 0.0
     })
     .await;
-    assert!(value(&s, "hush_store_tree_entries", &[("tree", "seen")]) >= 45.0);
+    // Tree sizes are counted at most every 10 s.
+    until(lm, "the store gauges counting the reports seen", 30, |s| {
+        value(s, "hush_store_tree_entries", &[("tree", "seen")]) >= 45.0
+    })
+    .await;
+
+    // A path no service serves is counted as `unknown`: what a caller puts in it never becomes
+    // a label.
+    let channel = hush_aggregator::client::channel(&leader.url(), None).unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let e = grpc
+        .unary::<pb::ListTasksRequest, pb::ListTasksResponse, _>(
+            tonic::Request::new(pb::ListTasksRequest::default()),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/hush.v1.Admin/Marker0123"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    let s = scrape(lm).await;
+    assert!(value(&s, "hush_requests_total", &[("method", "unknown")]) >= 1.0);
+    assert!(
+        s.samples
+            .iter()
+            .all(|x| !x.labels.values().any(|v| v.contains("Marker0123"))),
+        "a caller's path became a label"
+    );
     let s = until(hm, "the helper aggregating every report", 30, |s| {
         value(s, "hush_reports_aggregated_total", &[]) == 45.0
     })

@@ -84,7 +84,7 @@ impl HelperService {
     async fn init_job(
         &self,
         req: pb::AggregationJobInitRequest,
-    ) -> Result<pb::AggregationJobResponse> {
+    ) -> Result<(pb::AggregationJobResponse, bool)> {
         let task_id = TaskId::try_from(req.task_id.as_ref()).map_err(|e| {
             Error::InvalidRequest(format!("AggregationJobInitRequest.task_id: {e}"))
         })?;
@@ -114,6 +114,7 @@ impl HelperService {
             }
             tracing::debug!(job = %job_id, "answering a retried aggregation job from its record");
             return pb::AggregationJobResponse::decode(rec.response.as_slice())
+                .map(|r| (r, false))
                 .map_err(|e| Error::corrupt("helper job response", e));
         }
 
@@ -176,7 +177,7 @@ impl HelperService {
                 &counted,
             );
         }
-        Ok(response)
+        Ok((response, fresh))
     }
 }
 
@@ -190,12 +191,18 @@ impl HelperAggregation for HelperService {
         metrics::counter!(names::JOBS_STARTED).increment(1);
         let started = std::time::Instant::now();
         let out = self.init_job(request.into_inner()).await;
-        let outcome = if out.is_ok() { "committed" } else { "refused" };
+        // A retry the helper answers from its record is counted `repeated`, not committed
+        // again.
+        let outcome = match &out {
+            Ok((_, true)) => "committed",
+            Ok((_, false)) => "repeated",
+            Err(_) => "refused",
+        };
         metrics::counter!(names::JOBS_FINISHED, "outcome" => outcome).increment(1);
-        if out.is_ok() {
+        if outcome == "committed" {
             metrics::histogram!(names::JOB_SECONDS).record(started.elapsed().as_secs_f64());
         }
-        Ok(Response::new(out?))
+        Ok(Response::new(out?.0))
     }
 
     async fn get_aggregate_share(

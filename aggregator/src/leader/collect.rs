@@ -352,6 +352,12 @@ impl CollectionService {
         if let Err(r) = r {
             return Err(refusal_error(&task, BudgetPurpose::Routine, r));
         }
+        crate::checks::record_epsilon(
+            &task,
+            BudgetPurpose::Routine,
+            eps.as_f64() * windows.len() as f64,
+            answer.budget_left_micro,
+        );
         shared.audit(AuditEvent {
             actor: format!("collector:{}", task.config.tenant()),
             action: "late_count".into(),

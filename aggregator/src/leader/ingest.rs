@@ -228,6 +228,7 @@ impl LeaderIngest for IngestService {
         if let Some(lc) = &self.shared.config.leader {
             let pending = self.shared.leader.pending.load(Ordering::Relaxed);
             if pending + reports.len() as u64 > lc.max_pending_reports {
+                hush_server::metrics::record_quota_refusals("", "capacity", reports.len() as u64);
                 return Err(Status::resource_exhausted(format!(
                     "the leader holds {pending} reports waiting for aggregation (limit {}); retry later",
                     lc.max_pending_reports

@@ -258,6 +258,11 @@ impl JobDriver {
     fn abandon(&self, id: &AggregationJobId, job: &LeaderJob) {
         match self.shared.store.abandon_leader_job(id, job) {
             Ok(n) => {
+                metrics::counter!(
+                    hush_server::metrics::names::REPORTS_REJECTED,
+                    "reason" => "too_old"
+                )
+                .increment(n);
                 self.shared
                     .pending_released(&job.task_id, job.seqs.len() as u64);
                 tracing::error!(
@@ -421,6 +426,13 @@ impl JobDriver {
         }
         metrics::counter!(hush_server::metrics::names::REPORTS_AGGREGATED)
             .increment(counted.accepted().saturating_sub(left_out as u64));
+        if left_out > 0 {
+            metrics::counter!(
+                hush_server::metrics::names::REPORTS_REJECTED,
+                "reason" => "batch_collected"
+            )
+            .increment(left_out as u64);
+        }
         hush_server::metrics::record_rejections(
             hush_server::metrics::names::REPORTS_REJECTED,
             &counted,
