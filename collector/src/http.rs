@@ -6,7 +6,9 @@
 //! | `GET /v1/tasks/{task}/windows` | a page of a task's released windows |
 //! | `GET /v1/tasks/{task}/windows/{start}` | one window |
 //! | `POST /v1/tasks/{task}/collect` `{"start": s, "duration": d}` | an ad-hoc collection (spends budget; API token) |
+//! | `GET /v1/tasks/{task}/budget` | what is left of a task's budget, spending nothing |
 //! | `GET /v1/alerts` | a page of the alerts of the tenant's tasks |
+//! | `GET /metrics` | the newest released results in the Prometheus text format |
 //! | `GET /v1/tasks/{task}/alerts` | a page of a task's alerts |
 //!
 //! Lists take `from`, `to` (seconds since the epoch, window starts in `[from, to)`), `limit` and
@@ -185,6 +187,114 @@ fn list_query(
             e.body_text()
         )))
     })
+}
+
+/// The budget of one purpose as JSON (ε).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PurposeBudgetJson {
+    /// `routine` or `alert`.
+    pub purpose: String,
+    /// The purpose's share of each window's budget.
+    pub budget: f64,
+    /// What is left in the interval's most spent window.
+    pub left: f64,
+    /// What one collection spends.
+    pub epsilon_per_collection: f64,
+    /// How many more collections of the interval fit.
+    pub collections_left: u64,
+}
+
+/// What is left of a task's budget over an interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BudgetJson {
+    /// Task id.
+    pub task_id: String,
+    /// Interval start, seconds since the epoch.
+    pub start: u64,
+    /// Interval length in seconds.
+    pub duration: u64,
+    /// Per purpose.
+    pub purposes: Vec<PurposeBudgetJson>,
+}
+
+impl BudgetJson {
+    /// The JSON form of the leader's answer for `task`.
+    pub fn new(task: &TaskId, b: &pb::BudgetAnswer) -> Self {
+        let i = b.interval.unwrap_or_default();
+        Self {
+            task_id: task.to_string(),
+            start: i.start,
+            duration: i.duration,
+            purposes: b
+                .purposes
+                .iter()
+                .map(|p| PurposeBudgetJson {
+                    purpose: hush_protocol::BudgetPurpose::from_proto(p.purpose)
+                        .map_or("unknown", |p| p.name())
+                        .to_owned(),
+                    budget: p.budget_micro as f64 / 1e6,
+                    left: p.left_micro as f64 / 1e6,
+                    epsilon_per_collection: p.epsilon_per_collection_micro as f64 / 1e6,
+                    collections_left: p.collections_left,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The query of the budget: an aligned interval `[from, to)`, or nothing for the newest
+/// released window.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetQuery {
+    /// Interval start (seconds since the epoch, aligned to the task's window).
+    pub from: Option<u64>,
+    /// Interval end (exclusive).
+    pub to: Option<u64>,
+}
+
+async fn results_metrics(
+    State(inner): State<Arc<Shared>>,
+) -> Result<
+    ([(axum::http::HeaderName, &'static str); 1], String),
+    (StatusCode, Json<serde_json::Value>),
+> {
+    let text = crate::exposition::render(&inner).await.map_err(fail)?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    ))
+}
+
+async fn budget(
+    State(inner): State<Arc<Shared>>,
+    Path(task): Path<String>,
+    q: Result<axum::extract::Query<BudgetQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply<BudgetJson> {
+    let q = q.map(|q| q.0).map_err(|e| {
+        fail(Error::InvalidRequest(format!(
+            "{}; the budget takes from and to",
+            e.body_text()
+        )))
+    })?;
+    let id = parse_task(&task)?;
+    let interval = match (q.from, q.to) {
+        (None, None) => None,
+        (Some(from), Some(to)) if to > from => Some(
+            Interval::new(Time::from_secs(from), to - from)
+                .map_err(|e| fail(Error::InvalidRequest(e.to_string())))?,
+        ),
+        _ => {
+            return Err(fail(Error::InvalidRequest(
+                "give both from and to (from < to, aligned to the task's window), or neither for the newest window".into(),
+            )));
+        }
+    };
+    let b = inner.budget(&id, interval).await.map_err(fail)?;
+    Ok(Json(BudgetJson::new(&id, &b)))
 }
 
 /// A page of windows as JSON.
@@ -583,6 +693,8 @@ pub(super) fn router(inner: Arc<Shared>) -> Router {
         .route("/v1/tasks/{task}/windows", get(windows))
         .route("/v1/tasks/{task}/windows/{start}", get(window))
         .route("/v1/tasks/{task}/alerts", get(task_alerts))
+        .route("/v1/tasks/{task}/budget", get(budget))
+        .route("/metrics", get(results_metrics))
         .route("/v1/alerts", get(all_alerts))
         .route_layer(axum::middleware::from_fn_with_state(
             inner.clone(),

@@ -28,6 +28,7 @@ mod detection;
 mod directory;
 pub mod error;
 pub mod estimate;
+mod exposition;
 pub mod http;
 pub mod paging;
 mod store;
@@ -248,6 +249,32 @@ impl Shared {
             metrics::histogram!(names::COLLECTION_SECONDS).record(started.elapsed().as_secs_f64());
         }
         out
+    }
+
+    /// What is left of `task`'s budget over `interval` (default: its newest released window,
+    /// or the current one), from the leader's ledger; spends nothing.
+    async fn budget(&self, task: &TaskId, interval: Option<Interval>) -> Result<pb::BudgetAnswer> {
+        let config = self.task(task)?;
+        let interval = match interval {
+            Some(i) => i,
+            None => {
+                let start = match self.store.newest_window_start(task)? {
+                    Some(s) => Time::from_secs(s),
+                    None => config.window_of(self.clock.now()),
+                };
+                Interval::new(start, config.time_precision_s())
+                    .map_err(|e| Error::InvalidRequest(e.to_string()))?
+            }
+        };
+        let req = pb::GetBudgetRequest {
+            task_id: task.as_bytes().to_vec().into(),
+            interval: Some((&interval).into()),
+        };
+        let mut leader = self.leader().map_err(|f| match f {
+            CollectFailure::Refused(why) => Error::InvalidRequest(why),
+            CollectFailure::Retry(why) => Error::NotReady(why),
+        })?;
+        Ok(leader.get_budget(req).await?.into_inner())
     }
 
     /// Asks the leader for the noisy late-report count of a collected window.
@@ -560,6 +587,22 @@ impl Results for ResultsGrpc {
         resp.metadata_mut()
             .insert("hush-budget-left-micro", left.into());
         Ok(resp)
+    }
+
+    async fn get_budget(
+        &self,
+        request: Request<pb::GetBudgetRequest>,
+    ) -> std::result::Result<Response<pb::BudgetAnswer>, Status> {
+        self.0.check_read(bearer_token(&request))?;
+        let r = request.into_inner();
+        let id = task_id(&r.task_id)?;
+        let interval = match &r.interval {
+            Some(i) => {
+                Some(Interval::try_from(i).map_err(|e| Status::invalid_argument(e.to_string()))?)
+            }
+            None => None,
+        };
+        Ok(Response::new(self.0.budget(&id, interval).await?))
     }
 
     async fn list_alerts(

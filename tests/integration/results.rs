@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hush_aggregator::client;
-use hush_collector::http::{WindowJson, WindowsPage};
+use hush_collector::http::{BudgetJson, WindowJson, WindowsPage};
 use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::results_client::ResultsClient;
@@ -277,6 +277,39 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 
+    // What is left, before anything more is spent: the window's routine collection spent 100
+    // of the routine 300; the alert share (700) is whole.
+    let budget_path = format!("/v1/tasks/{}/budget", task.id());
+    let budget = |q: &'static str| {
+        let p = format!("{budget_path}{q}");
+        async move { request(http, "GET", &p, Some(READ_TOKEN), None).await }
+    };
+    let (code, text) = budget("").await;
+    assert_eq!(code, 200, "{text}");
+    let b: BudgetJson = serde_json::from_str(&text).unwrap();
+    assert_eq!((b.start, b.duration), (window.as_secs(), 60));
+    let left = |b: &BudgetJson, p: &str| {
+        let x = b.purposes.iter().find(|x| x.purpose == p).unwrap();
+        (x.left, x.collections_left)
+    };
+    assert_eq!(left(&b, "routine"), (200.0, 2));
+    assert_eq!(left(&b, "alert"), (700.0, 7));
+    let (code, text) = budget("?from=5").await;
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("both from and to"), "{text}");
+    let g = grpc
+        .get_budget(pb::GetBudgetRequest {
+            task_id: task.id().as_bytes().to_vec().into(),
+            interval: Some(pb::Interval {
+                start: window.as_secs(),
+                duration: 60,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(BudgetJson::new(&task.id(), &g), b);
+
     // Ad-hoc: refused without the API token, spends budget with it and says so.
     let body = format!("{{\"start\": {}, \"duration\": 60}}", window.as_secs());
     let collect = format!("/v1/tasks/{}/collect", task.id());
@@ -306,6 +339,56 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     assert_eq!(v["window"]["ad_hoc"], true);
     // A drill-down spends from the alert share (700 of 1000) by default.
     assert_eq!(v["budget_left"], 600.0);
+    let (_, text) = budget("").await;
+    let b: BudgetJson = serde_json::from_str(&text).unwrap();
+    assert_eq!(left(&b, "alert"), (600.0, 6));
+
+    // The newest results for Prometheus, behind the read token.
+    let (code, _) = request(http, "GET", "/metrics", None, None).await;
+    assert_eq!(code, 401);
+    let (code, text) = request(http, "GET", "/metrics", Some(READ_TOKEN), None).await;
+    assert_eq!(code, 200, "{text}");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let gauge = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        let hits: Vec<f64> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| s.labels.get("task") == Some(task.id().to_string().as_str()))
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .collect();
+        assert_eq!(hits.len(), 1, "{name} {labels:?} in\n{text}");
+        hits[0]
+    };
+    assert_eq!(
+        gauge("hush_result_window_start_seconds", &[]),
+        window.as_secs() as f64
+    );
+    let p95 = gauge(
+        "hush_result_latency_milliseconds",
+        &[("quantile", "0.95"), ("bound", "estimate")],
+    );
+    assert!((p95 - w.p95_ms.unwrap().value).abs() < 1e-6, "{p95}");
+    assert!(
+        (gauge("hush_result_total", &[("bound", "estimate")]) - w.total.unwrap().value).abs()
+            < 1e-6
+    );
+    assert_eq!(
+        gauge("hush_result_epsilon_left", &[("purpose", "routine")]),
+        200.0
+    );
+    assert_eq!(
+        gauge("hush_result_epsilon_left", &[("purpose", "alert")]),
+        600.0
+    );
+    assert_eq!(
+        gauge("hush_result_alerts", &[("detector", "latency_regression")]),
+        0.0
+    );
     // A second routine collection of the batch is refused: routine collection is once per batch.
     let routine = format!(
         "{{\"start\": {}, \"duration\": 60, \"purpose\": \"routine\"}}",

@@ -375,8 +375,49 @@ impl CollectionService {
     }
 }
 
+impl CollectionService {
+    /// What is left of the budget over an interval's windows, per purpose; spends nothing.
+    fn budget(&self, token: Option<&str>, req: pb::GetBudgetRequest) -> Result<pb::BudgetAnswer> {
+        let task_id = TaskId::try_from(req.task_id.as_ref())
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let task = self.authorized_task(token, &task_id, "budget")?;
+        let (interval, windows) =
+            checked_interval(&task, req.interval.as_ref(), self.shared.clock.now())?;
+        let per = task.config.epsilon_per_collection().micros();
+        let purposes = BudgetPurpose::ALL
+            .iter()
+            .map(|p| {
+                let budget = task.config.budget_for(*p).micros();
+                let spent = self.shared.store.spent(&task_id, *p, &windows)?;
+                let left = budget.saturating_sub(spent.into_iter().max().unwrap_or(0));
+                Ok(pb::PurposeBudget {
+                    purpose: p.to_proto() as i32,
+                    budget_micro: budget,
+                    left_micro: left,
+                    epsilon_per_collection_micro: per,
+                    collections_left: left.checked_div(per).unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(pb::BudgetAnswer {
+            interval: Some((&interval).into()),
+            purposes,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl Collection for CollectionService {
+    async fn get_budget(
+        &self,
+        request: Request<pb::GetBudgetRequest>,
+    ) -> std::result::Result<Response<pb::BudgetAnswer>, Status> {
+        let token = bearer_token(&request).map(str::to_owned);
+        Ok(Response::new(
+            self.budget(token.as_deref(), request.into_inner())?,
+        ))
+    }
+
     async fn collect(
         &self,
         request: Request<pb::CollectRequest>,
