@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod aggregator;
+mod analyst;
 mod audit;
 mod certs;
 mod keys;
@@ -64,8 +65,9 @@ enum Command {
     /// quantile error with the real noise mechanism and detectors; writes CSV, PNG plots and a
     /// markdown summary.
     Sim(hush_sim::sim::SimArgs),
-    /// Run a tenant's results service until SIGINT or SIGTERM: collects every closed window and
-    /// serves the noisy statistics over gRPC and HTTP/JSON.
+    /// Run a tenant's results service until SIGINT or SIGTERM (`--config`): collects every
+    /// closed window and serves the noisy statistics over gRPC and HTTP/JSON. With a subcommand,
+    /// ask a running one (windows, alerts, budget, collect).
     Results(results::Args),
     /// Run one shuffler (mix node) until SIGINT or SIGTERM.
     Shuffler(shuffler::Args),
@@ -119,7 +121,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Aggregator(a) => aggregator::run(a).await,
         Command::Shuffler(a) => shuffler::run(a).await,
-        Command::Results(a) => results::run(a).await,
+        Command::Results(a) => results::run(a, tls).await,
         Command::Demo(a) => hush_sim::demo::run(a).await,
         Command::Load(a) => hush_sim::load::run_load(a).await,
         Command::Chaos(a) => hush_sim::load::run_chaos(a).await,

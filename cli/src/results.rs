@@ -1,4 +1,5 @@
-//! `hush results --config FILE`.
+//! `hush results --config FILE` runs the service; `hush results windows|alerts|budget|collect`
+//! asks a running one ([`crate::analyst`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,24 +10,36 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
 use hush_protocol::{Codec, HpkeKeypair, SystemClock};
 
-/// Run a tenant's results service.
+/// Run a tenant's results service, or ask a running one.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub(crate) struct Args {
+    #[command(subcommand)]
+    query: Option<super::analyst::Query>,
     /// The TOML config file. Secrets come from the environment variables it names: the
     /// tenant's collector token (HUSH_TENANT_TOKEN), the collector key pair from `hush keygen`
     /// (HUSH_COLLECTOR_KEY), the token every read of the results APIs must present
     /// (HUSH_RESULTS_READ_TOKEN), and optionally the API token that allows ad-hoc collections
     /// (HUSH_RESULTS_TOKEN).
-    #[arg(long, value_parser = super::existing_file)]
-    config: PathBuf,
+    #[arg(long, required = true, value_parser = super::existing_file)]
+    config: Option<PathBuf>,
     /// Serve and connect plaintext (no [tls] section). For tests and loopback experiments
     /// only: peers are then neither authenticated nor encrypted.
     #[arg(long)]
     insecure: bool,
 }
 
-pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = ResultsConfig::from_file(&args.config)?;
+pub(crate) async fn run(
+    args: Args,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> anyhow::Result<()> {
+    if let Some(q) = args.query {
+        return super::analyst::run(q, tls).await;
+    }
+    let Some(path) = args.config else {
+        anyhow::bail!("give --config FILE to run the service, or a query (hush results --help)");
+    };
+    let mut config = ResultsConfig::from_file(&path)?;
     super::certs::require_tls_or_insecure(config.tls.is_some(), args.insecure)?;
     config.insecure = args.insecure;
     let key = super::env_secret(&config.collector_key_env, "collector key pair")?;

@@ -21,8 +21,14 @@ pub struct Estimate {
     pub value: f64,
     /// Lower end of the 95% confidence interval.
     pub ci_low: f64,
-    /// Upper end; infinite when a quantile may lie in the open-ended last bucket.
+    /// Upper end; infinite when a quantile may lie in the open-ended last bucket (`null` in
+    /// JSON, which has no infinity, and read back as infinite).
+    #[serde(deserialize_with = "null_is_infinite")]
     pub ci_high: f64,
+}
+
+fn null_is_infinite<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
 }
 
 impl Estimate {
@@ -141,6 +147,18 @@ pub fn quantile_ms(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_open_interval_survives_json() {
+        let e = Estimate {
+            value: 1.0,
+            ci_low: 0.5,
+            ci_high: f64::INFINITY,
+        };
+        let text = serde_json::to_string(&e).unwrap();
+        assert_eq!(text, r#"{"value":1.0,"ci_low":0.5,"ci_high":null}"#);
+        assert_eq!(serde_json::from_str::<Estimate>(&text).unwrap(), e);
+    }
+
     use super::*;
 
     #[test]

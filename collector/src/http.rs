@@ -361,7 +361,7 @@ fn est_cells(e: &Option<Estimate>) -> [String; 3] {
 }
 
 /// Windows as CSV: one row each, estimates as value, low, high; noisy counts `;`-separated.
-fn windows_csv(ws: &[WindowJson]) -> Result<String, csv::Error> {
+pub fn windows_csv(ws: &[WindowJson]) -> Result<String, csv::Error> {
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut head = vec!["task_id", "start", "duration"];
     let ests = [
@@ -412,7 +412,7 @@ fn windows_csv(ws: &[WindowJson]) -> Result<String, csv::Error> {
 }
 
 /// Alerts as CSV, one row each.
-fn alerts_csv(alerts: &[AlertJson]) -> Result<String, csv::Error> {
+pub fn alerts_csv(alerts: &[AlertJson]) -> Result<String, csv::Error> {
     let mut w = csv::Writer::from_writer(Vec::new());
     for a in alerts {
         w.serialize(a)?;
@@ -459,7 +459,11 @@ async fn tasks(State(inner): State<Arc<Shared>>) -> Json<Vec<TaskJson>> {
             .map(|t| TaskJson {
                 task_id: t.id().to_string(),
                 name: t.name().to_owned(),
-                kind: format!("{:?}", t.kind()),
+                // Spelled as in task files (`window_histogram`), not as Rust names it.
+                kind: serde_json::to_value(t.kind())
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
                 window_s: t.time_precision_s(),
             })
             .collect(),

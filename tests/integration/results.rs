@@ -132,6 +132,22 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     assert!(p99.covers(40.0), "{p99:?}");
     assert!(w.total.unwrap().covers(200.0));
 
+    // Kinds are spelled as in task files.
+    let (_, text) = request(
+        results.http_addr(),
+        "GET",
+        "/v1/tasks",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    let tasks: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        tasks[0]["kind"],
+        serde_json::to_value(task.kind()).unwrap(),
+        "{text}"
+    );
+
     // Lists take a time range, a page size and a format.
     let http = results.http_addr();
     let get = |q: String| {

@@ -5,6 +5,7 @@
 //! path in `CARGO_BIN_EXE_hush`.
 
 mod aggregator_crash;
+mod analyst;
 mod audit;
 mod certs;
 mod demo;

@@ -329,6 +329,9 @@ async fn every_server_exports_prometheus_metrics_that_follow_the_reports() {
         assert!(value(&s, "hush_audit_entries_total", &[]) >= 1.0, "{party}");
     }
 
+    // The analyst CLI reads the same results.
+    crate::analyst::check(&results.url(), READ_TOKEN, &task, window);
+
     for p in [&mut results, &mut shuffler, &mut leader, &mut helper] {
         p.terminate();
     }
