@@ -24,12 +24,22 @@
 //! # let _ = packet; Ok(()) }
 //! ```
 
+pub mod config;
 pub mod layer;
+#[cfg(feature = "metrics")]
+pub mod recorder;
 pub mod report;
 pub mod runtime;
 
+pub use config::{
+    ClientConfig, ConfigError, CounterMetric, LatencyMetric, RuntimeSettings, TaskSource,
+};
 pub use hush_protocol::directory::KeySet;
+/// The protocol types a service handles: it needs no direct hush-protocol dependency.
+pub use hush_protocol::{Epsilon, MeasurementKind, TaskConfig, TaskParams, Time};
 pub use layer::HushLayer;
+#[cfg(feature = "metrics")]
+pub use recorder::{HushRecorder, LatencyUnit};
 pub use report::{ClientError, ClientTask, Prepared};
 pub use runtime::{
     ClientStats, Counter, Endpoints, HushClient, KeySource, Latency, RuntimeConfig, RuntimeError,

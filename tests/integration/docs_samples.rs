@@ -39,6 +39,11 @@ fn every_sample_config_parses_and_passes_its_checks() {
             let c = ResultsConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
             let tasks = load_tasks(&c).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(tasks.len(), c.task_files.len());
+        } else if name == "client.toml" {
+            let c = hush_client::ClientConfig::from_file(&path)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            c.check().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!((c.latency.len(), c.counter.len()), (1, 1));
         } else if name.starts_with("shuffler") {
             ShufflerConfig::from_toml(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         } else {

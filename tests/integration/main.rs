@@ -1,6 +1,7 @@
 //! hush's cross-crate integration tests: one binary, one module per area.
 
 mod aggregation;
+mod client_adoption;
 mod client_runtime;
 mod collection;
 mod docs_samples;
