@@ -16,12 +16,11 @@
 //! ```
 //!
 //! Matching happens when a metric is registered (once per key for a service that keeps its
-//! handles; per call for the `metrics::histogram!` macro): an unmatched name costs one hash
-//! lookup, then the service's recorder alone. A routed counter takes increments; an
+//! handles; per call for the `metrics::histogram!` macro): an unmatched name costs a comparison
+//! with each routed name, then the service's recorder alone (`benches/recorder_overhead.rs`). A routed counter takes increments; an
 //! `absolute` set goes to the service's recorder only. The client's own `hush_client_*`
 //! counters are never routed (they would report on themselves).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,8 +70,9 @@ struct Route {
 pub struct HushRecorder<R> {
     client: HushClient,
     inner: R,
-    histograms: HashMap<String, Vec<Route>>,
-    counters: HashMap<String, Vec<Route>>,
+    // A few names, scanned in order: cheaper than hashing the name on every registration.
+    histograms: Vec<(String, Vec<Route>)>,
+    counters: Vec<(String, Vec<Route>)>,
 }
 
 impl<R: Recorder> HushRecorder<R> {
@@ -81,8 +81,8 @@ impl<R: Recorder> HushRecorder<R> {
         Self {
             client: client.clone(),
             inner,
-            histograms: HashMap::new(),
-            counters: HashMap::new(),
+            histograms: Vec::new(),
+            counters: Vec::new(),
         }
     }
 
@@ -99,10 +99,7 @@ impl<R: Recorder> HushRecorder<R> {
     ) -> Self {
         if !name.starts_with("hush_client_") {
             let target = Target::Latency(self.client.latency(service, operation), unit);
-            self.histograms
-                .entry(name.to_owned())
-                .or_default()
-                .push(route(labels, target));
+            add(&mut self.histograms, name, route(labels, target));
         }
         self
     }
@@ -111,13 +108,21 @@ impl<R: Recorder> HushRecorder<R> {
     pub fn counter(mut self, name: &str, labels: &[(&str, &str)], counter: &str) -> Self {
         if !name.starts_with("hush_client_") {
             let target = Target::Counter(self.client.counter(counter));
-            self.counters
-                .entry(name.to_owned())
-                .or_default()
-                .push(route(labels, target));
+            add(&mut self.counters, name, route(labels, target));
         }
         self
     }
+}
+
+fn add(routes: &mut Vec<(String, Vec<Route>)>, name: &str, r: Route) {
+    match routes.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) => v.push(r),
+        None => routes.push((name.to_owned(), vec![r])),
+    }
+}
+
+fn routes_of<'a>(routes: &'a [(String, Vec<Route>)], name: &str) -> Option<&'a Vec<Route>> {
+    routes.iter().find(|(n, _)| n == name).map(|(_, v)| v)
 }
 
 fn route(labels: &[(&str, &str)], target: Target) -> Route {
@@ -185,7 +190,7 @@ impl<R: Recorder> Recorder for HushRecorder<R> {
 
     fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
         let inner = self.inner.register_counter(key, metadata);
-        match matching(self.counters.get(key.name()), key).map(|r| &r.target) {
+        match matching(routes_of(&self.counters, key.name()), key).map(|r| &r.target) {
             Some(Target::Counter(c)) => Counter::from_arc(Arc::new(FanCounter {
                 hush: c.clone(),
                 inner,
@@ -200,7 +205,7 @@ impl<R: Recorder> Recorder for HushRecorder<R> {
 
     fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
         let inner = self.inner.register_histogram(key, metadata);
-        match matching(self.histograms.get(key.name()), key).map(|r| &r.target) {
+        match matching(routes_of(&self.histograms, key.name()), key).map(|r| &r.target) {
             Some(Target::Latency(l, unit)) => Histogram::from_arc(Arc::new(FanHistogram {
                 hush: l.clone(),
                 unit: *unit,
