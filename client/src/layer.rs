@@ -67,8 +67,13 @@ impl Visit for Values<'_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if self.wanted.contains(&field.name()) {
-            self.found
-                .push((field.name().to_owned(), format!("{value:?}")));
+            // A string logged with `?` arrives quoted: compare what is inside.
+            let text = format!("{value:?}");
+            let text = text
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .map_or(text.clone(), str::to_owned);
+            self.found.push((field.name().to_owned(), text));
         }
     }
 }
@@ -93,7 +98,9 @@ impl HushLayer {
     /// Spans named `name` whose field `field` has the value `value` become latencies of
     /// `operation` of `service`: e.g. tower-http's spans, all named "request", told apart by
     /// `http.route`. The field may be set when the span is created or recorded later
-    /// (`Span::record`); the span's duration still counts from its creation.
+    /// (`Span::record`); the span's duration still counts from its creation. The value is
+    /// compared as text (`%route`, `?route` and a plain `&str` all match `"/pay"`); the first
+    /// rule added that matches wins, and a later `record` of the field picks again.
     pub fn span_with_field(
         mut self,
         name: &'static str,
@@ -143,7 +150,8 @@ where
         let found = Self::values(rules, |v| attrs.record(v));
         let latency = Self::pick(rules, &found);
         if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(Timed {
+            // `replace`, not `insert`: a second HushLayer on the same span must not panic.
+            span.extensions_mut().replace(Timed {
                 started: Instant::now(),
                 latency,
             });

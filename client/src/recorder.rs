@@ -17,9 +17,11 @@
 //!
 //! Matching happens when a metric is registered (once per key for a service that keeps its
 //! handles; per call for the `metrics::histogram!` macro): an unmatched name costs a comparison
-//! with each routed name, then the service's recorder alone (`benches/recorder_overhead.rs`). A routed counter takes increments; an
-//! `absolute` set goes to the service's recorder only. The client's own `hush_client_*`
-//! counters are never routed (they would report on themselves).
+//! with each routed name, then the service's recorder alone (`benches/recorder_overhead.rs`).
+//! A routed counter takes increments; an `absolute` set goes to the service's recorder only. A
+//! metric that matches several routes goes to the first one added. The client's own
+//! `hush_client_*` counters are never routed (they would report on themselves; a route for one
+//! is ignored with a warning).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,7 +99,9 @@ impl<R: Recorder> HushRecorder<R> {
         service: &str,
         operation: &str,
     ) -> Self {
-        if !name.starts_with("hush_client_") {
+        if name.starts_with("hush_client_") {
+            tracing::warn!(name, "not routing the client's own metric into hush");
+        } else {
             let target = Target::Latency(self.client.latency(service, operation), unit);
             add(&mut self.histograms, name, route(labels, target));
         }
@@ -106,7 +110,9 @@ impl<R: Recorder> HushRecorder<R> {
 
     /// Counter `name` with at least `labels` adds to the client's counter `counter`.
     pub fn counter(mut self, name: &str, labels: &[(&str, &str)], counter: &str) -> Self {
-        if !name.starts_with("hush_client_") {
+        if name.starts_with("hush_client_") {
+            tracing::warn!(name, "not routing the client's own metric into hush");
+        } else {
             let target = Target::Counter(self.client.counter(counter));
             add(&mut self.counters, name, route(labels, target));
         }

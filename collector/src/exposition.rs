@@ -139,7 +139,7 @@ pub(crate) async fn render(inner: &Shared) -> Result<String> {
             limit: 1_000,
             after: None,
         };
-        for a in inner.store.alerts_page(Some(id), &req)?.items {
+        for a in inner.store.alerts_page(&[*id], &req)?.items {
             *raised.entry(a.detector).or_default() += 1;
         }
         for d in ["latency_regression", "error_spike"] {
@@ -163,8 +163,22 @@ pub(crate) async fn render(inner: &Shared) -> Result<String> {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "the leader did not answer the budget for /metrics");
-                    leader_ok = false;
+                    let away = match &e {
+                        crate::Error::NotReady(_) => true,
+                        crate::Error::Peer(s) => matches!(
+                            s.code(),
+                            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                        ),
+                        _ => false,
+                    };
+                    if away {
+                        // The leader is away: ask no more this scrape.
+                        tracing::warn!(error = %e, "the leader did not answer the budget for /metrics");
+                        leader_ok = false;
+                    } else {
+                        // A refusal (e.g. the window is past retention) concerns this task only.
+                        tracing::debug!(task = %id, error = %e, "no budget for /metrics");
+                    }
                 }
             }
         }

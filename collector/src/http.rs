@@ -605,7 +605,11 @@ async fn task_alerts(
 }
 
 fn alerts_of(inner: &Shared, task: Option<&TaskId>, headers: &HeaderMap, q: ListQuery) -> Listed {
-    let page = inner.store.alerts_page(task, &q.page()?).map_err(fail)?;
+    let tasks: Vec<TaskId> = match task {
+        Some(t) => vec![*t],
+        None => inner.tasks.keys().copied().collect(),
+    };
+    let page = inner.store.alerts_page(&tasks, &q.page()?).map_err(fail)?;
     let alerts: Vec<AlertJson> = page.items.iter().map(AlertJson::from).collect();
     let csv = q.csv(headers)?.then(|| alerts_csv(&alerts));
     listed(

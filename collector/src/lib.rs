@@ -619,7 +619,11 @@ impl Results for ResultsGrpc {
             Some(id)
         };
         let req = paging::page_request(r.from, r.to, r.page_size, &r.page_token)?;
-        let page = self.0.store.alerts_page(task.as_ref(), &req)?;
+        let tasks: Vec<TaskId> = match task {
+            Some(t) => vec![t],
+            None => self.0.tasks.keys().copied().collect(),
+        };
+        let page = self.0.store.alerts_page(&tasks, &req)?;
         Ok(Response::new(pb::ListAlertsResponse {
             next_page_token: paging::next_token(page.next.as_deref()),
             alerts: page.items,

@@ -68,9 +68,13 @@ async fn spans_told_apart_by_a_field_become_their_routes_latencies() {
         .span_with_field("request", "http.route", "/cart", "checkout", "GET /cart");
     let subscriber = tracing_subscriber::registry().with(layer);
     tracing::subscriber::with_default(subscriber, || {
-        for _ in 0..3 {
-            let _s = tracing::info_span!("request", http.route = "/pay").entered();
-        }
+        // A plain string, a Display and a Debug value all match.
+        let _s = tracing::info_span!("request", http.route = "/pay").entered();
+        drop(_s);
+        let _s = tracing::info_span!("request", http.route = %"/pay").entered();
+        drop(_s);
+        let _s = tracing::info_span!("request", http.route = ?"/pay").entered();
+        drop(_s);
         assert_eq!(c.stats().recorded, 3);
         // The route known only later, as a router records it once matched.
         for _ in 0..2 {
