@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use hush_protocol::dp::Z_95;
 
 /// A value with its 95% confidence interval.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Estimate {
     /// The point estimate.
     pub value: f64,
@@ -24,6 +24,7 @@ pub struct Estimate {
     /// Upper end; infinite when a quantile may lie in the open-ended last bucket (`null` in
     /// JSON, which has no infinity, and read back as infinite).
     #[serde(deserialize_with = "null_is_infinite")]
+    #[schema(nullable)]
     pub ci_high: f64,
 }
 

@@ -9,6 +9,7 @@
 //! | `GET /v1/tasks/{task}/budget` | what is left of a task's budget, spending nothing |
 //! | `GET /v1/alerts` | a page of the alerts of the tenant's tasks |
 //! | `GET /metrics` | the newest released results in the Prometheus text format |
+//! | `GET /openapi.json` | this API's OpenAPI description ([`ApiDoc`]) |
 //! | `GET /v1/tasks/{task}/alerts` | a page of a task's alerts |
 //!
 //! Lists take `from`, `to` (seconds since the epoch, window starts in `[from, to)`), `limit` and
@@ -30,7 +31,7 @@ use crate::Shared;
 use crate::error::Error;
 
 /// A released window as JSON.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WindowJson {
     /// Task id (base64url).
     pub task_id: String,
@@ -96,7 +97,7 @@ impl From<&pb::WindowResult> for WindowJson {
 }
 
 /// A task as listed.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskJson {
     /// Task id.
     pub task_id: String,
@@ -109,7 +110,7 @@ pub struct TaskJson {
 }
 
 /// The answer to an ad-hoc collection.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdHocJson {
     /// The result.
     pub window: WindowJson,
@@ -120,7 +121,7 @@ pub struct AdHocJson {
 }
 
 /// An ad-hoc request body.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct AdHocRequest {
     /// Interval start, seconds since the epoch (aligned to the task's window).
     pub start: u64,
@@ -135,8 +136,9 @@ pub struct AdHocRequest {
 type Reply<T> = Result<Json<T>, (StatusCode, Json<serde_json::Value>)>;
 
 /// The query of a list: a time range, a page, and the format.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Window starts from (seconds since the epoch).
     pub from: Option<u64>,
@@ -190,7 +192,7 @@ fn list_query(
 }
 
 /// The budget of one purpose as JSON (ε).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PurposeBudgetJson {
     /// `routine` or `alert`.
     pub purpose: String,
@@ -205,7 +207,7 @@ pub struct PurposeBudgetJson {
 }
 
 /// What is left of a task's budget over an interval.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BudgetJson {
     /// Task id.
     pub task_id: String,
@@ -244,8 +246,9 @@ impl BudgetJson {
 
 /// The query of the budget: an aligned interval `[from, to)`, or nothing for the newest
 /// released window.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct BudgetQuery {
     /// Interval start (seconds since the epoch, aligned to the task's window).
     pub from: Option<u64>,
@@ -253,6 +256,8 @@ pub struct BudgetQuery {
     pub to: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "results", security(("read_token" = [])),
+    responses((status = 200, description = "The newest released results in the Prometheus text format", content_type = "application/openmetrics-text", body = String)))]
 async fn results_metrics(
     State(inner): State<Arc<Shared>>,
 ) -> Result<
@@ -269,6 +274,9 @@ async fn results_metrics(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/tasks/{task}/budget", tag = "results", security(("read_token" = [])),
+    params(("task" = String, Path, description = "Task id (base64url)"), BudgetQuery),
+    responses((status = 200, description = "What is left of the budget; spends nothing", body = BudgetJson)))]
 async fn budget(
     State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
@@ -298,7 +306,7 @@ async fn budget(
 }
 
 /// A page of windows as JSON.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WindowsPage {
     /// The windows, oldest first.
     pub windows: Vec<WindowJson>,
@@ -307,7 +315,7 @@ pub struct WindowsPage {
 }
 
 /// A page of alerts as JSON.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AlertsPage {
     /// The alerts, oldest window first.
     pub alerts: Vec<AlertJson>,
@@ -451,6 +459,8 @@ fn parse_task(s: &str) -> Result<TaskId, (StatusCode, Json<serde_json::Value>)> 
         .map_err(|e: hush_protocol::ids::IdError| fail(Error::InvalidRequest(e.to_string())))
 }
 
+#[utoipa::path(get, path = "/v1/tasks", tag = "results", security(("read_token" = [])),
+    responses((status = 200, description = "The tenant's tasks", body = [TaskJson])))]
 async fn tasks(State(inner): State<Arc<Shared>>) -> Json<Vec<TaskJson>> {
     Json(
         inner
@@ -470,6 +480,10 @@ async fn tasks(State(inner): State<Arc<Shared>>) -> Json<Vec<TaskJson>> {
     )
 }
 
+#[utoipa::path(get, path = "/v1/tasks/{task}/windows", tag = "results", security(("read_token" = [])),
+    params(("task" = String, Path, description = "Task id (base64url)"), ListQuery),
+    responses((status = 200, description = "A page of released windows, oldest first (CSV with format=csv or Accept: text/csv)", body = WindowsPage),
+        (status = 400, description = "A bad range, page or format"), (status = 401, description = "No or wrong read token")))]
 async fn windows(
     State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
@@ -495,6 +509,9 @@ async fn windows(
     )
 }
 
+#[utoipa::path(get, path = "/v1/tasks/{task}/windows/{start}", tag = "results", security(("read_token" = [])),
+    params(("task" = String, Path, description = "Task id (base64url)"), ("start" = u64, Path, description = "Window start, seconds since the epoch")),
+    responses((status = 200, description = "One window", body = WindowJson), (status = 404, description = "No result, with the reason")))]
 async fn window(
     State(inner): State<Arc<Shared>>,
     Path((task, start)): Path<(String, u64)>,
@@ -516,6 +533,10 @@ async fn window(
     }
 }
 
+#[utoipa::path(post, path = "/v1/tasks/{task}/collect", tag = "results", security(("api_token" = [])),
+    params(("task" = String, Path, description = "Task id (base64url)")), request_body = AdHocRequest,
+    responses((status = 200, description = "An ad-hoc collection; spends privacy budget", body = AdHocJson),
+        (status = 400, description = "Refused: budget, overlap, too few reports"), (status = 401, description = "No or wrong API token")))]
 async fn ad_hoc(
     State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
@@ -547,7 +568,7 @@ async fn ad_hoc(
 }
 
 /// An anomaly alert as JSON.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AlertJson {
     /// Task id (base64url).
     pub task_id: String,
@@ -584,6 +605,8 @@ impl From<&pb::Alert> for AlertJson {
     }
 }
 
+#[utoipa::path(get, path = "/v1/alerts", tag = "results", security(("read_token" = [])), params(ListQuery),
+    responses((status = 200, description = "A page of the alerts of every task", body = AlertsPage)))]
 async fn all_alerts(
     State(inner): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -592,6 +615,9 @@ async fn all_alerts(
     alerts_of(&inner, None, &headers, list_query(q)?)
 }
 
+#[utoipa::path(get, path = "/v1/tasks/{task}/alerts", tag = "results", security(("read_token" = [])),
+    params(("task" = String, Path, description = "Task id (base64url)"), ListQuery),
+    responses((status = 200, description = "A page of a task's alerts", body = AlertsPage)))]
 async fn task_alerts(
     State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
@@ -683,12 +709,49 @@ async fn span_request(
 }
 
 /// Ready while every service is SERVING (not draining, the store takes writes): 200, else 503.
+#[utoipa::path(get, path = "/readyz", tag = "probes",
+    responses((status = 200, description = "Serving"), (status = 503, description = "Draining or the store cannot be written")))]
 async fn readyz(State(inner): State<Arc<Shared>>) -> (StatusCode, &'static str) {
     if inner.probes.serving() {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "probes", responses((status = 200, description = "The process serves HTTP")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The bearer tokens of the API.
+struct Tokens;
+
+impl utoipa::Modify for Tokens {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let c = openapi.components.get_or_insert_with(Default::default);
+        for name in ["read_token", "api_token"] {
+            c.add_security_scheme(
+                name,
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+        }
+    }
+}
+
+/// The OpenAPI description of this API, generated from the handlers and types above.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "hush results API", description = "Released noisy statistics of a tenant's tasks. Reads need the read token; ad-hoc collection needs the API token and spends privacy budget."),
+    paths(tasks, windows, window, ad_hoc, all_alerts, task_alerts, budget, results_metrics, healthz, readyz),
+    components(schemas(Estimate)),
+    modifiers(&Tokens)
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
 /// The API's routes: reads behind the read token, ad-hoc collection behind the API token, all
@@ -709,7 +772,8 @@ pub(super) fn router(inner: Arc<Shared>) -> Router {
             require_read,
         ));
     let probes = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
         .route("/readyz", get(readyz))
         .with_state(inner.clone());
     Router::new()

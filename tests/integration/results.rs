@@ -132,6 +132,51 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     assert!(p99.covers(40.0), "{p99:?}");
     assert!(w.total.unwrap().covers(200.0));
 
+    // The API describes itself (no token: it says nothing about results), every route of it.
+    let (code, text) = request(results.http_addr(), "GET", "/openapi.json", None, None).await;
+    assert_eq!(code, 200, "{text}");
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    for (path, method) in [
+        ("/v1/tasks", "get"),
+        ("/v1/tasks/{task}/windows", "get"),
+        ("/v1/tasks/{task}/windows/{start}", "get"),
+        ("/v1/tasks/{task}/collect", "post"),
+        ("/v1/tasks/{task}/alerts", "get"),
+        ("/v1/tasks/{task}/budget", "get"),
+        ("/v1/alerts", "get"),
+        ("/metrics", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} is not described"
+        );
+    }
+    let params: Vec<&str> = doc["paths"]["/v1/tasks/{task}/windows"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for p in ["task", "from", "to", "limit", "page_token", "format"] {
+        assert!(params.contains(&p), "{params:?}");
+    }
+    for s in [
+        "WindowsPage",
+        "WindowJson",
+        "Estimate",
+        "BudgetJson",
+        "AlertsPage",
+    ] {
+        assert!(
+            doc["components"]["schemas"][s].is_object(),
+            "schema {s} missing"
+        );
+    }
+    assert!(doc["components"]["securitySchemes"]["read_token"].is_object());
+
     // Kinds are spelled as in task files.
     let (_, text) = request(
         results.http_addr(),
