@@ -3,20 +3,12 @@
 //! failed uploads by gRPC code, retries and the queue show up under their Prometheus names.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hush_client::{Endpoints, HushClient, KeySet, KeySource, RuntimeConfig};
+use hush_client::{Endpoints, HushClient, KeySource, RuntimeConfig};
 use hush_protocol::{HpkeKeypair, MeasurementKind, MockClock, TaskConfig, Time};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// Every counter and gauge now, as "name{k=v,...}" → value.
 fn values(snapshotter: &metrics_util::debugging::Snapshotter) -> HashMap<String, f64> {
@@ -55,22 +47,14 @@ async fn the_client_runtime_exports_its_counters_through_the_metrics_facade() {
         .expect("the only recorder of this process");
 
     // A pinned key set and a first shuffler that is not there: every upload fails UNAVAILABLE.
-    let key = |id| HpkeKeypair::generate(id).config().clone();
-    let keys = KeySet {
-        epoch: 1,
-        epoch_start: Time::from_secs(0),
-        epoch_s: 86_400,
-        shufflers: vec![("shuffler-a".into(), key(1))],
-        leader: ("leader".into(), key(2)),
-        helper: key(3),
-    };
+    let keys = hush_tests::pinned_key_set();
     let mut p = hush_tests::task_params(MeasurementKind::EventHistogram, &HpkeKeypair::generate(4));
     p.contribution_bound = 10;
     let task = TaskConfig::new(p).unwrap();
     let window_s = task.time_precision_s();
     let clock = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
     let client = HushClient::builder(Endpoints {
-        shuffler_url: format!("http://{}", free_addr()),
+        shuffler_url: format!("http://{}", hush_tests::free_addr()),
         keys: KeySource::Pinned(keys),
         tls_ca: None,
     })

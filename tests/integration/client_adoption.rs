@@ -3,42 +3,26 @@
 //! it already records with the `metrics` facade become measurements of hush tasks, while its own
 //! recorder still gets every metric.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hush_client::{
-    Endpoints, HushClient, HushLayer, HushRecorder, KeySet, KeySource, LatencyUnit, RuntimeConfig,
+    Endpoints, HushClient, HushLayer, HushRecorder, KeySource, LatencyUnit, RuntimeConfig,
 };
 use hush_protocol::{HpkeKeypair, MeasurementKind, MockClock, TaskConfig, Time};
 use metrics_util::debugging::DebuggingRecorder;
 use tracing_subscriber::prelude::*;
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// A client with two latency tasks and a counter, pinned keys and a first shuffler that is not
 /// there (nothing here needs an upload).
 async fn client() -> HushClient {
-    let key = |id| HpkeKeypair::generate(id).config().clone();
-    let keys = KeySet {
-        epoch: 1,
-        epoch_start: Time::from_secs(0),
-        epoch_s: 86_400,
-        shufflers: vec![("shuffler-a".into(), key(1))],
-        leader: ("leader".into(), key(2)),
-        helper: key(3),
-    };
+    let keys = hush_tests::pinned_key_set();
     let task = |kind| {
         let mut p = hush_tests::task_params(kind, &HpkeKeypair::generate(4));
         p.contribution_bound = 100;
         TaskConfig::new(p).unwrap()
     };
     HushClient::builder(Endpoints {
-        shuffler_url: format!("http://{}", free_addr()),
+        shuffler_url: format!("http://{}", hush_tests::free_addr()),
         keys: KeySource::Pinned(keys),
         tls_ca: None,
     })
@@ -167,8 +151,8 @@ async fn a_client_starts_from_the_config_a_service_keeps() {
          [[hush.latency]]\nservice = \"checkout\"\noperation = \"POST /pay\"\n\
          task_file = \"task-checkout-latency.toml\"\n\
          [[hush.counter]]\nname = \"errors\"\ntask_file = \"task-errors.toml\"\n",
-        free_addr(),
-        free_addr()
+        hush_tests::free_addr(),
+        hush_tests::free_addr()
     );
     let mut svc: ServiceConfig = toml::from_str(&text).unwrap();
     svc.hush.base_dir = Some(dir.path().to_owned());

@@ -180,3 +180,25 @@ pub enum Failure {
     /// Prio3 refused it.
     Vdaf(VdafError),
 }
+
+/// A key set of fresh keys for one shuffler, the leader and the helper, as a client pins it: for
+/// client tests that never upload (nothing holds the private keys).
+pub fn pinned_key_set() -> hush_protocol::directory::KeySet {
+    let key = |id| HpkeKeypair::generate(id).config().clone();
+    hush_protocol::directory::KeySet {
+        epoch: 1,
+        epoch_start: hush_protocol::Time::from_secs(0),
+        epoch_s: 86_400,
+        shufflers: vec![("shuffler-a".into(), key(1))],
+        leader: ("leader".into(), key(2)),
+        helper: key(3),
+    }
+}
+
+/// An address nothing listens on (bound, then released).
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}

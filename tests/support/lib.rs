@@ -10,4 +10,4 @@ pub mod http;
 pub mod mixnet;
 pub mod process;
 
-pub use fixture::{Failure, Fixture, for_tenant, task_params};
+pub use fixture::{Failure, Fixture, for_tenant, free_addr, pinned_key_set, task_params};
