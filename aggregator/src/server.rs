@@ -240,16 +240,7 @@ impl Aggregator {
         let (probes, probe_svcs) = Probes::new(&names, shared.config.server.reflection).await?;
         let maintenance = tokio::spawn(maintenance(shared.clone(), probes.clone(), rx.clone()));
 
-        let mut srx = rx.clone();
-        let (drain_probes, grace) = (
-            probes.clone(),
-            Duration::from_millis(shared.config.server.drain_grace_ms),
-        );
-        let signal = async move {
-            let _ = srx.wait_for(|v| *v).await;
-            drain_probes.draining().await;
-            tokio::time::sleep(grace).await;
-        };
+        let signal = probes.drain_signal(rx.clone(), shared.config.server.drain_grace_ms);
         let incoming = shared
             .config
             .server

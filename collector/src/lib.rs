@@ -704,7 +704,6 @@ impl ResultsService {
         });
         let (tx, rx) = watch::channel(false);
 
-        let mut srx = rx.clone();
         // The results API is served over TLS with the same certificate when one is configured
         // (server-authenticated: dashboards present no certificate).
         let peers = hush_server::tls::PeerLog::default();
@@ -727,17 +726,9 @@ impl ResultsService {
             .server
             .incoming(grpc_l, material.as_ref())
             .map_err(|e| Error::config(e.to_string()))?;
-        let grpc_signal = {
-            let (probes, grace) = (
-                inner.probes.clone(),
-                Duration::from_millis(inner.config.server.drain_grace_ms),
-            );
-            async move {
-                let _ = srx.wait_for(|v| *v).await;
-                probes.draining().await;
-                tokio::time::sleep(grace).await;
-            }
-        };
+        let grpc_signal = inner
+            .probes
+            .drain_signal(rx.clone(), inner.config.server.drain_grace_ms);
         let grpc_server =
             async move { hush_server::serve_incoming!(grpc_router, grpc_incoming, grpc_signal) };
         let metrics = {

@@ -109,6 +109,21 @@ impl Probes {
         }
     }
 
+    /// Resolves once `shutdown` turns true, after reporting NOT_SERVING for `grace_ms` (`[server]
+    /// drain_grace_ms`): the signal a server's listener stops on.
+    pub fn drain_signal(
+        &self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        grace_ms: u64,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let probes = self.clone();
+        async move {
+            let _ = shutdown.wait_for(|v| *v).await;
+            probes.draining().await;
+            tokio::time::sleep(std::time::Duration::from_millis(grace_ms)).await;
+        }
+    }
+
     /// Whether every service is SERVING now.
     pub fn serving(&self) -> bool {
         !self.draining.load(Ordering::Relaxed) && self.store_ok.load(Ordering::Relaxed)

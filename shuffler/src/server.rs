@@ -168,16 +168,7 @@ impl ShufflerNode {
             .await
             .map_err(Error::from)?;
         background.spawn(maintenance(shared.clone(), probes.clone(), rx.clone()));
-        let mut srx = rx.clone();
-        let (drain_probes, grace) = (
-            probes.clone(),
-            Duration::from_millis(shared.config.server.drain_grace_ms),
-        );
-        let signal = async move {
-            let _ = srx.wait_for(|v| *v).await;
-            drain_probes.draining().await;
-            tokio::time::sleep(grace).await;
-        };
+        let signal = probes.drain_signal(rx.clone(), shared.config.server.drain_grace_ms);
         let incoming = shared
             .config
             .server
