@@ -32,6 +32,14 @@ fn clock() -> (Arc<MockClock>, Arc<dyn Clock>) {
     (c.clone(), c)
 }
 
+/// ε so large that the tests read exact values: 10,000 per collection (the count's 10% is
+/// 1,000 at sensitivity 20, so each aggregator's count noise is nonzero with probability
+/// about 2e^-50; at 1,000 per collection it was e^-5 per draw and the tests flaked).
+fn noiseless(p: &mut TaskParams) {
+    p.epsilon_per_collection = Epsilon::from_micros(10_000_000_000);
+    p.epsilon_budget = Epsilon::from_micros(100_000_000_000);
+}
+
 fn task(collector: &HpkeKeypair, f: impl FnOnce(&mut TaskParams)) -> TaskConfig {
     let mut p = task_params(MeasurementKind::EventHistogram, collector);
     f(&mut p);
@@ -120,8 +128,7 @@ impl Setup {
 async fn with_a_large_epsilon_the_result_is_the_exact_histogram_within_its_interval() {
     let s = setup().await;
     let t = task(&s.collector, |p| {
-        p.epsilon_per_collection = Epsilon::from_micros(1_000_000_000);
-        p.epsilon_budget = Epsilon::from_micros(10_000_000_000);
+        noiseless(p);
     });
     let client = s.provision(&t).await;
     let expect = s.submit(&client, 300, 1).await;
@@ -219,9 +226,7 @@ async fn too_few_reports_are_refused_and_nothing_is_spent() {
     let s = setup().await;
     let t = task(&s.collector, |p| {
         p.min_batch_size = 100;
-        // Noise small enough to read the count.
-        p.epsilon_per_collection = Epsilon::from_micros(1_000_000_000);
-        p.epsilon_budget = Epsilon::from_micros(10_000_000_000);
+        noiseless(p);
     });
     let client = s.provision(&t).await;
     s.submit(&client, 60, 1).await;
@@ -523,8 +528,7 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
     let s = setup().await;
     let t = task(&s.collector, |p| {
         p.retention_s = 7_200;
-        p.epsilon_per_collection = Epsilon::from_micros(1_000_000_000);
-        p.epsilon_budget = Epsilon::from_micros(10_000_000_000);
+        noiseless(p);
     });
     let client = s.provision(&t).await;
     s.submit(&client, 100, 7).await;
@@ -881,9 +885,7 @@ async fn late_reports_are_counted_and_released_once_with_noise_when_no_more_can_
     let t = task(&s.collector, |p| {
         p.min_batch_size = 10;
         p.report_expiry_s = 600;
-        // The count's ε is 10% of 1000: noise far below one report.
-        p.epsilon_per_collection = Epsilon::from_micros(1_000_000_000);
-        p.epsilon_budget = Epsilon::from_micros(10_000_000_000);
+        noiseless(p);
     });
     let client = s.provision(&t).await;
     s.submit(&client, 20, 1).await;
