@@ -11,6 +11,7 @@
 //! | `GET /metrics` | the newest released results in the Prometheus text format |
 //! | `GET /openapi.json` | this API's OpenAPI description ([`ApiDoc`]) |
 //! | `GET /v1/tasks/{task}/alerts` | a page of a task's alerts |
+//! | `GET /dashboard` | the results dashboard ([`crate::dashboard`]; no token: its script asks) |
 //!
 //! Lists take `from`, `to` (seconds since the epoch, window starts in `[from, to)`), `limit` and
 //! `page_token` ([`crate::paging`]), and answer JSON or, with `Accept: text/csv` or
@@ -107,6 +108,11 @@ pub struct TaskJson {
     pub kind: String,
     /// Window length in seconds.
     pub window_s: u64,
+    /// For an error counter that `[detection] error_rates` pairs with latency tasks: their
+    /// names, whose noisy totals are its error rate's denominator (same window). Empty
+    /// otherwise.
+    #[serde(default)]
+    pub error_rate_over: Vec<String>,
 }
 
 /// The answer to an ad-hoc collection.
@@ -475,6 +481,14 @@ async fn tasks(State(inner): State<Arc<Shared>>) -> Json<Vec<TaskJson>> {
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default(),
                 window_s: t.time_precision_s(),
+                error_rate_over: inner
+                    .config
+                    .detection
+                    .error_rates
+                    .iter()
+                    .find(|r| r.errors == t.name())
+                    .map(|r| r.requests.clone())
+                    .unwrap_or_default(),
             })
             .collect(),
     )
@@ -775,6 +789,12 @@ pub(super) fn router(inner: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
         .route("/readyz", get(readyz))
+        // The dashboard's static assets: they hold no data (its script reads the API above
+        // with the read token).
+        .route("/", get(crate::dashboard::root))
+        .route("/dashboard", get(crate::dashboard::page))
+        .route("/dashboard/app.js", get(crate::dashboard::script))
+        .route("/dashboard/app.css", get(crate::dashboard::style))
         .with_state(inner.clone());
     Router::new()
         .route("/v1/tasks/{task}/collect", post(ad_hoc))

@@ -23,6 +23,7 @@
 //! service's API token and say what it spent.
 
 mod config;
+pub mod dashboard;
 pub mod detect;
 mod detection;
 mod directory;

@@ -22,6 +22,8 @@ use tonic::transport::ClientTlsConfig;
 const ADMIN_TOKEN: &str = "demo-admin-token-not-secret";
 const PEER_TOKEN: &str = "demo-peer-token-not-secret";
 const TENANT_TOKEN: &str = "demo-tenant-token-not-secret";
+/// The results service's read token (the API and the dashboard).
+pub(crate) const READ_TOKEN: &str = "demo-read-token-not-secret";
 /// The shufflers' `max_wait_ms` in the in-process cluster.
 const MAX_WAIT_MS: u64 = 200;
 /// A task of the in-process cluster's tenant ("demo"), as the demo and the pipeline mode of
@@ -164,6 +166,12 @@ impl Cluster {
                 bail!("a client could not upload its window within two minutes");
             }
         }
+        self.drain().await
+    }
+
+    /// Waits until the shufflers forwarded every packet they hold and the aggregators verified
+    /// and aggregated every report.
+    pub(crate) async fn drain(&self) -> anyhow::Result<()> {
         let mixers: Vec<_> = self
             .shufflers
             .iter()
@@ -363,7 +371,7 @@ pub(crate) async fn start_cluster(
             tenant_token: TENANT_TOKEN.into(),
             collector_key: collector.clone(),
             api_token: None,
-            read_token: "demo-read-token-not-secret".into(),
+            read_token: READ_TOKEN.into(),
         },
         clock,
     )

@@ -520,9 +520,10 @@ fn rank_correlation(output_to_input: &[usize]) -> f64 {
 async fn output_order_is_uncorrelated_with_input_order() {
     // 30 batches of 200: per batch, Spearman's rho between input and output position. Under
     // independence each rho has mean 0 and variance 1/(n-1), so z = Σrho·sqrt(n-1)/sqrt(B) is
-    // close to standard normal. We require |z| < 4.5 (a false failure about once in 150,000
-    // runs) and no single batch with |rho| > 0.35 (> 4.9 sd). An order-preserving node gives
-    // z ≈ 77, and even a weak partial mix (rho = 0.1 per batch) gives z ≈ 7.7.
+    // close to standard normal. We require |z| < 5.3 and no single batch with |rho| ≥ 0.45
+    // (6.3 sd): together a false failure about once in 10^7 runs (at 4.5 and 0.35, the 30
+    // per-batch checks made it about once in 50,000). An order-preserving node gives z ≈ 77,
+    // and even a weak partial mix (rho = 0.1 per batch) gives z ≈ 7.7.
     const N: usize = 200;
     const BATCHES: usize = 30;
     let sink = RecordingLeader::start().await;
@@ -563,12 +564,12 @@ async fn output_order_is_uncorrelated_with_input_order() {
             })
             .collect();
         let rho = rank_correlation(&batch);
-        assert!(rho.abs() < 0.35, "batch {b}: rank correlation {rho}");
+        assert!(rho.abs() < 0.45, "batch {b}: rank correlation {rho}");
         sum_rho += rho;
     }
     let z = sum_rho * ((N - 1) as f64).sqrt() / (BATCHES as f64).sqrt();
     assert!(
-        z.abs() < 4.5,
+        z.abs() < 5.3,
         "input and output order are correlated: z = {z}"
     );
     node.shutdown().await.unwrap();

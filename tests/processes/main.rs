@@ -8,6 +8,7 @@ mod aggregator_crash;
 mod analyst;
 mod audit;
 mod certs;
+mod dashboard;
 mod demo;
 mod end_to_end;
 mod load;

@@ -68,6 +68,18 @@ pub async fn request_tls(
     path: &str,
     token: Option<&str>,
 ) -> (u16, String) {
+    let (status, _, body) = request_tls_headers(addr, ca_pem, method, path, token).await;
+    (status, body)
+}
+
+/// [`request_tls`], with the response's headers (names lowercased).
+pub async fn request_tls_headers(
+    addr: SocketAddr,
+    ca_pem: &[u8],
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -116,5 +128,11 @@ pub async fn request_tls(
     } else {
         rest.to_owned()
     };
-    (status, body)
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body)
 }

@@ -9,10 +9,18 @@
 //! that the demo advances window by window, so a run takes seconds, not hours. Each window is
 //! uploaded through the cascade, aggregated, collected by the results service with DP noise from
 //! both aggregators, and printed.
+//!
+//! With `--serve` the simulated windows end at the present and the cluster then stays up on
+//! real time ([`serve`]): the instances keep serving, the results service releases each window
+//! as it closes, its dashboard shows them, and the demo writes a client configuration that a
+//! real service (client/examples/axum-service) reports into the demo with.
+
+mod serve;
 
 use crate::cluster::{TaskSpec, Tuning, data_dir, shutdown_clients, start_cluster};
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +30,7 @@ use hush_client::{HushClient, RuntimeConfig};
 use hush_protocol::proto::v1 as pb;
 use hush_protocol::task::log_spaced_bounds;
 use hush_protocol::{
-    Clock, HpkeKeypair, MeasurementKind, MockClock, SystemClock, TaskConfig, TaskId,
+    Clock, HpkeKeypair, MeasurementKind, MockClock, SystemClock, TaskConfig, TaskId, Time,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -61,6 +69,62 @@ pub struct DemoArgs {
     /// Seed of the simulated traffic.
     #[arg(long, default_value_t = 7)]
     pub(crate) seed: u64,
+    /// After the simulated windows (which then end at the present), keep the cluster up on real
+    /// time until Ctrl-C: the results dashboard shows each window as it is released, and a
+    /// service can report into the demo with the client configuration written to
+    /// --client-dir.
+    #[arg(long)]
+    pub serve: bool,
+    /// With --serve: where to write client.toml, the CA and the task files a service needs
+    /// (default: DATA_DIR/client).
+    #[arg(long, requires = "serve")]
+    pub client_dir: Option<PathBuf>,
+    /// With --serve: the simulated instances stop serving after the simulated windows, so only
+    /// outside services send reports.
+    #[arg(long, requires = "serve")]
+    pub idle: bool,
+}
+
+impl DemoArgs {
+    /// The demo's defaults, as `hush demo` with no flags.
+    pub fn new() -> Self {
+        <Self as clap::FromArgMatches>::from_arg_matches(
+            &<Self as clap::Args>::augment_args(clap::Command::new("demo"))
+                .get_matches_from(["demo"]),
+        )
+        .expect("the defaults parse")
+    }
+
+    /// Sets the windows, instances and data directory (what a test changes).
+    pub fn sized(mut self, windows: u64, agents: u64, data_dir: Option<PathBuf>) -> Self {
+        self.windows = windows;
+        self.agents = agents;
+        self.data_dir = data_dir;
+        self
+    }
+
+    /// `--serve` with `--idle` as given, writing the client configuration to `client_dir`.
+    pub fn serving(mut self, client_dir: Option<PathBuf>, idle: bool) -> Self {
+        self.serve = true;
+        self.client_dir = client_dir;
+        self.idle = idle;
+        self
+    }
+}
+
+impl Default for DemoArgs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a demo run ends with (printed as its summary).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DemoSummary {
+    /// Reports the demo's own simulated instances had accepted by the first shuffler.
+    pub accepted: u64,
+    /// Reports the leader and the helper aggregated, from every client.
+    pub aggregated: u64,
 }
 
 struct Service {
@@ -115,11 +179,33 @@ fn fmt_count(e: &Option<pb::Estimate>) -> String {
     }
 }
 
-/// Runs the demo and prints per window and service what the collector sees.
+/// Runs the demo and prints per window and service what the collector sees; with `--serve`,
+/// serves until Ctrl-C or SIGTERM.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    run_until(args, hush_server::serve::shutdown_signal())
+        .await
+        .map(|_| ())
+}
+
+/// [`run`], serving (with `--serve`) until `stop` resolves.
+pub async fn run_until(
+    args: DemoArgs,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<DemoSummary> {
     let started = Instant::now();
     let (dir, _tmp) = data_dir(args.data_dir.as_deref())?;
-    let start_time = SystemClock.now().round_down(args.window_secs);
+    // Served, the simulated windows end at the present, so that real time carries on from them.
+    let start_time = if args.serve {
+        Time::from_secs(
+            SystemClock
+                .now()
+                .round_down(args.window_secs)
+                .as_secs()
+                .saturating_sub(args.windows * args.window_secs),
+        )
+    } else {
+        SystemClock.now().round_down(args.window_secs)
+    };
     let mock = Arc::new(MockClock::new(start_time));
     let clock: Arc<dyn Clock> = mock.clone();
     let collector = HpkeKeypair::generate(1);
@@ -360,6 +446,52 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for l in &lines {
         println!("{l}");
     }
+    if args.serve {
+        let client_dir = args
+            .client_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("client"));
+        let config = serve::write_client_dir(&client_dir, &cluster, &services, &errors)?;
+        let follow = serve::follow_real_time(mock.clone());
+        let traffic = (!args.idle).then(|| {
+            serve::keep_serving(
+                &args,
+                start_time,
+                clock.clone(),
+                Arc::new(services),
+                agents.clone(),
+            )
+        });
+        println!("serving on real time until Ctrl-C:");
+        println!(
+            "  dashboard      https://{}/dashboard#token={} (the certificate is from the demo's CA, {}: trust it or let the browser proceed)",
+            cluster.results.http_addr(),
+            serve::READ_TOKEN,
+            dir.join("certs/ca.pem").display()
+        );
+        println!(
+            "  results API    https://{} (read token {})",
+            cluster.results.http_addr(),
+            serve::READ_TOKEN
+        );
+        println!("  client config  {}", config.display());
+        println!(
+            "  a service      cargo run -p hush-example-axum -- --config {}",
+            config.display()
+        );
+        stop.await;
+        if let Some(t) = traffic {
+            t.abort();
+        }
+        println!("stopping: every instance reports its open window");
+        shutdown_clients(
+            agents.iter().map(|(_, c)| c.clone()),
+            Duration::from_secs(10),
+        )
+        .await;
+        cluster.drain().await?;
+        follow.abort();
+    }
 
     // Summary: every recorded event is accounted for.
     let mut sum: BTreeMap<&str, u64> = BTreeMap::new();
@@ -395,6 +527,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  reports: {} sent, {} accepted by the first shuffler, {} refused; {} aggregated by the leader and helper",
         sum["reports"], sum["accepted"], sum["rejected"], aggregated
     );
+    if args.serve {
+        println!(
+            "  from other services: {} reports aggregated",
+            aggregated.saturating_sub(sum["accepted"])
+        );
+    }
     println!(
         "  privacy: every collection spent ε {} at each aggregator; each window's routine budget is ε {:.1}",
         args.epsilon,
@@ -418,7 +556,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         peers(cluster.helper.peers()),
         anon_leader + anon_helper
     );
-    let ok = sum["accepted"] == sum["reports"] && aggregated == sum["accepted"];
+    // Served, outside services' reports are aggregated too.
+    let ok = sum["accepted"] == sum["reports"]
+        && if args.serve {
+            aggregated >= sum["accepted"]
+        } else {
+            aggregated == sum["accepted"]
+        };
+    let summary = DemoSummary {
+        accepted: sum["accepted"],
+        aggregated,
+    };
     if anon_leader + anon_helper > 0 {
         bail!(
             "{anon_leader} anonymous connections reached the leader and {anon_helper} the helper: \
@@ -435,5 +583,5 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !ok {
         bail!("some reports were lost: {sum:?}, {aggregated} aggregated");
     }
-    Ok(())
+    Ok(summary)
 }

@@ -1,0 +1,348 @@
+//! The results dashboard in a real headless browser: `hush demo --serve` releases windows and
+//! flags an injected regression and error spike; Debian's chromium loads the dashboard against
+//! that results service; the rendered DOM must show exactly the values the API serves — every
+//! window's quantiles with their intervals, the rates, each alert with its explanation on the
+//! timeline and in the list, and the budget left.
+//!
+//! The browser is found as `$HUSH_CHROMIUM`, `chromium` or `chromium-browser` (.ci/run installs
+//! Debian's `chromium` when missing); without one the test fails and says so.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use hush_collector::http::{AlertJson, AlertsPage, BudgetJson, TaskJson, WindowJson, WindowsPage};
+use hush_tests::http::request_tls_headers;
+use scraper::{ElementRef, Html, Selector};
+
+use crate::hush_bin;
+
+const READ_TOKEN: &str = "demo-read-token-not-secret";
+
+/// The demo process, stopped (SIGKILL) if the test fails.
+struct Demo(Option<Child>);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn chromium() -> PathBuf {
+    if let Some(p) = std::env::var_os("HUSH_CHROMIUM") {
+        return p.into();
+    }
+    for name in ["chromium", "chromium-browser"] {
+        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "the dashboard test needs a headless chromium: install Debian's (apt-get install \
+         chromium; .ci/run does) or set HUSH_CHROMIUM to a chromium binary"
+    );
+}
+
+/// The DOM after the page's script ran, as chromium renders it.
+fn rendered_dom(url: &str, profile: &std::path::Path) -> String {
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            // The demo's certificate is from the demo's own CA.
+            "--ignore-certificate-errors",
+            "--virtual-time-budget=20000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("a UTF-8 DOM")
+}
+
+fn sel(s: &str) -> Selector {
+    Selector::parse(s).unwrap_or_else(|e| panic!("selector {s}: {e}"))
+}
+
+fn attr_f64(e: &ElementRef<'_>, name: &str) -> f64 {
+    let v = e
+        .value()
+        .attr(name)
+        .unwrap_or_else(|| panic!("no {name} on {:?}", e.value()));
+    v.parse()
+        .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+}
+
+/// `a` and `b` agree to the last few bits (the page computes rates in JavaScript doubles).
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+async fn get<T: serde::de::DeserializeOwned>(addr: SocketAddr, ca: &[u8], path: &str) -> T {
+    let (code, _, body) = request_tls_headers(addr, ca, "GET", path, Some(READ_TOKEN)).await;
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_browser() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(hush_bin())
+        .args([
+            "demo",
+            "--windows",
+            "5",
+            "--agents",
+            "600",
+            "--epsilon",
+            "4",
+            "--regression-window",
+            "3",
+            "--spike-window",
+            "4",
+            "--serve",
+            // Nothing more is released while the test reads: the API and the page agree.
+            "--idle",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run hush demo --serve");
+    let stdout = child.stdout.take().unwrap();
+    let demo = Demo(Some(child));
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.trim().strip_prefix("dashboard") {
+                let url = url.split_whitespace().next().unwrap_or_default().to_owned();
+                let _ = tx.send(url);
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(300))
+        .expect("hush demo --serve printed no dashboard URL");
+    // https://127.0.0.1:PORT/dashboard#token=...
+    let addr: SocketAddr = url
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("the dashboard's address");
+    let ca = std::fs::read(data.path().join("certs/ca.pem")).unwrap();
+
+    // The page is served with a policy that lets only its own script run.
+    let (code, headers, page) = request_tls_headers(addr, &ca, "GET", "/dashboard", None).await;
+    assert_eq!(code, 200, "{page}");
+    let header = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        header("content-security-policy"),
+        hush_collector::dashboard::CONTENT_SECURITY_POLICY
+    );
+    assert_eq!(header("x-content-type-options"), "nosniff");
+
+    // What the API serves: every task's windows, alerts and budget.
+    let tasks: Vec<TaskJson> = get(addr, &ca, "/v1/tasks").await;
+    assert_eq!(tasks.len(), 4, "{tasks:?}");
+    let mut windows: BTreeMap<String, Vec<WindowJson>> = BTreeMap::new();
+    let mut alerts: BTreeMap<String, Vec<AlertJson>> = BTreeMap::new();
+    let mut budgets: BTreeMap<String, BudgetJson> = BTreeMap::new();
+    for t in &tasks {
+        let path = format!("/v1/tasks/{}", t.task_id);
+        let w: WindowsPage = get(addr, &ca, &format!("{path}/windows")).await;
+        let a: AlertsPage = get(addr, &ca, &format!("{path}/alerts")).await;
+        let b: BudgetJson = get(addr, &ca, &format!("{path}/budget")).await;
+        assert!(w.next_page_token.is_none() && a.next_page_token.is_none());
+        windows.insert(t.task_id.clone(), w.windows);
+        alerts.insert(t.task_id.clone(), a.alerts);
+        budgets.insert(t.task_id.clone(), b);
+    }
+    let first = windows.values().flatten().map(|w| w.start).min().unwrap();
+    let end = windows
+        .values()
+        .flatten()
+        .map(|w| w.start + w.duration)
+        .max()
+        .unwrap();
+    assert!(
+        alerts.values().map(Vec::len).sum::<usize>() >= 2,
+        "the injected regression and spike were not flagged: {alerts:?}"
+    );
+
+    // The page, rendered by chromium over the same range.
+    let profile = tempfile::tempdir().unwrap();
+    let dom = rendered_dom(
+        &format!("https://{addr}/dashboard#token={READ_TOKEN}&from={first}&to={end}"),
+        profile.path(),
+    );
+    let doc = Html::parse_document(&dom);
+    let body = doc.select(&sel("body")).next().unwrap();
+    assert_eq!(
+        body.value().attr("data-state"),
+        Some("ready"),
+        "the page did not finish loading:\n{dom}"
+    );
+    for t in &tasks {
+        let section = doc
+            .select(&sel(&format!(
+                r#"section.task[data-task-id="{}"]"#,
+                t.task_id
+            )))
+            .next()
+            .unwrap_or_else(|| panic!("no section for {}:\n{dom}", t.name));
+        let text: String = section.text().collect();
+        assert!(text.contains(&t.name), "{text}");
+        let ws = &windows[&t.task_id];
+        assert!(!ws.is_empty(), "{} released nothing", t.name);
+        // Every window's quantiles with their intervals, on the latency chart.
+        for q in ["p50", "p95", "p99"] {
+            let points: Vec<ElementRef<'_>> = section
+                .select(&sel(&format!(
+                    r#"svg[data-chart="latency"] circle.point[data-series="{q}"]"#
+                )))
+                .collect();
+            let expect: Vec<(u64, hush_collector::estimate::Estimate)> = ws
+                .iter()
+                .filter_map(|w| {
+                    let e = match q {
+                        "p50" => w.p50_ms,
+                        "p95" => w.p95_ms,
+                        _ => w.p99_ms,
+                    };
+                    e.map(|e| (w.start, e))
+                })
+                .collect();
+            assert_eq!(points.len(), expect.len(), "{} {q}", t.name);
+            for (p, (start, e)) in points.iter().zip(&expect) {
+                assert_eq!(attr_f64(p, "data-start"), *start as f64);
+                assert_eq!(
+                    attr_f64(p, "data-value"),
+                    e.value,
+                    "{} {q} at {start}",
+                    t.name
+                );
+                assert_eq!(attr_f64(p, "data-low"), e.ci_low);
+                let high = p.value().attr("data-high").unwrap();
+                if e.ci_high.is_finite() {
+                    assert_eq!(high.parse::<f64>().unwrap(), e.ci_high);
+                } else {
+                    assert_eq!(high, "", "an open interval drawn as closed");
+                }
+            }
+        }
+        // The rate chart: requests per second of a latency task, the error rate of the counter
+        // that [detection] pairs with them.
+        let rates: Vec<ElementRef<'_>> = section
+            .select(&sel(r#"svg[data-chart="rate"] circle.point"#))
+            .collect();
+        let expect: Vec<(u64, f64)> = if t.error_rate_over.is_empty() {
+            ws.iter()
+                .filter_map(|w| {
+                    w.total
+                        .map(|e| (w.start, e.value * (1.0 / w.duration as f64)))
+                })
+                .collect()
+        } else {
+            ws.iter()
+                .filter_map(|w| {
+                    let errors = w.total?.value;
+                    let mut requests = 0.0;
+                    for name in &t.error_rate_over {
+                        let other = tasks.iter().find(|o| &o.name == name)?;
+                        let o = windows[&other.task_id]
+                            .iter()
+                            .find(|o| o.start == w.start)?;
+                        requests += o.total?.value;
+                    }
+                    (requests > 0.0).then(|| (w.start, 100.0 * errors / requests))
+                })
+                .collect()
+        };
+        assert!(!expect.is_empty(), "{}: no rate", t.name);
+        assert_eq!(rates.len(), expect.len(), "{} rates", t.name);
+        for (p, (start, v)) in rates.iter().zip(&expect) {
+            assert_eq!(attr_f64(p, "data-start"), *start as f64);
+            assert!(
+                close(attr_f64(p, "data-value"), *v),
+                "{} rate at {start}: {:?} vs {v}",
+                t.name,
+                p.value().attr("data-value")
+            );
+        }
+        // Every alert: in the list with its explanation, and marked on each chart's timeline.
+        let listed: Vec<ElementRef<'_>> = section.select(&sel("ul.alerts li.alert")).collect();
+        let task_alerts = &alerts[&t.task_id];
+        assert_eq!(listed.len(), task_alerts.len(), "{} alerts", t.name);
+        let charts = section.select(&sel("svg.chart")).count();
+        assert_eq!(
+            section.select(&sel("svg.chart g.alert-mark")).count(),
+            charts * task_alerts.len()
+        );
+        for (li, a) in listed.iter().zip(task_alerts) {
+            assert_eq!(attr_f64(li, "data-start"), a.window_start as f64);
+            assert_eq!(li.value().attr("data-detector"), Some(a.detector.as_str()));
+            let explanation: String = li
+                .select(&sel(".explanation"))
+                .next()
+                .unwrap()
+                .text()
+                .collect();
+            assert_eq!(explanation, a.explanation);
+        }
+        // The budget left, per purpose.
+        for p in &budgets[&t.task_id].purposes {
+            let span = section
+                .select(&sel(&format!(r#".budget [data-purpose="{}"]"#, p.purpose)))
+                .next()
+                .unwrap_or_else(|| panic!("{}: no {} budget", t.name, p.purpose));
+            assert_eq!(attr_f64(&span, "data-left"), p.left);
+            assert_eq!(attr_f64(&span, "data-of"), p.budget);
+        }
+    }
+
+    // Stopped, the demo drains and exits 0 with its summary.
+    let mut demo = demo;
+    let mut child = demo.0.take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let out = reader.join().unwrap();
+    assert!(status.success(), "hush demo --serve: {status}\n{out}");
+    assert!(out.contains("summary after"), "{out}");
+}
