@@ -542,3 +542,139 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     results.shutdown().await.unwrap();
     pair.shutdown().await;
 }
+
+/// Task names come from task files and explanations from the detectors: both reach the
+/// dashboard. A name and an explanation full of markup must render as the text they are,
+/// adding no element, and the page must load nothing its policy refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_renders_hostile_names_and_explanations_as_text() {
+    use scraper::{Html, Selector};
+    const NAME: &str = r#"<img src=x onerror="console.log('XSS-RAN')">pay</title><script>console.log('XSS-RAN')</script>"#;
+    const EXPLANATION: &str =
+        r#""><svg onload="console.log('XSS-RAN')"></svg><b>bold</b> & </text></svg>"#;
+    let mock = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let clock: Arc<dyn Clock> = mock.clone();
+    let collector = HpkeKeypair::generate(1);
+    let mut p = task_params(MeasurementKind::WindowHistogram, &collector);
+    p.name = NAME.into();
+    let task = TaskConfig::new(p.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let task_file = dir.path().join("task.toml");
+    std::fs::write(&task_file, toml::to_string(&p).unwrap()).unwrap();
+    // No leader: the page shows the budget as unavailable and everything stored.
+    let config = ResultsConfig::from_toml(&format!(
+        "tenant = \"acme\"\nlisten_grpc = \"127.0.0.1:0\"\nlisten_http = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+         leader_url = \"http://127.0.0.1:9\"\ntask_files = [\"{}\"]\npoll_interval_ms = 3600000\n",
+        dir.path().join("data").display(),
+        task_file.display()
+    ))
+    .unwrap();
+    let secrets = ResultsSecrets {
+        tenant_token: TENANT_TOKEN.into(),
+        collector_key: collector.clone(),
+        api_token: None,
+        read_token: READ_TOKEN.into(),
+    };
+    let results = ResultsService::start(config, secrets, clock.clone())
+        .await
+        .unwrap();
+    let first = task.window_of(clock.now()).as_secs() - 3 * 60;
+    let estimate = |v: f64| pb::Estimate {
+        value: v,
+        ci_low: v * 0.8,
+        ci_high: v * 1.25,
+    };
+    for i in 0..3u64 {
+        let start = first + i * 60;
+        let r = pb::WindowResult {
+            task_id: task.id().as_bytes().to_vec().into(),
+            interval: Some(pb::Interval {
+                start,
+                duration: 60,
+            }),
+            noisy_counts: vec![0; task.output_len()],
+            bucket_bounds_us: task.bucket_bounds_us().to_vec(),
+            noise_stddev: 1.0,
+            epsilon_micro: 1_000_000,
+            p50_ms: Some(estimate(10.0 + i as f64)),
+            p95_ms: Some(estimate(50.0 + i as f64)),
+            p99_ms: Some(estimate(90.0 + i as f64)),
+            total: Some(estimate(1_000.0)),
+            ..Default::default()
+        };
+        results
+            .store()
+            .put_window(
+                &task.id(),
+                Time::from_secs(start),
+                Time::from_secs(start + 60),
+                &r,
+            )
+            .await
+            .unwrap();
+    }
+    let alert = pb::Alert {
+        task_id: task.id().as_bytes().to_vec().into(),
+        window_start: first + 120,
+        detector: "latency_regression".into(),
+        statistic: 9.0,
+        threshold: 2.3,
+        baseline: 0.01,
+        observed: 0.2,
+        explanation: EXPLANATION.into(),
+    };
+    results
+        .store()
+        .put_tested(&task.id(), first + 120, &[alert])
+        .await
+        .unwrap();
+
+    let profile = tempfile::tempdir().unwrap();
+    let page = hush_tests::browser::render(
+        &format!(
+            "http://{}/dashboard#token={READ_TOKEN}&from={first}&to={}",
+            results.http_addr(),
+            first + 180
+        ),
+        profile.path(),
+    );
+    assert!(
+        !page
+            .console
+            .iter()
+            .any(|l| l.contains("Content Security Policy") || l.contains("XSS-RAN")),
+        "{:?}",
+        page.console
+    );
+    let doc = Html::parse_document(&page.dom);
+    let one = |s: &str| {
+        doc.select(&Selector::parse(s).unwrap())
+            .next()
+            .unwrap_or_else(|| panic!("no {s} in:\n{}", page.dom))
+    };
+    assert_eq!(one("body").value().attr("data-state"), Some("ready"));
+    // The markup is text: the name and the explanation read back exactly.
+    assert_eq!(one("section.task h2").text().collect::<String>(), NAME);
+    assert_eq!(
+        one("li.alert .explanation").text().collect::<String>(),
+        EXPLANATION
+    );
+    // ... and added no element: one script (the page's own), no image, no bold, no SVG but
+    // the charts, no event handler anywhere.
+    let count = |s: &str| doc.select(&Selector::parse(s).unwrap()).count();
+    assert_eq!(count("script"), 1);
+    assert_eq!(count("img"), 0);
+    assert_eq!(count("b"), 0);
+    assert_eq!(count("svg"), count("svg.chart"));
+    assert_eq!(count("[onerror], [onload]"), 0);
+    // The stored values are drawn, and the budget says why it is missing.
+    assert_eq!(
+        count(r#"svg[data-chart="latency"] circle.point[data-series="p95"]"#),
+        3
+    );
+    assert_eq!(
+        one(".budget").value().attr("data-budget"),
+        Some("unavailable")
+    );
+    results.shutdown().await.unwrap();
+}

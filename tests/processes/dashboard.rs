@@ -4,13 +4,12 @@
 //! window's quantiles with their intervals, the rates, each alert with its explanation on the
 //! timeline and in the list, and the budget left.
 //!
-//! The browser is found as `$HUSH_CHROMIUM`, `chromium` or `chromium-browser` (.ci/run installs
-//! Debian's `chromium` when missing); without one the test fails and says so.
+//! The browser is [`hush_tests::browser`] (Debian's chromium; .ci/run installs it when
+//! missing); without one the test fails and says so.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -33,50 +32,6 @@ impl Drop for Demo {
             let _ = c.wait();
         }
     }
-}
-
-fn chromium() -> PathBuf {
-    if let Some(p) = std::env::var_os("HUSH_CHROMIUM") {
-        return p.into();
-    }
-    for name in ["chromium", "chromium-browser"] {
-        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-            let p = dir.join(name);
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    panic!(
-        "the dashboard test needs a headless chromium: install Debian's (apt-get install \
-         chromium; .ci/run does) or set HUSH_CHROMIUM to a chromium binary"
-    );
-}
-
-/// The DOM after the page's script ran, as chromium renders it.
-fn rendered_dom(url: &str, profile: &std::path::Path) -> String {
-    let out = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            // The demo's certificate is from the demo's own CA.
-            "--ignore-certificate-errors",
-            "--virtual-time-budget=20000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("--dump-dom")
-        .arg(url)
-        .output()
-        .expect("run chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("a UTF-8 DOM")
 }
 
 fn sel(s: &str) -> Selector {
@@ -120,14 +75,17 @@ async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_br
             "--spike-window",
             "4",
             "--serve",
-            // Nothing more is released while the test reads: the API and the page agree.
+            // The instances stop after the simulated windows: nothing more is released while
+            // the test reads, and the API and the page agree.
             "--idle",
             "--data-dir",
         ])
         .arg(data.path())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(data.path().join("demo.log")).unwrap(),
+        ))
         .spawn()
         .expect("run hush demo --serve");
     let stdout = child.stdout.take().unwrap();
@@ -147,7 +105,12 @@ async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_br
     });
     let url = rx
         .recv_timeout(Duration::from_secs(300))
-        .expect("hush demo --serve printed no dashboard URL");
+        .unwrap_or_else(|_| {
+            panic!(
+                "hush demo --serve printed no dashboard URL; its log:\n{}",
+                std::fs::read_to_string(data.path().join("demo.log")).unwrap_or_default()
+            )
+        });
     // https://127.0.0.1:PORT/dashboard#token=...
     let addr: SocketAddr = url
         .trim_start_matches("https://")
@@ -174,29 +137,35 @@ async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_br
     );
     assert_eq!(header("x-content-type-options"), "nosniff");
 
-    // What the API serves: every task's windows, alerts and budget.
+    // What the API serves over the five simulated windows: every task's windows, alerts and
+    // budget. The page is given the same range.
     let tasks: Vec<TaskJson> = get(addr, &ca, "/v1/tasks").await;
     assert_eq!(tasks.len(), 4, "{tasks:?}");
+    let errors = tasks.iter().find(|t| t.name == "errors").unwrap();
+    assert_eq!(errors.error_rate_over.len(), 3, "{errors:?}");
+    let oldest: WindowsPage = get(
+        addr,
+        &ca,
+        &format!("/v1/tasks/{}/windows?limit=1", tasks[0].task_id),
+    )
+    .await;
+    let first = oldest.windows[0].start;
+    let end = first + 5 * oldest.windows[0].duration;
+    let range = format!("from={first}&to={end}");
     let mut windows: BTreeMap<String, Vec<WindowJson>> = BTreeMap::new();
     let mut alerts: BTreeMap<String, Vec<AlertJson>> = BTreeMap::new();
     let mut budgets: BTreeMap<String, BudgetJson> = BTreeMap::new();
     for t in &tasks {
         let path = format!("/v1/tasks/{}", t.task_id);
-        let w: WindowsPage = get(addr, &ca, &format!("{path}/windows")).await;
-        let a: AlertsPage = get(addr, &ca, &format!("{path}/alerts")).await;
+        let w: WindowsPage = get(addr, &ca, &format!("{path}/windows?{range}")).await;
+        let a: AlertsPage = get(addr, &ca, &format!("{path}/alerts?{range}")).await;
         let b: BudgetJson = get(addr, &ca, &format!("{path}/budget")).await;
         assert!(w.next_page_token.is_none() && a.next_page_token.is_none());
+        assert_eq!(w.windows.len(), 5, "{}: {:?}", t.name, w.windows);
         windows.insert(t.task_id.clone(), w.windows);
         alerts.insert(t.task_id.clone(), a.alerts);
         budgets.insert(t.task_id.clone(), b);
     }
-    let first = windows.values().flatten().map(|w| w.start).min().unwrap();
-    let end = windows
-        .values()
-        .flatten()
-        .map(|w| w.start + w.duration)
-        .max()
-        .unwrap();
     assert!(
         alerts.values().map(Vec::len).sum::<usize>() >= 2,
         "the injected regression and spike were not flagged: {alerts:?}"
@@ -204,10 +173,20 @@ async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_br
 
     // The page, rendered by chromium over the same range.
     let profile = tempfile::tempdir().unwrap();
-    let dom = rendered_dom(
-        &format!("https://{addr}/dashboard#token={READ_TOKEN}&from={first}&to={end}"),
+    let page = hush_tests::browser::render(
+        &format!("https://{addr}/dashboard#token={READ_TOKEN}&{range}"),
         profile.path(),
     );
+    // Nothing the page needs was refused by its Content-Security-Policy.
+    assert!(
+        !page
+            .console
+            .iter()
+            .any(|l| l.contains("Content Security Policy")),
+        "{:?}",
+        page.console
+    );
+    let dom = page.dom;
     let doc = Html::parse_document(&dom);
     let body = doc.select(&sel("body")).next().unwrap();
     assert_eq!(
@@ -248,6 +227,11 @@ async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_br
             assert_eq!(points.len(), expect.len(), "{} {q}", t.name);
             for (p, (start, e)) in points.iter().zip(&expect) {
                 assert_eq!(attr_f64(p, "data-start"), *start as f64);
+                // Drawn inside the chart (a NaN position would not be).
+                for (c, limit) in [("cx", 1000.0), ("cy", 230.0)] {
+                    let v = attr_f64(p, c);
+                    assert!((0.0..=limit).contains(&v), "{} {q}: {c}={v}", t.name);
+                }
                 assert_eq!(
                     attr_f64(p, "data-value"),
                     e.value,
@@ -269,6 +253,7 @@ async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_br
             .select(&sel(r#"svg[data-chart="rate"] circle.point"#))
             .collect();
         let expect: Vec<(u64, f64)> = if t.error_rate_over.is_empty() {
+            assert_ne!(t.kind, "counter", "every counter of the demo is paired");
             ws.iter()
                 .filter_map(|w| {
                     w.total
@@ -285,7 +270,12 @@ async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_br
                         let o = windows[&other.task_id]
                             .iter()
                             .find(|o| o.start == w.start)?;
-                        requests += o.total?.value;
+                        // The page leaves out a rate whose request count may be 0.
+                        let total = o.total?;
+                        if total.ci_low <= 0.0 {
+                            return None;
+                        }
+                        requests += total.value;
                     }
                     (requests > 0.0).then(|| (w.start, 100.0 * errors / requests))
                 })
@@ -343,6 +333,10 @@ async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_br
     .unwrap();
     let status = child.wait().unwrap();
     let out = reader.join().unwrap();
-    assert!(status.success(), "hush demo --serve: {status}\n{out}");
+    assert!(
+        status.success(),
+        "hush demo --serve: {status}\n{out}\n{}",
+        std::fs::read_to_string(data.path().join("demo.log")).unwrap_or_default()
+    );
     assert!(out.contains("summary after"), "{out}");
 }

@@ -3,6 +3,7 @@
 //! Tests that need servers start them on 127.0.0.1 with an ephemeral port and a temporary data
 //! directory, and stop them.
 
+pub mod browser;
 pub mod cluster;
 pub mod fixture;
 pub mod fuzzing;

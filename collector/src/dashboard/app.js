@@ -8,7 +8,9 @@
 const SVG_NS = 'http://www.w3.org/2000/svg';
 const QUANTILES = ['p50', 'p95', 'p99'];
 // Stop paging a task's windows after this many (a month of minute windows is 43,200).
-const MAX_WINDOWS = 50000;
+const MAX_WINDOWS = 20000;
+// Points are drawn as markers (with their values and a tooltip) up to this many per series.
+const MAX_MARKERS = 2000;
 const REFRESH_MS = 60000;
 
 function el(tag, attrs, ...kids) {
@@ -29,10 +31,11 @@ function title(text) {
   return sv('title', {}, text);
 }
 
-async function api(path, token) {
+async function api(path, token, signal) {
   const r = await fetch(path, {
     headers: { authorization: 'Bearer ' + token, accept: 'application/json' },
     cache: 'no-store',
+    signal,
   });
   let body = null;
   try {
@@ -46,31 +49,39 @@ async function api(path, token) {
   return body;
 }
 
-// Every page of a list (`key` is "windows" or "alerts").
-async function list(path, key, from, to, token) {
-  const out = [];
+// Every page of a list (`key` is "windows" or "alerts"), at most MAX_WINDOWS items: past that,
+// the oldest are dropped and `truncated` says so.
+async function list(path, key, from, to, token, signal) {
+  let out = [];
+  let truncated = false;
   let page = '';
   do {
     const q = new URLSearchParams({ from: String(from), limit: '5000' });
     if (to) q.set('to', String(to));
     if (page) q.set('page_token', page);
-    const r = await api(`${path}?${q}`, token);
-    out.push(...r[key]);
+    const r = await api(`${path}?${q}`, token, signal);
+    for (const item of r[key]) out.push(item);
+    if (out.length > MAX_WINDOWS) {
+      out = out.slice(out.length - MAX_WINDOWS);
+      truncated = true;
+    }
     page = r.next_page_token || '';
-  } while (page && out.length < MAX_WINDOWS);
-  return out;
+  } while (page);
+  return { items: out, truncated };
 }
 
 function fmtTime(s) {
   return new Date(s * 1000).toISOString().replace('T', ' ').slice(0, 16) + ' UTC';
 }
 
-function fmtClock(s) {
-  return new Date(s * 1000).toISOString().slice(11, 16);
+function fmtClock(s, withDay) {
+  const iso = new Date(s * 1000).toISOString();
+  return withDay ? `${iso.slice(5, 10)} ${iso.slice(11, 16)}` : iso.slice(11, 16);
 }
 
 function fmtNum(v) {
-  if (v === null || v === undefined || !Number.isFinite(v)) return '∞';
+  if (v === null || v === undefined || Number.isNaN(v)) return '—';
+  if (!Number.isFinite(v)) return v > 0 ? '∞' : '−∞';
   const a = Math.abs(v);
   if (a >= 100) return v.toFixed(0);
   if (a >= 10) return v.toFixed(1);
@@ -79,7 +90,21 @@ function fmtNum(v) {
 
 function fmtEst(e, unit) {
   if (!e) return '—';
-  return `${fmtNum(e.value)} [${fmtNum(e.ci_low)}, ${fmtNum(e.ci_high)}]${unit}`;
+  // Only the upper end of an interval may be open (null in JSON).
+  const high = e.ci_high === null ? '∞' : fmtNum(e.ci_high);
+  return `${fmtNum(e.value)} [${fmtNum(e.ci_low)}, ${high}]${unit}`;
+}
+
+function maxOf(xs, dflt) {
+  let m = -Infinity;
+  for (const x of xs) if (Number.isFinite(x) && x > m) m = x;
+  return m === -Infinity ? dflt : m;
+}
+
+function minOf(xs, dflt) {
+  let m = Infinity;
+  for (const x of xs) if (Number.isFinite(x) && x < m) m = x;
+  return m === Infinity ? dflt : m;
 }
 
 // A point of a series: window start t, value v, interval [lo, hi] (hi null: open-ended).
@@ -118,22 +143,31 @@ function logTicks(lo, hi) {
 // as the tooltip. Bands whose upper end is open reach the top of the chart.
 function chart({ kind, series, t0, t1, step, log, unit, alerts }) {
   const W = 1000, H = 230, L = 58, R = 30, T = 14, B = 24;
-  const values = series.flatMap((s) => s.points.map((p) => p.v)).filter(Number.isFinite);
-  const lows = series.flatMap((s) => s.points.map((p) => p.lo)).filter(Number.isFinite);
-  const highs = series
-    .flatMap((s) => s.points.map((p) => p.hi))
-    .filter((v) => v !== null && Number.isFinite(v));
-  const vmax = Math.max(...values, 0);
-  // Wide intervals would flatten the lines: the axis reaches at most 4x the largest value.
-  let ymax = Math.min(Math.max(vmax, ...highs), 4 * Math.max(vmax, 1e-9));
+  const values = [];
+  const lows = [];
+  const highs = [];
+  for (const s of series) {
+    for (const p of s.points) {
+      values.push(p.v);
+      lows.push(p.lo);
+      if (p.hi !== null) highs.push(p.hi);
+    }
+  }
+  const vmax = maxOf(values, 0);
+  const vmin = minOf(values, 0);
   let ymin;
+  let ymax;
   if (log) {
-    const pos = values.concat(lows).filter((v) => v > 0);
-    ymin = pos.length ? Math.max(Math.min(...pos) / 1.3, 0.01) : 0.1;
+    // Wide intervals would flatten the lines: the axis reaches at most 4x the largest value.
+    ymin = Math.max(minOf(values.concat(lows).filter((v) => v > 0), 0.1) / 1.3, 0.01);
+    ymax = Math.min(maxOf(highs, vmax), 4 * Math.max(vmax, ymin));
     ymax = Math.max(ymax * 1.2, ymin * 10);
   } else {
-    ymin = Math.min(0, ...lows);
-    ymax = Math.max(ymax * 1.1, ymin + 1e-9);
+    // From 0 (or the lowest interval end below it) to the highest interval end, but bands at
+    // most one spread of the values beyond them, so one wide interval cannot flatten the rest.
+    const spread = Math.max(vmax - Math.min(vmin, 0), Math.abs(vmax), 1e-6);
+    ymin = Math.min(0, Math.max(minOf(lows, 0), Math.min(vmin, 0) - spread));
+    ymax = Math.max(Math.min(maxOf(highs, vmax), vmax + spread), vmax, ymin + 1e-6) * 1.05;
   }
   const span = t1 - t0 || step || 1;
   const x = (t) => L + ((W - L - R) * (t - t0)) / span;
@@ -156,8 +190,9 @@ function chart({ kind, series, t0, t1, step, log, unit, alerts }) {
   }
   // Time labels at window starts, at most 7.
   const every = Math.max(1, Math.ceil((t1 - t0) / (step || 1) / 6)) * (step || 1);
+  const withDay = t1 - t0 >= 86400;
   for (let t = t0; t <= t1; t += every) {
-    svg.append(sv('text', { x: x(t), y: H - 6, 'text-anchor': 'middle' }, fmtClock(t)));
+    svg.append(sv('text', { x: x(t), y: H - 6, 'text-anchor': 'middle' }, fmtClock(t, withDay)));
   }
   for (const s of series) {
     if (!s.points.length) continue;
@@ -179,7 +214,7 @@ function chart({ kind, series, t0, t1, step, log, unit, alerts }) {
         points: s.points.map((p) => `${x(p.t)},${y(p.v)}`).join(' '),
       }),
     );
-    for (const p of s.points) {
+    for (const p of s.points.length <= MAX_MARKERS ? s.points : []) {
       svg.append(
         sv(
           'circle',
@@ -234,8 +269,9 @@ function rateSeries(task, ws, byName) {
       let complete = true;
       for (const name of task.error_rate_over) {
         const other = byName.get(name);
-        const o = other && other.windows.find((x) => x.start === w.start);
-        if (o && o.total) requests += o.total.value;
+        const o = other && other.windows.items.find((x) => x.start === w.start);
+        // A request count whose interval reaches 0 would make the rate meaningless.
+        if (o && o.total && o.total.ci_low > 0) requests += o.total.value;
         else complete = false;
       }
       if (!complete || requests <= 0) continue;
@@ -287,7 +323,10 @@ function budgetView(budget) {
   return box;
 }
 
-function renderTask(task, ws, alerts, budget, byName) {
+function renderTask(entry, byName) {
+  const { task, budget } = entry;
+  const ws = entry.windows.items;
+  const alerts = entry.alerts.items;
   const sec = el('section', { class: 'task', 'data-task-id': task.task_id, 'data-kind': task.kind });
   const head = el(
     'div',
@@ -301,6 +340,12 @@ function renderTask(task, ws, alerts, budget, byName) {
     budgetView(budget),
   );
   sec.append(head);
+  if (entry.error) {
+    sec.append(el('p', { class: 'error', 'data-error': 'read' }, `Could not read this task: ${entry.error.message}`));
+  }
+  if (entry.windows.truncated) {
+    sec.append(el('p', { class: 'meta' }, `Showing the newest ${ws.length} windows of the range.`));
+  }
   if (!ws.length) {
     sec.append(el('p', { class: 'empty' }, 'No window released in this range.'));
     return sec;
@@ -372,6 +417,9 @@ function setStatus(text, state) {
 }
 
 let token = '';
+// Each load has a number; only the newest may write the page, and a newer one aborts it.
+let generation = 0;
+let inFlight = null;
 
 async function load() {
   const params = new URLSearchParams(location.hash.slice(1));
@@ -379,40 +427,59 @@ async function load() {
   const range = Number(document.getElementById('range').value) || 21600;
   const from = params.has('from') ? Number(params.get('from')) : Math.max(0, now - range);
   const to = params.has('to') ? Number(params.get('to')) : 0;
+  if (inFlight) inFlight.abort();
+  const mine = ++generation;
+  const abort = new AbortController();
+  inFlight = abort;
+  const current = () => mine === generation;
   if (!token) {
+    document.getElementById('tasks').replaceChildren();
     setStatus('Enter the results service\'s read token.', 'error');
     return;
   }
   setStatus('Loading…', 'loading');
   try {
-    const tasks = await api('/v1/tasks', token);
+    const tasks = await api('/v1/tasks', token, abort.signal);
     tasks.sort((a, b) => a.name.localeCompare(b.name));
     const byName = new Map();
+    // One task's failure (a 404, a shed request) shows in its own section only.
     const loaded = await Promise.all(
       tasks.map(async (t) => {
         const path = `/v1/tasks/${encodeURIComponent(t.task_id)}`;
-        const [windows, alerts, budget] = await Promise.all([
-          list(`${path}/windows`, 'windows', from, to, token),
-          list(`${path}/alerts`, 'alerts', from, to, token),
-          api(`${path}/budget`, token).catch((e) => e),
+        const [windows, alerts, budget] = await Promise.allSettled([
+          list(`${path}/windows`, 'windows', from, to, token, abort.signal),
+          list(`${path}/alerts`, 'alerts', from, to, token, abort.signal),
+          api(`${path}/budget`, token, abort.signal),
         ]);
-        const entry = { task: t, windows, alerts, budget };
+        const entry = {
+          task: t,
+          windows: windows.status === 'fulfilled' ? windows.value : { items: [], truncated: false },
+          alerts: alerts.status === 'fulfilled' ? alerts.value : { items: [], truncated: false },
+          budget: budget.status === 'fulfilled' ? budget.value : budget.reason,
+          error: [windows, alerts].find((r) => r.status === 'rejected')?.reason,
+        };
         byName.set(t.name, entry);
         return entry;
       }),
     );
-    const main = document.getElementById('tasks');
-    main.replaceChildren(
-      ...loaded.map((e) => renderTask(e.task, e.windows, e.alerts, e.budget, byName)),
-    );
-    const nw = loaded.reduce((n, e) => n + e.windows.length, 0);
-    const na = loaded.reduce((n, e) => n + e.alerts.length, 0);
+    if (!current()) return;
+    document.getElementById('tasks').replaceChildren(...loaded.map((e) => renderTask(e, byName)));
+    const nw = loaded.reduce((n, e) => n + e.windows.items.length, 0);
+    const na = loaded.reduce((n, e) => n + e.alerts.items.length, 0);
+    const failed = loaded.filter((e) => e.error).length;
     setStatus(
-      `${loaded.length} tasks, ${nw} windows, ${na} alerts since ${fmtTime(from)}; updated ${fmtClock(now)} UTC`,
-      'ready',
+      `${loaded.length} tasks, ${nw} windows, ${na} alerts since ${fmtTime(from)}` +
+        `${to ? ` until ${fmtTime(to)}` : ''}; updated ${fmtClock(now)} UTC` +
+        `${failed ? `; ${failed} tasks could not be read` : ''}`,
+      failed ? 'partial' : 'ready',
     );
   } catch (e) {
+    if (!current()) return;
+    // Nothing read with an old token or range stays on the page.
+    document.getElementById('tasks').replaceChildren();
     setStatus(e.message, 'error');
+  } finally {
+    if (current()) inFlight = null;
   }
 }
 
@@ -420,7 +487,8 @@ function start() {
   const params = new URLSearchParams(location.hash.slice(1));
   token = params.get('token') || sessionStorage.getItem('hush-read-token') || '';
   if (params.has('token')) {
-    // Keep the token in this tab only, and out of the address bar and its history.
+    // Keep the token in this tab's session storage, and take it out of the address bar and
+    // this tab's history entry (the browser's global history may still have the link).
     sessionStorage.setItem('hush-read-token', token);
     params.delete('token');
     const rest = params.toString();
@@ -434,8 +502,20 @@ function start() {
     sessionStorage.setItem('hush-read-token', token);
     load();
   });
+  document.getElementById('range').addEventListener('change', () => {
+    // The menu replaces a range given in the link.
+    const params = new URLSearchParams(location.hash.slice(1));
+    params.delete('from');
+    params.delete('to');
+    const rest = params.toString();
+    history.replaceState(null, '', location.pathname + (rest ? `#${rest}` : ''));
+    load();
+  });
   load();
-  setInterval(load, REFRESH_MS);
+  // A refresh waits while a load is still running.
+  setInterval(() => {
+    if (!inFlight) load();
+  }, REFRESH_MS);
 }
 
 document.addEventListener('DOMContentLoaded', start);

@@ -79,8 +79,9 @@ pub struct DemoArgs {
     /// (default: DATA_DIR/client).
     #[arg(long, requires = "serve")]
     pub client_dir: Option<PathBuf>,
-    /// With --serve: the simulated instances stop serving after the simulated windows, so only
-    /// outside services send reports.
+    /// With --serve: the simulated instances stop after the simulated windows (they report
+    /// nothing more), so only outside services send reports and nothing more is released
+    /// unless they send enough.
     #[arg(long, requires = "serve")]
     pub idle: bool,
 }
@@ -123,6 +124,8 @@ impl Default for DemoArgs {
 pub struct DemoSummary {
     /// Reports the demo's own simulated instances had accepted by the first shuffler.
     pub accepted: u64,
+    /// Reports the first shuffler accepted from every client (the demo's and outside ones).
+    pub entered: u64,
     /// Reports the leader and the helper aggregated, from every client.
     pub aggregated: u64,
 }
@@ -446,12 +449,21 @@ pub async fn run_until(
     for l in &lines {
         println!("{l}");
     }
+    let served_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if args.serve {
         let client_dir = args
             .client_dir
             .clone()
             .unwrap_or_else(|| dir.join("client"));
         let config = serve::write_client_dir(&client_dir, &cluster, &services, &errors)?;
+        if args.idle {
+            // The instances stop: every report from now on is an outside service's.
+            shutdown_clients(
+                agents.iter().map(|(_, c)| c.clone()),
+                Duration::from_secs(10),
+            )
+            .await;
+        }
         let follow = serve::follow_real_time(mock.clone());
         let traffic = (!args.idle).then(|| {
             serve::keep_serving(
@@ -460,14 +472,14 @@ pub async fn run_until(
                 clock.clone(),
                 Arc::new(services),
                 agents.clone(),
+                served_errors.clone(),
             )
         });
         println!("serving on real time until Ctrl-C:");
         println!(
-            "  dashboard      https://{}/dashboard#token={} (the certificate is from the demo's CA, {}: trust it or let the browser proceed)",
+            "  dashboard      https://{}/dashboard#token={} (the certificate is from a CA the demo made for this run: let the browser proceed; do not trust that CA)",
             cluster.results.http_addr(),
             serve::READ_TOKEN,
-            dir.join("certs/ca.pem").display()
         );
         println!(
             "  results API    https://{} (read token {})",
@@ -483,14 +495,22 @@ pub async fn run_until(
         if let Some(t) = traffic {
             t.abort();
         }
-        println!("stopping: every instance reports its open window");
-        shutdown_clients(
-            agents.iter().map(|(_, c)| c.clone()),
-            Duration::from_secs(10),
-        )
-        .await;
-        cluster.drain().await?;
+        // Time stops here: the open window cannot close and be collected while its reports
+        // are still on their way.
         follow.abort();
+        println!("stopping: every instance reports its open window (Ctrl-C again: stop at once)");
+        let wind_down = async {
+            shutdown_clients(
+                agents.iter().map(|(_, c)| c.clone()),
+                Duration::from_secs(10),
+            )
+            .await;
+            cluster.drain().await
+        };
+        tokio::select! {
+            r = wind_down => r?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted before the cluster drained"),
+        }
     }
 
     // Summary: every recorded event is accounted for.
@@ -505,7 +525,16 @@ pub async fn run_until(
         *sum.entry("rejected").or_default() += s.rejected.iter().map(|(_, n)| n).sum::<u64>();
     }
     let mut aggregated = 0;
+    // Every client's packets the first shuffler accepted, the demo's and outside services'.
+    let mut entered = 0;
     for t in &all_tasks {
+        entered += cluster.shufflers[0]
+            .shared()
+            .store
+            .stats(t.id().as_bytes())?
+            .get(&hush_shuffler::store::Stat::Accepted)
+            .copied()
+            .unwrap_or(0);
         aggregated += cluster
             .leader
             .shared()
@@ -515,6 +544,7 @@ pub async fn run_until(
             .copied()
             .unwrap_or(0);
     }
+    recorded_errors += served_errors.load(std::sync::atomic::Ordering::Relaxed);
     println!("summary after {:.1} s:", started.elapsed().as_secs_f64());
     println!(
         "  clients: {} request latencies and {} errors recorded, {} dropped over the per-window bound, {} dropped by full queues",
@@ -529,8 +559,8 @@ pub async fn run_until(
     );
     if args.serve {
         println!(
-            "  from other services: {} reports aggregated",
-            aggregated.saturating_sub(sum["accepted"])
+            "  from other services: {} reports accepted by the first shuffler",
+            entered.saturating_sub(sum["accepted"])
         );
     }
     println!(
@@ -556,15 +586,12 @@ pub async fn run_until(
         peers(cluster.helper.peers()),
         anon_leader + anon_helper
     );
-    // Served, outside services' reports are aggregated too.
-    let ok = sum["accepted"] == sum["reports"]
-        && if args.serve {
-            aggregated >= sum["accepted"]
-        } else {
-            aggregated == sum["accepted"]
-        };
+    // Everything the first shuffler took in, from every client, was aggregated.
+    let ok =
+        sum["accepted"] == sum["reports"] && entered >= sum["accepted"] && aggregated == entered;
     let summary = DemoSummary {
         accepted: sum["accepted"],
+        entered,
         aggregated,
     };
     if anon_leader + anon_helper > 0 {
@@ -581,7 +608,10 @@ pub async fn run_until(
     cluster.leader.shutdown().await?;
     cluster.helper.shutdown().await?;
     if !ok {
-        bail!("some reports were lost: {sum:?}, {aggregated} aggregated");
+        bail!(
+            "some reports were lost: {sum:?}; the first shuffler accepted {entered}, the \
+             aggregators aggregated {aggregated}"
+        );
     }
     Ok(summary)
 }

@@ -574,11 +574,12 @@ mod tests {
         // The pipeline's noise is real (unseeded): at p ≥ 10^-6 a false failure is about as
         // rare (`hush sim --check` holds p ≥ 0.001).
         assert!(a.agrees_at(1e-6), "{a:?}");
-        // The check can fail: a model with three times the noise is told apart.
+        // The check can fail: a model with twice the noise is told apart (its variance ratio
+        // is near 0.25; at 0.55 or above by chance in about 4 runs of a million).
         let cell = cells(&s)[0];
         let piped = pipeline::simulate(&s, &cell, 1, 9).await.unwrap().concat();
         let mut noisier = s.clone();
-        noisier.events_per_client *= 3;
+        noisier.events_per_client *= 2;
         let modeled: Vec<model::Released> = (0..100)
             .flat_map(|r| model::simulate(&noisier, &cell, r).unwrap())
             .collect();
