@@ -179,14 +179,28 @@ fn print_windows(conn: &Conn, ws: &[WindowJson]) -> anyhow::Result<()> {
             "start", "reports", "total", "p50 ms", "p95 ms", "p99 ms"
         );
         for w in ws {
+            // A withheld quantile says so instead of "-".
+            let q = |e: &Option<hush_collector::estimate::Estimate>, name: &str| {
+                if e.is_none() && w.withheld.iter().any(|r| r.starts_with(name)) {
+                    "too few reports".to_owned()
+                } else {
+                    est(e)
+                }
+            };
             println!(
                 "{:>12} {:>24} {:>24} {:>24} {:>24} {:>24}",
                 w.start,
                 est(&w.reports),
                 est(&w.total),
-                est(&w.p50_ms),
-                est(&w.p95_ms),
-                est(&w.p99_ms)
+                q(&w.p50_ms, "p50:"),
+                q(&w.p95_ms, "p95:"),
+                q(&w.p99_ms, "p99:")
+            );
+        }
+        if ws.iter().any(|w| !w.withheld.is_empty()) {
+            println!(
+                "too few reports: the noise at this volume and ε cannot bound that quantile \
+                 (--json shows each window's reason)"
             );
         }
     }

@@ -63,6 +63,10 @@ pub struct WindowJson {
     pub total: Option<Estimate>,
     /// Whether this was an ad-hoc collection.
     pub ad_hoc: bool,
+    /// Quantiles the noise cannot bound at this volume and ε, with the reason (their fields
+    /// are null).
+    #[serde(default)]
+    pub withheld: Vec<String>,
 }
 
 fn est(e: &Option<pb::Estimate>) -> Option<Estimate> {
@@ -93,6 +97,7 @@ impl From<&pb::WindowResult> for WindowJson {
             p99_ms: est(&w.p99_ms),
             total: est(&w.total),
             ad_hoc: w.ad_hoc,
+            withheld: w.withheld.clone(),
         }
     }
 }
@@ -391,7 +396,13 @@ pub fn windows_csv(ws: &[WindowJson]) -> Result<String, csv::Error> {
         .flat_map(|e| [(*e).to_owned(), format!("{e}_low"), format!("{e}_high")])
         .collect();
     head.extend(cols.iter().map(String::as_str));
-    head.extend(["noise_stddev", "epsilon", "ad_hoc", "noisy_counts"]);
+    head.extend([
+        "noise_stddev",
+        "epsilon",
+        "ad_hoc",
+        "noisy_counts",
+        "withheld",
+    ]);
     w.write_record(&head)?;
     for x in ws {
         let mut row = vec![
@@ -419,6 +430,7 @@ pub fn windows_csv(ws: &[WindowJson]) -> Result<String, csv::Error> {
                 .collect::<Vec<_>>()
                 .join(";"),
         );
+        row.push(x.withheld.join("; "));
         w.write_record(&row)?;
     }
     let bytes = w.into_inner().map_err(|e| e.into_error())?;

@@ -90,17 +90,20 @@ pub fn window_result(task: &TaskConfig, c: &Collected, ad_hoc: bool) -> pb::Wind
         ci_low: e.ci_low,
         ci_high: e.ci_high,
     };
-    // The replicates of the quantile intervals are seeded by task and interval: the same
-    // released values always give the same intervals.
-    let seed = u64::from_be_bytes(task.id().as_bytes()[..8].try_into().expect("8 bytes"))
-        ^ c.interval.start().as_secs();
-    let q = |p: f64| {
-        if task.kind().is_histogram() {
-            estimate::quantile_ms(&c.values, task.bucket_bounds_us(), p, sd, seed).map(est)
-        } else {
-            None
+    let mut withheld = Vec::new();
+    let mut q = |p: f64| {
+        if !task.kind().is_histogram() {
+            return None;
+        }
+        match estimate::quantile_ms(&c.values, task.bucket_bounds_us(), p, sd) {
+            Ok(e) => Some(est(e)),
+            Err(why) => {
+                withheld.push(why.0);
+                None
+            }
         }
     };
+    let (p50_ms, p95_ms, p99_ms) = (q(0.50), q(0.95), q(0.99));
     pb::WindowResult {
         task_id: task.id().as_bytes().to_vec().into(),
         interval: Some((&c.interval).into()),
@@ -117,11 +120,12 @@ pub fn window_result(task: &TaskConfig, c: &Collected, ad_hoc: bool) -> pb::Wind
         noise_stddev: sd,
         // What the collection spent at each aggregator: the aggregate's and the count's ε.
         epsilon_micro: task.epsilon_per_collection().micros(),
-        p50_ms: q(0.50),
-        p95_ms: q(0.95),
-        p99_ms: q(0.99),
+        p50_ms,
+        p95_ms,
+        p99_ms,
         total: Some(est(estimate::total(&c.values, sd))),
         ad_hoc,
+        withheld,
     }
 }
 

@@ -361,11 +361,18 @@ function renderTask(entry, byName) {
   if (isLatency(ws)) {
     for (const q of QUANTILES) {
       headCells.push(`${q} ms [95%]`);
-      row.push(el('td', { 'data-latest': q }, fmtEst(latest[`${q}_ms`], '')));
+      const e = latest[`${q}_ms`];
+      const why = (latest.withheld || []).find((r) => r.startsWith(`${q}:`));
+      row.push(
+        e || !why
+          ? el('td', { 'data-latest': q }, fmtEst(e, ''))
+          : el('td', { 'data-latest': q, 'data-withheld': 'true', title: why }, 'too few reports'),
+      );
     }
   }
   headCells.push(rate.label);
   row.push(el('td', { 'data-latest': 'rate' }, newestRate ? fmtEst(newestRate.raw, rate.rawUnit) : '—'));
+  const reasons = latest.withheld || [];
   sec.append(
     el(
       'table',
@@ -374,6 +381,9 @@ function renderTask(entry, byName) {
       el('tbody', {}, el('tr', {}, ...row)),
     ),
   );
+  if (reasons.length) {
+    sec.append(el('p', { class: 'meta withheld' }, `Withheld in the newest window: ${reasons.join('; ')}`));
+  }
   if (isLatency(ws)) {
     const series = QUANTILES.map((q) => ({
       name: q,

@@ -170,7 +170,7 @@ fn fmt_est(e: &Option<pb::Estimate>) -> String {
             format!("{:7.1} [{:6.1}, {:6.1}]", e.value, e.ci_low, e.ci_high)
         }
         Some(e) => format!("{:7.1} [{:6.1},    ∞  ]", e.value, e.ci_low),
-        None => format!("{:>24}", "—"),
+        None => format!("{:>24}", "too few reports"),
     }
 }
 

@@ -6,6 +6,7 @@
 //! runs the results service's detectors on the result. It writes one CSV row per run, a summary
 //! CSV and markdown table per parameter combination, and PNG plots.
 
+mod coverage;
 mod model;
 mod pipeline;
 mod plot;
@@ -32,6 +33,10 @@ pub(crate) enum Mode {
     /// Runs the scenario's no-anomaly windows in both modes and tests that the released
     /// histograms and error counts agree (exits non-zero if not).
     Check,
+    /// Quantile honesty by fleet size: how often each quantile is released or withheld, how
+    /// often its interval covers the truth, and the smallest fleet that gets it (model mode;
+    /// writes coverage.md).
+    Coverage,
 }
 
 /// Sweep privacy against detection power and quantile error.
@@ -453,6 +458,25 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    if args.mode == Mode::Coverage {
+        let started = std::time::Instant::now();
+        let windows = s.repetitions * s.windows;
+        let s2 = s.clone();
+        let rows = tokio::task::spawn_blocking(move || {
+            coverage::coverage(&s2, &coverage::FLEETS, windows)
+        })
+        .await??;
+        let md = coverage::markdown(&s, &rows);
+        write(&args.out, "coverage.md", &md)?;
+        println!("{md}");
+        println!(
+            "{} windows per row in {:.1} s; wrote coverage.md to {}",
+            windows,
+            started.elapsed().as_secs_f64(),
+            args.out.display()
+        );
+        return Ok(());
+    }
     let total = (cells(&s).len() * s.repetitions) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(

@@ -70,7 +70,7 @@ pub(crate) fn true_quantile_ms(svc: &Service, shift_ms: f64, q: f64) -> f64 {
 }
 
 /// Bucket probabilities of the (shifted) log-normal.
-fn bucket_probs(svc: &Service, shift_ms: f64, bounds_us: &[u64]) -> Vec<f64> {
+pub(crate) fn bucket_probs(svc: &Service, shift_ms: f64, bounds_us: &[u64]) -> Vec<f64> {
     let cdf = |ms: f64| {
         if ms <= shift_ms {
             0.0
@@ -90,7 +90,7 @@ fn bucket_probs(svc: &Service, shift_ms: f64, bounds_us: &[u64]) -> Vec<f64> {
 }
 
 /// Exact multinomial counts by sequential binomial draws.
-fn multinomial(rng: &mut ChaCha8Rng, n: u64, probs: &[f64]) -> Vec<i64> {
+pub(crate) fn multinomial(rng: &mut ChaCha8Rng, n: u64, probs: &[f64]) -> Vec<i64> {
     let mut left = n;
     let mut mass = 1.0;
     let mut out = Vec::with_capacity(probs.len());
