@@ -16,7 +16,7 @@ pub type Admin = AdminClient<InterceptedService<Channel, AddBearer>>;
 /// A channel to `url`, connected lazily: `https://host:port` with `tls` (see
 /// [`hush_protocol::link`]), `http://host:port` without.
 pub fn channel(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel> {
-    hush_protocol::link::channel(url, tls, "URL").map_err(|e| Error::config(e.to_string()))
+    Ok(hush_protocol::link::channel(url, tls, "URL")?)
 }
 
 /// An admin client for the aggregator at `url`.

@@ -165,7 +165,7 @@ pub struct LeaderConfig {
 
 mod defaults {
     pub(super) fn admin_token_env() -> String {
-        "HUSH_ADMIN_TOKEN".into()
+        hush_server::auth::DEFAULT_ADMIN_TOKEN_ENV.into()
     }
     pub(super) fn peer_token_env() -> String {
         "HUSH_PEER_TOKEN".into()
@@ -227,11 +227,19 @@ mod defaults {
 }
 
 impl AggregatorConfig {
-    /// Reads and checks a config file.
+    /// Reads and checks a config file; relative paths in it (`data_dir`, the `[tls]` files)
+    /// are relative to its folder.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))
+        let mut c = Self::from_toml(&text)
+            .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.data_dir = hush_server::tls::resolve_path(base, &c.data_dir);
+        if let Some(t) = &mut c.tls {
+            t.resolve_against(base);
+        }
+        Ok(c)
     }
 
     /// Parses and checks a config.
@@ -317,6 +325,7 @@ pub fn check_url_scheme(url: &str, tls: bool, what: &str) -> Result<()> {
     hush_protocol::link::check_scheme(url, tls, what).map_err(|e| Error::config(e.to_string()))
 }
 
+/// Reads a secret from the environment variable `name`.
 /// Reads a secret from the environment variable `name`.
 pub fn secret_from_env(name: &str, what: &str) -> Result<String> {
     match std::env::var(name) {

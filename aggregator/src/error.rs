@@ -30,6 +30,10 @@ pub enum Error {
     /// The request is for the other role. `FAILED_PRECONDITION`.
     #[error("{0}")]
     WrongRole(String),
+    /// A URL this process was given does not fit its TLS setting (a client of another
+    /// party; never the answer to a request). `INVALID_ARGUMENT`.
+    #[error("configuration error: {0}")]
+    Link(#[from] hush_protocol::link::LinkError),
     /// The peer aggregator failed or refused. `UNAVAILABLE`.
     #[error("peer aggregator: {0}")]
     Peer(#[from] tonic::Status),
@@ -133,7 +137,7 @@ impl From<Error> for tonic::Status {
             Error::TaskConflict(_) | Error::JobConflict(_) | Error::CollectionConflict(_) => {
                 Status::already_exists(e.to_string())
             }
-            Error::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
+            Error::InvalidRequest(_) | Error::Link(_) => Status::invalid_argument(e.to_string()),
             Error::WrongRole(_)
             | Error::OverBudget { .. }
             | Error::BatchOverlap { .. }

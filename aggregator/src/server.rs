@@ -51,10 +51,17 @@ impl std::fmt::Debug for Secrets {
 }
 
 impl Secrets {
-    /// Reads the secrets from the environment variables the config names.
-    pub fn from_env(config: &AggregatorConfig) -> Result<Self> {
+    /// Reads the secrets from the environment variables the config names. With the default
+    /// `admin_token_env`, the role's own variable (`HUSH_LEADER_ADMIN_TOKEN`,
+    /// `HUSH_HELPER_ADMIN_TOKEN`: what `hush task create` reads) comes first, so one shell can
+    /// run both aggregators with their own tokens.
+    pub fn from_env(role: Role, config: &AggregatorConfig) -> Result<Self> {
         Ok(Self {
-            admin_token: secret_from_env(&config.admin_token_env, "admin token")?,
+            admin_token: hush_server::auth::admin_token_from_env(
+                &format!("HUSH_{}_ADMIN_TOKEN", role.to_string().to_ascii_uppercase()),
+                &config.admin_token_env,
+            )
+            .map_err(Error::config)?,
             peer_token: secret_from_env(&config.peer_token_env, "leader-helper token")?,
         })
     }

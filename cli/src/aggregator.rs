@@ -30,7 +30,7 @@ fn parse_role(s: &str) -> Result<Role, String> {
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let config = AggregatorConfig::from_file(&args.config)?;
     super::certs::require_tls_or_insecure(config.tls.is_some(), args.insecure)?;
-    let secrets = Secrets::from_env(&config)?;
+    let secrets = Secrets::from_env(args.role, &config)?;
     let agg = Aggregator::start(args.role, config, secrets, Arc::new(SystemClock))
         .await
         .context("starting the aggregator")?;

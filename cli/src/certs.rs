@@ -14,10 +14,12 @@ pub(crate) struct CertsArgs {
     #[arg(long)]
     out: PathBuf,
     /// Components to issue certificates for (each valid as TLS server and client).
-    #[arg(long, value_delimiter = ',', default_values_t = COMPONENTS.map(String::from))]
+    /// Comma- or space-separated: `--names leader,helper` and `--names leader helper` alike.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = COMPONENTS.map(String::from))]
     names: Vec<String>,
     /// Host names and IP addresses every certificate is valid for, besides its own name.
-    #[arg(long, value_delimiter = ',', default_values_t = loopback_hosts())]
+    /// Comma- or space-separated, like --names.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = loopback_hosts())]
     hosts: Vec<String>,
     /// The CA's common name; one CA per operator ("operator-a dev CA") gives per-operator trust.
     #[arg(long, default_value = "hush dev CA")]

@@ -118,6 +118,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
     let tls = tls.as_ref();
+    let has_ca = tls.is_some();
     match cli.command {
         Command::Aggregator(a) => aggregator::run(a).await,
         Command::Shuffler(a) => shuffler::run(a).await,
@@ -127,12 +128,34 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chaos(a) => hush_sim::load::run_chaos(a).await,
         Command::Soak(a) => hush_sim::soak::run(a).await,
         Command::Sim(a) => hush_sim::sim::run(a).await,
-        Command::Task(t) => task::run(t, tls).await,
+        Command::Task(t) => task::run(t, tls).await.map_err(|e| tool_hint(e, has_ca)),
         Command::Keygen(k) => keys::keygen(k),
-        Command::Keys(k) => keys::run(k, tls).await,
-        Command::Tenant(t) => keys::run_tenant(t, tls).await,
+        Command::Keys(k) => keys::run(k, tls).await.map_err(|e| tool_hint(e, has_ca)),
+        Command::Tenant(t) => keys::run_tenant(t, tls)
+            .await
+            .map_err(|e| tool_hint(e, has_ca)),
         Command::Certs(c) => certs::run(c),
         Command::Audit(a) => audit::run(a),
+    }
+}
+
+/// An operator's tool talks TLS through `--ca`/`HUSH_CA`, not a `[tls]` section and
+/// `--insecure` as a server does: a URL whose scheme does not match gets the tool's fix.
+pub(crate) fn tool_hint(e: anyhow::Error, has_ca: bool) -> anyhow::Error {
+    let url = e.chain().find_map(|c| match c.downcast_ref() {
+        Some(hush_protocol::link::LinkError::Scheme { url, .. }) => Some(url.clone()),
+        _ => None,
+    });
+    match url {
+        Some(url) if url.starts_with("https://") && !has_ca => anyhow::anyhow!(
+            "{url} is https://, so the tool verifies the server's certificate: pass the CA that \
+             signs the operators' certificates with --ca FILE or HUSH_CA=FILE"
+        ),
+        Some(url) if url.starts_with("http://") && has_ca => anyhow::anyhow!(
+            "{url} is plaintext http:// but --ca (or HUSH_CA) is set: use the server's https:// \
+             URL, or drop --ca for a server started with --insecure"
+        ),
+        _ => e,
     }
 }
 

@@ -34,7 +34,9 @@ pub(crate) async fn run(
     tls: Option<&tonic::transport::ClientTlsConfig>,
 ) -> anyhow::Result<()> {
     if let Some(q) = args.query {
-        return super::analyst::run(q, tls).await;
+        return super::analyst::run(q, tls)
+            .await
+            .map_err(|e| super::tool_hint(e, tls.is_some()));
     }
     let Some(path) = args.config else {
         anyhow::bail!("give --config FILE to run the service, or a query (hush results --help)");

@@ -23,7 +23,13 @@ pub(crate) struct Args {
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let config = ShufflerConfig::from_file(&args.config)?;
     super::certs::require_tls_or_insecure(config.tls.is_some(), args.insecure)?;
-    let token = super::env_secret(&config.admin_token_env, "admin token")?;
+    // With the default variable, HUSH_SHUFFLER_ADMIN_TOKEN comes first (one shell, a whole
+    // cluster).
+    let token = hush_server::auth::admin_token_from_env(
+        "HUSH_SHUFFLER_ADMIN_TOKEN",
+        &config.admin_token_env,
+    )
+    .map_err(anyhow::Error::msg)?;
     let node = ShufflerNode::start(config, &token, Arc::new(SystemClock))
         .await
         .context("starting the shuffler")?;

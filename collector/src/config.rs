@@ -206,7 +206,8 @@ mod defaults {
 }
 
 impl ResultsConfig {
-    /// Reads and checks a config file; task file paths become relative to its folder.
+    /// Reads and checks a config file; relative paths in it (`data_dir`, `task_files`, the
+    /// `[tls]` files) are relative to its folder.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::config(format!("reading {}: {e}", path.display())))?;
@@ -214,9 +215,11 @@ impl ResultsConfig {
             .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for f in &mut c.task_files {
-            if f.is_relative() {
-                *f = base.join(&*f);
-            }
+            *f = hush_server::tls::resolve_path(base, f);
+        }
+        c.data_dir = hush_server::tls::resolve_path(base, &c.data_dir);
+        if let Some(t) = &mut c.tls {
+            t.resolve_against(base);
         }
         Ok(c)
     }

@@ -567,8 +567,20 @@ async fn ad_hoc(
     State(inner): State<Arc<Shared>>,
     Path(task): Path<String>,
     headers: HeaderMap,
-    Json(req): Json<AdHocRequest>,
+    req: Result<Json<AdHocRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Reply<AdHocJson> {
+    // A missing or wrong Content-Type or a malformed body gets the same JSON error body as
+    // every other refusal, with its status (415 or 400/422) and what to send.
+    let Json(req) = req.map_err(|e| {
+        (
+            e.status(),
+            Json(serde_json::json!({ "error": format!(
+                "{}; send Content-Type: application/json and a body like \
+                 {{\"start\": 1764201600, \"duration\": 3600}}",
+                e.body_text()
+            ) })),
+        )
+    })?;
     let id = parse_task(&task)?;
     let token = bearer(&headers);
     let interval = Interval::new(Time::from_secs(req.start), req.duration)

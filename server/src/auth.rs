@@ -72,6 +72,34 @@ impl Interceptor for BearerAuth {
     }
 }
 
+/// The admin token's variable unless a config names another.
+pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "HUSH_ADMIN_TOKEN";
+
+/// A server's admin token from the environment: from `role_var` (`HUSH_LEADER_ADMIN_TOKEN`,
+/// `HUSH_HELPER_ADMIN_TOKEN`, `HUSH_SHUFFLER_ADMIN_TOKEN`) when the config keeps the default
+/// variable and `role_var` is set, so one shell can run a whole cluster with a token per role;
+/// else from `configured`. The error says which variables to set.
+pub fn admin_token_from_env(role_var: &str, configured: &str) -> Result<String, String> {
+    let get = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    if configured == DEFAULT_ADMIN_TOKEN_ENV {
+        get(role_var).or_else(|| get(configured)).ok_or_else(|| {
+            format!(
+                "the admin token is read from the environment variable {role_var} or \
+                 {configured}; set one of them"
+            )
+        })
+    } else {
+        get(configured).ok_or_else(|| {
+            format!("the admin token is read from the environment variable {configured}, which is not set")
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,6 +95,13 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// Makes relative paths relative to `base` (the config file's folder).
+    pub fn resolve_against(&mut self, base: &std::path::Path) {
+        for p in [&mut self.cert, &mut self.key, &mut self.ca] {
+            *p = resolve_path(base, p);
+        }
+    }
+
     /// Reads the three files with `read` (`std::fs::read`; this crate does no I/O itself).
     pub fn read_with(
         &self,
@@ -112,6 +119,16 @@ impl TlsFiles {
             get("key", &self.key)?,
             get("ca", &self.ca)?,
         )
+    }
+}
+
+/// `p` if it is absolute, else `p` under `base`: how every config reads its paths (relative
+/// to the config file's folder, not to the directory the process starts in).
+pub fn resolve_path(base: &std::path::Path, p: &std::path::Path) -> PathBuf {
+    if p.is_relative() {
+        base.join(p)
+    } else {
+        p.to_owned()
     }
 }
 

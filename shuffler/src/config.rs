@@ -293,11 +293,19 @@ mod defaults {
 }
 
 impl ShufflerConfig {
-    /// Reads and checks a config file.
+    /// Reads and checks a config file; relative paths in it (`data_dir`, the `[tls]` files)
+    /// are relative to its folder.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::config(format!("reading {}: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))
+        let mut c = Self::from_toml(&text)
+            .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.data_dir = hush_server::tls::resolve_path(base, &c.data_dir);
+        if let Some(t) = &mut c.tls {
+            t.resolve_against(base);
+        }
+        Ok(c)
     }
 
     /// Reads the `[tls]` files, if configured.

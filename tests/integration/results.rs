@@ -389,6 +389,44 @@ async fn closed_windows_are_collected_and_served_over_http_and_grpc() {
     )
     .await;
     assert_eq!(code, 401);
+    // Without the Content-Type (as `curl -d` sends form data), or with a broken body: the JSON
+    // error body every refusal has, saying what to send; nothing is spent.
+    for (content_type, payload) in [
+        (None, body.as_str()),
+        (Some("application/x-www-form-urlencoded"), body.as_str()),
+        (Some("application/json"), "{\"start\": "),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(results.http_addr())
+            .await
+            .unwrap();
+        let head = content_type.map_or(String::new(), |c| format!("Content-Type: {c}\r\n"));
+        let req = format!(
+            "POST {collect} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_TOKEN}\r\n{head}\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+            payload.len()
+        );
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let (status_line, rest) = out.split_once("\r\n").unwrap();
+        assert!(
+            status_line.contains(" 415 ")
+                || status_line.contains(" 400 ")
+                || status_line.contains(" 422 "),
+            "{out}"
+        );
+        let json_body = rest.split_once("\r\n\r\n").unwrap().1;
+        let v: serde_json::Value = serde_json::from_str(json_body)
+            .unwrap_or_else(|e| panic!("{content_type:?}: not a JSON body ({e}): {out}"));
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("send Content-Type: application/json"),
+            "{v}"
+        );
+    }
     let (code, text) = request(
         results.http_addr(),
         "POST",

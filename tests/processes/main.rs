@@ -11,6 +11,7 @@ mod certs;
 mod dashboard;
 mod demo;
 mod end_to_end;
+mod first_hour;
 mod load;
 mod metrics;
 mod shuffler_crash;
