@@ -235,7 +235,8 @@ impl AggregatorConfig {
         let mut c = Self::from_toml(&text)
             .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        c.data_dir = hush_server::tls::resolve_path(base, &c.data_dir);
+        c.data_dir =
+            hush_server::tls::resolve_data_dir(base, &c.data_dir).map_err(Error::config)?;
         if let Some(t) = &mut c.tls {
             t.resolve_against(base);
         }

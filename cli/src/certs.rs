@@ -29,7 +29,9 @@ pub(crate) struct CertsArgs {
     force: bool,
 }
 
-pub(crate) fn run(a: CertsArgs) -> anyhow::Result<()> {
+pub(crate) fn run(mut a: CertsArgs) -> anyhow::Result<()> {
+    // The printed paths go into configs elsewhere: absolute, they mean the same there.
+    a.out = std::path::absolute(&a.out)?;
     let files = write_certs(&a.out, &a.ca_name, &a.names, &a.hosts, a.force)?;
     println!("CA: {}", a.out.join("ca.pem").display());
     for (name, f) in a.names.iter().zip(&files) {

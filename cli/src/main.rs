@@ -55,6 +55,10 @@ enum Command {
     /// upload latency, peak memory per process, and check every acknowledged report is
     /// aggregated exactly once (exit 1 otherwise).
     Load(hush_sim::load::LoadArgs),
+    /// Simulated service instances reporting into a running cluster (its first shuffler, key
+    /// directory, CA and task files, or a client config); prints what was recorded, sent,
+    /// accepted and refused.
+    Send(hush_sim::send::SendArgs),
     /// `load` while components are SIGKILLed and restarted at random; the same exactly-once
     /// check at the end.
     Chaos(hush_sim::load::ChaosArgs),
@@ -125,6 +129,9 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Results(a) => results::run(a, tls).await,
         Command::Demo(a) => hush_sim::demo::run(a).await,
         Command::Load(a) => hush_sim::load::run_load(a).await,
+        Command::Send(a) => hush_sim::send::run(a, cli.ca.clone())
+            .await
+            .map_err(|e| tool_hint(e, has_ca)),
         Command::Chaos(a) => hush_sim::load::run_chaos(a).await,
         Command::Soak(a) => hush_sim::soak::run(a).await,
         Command::Sim(a) => hush_sim::sim::run(a).await,

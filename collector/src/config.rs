@@ -217,7 +217,8 @@ impl ResultsConfig {
         for f in &mut c.task_files {
             *f = hush_server::tls::resolve_path(base, f);
         }
-        c.data_dir = hush_server::tls::resolve_path(base, &c.data_dir);
+        c.data_dir =
+            hush_server::tls::resolve_data_dir(base, &c.data_dir).map_err(Error::config)?;
         if let Some(t) = &mut c.tls {
             t.resolve_against(base);
         }

@@ -569,6 +569,8 @@ async fn ad_hoc(
     headers: HeaderMap,
     req: Result<Json<AdHocRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Reply<AdHocJson> {
+    // The token first: a caller without it learns nothing about what the body should be.
+    inner.check_api(bearer(&headers)).map_err(fail)?;
     // A missing or wrong Content-Type or a malformed body gets the same JSON error body as
     // every other refusal, with its status (415 or 400/422) and what to send.
     let Json(req) = req.map_err(|e| {

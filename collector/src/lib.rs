@@ -95,7 +95,15 @@ pub fn window_result(task: &TaskConfig, c: &Collected, ad_hoc: bool) -> pb::Wind
         if !task.kind().is_histogram() {
             return None;
         }
-        match estimate::quantile_ms(&c.values, task.bucket_bounds_us(), p, sd) {
+        // The release decision reads the report count, whose noise is the count's own.
+        let per_report = match task.kind() {
+            hush_protocol::MeasurementKind::EventHistogram => 1,
+            _ => task.contribution_bound(),
+        };
+        let volume = c
+            .report_count
+            .map(|n| estimate::events_from_reports(n as f64, per_report));
+        match estimate::quantile_ms(&c.values, task.bucket_bounds_us(), p, sd, volume) {
             Ok(e) => Some(est(e)),
             Err(why) => {
                 withheld.push(why.0);
@@ -444,6 +452,23 @@ impl Shared {
         }
     }
 
+    /// Whether `token` is the API token that may spend budget.
+    pub(crate) fn check_api(&self, token: Option<&str>) -> Result<()> {
+        let Some(expected) = &self.secrets.api_token else {
+            return Err(Error::Disabled(format!(
+                "ad-hoc collection is disabled: set {} for this service to allow it",
+                self.config.api_token_env
+            )));
+        };
+        match token {
+            Some(t) if token_matches(t, &token_hash(expected)) => Ok(()),
+            Some(_) => Err(Error::Unauthenticated("wrong API token".into())),
+            None => Err(Error::Unauthenticated(
+                "ad-hoc collection spends privacy budget: send \"authorization: Bearer <API token>\"".into(),
+            )),
+        }
+    }
+
     /// An ad-hoc collection: spends budget, stores and returns the result and the budget left.
     async fn ad_hoc(
         &self,
@@ -452,21 +477,7 @@ impl Shared {
         interval: Interval,
         purpose: pb::BudgetPurpose,
     ) -> Result<(pb::WindowResult, u64)> {
-        let Some(expected) = &self.secrets.api_token else {
-            return Err(Error::Disabled(format!(
-                "ad-hoc collection is disabled: set {} for this service to allow it",
-                self.config.api_token_env
-            )));
-        };
-        match token {
-            Some(t) if token_matches(t, &token_hash(expected)) => {}
-            Some(_) => return Err(Error::Unauthenticated("wrong API token".into())),
-            None => {
-                return Err(Error::Unauthenticated(
-                    "ad-hoc collection spends privacy budget: send \"authorization: Bearer <API token>\"".into(),
-                ));
-            }
-        }
+        self.check_api(token)?;
         let task = self.task(task)?.clone();
         match self.collect(&task, &interval, None, purpose).await {
             Ok((c, left)) => {

@@ -51,10 +51,10 @@ pub fn check_scheme(url: &str, tls: bool, what: &str) -> Result<(), LinkError> {
     let why = match (url.starts_with("https://"), url.starts_with("http://"), tls) {
         (true, _, true) | (_, true, false) => return Ok(()),
         (_, true, true) => {
-            "TLS is configured, so links must be https://; plaintext only with --insecure and no [tls] section"
+            "TLS is configured, so the URL must be https:// (plaintext http:// is for servers started with --insecure and no [tls] section, and clients and tools given no CA)"
         }
         (true, _, false) => {
-            "https:// needs TLS: configure a [tls] section (see hush certs), or use http:// with --insecure"
+            "https:// needs the CA that signs the server's certificate: a server's [tls] section (see hush certs), a tool's --ca FILE or HUSH_CA, a service client's tls_ca"
         }
         _ => "use an http:// or https:// URL",
     };

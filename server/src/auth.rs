@@ -87,6 +87,14 @@ pub fn admin_token_from_env(role_var: &str, configured: &str) -> Result<String, 
             .filter(|v| !v.is_empty())
     };
     if configured == DEFAULT_ADMIN_TOKEN_ENV {
+        if let (Some(a), Some(b)) = (get(role_var), get(configured))
+            && a != b
+        {
+            return Err(format!(
+                "both {role_var} and {configured} are set, to different tokens: unset the one \
+                 this server should not use"
+            ));
+        }
         get(role_var).or_else(|| get(configured)).ok_or_else(|| {
             format!(
                 "the admin token is read from the environment variable {role_var} or \

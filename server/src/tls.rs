@@ -132,6 +132,29 @@ pub fn resolve_path(base: &std::path::Path, p: &std::path::Path) -> PathBuf {
     }
 }
 
+/// A config's relative `data_dir` under `base` (the config file's folder). Before paths were
+/// resolved this way a relative `data_dir` meant the directory the process started in; so that
+/// an upgrade never opens a fresh, empty store beside the old one, it refuses when only that
+/// old location exists.
+pub fn resolve_data_dir(base: &std::path::Path, p: &std::path::Path) -> Result<PathBuf, String> {
+    let resolved = resolve_path(base, p);
+    if p.is_relative() && !resolved.exists() && p.exists() {
+        let old = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        if old != resolved {
+            return Err(format!(
+                "data_dir {:?} is relative to the config file's folder ({}), where nothing exists \
+                 yet, but {} does (where it pointed when paths were relative to the working \
+                 directory): move it there, or set data_dir to {:?}",
+                p,
+                resolved.display(),
+                old.display(),
+                old
+            ));
+        }
+    }
+    Ok(resolved)
+}
+
 /// Reads the files of a `[tls]` section, if there is one.
 pub fn read_tls(files: Option<&TlsFiles>) -> Result<Option<TlsMaterial>, TlsError> {
     files.map(|f| f.read_with(|p| std::fs::read(p))).transpose()

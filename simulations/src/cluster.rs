@@ -455,7 +455,8 @@ pub(crate) fn data_dir(
     Ok(match dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            (d.to_owned(), None)
+            // Absolute: configs written under it resolve their paths against their own folder.
+            (std::path::absolute(d)?, None)
         }
         None => {
             let tmp = tempfile::tempdir()?;

@@ -11,5 +11,6 @@ pub mod certs;
 pub mod cluster;
 pub mod demo;
 pub mod load;
+pub mod send;
 pub mod sim;
 pub mod soak;

@@ -68,7 +68,7 @@ pub struct ChaosArgs {
     targets: Vec<String>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (n, unit) = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map_or((s, "s"), |i| s.split_at(i));
@@ -103,6 +103,10 @@ impl Proc {
         let mut child = Command::new(std::env::current_exe()?)
             .args(&self.args)
             .env("HUSH_ADMIN_TOKEN", ADMIN_TOKEN)
+            // An inherited role variable would take the admin token's place.
+            .env_remove("HUSH_LEADER_ADMIN_TOKEN")
+            .env_remove("HUSH_HELPER_ADMIN_TOKEN")
+            .env_remove("HUSH_SHUFFLER_ADMIN_TOKEN")
             .env("HUSH_PEER_TOKEN", PEER_TOKEN)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

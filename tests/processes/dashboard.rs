@@ -8,31 +8,15 @@
 //! missing); without one the test fails and says so.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
 
 use hush_collector::http::{AlertJson, AlertsPage, BudgetJson, TaskJson, WindowJson, WindowsPage};
 use hush_tests::http::request_tls_headers;
 use scraper::{ElementRef, Html, Selector};
 
-use crate::hush_bin;
+use crate::served_demo::ServedDemo;
 
 const READ_TOKEN: &str = "demo-read-token-not-secret";
-
-/// The demo process, stopped (SIGKILL) if the test fails.
-struct Demo(Option<Child>);
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn sel(s: &str) -> Selector {
     Selector::parse(s).unwrap_or_else(|e| panic!("selector {s}: {e}"))
@@ -60,66 +44,23 @@ async fn get<T: serde::de::DeserializeOwned>(addr: SocketAddr, ca: &[u8], path: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_browser() {
-    let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(hush_bin())
-        .args([
-            "demo",
-            "--windows",
-            "5",
-            "--agents",
-            "600",
-            "--epsilon",
-            "4",
-            "--regression-window",
-            "3",
-            "--spike-window",
-            "4",
-            "--serve",
-            // The instances stop after the simulated windows: nothing more is released while
-            // the test reads, and the API and the page agree.
-            "--idle",
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(
-            std::fs::File::create(data.path().join("demo.log")).unwrap(),
-        ))
-        .spawn()
-        .expect("run hush demo --serve");
-    let stdout = child.stdout.take().unwrap();
-    let demo = Demo(Some(child));
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.trim().strip_prefix("dashboard") {
-                let url = url.split_whitespace().next().unwrap_or_default().to_owned();
-                let _ = tx.send(url);
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(300))
-        .unwrap_or_else(|_| {
-            panic!(
-                "hush demo --serve printed no dashboard URL; its log:\n{}",
-                std::fs::read_to_string(data.path().join("demo.log")).unwrap_or_default()
-            )
-        });
-    // https://127.0.0.1:PORT/dashboard#token=...
-    let addr: SocketAddr = url
-        .trim_start_matches("https://")
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .expect("the dashboard's address");
-    let ca = std::fs::read(data.path().join("certs/ca.pem")).unwrap();
+    let demo = ServedDemo::start(&[
+        "--windows",
+        "5",
+        "--agents",
+        "600",
+        "--epsilon",
+        "4",
+        "--regression-window",
+        "3",
+        "--spike-window",
+        "4",
+        // The instances stop after the simulated windows: nothing more is released while
+        // the test reads, and the API and the page agree.
+        "--idle",
+    ]);
+    let addr = demo.results;
+    let ca = demo.ca();
 
     // The page is served with a policy that lets only its own script run.
     let (code, headers, page) = request_tls_headers(addr, &ca, "GET", "/dashboard", None).await;
@@ -324,19 +265,5 @@ async fn the_dashboard_shows_the_released_windows_alerts_and_budget_in_a_real_br
     }
 
     // Stopped, the demo drains and exits 0 with its summary.
-    let mut demo = demo;
-    let mut child = demo.0.take().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    let out = reader.join().unwrap();
-    assert!(
-        status.success(),
-        "hush demo --serve: {status}\n{out}\n{}",
-        std::fs::read_to_string(data.path().join("demo.log")).unwrap_or_default()
-    );
-    assert!(out.contains("summary after"), "{out}");
+    demo.stop();
 }

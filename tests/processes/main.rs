@@ -14,6 +14,8 @@ mod end_to_end;
 mod first_hour;
 mod load;
 mod metrics;
+mod send;
+mod served_demo;
 mod shuffler_crash;
 mod soak;
 mod spans;

@@ -88,6 +88,10 @@ impl HushProcess {
         let mut child = Command::new(&self.bin)
             .args(&self.args)
             .env("HUSH_ADMIN_TOKEN", ADMIN_TOKEN)
+            // An inherited role variable would take the admin token's place.
+            .env_remove("HUSH_LEADER_ADMIN_TOKEN")
+            .env_remove("HUSH_HELPER_ADMIN_TOKEN")
+            .env_remove("HUSH_SHUFFLER_ADMIN_TOKEN")
             .env("HUSH_PEER_TOKEN", PEER_TOKEN)
             .env("RUST_LOG", "info,hush_aggregator=debug,hush_shuffler=debug")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
