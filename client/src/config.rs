@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [hush]
-//! shuffler_url = "https://mix-a.example:7300"
+//! shuffler_url = "https://shuffler-a.operator-c.example:7101"
 //! key_directory = "https://results.acme.example:7201"
 //! tls_ca = "operators-ca.pem"                      # relative to the config file's folder
 //!
