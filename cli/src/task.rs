@@ -18,6 +18,9 @@ pub(crate) enum TaskCommand {
     ///
     /// With --leader and --helper, provisions both aggregators with a fresh shared verification
     /// key (admin tokens from HUSH_LEADER_ADMIN_TOKEN and HUSH_HELPER_ADMIN_TOKEN). With
+    /// --route, also every shuffler of the task's route, after both aggregators and from the
+    /// last shuffler back, so no hop accepts packets its next hop would refuse (admin token
+    /// from HUSH_SHUFFLER_ADMIN_TOKEN, else HUSH_ADMIN_TOKEN). With
     /// --aggregator and --role, provisions one side only, as each of two operators does: the
     /// task file must then fix task_id, and both operators set the same verification key in
     /// HUSH_VDAF_VERIFY_KEY (base64url, 32 bytes; admin token from HUSH_ADMIN_TOKEN). With
@@ -66,6 +69,33 @@ pub(crate) struct CreateArgs {
     /// admin token from HUSH_ADMIN_TOKEN).
     #[arg(long, conflicts_with_all = ["leader", "helper", "aggregator", "role"])]
     shuffler: Option<String>,
+    /// With --leader and --helper: the route's shufflers, first to last (comma- or
+    /// space-separated gRPC URLs); each gets the task's public config.
+    #[arg(long, value_delimiter = ',', num_args = 1.., requires = "leader")]
+    route: Vec<String>,
+}
+
+/// Provisions `task`'s public config on the shuffler at `url`; whether it was new there.
+async fn create_on_shuffler(
+    tls: Option<&ClientTlsConfig>,
+    url: &str,
+    token: &str,
+    task: &TaskConfig,
+) -> anyhow::Result<bool> {
+    Ok(client::admin(url, token, tls)?
+        .create_task(pb::CreateTaskRequest {
+            task: Some(task.into()),
+            vdaf_verify_key: Default::default(),
+            role: "shuffler".into(),
+        })
+        .await
+        .with_context(|| format!("provisioning the task on the shuffler at {url}"))?
+        .into_inner()
+        .created)
+}
+
+fn created(c: bool) -> &'static str {
+    if c { "created" } else { "already present" }
 }
 
 fn read_task(path: &PathBuf) -> anyhow::Result<TaskConfig> {
@@ -110,25 +140,12 @@ pub(crate) async fn run(cmd: TaskCommand, tls: Option<&ClientTlsConfig>) -> anyh
             let task = read_task(&a.config)?;
             if let Some(url) = a.shuffler {
                 let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
-                let created = client::admin(&url, &token, tls)?
-                    .create_task(pb::CreateTaskRequest {
-                        task: Some((&task).into()),
-                        vdaf_verify_key: Default::default(),
-                        role: "shuffler".into(),
-                    })
-                    .await
-                    .with_context(|| format!("provisioning the task on the shuffler at {url}"))?
-                    .into_inner()
-                    .created;
+                let c = create_on_shuffler(tls, &url, &token, &task).await?;
                 println!(
                     "task {} ({}) {} on the shuffler",
                     task.id(),
                     task.tenant(),
-                    if created {
-                        "created"
-                    } else {
-                        "already present"
-                    }
+                    created(c)
                 );
                 return Ok(());
             }
@@ -146,9 +163,22 @@ pub(crate) async fn run(cmd: TaskCommand, tls: Option<&ClientTlsConfig>) -> anyh
                         "task {} ({}) {} on the leader, {} on the helper",
                         task.id(),
                         task.tenant(),
-                        if cl { "created" } else { "already present" },
-                        if ch { "created" } else { "already present" }
+                        created(cl),
+                        created(ch)
                     );
+                    if !a.route.is_empty() {
+                        let token = hush_server::auth::admin_token_from_env(
+                            "HUSH_SHUFFLER_ADMIN_TOKEN",
+                            hush_server::auth::DEFAULT_ADMIN_TOKEN_ENV,
+                        )
+                        .map_err(anyhow::Error::msg)?;
+                        // From the last hop back: a shuffler forwards only to a hop that has
+                        // the task already.
+                        for url in a.route.iter().rev() {
+                            let c = create_on_shuffler(tls, url, &token, &task).await?;
+                            println!("  {} on the shuffler at {url}", created(c));
+                        }
+                    }
                 }
                 (None, None, Some(url), Some(role)) => {
                     let key = verify_key_from_env()?;

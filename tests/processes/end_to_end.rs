@@ -12,15 +12,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hush_aggregator::AggregatorConfig;
 use hush_client::{Endpoints, HushClient, KeySource, RuntimeConfig, fetch_key_set};
-use hush_protocol::{
-    Clock, Codec, Epsilon, HpkeKeypair, MeasurementKind, SystemClock, TaskConfig, VerifyKey,
-};
+use hush_protocol::{Clock, Codec, Epsilon, HpkeKeypair, MeasurementKind, SystemClock, TaskConfig};
 use hush_shuffler::ShufflerConfig;
-use hush_tests::cluster::{
-    ADMIN_TOKEN, client_task, provision, rejections, set_tenant_token, stats, submit,
-};
+use hush_tests::cluster::{ADMIN_TOKEN, client_task, rejections, set_tenant_token, stats, submit};
 use hush_tests::http::request;
-use hush_tests::mixnet::{Mix, provision_shuffler, shuffler_config_text};
+use hush_tests::mixnet::{Mix, shuffler_config_text};
 use hush_tests::process::{HushProcess, insecure_aggregator};
 use hush_tests::task_params;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -137,14 +133,33 @@ async fn hundreds_of_clients_through_the_real_binaries_are_counted_exactly_withi
     let errors = task(MeasurementKind::Counter, &collector);
     let mut files = Vec::new();
     for t in [&latency, &errors] {
-        provision(&leader.url(), &helper.url(), t, &VerifyKey::random()).await;
-        provision_shuffler(&a.url(), t).await;
-        provision_shuffler(&b.url(), t).await;
         let name = format!("task-{}.toml", t.id());
-        files.push(format!(
-            "\"{}\"",
-            write(dir, &name, &toml::to_string(t.params()).unwrap())
-        ));
+        let file = write(dir, &name, &toml::to_string(t.params()).unwrap());
+        // One command provisions the leader, the helper and every shuffler of the route.
+        let out = std::process::Command::new(hush_bin())
+            .args(["task", "create", "--config", &file])
+            .args(["--leader", &leader.url(), "--helper", &helper.url()])
+            .args(["--route", &a.url(), &b.url()])
+            .env_remove("HUSH_CA")
+            .env_remove("HUSH_ADMIN_TOKEN")
+            .env_remove("HUSH_VDAF_VERIFY_KEY")
+            .env("HUSH_LEADER_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("HUSH_HELPER_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("HUSH_SHUFFLER_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("created on the leader, created on the helper")
+                && stdout.matches("created on the shuffler at").count() == 2,
+            "{stdout}"
+        );
+        files.push(format!("\"{file}\""));
     }
     set_tenant_token(&leader.url(), &helper.url(), "acme", TENANT_TOKEN).await;
     let results_config = write(
