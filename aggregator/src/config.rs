@@ -235,11 +235,8 @@ impl AggregatorConfig {
         let mut c = Self::from_toml(&text)
             .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        c.data_dir =
-            hush_server::tls::resolve_data_dir(base, &c.data_dir).map_err(Error::config)?;
-        if let Some(t) = &mut c.tls {
-            t.resolve_against(base);
-        }
+        hush_server::tls::resolve_server_paths(base, &mut c.data_dir, c.tls.as_mut())
+            .map_err(Error::config)?;
         Ok(c)
     }
 

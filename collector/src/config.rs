@@ -217,11 +217,8 @@ impl ResultsConfig {
         for f in &mut c.task_files {
             *f = hush_server::tls::resolve_path(base, f);
         }
-        c.data_dir =
-            hush_server::tls::resolve_data_dir(base, &c.data_dir).map_err(Error::config)?;
-        if let Some(t) = &mut c.tls {
-            t.resolve_against(base);
-        }
+        hush_server::tls::resolve_server_paths(base, &mut c.data_dir, c.tls.as_mut())
+            .map_err(Error::config)?;
         Ok(c)
     }
 

@@ -155,6 +155,20 @@ pub fn resolve_data_dir(base: &std::path::Path, p: &std::path::Path) -> Result<P
     Ok(resolved)
 }
 
+/// Resolves a server config's paths against `base`, its file's folder: `data_dir`
+/// ([`resolve_data_dir`]) and the `[tls]` files.
+pub fn resolve_server_paths(
+    base: &std::path::Path,
+    data_dir: &mut PathBuf,
+    tls: Option<&mut TlsFiles>,
+) -> Result<(), String> {
+    *data_dir = resolve_data_dir(base, data_dir)?;
+    if let Some(t) = tls {
+        t.resolve_against(base);
+    }
+    Ok(())
+}
+
 /// Reads the files of a `[tls]` section, if there is one.
 pub fn read_tls(files: Option<&TlsFiles>) -> Result<Option<TlsMaterial>, TlsError> {
     files.map(|f| f.read_with(|p| std::fs::read(p))).transpose()
