@@ -207,60 +207,83 @@ fn print_windows(conn: &Conn, ws: &[WindowJson]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every page of a list: `page(token)` answers one page's items and the next token (empty on
+/// the last page).
+async fn every_page<T, F, Fut>(mut page: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
 /// Runs one query.
 pub(crate) async fn run(q: Query, tls: Option<&ClientTlsConfig>) -> anyhow::Result<()> {
     const READ: &str = "HUSH_RESULTS_READ_TOKEN";
     match q {
         Query::Windows(a) => {
-            let mut c = client(&a.conn, tls, READ, "results read token")?;
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = c
-                    .list_windows(pb::ListWindowsRequest {
-                        task_id: a.task.as_bytes().to_vec().into(),
-                        from: a.range.from.unwrap_or(0),
-                        to: a.range.to.unwrap_or(0),
-                        page_size: 0,
-                        page_token: token,
-                    })
-                    .await
-                    .context("listing windows")?
-                    .into_inner();
-                all.extend(page.windows.iter().map(WindowJson::from));
-                if page.next_page_token.is_empty() {
-                    break;
+            let c = client(&a.conn, tls, READ, "results read token")?;
+            let all = every_page(|page_token| {
+                let mut c = c.clone();
+                let req = pb::ListWindowsRequest {
+                    task_id: a.task.as_bytes().to_vec().into(),
+                    from: a.range.from.unwrap_or(0),
+                    to: a.range.to.unwrap_or(0),
+                    page_size: 0,
+                    page_token,
+                };
+                async move {
+                    let p = c
+                        .list_windows(req)
+                        .await
+                        .context("listing windows")?
+                        .into_inner();
+                    Ok((
+                        p.windows.iter().map(WindowJson::from).collect(),
+                        p.next_page_token,
+                    ))
                 }
-                token = page.next_page_token;
-            }
+            })
+            .await?;
             print_windows(&a.conn, &all)
         }
         Query::Alerts(a) => {
-            let mut c = client(&a.conn, tls, READ, "results read token")?;
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = c
-                    .list_alerts(pb::ListAlertsRequest {
-                        task_id: a
-                            .task
-                            .map(|t| t.as_bytes().to_vec())
-                            .unwrap_or_default()
-                            .into(),
-                        from: a.range.from.unwrap_or(0),
-                        to: a.range.to.unwrap_or(0),
-                        page_size: 0,
-                        page_token: token,
-                    })
-                    .await
-                    .context("listing alerts")?
-                    .into_inner();
-                all.extend(page.alerts.iter().map(AlertJson::from));
-                if page.next_page_token.is_empty() {
-                    break;
+            let c = client(&a.conn, tls, READ, "results read token")?;
+            let all = every_page(|page_token| {
+                let mut c = c.clone();
+                let req = pb::ListAlertsRequest {
+                    task_id: a
+                        .task
+                        .map(|t| t.as_bytes().to_vec())
+                        .unwrap_or_default()
+                        .into(),
+                    from: a.range.from.unwrap_or(0),
+                    to: a.range.to.unwrap_or(0),
+                    page_size: 0,
+                    page_token,
+                };
+                async move {
+                    let p = c
+                        .list_alerts(req)
+                        .await
+                        .context("listing alerts")?
+                        .into_inner();
+                    Ok((
+                        p.alerts.iter().map(AlertJson::from).collect(),
+                        p.next_page_token,
+                    ))
                 }
-                token = page.next_page_token;
-            }
+            })
+            .await?;
             if a.conn.json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else if a.conn.csv {

@@ -216,13 +216,20 @@ impl ClientConfig {
     /// Reads and checks every metric's task (not the CA): what [`HushClient::from_config`]
     /// would refuse, before starting anything.
     pub fn check(&self) -> Result<(), ConfigError> {
-        for m in &self.latency {
-            self.task(&format!("latency {} {}", m.service, m.operation), &m.source)?;
-        }
-        for m in &self.counter {
-            self.task(&format!("counter {}", m.name), &m.source)?;
-        }
-        Ok(())
+        self.tasks().map(|_| ())
+    }
+
+    /// Every metric's task, latency metrics first, read and checked.
+    pub fn tasks(&self) -> Result<Vec<TaskConfig>, ConfigError> {
+        let latency = self
+            .latency
+            .iter()
+            .map(|m| self.task(&format!("latency {} {}", m.service, m.operation), &m.source));
+        let counters = self
+            .counter
+            .iter()
+            .map(|m| self.task(&format!("counter {}", m.name), &m.source));
+        latency.chain(counters).collect()
     }
 
     fn resolve(&self, p: &Path) -> PathBuf {

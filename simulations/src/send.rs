@@ -16,6 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::cluster::shutdown_clients;
+use crate::demo::latency;
 use crate::load::parse_duration;
 
 /// Simulated service instances reporting into a running cluster.
@@ -100,12 +101,6 @@ fn client_config(a: &SendArgs, ca: Option<PathBuf>) -> anyhow::Result<ClientConf
     Ok(c)
 }
 
-fn latency(rng: &mut StdRng, median_ms: f64) -> Duration {
-    use rand_distr::{Distribution, LogNormal};
-    let ms = LogNormal::new(median_ms.ln(), 0.45).map_or(median_ms, |d| d.sample(rng));
-    Duration::from_secs_f64(ms / 1_000.0)
-}
-
 /// Runs `hush send`; fails if a report was refused or could not be uploaded.
 pub async fn run(a: SendArgs, ca: Option<PathBuf>) -> anyhow::Result<()> {
     let config = client_config(&a, ca)?;
@@ -113,19 +108,9 @@ pub async fn run(a: SendArgs, ca: Option<PathBuf>) -> anyhow::Result<()> {
         bail!("no task to report into: give --task files (or a --config with metrics)");
     }
     let window_s = config
-        .latency
+        .tasks()?
         .iter()
-        .map(|m| &m.source)
-        .chain(config.counter.iter().map(|m| &m.source))
-        .filter_map(|s| s.task_file.as_ref())
-        .filter_map(|f| {
-            let path = match &config.base_dir {
-                Some(b) if f.is_relative() => b.join(f),
-                _ => f.clone(),
-            };
-            let p: TaskParams = toml::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-            Some(p.time_precision_s)
-        })
+        .map(|t| t.time_precision_s())
         .min()
         .unwrap_or(60)
         .max(1);

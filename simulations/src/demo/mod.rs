@@ -159,7 +159,7 @@ fn task(
 }
 
 /// A log-normal latency around `median_ms` (log standard deviation 0.45).
-fn latency(rng: &mut StdRng, median_ms: f64) -> Duration {
+pub(crate) fn latency(rng: &mut StdRng, median_ms: f64) -> Duration {
     let ms = LogNormal::new(median_ms.ln(), 0.45).map_or(median_ms, |d| d.sample(rng));
     Duration::from_secs_f64(ms / 1_000.0)
 }
