@@ -58,7 +58,7 @@ pub(crate) struct Range {
 #[derive(Debug, clap::Args)]
 pub(crate) struct WindowsArgs {
     /// The task id (base64url, as `hush task create` printed it).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     task: TaskId,
     #[command(flatten)]
     range: Range,
@@ -70,7 +70,7 @@ pub(crate) struct WindowsArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct AlertsArgs {
     /// The task id; every task's alerts without it.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     task: Option<TaskId>,
     #[command(flatten)]
     range: Range,
@@ -82,7 +82,7 @@ pub(crate) struct AlertsArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct BudgetArgs {
     /// The task id.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     task: TaskId,
     /// An aligned interval; without it, the newest released window.
     #[command(flatten)]
@@ -95,7 +95,7 @@ pub(crate) struct BudgetArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct CollectArgs {
     /// The task id.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     task: TaskId,
     #[command(flatten)]
     range: Range,

@@ -1,5 +1,6 @@
 //! `hush keygen`, `hush keys rotate`, `hush tenant set-token`.
 
+use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hush_aggregator::client;
@@ -90,12 +91,17 @@ pub(crate) async fn run(cmd: KeysCommand, tls: Option<&ClientTlsConfig>) -> anyh
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum TenantCommand {
-    /// Set a tenant's collector bearer token (the token from HUSH_TENANT_TOKEN, the admin token
-    /// from HUSH_ADMIN_TOKEN). Only its SHA-256 hash is stored.
+    /// Set a tenant's collector bearer token (the token from HUSH_TENANT_TOKEN) at the leader,
+    /// the aggregator that serves collections: --leader takes the admin token from
+    /// HUSH_LEADER_ADMIN_TOKEN, else HUSH_ADMIN_TOKEN; --aggregator from HUSH_ADMIN_TOKEN. Only
+    /// its SHA-256 hash is stored.
     SetToken {
-        /// The aggregator's gRPC URL.
+        /// An aggregator's gRPC URL.
+        #[arg(long, required_unless_present = "leader", conflicts_with = "leader")]
+        aggregator: Option<String>,
+        /// The leader's gRPC URL.
         #[arg(long)]
-        aggregator: String,
+        leader: Option<String>,
         /// The tenant.
         #[arg(long)]
         tenant: String,
@@ -107,16 +113,31 @@ pub(crate) async fn run_tenant(
     tls: Option<&ClientTlsConfig>,
 ) -> anyhow::Result<()> {
     match cmd {
-        TenantCommand::SetToken { aggregator, tenant } => {
-            let admin_token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
+        TenantCommand::SetToken {
+            aggregator,
+            leader,
+            tenant,
+        } => {
             let token = env_secret("HUSH_TENANT_TOKEN", "tenant's collector token")?;
-            client::admin(&aggregator, &admin_token, tls)?
-                .set_tenant_token(pb::SetTenantTokenRequest {
-                    tenant: tenant.clone(),
-                    token,
-                })
-                .await?;
-            println!("set the collector token of tenant {tenant}");
+            let targets = [
+                (aggregator, "the aggregator", None),
+                (leader, "the leader", Some("HUSH_LEADER_ADMIN_TOKEN")),
+            ];
+            for (url, what, role_var) in targets {
+                let Some(url) = url else { continue };
+                let admin_token = match role_var {
+                    Some(var) => super::task::role_token(var)?,
+                    None => env_secret("HUSH_ADMIN_TOKEN", "admin token")?,
+                };
+                client::admin(&url, &admin_token, tls)?
+                    .set_tenant_token(pb::SetTenantTokenRequest {
+                        tenant: tenant.clone(),
+                        token: token.clone(),
+                    })
+                    .await
+                    .with_context(|| format!("setting the token at {what} ({url})"))?;
+                println!("set the collector token of tenant {tenant} at {what}");
+            }
         }
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! `hush`: the front door to every hush role and tool. One file per command, each thin over
 //! the libraries: `aggregator` (hush-aggregator), `shuffler` (hush-shuffler), `results`
-//! (hush-collector), `task`, `keys`, `tenant`, `keygen`, `certs`, `audit`; the demo, load,
+//! (hush-collector), `task`, `keys`, `tenant`, `keygen`, `certs`, `init`, `audit`; the demo, load,
 //! chaos, soak and simulation commands run hush-sim's in-process cluster.
 
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ mod aggregator;
 mod analyst;
 mod audit;
 mod certs;
+mod init;
 mod keys;
 mod results;
 mod shuffler;
@@ -88,6 +89,9 @@ enum Command {
     Tenant(keys::TenantCommand),
     /// Make a development CA and a certificate per component for mutual TLS.
     Certs(certs::CertsArgs),
+    /// Write a whole cluster's configs, certificates, tokens, task files and keys for one
+    /// operator (a trial) or two operators with their own CAs and a tenant.
+    Init(init::InitArgs),
     /// Verify or show an aggregator's hash-chained audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -142,6 +146,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .map_err(|e| tool_hint(e, has_ca)),
         Command::Certs(c) => certs::run(c),
+        Command::Init(i) => init::run(i),
         Command::Audit(a) => audit::run(a),
     }
 }
@@ -202,6 +207,39 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("hush: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Cli;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// A base64url task id may begin with '-': it is still the value of --task.
+    #[test]
+    fn a_task_id_that_begins_with_a_hyphen_is_a_value() {
+        let id = "-qBHlIcOTYpjNUL3hsBmX6dTqF1LVJvMJ0t8mvDCxJQ";
+        for args in [
+            &["hush", "results", "windows", "--task", id][..],
+            &["hush", "results", "alerts", "--task", id],
+            &[
+                "hush",
+                "task",
+                "stats",
+                "--aggregator",
+                "https://x:1",
+                "--task",
+                id,
+            ],
+        ] {
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }
     }
 }

@@ -14,17 +14,19 @@ use super::env_secret;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum TaskCommand {
-    /// Provision a task from a TOML file.
+    /// Provision tasks from TOML files.
     ///
     /// With --leader and --helper, provisions both aggregators with a fresh shared verification
-    /// key (admin tokens from HUSH_LEADER_ADMIN_TOKEN and HUSH_HELPER_ADMIN_TOKEN). With
-    /// --route, also every shuffler of the task's route, after both aggregators and from the
-    /// last shuffler back, so no hop accepts packets its next hop would refuse (admin token
-    /// from HUSH_SHUFFLER_ADMIN_TOKEN, else HUSH_ADMIN_TOKEN). With
-    /// --aggregator and --role, provisions one side only, as each of two operators does: the
-    /// task file must then fix task_id, and both operators set the same verification key in
-    /// HUSH_VDAF_VERIFY_KEY (base64url, 32 bytes; admin token from HUSH_ADMIN_TOKEN). With
-    /// --shuffler, provisions a shuffler (which learns only the public config).
+    /// key per task, or the one in HUSH_VDAF_VERIFY_KEY (admin tokens from
+    /// HUSH_LEADER_ADMIN_TOKEN and HUSH_HELPER_ADMIN_TOKEN). With --route, also every shuffler
+    /// of the task's route, after both aggregators and from the last shuffler back, so no hop
+    /// accepts packets its next hop would refuse (admin token from HUSH_SHUFFLER_ADMIN_TOKEN,
+    /// else HUSH_ADMIN_TOKEN). With --aggregator and --role, provisions one side only, as each
+    /// of two operators does: the task file must then fix task_id, and both operators set the
+    /// same verification key in HUSH_VDAF_VERIFY_KEY (base64url, 32 bytes; admin token from
+    /// HUSH_LEADER_ADMIN_TOKEN or HUSH_HELPER_ADMIN_TOKEN by --role, else HUSH_ADMIN_TOKEN).
+    /// With --shuffler, provisions a shuffler, which learns only the public config (admin token
+    /// from HUSH_SHUFFLER_ADMIN_TOKEN, else HUSH_ADMIN_TOKEN).
     Create(CreateArgs),
     /// List an aggregator's tasks (admin token from HUSH_ADMIN_TOKEN).
     List {
@@ -41,7 +43,7 @@ pub(crate) enum TaskCommand {
         #[arg(long)]
         aggregator: String,
         /// The task id; omit for reports whose task was unknown or undecodable.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         task: Option<TaskId>,
     },
     /// Print a fresh random verification key for two operators to share.
@@ -50,9 +52,9 @@ pub(crate) enum TaskCommand {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct CreateArgs {
-    /// The task file (TOML; see docs/operators.md).
-    #[arg(long, value_parser = super::existing_file)]
-    config: PathBuf,
+    /// The task files (TOML; see docs/operators.md), comma- or space-separated.
+    #[arg(long, required = true, value_delimiter = ',', num_args = 1.., value_parser = super::existing_file)]
+    config: Vec<PathBuf>,
     /// The leader's gRPC URL.
     #[arg(long, requires = "helper", conflicts_with = "aggregator")]
     leader: Option<String>,
@@ -65,8 +67,7 @@ pub(crate) struct CreateArgs {
     /// That aggregator's role in the task.
     #[arg(long, value_parser = |s: &str| s.parse::<Role>())]
     role: Option<Role>,
-    /// A shuffler's gRPC URL: provisions the task's public config there (no verification key;
-    /// admin token from HUSH_ADMIN_TOKEN).
+    /// A shuffler's gRPC URL: provisions the task's public config there (no verification key).
     #[arg(long, conflicts_with_all = ["leader", "helper", "aggregator", "role"])]
     shuffler: Option<String>,
     /// With --leader and --helper: the route's shufflers, first to last (comma- or
@@ -134,66 +135,86 @@ async fn create_on(
     Ok(resp.into_inner().created)
 }
 
+/// Provisions one task as `a` says.
+async fn create(
+    a: &CreateArgs,
+    task: &TaskConfig,
+    tls: Option<&ClientTlsConfig>,
+) -> anyhow::Result<()> {
+    if let Some(url) = &a.shuffler {
+        let token = role_token("HUSH_SHUFFLER_ADMIN_TOKEN")?;
+        let c = create_on_shuffler(tls, url, &token, task).await?;
+        println!(
+            "task {} ({}) {} on the shuffler",
+            task.id(),
+            task.tenant(),
+            created(c)
+        );
+        return Ok(());
+    }
+    match (&a.leader, &a.helper, &a.aggregator, a.role) {
+        (Some(l), Some(h), None, _) => {
+            let key = match std::env::var("HUSH_VDAF_VERIFY_KEY") {
+                Ok(_) => verify_key_from_env()?,
+                Err(_) => VerifyKey::random(),
+            };
+            let lt = env_secret("HUSH_LEADER_ADMIN_TOKEN", "leader's admin token")?;
+            let ht = env_secret("HUSH_HELPER_ADMIN_TOKEN", "helper's admin token")?;
+            let cl = create_on(tls, l, &lt, task, Role::Leader, &key).await?;
+            let ch = create_on(tls, h, &ht, task, Role::Helper, &key).await?;
+            println!(
+                "task {} ({}) {} on the leader, {} on the helper",
+                task.id(),
+                task.tenant(),
+                created(cl),
+                created(ch)
+            );
+            if !a.route.is_empty() {
+                let token = role_token("HUSH_SHUFFLER_ADMIN_TOKEN")?;
+                // From the last hop back: a shuffler forwards only to a hop that has
+                // the task already.
+                for url in a.route.iter().rev() {
+                    let c = create_on_shuffler(tls, url, &token, task).await?;
+                    println!("  {} on the shuffler at {url}", created(c));
+                }
+            }
+        }
+        (None, None, Some(url), Some(role)) => {
+            let key = verify_key_from_env()?;
+            let token = role_token(match role {
+                Role::Leader => "HUSH_LEADER_ADMIN_TOKEN",
+                _ => "HUSH_HELPER_ADMIN_TOKEN",
+            })?;
+            let c = create_on(tls, url, &token, task, role, &key).await?;
+            println!(
+                "task {} ({}) {} on the {role}",
+                task.id(),
+                task.tenant(),
+                if c { "created" } else { "already present" }
+            );
+        }
+        _ => anyhow::bail!("give --leader and --helper, or --aggregator and --role, or --shuffler"),
+    }
+    Ok(())
+}
+
+/// An admin token from `role_var`, else HUSH_ADMIN_TOKEN (as the servers read theirs).
+pub(crate) fn role_token(role_var: &str) -> anyhow::Result<String> {
+    hush_server::auth::admin_token_from_env(role_var, hush_server::auth::DEFAULT_ADMIN_TOKEN_ENV)
+        .map_err(anyhow::Error::msg)
+}
+
 pub(crate) async fn run(cmd: TaskCommand, tls: Option<&ClientTlsConfig>) -> anyhow::Result<()> {
     match cmd {
         TaskCommand::Create(a) => {
-            let task = read_task(&a.config)?;
-            if let Some(url) = a.shuffler {
-                let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
-                let c = create_on_shuffler(tls, &url, &token, &task).await?;
-                println!(
-                    "task {} ({}) {} on the shuffler",
-                    task.id(),
-                    task.tenant(),
-                    created(c)
-                );
-                return Ok(());
-            }
-            match (a.leader, a.helper, a.aggregator, a.role) {
-                (Some(l), Some(h), None, _) => {
-                    let key = match std::env::var("HUSH_VDAF_VERIFY_KEY") {
-                        Ok(_) => verify_key_from_env()?,
-                        Err(_) => VerifyKey::random(),
-                    };
-                    let lt = env_secret("HUSH_LEADER_ADMIN_TOKEN", "leader's admin token")?;
-                    let ht = env_secret("HUSH_HELPER_ADMIN_TOKEN", "helper's admin token")?;
-                    let cl = create_on(tls, &l, &lt, &task, Role::Leader, &key).await?;
-                    let ch = create_on(tls, &h, &ht, &task, Role::Helper, &key).await?;
-                    println!(
-                        "task {} ({}) {} on the leader, {} on the helper",
-                        task.id(),
-                        task.tenant(),
-                        created(cl),
-                        created(ch)
-                    );
-                    if !a.route.is_empty() {
-                        let token = hush_server::auth::admin_token_from_env(
-                            "HUSH_SHUFFLER_ADMIN_TOKEN",
-                            hush_server::auth::DEFAULT_ADMIN_TOKEN_ENV,
-                        )
-                        .map_err(anyhow::Error::msg)?;
-                        // From the last hop back: a shuffler forwards only to a hop that has
-                        // the task already.
-                        for url in a.route.iter().rev() {
-                            let c = create_on_shuffler(tls, url, &token, &task).await?;
-                            println!("  {} on the shuffler at {url}", created(c));
-                        }
-                    }
-                }
-                (None, None, Some(url), Some(role)) => {
-                    let key = verify_key_from_env()?;
-                    let token = env_secret("HUSH_ADMIN_TOKEN", "admin token")?;
-                    let c = create_on(tls, &url, &token, &task, role, &key).await?;
-                    println!(
-                        "task {} ({}) {} on the {role}",
-                        task.id(),
-                        task.tenant(),
-                        if c { "created" } else { "already present" }
-                    );
-                }
-                _ => anyhow::bail!(
-                    "give --leader and --helper, or --aggregator and --role, or --shuffler"
-                ),
+            // Every file is read and checked before anything is provisioned.
+            let tasks = a
+                .config
+                .iter()
+                .map(read_task)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for task in &tasks {
+                create(&a, task, tls).await?;
             }
         }
         TaskCommand::List { aggregator, tenant } => {

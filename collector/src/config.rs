@@ -23,6 +23,11 @@ pub struct ResultsConfig {
     pub data_dir: PathBuf,
     /// The leader's gRPC URL.
     pub leader_url: String,
+    /// The CA certificate(s) that alone may sign the leader's certificate, for collections and
+    /// the leader's HPKE configs. Without it any CA of `[tls] ca` may, so an operator whose CA
+    /// is in that bundle could answer for the leader (docs/threat-model.md).
+    #[serde(default)]
+    pub leader_ca: Option<PathBuf>,
     /// Task files (TOML, as given to `hush task create`) of the tasks to collect. Relative
     /// paths are relative to the config file.
     pub task_files: Vec<PathBuf>,
@@ -91,6 +96,9 @@ pub struct CascadeConfig {
     pub leader_name: String,
     /// The helper's gRPC URL, for its HPKE configs.
     pub helper_url: String,
+    /// The CA certificate(s) that alone may sign the helper's certificate (as `leader_ca`).
+    #[serde(default)]
+    pub helper_ca: Option<PathBuf>,
     /// Length of a key epoch, in seconds: every client of the tenant gets the same key set for
     /// a whole epoch. Parties should keep a retired key at least two epochs plus the clients'
     /// refresh interval (their `key_grace_period_s`, a day by default, does; nothing checks it
@@ -114,6 +122,9 @@ pub struct ShufflerHop {
     pub name: String,
     /// Its gRPC URL, for its HPKE configs.
     pub url: String,
+    /// The CA certificate(s) that alone may sign its certificate (as `leader_ca`).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     /// Its `[mix] max_wait_ms`: the longest a packet waits there in a batch that reached
     /// `min_batch_size`.
     #[serde(default = "defaults::max_wait_ms")]
@@ -217,6 +228,18 @@ impl ResultsConfig {
         for f in &mut c.task_files {
             *f = hush_server::tls::resolve_path(base, f);
         }
+        let cascade = c.cascade.as_mut();
+        let pins = c
+            .leader_ca
+            .iter_mut()
+            .chain(cascade.into_iter().flat_map(|k| {
+                k.helper_ca
+                    .iter_mut()
+                    .chain(k.shufflers.iter_mut().filter_map(|h| h.ca.as_mut()))
+            }));
+        for f in pins {
+            *f = hush_server::tls::resolve_path(base, f);
+        }
         hush_server::tls::resolve_server_paths(base, &mut c.data_dir, c.tls.as_mut())
             .map_err(Error::config)?;
         Ok(c)
@@ -233,6 +256,13 @@ impl ResultsConfig {
             .map_err(|e| Error::config(e.to_string()))?;
         if c.task_files.is_empty() {
             return Err(Error::config("task_files lists no task".into()));
+        }
+        if c.tls.is_none() && c.pinned_cas().next().is_some() {
+            return Err(Error::config(
+                "leader_ca, helper_ca and a shuffler's ca pin a party's certificate to a CA: \
+                 they need a [tls] section"
+                    .into(),
+            ));
         }
         if c.poll_interval_ms == 0 {
             return Err(Error::config("poll_interval_ms must be positive".into()));
@@ -268,6 +298,26 @@ impl ResultsConfig {
             }
         }
         Ok(c)
+    }
+
+    /// Every pinned CA file (`leader_ca`, `[cascade] helper_ca`, each shuffler's `ca`).
+    pub fn pinned_cas(&self) -> impl Iterator<Item = &PathBuf> {
+        self.leader_ca
+            .iter()
+            .chain(self.cascade.iter().flat_map(|k| {
+                k.helper_ca
+                    .iter()
+                    .chain(k.shufflers.iter().filter_map(|h| h.ca.as_ref()))
+            }))
+    }
+
+    /// Whether each party the service connects to has its CA pinned.
+    pub fn every_party_pinned(&self) -> bool {
+        self.leader_ca.is_some()
+            && self
+                .cascade
+                .as_ref()
+                .is_none_or(|k| k.helper_ca.is_some() && k.shufflers.iter().all(|h| h.ca.is_some()))
     }
 
     /// The collection delay in force: the configured one, else what the cascade needs, else

@@ -29,12 +29,22 @@ use crate::store::ResultsStore;
 /// How long after a failed fetch the directory tries again.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// The client side of the link to each party: the `[tls]` identity, trusting the party's
+/// pinned CA if the config names one, else the whole `[tls] ca` bundle; `None` without TLS.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PartyTls {
+    pub(crate) leader: Option<ClientTlsConfig>,
+    pub(crate) helper: Option<ClientTlsConfig>,
+    /// In route order.
+    pub(crate) shufflers: Vec<Option<ClientTlsConfig>>,
+}
+
 /// The directory's state.
 #[derive(Debug)]
 pub(crate) struct Directory {
     cascade: CascadeConfig,
     leader_url: String,
-    tls: Option<ClientTlsConfig>,
+    tls: PartyTls,
     store: ResultsStore,
     current: RwLock<Option<KeySet>>,
     last_failure: RwLock<Option<Instant>>,
@@ -45,7 +55,7 @@ impl Directory {
     pub(crate) fn new(
         cascade: CascadeConfig,
         leader_url: String,
-        tls: Option<ClientTlsConfig>,
+        tls: PartyTls,
         store: ResultsStore,
     ) -> Result<Self> {
         let current = store.key_set()?;
@@ -105,8 +115,13 @@ impl Directory {
         }
     }
 
-    async fn config_of(&self, url: &str, who: &str) -> Result<HpkeConfig> {
-        let channel = hush_protocol::link::channel(url, self.tls.as_ref(), "URL")
+    async fn config_of(
+        &self,
+        url: &str,
+        who: &str,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<HpkeConfig> {
+        let channel = hush_protocol::link::channel(url, tls, "URL")
             .map_err(|e| Error::config(e.to_string()))?;
         let list = HpkeKeysClient::new(channel)
             .get_hpke_configs(pb::GetHpkeConfigsRequest {})
@@ -123,10 +138,11 @@ impl Directory {
 
     async fn fetch(&self, epoch: u64, epoch_start: Time) -> Result<KeySet> {
         let mut shufflers = Vec::with_capacity(self.cascade.shufflers.len());
-        for h in &self.cascade.shufflers {
+        for (i, h) in self.cascade.shufflers.iter().enumerate() {
+            let tls = self.tls.shufflers.get(i).and_then(Option::as_ref);
             shufflers.push((
                 h.name.clone(),
-                self.config_of(&h.url, &format!("shuffler {:?}", h.name))
+                self.config_of(&h.url, &format!("shuffler {:?}", h.name), tls)
                     .await?,
             ));
         }
@@ -137,10 +153,15 @@ impl Directory {
             shufflers,
             leader: (
                 self.cascade.leader_name.clone(),
-                self.config_of(&self.leader_url, "the leader").await?,
+                self.config_of(&self.leader_url, "the leader", self.tls.leader.as_ref())
+                    .await?,
             ),
             helper: self
-                .config_of(&self.cascade.helper_url, "the helper")
+                .config_of(
+                    &self.cascade.helper_url,
+                    "the helper",
+                    self.tls.helper.as_ref(),
+                )
                 .await?,
         };
         set.route()

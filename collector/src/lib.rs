@@ -36,6 +36,7 @@ mod store;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,6 +153,28 @@ pub struct Shared {
     directory: Option<directory::Directory>,
     /// Health as the gRPC health protocol and `/readyz` report it.
     probes: hush_server::probe::Probes,
+}
+
+/// The client side of a link to a party: the `[tls]` identity trusting only the CA file `ca`
+/// when one is pinned (`what` names the setting), the whole bundle otherwise; `None` without
+/// TLS.
+fn party_tls(
+    material: Option<&hush_server::tls::TlsMaterial>,
+    ca: Option<&PathBuf>,
+    what: &str,
+) -> Result<Option<ClientTlsConfig>> {
+    let Some(m) = material else {
+        return Ok(None);
+    };
+    let Some(path) = ca else {
+        return Ok(Some(m.client()));
+    };
+    let pem = std::fs::read(path)
+        .map_err(|e| Error::config(format!("reading {what} {}: {e}", path.display())))?;
+    let pinned = m
+        .with_ca(pem)
+        .map_err(|e| Error::config(format!("{what} {}: {e}", path.display())))?;
+    Ok(Some(pinned.client()))
 }
 
 /// What a refusal of the leader means for a collection: for good, or worth another try.
@@ -691,12 +714,41 @@ impl ResultsService {
             .await
             .map_err(|e| Error::config(format!("cannot listen on {}: {e}", config.listen_http)))?;
         let (grpc, http) = (grpc_l.local_addr()?, http_l.local_addr()?);
-        let tls = material.as_ref().map(|m| m.client());
+        let pin = |ca: Option<&PathBuf>, who: &str| party_tls(material.as_ref(), ca, who);
+        let party = directory::PartyTls {
+            leader: pin(config.leader_ca.as_ref(), "leader_ca")?,
+            helper: pin(
+                config.cascade.as_ref().and_then(|c| c.helper_ca.as_ref()),
+                "helper_ca",
+            )?,
+            shufflers: match &config.cascade {
+                Some(c) => c
+                    .shufflers
+                    .iter()
+                    .map(|h| pin(h.ca.as_ref(), &format!("the ca of shuffler {:?}", h.name)))
+                    .collect::<Result<_>>()?,
+                None => Vec::new(),
+            },
+        };
+        if let Some(m) = &material
+            && String::from_utf8_lossy(m.ca_pem())
+                .matches("BEGIN CERTIFICATE")
+                .count()
+                > 1
+            && !config.every_party_pinned()
+        {
+            tracing::warn!(
+                "[tls] ca holds several CAs and not every party's CA is pinned (leader_ca, \
+                 [cascade] helper_ca, each shuffler's ca): a party whose CA is in the bundle \
+                 could answer for another and have clients seal to its key (docs/threat-model.md)"
+            );
+        }
+        let tls = party.leader.clone();
         let directory = match &config.cascade {
             Some(c) => Some(directory::Directory::new(
                 c.clone(),
                 config.leader_url.clone(),
-                tls.clone(),
+                party,
                 store.clone(),
             )?),
             None => None,

@@ -218,6 +218,17 @@ impl TlsMaterial {
         &self.ca
     }
 
+    /// The same certificate and key, trusting only the CA certificates in `ca` (PEM): for a
+    /// link to a party whose certificate only its own operator's CA may sign.
+    pub fn with_ca(&self, ca: Vec<u8>) -> Result<Self, TlsError> {
+        check_pem(&ca, "ca", "CERTIFICATE")?;
+        Ok(Self {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca,
+        })
+    }
+
     /// The server side of every gRPC listener: present the certificate; verify a client
     /// certificate against the CAs when one is presented (whether a service needs one is
     /// [`RequirePeerCert`]'s decision); HTTP/2 by ALPN. Handshakes run in

@@ -18,19 +18,25 @@ pub const COMPONENTS: [&str; 6] = [
     "operator",
 ];
 
-/// Writes `contents` to `path`; keys are readable by the owner only.
-fn write(path: &Path, contents: &str, secret: bool, force: bool) -> anyhow::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true);
+/// Writes `contents` to a new file at `path`, refusing to replace an existing one unless
+/// `force` (which removes it first, so a replaced file never keeps an old file's mode or
+/// follows a symbolic link planted there); `secret` files (keys, tokens) are readable by the
+/// owner only, the rest by everyone.
+pub fn write(path: &Path, contents: &str, secret: bool, force: bool) -> anyhow::Result<()> {
     if force {
-        opts.create(true).truncate(true);
-    } else {
-        opts.create_new(true);
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("replacing {}", path.display()));
+            }
+            _ => {}
+        }
     }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
     #[cfg(unix)]
-    if secret {
+    {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+        opts.mode(if secret { 0o600 } else { 0o644 });
     }
     #[cfg(not(unix))]
     let _ = secret;

@@ -520,3 +520,148 @@ async fn reports_travel_the_whole_tls_cascade_and_are_aggregated() {
     }
     c.shutdown().await;
 }
+
+/// A results service (the tenant's key directory) whose `[tls] ca` trusts two operators' CAs.
+/// Operator B, whose CA is in that bundle, runs a leader impostor with a certificate of its own
+/// CA at the leader's address. Unpinned, the directory takes the impostor's key and would hand
+/// it to every client (who would then seal the leader's share to operator B, which also holds
+/// the helper's key: every report read). With `leader_ca` pinned to operator A's CA it refuses
+/// the impostor and serves no key set; pinned, it still serves the real leader's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_directory_pinned_to_each_partys_ca_refuses_an_impostor_from_the_other_operator() {
+    use hush_collector::{ResultsConfig, ResultsSecrets, ResultsService};
+    let clock: Arc<dyn Clock> = Arc::new(MockClock::new(Time::from_secs(1_800_000_000)));
+    let c = TlsCluster::start(clock.clone()).await;
+    let operator_b = DevCa::new("operator B's CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let both = format!("{}{}", c.ca.cert_pem(), operator_b.cert_pem());
+    let a_ca = d.join("operator-a-ca.pem");
+    std::fs::write(&a_ca, c.ca.cert_pem()).unwrap();
+    // The impostor: a real leader, with a certificate of operator B's CA named "leader".
+    let impostor_tls = tls_section(
+        d,
+        "impostor",
+        &operator_b,
+        &operator_b.issue("leader", &loopback_hosts()).unwrap(),
+    );
+    std::fs::write(d.join("ca.pem"), &both).unwrap();
+    let impostor = Aggregator::start(
+        Role::Leader,
+        AggregatorConfig::from_toml(&format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncache_mb = 16\n\
+             [peers]\nshufflers = [\"shuffler-b\"]\ncollectors = [\"directory\"]\n\
+             key_directories = [\"directory\"]\n\
+             [leader]\nhelper_url = \"https://{}\"\n{impostor_tls}",
+            d.join("impostor-data").display(),
+            c.helper.local_addr(),
+        ))
+        .unwrap(),
+        secrets(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    // The tenant's certificate comes from operator A; it trusts both operators.
+    let directory = tls_section(
+        d,
+        "directory",
+        &c.ca,
+        &c.ca.issue("directory", &loopback_hosts()).unwrap(),
+    );
+    std::fs::write(d.join("ca.pem"), &both).unwrap();
+    let collector = HpkeKeypair::generate(1);
+    let task = TaskConfig::new(task_params(MeasurementKind::Counter, &collector)).unwrap();
+    let task_file = d.join("task.toml");
+    std::fs::write(&task_file, toml::to_string(task.params()).unwrap()).unwrap();
+    let start = |leader: std::net::SocketAddr, leader_ca: Option<&Path>, n: usize| {
+        let pin = leader_ca
+            .map(|p| format!("leader_ca = {:?}\n", p.display().to_string()))
+            .unwrap_or_default();
+        let config = ResultsConfig::from_toml(&format!(
+            "tenant = \"acme\"\nlisten_grpc = \"127.0.0.1:0\"\nlisten_http = \"127.0.0.1:0\"\n\
+             data_dir = \"{}\"\nleader_url = \"https://{leader}\"\n{pin}task_files = [{:?}]\n\
+             {directory}\n\
+             [cascade]\nshufflers = [\
+             {{ name = \"shuffler-a\", url = \"https://{}\", max_wait_ms = 50 }}, \
+             {{ name = \"shuffler-b\", url = \"https://{}\", max_wait_ms = 50 }}]\n\
+             helper_url = \"https://{}\"\n",
+            d.join(format!("results-{n}")).display(),
+            task_file.display().to_string(),
+            c.first.local_addr(),
+            c.second.local_addr(),
+            c.helper.local_addr(),
+        ))
+        .unwrap();
+        let clock = clock.clone();
+        async move {
+            ResultsService::start(
+                config,
+                ResultsSecrets {
+                    tenant_token: "t".into(),
+                    collector_key: HpkeKeypair::generate(1),
+                    api_token: None,
+                    read_token: "r".into(),
+                },
+                clock,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // The key set a service's client gets, waiting up to `wait` for one.
+    let key_set = |svc: &ResultsService, wait: Duration| {
+        let url = format!("https://{}", svc.grpc_addr());
+        let ca = c.ca.cert_pem().as_bytes().to_vec();
+        async move {
+            let begun = std::time::Instant::now();
+            loop {
+                let got = hush_client::fetch_key_set(&url, Some(&ca), Duration::from_secs(5)).await;
+                if got.is_ok() || begun.elapsed() > wait {
+                    return got.ok();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let issued = c.ca.issue("directory", &loopback_hosts()).unwrap();
+    let trusting_both = server_auth_client(both.as_bytes())
+        .identity(Identity::from_pem(issued.cert_pem, issued.key_pem));
+    let key_of = |addr: std::net::SocketAddr| {
+        let tls = trusting_both.clone();
+        async move {
+            client::hpke_configs(&https(addr), Some(&tls))
+                .await
+                .unwrap()[0]
+                .clone()
+        }
+    };
+    let impostor_key = key_of(impostor.local_addr()).await;
+
+    // Unpinned: the impostor's key is what every client would seal the leader's share to.
+    let open = start(impostor.local_addr(), None, 0).await;
+    let set = key_set(&open, Duration::from_secs(20))
+        .await
+        .expect("a key set");
+    assert_eq!(set.leader.1, impostor_key);
+    open.shutdown().await.unwrap();
+
+    // Pinned to operator A's CA: the impostor's certificate is refused, no key set is served.
+    let pinned = start(impostor.local_addr(), Some(&a_ca), 1).await;
+    assert!(
+        key_set(&pinned, Duration::from_secs(3)).await.is_none(),
+        "a pinned directory served a key set from an impostor"
+    );
+    pinned.shutdown().await.unwrap();
+
+    // Pinned, against the real leader: its key is served.
+    let real = start(c.leader.local_addr(), Some(&a_ca), 2).await;
+    let set = key_set(&real, Duration::from_secs(20))
+        .await
+        .expect("a key set");
+    assert_eq!(set.leader.1, key_of(c.leader.local_addr()).await);
+    assert_ne!(set.leader.1, impostor_key);
+    real.shutdown().await.unwrap();
+    impostor.shutdown().await.unwrap();
+    c.shutdown().await;
+}

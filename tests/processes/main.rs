@@ -19,6 +19,7 @@ mod served_demo;
 mod shuffler_crash;
 mod soak;
 mod spans;
+mod walkthrough;
 
 use std::path::Path;
 
