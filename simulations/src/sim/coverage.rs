@@ -173,14 +173,13 @@ pub(crate) fn markdown(s: &Scenario, rows: &[Row]) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "# Quantile coverage by fleet size\n\n{} (median {} ms, σ {}), {} events per instance and \
+        "# Quantile coverage by fleet size\n\n{} ({}), {} events per instance and \
          window, {} buckets from {} ms to {} ms; {} windows per row, seed {}. `released`: windows \
          in which the quantile is published rather than withheld; `covers`: released intervals \
          that contain the window's own quantile; `RMSE`: the point against the service's true \
          quantile (p50 {:.1}, p95 {:.1}, p99 {:.1} ms).\n",
         svc.name,
-        svc.median_ms,
-        svc.sigma,
+        svc.shape(),
         s.events_per_client,
         s.buckets.count,
         s.buckets.min_ms,

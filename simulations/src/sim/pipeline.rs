@@ -12,7 +12,7 @@ use hush_client::{HushClient, RuntimeConfig};
 use hush_protocol::{Clock, HpkeKeypair, MeasurementKind, MockClock, SystemClock, TaskConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Binomial, Distribution, LogNormal};
+use rand_distr::{Binomial, Distribution};
 
 use super::model::{Cell, Released};
 use super::scenario::{AnomalyKind, Scenario};
@@ -115,7 +115,6 @@ pub(crate) async fn simulate(
         );
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let dist = LogNormal::new(svc.median_ms.ln(), svc.sigma)?;
     let store = cluster.results.store().clone();
     let mut out = Vec::new();
     for _ in 0..reps {
@@ -131,7 +130,7 @@ pub(crate) async fn simulate(
             for c in &clients {
                 let l = c.latency(&svc.name, "request");
                 for _ in 0..s.events_per_client {
-                    let ms: f64 = dist.sample(&mut rng) + shift;
+                    let ms: f64 = svc.sample_ms(&mut rng) + shift;
                     l.record(Duration::from_secs_f64(ms / 1_000.0));
                 }
                 c.counter("errors")

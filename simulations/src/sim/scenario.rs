@@ -25,6 +25,10 @@ pub(crate) struct Scenario {
     /// bound, which sets the DP sensitivity (2 × bound under replacement).
     #[serde(default = "defaults::events_per_client")]
     pub(crate) events_per_client: u64,
+    /// Requests one instance serves per window, if more than `events_per_client`: the excess
+    /// is dropped by the client (the sampling loss of a lower bound). Default: the bound.
+    #[serde(default)]
+    pub(crate) requests_per_instance: Option<u64>,
     /// Fewest reports (instances) a window needs to be released.
     #[serde(default = "defaults::min_batch_size")]
     pub(crate) min_batch_size: u64,
@@ -73,18 +77,116 @@ pub(crate) struct Buckets {
     pub(crate) count: usize,
 }
 
-/// A service with log-normal latencies.
+/// A service with log-normal latencies, or a mixture of log-normals (`mix`: cache hits and
+/// misses, a heavy tail).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Service {
     /// Its name.
     pub(crate) name: String,
+    /// Median latency, ms (one log-normal; leave out with `mix`).
+    #[serde(default)]
+    pub(crate) median_ms: f64,
+    /// Standard deviation of the log latency (with `median_ms`).
+    #[serde(default)]
+    pub(crate) sigma: f64,
+    /// A mixture of log-normals instead of one: each request comes from one component, chosen
+    /// with probability `weight` (the weights add up to 1).
+    #[serde(default)]
+    pub(crate) mix: Vec<Component>,
+    /// Fraction of requests that fail.
+    pub(crate) error_rate: f64,
+}
+
+/// One log-normal component of a service's latency.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Component {
+    /// Probability that a request comes from this component.
+    pub(crate) weight: f64,
     /// Median latency, ms.
     pub(crate) median_ms: f64,
     /// Standard deviation of the log latency.
     pub(crate) sigma: f64,
-    /// Fraction of requests that fail.
-    pub(crate) error_rate: f64,
+}
+
+impl Service {
+    /// The log-normal components (one without `mix`).
+    pub(crate) fn components(&self) -> Vec<Component> {
+        if self.mix.is_empty() {
+            vec![Component {
+                weight: 1.0,
+                median_ms: self.median_ms,
+                sigma: self.sigma,
+            }]
+        } else {
+            self.mix.clone()
+        }
+    }
+
+    /// P(latency ≤ `ms`).
+    pub(crate) fn cdf(&self, ms: f64) -> f64 {
+        if ms <= 0.0 {
+            return 0.0;
+        }
+        self.components()
+            .iter()
+            .map(|c| {
+                c.weight
+                    * hush_collector::detect::normal_cdf((ms.ln() - c.median_ms.ln()) / c.sigma)
+            })
+            .sum()
+    }
+
+    /// The latency quantile `q`, ms (bisection on the log scale).
+    pub(crate) fn quantile_ms(&self, q: f64) -> f64 {
+        let (mut lo, mut hi) = (1e-6_f64.ln(), 1e9_f64.ln());
+        for _ in 0..200 {
+            let mid = 0.5 * (lo + hi);
+            if self.cdf(mid.exp()) < q {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        (0.5 * (lo + hi)).exp()
+    }
+
+    /// One latency, ms.
+    pub(crate) fn sample_ms(&self, rng: &mut impl rand::Rng) -> f64 {
+        let comps = self.components();
+        let mut u: f64 = rng.random();
+        let c = comps
+            .iter()
+            .find(|c| {
+                u -= c.weight;
+                u < 0.0
+            })
+            .unwrap_or(&comps[comps.len() - 1]);
+        let z: f64 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng);
+        (c.median_ms.ln() + c.sigma * z).exp()
+    }
+
+    /// A short description: "log-normal, median 60 ms, σ 0.42" or the mixture's parts.
+    pub(crate) fn shape(&self) -> String {
+        if self.mix.is_empty() {
+            format!("log-normal, median {} ms, σ {}", self.median_ms, self.sigma)
+        } else {
+            let parts: Vec<String> = self
+                .mix
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{:.0}% median {} ms σ {}",
+                        100.0 * c.weight,
+                        c.median_ms,
+                        c.sigma
+                    )
+                })
+                .collect();
+            format!("log-normal mix: {}", parts.join(", "))
+        }
+    }
 }
 
 /// An injected change.
@@ -167,6 +269,9 @@ impl Scenario {
                 bail!("events_per_window {n} is above the supported 10^8");
             }
         }
+        if self.requests_per_instance.is_some_and(|r| r == 0) {
+            bail!("requests_per_instance must be positive");
+        }
         if self.events_per_window.is_empty() {
             bail!("events_per_window must list at least one value");
         }
@@ -175,9 +280,29 @@ impl Scenario {
             bail!("buckets need 0 < min_ms < max_ms and 2 to 1000 buckets");
         }
         for s in &self.services {
-            if !(s.median_ms > 0.0 && s.sigma > 0.0 && (0.0..1.0).contains(&s.error_rate)) {
+            if !(0.0..1.0).contains(&s.error_rate) {
+                bail!("service {:?}: error_rate must lie in [0, 1)", s.name);
+            }
+            if !s.mix.is_empty() && (s.median_ms != 0.0 || s.sigma != 0.0) {
                 bail!(
-                    "service {:?}: median_ms and sigma must be positive, error_rate in [0, 1)",
+                    "service {:?}: give either median_ms and sigma or mix, not both",
+                    s.name
+                );
+            }
+            let comps = s.components();
+            if comps
+                .iter()
+                .any(|c| !(c.median_ms > 0.0 && c.sigma > 0.0 && c.weight > 0.0))
+            {
+                bail!(
+                    "service {:?}: every median_ms, sigma and weight must be positive",
+                    s.name
+                );
+            }
+            let total: f64 = comps.iter().map(|c| c.weight).sum();
+            if (total - 1.0).abs() > 1e-6 {
+                bail!(
+                    "service {:?}: the mix's weights add up to {total}, not 1",
                     s.name
                 );
             }
@@ -241,6 +366,19 @@ impl Scenario {
     /// The DP sensitivity of a window histogram or counter with this bound.
     pub(crate) fn sensitivity(&self) -> u64 {
         2 * self.events_per_client
+    }
+
+    /// Requests one instance serves per window.
+    pub(crate) fn requests_per_instance(&self) -> u64 {
+        self.requests_per_instance.unwrap_or(self.events_per_client)
+    }
+
+    /// Of `events` requests in a window, how many the released histogram counts: each
+    /// instance reports at most `events_per_client` of its `requests_per_instance`.
+    pub(crate) fn counted_events(&self, events: u64) -> u64 {
+        let r = self.requests_per_instance().max(1);
+        let kept = self.events_per_client.min(r);
+        ((events as f64) * kept as f64 / r as f64).round() as u64
     }
 }
 
