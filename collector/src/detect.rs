@@ -818,22 +818,31 @@ mod tests {
         sd * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
-    fn window(
+    /// A window of `n` log-normal latencies (`median_ms`, log sd `sigma`), each `shift_ms`
+    /// slower, with noise of standard deviation `sd` on every bucket: two Laplace draws (one
+    /// per aggregator, as released) or, with `laplace` false, a gaussian draw.
+    fn drawn_window(
         rng: &mut ChaCha8Rng,
         start: u64,
         n: usize,
-        median_ms: f64,
+        (median_ms, sigma, shift_ms): (f64, f64, f64),
         sd: f64,
+        laplace: bool,
     ) -> HistogramWindow {
         let bounds = log_spaced_bounds(2_000, 4_000_000, 20);
         let mut counts = vec![0i64; 20];
         for _ in 0..n {
-            let ms = median_ms * (0.5 * gauss(rng, 1.0)).exp();
+            let ms = median_ms * (sigma * gauss(rng, 1.0)).exp() + shift_ms;
             let us = (ms * 1_000.0) as u64;
             counts[bounds.iter().position(|&b| us <= b).unwrap_or(19)] += 1;
         }
         for c in &mut counts {
-            *c += gauss(rng, sd).round() as i64;
+            let noise = if laplace {
+                laplace2(rng, sd)
+            } else {
+                gauss(rng, sd)
+            };
+            *c += noise.round() as i64;
         }
         HistogramWindow {
             start,
@@ -841,6 +850,16 @@ mod tests {
             bounds_us: bounds,
             noise_sd: sd,
         }
+    }
+
+    fn window(
+        rng: &mut ChaCha8Rng,
+        start: u64,
+        n: usize,
+        median_ms: f64,
+        sd: f64,
+    ) -> HistogramWindow {
+        drawn_window(rng, start, n, (median_ms, 0.5, 0.0), sd, false)
     }
 
     #[test]
@@ -945,8 +964,8 @@ mod tests {
         caught as f64 / runs as f64
     }
 
-    /// A window of `n` log-normal latencies (median 60 ms, σ 0.42, as the default scenario)
-    /// each `shift_ms` slower, with gaussian noise of `sd` on every bucket.
+    /// A window of the default scenario's service (median 60 ms, σ 0.42), every request
+    /// `shift_ms` slower, with Laplace noise of `sd` on every bucket.
     fn shifted_window(
         rng: &mut ChaCha8Rng,
         start: u64,
@@ -954,23 +973,7 @@ mod tests {
         shift_ms: f64,
         sd: f64,
     ) -> HistogramWindow {
-        let bounds = log_spaced_bounds(2_000, 4_000_000, 20);
-        let mut counts = vec![0i64; 20];
-        for _ in 0..n {
-            let ms = 60.0 * (0.42 * gauss(rng, 1.0)).exp() + shift_ms;
-            let us = (ms * 1_000.0) as u64;
-            counts[bounds.iter().position(|&b| us <= b).unwrap_or(19)] += 1;
-        }
-        // Each bucket's noise is two Laplace draws (one per aggregator), as released.
-        for c in &mut counts {
-            *c += laplace2(rng, sd).round() as i64;
-        }
-        HistogramWindow {
-            start,
-            counts,
-            bounds_us: bounds,
-            noise_sd: sd,
-        }
+        drawn_window(rng, start, n, (60.0, 0.42, shift_ms), sd, true)
     }
 
     #[test]

@@ -86,5 +86,10 @@ async fn the_example_service_reports_into_the_demo_cluster() {
         Some(accepted),
         "the first shuffler took in other than the example's reports: {summary:?}"
     );
-    assert_eq!(summary.aggregated, summary.entered, "{summary:?}");
+    // Every report is aggregated, or counted late by the leader if its window closed first.
+    assert_eq!(
+        summary.aggregated + summary.late,
+        summary.entered,
+        "{summary:?}"
+    );
 }
