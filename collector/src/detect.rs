@@ -289,27 +289,49 @@ fn erfc(x: f64) -> f64 {
 /// bisection. Thresholds depend only on `(alpha, rho)`, so they are computed once per
 /// hundredth of `rho` and interpolated.
 pub fn laplace_mixed_threshold(alpha: f64, rho: f64) -> f64 {
+    // Key 0: the closed-form two-Laplace density (laplace_sum_threshold keys by its draws).
+    by_hundredth_of_rho(0, alpha, rho, |r| solve_mixed_threshold(alpha, r))
+}
+
+/// A threshold that depends on `(alpha, rho)` (and the noise model `model`): solved once per
+/// hundredth of `rho` with `solve`, cached, and interpolated linearly in between.
+fn by_hundredth_of_rho(model: usize, alpha: f64, rho: f64, solve: impl Fn(f64) -> f64) -> f64 {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<(u64, usize), f64>>> = OnceLock::new();
-    let rho = rho.clamp(0.0, 1.0);
+    /// Thresholds by (noise model, alpha's bits, hundredths of rho).
+    type Thresholds = HashMap<(usize, u64, usize), f64>;
+    static CACHE: OnceLock<Mutex<Thresholds>> = OnceLock::new();
     let at = |i: usize| {
-        let key = (alpha.to_bits(), i);
+        let key = (model, alpha.to_bits(), i);
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
         if let Some(t) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return *t;
         }
-        let t = solve_mixed_threshold(alpha, i as f64 / 100.0);
+        let t = solve(i as f64 / 100.0);
         cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, t);
         t
     };
-    let x = rho * 100.0;
+    let x = rho.clamp(0.0, 1.0) * 100.0;
     let i = (x.floor() as usize).min(99);
     let f = x - i as f64;
     at(i) * (1.0 - f) + at(i + 1) * f
+}
+
+/// The `t` in [0, 40] where the decreasing `tail(t)` crosses `alpha` (bisection).
+fn solve_tail(alpha: f64, tail: impl Fn(f64) -> f64) -> f64 {
+    let (mut lo, mut hi): (f64, f64) = (0.0, 40.0);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if tail(mid) > alpha {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
 }
 
 fn solve_mixed_threshold(alpha: f64, rho: f64) -> f64 {
@@ -340,16 +362,7 @@ fn solve_mixed_threshold(alpha: f64, rho: f64) -> f64 {
         }
         sum * h
     };
-    let (mut lo, mut hi): (f64, f64) = (0.0, 40.0);
-    for _ in 0..60 {
-        let mid = 0.5 * (lo + hi);
-        if tail(mid) > alpha {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    0.5 * (lo + hi)
+    solve_tail(alpha, tail)
 }
 
 /// The last `baseline_windows` windows of `history` before `current` (oldest first), if there
@@ -570,11 +583,8 @@ pub fn laplace_sum_threshold(alpha: f64, rho: f64, draws: usize) -> f64 {
     const H: f64 = 0.02;
     const HALF: usize = 800; // the grid runs over [-16, 16]
     let draws = draws.clamp(1, 64);
-    /// Thresholds by (alpha's bits, hundredths of rho, draws).
-    type Thresholds = HashMap<(u64, usize, usize), f64>;
     type Densities = HashMap<usize, std::sync::Arc<Vec<f64>>>;
     static DENSITY: OnceLock<Mutex<Densities>> = OnceLock::new();
-    static CACHE: OnceLock<Mutex<Thresholds>> = OnceLock::new();
     let density = || -> std::sync::Arc<Vec<f64>> {
         let map = DENSITY.get_or_init(|| Mutex::new(HashMap::new()));
         if let Some(d) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&draws) {
@@ -610,17 +620,10 @@ pub fn laplace_sum_threshold(alpha: f64, rho: f64, draws: usize) -> f64 {
             .insert(draws, d.clone());
         d
     };
-    let rho = rho.clamp(0.0, 1.0);
-    let at = |r: usize| {
-        let key = (alpha.to_bits(), r, draws);
-        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-        if let Some(t) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return *t;
-        }
-        let rho = r as f64 / 100.0;
+    by_hundredth_of_rho(draws, alpha, rho, |rho| {
         let g = (1.0 - rho * rho).max(0.0).sqrt();
         let d = density();
-        let tail = |t: f64| -> f64 {
+        solve_tail(alpha, |t| {
             d.iter()
                 .enumerate()
                 .map(|(i, p)| {
@@ -633,27 +636,8 @@ pub fn laplace_sum_threshold(alpha: f64, rho: f64, draws: usize) -> f64 {
                     }
                 })
                 .sum()
-        };
-        let (mut lo, mut hi): (f64, f64) = (0.0, 40.0);
-        for _ in 0..60 {
-            let mid = 0.5 * (lo + hi);
-            if tail(mid) > alpha {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        let t = 0.5 * (lo + hi);
-        cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, t);
-        t
-    };
-    let x = rho * 100.0;
-    let i = (x.floor() as usize).min(99);
-    let f = x - i as f64;
-    at(i) * (1.0 - f) + at(i + 1) * f
+        })
+    })
 }
 
 /// Tests `current` for an error spike against the windows of `history` before it. With request
