@@ -55,7 +55,7 @@ impl AdminService {
                 entry.config.epsilon_budget()
             ),
         };
-        let existing = self.shared.store.put_task(&id, entry.encode())?;
+        let existing = self.shared.store.put_task(&id, entry.encode()).await?;
         if let Some(prev) = existing {
             let prev = TaskEntry::decode(&prev)?;
             if prev.same_as(&entry) {
@@ -73,20 +73,20 @@ impl AdminService {
         Ok(true)
     }
 
-    fn stats(&self, task_id: &[u8]) -> Result<pb::TaskStats> {
+    async fn stats(&self, task_id: &[u8]) -> Result<pb::TaskStats> {
         let (scope, pending) = if task_id.is_empty() {
             (GLOBAL_SCOPE, 0)
         } else {
             let id = TaskId::try_from(task_id).map_err(|e| Error::InvalidRequest(e.to_string()))?;
             self.shared.task(&id).ok_or(Error::UnknownTask(id))?;
             let pending = if self.shared.role == Role::Leader {
-                self.shared.store.pending_count(&id)?
+                self.shared.store.pending_count(&id).await?
             } else {
                 0
             };
             (*id.as_bytes(), pending)
         };
-        let counters = self.shared.store.stats(&scope)?;
+        let counters = self.shared.store.stats(&scope).await?;
         let get = |s: Stat| counters.get(&s).copied().unwrap_or(0);
         Ok(pb::TaskStats {
             task_id: task_id.to_vec().into(),
@@ -138,7 +138,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetTaskStatsRequest>,
     ) -> std::result::Result<Response<pb::TaskStats>, Status> {
-        Ok(Response::new(self.stats(&request.into_inner().task_id)?))
+        Ok(Response::new(
+            self.stats(&request.into_inner().task_id).await?,
+        ))
     }
 
     async fn rotate_hpke_key(

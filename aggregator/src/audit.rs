@@ -1,4 +1,4 @@
-//! The audit trail: an append-only, hash-chained log in sled of every collection and budget
+//! The audit trail: an append-only, hash-chained log in the store of every collection and budget
 //! spend, task, key and token change, refused collection request and unauthenticated request
 //! (no client certificate, wrong token) — who, what, when and the outcome, never a share or a
 //! measurement.
@@ -13,12 +13,11 @@
 
 use std::fmt;
 
+use crate::error::{Error, Result};
+use crate::store::backend::{Backend, Keys, SledTx, T, TxResult, Txn, run_now, to_sled};
+use crate::store::pg::{Finish, PgTx, finish};
 use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
-use sled::Tree;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-
-use crate::error::{Error, Result};
 
 const DOMAIN: &[u8] = b"hush audit v1";
 const HEAD: &[u8] = b"head";
@@ -248,11 +247,14 @@ pub struct AuditBroken {
     pub what: String,
 }
 
-/// The log's trees.
+/// The log's tables in the store (`audit` and `audit_head`). Appends are serialized: one at a
+/// time in a process, and by the database across replicas of one PostgreSQL database (each
+/// append reads and rewrites the head in a serializable transaction, so two appends cannot both
+/// take the same sequence number).
 #[derive(Clone, Debug)]
 pub struct AuditLog {
-    log: Tree,
-    head: Tree,
+    backend: Backend,
+    lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 fn head_value(seq: u64, hash: &str) -> Vec<u8> {
@@ -261,59 +263,75 @@ fn head_value(seq: u64, hash: &str) -> Vec<u8> {
     v
 }
 
+/// Appends `e` at `time` after the head, in transaction `tx`.
+async fn append_tx<X: Txn>(tx: &mut X, time: u64, e: &AuditEvent) -> TxResult<AuditEntry> {
+    let (seq, prev) = match tx.get(T::AuditHead, HEAD).await? {
+        Some(v) if v.len() > 8 => (
+            u64::from_be_bytes(v[..8].try_into().expect("8 bytes")) + 1,
+            String::from_utf8_lossy(&v[8..]).into_owned(),
+        ),
+        Some(_) => return Err(Error::corrupt("audit head", "too short").into()),
+        None => (0, "0".repeat(64)),
+    };
+    let mut entry = AuditEntry {
+        seq,
+        time,
+        event: e.clone(),
+        prev,
+        hash: String::new(),
+    };
+    entry.hash = entry.digest();
+    let bytes = serde_json::to_vec(&entry).map_err(|e| Error::corrupt("audit entry", e))?;
+    tx.insert(T::Audit, &seq.to_be_bytes(), &bytes)?;
+    tx.insert(T::AuditHead, HEAD, &head_value(seq, &entry.hash))?;
+    Ok(entry)
+}
+
 impl AuditLog {
-    /// The log in `db`.
-    pub fn open(db: &sled::Db) -> Result<Self> {
-        Ok(Self {
-            log: db.open_tree("audit")?,
-            head: db.open_tree("audit_head")?,
-        })
+    /// The log in the store's database.
+    pub(crate) fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            lock: Default::default(),
+        }
     }
 
     /// Entries in the log.
-    pub fn len(&self) -> usize {
-        self.log.len()
+    pub async fn len(&self) -> Result<u64> {
+        self.backend.count(T::Audit, Keys::All).await
     }
 
-    /// Whether the log is empty.
-    pub fn is_empty(&self) -> bool {
-        self.log.is_empty()
-    }
-
-    /// Appends an entry at `time` (atomically with the head). Not flushed: the caller's next
-    /// flush makes it durable with the change it records.
+    /// Appends an entry at `time` (atomically with the head). On sled it is not flushed: the
+    /// caller's next flush makes it durable with the change it records. On PostgreSQL it is
+    /// committed when this returns. Blocks (a PostgreSQL append runs on a connection and thread
+    /// of its own).
     pub fn append(&self, time: u64, e: AuditEvent) -> Result<AuditEntry> {
-        let r: std::result::Result<AuditEntry, TransactionError<Error>> = (&self.log, &self.head)
-            .transaction(|(log, head)| {
-                let (seq, prev) = match head.get(HEAD)? {
-                    Some(v) if v.len() > 8 => (
-                        u64::from_be_bytes(v[..8].try_into().expect("8 bytes")) + 1,
-                        String::from_utf8_lossy(&v[8..]).into_owned(),
-                    ),
-                    Some(_) => {
-                        return Err(ConflictableTransactionError::Abort(Error::corrupt(
-                            "audit head",
-                            "too short",
-                        )));
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        match &self.backend {
+            Backend::Sled(s) => {
+                let tables = [T::Audit, T::AuditHead];
+                let trees = [s.tree(T::Audit), s.tree(T::AuditHead)];
+                let r = sled::Transactional::transaction(&trees[..], |views| {
+                    let mut tx = SledTx::new(&tables, views);
+                    run_now(append_tx(&mut tx, time, &e)).map_err(to_sled)
+                });
+                hush_server::db::tx_result(r)
+            }
+            Backend::Pg(p) => p.blocking(move |client| {
+                Box::pin(async move {
+                    let mut attempt = 0;
+                    loop {
+                        attempt += 1;
+                        let mut tx = PgTx::begin(client).await?;
+                        let r = append_tx(&mut tx, time, &e).await;
+                        match finish(tx, r, attempt).await {
+                            Finish::Done(r) => break r,
+                            Finish::Again => continue,
+                        }
                     }
-                    None => (0, "0".repeat(64)),
-                };
-                let mut entry = AuditEntry {
-                    seq,
-                    time,
-                    event: e.clone(),
-                    prev,
-                    hash: String::new(),
-                };
-                entry.hash = entry.digest();
-                let bytes = serde_json::to_vec(&entry).map_err(|e| {
-                    ConflictableTransactionError::Abort(Error::corrupt("audit entry", e))
-                })?;
-                log.insert(&seq.to_be_bytes(), bytes)?;
-                head.insert(HEAD, head_value(seq, &entry.hash))?;
-                Ok(entry)
-            });
-        hush_server::db::tx_result(r)
+                })
+            }),
+        }
     }
 
     /// Appends, logging instead of failing: an audit write must not undo the change it records.
@@ -329,14 +347,15 @@ impl AuditLog {
     }
 
     /// Every entry in stored order; an entry that does not parse is an error naming it.
-    pub fn entries(&self) -> Result<Vec<AuditEntry>> {
-        self.log
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
+    pub async fn entries(&self) -> Result<Vec<AuditEntry>> {
+        self.backend
+            .entries(T::Audit, Keys::All)
+            .await?
+            .into_iter()
+            .map(|(k, v)| {
                 serde_json::from_slice(&v).map_err(|e| {
                     let seq = k
-                        .as_ref()
+                        .as_slice()
                         .try_into()
                         .map(u64::from_be_bytes)
                         .unwrap_or(u64::MAX);
@@ -346,23 +365,44 @@ impl AuditLog {
             .collect()
     }
 
-    /// Checks the whole chain; returns the number of entries.
-    pub fn verify(&self) -> std::result::Result<u64, AuditBroken> {
+    /// Checks the whole chain while the service may go on appending (the head is read first,
+    /// and the chain is checked up to it); returns the number of entries checked.
+    pub async fn verify(&self) -> std::result::Result<u64, AuditBroken> {
+        let cannot = |what: &str, e: Error| AuditBroken {
+            seq: 0,
+            what: format!("{what} cannot be read: {e}"),
+        };
+        let head = self
+            .backend
+            .get(T::AuditHead, HEAD)
+            .await
+            .map_err(|e| cannot("the head", e))?;
+        let log = self
+            .backend
+            .entries(T::Audit, Keys::All)
+            .await
+            .map_err(|e| cannot("the log", e))?;
+        // Entries appended after the head was read are left for the next check.
+        let head_seq = head
+            .as_ref()
+            .and_then(|h| h.get(..8))
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes);
+        let checked = head_seq.map_or(0, |h| h.saturating_add(1));
         let mut prev = "0".repeat(64);
         let mut expected = 0u64;
-        for kv in self.log.iter() {
-            let (k, v) = kv.map_err(|e| AuditBroken {
-                seq: expected,
-                what: format!("cannot be read: {e}"),
-            })?;
-            let key_seq =
-                k.as_ref()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| AuditBroken {
-                        seq: expected,
-                        what: "its key is not a sequence number".into(),
-                    })?;
+        for (k, v) in log {
+            let key_seq = k
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| AuditBroken {
+                    seq: expected,
+                    what: "its key is not a sequence number".into(),
+                })?;
+            if key_seq >= checked && key_seq == expected {
+                break;
+            }
             let e: AuditEntry = serde_json::from_slice(&v).map_err(|err| AuditBroken {
                 seq: key_seq,
                 what: format!("does not parse: {err}"),
@@ -392,10 +432,6 @@ impl AuditLog {
             prev = e.hash;
             expected += 1;
         }
-        let head = self.head.get(HEAD).map_err(|e| AuditBroken {
-            seq: expected,
-            what: format!("the head cannot be read: {e}"),
-        })?;
         match head {
             None if expected == 0 => Ok(0),
             None => Err(AuditBroken {
@@ -403,14 +439,8 @@ impl AuditLog {
                 what: "the head record is missing".into(),
             }),
             Some(h) => {
-                if h.as_ref() != head_value(expected.saturating_sub(1), &prev).as_slice()
-                    || expected == 0
-                {
-                    let head_seq = h
-                        .get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes)
-                        .unwrap_or(u64::MAX);
+                if h != head_value(expected.saturating_sub(1), &prev) || expected == 0 {
+                    let head_seq = head_seq.unwrap_or(u64::MAX);
                     return Err(AuditBroken {
                         seq: head_seq,
                         what: format!(
@@ -430,10 +460,10 @@ impl AuditLog {
 mod tests {
     use super::*;
 
-    fn log() -> (tempfile::TempDir, sled::Db, AuditLog) {
+    fn log() -> (tempfile::TempDir, AuditLog) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let a = AuditLog::open(&db).unwrap();
+        let store = crate::store::Store::open(dir.path(), 4).unwrap();
+        let a = store.audit().clone();
         for i in 0..5 {
             a.append(
                 1_000 + i,
@@ -448,48 +478,55 @@ mod tests {
             )
             .unwrap();
         }
-        (dir, db, a)
+        (dir, a)
     }
 
-    #[test]
-    fn an_untouched_log_verifies() {
-        let (_d, _db, a) = log();
-        assert_eq!(a.verify(), Ok(5));
-        assert_eq!(a.entries().unwrap()[3].event.task, "task-3");
+    fn tree(a: &AuditLog) -> &sled::Tree {
+        match &a.backend {
+            Backend::Sled(s) => s.tree(T::Audit),
+            Backend::Pg(_) => unreachable!("a sled log"),
+        }
     }
 
-    #[test]
-    fn a_changed_entry_is_named() {
-        let (_d, _db, a) = log();
+    #[tokio::test]
+    async fn an_untouched_log_verifies() {
+        let (_d, a) = log();
+        assert_eq!(a.verify().await, Ok(5));
+        assert_eq!(a.entries().await.unwrap()[3].event.task, "task-3");
+    }
+
+    #[tokio::test]
+    async fn a_changed_entry_is_named() {
+        let (_d, a) = log();
         let k = 2u64.to_be_bytes();
-        let v = a.log.get(k).unwrap().unwrap();
+        let v = tree(&a).get(k).unwrap().unwrap();
         let text = String::from_utf8(v.to_vec())
             .unwrap()
             .replace("task-2", "task-9");
-        a.log.insert(k, text.as_bytes()).unwrap();
-        let e = a.verify().unwrap_err();
+        tree(&a).insert(k, text.as_bytes()).unwrap();
+        let e = a.verify().await.unwrap_err();
         assert_eq!(e.seq, 2, "{e}");
         assert!(e.to_string().contains("changed"), "{e}");
     }
 
-    #[test]
-    fn removed_and_reordered_entries_are_named() {
-        let (_d, _db, a) = log();
-        a.log.remove(1u64.to_be_bytes()).unwrap();
-        assert_eq!(a.verify().unwrap_err().seq, 1);
+    #[tokio::test]
+    async fn removed_and_reordered_entries_are_named() {
+        let (_d, a) = log();
+        tree(&a).remove(1u64.to_be_bytes()).unwrap();
+        assert_eq!(a.verify().await.unwrap_err().seq, 1);
 
-        let (_d, _db, a) = log();
+        let (_d, a) = log();
         let (x, y) = (
-            a.log.get(1u64.to_be_bytes()).unwrap().unwrap(),
-            a.log.get(3u64.to_be_bytes()).unwrap().unwrap(),
+            tree(&a).get(1u64.to_be_bytes()).unwrap().unwrap(),
+            tree(&a).get(3u64.to_be_bytes()).unwrap().unwrap(),
         );
-        a.log.insert(1u64.to_be_bytes(), y).unwrap();
-        a.log.insert(3u64.to_be_bytes(), x).unwrap();
-        assert_eq!(a.verify().unwrap_err().seq, 1);
+        tree(&a).insert(1u64.to_be_bytes(), y).unwrap();
+        tree(&a).insert(3u64.to_be_bytes(), x).unwrap();
+        assert_eq!(a.verify().await.unwrap_err().seq, 1);
 
-        let (_d, _db, a) = log();
-        a.log.remove(4u64.to_be_bytes()).unwrap();
-        let e = a.verify().unwrap_err();
+        let (_d, a) = log();
+        tree(&a).remove(4u64.to_be_bytes()).unwrap();
+        let e = a.verify().await.unwrap_err();
         assert_eq!(e.seq, 4, "{e}");
         assert!(e.to_string().contains("newest entries removed"), "{e}");
     }

@@ -166,7 +166,7 @@ pub(crate) fn refusal_error(task: &TaskEntry, purpose: BudgetPurpose, r: Collect
 
 /// Checks the batch rules of a collection before anything is closed or spent; a refusal is
 /// audited.
-pub(crate) fn check_batch_rules(
+pub(crate) async fn check_batch_rules(
     shared: &Shared,
     task: &TaskEntry,
     actor: &str,
@@ -175,7 +175,11 @@ pub(crate) fn check_batch_rules(
     rule: &BatchRule,
     purpose: BudgetPurpose,
 ) -> Result<()> {
-    match shared.store.check_batch(&task.config.id(), windows, rule)? {
+    match shared
+        .store
+        .check_batch(&task.config.id(), windows, rule)
+        .await?
+    {
         None => Ok(()),
         Some(r) => {
             let e = refusal_error(task, purpose, r);
@@ -196,7 +200,7 @@ pub(crate) fn check_batch_rules(
 }
 
 /// Checks the ledger without spending: the smallest ε left over the windows, or the error.
-pub(crate) fn check_budget(
+pub(crate) async fn check_budget(
     shared: &Shared,
     task: &TaskEntry,
     purpose: BudgetPurpose,
@@ -204,7 +208,10 @@ pub(crate) fn check_budget(
 ) -> Result<u64> {
     let eps = task.config.epsilon_per_collection();
     let budget = task.config.budget_for(purpose).micros();
-    let spent = shared.store.spent(&task.config.id(), purpose, windows)?;
+    let spent = shared
+        .store
+        .spent(&task.config.id(), purpose, windows)
+        .await?;
     let mut min_left = u64::MAX;
     for (w, s) in windows.iter().zip(spent) {
         let left = budget.saturating_sub(s);
@@ -224,7 +231,7 @@ pub(crate) fn check_budget(
 /// Checks the batch rules, spends the budget, stores the answer and closes and releases the
 /// windows in one transaction.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn commit(
+pub(crate) async fn commit(
     shared: &Shared,
     task: &TaskEntry,
     cid: &[u8; 16],
@@ -236,17 +243,20 @@ pub(crate) fn commit(
     answer: &[u8],
 ) -> Result<()> {
     let eps = task.config.epsilon_per_collection();
-    let r = shared.store.commit_collection(&CollectionCommit {
-        task: &task.config.id(),
-        collection_id: cid,
-        rule: batch_rule(task, interval, purpose),
-        windows,
-        summed: (batch.report_count, batch.checksum),
-        epsilon_micros: eps.micros(),
-        budget_micros: task.config.budget_for(purpose).micros(),
-        request_hash,
-        answer,
-    })?;
+    let r = shared
+        .store
+        .commit_collection(&CollectionCommit {
+            task: &task.config.id(),
+            collection_id: cid,
+            rule: batch_rule(task, interval, purpose),
+            windows,
+            summed: (batch.report_count, batch.checksum),
+            epsilon_micros: eps.micros(),
+            budget_micros: task.config.budget_for(purpose).micros(),
+            request_hash,
+            answer,
+        })
+        .await?;
     match r {
         Ok(_) => {
             shared.set_collected(&task.config.id(), windows, true);

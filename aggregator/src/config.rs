@@ -15,8 +15,12 @@ use crate::error::{Error, Result};
 pub struct AggregatorConfig {
     /// Address of the gRPC server (all services of the role).
     pub listen: SocketAddr,
-    /// Directory of the sled database; created if missing.
+    /// Directory of the sled database; created if missing (unused with `[store] kind =
+    /// "postgres"`).
     pub data_dir: PathBuf,
+    /// Where the state lives: sled in `data_dir` (default) or PostgreSQL.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Environment variable holding the admin bearer token.
     #[serde(default = "defaults::admin_token_env")]
     pub admin_token_env: String,
@@ -70,6 +74,50 @@ pub struct AggregatorConfig {
     /// plaintext, which `hush leader|helper` allow only with `--insecure`.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+}
+
+/// `[store]`: the database. sled (the default) is embedded and allows one process per
+/// `data_dir`; PostgreSQL lets several replicas of one role share a database.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sled` or `postgres`.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// Environment variable holding the PostgreSQL URL,
+    /// `postgres://user:password@host:port/database` (it may hold a password, so it is never in
+    /// the file).
+    #[serde(default = "defaults::database_url_env")]
+    pub url_env: String,
+    /// The schema of the tables, created if missing: give a leader and a helper that share a
+    /// server (tests, a trial) different schemas.
+    #[serde(default = "defaults::schema")]
+    pub schema: String,
+    /// Connections to keep open.
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::default(),
+            url_env: defaults::database_url_env(),
+            schema: defaults::schema(),
+            pool_size: defaults::pool_size(),
+        }
+    }
+}
+
+/// The database kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded, in `data_dir`.
+    #[default]
+    Sled,
+    /// A PostgreSQL server.
+    Postgres,
 }
 
 /// `[peers]`: the certificate names (common name, DNS or URI subject alternative name) allowed
@@ -133,6 +181,11 @@ pub struct LeaderConfig {
     /// How often the job driver looks for pending reports when nothing wakes it, in ms.
     #[serde(default = "defaults::job_poll_interval_ms")]
     pub job_poll_interval_ms: u64,
+    /// With `[store] kind = "postgres"`: how long a replica holds an aggregation job without
+    /// renewing its lease (it renews every third of it while it works), in ms. When a replica
+    /// dies, another takes its jobs over this long after its last renewal.
+    #[serde(default = "defaults::job_lease_ms")]
+    pub job_lease_ms: u64,
     /// First retry delay after the helper fails, in ms; doubles up to `retry_max_ms`.
     #[serde(default = "defaults::retry_initial_ms")]
     pub retry_initial_ms: u64,
@@ -164,6 +217,15 @@ pub struct LeaderConfig {
 }
 
 mod defaults {
+    pub(super) fn database_url_env() -> String {
+        "HUSH_DATABASE_URL".into()
+    }
+    pub(super) fn schema() -> String {
+        "hush".into()
+    }
+    pub(super) fn pool_size() -> usize {
+        16
+    }
     pub(super) fn admin_token_env() -> String {
         hush_server::auth::DEFAULT_ADMIN_TOKEN_ENV.into()
     }
@@ -199,6 +261,9 @@ mod defaults {
     }
     pub(super) fn max_concurrent_jobs() -> usize {
         4
+    }
+    pub(super) fn job_lease_ms() -> u64 {
+        30_000
     }
     pub(super) fn job_poll_interval_ms() -> u64 {
         200
@@ -249,6 +314,9 @@ impl AggregatorConfig {
 
     /// Checks value ranges.
     pub fn check(&self) -> Result<()> {
+        if self.store.pool_size == 0 {
+            return Err(Error::config("[store] pool_size must be at least 1".into()));
+        }
         if self.max_request_reports == 0 {
             return Err(Error::config(
                 "max_request_reports must be at least 1".into(),
@@ -279,6 +347,12 @@ impl AggregatorConfig {
                     "leader.tenant_max_pending ({}) must be at least leader.job_size ({})",
                     l.tenant_max_pending, l.job_size
                 )));
+            }
+            if l.job_lease_ms < 300 {
+                return Err(Error::config(
+                    "leader.job_lease_ms must be at least 300 (a replica renews every third of it)"
+                        .into(),
+                ));
             }
             if l.max_concurrent_jobs == 0 {
                 return Err(Error::config(

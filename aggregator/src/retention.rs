@@ -52,7 +52,7 @@ pub fn aggregate_cutoff(task: &TaskConfig, now: Time) -> Option<Time> {
 }
 
 /// Applies retention to every task once; returns what was deleted, per task.
-pub fn run_once(shared: &Shared) -> Result<Vec<(TaskConfig, Deleted)>> {
+pub async fn run_once(shared: &Shared) -> Result<Vec<(TaskConfig, Deleted)>> {
     let now = shared.clock.now();
     let mut out = Vec::new();
     for t in shared.tasks.all() {
@@ -60,17 +60,17 @@ pub fn run_once(shared: &Shared) -> Result<Vec<(TaskConfig, Deleted)>> {
         let id = task.id();
         let cutoff = report_cutoff(task, now, shared.config.clock_skew_s);
         let mut d = Deleted {
-            seen_ids: shared.store.expire_seen(&id, cutoff)? as u64,
+            seen_ids: shared.store.expire_seen(&id, cutoff).await? as u64,
             ..Deleted::default()
         };
         if shared.role == hush_protocol::Role::Leader {
-            d.pending_reports = shared.store.expire_pending(&id, cutoff)?;
+            d.pending_reports = shared.store.expire_pending(&id, cutoff).await?;
             shared.pending_released(&id, d.pending_reports);
         }
         if let Some(cutoff) = aggregate_cutoff(task, now) {
-            d.aggregates = shared.store.expire_aggregates(&id, cutoff)?;
-            d.collections = shared.store.expire_collections(&id, cutoff)?;
-            d.window_marks = shared.store.expire_window_marks(&id, cutoff)?;
+            d.aggregates = shared.store.expire_aggregates(&id, cutoff).await?;
+            d.collections = shared.store.expire_collections(&id, cutoff).await?;
+            d.window_marks = shared.store.expire_window_marks(&id, cutoff).await?;
             shared.forget_collected_before(&id, cutoff);
         }
         if d.is_empty() {

@@ -112,14 +112,16 @@ impl Aggregator {
             config.peers.check_for(role)?;
         }
         let client_tls = tls.as_ref().map(|m| m.client());
-        let store = Store::open(&config.data_dir, config.cache_mb)?;
+        let store = Store::from_config(&config).await?;
+        tracing::info!(store = store.kind(), "opened the store");
         let tasks = store
-            .tasks()?
+            .tasks()
+            .await?
             .iter()
             .map(|b| TaskEntry::decode(b))
             .collect::<Result<Vec<_>>>()?;
         let keys = KeyManager::load(store.clone(), clock.clone(), config.key_grace_period_s)?;
-        let pending_now = store.pending_total();
+        let pending_now = store.pending_total().await?;
         let config_leader_max_pending = config
             .leader
             .as_ref()
@@ -139,12 +141,13 @@ impl Aggregator {
             collected: Default::default(),
             collect_lock: Default::default(),
             collect_refusals: Default::default(),
+            synced: Default::default(),
         };
         for t in shared.tasks.all() {
-            let n = shared.store.pending_count(&t.config.id())?;
+            let n = shared.store.pending_count(&t.config.id()).await?;
             shared.leader.pending_by_tenant.add(t.config.tenant(), n);
         }
-        for (task, window) in shared.store.collected_windows()? {
+        for (task, window) in shared.store.collected_windows().await? {
             shared.set_collected(&task, &[window], true);
         }
         let (tx, rx) = watch::channel(false);
@@ -246,6 +249,9 @@ impl Aggregator {
         }
         let (probes, probe_svcs) = Probes::new(&names, shared.config.server.reflection).await?;
         let maintenance = tokio::spawn(maintenance(shared.clone(), probes.clone(), rx.clone()));
+        if shared.store.is_shared() {
+            tokio::spawn(replica_sync(shared.clone(), rx.clone()));
+        }
 
         let signal = probes.drain_signal(rx.clone(), shared.config.server.drain_grace_ms);
         let incoming = shared
@@ -255,7 +261,16 @@ impl Aggregator {
             .map_err(|e| Error::config(e.to_string()))?;
         let peers = PeerLog::default();
         let metrics = {
-            let gauges = hush_server::metrics::StoreGauges::new(shared.store.db().clone());
+            let gauges = shared
+                .store
+                .sled_db()
+                .map(|db| hush_server::metrics::StoreGauges::new(db.clone()));
+            if gauges.is_none() && shared.config.metrics.listen.is_some() {
+                tokio::spawn(crate::store::pg::record_gauges(
+                    shared.store.clone(),
+                    rx.clone(),
+                ));
+            }
             let shared = shared.clone();
             hush_server::metrics::MetricsServer::start(
                 &shared.config.metrics.clone(),
@@ -265,7 +280,9 @@ impl Aggregator {
                     "helper"
                 },
                 Arc::new(move || {
-                    gauges.record();
+                    if let Some(g) = &gauges {
+                        g.record();
+                    }
                     if shared.role == Role::Leader {
                         metrics::gauge!(hush_server::metrics::names::REPORTS_PENDING)
                             .set(shared.leader.pending.load(Ordering::Relaxed) as f64);
@@ -358,6 +375,24 @@ impl Aggregator {
     }
 }
 
+/// How often a replica on a shared database reads what the others changed (tasks, keys,
+/// collected windows), besides reading at once when a request names something it does not know.
+const REPLICA_SYNC: Duration = Duration::from_secs(5);
+
+/// Reads the other replicas' changes every [`REPLICA_SYNC`] until `shutdown`, so the keys this
+/// replica publishes follow a rotation another one made within seconds.
+async fn replica_sync(shared: Shared, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REPLICA_SYNC) => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+        if let Err(e) = shared.sync_from_store(Duration::ZERO).await {
+            tracing::warn!(error = %e, "reading the other replicas' changes failed; retrying");
+        }
+    }
+}
+
 /// Applies retention ([`crate::retention`]), expires finished helper jobs and HPKE keys past
 /// their grace period.
 async fn maintenance(shared: Shared, probes: Probes, mut shutdown: watch::Receiver<bool>) {
@@ -371,16 +406,23 @@ async fn maintenance(shared: Shared, probes: Probes, mut shutdown: watch::Receiv
         probes
             .store_written(shared.store.probe_write(now.as_secs()).await.is_ok())
             .await;
+        if let Err(e) = shared.sync_from_store(Duration::ZERO).await {
+            tracing::error!(error = %e, "reading the other replicas' changes failed");
+        }
         let s = shared.clone();
-        match tokio::task::spawn_blocking(move || crate::retention::run_once(&s)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "retention failed; retrying next run"),
-            Err(e) => tracing::error!(error = %e, "retention panicked"),
+        if let Err(e) = s
+            .store
+            .clone()
+            .run(move |_| async move { crate::retention::run_once(&s).await })
+            .await
+        {
+            tracing::error!(error = %e, "retention failed; retrying next run");
         }
         if shared.role == Role::Helper {
             match shared
                 .store
                 .expire_helper_jobs(now.sub_secs(shared.config.helper_job_retention_s))
+                .await
             {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(expired = n, "expired finished aggregation job records"),

@@ -48,9 +48,43 @@ pub struct Shared {
     pub collect_lock: Arc<tokio::sync::Mutex<()>>,
     /// Audits refused collections at a bounded rate.
     pub collect_refusals: crate::audit::RefusalAudit,
+    /// When this process last read what replicas sharing its database changed.
+    pub synced: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Shared {
+    /// Reads what other replicas on a shared database (PostgreSQL) may have changed: tasks
+    /// they provisioned, HPKE keys they rotated, windows they collected. Nothing to do on sled
+    /// (one process per database). At most once per `min_interval`; returns whether it read.
+    pub async fn sync_from_store(&self, min_interval: std::time::Duration) -> crate::Result<bool> {
+        if !self.store.is_shared() {
+            return Ok(false);
+        }
+        let mut last = self.synced.lock().await;
+        if last.is_some_and(|t| t.elapsed() < min_interval) {
+            return Ok(false);
+        }
+        *last = Some(std::time::Instant::now());
+        for bytes in self.store.tasks().await? {
+            let t = crate::tasks::TaskEntry::decode(&bytes)?;
+            if self.tasks.get(&t.config.id()).is_none() {
+                tracing::info!(task = %t.config.id(), "serving a task another replica provisioned");
+                self.tasks.insert(t);
+            }
+        }
+        for (task, window) in self.store.collected_windows().await? {
+            self.set_collected(&task, &[window], true);
+        }
+        let keys = self.keys.clone();
+        if tokio::task::spawn_blocking(move || keys.refresh())
+            .await
+            .map_err(hush_server::ServerError::from)??
+        {
+            tracing::info!("loaded HPKE keys another replica rotated");
+        }
+        Ok(true)
+    }
+
     /// The tenant of a task provisioned here.
     pub fn tenant_of(&self, id: &TaskId) -> Option<String> {
         self.task(id).map(|t| t.config.tenant().to_owned())

@@ -6,10 +6,13 @@
 //! * Raw bound: one thread does, per report, what the pair must do at minimum: both HPKE opens,
 //!   both `verify_init`s, the combination of verifier shares and both `verify_next`s. Its rate
 //!   is the single-threaded bound.
-//! * Pair: a helper and a leader run as real `hush aggregator` processes with sled in a temp dir.
-//!   Pre-built Histogram(32) reports go to the leader's ingest from two concurrent submitters in
-//!   batches of 250 (`HUSH_BENCH_BATCH`); the clock runs from the first submission until no report is pending.
-//!   Peak resident memory (VmHWM) of each process is read from /proc.
+//! * Pair: a helper and a leader run as real `hush aggregator` processes, on each store in turn:
+//!   sled in a temp dir; PostgreSQL with one leader; PostgreSQL with two leader replicas (one
+//!   submitter each). PostgreSQL is a private server started for the run (fsync on) on this
+//!   machine, so it shares the two cores. Pre-built Histogram(32) reports go to the leader's
+//!   ingest from two concurrent submitters in batches of 250 (`HUSH_BENCH_BATCH`); the clock runs
+//!   from the first submission until no report is pending. Peak resident memory (VmHWM) of each
+//!   process is read from /proc. `HUSH_BENCH_STORES=sled,pg,pg2` picks the stores.
 //!
 //! The goal is pair / bound ≥ 0.8 with peak memory that does not grow with N.
 //!
@@ -21,6 +24,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hush_aggregator::store::throwaway::{ThrowawayPostgres, fresh_schema};
 use hush_protocol::hpke::HpkeKeypair;
 use hush_protocol::{
     Clock, Codec, Keyring, Measurement, MeasurementKind, Report, ReportId, Role, SystemClock,
@@ -70,11 +74,34 @@ fn raw_bound(task: &TaskConfig, reports: usize) -> f64 {
     reports as f64 / start.elapsed().as_secs_f64()
 }
 
-fn config(dir: &Path, listen: SocketAddr, helper: Option<&str>) -> String {
+/// Where the aggregators keep their state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Store {
+    Sled,
+    /// PostgreSQL with this many leader replicas.
+    Postgres(usize),
+}
+
+impl Store {
+    fn name(self) -> String {
+        match self {
+            Store::Sled => "sled".into(),
+            Store::Postgres(1) => "postgres".into(),
+            Store::Postgres(n) => format!("postgres x{n}"),
+        }
+    }
+}
+
+fn config(dir: &Path, listen: SocketAddr, helper: Option<&str>, schema: Option<&str>) -> String {
     let mut t = format!(
         "listen = \"{listen}\"\ndata_dir = \"{}\"\ncache_mb = 8\n",
         dir.join("data").display()
     );
+    if let Some(s) = schema {
+        t.push_str(&format!(
+            "[store]\nkind = \"postgres\"\nschema = \"{s}\"\npool_size = 16\n"
+        ));
+    }
     if let Some(h) = helper {
         t.push_str(&format!(
             "[leader]\nhelper_url = \"{h}\"\nmax_pending_reports = 10000\n"
@@ -91,11 +118,19 @@ struct PairRun {
     helper_mib: f64,
 }
 
-async fn run_pair(task: &TaskConfig, n: usize) -> PairRun {
+async fn run_pair(task: &TaskConfig, n: usize, store: Store, pg_url: Option<&str>) -> PairRun {
     let bin = Path::new(env!("CARGO_BIN_EXE_hush"));
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let hd = tempfile::tempdir().unwrap();
     let ld = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, &str)> = pg_url
+        .map(|u| ("HUSH_DATABASE_URL", u))
+        .into_iter()
+        .collect();
+    let (leader_schema, helper_schema) = match store {
+        Store::Sled => (None, None),
+        Store::Postgres(_) => (Some(fresh_schema()), Some(fresh_schema())),
+    };
     let args = |role: &str, c: String| {
         vec![
             "aggregator".into(),
@@ -107,17 +142,38 @@ async fn run_pair(task: &TaskConfig, n: usize) -> PairRun {
             "--insecure".into(),
         ]
     };
-    let mut helper = HushProcess::spawn(
+    let mut helper = HushProcess::spawn_with_env(
         bin,
-        &args("helper", config(hd.path(), any, None)),
+        &args(
+            "helper",
+            config(hd.path(), any, None, helper_schema.as_deref()),
+        ),
+        &env,
         &hd.path().join("log"),
     );
-    let mut leader = HushProcess::spawn(
-        bin,
-        &args("leader", config(ld.path(), any, Some(&helper.url()))),
-        &ld.path().join("log"),
-    );
-    provision(&leader.url(), &helper.url(), task, &VerifyKey::random()).await;
+    let replicas = match store {
+        Store::Sled => 1,
+        Store::Postgres(n) => n,
+    };
+    let mut leaders: Vec<HushProcess> = (0..replicas)
+        .map(|i| {
+            let dir = ld.path().join(format!("leader-{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            HushProcess::spawn_with_env(
+                bin,
+                &args(
+                    "leader",
+                    config(&dir, any, Some(&helper.url()), leader_schema.as_deref()),
+                ),
+                &env,
+                &dir.join("log"),
+            )
+        })
+        .collect();
+    let leader_urls: Vec<String> = leaders.iter().map(HushProcess::url).collect();
+    // Provisioned at one replica: the others read it from the database.
+    provision(&leader_urls[0], &helper.url(), task, &VerifyKey::random()).await;
+    let leader = &leaders[0];
     let client = client_task(&leader.url(), &helper.url(), task).await;
     let now = SystemClock.now();
     let reports: Vec<Vec<u8>> = (0..n)
@@ -137,7 +193,11 @@ async fn run_pair(task: &TaskConfig, n: usize) -> PairRun {
         .and_then(|v| v.parse().ok())
         .unwrap_or(250);
     let (a, b) = (reports[..half].to_vec(), reports[half..].to_vec());
-    let (lu1, lu2) = (leader.url(), leader.url());
+    // One submitter per replica when there are two.
+    let (lu1, lu2) = (
+        leader_urls[0].clone(),
+        leader_urls[1 % leader_urls.len()].clone(),
+    );
     let s1 = tokio::spawn(async move { submit(&lu1, &a, batch).await });
     let s2 = tokio::spawn(async move { submit(&lu2, &b, batch).await });
     let accepted = s1.await.unwrap().accepted + s2.await.unwrap().accepted;
@@ -147,10 +207,15 @@ async fn run_pair(task: &TaskConfig, n: usize) -> PairRun {
     assert_eq!(stats.reports_aggregated as usize, n);
     let run = PairRun {
         rate: n as f64 / elapsed.as_secs_f64(),
-        leader_mib: leader.peak_rss_mib(),
+        leader_mib: leaders
+            .iter()
+            .map(HushProcess::peak_rss_mib)
+            .fold(0.0, f64::max),
         helper_mib: helper.peak_rss_mib(),
     };
-    leader.terminate();
+    for l in &mut leaders {
+        l.terminate();
+    }
     helper.terminate();
     run
 }
@@ -174,24 +239,46 @@ fn main() {
     ))
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let stores: Vec<Store> = std::env::var("HUSH_BENCH_STORES")
+        .unwrap_or_else(|_| "sled,pg,pg2".into())
+        .split(',')
+        .map(|s| match s.trim() {
+            "sled" => Store::Sled,
+            "pg" => Store::Postgres(1),
+            "pg2" => Store::Postgres(2),
+            other => panic!("HUSH_BENCH_STORES: {other:?} is not sled, pg or pg2"),
+        })
+        .collect();
+    // Measurements on a durable server of their own; `cargo test` uses the tests' shared one.
+    let own_pg = (bench && stores.iter().any(|s| *s != Store::Sled))
+        .then(|| ThrowawayPostgres::start(true).expect("a PostgreSQL server for the bench"));
+    let pg_url: Option<String> = stores.iter().any(|s| *s != Store::Sled).then(|| {
+        own_pg
+            .as_ref()
+            .map_or_else(|| ThrowawayPostgres::shared().url(), |p| p.url())
+            .to_owned()
+    });
 
     let bound = raw_bound(&task, raw_n);
     println!(
         "raw single-threaded bound (2 opens + 2 verify_init + combine + 2 verify_next): {bound:.0} reports/s"
     );
     println!(
-        "{:>8} {:>12} {:>10} {:>14} {:>14}",
-        "reports", "pair rep/s", "vs bound", "leader peak", "helper peak"
+        "{:<12} {:>8} {:>12} {:>10} {:>14} {:>14}",
+        "store", "reports", "pair rep/s", "vs bound", "leader peak", "helper peak"
     );
     for n in sizes {
-        let r = rt.block_on(run_pair(&task, n));
-        println!(
-            "{n:>8} {:>12.0} {:>9.2}x {:>11.1} MiB {:>11.1} MiB",
-            r.rate,
-            r.rate / bound,
-            r.leader_mib,
-            r.helper_mib
-        );
+        for store in &stores {
+            let r = rt.block_on(run_pair(&task, n, *store, pg_url.as_deref()));
+            println!(
+                "{:<12} {n:>8} {:>12.0} {:>9.2}x {:>11.1} MiB {:>11.1} MiB",
+                store.name(),
+                r.rate,
+                r.rate / bound,
+                r.leader_mib,
+                r.helper_mib
+            );
+        }
     }
     // The bound again, to show the machine's speed did not drift during the run.
     println!(

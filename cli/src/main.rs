@@ -147,7 +147,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| tool_hint(e, has_ca)),
         Command::Certs(c) => certs::run(c),
         Command::Init(i) => init::run(i),
-        Command::Audit(a) => audit::run(a),
+        Command::Audit(a) => audit::run(a).await,
     }
 }
 

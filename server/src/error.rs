@@ -12,6 +12,10 @@ pub enum ServerError {
     /// sled failed.
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),
+    /// The PostgreSQL store failed: no connection, a query refused, a transaction that kept
+    /// conflicting.
+    #[error("database error: {0}")]
+    Database(String),
     /// Another process holds the database.
     #[error(
         "the database in {} is in use by another process; stop it, or give this one another data_dir",

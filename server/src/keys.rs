@@ -19,6 +19,18 @@ pub trait KeyStore: Send + Sync + 'static {
     fn load_key_set(&self) -> Result<Option<KeySet>, ServerError>;
     /// Replaces the stored key set, durably (blocking; key changes are rare).
     fn save_key_set(&self, set: &KeySet) -> Result<(), ServerError>;
+    /// Replaces the stored key set with `next` only if it is still `expected` (`None`: no set
+    /// stored yet), durably; returns whether it did. Stores that several processes share
+    /// (aggregator replicas on one database) must make this one atomic step; the default, for
+    /// stores one process owns, reads and then writes.
+    fn swap_key_set(&self, expected: Option<&KeySet>, next: &KeySet) -> Result<bool, ServerError> {
+        let stored = self.load_key_set()?;
+        if stored.as_ref().map(KeySet::to_bytes) != expected.map(KeySet::to_bytes) {
+            return Ok(false);
+        }
+        self.save_key_set(next)?;
+        Ok(true)
+    }
     /// `config`'s key was deleted after its grace period: drop what belonged to it.
     fn retired(&self, config: &HpkeConfig) -> Result<(), ServerError> {
         let _ = config;
@@ -72,12 +84,18 @@ impl<S: KeyStore> KeyManager<S> {
             Some(s) => s,
             None => {
                 let s = KeySet::generate(clock.now());
-                store.save_key_set(&s)?;
-                tracing::info!(
-                    config_id = s.current().config().id(),
-                    "generated the first HPKE key"
-                );
-                s
+                if store.swap_key_set(None, &s)? {
+                    tracing::info!(
+                        config_id = s.current().config().id(),
+                        "generated the first HPKE key"
+                    );
+                    s
+                } else {
+                    // Another replica stored its first key in the meantime: use that one.
+                    store.load_key_set()?.ok_or_else(|| {
+                        ServerError::corrupt("key set", "vanished after another process stored it")
+                    })?
+                }
             }
         };
         Ok(Self {
@@ -112,21 +130,48 @@ impl<S: KeyStore> KeyManager<S> {
         tokio::task::spawn_blocking(move || keys.rotate()).await?
     }
 
-    /// Applies `change` to a copy of the key set, stores it, then makes it live.
+    /// Applies `change` to a copy of the stored key set (which another process sharing the
+    /// store may have changed), swaps it in, then makes it live; if the stored set changed
+    /// meanwhile, applies `change` again to the new one.
     fn update<T>(
         &self,
-        change: impl FnOnce(&mut KeySet) -> Result<T, ServerError>,
+        change: impl Fn(&mut KeySet) -> Result<T, ServerError>,
     ) -> Result<T, ServerError> {
         let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = set.clone();
-        let out = change(&mut next)?;
-        if next.to_bytes() == set.to_bytes() {
-            return Ok(out);
+        loop {
+            let stored = self.store.load_key_set()?;
+            let base = stored.clone().unwrap_or_else(|| set.clone());
+            let mut next = base.clone();
+            let out = change(&mut next)?;
+            if next.to_bytes() == base.to_bytes() {
+                self.adopt(&mut set, base);
+                return Ok(out);
+            }
+            if self.store.swap_key_set(stored.as_ref(), &next)? {
+                self.adopt(&mut set, next);
+                return Ok(out);
+            }
         }
-        self.store.save_key_set(&next)?;
-        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = next.keyring();
-        *set = next;
-        Ok(out)
+    }
+
+    /// Makes `next` the live set if it differs from `set`.
+    fn adopt(&self, set: &mut KeySet, next: KeySet) {
+        if next.to_bytes() != set.to_bytes() {
+            *self.ring.write().unwrap_or_else(|p| p.into_inner()) = next.keyring();
+            *set = next;
+        }
+    }
+
+    /// Reloads the stored key set, so keys another process sharing the store made (a replica's
+    /// rotation) open here too; returns whether it changed.
+    pub fn refresh(&self) -> Result<bool, ServerError> {
+        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(stored) = self.store.load_key_set()? else {
+            return Ok(false);
+        };
+        let changed = stored.to_bytes() != set.to_bytes();
+        self.adopt(&mut set, stored);
+        Ok(changed)
     }
 
     /// Makes a new key current; the old one keeps opening for the grace period. Returns the

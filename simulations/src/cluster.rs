@@ -182,12 +182,14 @@ impl Cluster {
         })
         .await?;
         let leader = self.leader.shared().store.clone();
-        wait_until(
-            "the aggregators to finish",
-            Duration::from_secs(300),
-            || leader.pending_total() == 0,
-        )
-        .await
+        let start = Instant::now();
+        while leader.pending_total().await? > 0 {
+            if start.elapsed() > Duration::from_secs(300) {
+                bail!("timed out waiting for the aggregators to finish");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// Moves the clock past the collection delay and waits until the results service has

@@ -50,6 +50,23 @@ pub struct LoadArgs {
     /// Seed of the measurements (and of the chaos schedule).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The aggregators' store: sled (in the data directory), or PostgreSQL (a private server
+    /// started for the run in the data directory, fsync on, on this machine).
+    #[arg(long, value_enum, default_value_t = LoadStore::Sled)]
+    store: LoadStore,
+    /// Leader processes on the one PostgreSQL database (`--store postgres`). shuffler-b
+    /// forwards to the first; all of them take aggregation jobs.
+    #[arg(long, default_value_t = 1)]
+    leader_replicas: usize,
+}
+
+/// The aggregators' store in a load run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadStore {
+    /// Embedded sled.
+    Sled,
+    /// A PostgreSQL server shared by the replicas.
+    Postgres,
 }
 
 /// The same load, with components SIGKILLed and restarted while it runs.
@@ -88,6 +105,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 struct Proc {
     name: &'static str,
     args: Vec<String>,
+    env: Vec<(&'static str, String)>,
     log: PathBuf,
     child: Option<Child>,
     peak_rss_kb: u64,
@@ -109,6 +127,7 @@ impl Proc {
             .env_remove("HUSH_SHUFFLER_ADMIN_TOKEN")
             .env("HUSH_PEER_TOKEN", PEER_TOKEN)
             .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -189,10 +208,35 @@ struct Cluster {
     procs: Vec<Proc>,
     urls: BTreeMap<&'static str, String>,
     tools: ClientTlsConfig,
+    /// The PostgreSQL server of a `--store postgres` run, stopped when the run ends.
+    _postgres: Option<hush_aggregator::store::throwaway::ThrowawayPostgres>,
 }
 
-/// Writes certificates and configs under `dir` and starts the four servers.
-fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
+/// Names of the extra leader replicas.
+const REPLICAS: [&str; 3] = ["leader-2", "leader-3", "leader-4"];
+
+/// Writes certificates and configs under `dir` and starts the servers.
+fn start_cluster(dir: &Path, store: LoadStore, leader_replicas: usize) -> anyhow::Result<Cluster> {
+    use hush_aggregator::store::throwaway::{ThrowawayPostgres, fresh_schema};
+    let postgres = match store {
+        LoadStore::Sled => None,
+        LoadStore::Postgres => Some(
+            ThrowawayPostgres::start(true)
+                .map_err(|e| anyhow::anyhow!("starting PostgreSQL for --store postgres: {e}"))?,
+        ),
+    };
+    let env: Vec<(&'static str, String)> = postgres
+        .iter()
+        .map(|p| ("HUSH_DATABASE_URL", p.url().to_owned()))
+        .collect();
+    let store_section = |schema: String| match store {
+        LoadStore::Sled => String::new(),
+        LoadStore::Postgres => {
+            format!("[store]\nkind = \"postgres\"\nschema = \"{schema}\"\npool_size = 16\n")
+        }
+    };
+    let (leader_store, helper_store) =
+        (store_section(fresh_schema()), store_section(fresh_schema()));
     let (sections, ca_pem) = crate::certs::dev_tls_sections(&dir.join("certs"), "hush load CA")?;
     let tls = |name: &str| -> anyhow::Result<&String> {
         sections
@@ -203,33 +247,40 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
     for c in COMPONENTS {
         ports.insert(c, free_port()?);
     }
+    let replicas = &REPLICAS[..leader_replicas.saturating_sub(1)];
+    for r in replicas {
+        ports.insert(*r, free_port()?);
+    }
     let url = |c: &str| format!("https://127.0.0.1:{}", ports[c]);
     let data = |c: &str| dir.join(c).display().to_string();
     let mut configs: BTreeMap<&'static str, String> = BTreeMap::new();
     configs.insert(
         "helper",
         format!(
-            "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\ncache_mb = 64\n\
+            "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\ncache_mb = 64\n{helper_store}\
              [peers]\nleader = [\"leader\"]\nkey_directories = [\"operator\"]\n{}",
             ports["helper"],
             data("helper"),
             tls("helper")?
         ),
     );
-    configs.insert(
-        "leader",
-        format!(
-            "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\ncache_mb = 64\n\
-             [peers]\nshufflers = [\"shuffler-b\"]\ncollectors = [\"collector\"]\nkey_directories = [\"operator\"]\n\
-             [leader]\nhelper_url = \"{}\"\njob_size = 500\njob_poll_interval_ms = 50\n\
-             retry_initial_ms = 100\nretry_max_ms = 2000\nmax_pending_reports = 200000\n\
-             tenant_max_pending = 200000\n{}",
-            ports["leader"],
-            data("leader"),
-            url("helper"),
-            tls("leader")?
-        ),
-    );
+    for name in std::iter::once("leader").chain(replicas.iter().copied()) {
+        configs.insert(
+            name,
+            format!(
+                "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\ncache_mb = 64\n{leader_store}\
+                 [peers]\nshufflers = [\"shuffler-b\"]\ncollectors = [\"collector\"]\nkey_directories = [\"operator\"]\n\
+                 [leader]\nhelper_url = \"{}\"\njob_size = 500\njob_poll_interval_ms = 50\n\
+                 retry_initial_ms = 100\nretry_max_ms = 2000\nmax_pending_reports = 200000\n\
+                 tenant_max_pending = 200000\n{}",
+                ports[name],
+                data(name),
+                url("helper"),
+                // Every replica presents the leader's certificate.
+                tls("leader")?
+            ),
+        );
+    }
     for (name, from, next, kind) in [
         ("shuffler-b", "shufflers", "leader", "leader"),
         ("shuffler-a", "clients", "shuffler-b", "shuffler"),
@@ -252,12 +303,13 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
         );
     }
     let mut procs = Vec::new();
-    for c in COMPONENTS {
+    for c in COMPONENTS.iter().chain(replicas).copied() {
         let path = dir.join(format!("{c}.toml"));
         std::fs::write(&path, &configs[c])?;
         let path = path.display().to_string();
-        let args: Vec<String> = match c {
-            "helper" | "leader" => ["aggregator", "--role", c, "--config", &path]
+        let role = if c.starts_with("leader") { "leader" } else { c };
+        let args: Vec<String> = match role {
+            "helper" | "leader" => ["aggregator", "--role", role, "--config", &path]
                 .map(String::from)
                 .to_vec(),
             _ => ["shuffler", "--config", &path].map(String::from).to_vec(),
@@ -265,6 +317,7 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
         let mut p = Proc {
             name: c,
             args,
+            env: env.clone(),
             log: dir.join(format!("{c}.log")),
             child: None,
             peak_rss_kb: 0,
@@ -284,6 +337,7 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
             ca_pem.clone(),
         )?
         .client(),
+        _postgres: postgres,
     })
 }
 
@@ -457,13 +511,25 @@ async fn run(args: LoadArgs, chaos: Option<ChaosArgs>) -> anyhow::Result<()> {
         args.rate > 0 && args.agents > 0,
         "--rate and --agents must be positive"
     );
+    anyhow::ensure!(
+        (1..=REPLICAS.len() + 1).contains(&args.leader_replicas)
+            && (args.leader_replicas == 1 || args.store == LoadStore::Postgres),
+        "--leader-replicas must be 1 to {}, and above 1 only with --store postgres (sled allows one process per database)",
+        REPLICAS.len() + 1
+    );
     let (dir, _tmp) = crate::cluster::data_dir(args.data_dir.as_deref())?;
     let mode = if chaos.is_some() { "chaos" } else { "load" };
     println!(
         "hush {mode}: shuffler-a, shuffler-b, leader, helper as processes on 127.0.0.1 (mutual TLS); data in {}",
         dir.display()
     );
-    let mut cluster = start_cluster(&dir)?;
+    let mut cluster = start_cluster(&dir, args.store, args.leader_replicas)?;
+    if args.store == LoadStore::Postgres {
+        println!(
+            "  aggregators on PostgreSQL (a private server started for the run, fsync on), {} leader process(es); shuffler-b forwards to the first",
+            args.leader_replicas
+        );
+    }
     let collector = HpkeKeypair::generate(1);
     let task = TaskSpec {
         name: "load latency",

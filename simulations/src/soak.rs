@@ -148,8 +148,14 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
                 sizes.insert((component.to_owned(), t), n);
             }
         };
-        put("leader", cluster.leader.shared().store.tree_sizes());
-        put("helper", cluster.helper.shared().store.tree_sizes());
+        put(
+            "leader",
+            as_usize(cluster.leader.shared().store.tree_sizes().await?),
+        );
+        put(
+            "helper",
+            as_usize(cluster.helper.shared().store.tree_sizes().await?),
+        );
         put(
             "shuffler-a",
             cluster.shufflers[0].shared().store.tree_sizes(),
@@ -213,4 +219,8 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         bail!("storage kept growing at a steady rate: {}", grew.join(", "));
     }
     Ok(())
+}
+
+fn as_usize(sizes: Vec<(String, u64)>) -> Vec<(String, usize)> {
+    sizes.into_iter().map(|(t, n)| (t, n as usize)).collect()
 }

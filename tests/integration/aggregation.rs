@@ -128,7 +128,9 @@ async fn valid_malicious_replayed_garbage_and_unknown_reports_are_each_counted()
     assert_eq!(rejections(&helper)[&RejectReason::InvalidProof], 50);
 
     let (ld, hd) = pair.shutdown().await;
-    let (sum, count) = Stored::read(ld.path(), hd.path(), &task).unshard(task.output_len());
+    let (sum, count) = Stored::read(ld.path(), hd.path(), &task)
+        .await
+        .unshard(task.output_len());
     assert_eq!(count, 2_000);
     assert_eq!(sum, expect);
 }
@@ -321,8 +323,9 @@ async fn the_leader_retries_while_the_helper_is_down_and_loses_nothing() {
     assert_eq!(s.reports_aggregated, 600);
     leader.shutdown().await.unwrap();
     helper.shutdown().await.unwrap();
-    let (sum, count) =
-        Stored::read(leader_dir.path(), helper_dir.path(), &task).unshard(task.output_len());
+    let (sum, count) = Stored::read(leader_dir.path(), helper_dir.path(), &task)
+        .await
+        .unshard(task.output_len());
     assert_eq!((sum, count), (expect, 600));
 }
 

@@ -414,6 +414,7 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
         .store
         .audit()
         .entries()
+        .await
         .unwrap()
         .iter()
         .map(|e| &e.event)
@@ -442,7 +443,15 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
         "{trail:#?}"
     );
     assert!(trail[4].contains("20 reports, spent ε 1"), "{trail:#?}");
-    let helper = s.pair.helper.shared().store.audit().entries().unwrap();
+    let helper = s
+        .pair
+        .helper
+        .shared()
+        .store
+        .audit()
+        .entries()
+        .await
+        .unwrap();
     assert!(
         helper
             .iter()
@@ -450,8 +459,8 @@ async fn collectors_of_other_tenants_and_wrong_tokens_are_refused() {
             .any(|e| e.action == "aggregate_share" && e.outcome == "ok" && e.actor == "leader"),
         "{helper:#?}"
     );
-    s.pair.leader.shared().store.audit().verify().unwrap();
-    s.pair.helper.shared().store.audit().verify().unwrap();
+    s.pair.leader.shared().store.audit().verify().await.unwrap();
+    s.pair.helper.shared().store.audit().verify().await.unwrap();
     s.pair.shutdown().await;
 }
 
@@ -515,7 +524,15 @@ async fn a_helper_with_other_reports_makes_the_collection_fail_loudly() {
         "{}",
         e.message()
     );
-    let helper_trail = s.pair.helper.shared().store.audit().entries().unwrap();
+    let helper_trail = s
+        .pair
+        .helper
+        .shared()
+        .store
+        .audit()
+        .entries()
+        .await
+        .unwrap();
     assert!(
         helper_trail
             .iter()
@@ -551,32 +568,37 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
     assert_eq!(opened.report_count, Some(100));
     let (leader, helper) = (s.pair.leader.shared(), s.pair.helper.shared());
     for a in [leader, helper] {
-        assert_eq!(a.store.seen_count(&t.id()), 100);
-        assert_eq!(a.store.batches(&t.id()).unwrap().len(), 1);
-        assert!(a.store.collection(&t.id(), &cid).unwrap().is_some());
+        assert_eq!(a.store.seen_count(&t.id()).await.unwrap(), 100);
+        assert_eq!(a.store.batches(&t.id()).await.unwrap().len(), 1);
+        assert!(a.store.collection(&t.id(), &cid).await.unwrap().is_some());
     }
     // Within retention nothing goes (the ids are still within the report expiry).
     for a in [leader, helper] {
-        assert!(hush_aggregator::retention::run_once(a).unwrap().is_empty());
+        assert!(
+            hush_aggregator::retention::run_once(a)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
     // Past the report expiry (1 h) the anti-replay ids go; past the retention (2 h) the
     // aggregates and the stored answers too.
     s.mock.advance(7_200 + 60);
     for a in [leader, helper] {
-        let deleted = hush_aggregator::retention::run_once(a).unwrap();
+        let deleted = hush_aggregator::retention::run_once(a).await.unwrap();
         assert_eq!(deleted.len(), 1);
         let d = deleted[0].1;
         assert_eq!((d.seen_ids, d.aggregates, d.collections), (100, 1, 1));
         // The ledger, the closed, released and batch marks and the batch's collection count.
         assert!(d.window_marks >= 5, "{d:?}");
         // Gone from sled.
-        assert_eq!(a.store.seen_count(&t.id()), 0);
-        assert!(a.store.batches(&t.id()).unwrap().is_empty());
-        assert!(a.store.collection(&t.id(), &cid).unwrap().is_none());
+        assert_eq!(a.store.seen_count(&t.id()).await.unwrap(), 0);
+        assert!(a.store.batches(&t.id()).await.unwrap().is_empty());
+        assert!(a.store.collection(&t.id(), &cid).await.unwrap().is_none());
         // Reported in the audit trail (counts only), which still verifies.
         let log = a.store.audit();
-        log.verify().unwrap();
-        let e = log.entries().unwrap().pop().unwrap();
+        log.verify().await.unwrap();
+        let e = log.entries().await.unwrap().pop().unwrap();
         assert_eq!(
             (e.event.actor.as_str(), e.event.action.as_str()),
             ("retention", "retention.delete")
@@ -588,7 +610,12 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
             e.event.detail
         );
         // A second run finds nothing more.
-        assert!(hush_aggregator::retention::run_once(a).unwrap().is_empty());
+        assert!(
+            hush_aggregator::retention::run_once(a)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
     // The deleted window cannot be collected again: intervals past the retention are refused
     // before any budget is looked at, so its per-window records could go too.
@@ -608,6 +635,7 @@ async fn retention_deletes_expired_ids_aggregates_and_answers_and_audits_it() {
         leader
             .store
             .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w.start()])
+            .await
             .unwrap(),
         [0]
     );
@@ -713,6 +741,7 @@ async fn overlapping_intervals_cannot_be_differenced_at_either_aggregator() {
     let sum = helper
         .store
         .sum_batches(&t.id(), &[w1.start(), w1.end()], t.output_len())
+        .await
         .unwrap();
     assert_eq!(sum.report_count, 25);
     let e = helper_as_peer(&s)
@@ -731,12 +760,14 @@ async fn overlapping_intervals_cannot_be_differenced_at_either_aggregator() {
         assert_eq!(
             a.store
                 .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w2])
+                .await
                 .unwrap(),
             [0]
         );
         assert_eq!(
             a.store
                 .spent(&t.id(), hush_protocol::BudgetPurpose::Alert, &[w2])
+                .await
                 .unwrap(),
             [0]
         );
@@ -744,6 +775,7 @@ async fn overlapping_intervals_cannot_be_differenced_at_either_aggregator() {
             .store
             .audit()
             .entries()
+            .await
             .unwrap()
             .into_iter()
             .filter(|e| e.event.outcome == "refused: batch rules")
@@ -802,6 +834,7 @@ async fn a_racing_leader_cannot_slip_a_report_into_a_released_window() {
         let before = helper
             .store
             .sum_batches(&t.id(), &[w.start()], t.output_len())
+            .await
             .unwrap();
         assert_eq!(before.report_count, 20);
         let job = pb::AggregationJobInitRequest {
@@ -834,6 +867,7 @@ async fn a_racing_leader_cannot_slip_a_report_into_a_released_window() {
         let after = helper
             .store
             .sum_batches(&t.id(), &[w.start()], t.output_len())
+            .await
             .unwrap()
             .report_count;
         if share.is_ok() {
@@ -855,6 +889,7 @@ async fn a_racing_leader_cannot_slip_a_report_into_a_released_window() {
                 helper
                     .store
                     .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w.start()])
+                    .await
                     .unwrap(),
                 [0]
             );
@@ -932,6 +967,7 @@ async fn late_reports_are_counted_and_released_once_with_noise_when_no_more_can_
         .shared()
         .store
         .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w.start()])
+        .await
         .unwrap()[0];
     let first = late_count(&leader, ACME, &t, &w).await.unwrap();
     assert_eq!(first.noisy_late_reports, 3);
@@ -945,6 +981,7 @@ async fn late_reports_are_counted_and_released_once_with_noise_when_no_more_can_
         .shared()
         .store
         .spent(&t.id(), hush_protocol::BudgetPurpose::Routine, &[w.start()])
+        .await
         .unwrap()[0];
     assert_eq!(
         spent_after - spent_before,

@@ -227,7 +227,9 @@ async fn a_cascade_in_front_of_the_real_leader_aggregates_exactly() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     let (ld, hd) = pair.shutdown().await;
-    let (sum, count) = Stored::read(ld.path(), hd.path(), &task).unshard(task.output_len());
+    let (sum, count) = Stored::read(ld.path(), hd.path(), &task)
+        .await
+        .unshard(task.output_len());
     assert_eq!(count, 5_000);
     assert_eq!(sum, expect);
 }

@@ -315,17 +315,18 @@ async fn a_flood_of_refused_collections_cannot_fill_the_audit_trail() {
         assert_eq!(e.code(), Code::Unauthenticated);
     }
     let seconds = started.elapsed().as_secs() + 1;
-    let refused = |a: &Aggregator| {
+    let refused = async |a: &Aggregator| {
         a.shared()
             .store
             .audit()
             .entries()
+            .await
             .unwrap()
             .into_iter()
             .filter(|e| e.event.action == "collect")
             .collect::<Vec<_>>()
     };
-    let n = refused(&pair.leader).len() as u64;
+    let n = refused(&pair.leader).await.len() as u64;
     assert!(
         n <= seconds * 10 + 10,
         "{n} audit entries for 500 refusals in {seconds} s"
@@ -341,12 +342,12 @@ async fn a_flood_of_refused_collections_cannot_fill_the_audit_trail() {
         pb::BudgetPurpose::Routine,
     )
     .await;
-    let last = refused(&pair.leader).pop().unwrap();
+    let last = refused(&pair.leader).await.pop().unwrap();
     assert!(
         last.event.detail.contains("earlier refusals not recorded"),
         "{last}"
     );
-    pair.leader.shared().store.audit().verify().unwrap();
+    pair.leader.shared().store.audit().verify().await.unwrap();
     pair.shutdown().await;
 }
 
@@ -621,7 +622,7 @@ async fn the_leader_never_resends_a_job_older_than_the_helpers_job_retention() {
         hush_tests::cluster::rejections(&s)[&pb::RejectReason::TooOld],
         10
     );
-    let trail = leader.shared().store.audit().entries().unwrap();
+    let trail = leader.shared().store.audit().entries().await.unwrap();
     assert!(
         trail.iter().any(
             |e| e.event.action == "aggregation.job" && e.event.outcome.starts_with("abandoned")

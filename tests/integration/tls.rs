@@ -342,10 +342,11 @@ async fn every_operator_link_refuses_callers_without_the_right_certificate() {
         }
     }
     // Each refusal at an aggregator is in its audit trail, which still verifies.
-    let actions = |a: &Aggregator| -> Vec<String> {
+    let actions = async |a: &Aggregator| -> Vec<String> {
         let log = a.shared().store.audit();
-        log.verify().unwrap();
+        log.verify().await.unwrap();
         log.entries()
+            .await
             .unwrap()
             .into_iter()
             .filter(|e| e.event.actor == "unauthenticated")
@@ -361,7 +362,7 @@ async fn every_operator_link_refuses_callers_without_the_right_certificate() {
     };
     // Each link's two refusals (no certificate, then another role's) are in the trail.
     assert_eq!(
-        actions(&c.leader),
+        actions(&c.leader).await,
         [
             "ingest.call",
             "ingest.call",
@@ -372,7 +373,7 @@ async fn every_operator_link_refuses_callers_without_the_right_certificate() {
         ]
     );
     assert_eq!(
-        actions(&c.helper),
+        actions(&c.helper).await,
         [
             "aggregation.call",
             "aggregation.call",

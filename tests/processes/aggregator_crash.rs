@@ -147,8 +147,9 @@ async fn crash_during_jobs(kill_leader: bool) {
     assert!(s.rejected.is_empty(), "{s:?}");
     c.leader.terminate();
     c.helper.terminate();
-    let (sum, count) =
-        Stored::read(c.leader_dir.path(), c.helper_dir.path(), &task).unshard(task.output_len());
+    let (sum, count) = Stored::read(c.leader_dir.path(), c.helper_dir.path(), &task)
+        .await
+        .unshard(task.output_len());
     assert_eq!(count, 2_000);
     assert_eq!(sum, expect);
 }

@@ -14,6 +14,7 @@ mod end_to_end;
 mod first_hour;
 mod load;
 mod metrics;
+mod replicas;
 mod send;
 mod served_demo;
 mod shuffler_crash;

@@ -330,16 +330,17 @@ pub struct Stored {
 
 impl Stored {
     /// Reads the batches of `task` from both data directories (the servers must be stopped).
-    pub fn read(leader_dir: &Path, helper_dir: &Path, task: &TaskConfig) -> Self {
-        let read = |d: &Path| {
+    pub async fn read(leader_dir: &Path, helper_dir: &Path, task: &TaskConfig) -> Self {
+        let read = async |d: &Path| {
             Store::open(&d.join("data"), 16)
                 .expect("store opens")
                 .batches(&task.id())
+                .await
                 .expect("batches")
         };
         Self {
-            leader: read(leader_dir),
-            helper: read(helper_dir),
+            leader: read(leader_dir).await,
+            helper: read(helper_dir).await,
         }
     }
 

@@ -34,6 +34,24 @@ impl HelperService {
         Self { shared }
     }
 
+    /// Opens and verifies every report of a job on all cores.
+    async fn process_all(
+        &self,
+        task: &std::sync::Arc<TaskEntry>,
+        req: &std::sync::Arc<pb::AggregationJobInitRequest>,
+    ) -> Result<Vec<HelperReport>> {
+        let me = self.clone();
+        let keyring = self.shared.keys.keyring();
+        let (t, req) = (task.clone(), req.clone());
+        tokio::task::spawn_blocking(move || {
+            req.reports
+                .par_iter()
+                .map(|r| me.process(&t, &keyring, r))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await?
+    }
+
     fn process(
         &self,
         task: &TaskEntry,
@@ -90,10 +108,18 @@ impl HelperService {
         })?;
         let job_id = AggregationJobId::try_from(req.job_id.as_ref())
             .map_err(|e| Error::InvalidRequest(format!("AggregationJobInitRequest.job_id: {e}")))?;
-        let task = self
-            .shared
-            .task(&task_id)
-            .ok_or(Error::UnknownTask(task_id))?;
+        let task = match self.shared.task(&task_id) {
+            Some(t) => t,
+            // Perhaps provisioned at another replica on the shared database a moment ago.
+            None => {
+                self.shared
+                    .sync_from_store(std::time::Duration::from_secs(1))
+                    .await?;
+                self.shared
+                    .task(&task_id)
+                    .ok_or(Error::UnknownTask(task_id))?
+            }
+        };
         if req.reports.len() > self.shared.config.max_request_reports {
             return Err(Error::InvalidRequest(format!(
                 "{} reports in one job; the limit is {}",
@@ -108,7 +134,7 @@ impl HelperService {
             .map_err(|_| Error::corrupt("request hash", "sha256 length"))?;
 
         // A retry of a finished job: answer from the record without doing the work again.
-        if let Some(rec) = self.shared.store.helper_job(&task_id, &job_id)? {
+        if let Some(rec) = self.shared.store.helper_job(&task_id, &job_id).await? {
             if rec.request_hash != hash {
                 return Err(Error::JobConflict(job_id.to_string()));
             }
@@ -118,40 +144,48 @@ impl HelperService {
                 .map_err(|e| Error::corrupt("helper job response", e));
         }
 
-        let me = self.clone();
-        let keyring = self.shared.keys.keyring();
-        let t = task.clone();
-        let processed: Vec<HelperReport> = tokio::task::spawn_blocking(move || {
-            req.reports
-                .par_iter()
-                .map(|r| me.process(&t, &keyring, r))
-                .collect::<Result<Vec<_>>>()
-        })
-        .await??;
+        let req = std::sync::Arc::new(req);
+        let mut processed = self.process_all(&task, &req).await?;
+        // A share sealed to a key another replica rotated a moment ago: read its keys (at most
+        // once a second) and process the job again.
+        if processed
+            .iter()
+            .any(|r| r.outcome.as_ref().err() == Some(&RejectReason::DecryptFailure))
+            && self
+                .shared
+                .sync_from_store(std::time::Duration::from_secs(1))
+                .await?
+        {
+            processed = self.process_all(&task, &req).await?;
+        }
 
-        let store = self.shared.store.clone();
         let len = task.vdaf.output_len();
         let now = self.shared.clock.now();
-        let commit = tokio::task::spawn_blocking(move || {
-            store.commit_helper_job(&task_id, &job_id, now, hash, len, &processed, |outcomes| {
-                pb::AggregationJobResponse {
-                    outcomes: outcomes
-                        .iter()
-                        .map(|(id, o)| pb::ReportOutcome {
-                            report_id: id.as_bytes().to_vec().into(),
-                            result: Some(match o {
-                                Ok(msg) => {
-                                    pb::report_outcome::Result::VerifierMessage(msg.to_vec().into())
-                                }
-                                Err(r) => pb::report_outcome::Result::Rejected(*r as i32),
-                            }),
-                        })
-                        .collect(),
-                }
-                .encode_to_vec()
+        let commit = self
+            .shared
+            .store
+            .run(move |store| async move {
+                store
+                    .commit_helper_job(&task_id, &job_id, now, hash, len, &processed, |outcomes| {
+                        pb::AggregationJobResponse {
+                            outcomes: outcomes
+                                .iter()
+                                .map(|(id, o)| pb::ReportOutcome {
+                                    report_id: id.as_bytes().to_vec().into(),
+                                    result: Some(match o {
+                                        Ok(msg) => pb::report_outcome::Result::VerifierMessage(
+                                            msg.to_vec().into(),
+                                        ),
+                                        Err(r) => pb::report_outcome::Result::Rejected(*r as i32),
+                                    }),
+                                })
+                                .collect(),
+                        }
+                        .encode_to_vec()
+                    })
+                    .await
             })
-        })
-        .await??;
+            .await?;
         let (bytes, fresh) = match commit {
             HelperCommit::Committed(b) => {
                 self.shared.store.flush().await?;

@@ -33,7 +33,7 @@ pub async fn helper_share(
     }
     .encode_to_vec()]);
     let _guard = shared.collect_lock.lock().await;
-    if let Some((h, answer)) = shared.store.collection(&task_id, &cid)? {
+    if let Some((h, answer)) = shared.store.collection(&task_id, &cid).await? {
         if h != request_hash {
             return Err(Error::JobConflict(format!(
                 "collection {} ran with another request",
@@ -52,10 +52,12 @@ pub async fn helper_share(
         &windows,
         &rule,
         purpose,
-    )?;
+    )
+    .await?;
     let batch = shared
         .store
-        .sum_batches(&task_id, &windows, task.config.output_len())?;
+        .sum_batches(&task_id, &windows, task.config.output_len())
+        .await?;
     let leader_checksum = ReportIdChecksum::from(
         <[u8; 32]>::try_from(req.checksum.as_ref())
             .map_err(|_| Error::InvalidRequest("checksum must be 32 bytes".into()))?,
@@ -98,7 +100,7 @@ pub async fn helper_share(
             min: task.config.min_batch_size(),
         });
     }
-    let left = check_budget(shared, &task, purpose, &windows)?;
+    let left = check_budget(shared, &task, purpose, &windows).await?;
     let answer = pb::AggregateShareResponse {
         encrypted_aggregate_share: Some(noisy_sealed_share(
             &task,
@@ -118,7 +120,8 @@ pub async fn helper_share(
         &batch,
         request_hash,
         &answer.encode_to_vec(),
-    )?;
+    )
+    .await?;
     record_release(
         shared,
         "leader".into(),

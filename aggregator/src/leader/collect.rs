@@ -55,7 +55,7 @@ impl CollectionService {
 
     /// The task, if it is provisioned and `token` is its tenant's collector token; otherwise
     /// the same refusal for every case (audited with the real reason).
-    fn authorized_task(
+    async fn authorized_task(
         &self,
         token: Option<&str>,
         task_id: &TaskId,
@@ -85,12 +85,17 @@ impl CollectionService {
             return Err(Self::not_yours(task_id));
         };
         let tenant = task.config.tenant();
-        if let Some(expected) = self.shared.store.tenant_token_hash(tenant)?
+        if let Some(expected) = self.shared.store.tenant_token_hash(tenant).await?
             && token_matches(token, &expected)
         {
             return Ok(task);
         }
-        match self.shared.store.tenant_of_token_hash(&token_hash(token))? {
+        match self
+            .shared
+            .store
+            .tenant_of_token_hash(&token_hash(token))
+            .await?
+        {
             Some(other) => {
                 refuse(format!("collector:{other}"), tenant, "cross-tenant request");
                 tracing::warn!(task = %task_id, owner = tenant, requester = %other, "refused a cross-tenant collection");
@@ -111,7 +116,7 @@ impl CollectionService {
         let shared = &self.shared;
         let task_id = TaskId::try_from(req.task_id.as_ref())
             .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        let task = self.authorized_task(token, &task_id, "collect")?;
+        let task = self.authorized_task(token, &task_id, "collect").await?;
         let (interval, windows) =
             checked_interval(&task, req.interval.as_ref(), shared.clock.now())?;
         let now = shared.clock.now();
@@ -132,7 +137,7 @@ impl CollectionService {
         ]);
 
         let _guard = shared.collect_lock.lock().await;
-        if let Some((h, answer)) = shared.store.collection(&task_id, &cid)? {
+        if let Some((h, answer)) = shared.store.collection(&task_id, &cid).await? {
             if h != request_hash {
                 return Err(Error::JobConflict(format!(
                     "collection {} ran with another request",
@@ -145,13 +150,14 @@ impl CollectionService {
         // Cheap checks first: nothing is closed or spent if they fail.
         let actor = format!("collector:{}", task.config.tenant());
         let rule = batch_rule(&task, &interval, purpose);
-        check_batch_rules(shared, &task, &actor, "collect", &windows, &rule, purpose)?;
+        check_batch_rules(shared, &task, &actor, "collect", &windows, &rule, purpose).await?;
         let min = task.config.min_batch_size();
         let expected = shared
             .store
-            .sum_batches(&task_id, &windows, task.config.output_len())?
+            .sum_batches(&task_id, &windows, task.config.output_len())
+            .await?
             .report_count
-            + shared.store.pending_in(&task_id, &windows)?;
+            + shared.store.pending_in(&task_id, &windows).await?;
         if expected < min {
             tracing::info!(task = %task_id, reports = expected, "refused a collection under min_batch_size");
             return Err(Error::BatchTooSmall {
@@ -159,7 +165,7 @@ impl CollectionService {
                 min,
             });
         }
-        check_budget(shared, &task, purpose, &windows)?;
+        check_budget(shared, &task, purpose, &windows).await?;
 
         // Close the windows, then wait for reports of them still in aggregation jobs.
         let newly: Vec<Time> = windows
@@ -167,16 +173,16 @@ impl CollectionService {
             .copied()
             .filter(|w| !shared.is_collected(&task_id, *w))
             .collect();
-        shared.store.mark_collected(&task_id, &newly, true)?;
+        shared.store.mark_collected(&task_id, &newly, true).await?;
         shared.set_collected(&task_id, &newly, true);
-        let reopen = |e: Error| -> Result<pb::CollectResponse> {
-            shared.store.mark_collected(&task_id, &newly, false)?;
+        let reopen = async |e: Error| -> Result<pb::CollectResponse> {
+            shared.store.reopen_windows(&task_id, &newly).await?;
             shared.set_collected(&task_id, &newly, false);
             Err(e)
         };
         let start = Instant::now();
         loop {
-            let pending = shared.store.pending_in(&task_id, &windows)?;
+            let pending = shared.store.pending_in(&task_id, &windows).await?;
             if pending == 0 {
                 break;
             }
@@ -184,20 +190,23 @@ impl CollectionService {
                 tracing::warn!(task = %task_id, pending, "collection gave up waiting for aggregation");
                 return reopen(Error::NotReady(
                     "reports of the interval are still being aggregated; retry later".into(),
-                ));
+                ))
+                .await;
             }
             shared.leader.new_reports.notify_one();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let batch = shared
             .store
-            .sum_batches(&task_id, &windows, task.config.output_len())?;
+            .sum_batches(&task_id, &windows, task.config.output_len())
+            .await?;
         if batch.report_count < min {
             tracing::info!(task = %task_id, reports = batch.report_count, "refused a collection under min_batch_size");
             return reopen(Error::BatchTooSmall {
                 count: batch.report_count,
                 min,
-            });
+            })
+            .await;
         }
 
         let helper_req = pb::AggregateShareRequest {
@@ -223,7 +232,7 @@ impl CollectionService {
             .encrypted_aggregate_share
             .ok_or_else(|| Error::Peer(Status::internal("the helper sent no aggregate share")))?;
 
-        let left = check_budget(shared, &task, purpose, &windows)?;
+        let left = check_budget(shared, &task, purpose, &windows).await?;
         let answer = pb::CollectResponse {
             interval: Some((&interval).into()),
             leader_encrypted_share: Some(noisy_sealed_share(
@@ -250,7 +259,8 @@ impl CollectionService {
             &batch,
             request_hash,
             &answer.encode_to_vec(),
-        )?;
+        )
+        .await?;
         record_release(
             shared,
             actor,
@@ -275,7 +285,7 @@ impl CollectionService {
         let shared = &self.shared;
         let task_id = TaskId::try_from(req.task_id.as_ref())
             .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        let task = self.authorized_task(token, &task_id, "late_count")?;
+        let task = self.authorized_task(token, &task_id, "late_count").await?;
         let now = shared.clock.now();
         let (interval, windows) = checked_interval(&task, req.interval.as_ref(), now)?;
         let Some(eps) = task.config.count_epsilon() else {
@@ -284,7 +294,7 @@ impl CollectionService {
             )));
         };
         let batch = (interval.start(), interval.duration());
-        if shared.store.batch_collections(&task_id, batch)? == (0, 0) {
+        if shared.store.batch_collections(&task_id, batch).await? == (0, 0) {
             return Err(Error::WrongRole(format!(
                 "the interval {}+{} s was not collected as a batch; late reports are counted per collected batch",
                 interval.start().as_secs(),
@@ -315,11 +325,11 @@ impl CollectionService {
             k
         };
         let _guard = shared.collect_lock.lock().await;
-        if let Some((_, answer)) = shared.store.collection(&task_id, &key)? {
+        if let Some((_, answer)) = shared.store.collection(&task_id, &key).await? {
             return pb::LateCountResponse::decode(answer.as_slice())
                 .map_err(|e| Error::corrupt("late count answer", e));
         }
-        let late = shared.store.late_in(&task_id, &windows)?;
+        let late = shared.store.late_in(&task_id, &windows).await?;
         let sensitivity = task.config.reports_per_instance();
         let noise = hush_protocol::dp::count_noise(sensitivity, eps)
             .map_err(|e| Error::config(format!("sampling the count noise failed: {e}")))?;
@@ -335,20 +345,24 @@ impl CollectionService {
         let routine = task.config.budget_for(BudgetPurpose::Routine).micros();
         let spent = shared
             .store
-            .spent(&task_id, BudgetPurpose::Routine, &windows)?;
+            .spent(&task_id, BudgetPurpose::Routine, &windows)
+            .await?;
         answer.budget_left_micro = spent
             .iter()
             .map(|s| routine.saturating_sub(*s).saturating_sub(eps.micros()))
             .min()
             .unwrap_or(0);
-        let r = shared.store.commit_late_count(
-            &task_id,
-            &key,
-            &windows,
-            eps.micros(),
-            routine,
-            &answer.encode_to_vec(),
-        )?;
+        let r = shared
+            .store
+            .commit_late_count(
+                &task_id,
+                &key,
+                &windows,
+                eps.micros(),
+                routine,
+                &answer.encode_to_vec(),
+            )
+            .await?;
         if let Err(r) = r {
             return Err(refusal_error(&task, BudgetPurpose::Routine, r));
         }
@@ -377,28 +391,30 @@ impl CollectionService {
 
 impl CollectionService {
     /// What is left of the budget over an interval's windows, per purpose; spends nothing.
-    fn budget(&self, token: Option<&str>, req: pb::GetBudgetRequest) -> Result<pb::BudgetAnswer> {
+    async fn budget(
+        &self,
+        token: Option<&str>,
+        req: pb::GetBudgetRequest,
+    ) -> Result<pb::BudgetAnswer> {
         let task_id = TaskId::try_from(req.task_id.as_ref())
             .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        let task = self.authorized_task(token, &task_id, "budget")?;
+        let task = self.authorized_task(token, &task_id, "budget").await?;
         let (interval, windows) =
             checked_interval(&task, req.interval.as_ref(), self.shared.clock.now())?;
         let per = task.config.epsilon_per_collection().micros();
-        let purposes = BudgetPurpose::ALL
-            .iter()
-            .map(|p| {
-                let budget = task.config.budget_for(*p).micros();
-                let spent = self.shared.store.spent(&task_id, *p, &windows)?;
-                let left = budget.saturating_sub(spent.into_iter().max().unwrap_or(0));
-                Ok(pb::PurposeBudget {
-                    purpose: p.to_proto() as i32,
-                    budget_micro: budget,
-                    left_micro: left,
-                    epsilon_per_collection_micro: per,
-                    collections_left: left.checked_div(per).unwrap_or(0),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut purposes = Vec::with_capacity(BudgetPurpose::ALL.len());
+        for p in BudgetPurpose::ALL {
+            let budget = task.config.budget_for(p).micros();
+            let spent = self.shared.store.spent(&task_id, p, &windows).await?;
+            let left = budget.saturating_sub(spent.into_iter().max().unwrap_or(0));
+            purposes.push(pb::PurposeBudget {
+                purpose: p.to_proto() as i32,
+                budget_micro: budget,
+                left_micro: left,
+                epsilon_per_collection_micro: per,
+                collections_left: left.checked_div(per).unwrap_or(0),
+            });
+        }
         Ok(pb::BudgetAnswer {
             interval: Some((&interval).into()),
             purposes,
@@ -414,7 +430,7 @@ impl Collection for CollectionService {
     ) -> std::result::Result<Response<pb::BudgetAnswer>, Status> {
         let token = bearer_token(&request).map(str::to_owned);
         Ok(Response::new(
-            self.budget(token.as_deref(), request.into_inner())?,
+            self.budget(token.as_deref(), request.into_inner()).await?,
         ))
     }
 

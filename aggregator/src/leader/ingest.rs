@@ -12,7 +12,7 @@ use hush_protocol::{Codec, Report, Role, TaskId};
 use rayon::prelude::*;
 use tonic::{Request, Response, Status};
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::shared::Shared;
 use crate::store::{GLOBAL_SCOPE, Ingested, PendingReport, Stat, StatDelta};
 use hush_protocol::Outcomes;
@@ -52,7 +52,10 @@ impl IngestService {
     /// (reserved here; [`IngestService::settle_holdings`] gives back what was not stored), then
     /// its rate. Over-quota tenants' reports become `OVER_QUOTA` refusals; `Err` if every
     /// accepted report was over a quota.
-    fn apply_quota(&self, checked: Vec<Checked>) -> std::result::Result<Vec<Checked>, Status> {
+    async fn apply_quota(
+        &self,
+        checked: Vec<Checked>,
+    ) -> std::result::Result<Vec<Checked>, Status> {
         let Some(lc) = &self.shared.config.leader else {
             return Ok(checked);
         };
@@ -74,7 +77,7 @@ impl IngestService {
                 Checked::Rejected(..) => None,
             })
             .collect();
-        let count_refused = |status: Status| {
+        let count_refused = async |status: Status| {
             let mut delta = StatDelta::default();
             let mut refused = hush_protocol::Outcomes::default();
             for scope in &scopes {
@@ -85,7 +88,7 @@ impl IngestService {
                 hush_server::metrics::names::REPORTS_REJECTED,
                 &refused,
             );
-            if let Err(e) = self.shared.store.add_stats(&delta) {
+            if let Err(e) = self.shared.store.add_stats(&delta).await {
                 tracing::error!(error = %e, "counting refused reports failed");
             }
             status
@@ -95,13 +98,15 @@ impl IngestService {
         for t in &full {
             hush_server::metrics::record_quota_refusals(t, "pending", per_tenant[t]);
         }
-        let checked = refuse_tenants(checked, &full, &tenant, || {
+        let checked = match refuse_tenants(checked, &full, &tenant, || {
             format!(
                 "tenant {full:?} holds its limit of {} reports waiting for aggregation; retry later",
                 lc.tenant_max_pending
             )
-        })
-        .map_err(count_refused)?;
+        }) {
+            Ok(c) => c,
+            Err(status) => return Err(count_refused(status).await),
+        };
         let Some(q) = &self.quota else {
             return Ok(checked);
         };
@@ -120,13 +125,15 @@ impl IngestService {
             holdings.release(t, per_tenant[t]);
             hush_server::metrics::record_quota_refusals(t, "rate", per_tenant[t]);
         }
-        refuse_tenants(checked, &over, &tenant, || {
+        match refuse_tenants(checked, &over, &tenant, || {
             format!(
                 "tenant {over:?} is over its quota of {} reports/s; retry later",
                 lc.tenant_reports_per_s
             )
-        })
-        .map_err(count_refused)
+        }) {
+            Ok(c) => Ok(c),
+            Err(status) => Err(count_refused(status).await),
+        }
     }
 
     /// Gives back the pending-report reservations of reports that were not stored (replays,
@@ -174,6 +181,22 @@ fn refuse_tenants(
             c => c,
         })
         .collect())
+}
+
+/// Checks and opens `reports` on all cores (opening shares is the expensive part).
+async fn check_all(
+    shared: Shared,
+    reports: Vec<bytes::Bytes>,
+) -> std::result::Result<(Vec<bytes::Bytes>, Vec<Checked>), Error> {
+    let keyring = shared.keys.keyring();
+    Ok(tokio::task::spawn_blocking(move || {
+        let checked = reports
+            .par_iter()
+            .map(|b| check_report(&shared, &keyring, b))
+            .collect();
+        (reports, checked)
+    })
+    .await?)
 }
 
 enum Checked {
@@ -235,18 +258,31 @@ impl LeaderIngest for IngestService {
                 )));
             }
         }
-        let shared = self.shared.clone();
-        let keyring = self.shared.keys.keyring();
-        // Opening shares is the expensive part: spread it over all cores.
-        let checked: Vec<Checked> = tokio::task::spawn_blocking(move || {
-            reports
-                .par_iter()
-                .map(|b| check_report(&shared, &keyring, b))
-                .collect()
-        })
-        .await
-        .map_err(Error::from)?;
-        let checked = self.apply_quota(checked)?;
+        let (reports, mut checked) = check_all(self.shared.clone(), reports).await?;
+        // An unknown task or key may be one another replica on the shared database provisioned
+        // or rotated a moment ago: read its changes (at most once a second) and check those
+        // reports again.
+        let missed: Vec<usize> = (0..checked.len())
+            .filter(|i| {
+                matches!(
+                    checked[*i],
+                    Checked::Rejected(_, RejectReason::UnknownTask | RejectReason::DecryptFailure)
+                )
+            })
+            .collect();
+        if !missed.is_empty()
+            && self
+                .shared
+                .sync_from_store(std::time::Duration::from_secs(1))
+                .await?
+        {
+            let again: Vec<bytes::Bytes> = missed.iter().map(|i| reports[*i].clone()).collect();
+            let (_, rechecked) = check_all(self.shared.clone(), again).await?;
+            for (i, c) in missed.into_iter().zip(rechecked) {
+                checked[i] = c;
+            }
+        }
+        let checked = self.apply_quota(checked).await?;
 
         let mut outcomes = Outcomes::default();
         let mut stats = StatDelta::default();
@@ -264,22 +300,22 @@ impl LeaderIngest for IngestService {
                 }
             }
         }
-        let accepted = match accepted
-            .into_iter()
-            .map(|(t, r)| Ok((t, self.shared.store.next_seq()?, r)))
-            .collect::<Result<Vec<_>>>()
-        {
-            Ok(a) => a,
+        let accepted = match self.shared.store.next_seqs(accepted.len()).await {
+            Ok(seqs) => accepted
+                .into_iter()
+                .zip(seqs)
+                .map(|((t, r), seq)| (t, seq, r))
+                .collect::<Vec<_>>(),
             Err(e) => {
                 self.settle_holdings(&tasks, None);
                 return Err(e.into());
             }
         };
-        let store = self.shared.store.clone();
-        let stored = tokio::task::spawn_blocking(move || store.store_pending(&accepted, &stats))
-            .await
-            .map_err(Error::from)
-            .and_then(|r| r);
+        let stored = self
+            .shared
+            .store
+            .run(move |store| async move { store.store_pending(&accepted, &stats).await })
+            .await;
         self.settle_holdings(&tasks, stored.as_ref().ok().map(Vec::as_slice));
         let stored = stored?;
         let n_stored = stored.iter().filter(|s| **s == Ingested::Stored).count() as u64;

@@ -20,7 +20,7 @@ use crate::checks::*;
 use crate::config::LeaderConfig;
 use crate::error::{Error, Result};
 use crate::shared::Shared;
-use crate::store::{BatchAggregation, LeaderJob, Stat, StatDelta};
+use crate::store::{BatchAggregation, LeaderJob, Lease, Stat, StatDelta};
 use crate::tasks::TaskEntry;
 use hush_protocol::link::AddBearer;
 
@@ -56,6 +56,10 @@ pub struct JobDriver {
     helper: HelperClient,
     /// Pending reports in a job in flight, by task and seq.
     assigned: Mutex<HashSet<(TaskId, u64)>>,
+    /// The jobs this process runs now (their leases are renewed on a shared database).
+    held: Mutex<HashSet<AggregationJobId>>,
+    /// This process's hold on the jobs it runs.
+    lease: Lease,
 }
 
 impl JobDriver {
@@ -67,11 +71,17 @@ impl JobDriver {
         tls: Option<&ClientTlsConfig>,
     ) -> Result<Self> {
         let helper = helper_client(&cfg, shared.config.job_message_limit(), peer_token, tls)?;
+        let lease = Lease {
+            owner: format!("{:016x}", rand::random::<u64>()),
+            ms: cfg.job_lease_ms,
+        };
         Ok(Self {
             shared,
             cfg,
             helper,
             assigned: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashSet::new()),
+            lease,
         })
     }
 
@@ -79,7 +89,17 @@ impl JobDriver {
     /// the next start.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut in_flight = JoinSet::new();
-        match self.shared.store.jobs() {
+        if self.shared.store.is_shared() {
+            tokio::spawn(self.clone().renew_leases(shutdown.clone()));
+        }
+        // On a shared database the jobs of a replica that stopped are taken over once their
+        // lease runs out (below); on sled every recorded job is this process's.
+        let own = if self.shared.store.is_shared() {
+            Ok(Vec::new())
+        } else {
+            self.shared.store.jobs().await
+        };
+        match own {
             Ok(jobs) => {
                 for (id, job) in jobs {
                     tracing::info!(job = %id, reports = job.seqs.len(), "resuming an aggregation job");
@@ -91,14 +111,38 @@ impl JobDriver {
             Err(e) => tracing::error!(error = %e, "cannot read the jobs in flight"),
         }
         let poll = Duration::from_millis(self.cfg.job_poll_interval_ms);
+        let takeover_every = Duration::from_millis((self.lease.ms / 4).min(1_000));
+        let mut last_takeover: Option<std::time::Instant> = None;
         let mut next_task = 0usize;
         loop {
+            if self.shared.store.is_shared()
+                && last_takeover.is_none_or(|t| t.elapsed() >= takeover_every)
+                && in_flight.len() < self.cfg.max_concurrent_jobs
+            {
+                last_takeover = Some(std::time::Instant::now());
+                match self
+                    .shared
+                    .store
+                    .take_expired_jobs(&self.lease, self.cfg.max_concurrent_jobs - in_flight.len())
+                    .await
+                {
+                    Ok(jobs) => {
+                        for (id, job) in jobs {
+                            tracing::info!(job = %id, reports = job.seqs.len(), "took over an aggregation job whose lease ran out");
+                            self.mark(&job, true);
+                            let me = self.clone();
+                            in_flight.spawn(async move { me.run_job_until_done(id, job).await });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot look for jobs to take over"),
+                }
+            }
             // A job must be durable before the helper sees it: otherwise a crash could forget a
             // job the helper has accumulated, and its reports would be sent again as replays.
             let mut created = Vec::new();
             let mut needs_flush = Vec::new();
             while in_flight.len() + created.len() < self.cfg.max_concurrent_jobs {
-                match self.next_job(&mut next_task, &mut needs_flush) {
+                match self.next_job(&mut next_task, &mut needs_flush).await {
                     Ok(Some(j)) => created.push(j),
                     Ok(None) => break,
                     Err(e) => {
@@ -148,7 +192,7 @@ impl JobDriver {
 
     /// Picks the next job, visiting tasks round robin. The job is recorded but not yet durable:
     /// its id is added to `needs_flush`, and the store must be flushed before the job is sent.
-    fn next_job(
+    async fn next_job(
         &self,
         next_task: &mut usize,
         needs_flush: &mut Vec<AggregationJobId>,
@@ -163,23 +207,29 @@ impl JobDriver {
         for i in 0..tasks.len() {
             let task = &tasks[(*next_task + i) % tasks.len()];
             let id = task.config.id();
-            let pending = {
-                let assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                self.shared
-                    .store
-                    .scan_pending(&id, self.cfg.job_size, |seq| assigned.contains(&(id, seq)))?
-            };
-            if pending.is_empty() {
+            let taken: HashSet<u64> = self
+                .assigned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(t, _)| *t == id)
+                .map(|(_, s)| *s)
+                .collect();
+            let Some((job_id, job)) = self
+                .shared
+                .store
+                .create_job(
+                    &id,
+                    self.cfg.job_size,
+                    |seq| taken.contains(&seq),
+                    self.shared.clock.now(),
+                    &self.lease,
+                )
+                .await?
+            else {
                 continue;
-            }
-            *next_task = (*next_task + i + 1) % tasks.len();
-            let job = LeaderJob {
-                task_id: id,
-                seqs: pending.iter().map(|(s, _)| *s).collect(),
-                created: Some(self.shared.clock.now()),
             };
-            let job_id = AggregationJobId::random();
-            self.shared.store.put_job(&job_id, &job)?;
+            *next_task = (*next_task + i + 1) % tasks.len();
             self.mark(&job, true);
             needs_flush.push(job_id);
             tracing::debug!(job = %job_id, reports = job.seqs.len(), "created an aggregation job");
@@ -203,7 +253,53 @@ impl JobDriver {
             .add_secs(retention - retention / 10)
     }
 
+    /// Renews the leases of the jobs this process runs every third of a lease, until
+    /// `shutdown` (a shared database only).
+    async fn renew_leases(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.lease.ms / 3);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            let ids: Vec<AggregationJobId> = self
+                .held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied()
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            match self.shared.store.renew_leases(&self.lease, &ids).await {
+                Ok(n) if n < ids.len() as u64 => tracing::warn!(
+                    held = n,
+                    running = ids.len(),
+                    "another replica took over jobs this one runs (its leases ran out); whichever commits first counts them, the other finds them gone"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew the leases of aggregation jobs")
+                }
+            }
+        }
+    }
+
     async fn run_job_until_done(self: Arc<Self>, id: AggregationJobId, job: LeaderJob) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        self.run_job_to_the_end(id, &job).await;
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        self.mark(&job, false);
+    }
+
+    async fn run_job_to_the_end(&self, id: AggregationJobId, job: &LeaderJob) {
         use hush_server::metrics::names;
         metrics::counter!(names::JOBS_STARTED).increment(1);
         let started = std::time::Instant::now();
@@ -212,14 +308,14 @@ impl JobDriver {
             Duration::from_millis(self.cfg.retry_max_ms),
         )
         .backoff();
-        let deadline = self.resend_deadline(&job, self.shared.clock.now());
+        let deadline = self.resend_deadline(job, self.shared.clock.now());
         loop {
             if self.shared.clock.now() >= deadline {
-                self.abandon(&id, &job);
+                self.abandon(&id, job).await;
                 metrics::counter!(names::JOBS_FINISHED, "outcome" => "abandoned").increment(1);
                 break;
             }
-            match self.run_job(&id, &job).await {
+            match self.run_job(&id, job).await {
                 Ok(()) => {
                     metrics::counter!(names::JOBS_FINISHED, "outcome" => "committed").increment(1);
                     metrics::histogram!(names::JOB_SECONDS).record(started.elapsed().as_secs_f64());
@@ -246,17 +342,28 @@ impl JobDriver {
                             "aggregation job failed; retrying"
                         ),
                     }
+                    // On a shared database another replica may have finished the job (it
+                    // held it after this one's lease ran out): nothing is left to do.
+                    if self.shared.store.is_shared()
+                        && matches!(self.shared.store.has_job(&id).await, Ok(false))
+                    {
+                        tracing::info!(job = %id, "another replica finished this aggregation job");
+                        metrics::counter!(names::JOBS_FINISHED, "outcome" => "taken_over")
+                            .increment(1);
+                        break;
+                    }
                     tokio::time::sleep(delay).await;
                 }
             }
         }
-        self.mark(&job, false);
     }
 
     /// Gives a job up: its reports are counted `TOO_OLD` and the windows they belong to will
     /// disagree with the helper if it had accumulated them (the collection says so).
-    fn abandon(&self, id: &AggregationJobId, job: &LeaderJob) {
-        match self.shared.store.abandon_leader_job(id, job) {
+    async fn abandon(&self, id: &AggregationJobId, job: &LeaderJob) {
+        match self.shared.store.abandon_leader_job(id, job).await {
+            // Another replica finished or gave it up first.
+            Ok(0) => {}
             Ok(n) => {
                 metrics::counter!(
                     hush_server::metrics::names::REPORTS_REJECTED,
@@ -291,7 +398,7 @@ impl JobDriver {
         };
         let mut reports = Vec::with_capacity(job.seqs.len());
         for seq in &job.seqs {
-            match self.shared.store.pending_report(&job.task_id, *seq)? {
+            match self.shared.store.pending_report(&job.task_id, *seq).await? {
                 Some(r) => reports.push(r),
                 None => {
                     return Err(Error::corrupt(
@@ -415,12 +522,14 @@ impl JobDriver {
                 }
             }
         }
-        let store = self.shared.store.clone();
         let (id2, job2) = (*id, job.clone());
-        let left_out = tokio::task::spawn_blocking(move || {
-            store.commit_leader_job(&id2, &job2, &batches, &stats)
-        })
-        .await??;
+        let left_out = self
+            .shared
+            .store
+            .run(move |store| async move {
+                store.commit_leader_job(&id2, &job2, &batches, &stats).await
+            })
+            .await?;
         if left_out > 0 {
             tracing::warn!(job = %id, reports = left_out, "reports of windows already released were not aggregated");
         }

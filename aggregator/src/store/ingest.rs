@@ -3,13 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use super::backend::{T as Tb, TxResult, Txn};
+use crate::error::Result;
 use hush_protocol::codec::Codec;
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{ReportId, TaskId, Time};
-use hush_server::db::tx_result;
-use sled::Transactional;
-
-use crate::error::Result;
 
 use super::*;
 
@@ -23,7 +21,7 @@ impl Store {
     /// the same transaction, plus one `Accepted`, `Rejected(Replay)` or
     /// `Rejected(BatchCollected)` per report. Report times are aligned to their task's window
     /// (the ingest checks that), so a report's time is its window.
-    pub fn store_pending(
+    pub async fn store_pending(
         &self,
         reports: &[(TaskId, u64, PendingReport)],
         stats: &StatDelta,
@@ -40,52 +38,19 @@ impl Store {
                 )
             })
             .collect();
-        let r = (
-            &self.seen,
-            &self.pending,
-            &self.stats,
-            &self.collected,
-            &self.late,
-        )
-            .transaction(|(seen, pending, st, collected, late)| {
-                let mut stored = Vec::with_capacity(encoded.len());
-                let mut delta = stats.clone();
-                let mut late_delta: BTreeMap<&[u8], u64> = BTreeMap::new();
-                for (scope, sk, pk, wk, v) in &encoded {
-                    if seen.get(sk)?.is_some() {
-                        stored.push(Ingested::Replay);
-                        delta.incr(*scope, Stat::Rejected(RejectReason::Replay));
-                        continue;
-                    }
-                    // Seen either way: a late report counts once, however often it is resent.
-                    seen.insert(&sk[..], &[][..])?;
-                    if collected.get(wk)?.is_some() {
-                        stored.push(Ingested::Late);
-                        *late_delta.entry(wk).or_default() += 1;
-                        delta.incr(*scope, Stat::Rejected(RejectReason::BatchCollected));
-                        continue;
-                    }
-                    pending.insert(&pk[..], &v[..])?;
-                    stored.push(Ingested::Stored);
-                    delta.incr(*scope, Stat::Accepted);
-                }
-                for (k, n) in late_delta {
-                    let cur = late.get(k)?.map(|v| be_u64(&v)).unwrap_or(0);
-                    late.insert(k, &(cur + n).to_be_bytes()[..])?;
-                }
-                delta.apply(st)?;
-                Ok(stored)
-            });
-        tx_result(r)
+        transact!(self, [Seen, Pending, Stats, Collected, Late], |tx| {
+            store_pending_tx(tx, &encoded, stats)
+        })
     }
 
     /// Late reports of `task` over `windows`.
-    pub fn late_in(&self, task: &TaskId, windows: &[Time]) -> Result<u64> {
+    pub async fn late_in(&self, task: &TaskId, windows: &[Time]) -> Result<u64> {
         let mut n = 0;
         for w in windows {
             n += self
-                .late
-                .get(batch_key(task, *w))?
+                .backend
+                .get(Tb::Late, &batch_key(task, *w))
+                .await?
                 .map(|v| be_u64(&v))
                 .unwrap_or(0);
         }
@@ -93,15 +58,56 @@ impl Store {
     }
 
     /// Applies counter increments on their own.
-    pub fn add_stats(&self, stats: &StatDelta) -> Result<()> {
-        tx_result(self.stats.transaction(|st| {
-            stats.apply(st)?;
-            Ok(())
-        }))
+    pub async fn add_stats(&self, stats: &StatDelta) -> Result<()> {
+        transact!(self, [Stats], |tx| stats.apply(tx))
     }
 
     /// Whether a report id is in the anti-replay table.
-    pub fn is_seen(&self, task: &TaskId, time: Time, id: &ReportId) -> Result<bool> {
-        Ok(self.seen.contains_key(seen_key(task, time, id))?)
+    pub async fn is_seen(&self, task: &TaskId, time: Time, id: &ReportId) -> Result<bool> {
+        Ok(self
+            .backend
+            .get(Tb::Seen, &seen_key(task, time, id))
+            .await?
+            .is_some())
     }
+}
+
+async fn store_pending_tx<X: Txn>(
+    tx: &mut X,
+    encoded: &[EncodedPending],
+    stats: &StatDelta,
+) -> TxResult<Vec<Ingested>> {
+    let seen_keys: Vec<Vec<u8>> = encoded.iter().map(|e| e.1.clone()).collect();
+    let window_keys: Vec<Vec<u8>> = encoded.iter().map(|e| e.3.clone()).collect();
+    let seen = tx.get_many(Tb::Seen, &seen_keys).await?;
+    let closed = tx.get_many(Tb::Collected, &window_keys).await?;
+    let mut stored = Vec::with_capacity(encoded.len());
+    let mut delta = stats.clone();
+    let mut late_delta: BTreeMap<&[u8], u64> = BTreeMap::new();
+    // Ids seen earlier in this batch: a report sent twice in one request is a replay too.
+    let mut fresh: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    for (((scope, sk, pk, wk, v), was_seen), closed) in encoded.iter().zip(seen).zip(closed) {
+        if was_seen.is_some() || !fresh.insert(sk) {
+            stored.push(Ingested::Replay);
+            delta.incr(*scope, Stat::Rejected(RejectReason::Replay));
+            continue;
+        }
+        // Seen either way: a late report counts once, however often it is resent.
+        tx.insert(Tb::Seen, sk, &[])?;
+        if closed.is_some() {
+            stored.push(Ingested::Late);
+            *late_delta.entry(wk).or_default() += 1;
+            delta.incr(*scope, Stat::Rejected(RejectReason::BatchCollected));
+            continue;
+        }
+        tx.insert(Tb::Pending, pk, v)?;
+        stored.push(Ingested::Stored);
+        delta.incr(*scope, Stat::Accepted);
+    }
+    for (k, n) in late_delta {
+        let cur = tx.get(Tb::Late, k).await?.map(|v| be_u64(&v)).unwrap_or(0);
+        tx.insert(Tb::Late, k, &(cur + n).to_be_bytes())?;
+    }
+    delta.apply(tx).await?;
+    Ok(stored)
 }

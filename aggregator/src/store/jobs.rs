@@ -3,46 +3,46 @@
 
 use std::collections::BTreeMap;
 
+use super::backend::{Backend, Keys, T as Tb, TxResult, Txn};
+use crate::error::{Error, Result};
 use hush_protocol::codec::Codec;
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{AggregationJobId, ReportId, TaskId, Time};
-use hush_server::db::{abort, tx_result};
-use sled::Transactional;
-
-use crate::error::{Error, Result};
 
 use super::*;
 
 impl Store {
     /// Up to `limit` pending reports of `task` in seq order, skipping seqs for which `skip`
     /// is true (reports already in a job).
-    pub fn scan_pending(
+    pub async fn scan_pending(
         &self,
         task: &TaskId,
         limit: usize,
-        skip: impl Fn(u64) -> bool,
+        skip: impl Fn(u64) -> bool + Send + Sync,
     ) -> Result<Vec<(u64, PendingReport)>> {
-        let mut out = Vec::new();
-        for kv in self.pending.scan_prefix(task.as_bytes()) {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = kv?;
-            let seq = be_u64(&k[32..]);
-            if skip(seq) {
-                continue;
-            }
-            out.push((
-                seq,
-                PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))?,
-            ));
-        }
-        Ok(out)
+        self.backend
+            .scan(Tb::Pending, Keys::Prefix(task.as_bytes()), limit, |k, _| {
+                !skip(be_u64(&k[32..]))
+            })
+            .await?
+            .into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    be_u64(&k[32..]),
+                    PendingReport::from_bytes(&v)
+                        .map_err(|e| Error::corrupt("pending report", e))?,
+                ))
+            })
+            .collect()
     }
 
     /// The pending report `seq` of `task`.
-    pub fn pending_report(&self, task: &TaskId, seq: u64) -> Result<Option<PendingReport>> {
-        match self.pending.get(pending_key(task, seq))? {
+    pub async fn pending_report(&self, task: &TaskId, seq: u64) -> Result<Option<PendingReport>> {
+        match self
+            .backend
+            .get(Tb::Pending, &pending_key(task, seq))
+            .await?
+        {
             Some(v) => Ok(Some(
                 PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))?,
             )),
@@ -51,34 +51,113 @@ impl Store {
     }
 
     /// Number of pending reports of all tasks.
-    pub fn pending_total(&self) -> u64 {
-        self.pending.len() as u64
+    pub async fn pending_total(&self) -> Result<u64> {
+        self.backend.count(Tb::Pending, Keys::All).await
     }
 
     /// Number of pending reports of `task`.
-    pub fn pending_count(&self, task: &TaskId) -> Result<u64> {
-        Ok(self.pending.scan_prefix(task.as_bytes()).keys().count() as u64)
+    pub async fn pending_count(&self, task: &TaskId) -> Result<u64> {
+        self.backend
+            .count(Tb::Pending, Keys::Prefix(task.as_bytes()))
+            .await
+    }
+
+    /// Creates the next aggregation job of `task`: up to `limit` pending reports that no job
+    /// holds, recorded as a job created at `created`. On sled this process's jobs are known to
+    /// it (`skip` says which reports they hold) and the job must be flushed before it is sent;
+    /// on PostgreSQL the reports are claimed in the database (`FOR UPDATE SKIP LOCKED`, so two
+    /// replicas never claim one report) and the job is held under `lease`, committed.
+    pub async fn create_job(
+        &self,
+        task: &TaskId,
+        limit: usize,
+        skip: impl Fn(u64) -> bool + Send + Sync,
+        created: Time,
+        lease: &Lease,
+    ) -> Result<Option<(AggregationJobId, LeaderJob)>> {
+        let id = AggregationJobId::random();
+        let job = |seqs: Vec<u64>| LeaderJob {
+            task_id: *task,
+            seqs,
+            created: Some(created),
+        };
+        match &self.backend {
+            Backend::Sled(_) => {
+                let pending = self.scan_pending(task, limit, skip).await?;
+                if pending.is_empty() {
+                    return Ok(None);
+                }
+                let job = job(pending.iter().map(|(s, _)| *s).collect());
+                self.put_job(&id, &job).await?;
+                Ok(Some((id, job)))
+            }
+            Backend::Pg(p) => {
+                let lo = task_key(task, &[]);
+                let hi = task_key(task, &[0xff; 9]);
+                let seqs_of = |keys: &[Vec<u8>]| keys.iter().map(|k| be_u64(&k[32..])).collect();
+                let keys = p
+                    .claim_job(
+                        &lo,
+                        &hi,
+                        limit,
+                        id.as_bytes(),
+                        |keys| job(seqs_of(keys)).to_bytes(),
+                        lease,
+                    )
+                    .await?;
+                Ok((!keys.is_empty()).then(|| (id, job(seqs_of(&keys)))))
+            }
+        }
+    }
+
+    /// Jobs another replica held whose lease ran out, now held under `lease` (PostgreSQL; none
+    /// on sled, where this process's jobs are resumed at start by [`Store::jobs`]).
+    pub async fn take_expired_jobs(
+        &self,
+        lease: &Lease,
+        limit: usize,
+    ) -> Result<Vec<(AggregationJobId, LeaderJob)>> {
+        let Backend::Pg(p) = &self.backend else {
+            return Ok(Vec::new());
+        };
+        p.take_expired_jobs(&lease.owner, lease.ms, limit)
+            .await?
+            .into_iter()
+            .map(|(k, v)| decode_job(&k, &v))
+            .collect()
+    }
+
+    /// Extends the leases on `ids` (PostgreSQL); returns how many this process still held.
+    pub async fn renew_leases(&self, lease: &Lease, ids: &[AggregationJobId]) -> Result<u64> {
+        let Backend::Pg(p) = &self.backend else {
+            return Ok(ids.len() as u64);
+        };
+        let ids: Vec<Vec<u8>> = ids.iter().map(|i| i.as_bytes().to_vec()).collect();
+        p.renew_leases(&lease.owner, &ids, lease.ms).await
+    }
+
+    /// Whether job `id` is still recorded (another replica may have finished it).
+    pub async fn has_job(&self, id: &AggregationJobId) -> Result<bool> {
+        Ok(self.backend.get(Tb::Jobs, id.as_bytes()).await?.is_some())
     }
 
     /// Records a job before its reports are sent to the helper.
-    pub fn put_job(&self, id: &AggregationJobId, job: &LeaderJob) -> Result<()> {
-        self.jobs.insert(id.as_bytes(), job.to_bytes())?;
-        Ok(())
+    pub async fn put_job(&self, id: &AggregationJobId, job: &LeaderJob) -> Result<()> {
+        self.backend
+            .apply(
+                Tb::Jobs,
+                vec![(id.as_bytes().to_vec(), Some(job.to_bytes()))],
+            )
+            .await
     }
 
     /// Jobs that were in flight, e.g. when the process stopped.
-    pub fn jobs(&self) -> Result<Vec<(AggregationJobId, LeaderJob)>> {
-        self.jobs
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                let id =
-                    AggregationJobId::try_from(&k[..]).map_err(|e| Error::corrupt("job id", e))?;
-                Ok((
-                    id,
-                    LeaderJob::from_bytes(&v).map_err(|e| Error::corrupt("job", e))?,
-                ))
-            })
+    pub async fn jobs(&self) -> Result<Vec<(AggregationJobId, LeaderJob)>> {
+        self.backend
+            .entries(Tb::Jobs, Keys::All)
+            .await?
+            .into_iter()
+            .map(|(k, v)| decode_job(&k, &v))
             .collect()
     }
 
@@ -88,7 +167,7 @@ impl Store {
     /// this aggregator) is not merged: its reports are counted `Rejected(BatchCollected)`
     /// instead, so nothing enters a window after its share has left. Returns how many reports
     /// were left out that way.
-    pub fn commit_leader_job(
+    pub async fn commit_leader_job(
         &self,
         id: &AggregationJobId,
         job: &LeaderJob,
@@ -105,51 +184,15 @@ impl Store {
             .map(|(w, b)| (batch_key(&job.task_id, *w), b))
             .collect();
         let scope = *job.task_id.as_bytes();
-        let r = (
-            &self.pending,
-            &self.jobs,
-            &self.batches,
-            &self.stats,
-            &self.released,
-        )
-            .transaction(|(pending, jobs, bt, st, released)| {
-                if jobs.get(id.as_bytes())?.is_none() {
-                    return Err(abort(Error::corrupt(
-                        "job",
-                        format!("job {id} vanished before it finished"),
-                    )));
-                }
-                for k in &pkeys {
-                    pending.remove(&k[..])?;
-                }
-                jobs.remove(&id.as_bytes()[..])?;
-                let mut delta = stats.clone();
-                let mut open = Vec::with_capacity(bkeys.len());
-                let mut left_out = 0;
-                for (k, b) in &bkeys {
-                    if released.get(k)?.is_some() {
-                        left_out += b.report_count;
-                        delta.add(
-                            scope,
-                            Stat::Rejected(RejectReason::BatchCollected),
-                            b.report_count,
-                        );
-                    } else {
-                        delta.add(scope, Stat::Aggregated, b.report_count);
-                        open.push((k.clone(), *b));
-                    }
-                }
-                merge_batches(bt, &open)?;
-                delta.apply(st)?;
-                Ok(left_out)
-            });
-        tx_result(r)
+        transact!(self, [Pending, Jobs, Batches, Stats, Released], |tx| {
+            commit_leader_job_tx(tx, id, &pkeys, &bkeys, scope, stats)
+        })
     }
 
     /// Gives up a leader job the helper may no longer remember: removes its pending reports
     /// and the job, counting the reports as refused `TOO_OLD`, in one transaction. Returns how
     /// many reports went.
-    pub fn abandon_leader_job(&self, id: &AggregationJobId, job: &LeaderJob) -> Result<u64> {
+    pub async fn abandon_leader_job(&self, id: &AggregationJobId, job: &LeaderJob) -> Result<u64> {
         let pkeys: Vec<Vec<u8>> = job
             .seqs
             .iter()
@@ -161,26 +204,31 @@ impl Store {
             Stat::Rejected(RejectReason::TooOld),
             pkeys.len() as u64,
         );
-        tx_result(
-            (&self.pending, &self.jobs, &self.stats).transaction(|(pending, jobs, st)| {
-                for k in &pkeys {
-                    pending.remove(&k[..])?;
-                }
-                jobs.remove(&id.as_bytes()[..])?;
-                delta.apply(st)?;
-                Ok(())
-            }),
-        )?;
-        Ok(pkeys.len() as u64)
+        transact!(self, [Pending, Jobs, Stats], |tx| async {
+            // Another replica may have finished or given up the job meanwhile.
+            if tx.get(Tb::Jobs, id.as_bytes()).await?.is_none() {
+                return Ok(0);
+            }
+            for k in &pkeys {
+                tx.remove(Tb::Pending, k)?;
+            }
+            tx.remove(Tb::Jobs, id.as_bytes())?;
+            delta.apply(tx).await?;
+            Ok(pkeys.len() as u64)
+        })
     }
 
     /// The stored outcome of a helper job, if it finished.
-    pub fn helper_job(
+    pub async fn helper_job(
         &self,
         task: &TaskId,
         job: &AggregationJobId,
     ) -> Result<Option<HelperJobRecord>> {
-        match self.helper_jobs.get(task_key(task, job.as_bytes()))? {
+        match self
+            .backend
+            .get(Tb::HelperJobs, &task_key(task, job.as_bytes()))
+            .await?
+        {
             Some(v) => Ok(Some(HelperJobRecord::decode(&v)?)),
             None => Ok(None),
         }
@@ -191,7 +239,7 @@ impl Store {
     /// final outcomes, and applies the counters. If the job was committed before with the same
     /// request hash, returns the stored response instead; with another hash, fails.
     #[allow(clippy::too_many_arguments)]
-    pub fn commit_helper_job(
+    pub async fn commit_helper_job(
         &self,
         task: &TaskId,
         job: &AggregationJobId,
@@ -199,79 +247,163 @@ impl Store {
         request_hash: [u8; 32],
         output_len: usize,
         reports: &[HelperReport],
-        respond: impl Fn(&[(ReportId, std::result::Result<&[u8], RejectReason>)]) -> Vec<u8>,
+        respond: impl Fn(&[(ReportId, std::result::Result<&[u8], RejectReason>)]) -> Vec<u8> + Sync,
     ) -> Result<HelperCommit> {
-        let jkey = task_key(task, job.as_bytes());
-        let scope = *task.as_bytes();
-        let r = (
-            &self.seen,
-            &self.batches,
-            &self.helper_jobs,
-            &self.stats,
-            &self.released,
-        )
-            .transaction(|(seen, bt, hj, st, released)| {
-                if let Some(v) = hj.get(&jkey)? {
-                    let rec = HelperJobRecord::decode(&v).map_err(abort)?;
-                    if rec.request_hash != request_hash {
-                        return Err(abort(Error::JobConflict(job.to_string())));
-                    }
-                    return Ok(HelperCommit::Existing(rec.response));
-                }
-                let mut stats = StatDelta::default();
-                let mut batches: BTreeMap<Time, BatchAggregation> = BTreeMap::new();
-                let mut outcomes = Vec::with_capacity(reports.len());
-                for r in reports {
-                    let mut outcome = r
-                        .outcome
-                        .as_ref()
-                        .map(|(_, msg)| msg.as_slice())
-                        .map_err(|e| *e);
-                    if r.mark_seen {
-                        let sk = seen_key(task, r.time, &r.report_id);
-                        if seen.insert(sk, &[][..])?.is_some() {
-                            outcome = Err(RejectReason::Replay);
-                        }
-                    }
-                    // Checked here, in the transaction that accumulates: however a leader
-                    // interleaves jobs with collections, no report enters a window whose share
-                    // has left.
-                    if outcome.is_ok() && released.get(batch_key(task, r.time))?.is_some() {
-                        outcome = Err(RejectReason::BatchCollected);
-                    }
-                    match (&outcome, &r.outcome) {
-                        (Ok(_), Ok((share, _))) => {
-                            let b = batches
-                                .entry(r.time)
-                                .or_insert_with(|| BatchAggregation::empty(output_len));
-                            b.share
-                                .merge(share)
-                                .map_err(|e| abort(Error::corrupt("output share", e)))?;
-                            b.report_count += 1;
-                            b.checksum.update(&r.report_id);
-                            stats.incr(scope, Stat::Accepted);
-                            stats.incr(scope, Stat::Aggregated);
-                        }
-                        (Err(reason), _) => stats.incr(scope, Stat::Rejected(*reason)),
-                        (Ok(_), Err(_)) => unreachable!("an outcome only turns from Ok to Err"),
-                    }
-                    outcomes.push((r.report_id, outcome));
-                }
-                let bkeys: Vec<(Vec<u8>, &BatchAggregation)> = batches
-                    .iter()
-                    .map(|(w, b)| (batch_key(task, *w), b))
-                    .collect();
-                merge_batches(bt, &bkeys)?;
-                let response = respond(&outcomes);
-                let rec = HelperJobRecord {
-                    committed: now,
-                    request_hash,
-                    response: response.clone(),
-                };
-                hj.insert(&jkey[..], rec.encode())?;
-                stats.apply(st)?;
-                Ok(HelperCommit::Committed(response))
-            });
-        tx_result(r)
+        let c = HelperJobCommit {
+            task,
+            job,
+            now,
+            request_hash,
+            output_len,
+            reports,
+        };
+        transact!(self, [Seen, Batches, HelperJobs, Stats, Released], |tx| {
+            commit_helper_job_tx(tx, &c, &respond)
+        })
     }
+}
+
+/// Who holds the jobs this process runs, and for how long a lease lasts before another replica
+/// may take a job over.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    /// This process, as the database records it.
+    pub owner: String,
+    /// How long a lease lasts, in milliseconds.
+    pub ms: u64,
+}
+
+fn decode_job(k: &[u8], v: &[u8]) -> Result<(AggregationJobId, LeaderJob)> {
+    let id = AggregationJobId::try_from(k).map_err(|e| Error::corrupt("job id", e))?;
+    Ok((
+        id,
+        LeaderJob::from_bytes(v).map_err(|e| Error::corrupt("job", e))?,
+    ))
+}
+
+async fn commit_leader_job_tx<X: Txn>(
+    tx: &mut X,
+    id: &AggregationJobId,
+    pkeys: &[Vec<u8>],
+    bkeys: &[(Vec<u8>, &BatchAggregation)],
+    scope: [u8; 32],
+    stats: &StatDelta,
+) -> TxResult<u64> {
+    if tx.get(Tb::Jobs, id.as_bytes()).await?.is_none() {
+        return Err(Error::corrupt("job", format!("job {id} vanished before it finished")).into());
+    }
+    for k in pkeys {
+        tx.remove(Tb::Pending, k)?;
+    }
+    tx.remove(Tb::Jobs, id.as_bytes())?;
+    let mut delta = stats.clone();
+    let mut open = Vec::with_capacity(bkeys.len());
+    let mut left_out = 0;
+    let keys: Vec<Vec<u8>> = bkeys.iter().map(|(k, _)| k.clone()).collect();
+    let released = tx.get_many(Tb::Released, &keys).await?;
+    for ((k, b), released) in bkeys.iter().zip(released) {
+        if released.is_some() {
+            left_out += b.report_count;
+            delta.add(
+                scope,
+                Stat::Rejected(RejectReason::BatchCollected),
+                b.report_count,
+            );
+        } else {
+            delta.add(scope, Stat::Aggregated, b.report_count);
+            open.push((k.clone(), *b));
+        }
+    }
+    merge_batches(tx, &open).await?;
+    delta.apply(tx).await?;
+    Ok(left_out)
+}
+
+/// What [`Store::commit_helper_job`] commits.
+struct HelperJobCommit<'a> {
+    task: &'a TaskId,
+    job: &'a AggregationJobId,
+    now: Time,
+    request_hash: [u8; 32],
+    output_len: usize,
+    reports: &'a [HelperReport],
+}
+
+async fn commit_helper_job_tx<X: Txn>(
+    tx: &mut X,
+    c: &HelperJobCommit<'_>,
+    respond: &(impl Fn(&[(ReportId, std::result::Result<&[u8], RejectReason>)]) -> Vec<u8> + Sync),
+) -> TxResult<HelperCommit> {
+    let (task, job) = (c.task, c.job);
+    let jkey = task_key(task, job.as_bytes());
+    let scope = *task.as_bytes();
+    if let Some(v) = tx.get(Tb::HelperJobs, &jkey).await? {
+        let rec = HelperJobRecord::decode(&v)?;
+        if rec.request_hash != c.request_hash {
+            return Err(Error::JobConflict(job.to_string()).into());
+        }
+        return Ok(HelperCommit::Existing(rec.response));
+    }
+    let seen_keys: Vec<Vec<u8>> = c
+        .reports
+        .iter()
+        .map(|r| seen_key(task, r.time, &r.report_id))
+        .collect();
+    let window_keys: Vec<Vec<u8>> = c.reports.iter().map(|r| batch_key(task, r.time)).collect();
+    let seen = tx.get_many(Tb::Seen, &seen_keys).await?;
+    let released = tx.get_many(Tb::Released, &window_keys).await?;
+    let mut marked: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    let mut stats = StatDelta::default();
+    let mut batches: BTreeMap<Time, BatchAggregation> = BTreeMap::new();
+    let mut outcomes = Vec::with_capacity(c.reports.len());
+    for (((r, sk), was_seen), released) in c.reports.iter().zip(&seen_keys).zip(seen).zip(released)
+    {
+        let mut outcome = r
+            .outcome
+            .as_ref()
+            .map(|(_, msg)| msg.as_slice())
+            .map_err(|e| *e);
+        if r.mark_seen {
+            if was_seen.is_some() || !marked.insert(sk) {
+                outcome = Err(RejectReason::Replay);
+            }
+            tx.insert(Tb::Seen, sk, &[])?;
+        }
+        // Checked here, in the transaction that accumulates: however a leader interleaves jobs
+        // with collections, no report enters a window whose share has left.
+        if outcome.is_ok() && released.is_some() {
+            outcome = Err(RejectReason::BatchCollected);
+        }
+        match (&outcome, &r.outcome) {
+            (Ok(_), Ok((share, _))) => {
+                let b = batches
+                    .entry(r.time)
+                    .or_insert_with(|| BatchAggregation::empty(c.output_len));
+                b.share
+                    .merge(share)
+                    .map_err(|e| Error::corrupt("output share", e))?;
+                b.report_count += 1;
+                b.checksum.update(&r.report_id);
+                stats.incr(scope, Stat::Accepted);
+                stats.incr(scope, Stat::Aggregated);
+            }
+            (Err(reason), _) => stats.incr(scope, Stat::Rejected(*reason)),
+            (Ok(_), Err(_)) => unreachable!("an outcome only turns from Ok to Err"),
+        }
+        outcomes.push((r.report_id, outcome));
+    }
+    let bkeys: Vec<(Vec<u8>, &BatchAggregation)> = batches
+        .iter()
+        .map(|(w, b)| (batch_key(task, *w), b))
+        .collect();
+    merge_batches(tx, &bkeys).await?;
+    let response = respond(&outcomes);
+    let rec = HelperJobRecord {
+        committed: c.now,
+        request_hash: c.request_hash,
+        response: response.clone(),
+    };
+    tx.insert(Tb::HelperJobs, &jkey, &rec.encode())?;
+    stats.apply(tx).await?;
+    Ok(HelperCommit::Committed(response))
 }

@@ -1,4 +1,4 @@
-//! The aggregator's sled database.
+//! The aggregator's database (sled by default, or PostgreSQL: [`backend`]).
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
@@ -20,101 +20,145 @@
 //! | `late` | task ‖ window start | reports refused because the window was closed (leader) |
 //! | `collection_ends` | task ‖ last window start ‖ collection id | — (finds answers to delete when their windows pass the task's retention) |
 //!
-//! Every change that must be atomic is one sled transaction over the trees involved: storing a
+//! Every change that must be atomic is one transaction over the tables involved: storing a
 //! batch of ingested reports with their anti-replay entries (refusing reports of closed windows),
 //! finishing an aggregation job (accumulating output shares into windows not yet released,
 //! removing the reports, recording the outcome), and committing a collection (checking the batch
 //! rules, checking and spending the budget of every window, recording the answer, closing and
-//! releasing the windows). sled transactions are serializable, so a check inside one cannot race
-//! a commit of another: no report enters a window after its share has left. A crash before a
+//! releasing the windows). Transactions are serializable on both backends, so a check inside
+//! one cannot race a commit of another: no report enters a window after its share has left. A crash before a
 //! transaction commits loses nothing that was acknowledged; after it, nothing is counted twice.
 
 use std::path::Path;
 
 use hush_protocol::TaskId;
-use sled::Tree;
 
 use crate::error::Result;
 
+pub(crate) mod backend;
 mod collection;
 mod ingest;
 mod jobs;
+pub(crate) mod pg;
 mod records;
 mod retention;
 #[cfg(test)]
 mod tests;
+pub mod throwaway;
 
+use backend::{Backend, Keys, SledBackend, T, transact};
+pub use jobs::Lease;
+pub use pg::PgSettings;
 pub use records::*;
 
-/// The aggregator's database.
+/// The aggregator's database: sled or PostgreSQL, the same records and transactions on both.
 #[derive(Clone, Debug)]
 pub struct Store {
-    db: sled::Db,
-    tasks: Tree,
-    keys: Tree,
-    seen: Tree,
-    pending: Tree,
-    jobs: Tree,
-    helper_jobs: Tree,
-    batches: Tree,
-    stats: Tree,
-    tenants: Tree,
-    ledger: Tree,
-    collections: Tree,
-    collected: Tree,
-    released: Tree,
-    window_batches: Tree,
-    batch_collections: Tree,
-    late: Tree,
-    collection_ends: Tree,
+    pub(crate) backend: Backend,
     audit: crate::audit::AuditLog,
 }
 
 impl Store {
-    /// The `keys` tree (the key manager reads and writes it).
-    pub(crate) fn keys_tree(&self) -> &Tree {
-        &self.keys
+    /// The sled database, if the store is on sled.
+    pub fn sled_db(&self) -> Option<&sled::Db> {
+        match &self.backend {
+            Backend::Sled(s) => Some(s.db()),
+            Backend::Pg(_) => None,
+        }
     }
 
-    /// The database.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// Whether other processes may share this database (PostgreSQL replicas).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Pg(_))
     }
 
-    /// Writes and flushes a probe record: whether the store takes writes now (health).
+    /// Which backend, for logs: `sled` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sled(_) => "sled",
+            Backend::Pg(_) => "postgres",
+        }
+    }
+
+    /// Writes a probe record and makes it durable: whether the store takes writes now (health).
     pub async fn probe_write(&self, now_s: u64) -> Result<()> {
-        Ok(hush_server::db::probe_write(&self.db, now_s).await?)
+        self.backend
+            .apply(
+                T::Health,
+                vec![(b"probe".to_vec(), Some(now_s.to_be_bytes().to_vec()))],
+            )
+            .await?;
+        self.flush().await
     }
 
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the sled database in `dir`.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
         let db = hush_server::db::open(dir, cache_mb)?;
+        Self::with_backend(Backend::Sled(SledBackend::new(db)?))
+    }
+
+    /// Connects to PostgreSQL, applying the schema migrations this binary ships.
+    pub async fn connect(settings: &PgSettings) -> Result<Self> {
+        Self::with_backend(Backend::Pg(Box::new(
+            pg::PgBackend::connect(settings).await?,
+        )))
+    }
+
+    /// Opens the store an aggregator's configuration names: sled in `data_dir`, or the
+    /// PostgreSQL database whose URL is in the `[store] url_env` variable.
+    pub async fn from_config(config: &crate::config::AggregatorConfig) -> Result<Self> {
+        use crate::config::StoreKind;
+        match config.store.kind {
+            StoreKind::Sled => Self::open(&config.data_dir, config.cache_mb),
+            StoreKind::Postgres => {
+                let url = std::env::var(&config.store.url_env).map_err(|_| {
+                    crate::Error::config(format!(
+                        "[store] kind = \"postgres\" reads the database URL from ${}, which is \
+                         not set; export it (postgres://user:password@host:port/database)",
+                        config.store.url_env
+                    ))
+                })?;
+                Self::connect(&PgSettings {
+                    url,
+                    schema: config.store.schema.clone(),
+                    pool_size: config.store.pool_size,
+                })
+                .await
+            }
+        }
+    }
+
+    fn with_backend(backend: Backend) -> Result<Self> {
         Ok(Self {
-            tasks: db.open_tree("tasks")?,
-            keys: db.open_tree("keys")?,
-            seen: db.open_tree("seen")?,
-            pending: db.open_tree("pending")?,
-            jobs: db.open_tree("jobs")?,
-            helper_jobs: db.open_tree("helper_jobs")?,
-            batches: db.open_tree("batches")?,
-            stats: db.open_tree("stats")?,
-            tenants: db.open_tree("tenants")?,
-            ledger: db.open_tree("ledger")?,
-            collections: db.open_tree("collections")?,
-            collected: db.open_tree("collected")?,
-            released: db.open_tree("released")?,
-            window_batches: db.open_tree("window_batches")?,
-            batch_collections: db.open_tree("batch_collections")?,
-            late: db.open_tree("late")?,
-            collection_ends: db.open_tree("collection_ends")?,
-            audit: crate::audit::AuditLog::open(&db)?,
-            db,
+            audit: crate::audit::AuditLog::new(backend.clone()),
+            backend,
         })
+    }
+
+    /// Runs `f` on a clone of the store: on a blocking thread when the store is sled (its
+    /// transactions hold the thread), on this task when it is PostgreSQL (its calls wait on the
+    /// network, not the CPU).
+    pub async fn run<R, F, Fut>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(Store) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<R>> + Send,
+        R: Send + 'static,
+    {
+        let store = self.clone();
+        match &self.backend {
+            Backend::Sled(_) => {
+                let handle = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || handle.block_on(f(store)))
+                    .await
+                    .map_err(hush_server::ServerError::from)?
+            }
+            Backend::Pg(_) => f(store).await,
+        }
     }
 
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<()> {
-        Ok(hush_server::db::flush(&self.db).await?)
+        self.backend.flush().await
     }
 
     /// The audit trail.
@@ -122,78 +166,67 @@ impl Store {
         &self.audit
     }
 
-    /// A fresh, increasing sequence number.
-    pub fn next_seq(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
+    /// A fresh, increasing sequence number (unique across replicas of one database).
+    pub async fn next_seq(&self) -> Result<u64> {
+        self.backend.next_seq().await
+    }
+
+    /// `n` fresh sequence numbers (one round trip on PostgreSQL).
+    pub async fn next_seqs(&self, n: usize) -> Result<Vec<u64>> {
+        self.backend.next_seqs(n).await
     }
 
     /// Stores a task unless one with the same id exists; returns the existing one if so.
-    pub fn put_task(&self, id: &TaskId, encoded: Vec<u8>) -> Result<Option<Vec<u8>>> {
-        let prev =
-            self.tasks
-                .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(encoded))?;
-        Ok(prev.err().and_then(|e| e.current.map(|v| v.to_vec())))
+    pub async fn put_task(&self, id: &TaskId, encoded: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        self.backend
+            .insert_new(T::Tasks, id.as_bytes(), encoded)
+            .await
     }
 
     /// All stored tasks, encoded.
-    pub fn tasks(&self) -> Result<Vec<Vec<u8>>> {
-        self.tasks
-            .iter()
-            .values()
-            .map(|v| Ok(v?.to_vec()))
-            .collect()
+    pub async fn tasks(&self) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .backend
+            .entries(T::Tasks, Keys::All)
+            .await?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     /// Sets the hash of a tenant's collector token, durably.
     pub async fn set_tenant_token_hash(&self, tenant: &str, hash: [u8; 32]) -> Result<()> {
-        self.tenants.insert(tenant.as_bytes(), &hash[..])?;
+        self.backend
+            .apply(
+                T::Tenants,
+                vec![(tenant.as_bytes().to_vec(), Some(hash.to_vec()))],
+            )
+            .await?;
         self.flush().await
     }
 
     /// The hash of a tenant's collector token.
-    pub fn tenant_token_hash(&self, tenant: &str) -> Result<Option<[u8; 32]>> {
+    pub async fn tenant_token_hash(&self, tenant: &str) -> Result<Option<[u8; 32]>> {
         Ok(self
-            .tenants
-            .get(tenant.as_bytes())?
-            .and_then(|v| v.as_ref().try_into().ok()))
+            .backend
+            .get(T::Tenants, tenant.as_bytes())
+            .await?
+            .and_then(|v| v.as_slice().try_into().ok()))
     }
 
     /// The tenant whose collector token hashes to `hash`, if any.
-    pub fn tenant_of_token_hash(&self, hash: &[u8; 32]) -> Result<Option<String>> {
-        for kv in self.tenants.iter() {
-            let (k, v) = kv?;
-            if v.as_ref() == hash {
-                return Ok(Some(String::from_utf8_lossy(&k).into_owned()));
-            }
-        }
-        Ok(None)
+    pub async fn tenant_of_token_hash(&self, hash: &[u8; 32]) -> Result<Option<String>> {
+        Ok(self
+            .backend
+            .entries(T::Tenants, Keys::All)
+            .await?
+            .into_iter()
+            .find(|(_, v)| v.as_slice() == hash)
+            .map(|(k, _)| String::from_utf8_lossy(&k).into_owned()))
     }
 
-    /// Every tree of the database with its number of entries.
-    pub fn tree_sizes(&self) -> Vec<(String, usize)> {
-        let mut out: Vec<(String, usize)> = [
-            ("tasks", &self.tasks),
-            ("keys", &self.keys),
-            ("seen", &self.seen),
-            ("pending", &self.pending),
-            ("jobs", &self.jobs),
-            ("helper_jobs", &self.helper_jobs),
-            ("batches", &self.batches),
-            ("stats", &self.stats),
-            ("tenants", &self.tenants),
-            ("ledger", &self.ledger),
-            ("collections", &self.collections),
-            ("collected", &self.collected),
-            ("released", &self.released),
-            ("window_batches", &self.window_batches),
-            ("batch_collections", &self.batch_collections),
-            ("late", &self.late),
-            ("collection_ends", &self.collection_ends),
-        ]
-        .into_iter()
-        .map(|(n, t)| (n.to_owned(), t.len()))
-        .collect();
-        out.push(("audit".to_owned(), self.audit.len()));
-        out
+    /// Every table of the database with its number of entries.
+    pub async fn tree_sizes(&self) -> Result<Vec<(String, u64)>> {
+        self.backend.sizes().await
     }
 }

@@ -3,14 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::backend::{T, TxResult, Txn};
+use crate::error::{Error, Result};
 use hush_protocol::BudgetPurpose;
 use hush_protocol::codec::{Codec, Reader, Writer};
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{AggregateShare, HpkeCiphertext, ReportId, ReportIdChecksum, TaskId, Time};
-use hush_server::db::abort;
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
-
-use crate::error::{Error, Result};
 
 /// Counters are kept per task, or under this scope for reports whose task is unknown.
 pub const GLOBAL_SCOPE: [u8; 32] = [0; 32];
@@ -77,14 +75,18 @@ impl StatDelta {
             .collect()
     }
 
-    pub(super) fn apply(
-        &self,
-        stats: &TransactionalTree,
-    ) -> std::result::Result<(), ConflictableTransactionError<Error>> {
-        for ((scope, stat), n) in &self.0 {
-            let key = stat_key(scope, *stat);
-            let cur = stats.get(key)?.map(|v| be_u64(&v)).unwrap_or(0);
-            stats.insert(&key[..], &(cur + n).to_be_bytes()[..])?;
+    /// Adds the increments to the stored counters, in transaction `tx`.
+    pub(super) async fn apply<X: Txn>(&self, tx: &mut X) -> TxResult<()> {
+        let entries: Vec<([u8; 33], u64)> = self
+            .0
+            .iter()
+            .map(|((scope, stat), n)| (stat_key(scope, *stat), *n))
+            .collect();
+        let keys: Vec<Vec<u8>> = entries.iter().map(|(k, _)| k.to_vec()).collect();
+        let current = tx.get_many(T::Stats, &keys).await?;
+        for ((key, n), cur) in entries.iter().zip(current) {
+            let cur = cur.map(|v| be_u64(&v)).unwrap_or(0);
+            tx.insert(T::Stats, key, &(cur + n).to_be_bytes())?;
         }
         Ok(())
     }
@@ -487,17 +489,20 @@ pub(super) fn ledger_key(task: &TaskId, purpose: BudgetPurpose, window: Time) ->
     k
 }
 
-pub(super) fn merge_batches(
-    bt: &TransactionalTree,
+/// Adds `batches` to the stored batch aggregations, in transaction `tx`.
+pub(super) async fn merge_batches<X: Txn>(
+    tx: &mut X,
     batches: &[(Vec<u8>, &BatchAggregation)],
-) -> std::result::Result<(), ConflictableTransactionError<Error>> {
-    for (k, add) in batches {
-        let mut cur = match bt.get(k)? {
-            Some(v) => BatchAggregation::decode(&v).map_err(abort)?,
+) -> TxResult<()> {
+    let keys: Vec<Vec<u8>> = batches.iter().map(|(k, _)| k.clone()).collect();
+    let current = tx.get_many(T::Batches, &keys).await?;
+    for ((k, add), cur) in batches.iter().zip(current) {
+        let mut cur = match cur {
+            Some(v) => BatchAggregation::decode(&v)?,
             None => BatchAggregation::empty(add.share.len()),
         };
-        cur.merge(add).map_err(abort)?;
-        bt.insert(&k[..], cur.encode())?;
+        cur.merge(add)?;
+        tx.insert(T::Batches, k, &cur.encode())?;
     }
     Ok(())
 }

@@ -9,7 +9,6 @@ use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{
     AggregateShare, AggregationJobId, HpkeCiphertext, ReportId, ReportIdChecksum, TaskId, Time,
 };
-use hush_server::db::tx_result;
 
 use super::*;
 use crate::error::Error;
@@ -24,16 +23,17 @@ fn report(t: u64) -> PendingReport {
     }
 }
 
-#[test]
-fn retention_deletes_old_pending_reports_but_not_those_in_a_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), 16).unwrap();
+async fn retention_deletes_old_pending_reports_but_not_those_in_a_job(s: Store) {
     let task = TaskId::random();
+    let seqs = s.next_seqs(3).await.unwrap();
     let batch: Vec<_> = [60, 60, 600]
         .iter()
-        .map(|t| (task, s.next_seq().unwrap(), report(*t)))
+        .zip(seqs)
+        .map(|(t, seq)| (task, seq, report(*t)))
         .collect();
-    s.store_pending(&batch, &StatDelta::default()).unwrap();
+    s.store_pending(&batch, &StatDelta::default())
+        .await
+        .unwrap();
     s.put_job(
         &AggregationJobId::random(),
         &LeaderJob {
@@ -42,22 +42,26 @@ fn retention_deletes_old_pending_reports_but_not_those_in_a_job() {
             created: None,
         },
     )
+    .await
     .unwrap();
-    assert_eq!(s.expire_pending(&task, Time::from_secs(120)).unwrap(), 1);
-    assert!(s.pending_report(&task, batch[0].1).unwrap().is_some());
-    assert!(s.pending_report(&task, batch[1].1).unwrap().is_none());
-    assert!(s.pending_report(&task, batch[2].1).unwrap().is_some());
     assert_eq!(
-        s.stats(task.as_bytes()).unwrap()[&Stat::Rejected(RejectReason::TooOld)],
+        s.expire_pending(&task, Time::from_secs(120)).await.unwrap(),
         1
     );
-    assert_eq!(s.expire_pending(&task, Time::from_secs(120)).unwrap(), 0);
+    assert!(s.pending_report(&task, batch[0].1).await.unwrap().is_some());
+    assert!(s.pending_report(&task, batch[1].1).await.unwrap().is_none());
+    assert!(s.pending_report(&task, batch[2].1).await.unwrap().is_some());
+    assert_eq!(
+        s.stats(task.as_bytes()).await.unwrap()[&Stat::Rejected(RejectReason::TooOld)],
+        1
+    );
+    assert_eq!(
+        s.expire_pending(&task, Time::from_secs(120)).await.unwrap(),
+        0
+    );
 }
 
-#[test]
-fn retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), 16).unwrap();
+async fn retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger(s: Store) {
     let task = TaskId::random();
     let other = TaskId::random();
     let windows = [
@@ -70,7 +74,7 @@ fn retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger() {
         b.report_count = 1;
         let batches: Vec<(Vec<u8>, &BatchAggregation)> =
             windows.iter().map(|w| (batch_key(&t, *w), &b)).collect();
-        tx_result(s.batches.transaction(|bt| merge_batches(bt, &batches))).unwrap();
+        transact!(s, [Batches], |tx| merge_batches(tx, &batches)).unwrap();
         for (i, w) in windows.iter().enumerate() {
             let commit = CollectionCommit {
                 task: &t,
@@ -87,91 +91,95 @@ fn retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger() {
                 request_hash: [0; 32],
                 answer: b"answer",
             };
-            s.commit_collection(&commit).unwrap().unwrap();
+            s.commit_collection(&commit).await.unwrap().unwrap();
         }
     }
     let cutoff = Time::from_secs(120);
-    assert_eq!(s.expire_aggregates(&task, cutoff).unwrap(), 2);
-    assert_eq!(s.expire_collections(&task, cutoff).unwrap(), 2);
+    assert_eq!(s.expire_aggregates(&task, cutoff).await.unwrap(), 2);
+    assert_eq!(s.expire_collections(&task, cutoff).await.unwrap(), 2);
     assert_eq!(
         s.batches(&task)
+            .await
             .unwrap()
             .keys()
             .copied()
             .collect::<Vec<_>>(),
         [Time::from_secs(120)]
     );
-    assert!(s.collection(&task, &[0; 16]).unwrap().is_none());
-    assert!(s.collection(&task, &[1; 16]).unwrap().is_none());
-    assert!(s.collection(&task, &[2; 16]).unwrap().is_some());
+    assert!(s.collection(&task, &[0; 16]).await.unwrap().is_none());
+    assert!(s.collection(&task, &[1; 16]).await.unwrap().is_none());
+    assert!(s.collection(&task, &[2; 16]).await.unwrap().is_some());
     // The ledger and the collected marks stay; the other task is untouched.
     assert_eq!(
-        s.spent(&task, BudgetPurpose::Routine, &windows).unwrap(),
+        s.spent(&task, BudgetPurpose::Routine, &windows)
+            .await
+            .unwrap(),
         [1, 1, 1]
     );
-    assert_eq!(s.collected_windows().unwrap().len(), 6);
-    assert_eq!(s.batches(&other).unwrap().len(), 3);
-    assert!(s.collection(&other, &[0; 16]).unwrap().is_some());
-    assert_eq!(s.expire_collections(&task, cutoff).unwrap(), 0);
+    assert_eq!(s.collected_windows().await.unwrap().len(), 6);
+    assert_eq!(s.batches(&other).await.unwrap().len(), 3);
+    assert!(s.collection(&other, &[0; 16]).await.unwrap().is_some());
+    assert_eq!(s.expire_collections(&task, cutoff).await.unwrap(), 0);
 }
 
-#[test]
-fn pending_reports_are_stored_once_and_scanned_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), 16).unwrap();
+async fn pending_reports_are_stored_once_and_scanned_in_order(s: Store) {
     let task = TaskId::random();
     let a = report(60);
     let b = report(60);
     let batch = vec![
-        (task, s.next_seq().unwrap(), a.clone()),
-        (task, s.next_seq().unwrap(), b.clone()),
+        (task, s.next_seq().await.unwrap(), a.clone()),
+        (task, s.next_seq().await.unwrap(), b.clone()),
     ];
     assert_eq!(
-        s.store_pending(&batch, &StatDelta::default()).unwrap(),
+        s.store_pending(&batch, &StatDelta::default())
+            .await
+            .unwrap(),
         vec![Ingested::Stored, Ingested::Stored]
     );
     // A replay of `a`, and a report twice in the same batch.
     let c = report(120);
     let again = vec![
-        (task, s.next_seq().unwrap(), a.clone()),
-        (task, s.next_seq().unwrap(), c.clone()),
-        (task, s.next_seq().unwrap(), c.clone()),
+        (task, s.next_seq().await.unwrap(), a.clone()),
+        (task, s.next_seq().await.unwrap(), c.clone()),
+        (task, s.next_seq().await.unwrap(), c.clone()),
     ];
     assert_eq!(
-        s.store_pending(&again, &StatDelta::default()).unwrap(),
+        s.store_pending(&again, &StatDelta::default())
+            .await
+            .unwrap(),
         vec![Ingested::Replay, Ingested::Stored, Ingested::Replay]
     );
-    let scanned = s.scan_pending(&task, 10, |_| false).unwrap();
+    let scanned = s.scan_pending(&task, 10, |_| false).await.unwrap();
     assert_eq!(
         scanned.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
         vec![a, b, c.clone()]
     );
     let first = scanned[0].0;
-    let after_first = s.scan_pending(&task, 1, |seq| seq == first).unwrap();
+    let after_first = s.scan_pending(&task, 1, |seq| seq == first).await.unwrap();
     assert_eq!(after_first.len(), 1);
     assert_eq!(after_first[0].0, scanned[1].0);
-    let st = s.stats(task.as_bytes()).unwrap();
+    let st = s.stats(task.as_bytes()).await.unwrap();
     assert_eq!(st[&Stat::Accepted], 3);
     assert_eq!(st[&Stat::Rejected(RejectReason::Replay)], 2);
-    assert_eq!(s.expire_seen(&task, Time::from_secs(61)).unwrap(), 2);
+    assert_eq!(s.expire_seen(&task, Time::from_secs(61)).await.unwrap(), 2);
     assert!(
         !s.is_seen(&task, Time::from_secs(60), &batch[0].2.report_id)
+            .await
             .unwrap()
     );
     assert!(
         s.is_seen(&task, Time::from_secs(120), &c.report_id)
+            .await
             .unwrap()
     );
 }
 
-#[test]
-fn committing_a_leader_job_is_atomic_and_refuses_a_vanished_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), 16).unwrap();
+async fn committing_a_leader_job_is_atomic_and_refuses_a_vanished_job(s: Store) {
     let task = TaskId::random();
     let r = report(60);
-    let seq = s.next_seq().unwrap();
+    let seq = s.next_seq().await.unwrap();
     s.store_pending(&[(task, seq, r.clone())], &StatDelta::default())
+        .await
         .unwrap();
     let job = LeaderJob {
         task_id: task,
@@ -179,22 +187,25 @@ fn committing_a_leader_job_is_atomic_and_refuses_a_vanished_job() {
         created: Some(Time::from_secs(60)),
     };
     let id = AggregationJobId::random();
-    s.put_job(&id, &job).unwrap();
+    s.put_job(&id, &job).await.unwrap();
     let mut b = BatchAggregation::empty(2);
     b.report_count = 1;
     b.checksum.update(&r.report_id);
     let batches = BTreeMap::from([(Time::from_secs(60), b.clone())]);
     s.commit_leader_job(&id, &job, &batches, &StatDelta::default())
+        .await
         .unwrap();
-    assert_eq!(s.pending_count(&task).unwrap(), 0);
-    assert_eq!(s.batch(&task, Time::from_secs(60)).unwrap(), Some(b));
+    assert_eq!(s.pending_count(&task).await.unwrap(), 0);
+    assert_eq!(s.batch(&task, Time::from_secs(60)).await.unwrap(), Some(b));
     // A second commit of the same job must not count twice.
     assert!(
         s.commit_leader_job(&id, &job, &batches, &StatDelta::default())
+            .await
             .is_err()
     );
     assert_eq!(
         s.batch(&task, Time::from_secs(60))
+            .await
             .unwrap()
             .unwrap()
             .report_count,
@@ -202,7 +213,7 @@ fn committing_a_leader_job_is_atomic_and_refuses_a_vanished_job() {
     );
 }
 
-fn commit(
+async fn commit(
     s: &Store,
     task: &TaskId,
     cid: u8,
@@ -213,7 +224,7 @@ fn commit(
     let windows: Vec<Time> = (0..batch.1 / 60)
         .map(|i| batch.0.add_secs(60 * i))
         .collect();
-    let sum = s.sum_batches(task, &windows, 2).unwrap();
+    let sum = s.sum_batches(task, &windows, 2).await.unwrap();
     s.commit_collection(&CollectionCommit {
         task,
         collection_id: &[cid; 16],
@@ -229,47 +240,53 @@ fn commit(
         request_hash: [0; 32],
         answer: b"a",
     })
+    .await
     .unwrap()
 }
 
-#[test]
-fn batches_are_collected_equal_or_disjoint_and_as_often_as_allowed() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), 16).unwrap();
+async fn batches_are_collected_equal_or_disjoint_and_as_often_as_allowed(s: Store) {
     let t = TaskId::random();
     let (w0, w1, w2) = (
         Time::from_secs(0),
         Time::from_secs(60),
         Time::from_secs(120),
     );
-    commit(&s, &t, 1, (w0, 60), BudgetPurpose::Routine, 0).unwrap();
+    commit(&s, &t, 1, (w0, 60), BudgetPurpose::Routine, 0)
+        .await
+        .unwrap();
     // [w0, w1] overlaps [w0]: refused, whatever the purpose; nothing written.
     assert_eq!(
-        commit(&s, &t, 2, (w0, 120), BudgetPurpose::Alert, 0),
+        commit(&s, &t, 2, (w0, 120), BudgetPurpose::Alert, 0).await,
         Err(CollectRefusal::Overlaps {
             window: w0,
             batch: (w0, 60)
         })
     );
     assert_eq!(
-        s.spent(&t, BudgetPurpose::Alert, &[w0, w1]).unwrap(),
+        s.spent(&t, BudgetPurpose::Alert, &[w0, w1]).await.unwrap(),
         [0, 0]
     );
     // A second routine collection of [w0] is refused; alert drill-downs of it are not.
     assert!(matches!(
-        commit(&s, &t, 3, (w0, 60), BudgetPurpose::Routine, 0),
+        commit(&s, &t, 3, (w0, 60), BudgetPurpose::Routine, 0).await,
         Err(CollectRefusal::Exhausted {
             routine: 1,
             alert: 0
         })
     ));
-    commit(&s, &t, 4, (w0, 60), BudgetPurpose::Alert, 0).unwrap();
-    commit(&s, &t, 5, (w0, 60), BudgetPurpose::Alert, 0).unwrap();
-    assert_eq!(s.batch_collections(&t, (w0, 60)).unwrap(), (1, 2));
+    commit(&s, &t, 4, (w0, 60), BudgetPurpose::Alert, 0)
+        .await
+        .unwrap();
+    commit(&s, &t, 5, (w0, 60), BudgetPurpose::Alert, 0)
+        .await
+        .unwrap();
+    assert_eq!(s.batch_collections(&t, (w0, 60)).await.unwrap(), (1, 2));
     // A disjoint batch is fine; with max 1 it is collected once in all.
-    commit(&s, &t, 6, (w1, 120), BudgetPurpose::Alert, 1).unwrap();
+    commit(&s, &t, 6, (w1, 120), BudgetPurpose::Alert, 1)
+        .await
+        .unwrap();
     assert!(matches!(
-        commit(&s, &t, 7, (w1, 120), BudgetPurpose::Alert, 1),
+        commit(&s, &t, 7, (w1, 120), BudgetPurpose::Alert, 1).await,
         Err(CollectRefusal::Exhausted {
             routine: 0,
             alert: 1
@@ -277,22 +294,20 @@ fn batches_are_collected_equal_or_disjoint_and_as_often_as_allowed() {
     ));
     // [w2] alone now overlaps [w1, w2].
     assert!(matches!(
-        commit(&s, &t, 8, (w2, 60), BudgetPurpose::Routine, 0),
+        commit(&s, &t, 8, (w2, 60), BudgetPurpose::Routine, 0).await,
         Err(CollectRefusal::Overlaps { .. })
     ));
-    assert!(s.is_released(&t, w2).unwrap());
+    assert!(s.is_released(&t, w2).await.unwrap());
 }
 
-#[test]
-fn nothing_enters_a_released_or_closed_window() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), 16).unwrap();
+async fn nothing_enters_a_released_or_closed_window(s: Store) {
     let task = TaskId::random();
     let w = Time::from_secs(60);
     // A job holding a report of `w` is in flight when `w` is released.
     let r = report(60);
-    let seq = s.next_seq().unwrap();
+    let seq = s.next_seq().await.unwrap();
     s.store_pending(&[(task, seq, r.clone())], &StatDelta::default())
+        .await
         .unwrap();
     let job = LeaderJob {
         task_id: task,
@@ -300,33 +315,39 @@ fn nothing_enters_a_released_or_closed_window() {
         created: Some(Time::from_secs(60)),
     };
     let id = AggregationJobId::random();
-    s.put_job(&id, &job).unwrap();
-    commit(&s, &task, 1, (w, 60), BudgetPurpose::Routine, 0).unwrap();
+    s.put_job(&id, &job).await.unwrap();
+    commit(&s, &task, 1, (w, 60), BudgetPurpose::Routine, 0)
+        .await
+        .unwrap();
     let mut b = BatchAggregation::empty(2);
     b.report_count = 1;
     b.checksum.update(&r.report_id);
     let left_out = s
         .commit_leader_job(&id, &job, &BTreeMap::from([(w, b)]), &StatDelta::default())
+        .await
         .unwrap();
     assert_eq!(left_out, 1);
-    assert!(s.batch(&task, w).unwrap().is_none());
+    assert!(s.batch(&task, w).await.unwrap().is_none());
     assert_eq!(
-        s.stats(task.as_bytes()).unwrap()[&Stat::Rejected(RejectReason::BatchCollected)],
+        s.stats(task.as_bytes()).await.unwrap()[&Stat::Rejected(RejectReason::BatchCollected)],
         1
     );
     // A report of the closed window is refused at ingest and counted late.
-    let late = (task, s.next_seq().unwrap(), report(60));
+    let late = (task, s.next_seq().await.unwrap(), report(60));
     assert_eq!(
         s.store_pending(std::slice::from_ref(&late), &StatDelta::default())
+            .await
             .unwrap(),
         [Ingested::Late]
     );
     // Resent, it is a replay: the late count counts each report once.
     assert_eq!(
-        s.store_pending(&[late], &StatDelta::default()).unwrap(),
+        s.store_pending(&[late], &StatDelta::default())
+            .await
+            .unwrap(),
         [Ingested::Replay]
     );
-    assert_eq!(s.late_in(&task, &[w]).unwrap(), 1);
+    assert_eq!(s.late_in(&task, &[w]).await.unwrap(), 1);
     // The helper's job commit refuses a verified report of a released window, even when
     // the quick check before verification passed (the race the transaction closes).
     let hr = HelperReport {
@@ -335,7 +356,7 @@ fn nothing_enters_a_released_or_closed_window() {
         outcome: Ok((AggregateShare::zero(2), vec![1, 2, 3])),
         mark_seen: true,
     };
-    let before = s.batch(&task, w).unwrap();
+    let before = s.batch(&task, w).await.unwrap();
     let out = s
         .commit_helper_job(
             &task,
@@ -346,29 +367,32 @@ fn nothing_enters_a_released_or_closed_window() {
             &[hr],
             |o| format!("{:?}", o[0].1).into_bytes(),
         )
+        .await
         .unwrap();
     let HelperCommit::Committed(resp) = out else {
         panic!("a new job")
     };
     assert_eq!(String::from_utf8(resp).unwrap(), "Err(BatchCollected)");
-    assert_eq!(s.batch(&task, w).unwrap(), before);
+    assert_eq!(s.batch(&task, w).await.unwrap(), before);
     // A commit whose sum is stale (a job landed after it) is refused.
     let t2 = TaskId::random();
-    let stale = s.commit_collection(&CollectionCommit {
-        task: &t2,
-        collection_id: &[1; 16],
-        rule: BatchRule {
-            batch: (w, 60),
-            purpose: BudgetPurpose::Routine,
-            max_collections: 0,
-        },
-        summed: (5, ReportIdChecksum::default()),
-        windows: &[w],
-        epsilon_micros: 1,
-        budget_micros: 100,
-        request_hash: [0; 32],
-        answer: b"a",
-    });
+    let stale = s
+        .commit_collection(&CollectionCommit {
+            task: &t2,
+            collection_id: &[1; 16],
+            rule: BatchRule {
+                batch: (w, 60),
+                purpose: BudgetPurpose::Routine,
+                max_collections: 0,
+            },
+            summed: (5, ReportIdChecksum::default()),
+            windows: &[w],
+            epsilon_micros: 1,
+            budget_micros: 100,
+            request_hash: [0; 32],
+            answer: b"a",
+        })
+        .await;
     assert!(matches!(stale, Err(Error::Mismatch(_))), "{stale:?}");
 }
 
@@ -386,3 +410,303 @@ fn records_round_trip() {
     b.report_count = 7;
     assert_eq!(BatchAggregation::decode(&b.encode()).unwrap(), b);
 }
+
+/// A second process's view of the same database: another connection pool on PostgreSQL (a
+/// replica), the same handle on sled (which allows one process per database).
+async fn replica(s: &Store) -> Store {
+    match &s.backend {
+        backend::Backend::Sled(_) => s.clone(),
+        backend::Backend::Pg(p) => Store::connect(p.settings()).await.unwrap(),
+    }
+}
+
+async fn one_report_offered_by_two_replicas_at_once_is_stored_once(s: Store) {
+    let other = replica(&s).await;
+    let task = TaskId::random();
+    for round in 0..20 {
+        let r = report(60 * (round + 1));
+        let seqs = s.next_seqs(2).await.unwrap();
+        let (one, two) = ([(task, seqs[0], r.clone())], [(task, seqs[1], r.clone())]);
+        let none = StatDelta::default();
+        let (a, b) = tokio::join!(
+            s.store_pending(&one, &none),
+            other.store_pending(&two, &none),
+        );
+        let mut got = [a.unwrap()[0], b.unwrap()[0]];
+        got.sort_by_key(|i| *i != Ingested::Stored);
+        assert_eq!(got, [Ingested::Stored, Ingested::Replay], "round {round}");
+    }
+    assert_eq!(s.pending_count(&task).await.unwrap(), 20);
+    let st = other.stats(task.as_bytes()).await.unwrap();
+    assert_eq!(st[&Stat::Accepted], 20);
+    assert_eq!(st[&Stat::Rejected(RejectReason::Replay)], 20);
+}
+
+async fn the_last_of_a_budget_is_spent_once_by_two_replicas_at_once(s: Store) {
+    let other = replica(&s).await;
+    let task = TaskId::random();
+    let w = Time::from_secs(600);
+    let collect = |store: Store, cid: u8| async move {
+        store
+            .commit_collection(&CollectionCommit {
+                task: &task,
+                collection_id: &[cid; 16],
+                rule: BatchRule {
+                    batch: (w, 60),
+                    purpose: BudgetPurpose::Alert,
+                    max_collections: 0,
+                },
+                summed: (0, ReportIdChecksum::default()),
+                windows: &[w],
+                epsilon_micros: 30,
+                budget_micros: 100,
+                request_hash: [cid; 32],
+                answer: b"a",
+            })
+            .await
+            .unwrap()
+    };
+    // 100 µε of budget, 30 per collection: 3 of 8 racing collections may spend, never 4.
+    let mut racing = tokio::task::JoinSet::new();
+    for cid in 0..8u8 {
+        let store = if cid % 2 == 0 {
+            s.clone()
+        } else {
+            other.clone()
+        };
+        racing.spawn(collect(store, cid));
+    }
+    let mut spent = 0;
+    while let Some(r) = racing.join_next().await {
+        match r.unwrap() {
+            Ok(_) => spent += 1,
+            Err(CollectRefusal::OverBudget { .. }) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(spent, 3);
+    assert_eq!(
+        s.spent(&task, BudgetPurpose::Alert, &[w]).await.unwrap(),
+        [90]
+    );
+}
+
+async fn the_audit_chain_stays_one_chain_under_appends_from_two_replicas(s: Store) {
+    let other = replica(&s).await;
+    let event = |i: usize| crate::audit::AuditEvent {
+        actor: "admin".into(),
+        action: "task.create".into(),
+        task: format!("task-{i}"),
+        outcome: "ok".into(),
+        ..Default::default()
+    };
+    let (a, b) = (s.audit().clone(), other.audit().clone());
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let log = if w % 2 == 0 { a.clone() } else { b.clone() };
+            std::thread::spawn(move || {
+                for i in 0..10 {
+                    log.append(1_000, event(w * 10 + i)).unwrap();
+                }
+            })
+        })
+        .collect();
+    // A check while the appends go on sees an intact prefix.
+    let during = s.audit().verify().await.unwrap();
+    assert!(during <= 40);
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert_eq!(other.audit().verify().await, Ok(40));
+    let entries = s.audit().entries().await.unwrap();
+    let mut tasks: Vec<String> = entries.iter().map(|e| e.event.task.clone()).collect();
+    tasks.sort();
+    tasks.dedup();
+    assert_eq!(tasks.len(), 40, "every append is in the chain once");
+}
+
+async fn jobs_hold_each_report_once_and_outlive_a_dead_replica(s: Store) {
+    let other = replica(&s).await;
+    let task = TaskId::random();
+    let seqs = s.next_seqs(50).await.unwrap();
+    let batch: Vec<_> = seqs.iter().map(|q| (task, *q, report(60))).collect();
+    s.store_pending(&batch, &StatDelta::default())
+        .await
+        .unwrap();
+    let (a, b) = (
+        Lease {
+            owner: "a".into(),
+            ms: 60_000,
+        },
+        Lease {
+            owner: "b".into(),
+            ms: 60_000,
+        },
+    );
+    // Two replicas create jobs at once, over and over: no report is in two jobs. (On sled the
+    // one process's driver knows its jobs' reports and creates jobs one at a time.)
+    let mut held = std::collections::BTreeSet::new();
+    let mut jobs = Vec::new();
+    loop {
+        let taken = held.clone();
+        let skip = |q: u64| taken.contains(&q);
+        let (x, y) = if s.is_shared() {
+            tokio::join!(
+                s.create_job(&task, 7, skip, Time::from_secs(60), &a),
+                other.create_job(&task, 7, skip, Time::from_secs(60), &b),
+            )
+        } else {
+            (
+                s.create_job(&task, 7, skip, Time::from_secs(60), &a).await,
+                Ok(None),
+            )
+        };
+        let (x, y) = (x.unwrap(), y.unwrap());
+        if x.is_none() && y.is_none() {
+            break;
+        }
+        for (id, job) in x.into_iter().chain(y) {
+            for q in &job.seqs {
+                assert!(held.insert(*q), "report {q} is in two jobs");
+            }
+            jobs.push((id, job));
+        }
+    }
+    assert_eq!(held.len(), 50);
+    if !s.is_shared() {
+        return;
+    }
+    // Replica "a" dies: once its leases run out, "b" takes its jobs over, and only those.
+    let a_jobs = s
+        .renew_leases(&a, &jobs.iter().map(|j| j.0).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(
+        a_jobs > 0 && a_jobs < jobs.len() as u64,
+        "{a_jobs} of {}",
+        jobs.len()
+    );
+    assert!(other.take_expired_jobs(&b, 100).await.unwrap().is_empty());
+    let short = Lease {
+        owner: "a".into(),
+        ms: 1,
+    };
+    s.renew_leases(&short, &jobs.iter().map(|j| j.0).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let taken = other.take_expired_jobs(&b, 100).await.unwrap();
+    assert_eq!(taken.len() as u64, a_jobs);
+    for (id, job) in &taken {
+        assert!(jobs.contains(&(*id, job.clone())));
+    }
+    // Held by "b" now: "a" cannot renew them, and nobody else can take them.
+    assert_eq!(
+        s.renew_leases(&a, &taken.iter().map(|j| j.0).collect::<Vec<_>>())
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(s.take_expired_jobs(&a, 100).await.unwrap().is_empty());
+    // The first commit counts a job; the replica that commits it second finds it gone.
+    let (id, job) = &taken[0];
+    let mut sum = BatchAggregation::empty(2);
+    sum.report_count = job.seqs.len() as u64;
+    let batches = BTreeMap::from([(Time::from_secs(60), sum)]);
+    other
+        .commit_leader_job(id, job, &batches, &StatDelta::default())
+        .await
+        .unwrap();
+    assert!(
+        s.commit_leader_job(id, job, &batches, &StatDelta::default())
+            .await
+            .is_err()
+    );
+    assert!(!s.has_job(id).await.unwrap());
+    assert_eq!(s.abandon_leader_job(id, job).await.unwrap(), 0);
+    assert_eq!(
+        s.batch(&task, Time::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap()
+            .report_count,
+        job.seqs.len() as u64
+    );
+}
+
+async fn a_helper_job_sent_to_two_replicas_at_once_is_accumulated_once(s: Store) {
+    let other = replica(&s).await;
+    let task = TaskId::random();
+    let w = Time::from_secs(60);
+    for round in 0..10 {
+        let job = AggregationJobId::random();
+        let reports: Vec<HelperReport> = (0..5)
+            .map(|_| HelperReport {
+                report_id: ReportId::random(),
+                time: w,
+                outcome: Ok((AggregateShare::zero(2), vec![1])),
+                mark_seen: true,
+            })
+            .collect();
+        let respond = |o: &[(ReportId, std::result::Result<&[u8], RejectReason>)]| {
+            format!("{}", o.iter().filter(|(_, r)| r.is_ok()).count()).into_bytes()
+        };
+        let (x, y) = tokio::join!(
+            s.commit_helper_job(&task, &job, w, [round; 32], 2, &reports, respond),
+            other.commit_helper_job(&task, &job, w, [round; 32], 2, &reports, respond),
+        );
+        let answers: Vec<(bool, Vec<u8>)> = [x.unwrap(), y.unwrap()]
+            .into_iter()
+            .map(|c| match c {
+                HelperCommit::Committed(r) => (true, r),
+                HelperCommit::Existing(r) => (false, r),
+            })
+            .collect();
+        assert_eq!(
+            answers.iter().filter(|(fresh, _)| *fresh).count(),
+            1,
+            "round {round}: {answers:?}"
+        );
+        assert_eq!(answers[0].1, b"5", "both get the one answer");
+        assert_eq!(answers[1].1, b"5");
+    }
+    assert_eq!(s.batch(&task, w).await.unwrap().unwrap().report_count, 50);
+}
+
+/// Runs each test of the suite on sled and on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod on_sled {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let dir = tempfile::tempdir().unwrap();
+                    super::$name(Store::open(dir.path(), 16).unwrap()).await;
+                }
+            )+
+            use super::Store;
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(crate::store::throwaway::fresh_store().await).await;
+                }
+            )+
+        }
+    };
+}
+
+on_both_backends!(
+    a_helper_job_sent_to_two_replicas_at_once_is_accumulated_once,
+    jobs_hold_each_report_once_and_outlive_a_dead_replica,
+    one_report_offered_by_two_replicas_at_once_is_stored_once,
+    the_last_of_a_budget_is_spent_once_by_two_replicas_at_once,
+    the_audit_chain_stays_one_chain_under_appends_from_two_replicas,
+    retention_deletes_old_pending_reports_but_not_those_in_a_job,
+    retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger,
+    pending_reports_are_stored_once_and_scanned_in_order,
+    committing_a_leader_job_is_atomic_and_refuses_a_vanished_job,
+    batches_are_collected_equal_or_disjoint_and_as_often_as_allowed,
+    nothing_enters_a_released_or_closed_window,
+);

@@ -533,7 +533,13 @@ pub async fn run_until(
     // What the leader refused, by reason: says why, if reports went missing.
     let mut refused: BTreeMap<&'static str, u64> = BTreeMap::new();
     for t in &all_tasks {
-        for (stat, n) in cluster.leader.shared().store.stats(t.id().as_bytes())? {
+        for (stat, n) in cluster
+            .leader
+            .shared()
+            .store
+            .stats(t.id().as_bytes())
+            .await?
+        {
             if let hush_aggregator::store::Stat::Rejected(r) = stat {
                 *refused.entry(r.as_str_name()).or_default() += n;
             }
@@ -549,7 +555,8 @@ pub async fn run_until(
             .leader
             .shared()
             .store
-            .stats(t.id().as_bytes())?
+            .stats(t.id().as_bytes())
+            .await?
             .get(&hush_aggregator::store::Stat::Aggregated)
             .copied()
             .unwrap_or(0);

@@ -1,0 +1,489 @@
+//! What the store needs from a database, and the two databases that provide it: sled (embedded,
+//! the default) and PostgreSQL (`[store] kind = "postgres"`, for several replicas per role).
+//!
+//! The store's records live in named key-value tables ([`T`]): sled trees, or PostgreSQL tables
+//! of `(key bytea primary key, value bytea)`. Every change that must be atomic is a transaction
+//! written once, generic over [`Txn`], and run by [`transact!`] on either backend:
+//!
+//! - on sled, as a sled transaction over the tables it names (sled serializes all transactions
+//!   of a process and re-runs the closure on a conflict);
+//! - on PostgreSQL, as a `SERIALIZABLE` transaction: reads go to the database, writes are kept
+//!   and sent in one statement per table before `COMMIT`, and a serialization failure or deadlock
+//!   runs the whole transaction again. Transactions of one process are serialized by a lock, as
+//!   sled does; replicas on one database are serialized by PostgreSQL.
+//!
+//! Either way a check inside a transaction cannot race another transaction's commit.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use sled::transaction::{
+    ConflictableTransactionError, TransactionalTree, UnabortableTransactionError,
+};
+
+use crate::error::{Error, Result};
+
+use super::pg::PgBackend;
+
+/// A table of the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum T {
+    Tasks,
+    Keys,
+    Seen,
+    Pending,
+    Jobs,
+    HelperJobs,
+    Batches,
+    Stats,
+    Tenants,
+    Ledger,
+    Collections,
+    Collected,
+    Released,
+    WindowBatches,
+    BatchCollections,
+    Late,
+    CollectionEnds,
+    Audit,
+    AuditHead,
+    Health,
+}
+
+impl T {
+    /// Every table.
+    pub(crate) const ALL: [T; 20] = [
+        T::Tasks,
+        T::Keys,
+        T::Seen,
+        T::Pending,
+        T::Jobs,
+        T::HelperJobs,
+        T::Batches,
+        T::Stats,
+        T::Tenants,
+        T::Ledger,
+        T::Collections,
+        T::Collected,
+        T::Released,
+        T::WindowBatches,
+        T::BatchCollections,
+        T::Late,
+        T::CollectionEnds,
+        T::Audit,
+        T::AuditHead,
+        T::Health,
+    ];
+
+    /// The sled tree's and the PostgreSQL table's name.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            T::Tasks => "tasks",
+            T::Keys => "keys",
+            T::Seen => "seen",
+            T::Pending => "pending",
+            T::Jobs => "jobs",
+            T::HelperJobs => "helper_jobs",
+            T::Batches => "batches",
+            T::Stats => "stats",
+            T::Tenants => "tenants",
+            T::Ledger => "ledger",
+            T::Collections => "collections",
+            T::Collected => "collected",
+            T::Released => "released",
+            T::WindowBatches => "window_batches",
+            T::BatchCollections => "batch_collections",
+            T::Late => "late",
+            T::CollectionEnds => "collection_ends",
+            T::Audit => "audit",
+            T::AuditHead => "audit_head",
+            T::Health => "health",
+        }
+    }
+}
+
+/// Which keys of a table: those with a prefix, those in `[lo, hi)`, or all.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Keys<'a> {
+    /// Keys that begin with these bytes.
+    Prefix(&'a [u8]),
+    /// Keys from `lo` (included) to `hi` (excluded).
+    Range(&'a [u8], &'a [u8]),
+    /// Every key.
+    All,
+}
+
+impl Keys<'_> {
+    /// The bounds as owned keys: `lo` included, `hi` excluded (`None`: no upper bound).
+    pub(crate) fn bounds(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        match self {
+            Keys::Prefix(p) => (p.to_vec(), prefix_end(p)),
+            Keys::Range(lo, hi) => (lo.to_vec(), Some(hi.to_vec())),
+            Keys::All => (Vec::new(), None),
+        }
+    }
+}
+
+/// The smallest key greater than every key that begins with `p` (`None`: there is none).
+pub(crate) fn prefix_end(p: &[u8]) -> Option<Vec<u8>> {
+    let mut end = p.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Writes to one table applied together: a value to set, or `None` to delete.
+pub(crate) type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// Why a transaction stopped: the caller's error (nothing is written), or the database's, which
+/// the runner handles (a conflict runs the transaction again).
+#[derive(Debug)]
+pub(crate) enum TxError {
+    /// The transaction's own refusal or a corrupt record: nothing is written.
+    Abort(Error),
+    /// sled's conflict or storage error.
+    Sled(UnabortableTransactionError),
+    /// PostgreSQL's error (a serialization failure runs the transaction again).
+    Pg(tokio_postgres::Error),
+}
+
+impl From<Error> for TxError {
+    fn from(e: Error) -> Self {
+        TxError::Abort(e)
+    }
+}
+
+impl From<UnabortableTransactionError> for TxError {
+    fn from(e: UnabortableTransactionError) -> Self {
+        TxError::Sled(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for TxError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        TxError::Pg(e)
+    }
+}
+
+/// The result of a step of a transaction.
+pub(crate) type TxResult<R> = std::result::Result<R, TxError>;
+
+/// A transaction over the store's tables. Reads see the transaction's own writes.
+pub(crate) trait Txn {
+    /// The value under `k` in `t`.
+    fn get(&mut self, t: T, k: &[u8]) -> impl Future<Output = TxResult<Option<Vec<u8>>>> + Send;
+    /// The values under `keys` in `t`, in order (one round trip on PostgreSQL).
+    fn get_many(
+        &mut self,
+        t: T,
+        keys: &[Vec<u8>],
+    ) -> impl Future<Output = TxResult<Vec<Option<Vec<u8>>>>> + Send;
+    /// Sets `k` in `t` to `v`.
+    fn insert(&mut self, t: T, k: &[u8], v: &[u8]) -> TxResult<()>;
+    /// Deletes `k` from `t`.
+    fn remove(&mut self, t: T, k: &[u8]) -> TxResult<()>;
+}
+
+/// A sled transaction's view of the trees it named.
+pub(crate) struct SledTx<'a> {
+    tables: &'a [T],
+    views: &'a [TransactionalTree],
+}
+
+impl<'a> SledTx<'a> {
+    /// The views of `tables`, in order.
+    pub(crate) fn new(tables: &'a [T], views: &'a [TransactionalTree]) -> Self {
+        Self { tables, views }
+    }
+
+    fn view(&self, t: T) -> TxResult<&TransactionalTree> {
+        self.tables
+            .iter()
+            .position(|x| *x == t)
+            .map(|i| &self.views[i])
+            .ok_or_else(|| {
+                TxError::Abort(Error::corrupt(
+                    "transaction",
+                    format!("table {} is not in this transaction", t.name()),
+                ))
+            })
+    }
+
+    fn get_now(&self, t: T, k: &[u8]) -> TxResult<Option<Vec<u8>>> {
+        Ok(self.view(t)?.get(k)?.map(|v| v.to_vec()))
+    }
+}
+
+impl Txn for SledTx<'_> {
+    fn get(&mut self, t: T, k: &[u8]) -> impl Future<Output = TxResult<Option<Vec<u8>>>> + Send {
+        std::future::ready(self.get_now(t, k))
+    }
+
+    fn get_many(
+        &mut self,
+        t: T,
+        keys: &[Vec<u8>],
+    ) -> impl Future<Output = TxResult<Vec<Option<Vec<u8>>>>> + Send {
+        std::future::ready(keys.iter().map(|k| self.get_now(t, k)).collect())
+    }
+
+    fn insert(&mut self, t: T, k: &[u8], v: &[u8]) -> TxResult<()> {
+        self.view(t)?.insert(k, v)?;
+        Ok(())
+    }
+
+    fn remove(&mut self, t: T, k: &[u8]) -> TxResult<()> {
+        self.view(t)?.remove(k)?;
+        Ok(())
+    }
+}
+
+/// Runs a future that cannot wait (a transaction body over sled) to its end.
+pub(crate) fn run_now<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => unreachable!("a sled transaction body never waits"),
+    }
+}
+
+/// Turns a body's error into sled's.
+pub(crate) fn to_sled(e: TxError) -> ConflictableTransactionError<Error> {
+    match e {
+        TxError::Abort(e) => ConflictableTransactionError::Abort(e),
+        TxError::Sled(e) => e.into(),
+        TxError::Pg(e) => ConflictableTransactionError::Abort(Error::corrupt(
+            "transaction",
+            format!("a PostgreSQL error in a sled transaction: {e}"),
+        )),
+    }
+}
+
+/// Runs `$body` (an expression over `$tx: &mut impl Txn`, a future of a `TxResult`) as one
+/// transaction over the tables named, on the store's backend; evaluates to a `Result`.
+macro_rules! transact {
+    ($store:expr, [$($t:ident),+ $(,)?], |$tx:ident| $body:expr) => {{
+        let tables = [$($crate::store::backend::T::$t),+];
+        match &$store.backend {
+            $crate::store::backend::Backend::Sled(s) => {
+                let trees: Vec<&sled::Tree> = tables.iter().map(|t| s.tree(*t)).collect();
+                let r = sled::Transactional::transaction(&trees[..], |views| {
+                    let mut tx = $crate::store::backend::SledTx::new(&tables, views);
+                    let $tx = &mut tx;
+                    $crate::store::backend::run_now($body)
+                        .map_err($crate::store::backend::to_sled)
+                });
+                hush_server::db::tx_result(r)
+            }
+            $crate::store::backend::Backend::Pg(p) => {
+                let r: $crate::error::Result<_> = async {
+                    let _serial = p.serial().await;
+                    let mut client = p.client().await?;
+                    let mut attempt = 0u32;
+                    loop {
+                        attempt += 1;
+                        let mut tx = $crate::store::pg::PgTx::begin(&mut client).await?;
+                        let r = {
+                            let $tx = &mut tx;
+                            $body.await
+                        };
+                        match $crate::store::pg::finish(tx, r, attempt).await {
+                            $crate::store::pg::Finish::Done(r) => break r,
+                            $crate::store::pg::Finish::Again => continue,
+                        }
+                    }
+                }
+                .await;
+                r
+            }
+        }
+    }};
+}
+
+pub(crate) use transact;
+
+/// The database under a store.
+#[derive(Clone, Debug)]
+pub(crate) enum Backend {
+    /// An embedded sled database.
+    Sled(SledBackend),
+    /// A PostgreSQL database, possibly shared by replicas.
+    Pg(Box<PgBackend>),
+}
+
+/// sled: one tree per table.
+#[derive(Clone, Debug)]
+pub(crate) struct SledBackend {
+    db: sled::Db,
+    trees: Arc<BTreeMap<T, sled::Tree>>,
+}
+
+impl SledBackend {
+    /// Opens the trees of `db`.
+    pub(crate) fn new(db: sled::Db) -> Result<Self> {
+        let mut trees = BTreeMap::new();
+        for t in T::ALL {
+            trees.insert(t, db.open_tree(t.name())?);
+        }
+        Ok(Self {
+            db,
+            trees: Arc::new(trees),
+        })
+    }
+
+    /// The tree of `t`.
+    pub(crate) fn tree(&self, t: T) -> &sled::Tree {
+        &self.trees[&t]
+    }
+
+    /// The database.
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    fn iter(&self, t: T, keys: Keys<'_>) -> sled::Iter {
+        let tree = self.tree(t);
+        match keys {
+            Keys::Prefix(p) => tree.scan_prefix(p),
+            Keys::Range(lo, hi) => tree.range(lo.to_vec()..hi.to_vec()),
+            Keys::All => tree.iter(),
+        }
+    }
+}
+
+impl Backend {
+    /// The value under `k` in `t`.
+    pub(crate) async fn get(&self, t: T, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self {
+            Backend::Sled(s) => Ok(s.tree(t).get(k)?.map(|v| v.to_vec())),
+            Backend::Pg(p) => p.get(t, k).await,
+        }
+    }
+
+    /// Up to `limit` entries of `t` among `keys`, in key order, for which `keep(key, value)`
+    /// holds.
+    pub(crate) async fn scan(
+        &self,
+        t: T,
+        keys: Keys<'_>,
+        limit: usize,
+        keep: impl Fn(&[u8], &[u8]) -> bool + Send,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        match self {
+            Backend::Sled(s) => {
+                let mut out = Vec::new();
+                for kv in s.iter(t, keys) {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = kv?;
+                    if keep(&k, &v) {
+                        out.push((k.to_vec(), v.to_vec()));
+                    }
+                }
+                Ok(out)
+            }
+            Backend::Pg(p) => p.scan(t, keys, limit, keep).await,
+        }
+    }
+
+    /// Every entry of `t` among `keys`, in key order.
+    pub(crate) async fn entries(&self, t: T, keys: Keys<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan(t, keys, usize::MAX, |_, _| true).await
+    }
+
+    /// The keys of `t` among `keys`, in order.
+    pub(crate) async fn keys(&self, t: T, keys: Keys<'_>) -> Result<Vec<Vec<u8>>> {
+        match self {
+            Backend::Sled(s) => s.iter(t, keys).keys().map(|k| Ok(k?.to_vec())).collect(),
+            Backend::Pg(p) => p.keys(t, keys).await,
+        }
+    }
+
+    /// How many keys of `t` are among `keys`.
+    pub(crate) async fn count(&self, t: T, keys: Keys<'_>) -> Result<u64> {
+        match self {
+            Backend::Sled(s) => Ok(match keys {
+                Keys::All => s.tree(t).len() as u64,
+                k => s.iter(t, k).keys().count() as u64,
+            }),
+            Backend::Pg(p) => p.count(t, keys).await,
+        }
+    }
+
+    /// Applies `writes` to `t` atomically.
+    pub(crate) async fn apply(&self, t: T, writes: Writes) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Backend::Sled(s) => {
+                let mut b = sled::Batch::default();
+                for (k, v) in writes {
+                    match v {
+                        Some(v) => b.insert(k, v),
+                        None => b.remove(k),
+                    }
+                }
+                s.tree(t).apply_batch(b)?;
+                Ok(())
+            }
+            Backend::Pg(p) => p.apply(t, writes).await,
+        }
+    }
+
+    /// Stores `v` under `k` in `t` unless the key exists; returns the existing value if so.
+    pub(crate) async fn insert_new(&self, t: T, k: &[u8], v: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        match self {
+            Backend::Sled(s) => {
+                let prev = s
+                    .tree(t)
+                    .compare_and_swap(k, None as Option<&[u8]>, Some(v))?;
+                Ok(prev.err().and_then(|e| e.current.map(|v| v.to_vec())))
+            }
+            Backend::Pg(p) => p.insert_new(t, k, v).await,
+        }
+    }
+
+    /// A fresh, increasing number, unique across replicas.
+    pub(crate) async fn next_seq(&self) -> Result<u64> {
+        match self {
+            Backend::Sled(s) => Ok(s.db.generate_id()?),
+            Backend::Pg(p) => p.next_seq().await,
+        }
+    }
+
+    /// `n` fresh numbers.
+    pub(crate) async fn next_seqs(&self, n: usize) -> Result<Vec<u64>> {
+        match self {
+            Backend::Sled(s) => (0..n).map(|_| Ok(s.db.generate_id()?)).collect(),
+            Backend::Pg(p) => p.next_seqs(n).await,
+        }
+    }
+
+    /// Makes everything written so far durable (PostgreSQL commits are durable already).
+    pub(crate) async fn flush(&self) -> Result<()> {
+        match self {
+            Backend::Sled(s) => Ok(hush_server::db::flush(&s.db).await?),
+            Backend::Pg(_) => Ok(()),
+        }
+    }
+
+    /// Entries per table.
+    pub(crate) async fn sizes(&self) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for t in T::ALL {
+            if t == T::AuditHead || t == T::Health {
+                continue;
+            }
+            out.push((t.name().to_owned(), self.count(t, Keys::All).await?));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,694 @@
+//! The PostgreSQL backend: one table `(key bytea primary key, value bytea)` per store table, a
+//! sequence for report sequence numbers, migrations applied at start under an advisory lock (so
+//! replicas starting together apply each once), a connection pool, and `SERIALIZABLE`
+//! transactions that are run again on a serialization failure.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{IsolationLevel, NoTls};
+
+use super::backend::{Keys, T, TxError, TxResult, Txn, Writes};
+use crate::error::{Error, Result};
+
+/// How often a transaction is tried before a serialization failure is returned.
+const ATTEMPTS: u32 = 50;
+
+/// Rows read per page when scanning.
+const PAGE: i64 = 1_000;
+
+/// The migrations, in order. A migration is never changed once shipped: a change is a new one.
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "tables, sequence", MIGRATION_1),
+    (2, "job leases", MIGRATION_2),
+];
+
+/// The job a pending report is in, and who holds each job until when (milliseconds since the
+/// epoch, the database's clock), so replicas share the jobs and take over a dead one's.
+const MIGRATION_2: &str = r#"
+ALTER TABLE "pending" ADD COLUMN IF NOT EXISTS job bytea;
+CREATE INDEX IF NOT EXISTS pending_unclaimed ON "pending" (key) WHERE job IS NULL;
+ALTER TABLE "jobs" ADD COLUMN IF NOT EXISTS owner text NOT NULL DEFAULT '';
+ALTER TABLE "jobs" ADD COLUMN IF NOT EXISTS lease_until bigint NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS jobs_by_lease ON "jobs" (lease_until);
+"#;
+
+/// Now on the database's clock, in milliseconds since the epoch.
+const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+const MIGRATION_1: &str = r#"
+CREATE SEQUENCE IF NOT EXISTS hush_seq START 1;
+CREATE TABLE IF NOT EXISTS "tasks" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "keys" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "seen" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "pending" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "jobs" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "helper_jobs" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "batches" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "stats" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "tenants" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "ledger" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "collections" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "collected" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "released" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "window_batches" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "batch_collections" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "late" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "collection_ends" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "audit" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "audit_head" (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS "health" (key bytea PRIMARY KEY, value bytea NOT NULL);
+"#;
+
+/// Where the database is and how many connections to keep.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// A `postgres://` URL or a `key=value` connection string.
+    pub url: String,
+    /// The schema the tables live in (created if missing).
+    pub schema: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("PgSettings")
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pool of connections to one database, shared by a process's store.
+#[derive(Clone)]
+pub(crate) struct PgBackend {
+    pool: Pool,
+    config: tokio_postgres::Config,
+    serial: Arc<tokio::sync::Mutex<()>>,
+    settings: PgSettings,
+}
+
+impl std::fmt::Debug for PgBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("PgBackend")
+            .field("schema", &self.settings.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+fn db_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Server(hush_server::ServerError::Database(format!("{what}: {e}")))
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        db_err("PostgreSQL", e)
+    }
+}
+
+/// Whether a schema name is a plain identifier (it is spliced into SQL).
+fn plain_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit()
+}
+
+impl PgBackend {
+    /// Connects, creates the schema if missing and applies the migrations not applied yet.
+    pub(crate) async fn connect(s: &PgSettings) -> Result<Self> {
+        if !plain_identifier(&s.schema) {
+            return Err(Error::config(format!(
+                "[store] schema {:?} must be lowercase letters, digits and '_' (at most 63, not \
+                 starting with a digit)",
+                s.schema
+            )));
+        }
+        let mut config = tokio_postgres::Config::from_str(&s.url).map_err(|e| {
+            Error::config(format!(
+                "the PostgreSQL URL does not parse ({e}); expected postgres://user:password@host:port/database"
+            ))
+        })?;
+        config.options(format!("-c search_path={}", s.schema));
+        let mgr = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(s.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| db_err("the PostgreSQL pool", e))?;
+        let me = Self {
+            pool,
+            config,
+            serial: Default::default(),
+            settings: s.clone(),
+        };
+        me.migrate().await?;
+        Ok(me)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut c = self.client().await?;
+        c.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.hush_migrations (
+                 version integer PRIMARY KEY,
+                 name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+            schema = self.settings.schema
+        ))
+        .await?;
+        let tx = c.transaction().await?;
+        // One replica migrates at a time; the others find the work done.
+        tx.execute("SELECT pg_advisory_xact_lock(7234012)", &[])
+            .await?;
+        let done: Vec<i32> = tx
+            .query("SELECT version FROM hush_migrations", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Some(newer) = done.iter().find(|v| **v > MIGRATIONS.len() as i32) {
+            return Err(Error::config(format!(
+                "the database schema is at version {newer}, newer than this binary knows ({}); \
+                 run the newer hush, or restore a backup taken before the upgrade",
+                MIGRATIONS.len()
+            )));
+        }
+        for (version, name, sql) in MIGRATIONS {
+            if done.contains(version) {
+                continue;
+            }
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO hush_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await?;
+            tracing::info!(version, name, "applied a database migration");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// What it was connected with.
+    #[cfg(test)]
+    pub(crate) fn settings(&self) -> &PgSettings {
+        &self.settings
+    }
+
+    /// A connection from the pool.
+    pub(crate) async fn client(&self) -> Result<Object> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| db_err("no PostgreSQL connection", e))
+    }
+
+    /// Held while a transaction runs: one transaction of this process at a time, as sled does.
+    pub(crate) async fn serial(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.serial.lock().await
+    }
+
+    pub(super) async fn get(&self, t: T, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        let c = self.client().await?;
+        let sql = format!(r#"SELECT value FROM "{}" WHERE key = $1"#, t.name());
+        Ok(c.query_opt(&sql, &[&k]).await?.map(|r| r.get(0)))
+    }
+
+    pub(super) async fn scan(
+        &self,
+        t: T,
+        keys: Keys<'_>,
+        limit: usize,
+        keep: impl Fn(&[u8], &[u8]) -> bool + Send,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let c = self.client().await?;
+        let (lo, hi) = keys.bounds();
+        let page = |op: &str| {
+            format!(
+                r#"SELECT key, value FROM "{}" WHERE key {op} $1 AND ($2::bytea IS NULL OR key < $2)
+                   ORDER BY key LIMIT $3"#,
+                t.name()
+            )
+        };
+        let (first, next) = (page(">="), page(">"));
+        let mut out = Vec::new();
+        let mut after = lo;
+        let mut sql = &first;
+        loop {
+            let rows = c.query(sql.as_str(), &[&after, &hi, &PAGE]).await?;
+            sql = &next;
+            let n = rows.len();
+            for r in rows {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                let k: Vec<u8> = r.get(0);
+                let v: Vec<u8> = r.get(1);
+                if keep(&k, &v) {
+                    out.push((k.clone(), v));
+                }
+                after = k;
+            }
+            if (n as i64) < PAGE || out.len() >= limit {
+                return Ok(out);
+            }
+        }
+    }
+
+    pub(super) async fn keys(&self, t: T, keys: Keys<'_>) -> Result<Vec<Vec<u8>>> {
+        let c = self.client().await?;
+        let (lo, hi) = keys.bounds();
+        let rows = match hi {
+            Some(hi) => {
+                let sql = format!(
+                    r#"SELECT key FROM "{}" WHERE key >= $1 AND key < $2 ORDER BY key"#,
+                    t.name()
+                );
+                c.query(&sql, &[&lo, &hi]).await?
+            }
+            None => {
+                let sql = format!(
+                    r#"SELECT key FROM "{}" WHERE key >= $1 ORDER BY key"#,
+                    t.name()
+                );
+                c.query(&sql, &[&lo]).await?
+            }
+        };
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub(super) async fn count(&self, t: T, keys: Keys<'_>) -> Result<u64> {
+        let c = self.client().await?;
+        let (lo, hi) = keys.bounds();
+        let row = match hi {
+            Some(hi) => {
+                let sql = format!(
+                    r#"SELECT count(*) FROM "{}" WHERE key >= $1 AND key < $2"#,
+                    t.name()
+                );
+                c.query_one(&sql, &[&lo, &hi]).await?
+            }
+            None => {
+                let sql = format!(r#"SELECT count(*) FROM "{}" WHERE key >= $1"#, t.name());
+                c.query_one(&sql, &[&lo]).await?
+            }
+        };
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    pub(super) async fn apply(&self, t: T, writes: Writes) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        write_table(&tx, t, writes.into_iter().collect()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn insert_new(&self, t: T, k: &[u8], v: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        let c = self.client().await?;
+        let sql = format!(
+            r#"INSERT INTO "{}" (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING"#,
+            t.name()
+        );
+        if c.execute(&sql, &[&k, &v]).await? == 1 {
+            return Ok(None);
+        }
+        let sql = format!(r#"SELECT value FROM "{}" WHERE key = $1"#, t.name());
+        Ok(c.query_opt(&sql, &[&k]).await?.map(|r| r.get(0)))
+    }
+
+    pub(super) async fn next_seq(&self) -> Result<u64> {
+        let c = self.client().await?;
+        let row = c.query_one("SELECT nextval('hush_seq')", &[]).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Each store table's estimated rows and bytes on disk (indexes included).
+    pub(crate) async fn table_stats(&self) -> Result<Vec<(String, f64, f64)>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT c.relname::text, c.reltuples::float8, pg_total_relation_size(c.oid)::float8
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname <> 'hush_migrations'",
+                &[&self.settings.schema],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    pub(super) async fn next_seqs(&self, n: usize) -> Result<Vec<u64>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT nextval('hush_seq') FROM generate_series(1, $1::bigint)",
+                &[&(n as i64)],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+    }
+
+    /// Claims up to `limit` pending reports of the task whose keys are in `[lo, hi)` that no
+    /// job holds (skipping rows another replica is claiming), records them as job `id` held by
+    /// `lease`, in one transaction; returns their keys in order (none: no job).
+    pub(crate) async fn claim_job(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+        limit: usize,
+        id: &[u8],
+        job: impl FnOnce(&[Vec<u8>]) -> Vec<u8>,
+        lease: &super::Lease,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let mut keys: Vec<Vec<u8>> = tx
+            .query(
+                r#"WITH picked AS (
+                       SELECT key FROM "pending"
+                       WHERE key >= $1 AND key < $2 AND job IS NULL
+                       ORDER BY key LIMIT $3 FOR UPDATE SKIP LOCKED)
+                   UPDATE "pending" SET job = $4 FROM picked WHERE "pending".key = picked.key
+                   RETURNING "pending".key"#,
+                &[&lo, &hi, &(limit as i64), &id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if keys.is_empty() {
+            tx.rollback().await?;
+            return Ok(keys);
+        }
+        keys.sort();
+        let value = job(&keys);
+        tx.execute(
+            &format!(
+                r#"INSERT INTO "jobs" (key, value, owner, lease_until)
+                   VALUES ($1, $2, $3, {NOW_MS} + $4)"#
+            ),
+            &[&id, &value, &lease.owner, &(lease.ms as i64)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(keys)
+    }
+
+    /// Takes over up to `limit` jobs whose lease ran out (their replica stopped or stalled):
+    /// each is held by `owner` for `lease_ms` from now. Returns their ids and records.
+    pub(crate) async fn take_expired_jobs(
+        &self,
+        owner: &str,
+        lease_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    r#"UPDATE "jobs" SET owner = $1, lease_until = {NOW_MS} + $2
+                       WHERE key IN (
+                           SELECT key FROM "jobs" WHERE lease_until < {NOW_MS}
+                           ORDER BY lease_until LIMIT $3 FOR UPDATE SKIP LOCKED)
+                       RETURNING key, value"#
+                ),
+                &[&owner, &(lease_ms as i64), &(limit as i64)],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Extends the leases `owner` holds on `ids` to `lease_ms` from now; returns how many it
+    /// still held.
+    pub(crate) async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[Vec<u8>],
+        lease_ms: u64,
+    ) -> Result<u64> {
+        let c = self.client().await?;
+        Ok(c.execute(
+            &format!(
+                r#"UPDATE "jobs" SET lease_until = {NOW_MS} + $2
+                   WHERE owner = $1 AND key = ANY($3)"#
+            ),
+            &[&owner, &(lease_ms as i64), &ids],
+        )
+        .await?)
+    }
+
+    /// Runs `f` with a connection of its own on a thread of its own, waiting for it: for the
+    /// store's few synchronous callers (the key manager, the audit trail), which must not wait
+    /// on this process's runtime from inside it.
+    pub(crate) fn blocking<R: Send>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c mut tokio_postgres::Client,
+        )
+            -> std::pin::Pin<Box<dyn Future<Output = Result<R>> + Send + 'c>>
+        + Send,
+    ) -> Result<R> {
+        let config = self.config.clone();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| db_err("a runtime for a database call", e))?;
+                rt.block_on(async move {
+                    let (mut client, conn) = config.connect(NoTls).await?;
+                    let conn = tokio::spawn(conn);
+                    let r = f(&mut client).await;
+                    drop(client);
+                    let _ = conn.await;
+                    r
+                })
+            })
+            .join()
+            .map_err(|_| db_err("a database call", "its thread panicked"))?
+        })
+    }
+}
+
+use std::future::Future;
+
+/// Sets and deletes keys of `t` in two statements.
+async fn write_table(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: T,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let mut set_k: Vec<&[u8]> = Vec::new();
+    let mut set_v: Vec<&[u8]> = Vec::new();
+    let mut del: Vec<&[u8]> = Vec::new();
+    for (k, v) in &writes {
+        match v {
+            Some(v) => {
+                set_k.push(k);
+                set_v.push(v);
+            }
+            None => del.push(k),
+        }
+    }
+    if !set_k.is_empty() {
+        let sql = format!(
+            r#"INSERT INTO "{}" (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
+               ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"#,
+            t.name()
+        );
+        tx.execute(&sql, &[&set_k, &set_v]).await?;
+    }
+    if !del.is_empty() {
+        let sql = format!(r#"DELETE FROM "{}" WHERE key = ANY($1)"#, t.name());
+        tx.execute(&sql, &[&del]).await?;
+    }
+    Ok(())
+}
+
+/// A `SERIALIZABLE` transaction whose writes are kept until it commits.
+pub(crate) struct PgTx<'a> {
+    tx: tokio_postgres::Transaction<'a>,
+    writes: BTreeMap<T, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl<'a> PgTx<'a> {
+    /// Begins a transaction on `client`.
+    pub(crate) async fn begin(client: &'a mut tokio_postgres::Client) -> Result<Self> {
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::Serializable)
+            .start()
+            .await?;
+        Ok(Self {
+            tx,
+            writes: BTreeMap::new(),
+        })
+    }
+
+    fn written(&self, t: T, k: &[u8]) -> Option<Option<Vec<u8>>> {
+        self.writes.get(&t).and_then(|w| w.get(k)).cloned()
+    }
+}
+
+impl Txn for PgTx<'_> {
+    fn get(&mut self, t: T, k: &[u8]) -> impl Future<Output = TxResult<Option<Vec<u8>>>> + Send {
+        let written = self.written(t, k);
+        let k = k.to_vec();
+        async move {
+            if let Some(v) = written {
+                return Ok(v);
+            }
+            let sql = format!(r#"SELECT value FROM "{}" WHERE key = $1"#, t.name());
+            Ok(self.tx.query_opt(&sql, &[&k]).await?.map(|r| r.get(0)))
+        }
+    }
+
+    fn get_many(
+        &mut self,
+        t: T,
+        keys: &[Vec<u8>],
+    ) -> impl Future<Output = TxResult<Vec<Option<Vec<u8>>>>> + Send {
+        let mut out: Vec<Option<Option<Vec<u8>>>> =
+            keys.iter().map(|k| self.written(t, k)).collect();
+        let ask: Vec<Vec<u8>> = keys
+            .iter()
+            .zip(&out)
+            .filter(|(_, w)| w.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let keys = keys.to_vec();
+        async move {
+            if !ask.is_empty() {
+                let sql = format!(
+                    r#"SELECT key, value FROM "{}" WHERE key = ANY($1)"#,
+                    t.name()
+                );
+                let found: BTreeMap<Vec<u8>, Vec<u8>> = self
+                    .tx
+                    .query(&sql, &[&ask])
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                for (k, o) in keys.iter().zip(out.iter_mut()) {
+                    if o.is_none() {
+                        *o = Some(found.get(k).cloned());
+                    }
+                }
+            }
+            Ok(out.into_iter().map(Option::flatten).collect())
+        }
+    }
+
+    fn insert(&mut self, t: T, k: &[u8], v: &[u8]) -> TxResult<()> {
+        self.writes
+            .entry(t)
+            .or_default()
+            .insert(k.to_vec(), Some(v.to_vec()));
+        Ok(())
+    }
+
+    fn remove(&mut self, t: T, k: &[u8]) -> TxResult<()> {
+        self.writes.entry(t).or_default().insert(k.to_vec(), None);
+        Ok(())
+    }
+}
+
+/// What to do after a transaction body ran.
+pub(crate) enum Finish<R> {
+    /// Committed, or failed for good.
+    Done(Result<R>),
+    /// A serialization failure: run it again.
+    Again,
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+/// Commits `tx` if the body succeeded (writing its kept writes first), rolls it back if not;
+/// says whether to run the body again.
+pub(crate) async fn finish<R>(tx: PgTx<'_>, r: TxResult<R>, attempt: u32) -> Finish<R> {
+    let again = |e: tokio_postgres::Error| {
+        if retryable(&e) && attempt < ATTEMPTS {
+            Finish::Again
+        } else {
+            Finish::Done(Err(e.into()))
+        }
+    };
+    match r {
+        Ok(v) => {
+            let PgTx { tx, writes } = tx;
+            for (t, w) in writes {
+                if let Err(e) = write_table(&tx, t, w).await {
+                    let _ = tx.rollback().await;
+                    return again(e);
+                }
+            }
+            match tx.commit().await {
+                Ok(()) => Finish::Done(Ok(v)),
+                Err(e) => again(e),
+            }
+        }
+        Err(e) => {
+            let _ = tx.tx.rollback().await;
+            match e {
+                TxError::Abort(e) => Finish::Done(Err(e)),
+                TxError::Pg(e) => again(e),
+                TxError::Sled(e) => Finish::Done(Err(Error::corrupt(
+                    "transaction",
+                    format!("a sled error in a PostgreSQL transaction: {e}"),
+                ))),
+            }
+        }
+    }
+}
+
+/// Sets the store gauges of a PostgreSQL store every 10 s until `shutdown`: rows per table (the
+/// planner's estimate, so a scrape never counts a large table) and bytes on disk.
+pub(crate) async fn record_gauges(
+    store: super::Store,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use hush_server::metrics::names;
+    let super::backend::Backend::Pg(p) = &store.backend else {
+        return;
+    };
+    loop {
+        match p.table_stats().await {
+            Ok(tables) => {
+                let mut total = 0.0;
+                for (name, rows, bytes) in tables {
+                    metrics::gauge!(names::STORE_ENTRIES, "tree" => name).set(rows.max(0.0));
+                    total += bytes;
+                }
+                metrics::gauge!(names::STORE_BYTES).set(total);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the database's table sizes"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
