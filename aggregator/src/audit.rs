@@ -15,7 +15,7 @@ use std::fmt;
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Keys, SledTx, T, TxResult, Txn, run_now, to_sled};
-use crate::store::pg::{Finish, PgTx, finish};
+use crate::store::pg::{Finish, PgTx, finish, pause};
 use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
 
@@ -326,7 +326,7 @@ impl AuditLog {
                         let r = append_tx(&mut tx, time, &e).await;
                         match finish(tx, r, attempt).await {
                             Finish::Done(r) => break r,
-                            Finish::Again => continue,
+                            Finish::Again => pause(attempt).await,
                         }
                     }
                 })

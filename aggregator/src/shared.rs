@@ -75,6 +75,22 @@ impl Shared {
         for (task, window) in self.store.collected_windows().await? {
             self.set_collected(&task, &[window], true);
         }
+        if self.role == Role::Leader {
+            // Jobs of reports this replica took in may be committed by another: the pending
+            // counts behind `max_pending_reports` and `tenant_max_pending` come from the
+            // database, for the whole role.
+            let mut total = 0;
+            let mut by_tenant: std::collections::HashMap<String, u64> = Default::default();
+            for t in self.tasks.all().iter().filter(|t| t.role == Role::Leader) {
+                let n = self.store.pending_count(&t.config.id()).await?;
+                total += n;
+                *by_tenant.entry(t.config.tenant().to_owned()).or_default() += n;
+            }
+            self.leader
+                .pending
+                .store(total, std::sync::atomic::Ordering::Relaxed);
+            self.leader.pending_by_tenant.set_all(by_tenant);
+        }
         let keys = self.keys.clone();
         if tokio::task::spawn_blocking(move || keys.refresh())
             .await

@@ -40,6 +40,13 @@ impl TenantHoldings {
         }
     }
 
+    /// Replaces every count with `held` (read from a store other processes share).
+    pub fn set_all(&self, held: HashMap<String, u64>) {
+        let mut h = self.lock();
+        *h = held;
+        h.retain(|_, n| *n > 0);
+    }
+
     /// What `tenant` holds.
     pub fn held(&self, tenant: &str) -> u64 {
         self.lock().get(tenant).copied().unwrap_or(0)

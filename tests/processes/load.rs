@@ -49,3 +49,34 @@ fn a_short_chaos_run_kills_the_leader_and_a_shuffler_and_loses_nothing() {
     assert!(out.contains("lost 0, counted twice 0"), "{out}");
     assert!(out.contains("exactly once"), "{out}");
 }
+
+#[test]
+fn a_short_load_run_on_postgres_with_two_leader_replicas_loses_nothing() {
+    let out = run(&[
+        "load",
+        "--rate",
+        "100",
+        "--duration",
+        "6s",
+        "--agents",
+        "2",
+        "--store",
+        "postgres",
+        "--leader-replicas",
+        "2",
+    ]);
+    assert!(out.contains("on PostgreSQL"), "{out}");
+    assert!(out.contains("leader-2"), "{out}");
+    assert!(out.contains("lost 0, counted twice 0"), "{out}");
+}
+
+#[test]
+fn replicas_on_sled_are_refused_with_the_reason() {
+    let out = Command::new(hush_bin())
+        .args(["load", "--leader-replicas", "2", "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only with --store postgres"), "{err}");
+}

@@ -174,9 +174,25 @@ impl JobDriver {
                 break;
             }
         }
-        // Jobs are recorded; abandoning them here is safe: they resume after a restart and the
-        // helper answers a retried job from its record.
+        // Jobs are recorded; abandoning them here is safe: they resume after a restart (or at
+        // another replica) and the helper answers a retried job from its record.
         in_flight.shutdown().await;
+        if self.shared.store.is_shared() {
+            // Let the other replicas take them over now rather than when the leases lapse.
+            let held: Vec<AggregationJobId> = self
+                .held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .collect();
+            let now = Lease {
+                owner: self.lease.owner.clone(),
+                ms: 0,
+            };
+            if let Err(e) = self.shared.store.renew_leases(&now, &held).await {
+                tracing::warn!(error = %e, "cannot hand the aggregation jobs back; they are taken over when their leases lapse");
+            }
+        }
     }
 
     fn mark(&self, job: &LeaderJob, on: bool) {

@@ -295,7 +295,10 @@ macro_rules! transact {
                         };
                         match $crate::store::pg::finish(tx, r, attempt).await {
                             $crate::store::pg::Finish::Done(r) => break r,
-                            $crate::store::pg::Finish::Again => continue,
+                            $crate::store::pg::Finish::Again => {
+                                $crate::store::pg::pause(attempt).await;
+                                continue;
+                            }
                         }
                     }
                 }
@@ -485,5 +488,18 @@ impl Backend {
             out.push((t.name().to_owned(), self.count(t, Keys::All).await?));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_after_its_last_key() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(b""), None);
     }
 }

@@ -619,6 +619,13 @@ pub(crate) enum Finish<R> {
     Again,
 }
 
+/// A short random pause before attempt `attempt + 1`, growing with the attempts, so replicas
+/// that keep conflicting spread out.
+pub(crate) async fn pause(attempt: u32) {
+    let ms = rand::random::<u64>() % (2 * u64::from(attempt.min(20)) + 1);
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
 fn retryable(e: &tokio_postgres::Error) -> bool {
     matches!(
         e.code(),
@@ -690,5 +697,76 @@ pub(crate) async fn record_gauges(
             _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schema_name_is_a_plain_identifier_or_refused() {
+        for ok in ["hush", "t_0123abcd", "leader_2"] {
+            assert!(plain_identifier(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Hush",
+            "2x",
+            "a-b",
+            "x; DROP TABLE keys",
+            "a\"b",
+            &"a".repeat(64),
+        ] {
+            assert!(!plain_identifier(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_settings_never_show_the_url() {
+        let s = PgSettings {
+            url: "postgres://hush:s3cret-password@db:5432/hush".into(),
+            schema: "hush".into(),
+            pool_size: 4,
+        };
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(!shown.contains("postgres://"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_database_newer_than_the_binary_or_a_bad_schema_is_refused_at_start() {
+        let url = super::super::throwaway::ThrowawayPostgres::shared()
+            .url()
+            .to_owned();
+        let schema = super::super::throwaway::fresh_schema();
+        let settings = PgSettings {
+            url: url.clone(),
+            schema: schema.clone(),
+            pool_size: 1,
+        };
+        let p = PgBackend::connect(&settings).await.unwrap();
+        // A second start applies nothing again.
+        PgBackend::connect(&settings).await.unwrap();
+        p.client()
+            .await
+            .unwrap()
+            .execute(
+                "INSERT INTO hush_migrations (version, name) VALUES (99, 'from the future')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let e = PgBackend::connect(&settings).await.unwrap_err().to_string();
+        assert!(e.contains("version 99, newer than this binary"), "{e}");
+        let e = PgBackend::connect(&PgSettings {
+            url,
+            schema: "x; DROP SCHEMA public".into(),
+            pool_size: 1,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("must be lowercase letters"), "{e}");
     }
 }
