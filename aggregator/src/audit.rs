@@ -365,14 +365,16 @@ impl AuditLog {
             .collect()
     }
 
-    /// Checks the whole chain while the service may go on appending (the head is read first,
-    /// and the chain is checked up to it); returns the number of entries checked.
+    /// Checks the whole chain while the service may go on appending: the head is read before
+    /// and after the log, every stored entry must chain to the one before it, and the head
+    /// must name the newest entry read (or one appended since); returns the number of entries
+    /// checked.
     pub async fn verify(&self) -> std::result::Result<u64, AuditBroken> {
         let cannot = |what: &str, e: Error| AuditBroken {
             seq: 0,
             what: format!("{what} cannot be read: {e}"),
         };
-        let head = self
+        let head_before = self
             .backend
             .get(T::AuditHead, HEAD)
             .await
@@ -382,16 +384,15 @@ impl AuditLog {
             .entries(T::Audit, Keys::All)
             .await
             .map_err(|e| cannot("the log", e))?;
-        // Entries appended after the head was read are left for the next check.
-        let head_seq = head
-            .as_ref()
-            .and_then(|h| h.get(..8))
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes);
-        let checked = head_seq.map_or(0, |h| h.saturating_add(1));
+        let head_after = self
+            .backend
+            .get(T::AuditHead, HEAD)
+            .await
+            .map_err(|e| cannot("the head", e))?;
         let mut prev = "0".repeat(64);
-        let mut expected = 0u64;
+        let mut hashes = Vec::with_capacity(log.len());
         for (k, v) in log {
+            let expected = hashes.len() as u64;
             let key_seq = k
                 .as_slice()
                 .try_into()
@@ -400,9 +401,6 @@ impl AuditLog {
                     seq: expected,
                     what: "its key is not a sequence number".into(),
                 })?;
-            if key_seq >= checked && key_seq == expected {
-                break;
-            }
             let e: AuditEntry = serde_json::from_slice(&v).map_err(|err| AuditBroken {
                 seq: key_seq,
                 what: format!("does not parse: {err}"),
@@ -429,30 +427,72 @@ impl AuditLog {
                     what: "was changed after it was written (its hash does not match)".into(),
                 });
             }
-            prev = e.hash;
-            expected += 1;
+            prev = e.hash.clone();
+            hashes.push(e.hash);
         }
-        match head {
-            None if expected == 0 => Ok(0),
-            None => Err(AuditBroken {
-                seq: expected - 1,
-                what: "the head record is missing".into(),
-            }),
-            Some(h) => {
-                if h != head_value(expected.saturating_sub(1), &prev) || expected == 0 {
-                    let head_seq = head_seq.unwrap_or(u64::MAX);
+        let n = hashes.len() as u64;
+        let parse = |h: &[u8]| -> (u64, String) {
+            let seq = h
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(u64::MAX);
+            (
+                seq,
+                String::from_utf8_lossy(h.get(8..).unwrap_or(&[])).into_owned(),
+            )
+        };
+        // The head read before the log must name an entry the log holds, with its hash: a
+        // removed newest entry, or a head rolled back, shows here.
+        match &head_before {
+            None if n == 0 => {}
+            None => {
+                // Entries but no head: unless the first entries were appended while the log was
+                // read, the head was removed.
+                if head_after.is_none() {
                     return Err(AuditBroken {
-                        seq: head_seq,
+                        seq: n - 1,
+                        what: "the head record is missing".into(),
+                    });
+                }
+            }
+            Some(h) => {
+                let (seq, hash) = parse(h);
+                if seq >= n {
+                    return Err(AuditBroken {
+                        seq,
                         what: format!(
-                            "the head names entry {head_seq} but the log ends at entry {} \
-                             (newest entries removed)",
-                            expected as i64 - 1
+                            "the head names entry {seq} but the log ends at entry {} (newest \
+                             entries removed)",
+                            n as i64 - 1
                         ),
                     });
                 }
-                Ok(expected)
+                if hashes[seq as usize] != hash {
+                    return Err(AuditBroken {
+                        seq,
+                        what: "the head does not match the entry it names".into(),
+                    });
+                }
             }
         }
+        // Entries past the head read after the log were not written by an append (an append
+        // moves the head in the same transaction): the head was rolled back, and the next
+        // append would overwrite them.
+        if n > 0 {
+            let after = head_after.as_deref().map(parse).map(|(s, _)| s);
+            if after.is_none_or(|s| s < n - 1) {
+                return Err(AuditBroken {
+                    seq: after.map_or(0, |s| s + 1),
+                    what: format!(
+                        "the log holds entries up to {} past its head (the head was rolled back \
+                         or removed)",
+                        n - 1
+                    ),
+                });
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -529,5 +569,34 @@ mod tests {
         let e = a.verify().await.unwrap_err();
         assert_eq!(e.seq, 4, "{e}");
         assert!(e.to_string().contains("newest entries removed"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_removed_or_rolled_back_head_is_named() {
+        let head_tree = |a: &AuditLog| match &a.backend {
+            Backend::Sled(s) => s.tree(T::AuditHead).clone(),
+            Backend::Pg(_) => unreachable!("a sled log"),
+        };
+        let (_d, a) = log();
+        head_tree(&a).remove(HEAD).unwrap();
+        let e = a.verify().await.unwrap_err();
+        assert!(e.to_string().contains("head"), "{e}");
+
+        // The head put back two entries: the entries after it would be overwritten.
+        let (_d, a) = log();
+        let third = a.entries().await.unwrap()[2].clone();
+        head_tree(&a)
+            .insert(HEAD, head_value(2, &third.hash))
+            .unwrap();
+        let e = a.verify().await.unwrap_err();
+        assert!(e.to_string().contains("past its head"), "{e}");
+
+        // A head naming the right entry with another hash.
+        let (_d, a) = log();
+        head_tree(&a)
+            .insert(HEAD, head_value(4, &"0".repeat(64)))
+            .unwrap();
+        let e = a.verify().await.unwrap_err();
+        assert!(e.to_string().contains("does not match"), "{e}");
     }
 }

@@ -161,6 +161,8 @@ pub(crate) fn refusal_error(task: &TaskEntry, purpose: BudgetPurpose, r: Collect
             purpose: purpose.name(),
             max: task.config.max_collections_per_batch(),
         },
+        // Not a refusal: `commit` answers with the stored answer instead.
+        CollectRefusal::Repeated => Error::CollectionConflict("committed before".into()),
     }
 }
 
@@ -241,7 +243,7 @@ pub(crate) async fn commit(
     batch: &BatchAggregation,
     request_hash: [u8; 32],
     answer: &[u8],
-) -> Result<()> {
+) -> Result<Committed> {
     let eps = task.config.epsilon_per_collection();
     let r = shared
         .store
@@ -260,10 +262,27 @@ pub(crate) async fn commit(
     match r {
         Ok(_) => {
             shared.set_collected(&task.config.id(), windows, true);
-            Ok(())
+            Ok(Committed::Now)
         }
+        Err(CollectRefusal::Repeated) => Ok(Committed::Before(
+            shared
+                .store
+                .collection(&task.config.id(), cid)
+                .await?
+                .map(|(_, answer)| answer)
+                .ok_or_else(|| Error::corrupt("collection", "its answer vanished"))?,
+        )),
         Err(r) => Err(refusal_error(task, purpose, r)),
     }
+}
+
+/// How a collection's commit ended.
+pub(crate) enum Committed {
+    /// This call spent the budget and stored the answer.
+    Now,
+    /// The same request was committed before (here or at a replica): its stored answer, which
+    /// is the one to give.
+    Before(Vec<u8>),
 }
 
 /// The audit entry of a collection that spent budget.

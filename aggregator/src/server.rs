@@ -113,6 +113,7 @@ impl Aggregator {
         }
         let client_tls = tls.as_ref().map(|m| m.client());
         let store = Store::from_config(&config).await?;
+        store.claim_role(role).await?;
         tracing::info!(store = store.kind(), "opened the store");
         let tasks = store
             .tasks()

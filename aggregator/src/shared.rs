@@ -72,9 +72,11 @@ impl Shared {
                 self.tasks.insert(t);
             }
         }
-        for (task, window) in self.store.collected_windows().await? {
-            self.set_collected(&task, &[window], true);
-        }
+        // Replaced, not added to: a window a failed collection reopened at another replica is
+        // open here too.
+        let closed: HashSet<(TaskId, Time)> =
+            self.store.collected_windows().await?.into_iter().collect();
+        *self.collected.write().unwrap_or_else(|p| p.into_inner()) = closed;
         if self.role == Role::Leader {
             // Jobs of reports this replica took in may be committed by another: the pending
             // counts behind `max_pending_reports` and `tenant_max_pending` come from the

@@ -69,7 +69,7 @@ impl Where {
         let path = self.config.as_ref().context("--data-dir or --config")?;
         let config = hush_aggregator::config::AggregatorConfig::from_file(path)
             .with_context(|| format!("reading {}", path.display()))?;
-        Store::from_config(&config)
+        Store::from_config_existing(&config)
             .await
             .with_context(|| format!("opening the store of {}", path.display()))
     }

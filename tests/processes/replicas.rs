@@ -232,6 +232,19 @@ async fn two_leader_replicas_on_postgres_count_every_report_once_while_one_is_ki
         }
     }
     assert_eq!(stats(&a.url(), Some(&task)).await.reports_aggregated, 3_000);
+    // The audit trail verifies online, beside the running replicas, through the config.
+    let out = std::process::Command::new(hush_bin())
+        .args(["audit", "verify", "--config"])
+        .arg(dir.path().join("leader-b.toml"))
+        .env(URL_ENV, pg.url())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("audit trail intact"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (mut b, mut helper) = (b, helper);
     for p in [&mut a, &mut b, &mut helper] {
         p.terminate();

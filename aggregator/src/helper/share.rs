@@ -110,7 +110,7 @@ pub async fn helper_share(
             &batch,
         )?),
     };
-    commit(
+    if let Committed::Before(stored) = commit(
         shared,
         &task,
         &cid,
@@ -121,7 +121,12 @@ pub async fn helper_share(
         request_hash,
         &answer.encode_to_vec(),
     )
-    .await?;
+    .await?
+    {
+        // The same request reached another replica first: its share is the one.
+        return pb::AggregateShareResponse::decode(stored.as_slice())
+            .map_err(|e| Error::corrupt("collection answer", e));
+    }
     record_release(
         shared,
         "leader".into(),

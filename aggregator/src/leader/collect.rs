@@ -249,7 +249,7 @@ impl CollectionService {
             count_sensitivity: task.config.reports_per_instance(),
             budget_left_micro: left,
         };
-        commit(
+        if let Committed::Before(stored) = commit(
             shared,
             &task,
             &cid,
@@ -260,7 +260,12 @@ impl CollectionService {
             request_hash,
             &answer.encode_to_vec(),
         )
-        .await?;
+        .await?
+        {
+            // The same request reached another replica first: its answer is the one.
+            return pb::CollectResponse::decode(stored.as_slice())
+                .map_err(|e| Error::corrupt("collection answer", e));
+        }
         record_release(
             shared,
             actor,

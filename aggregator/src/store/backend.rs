@@ -49,11 +49,12 @@ pub(crate) enum T {
     Audit,
     AuditHead,
     Health,
+    Meta,
 }
 
 impl T {
     /// Every table.
-    pub(crate) const ALL: [T; 20] = [
+    pub(crate) const ALL: [T; 21] = [
         T::Tasks,
         T::Keys,
         T::Seen,
@@ -74,6 +75,7 @@ impl T {
         T::Audit,
         T::AuditHead,
         T::Health,
+        T::Meta,
     ];
 
     /// The sled tree's and the PostgreSQL table's name.
@@ -99,6 +101,7 @@ impl T {
             T::Audit => "audit",
             T::AuditHead => "audit_head",
             T::Health => "health",
+            T::Meta => "meta",
         }
     }
 }
@@ -187,6 +190,13 @@ pub(crate) trait Txn {
     fn insert(&mut self, t: T, k: &[u8], v: &[u8]) -> TxResult<()>;
     /// Deletes `k` from `t`.
     fn remove(&mut self, t: T, k: &[u8]) -> TxResult<()>;
+    /// Deletes those of the pending reports `keys` that still exist and that no aggregation
+    /// job holds; returns their keys. (On sled this process knows its jobs and leaves their
+    /// reports out of `keys`; on PostgreSQL a replica's claim marks the rows.)
+    fn delete_unclaimed_pending(
+        &mut self,
+        keys: &[Vec<u8>],
+    ) -> impl Future<Output = TxResult<Vec<Vec<u8>>>> + Send;
 }
 
 /// A sled transaction's view of the trees it named.
@@ -240,6 +250,23 @@ impl Txn for SledTx<'_> {
     fn remove(&mut self, t: T, k: &[u8]) -> TxResult<()> {
         self.view(t)?.remove(k)?;
         Ok(())
+    }
+
+    fn delete_unclaimed_pending(
+        &mut self,
+        keys: &[Vec<u8>],
+    ) -> impl Future<Output = TxResult<Vec<Vec<u8>>>> + Send {
+        let r = (|| {
+            let pending = self.view(T::Pending)?;
+            let mut gone = Vec::new();
+            for k in keys {
+                if pending.remove(&k[..])?.is_some() {
+                    gone.push(k.clone());
+                }
+            }
+            Ok(gone)
+        })();
+        std::future::ready(r)
     }
 }
 
@@ -482,7 +509,7 @@ impl Backend {
     pub(crate) async fn sizes(&self) -> Result<Vec<(String, u64)>> {
         let mut out = Vec::new();
         for t in T::ALL {
-            if t == T::AuditHead || t == T::Health {
+            if t == T::AuditHead || t == T::Health || t == T::Meta {
                 continue;
             }
             out.push((t.name().to_owned(), self.count(t, Keys::All).await?));

@@ -335,6 +335,17 @@ async fn commit_collection_tx<X: Txn>(
     let counts_key = c.rule.counts_key(c.task);
     let purpose = c.rule.purpose;
     let wkeys: Vec<Vec<u8>> = c.windows.iter().map(|w| batch_key(c.task, *w)).collect();
+    // A retried collection that reached another replica (or raced its first attempt) finds
+    // the first answer here, in the transaction that would spend.
+    if let Some(v) = tx
+        .get(Tb::Collections, &task_key(c.task, c.collection_id))
+        .await?
+    {
+        if v.get(..32) == Some(&c.request_hash[..]) {
+            return Ok(Err(CollectRefusal::Repeated));
+        }
+        return Err(Error::CollectionConflict(hex::encode(c.collection_id)).into());
+    }
     // The answer must describe what the windows hold now: a job committed between the sum and
     // this transaction would otherwise be in the batch without being in the released share,
     // and show in a later collection.

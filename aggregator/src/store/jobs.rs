@@ -198,23 +198,26 @@ impl Store {
             .iter()
             .map(|s| pending_key(&job.task_id, *s))
             .collect();
-        let mut delta = StatDelta::default();
-        delta.add(
-            *job.task_id.as_bytes(),
-            Stat::Rejected(RejectReason::TooOld),
-            pkeys.len() as u64,
-        );
+        let scope = *job.task_id.as_bytes();
         transact!(self, [Pending, Jobs, Stats], |tx| async {
             // Another replica may have finished or given up the job meanwhile.
             if tx.get(Tb::Jobs, id.as_bytes()).await?.is_none() {
                 return Ok(0);
             }
-            for k in &pkeys {
-                tx.remove(Tb::Pending, k)?;
+            // Only the reports still there count (retention may have taken some).
+            let present = tx.get_many(Tb::Pending, &pkeys).await?;
+            let mut n = 0;
+            for (k, p) in pkeys.iter().zip(present) {
+                if p.is_some() {
+                    tx.remove(Tb::Pending, k)?;
+                    n += 1;
+                }
             }
             tx.remove(Tb::Jobs, id.as_bytes())?;
+            let mut delta = StatDelta::default();
+            delta.add(scope, Stat::Rejected(RejectReason::TooOld), n);
             delta.apply(tx).await?;
-            Ok(pkeys.len() as u64)
+            Ok(n)
         })
     }
 

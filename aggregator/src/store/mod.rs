@@ -107,6 +107,19 @@ impl Store {
     /// Opens the store an aggregator's configuration names: sled in `data_dir`, or the
     /// PostgreSQL database whose URL is in the `[store] url_env` variable.
     pub async fn from_config(config: &crate::config::AggregatorConfig) -> Result<Self> {
+        Self::from_config_with(config, true).await
+    }
+
+    /// The same for a tool beside running aggregators: on PostgreSQL nothing is created or
+    /// migrated, and a schema of another version is refused.
+    pub async fn from_config_existing(config: &crate::config::AggregatorConfig) -> Result<Self> {
+        Self::from_config_with(config, false).await
+    }
+
+    async fn from_config_with(
+        config: &crate::config::AggregatorConfig,
+        migrate: bool,
+    ) -> Result<Self> {
         use crate::config::StoreKind;
         match config.store.kind {
             StoreKind::Sled => Self::open(&config.data_dir, config.cache_mb),
@@ -118,12 +131,17 @@ impl Store {
                         config.store.url_env
                     ))
                 })?;
-                Self::connect(&PgSettings {
+                let settings = PgSettings {
                     url,
                     schema: config.store.schema.clone(),
                     pool_size: config.store.pool_size,
-                })
-                .await
+                };
+                let backend = if migrate {
+                    pg::PgBackend::connect(&settings).await?
+                } else {
+                    pg::PgBackend::connect_existing(&settings).await?
+                };
+                Self::with_backend(Backend::Pg(Box::new(backend)))
             }
         }
     }
@@ -153,6 +171,29 @@ impl Store {
                     .map_err(hush_server::ServerError::from)?
             }
             Backend::Pg(_) => f(store).await,
+        }
+    }
+
+    /// Records that this store belongs to `role` (the first process to open it decides), or
+    /// refuses a store another role keeps: a leader and a helper on one store would share one
+    /// HPKE key set and mix their aggregates and ledgers.
+    pub async fn claim_role(&self, role: hush_protocol::Role) -> Result<()> {
+        let mine = role.as_str().as_bytes().to_vec();
+        match self
+            .backend
+            .insert_new(T::Meta, b"role", mine.clone())
+            .await?
+        {
+            None => self.flush().await,
+            Some(held) if held == mine => Ok(()),
+            Some(held) => Err(crate::Error::config(format!(
+                "this store belongs to the {} (it opened it first); give the {role} its own {}",
+                String::from_utf8_lossy(&held),
+                match self.backend {
+                    Backend::Sled(_) => "data_dir",
+                    Backend::Pg(_) => "database or [store] schema",
+                }
+            ))),
         }
     }
 

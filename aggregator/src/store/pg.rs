@@ -24,7 +24,13 @@ const PAGE: i64 = 1_000;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "tables, sequence", MIGRATION_1),
     (2, "job leases", MIGRATION_2),
+    (3, "store metadata", MIGRATION_3),
 ];
+
+/// What the store belongs to (the aggregator role that first opened it).
+const MIGRATION_3: &str = r#"
+CREATE TABLE IF NOT EXISTS "meta" (key bytea PRIMARY KEY, value bytea NOT NULL);
+"#;
 
 /// The job a pending report is in, and who holds each job until when (milliseconds since the
 /// epoch, the database's clock), so replicas share the jobs and take over a dead one's.
@@ -112,6 +118,33 @@ impl From<tokio_postgres::Error> for Error {
     }
 }
 
+/// The connection is not encrypted (no TLS in this version): refuses a database on another host,
+/// which the store's contents (HPKE private keys, report shares) would cross in the clear. A
+/// Unix socket or a loopback address is the only transport allowed.
+fn check_transport(config: &tokio_postgres::Config) -> Result<()> {
+    use tokio_postgres::config::Host;
+    for h in config.get_hosts() {
+        let local = match h {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        };
+        if !local {
+            return Err(Error::config(format!(
+                "the PostgreSQL URL names host {h:?}, but this version connects without TLS, so \
+                 the store (HPKE private keys, report shares) would cross the network in the \
+                 clear: run PostgreSQL on this host (a Unix socket or 127.0.0.1), or tunnel to \
+                 it (e.g. stunnel or an SSH tunnel ending on 127.0.0.1)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a schema name is a plain identifier (it is spliced into SQL).
 fn plain_identifier(s: &str) -> bool {
     !s.is_empty()
@@ -124,6 +157,38 @@ fn plain_identifier(s: &str) -> bool {
 impl PgBackend {
     /// Connects, creates the schema if missing and applies the migrations not applied yet.
     pub(crate) async fn connect(s: &PgSettings) -> Result<Self> {
+        let me = Self::connect_only(s).await?;
+        me.migrate().await?;
+        Ok(me)
+    }
+
+    /// Connects to a store the aggregators made, changing nothing: refused unless its schema is
+    /// at the version this binary knows (tools beside running replicas).
+    pub(crate) async fn connect_existing(s: &PgSettings) -> Result<Self> {
+        let me = Self::connect_only(s).await?;
+        let c = me.client().await?;
+        let version: Option<i32> = c
+            .query_one("SELECT max(version) FROM hush_migrations", &[])
+            .await
+            .map_err(|e| {
+                Error::config(format!(
+                    "no hush store in schema {:?} ({e}); start an aggregator on it first",
+                    s.schema
+                ))
+            })?
+            .get(0);
+        let known = MIGRATIONS.len() as i32;
+        if version != Some(known) {
+            return Err(Error::config(format!(
+                "the store's schema is at version {}, and this hush knows version {known}: use \
+                 the hush the aggregators run",
+                version.unwrap_or(0)
+            )));
+        }
+        Ok(me)
+    }
+
+    async fn connect_only(s: &PgSettings) -> Result<Self> {
         if !plain_identifier(&s.schema) {
             return Err(Error::config(format!(
                 "[store] schema {:?} must be lowercase letters, digits and '_' (at most 63, not \
@@ -137,6 +202,9 @@ impl PgBackend {
             ))
         })?;
         config.options(format!("-c search_path={}", s.schema));
+        // A database that does not answer fails a call instead of stalling it.
+        config.connect_timeout(std::time::Duration::from_secs(5));
+        check_transport(&config)?;
         let mgr = Manager::from_config(
             config.clone(),
             NoTls,
@@ -149,19 +217,22 @@ impl PgBackend {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| db_err("the PostgreSQL pool", e))?;
-        let me = Self {
+        Ok(Self {
             pool,
             config,
             serial: Default::default(),
             settings: s.clone(),
-        };
-        me.migrate().await?;
-        Ok(me)
+        })
     }
 
     async fn migrate(&self) -> Result<()> {
         let mut c = self.client().await?;
-        c.batch_execute(&format!(
+        let tx = c.transaction().await?;
+        // One replica migrates at a time, from the first statement on (two concurrent
+        // `CREATE … IF NOT EXISTS` can collide); the others find the work done.
+        tx.execute("SELECT pg_advisory_xact_lock(7234012)", &[])
+            .await?;
+        tx.batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {schema};
              CREATE TABLE IF NOT EXISTS {schema}.hush_migrations (
                  version integer PRIMARY KEY,
@@ -170,10 +241,6 @@ impl PgBackend {
             schema = self.settings.schema
         ))
         .await?;
-        let tx = c.transaction().await?;
-        // One replica migrates at a time; the others find the work done.
-        tx.execute("SELECT pg_advisory_xact_lock(7234012)", &[])
-            .await?;
         let done: Vec<i32> = tx
             .query("SELECT version FROM hush_migrations", &[])
             .await?
@@ -609,6 +676,27 @@ impl Txn for PgTx<'_> {
         self.writes.entry(t).or_default().insert(k.to_vec(), None);
         Ok(())
     }
+
+    fn delete_unclaimed_pending(
+        &mut self,
+        keys: &[Vec<u8>],
+    ) -> impl Future<Output = TxResult<Vec<Vec<u8>>>> + Send {
+        let keys = keys.to_vec();
+        async move {
+            // At once, in this transaction: a replica claiming one of these rows holds its lock,
+            // and the claim or this delete fails to serialize and runs again.
+            Ok(self
+                .tx
+                .query(
+                    r#"DELETE FROM "pending" WHERE key = ANY($1) AND job IS NULL RETURNING key"#,
+                    &[&keys],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect())
+        }
+    }
 }
 
 /// What to do after a transaction body ran.
@@ -720,6 +808,20 @@ mod tests {
         ] {
             assert!(!plain_identifier(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_database_on_another_host_is_refused_while_the_link_has_no_tls() {
+        let check = |url: &str| check_transport(&tokio_postgres::Config::from_str(url).unwrap());
+        assert!(check("postgres://u@127.0.0.1:5432/db").is_ok());
+        assert!(check("postgres://u@localhost/db").is_ok());
+        assert!(check("host=/run/postgresql user=u dbname=db").is_ok());
+        let e = check("postgres://u:pw@db.example:5432/db")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without TLS"), "{e}");
+        assert!(!e.contains("pw"), "{e}");
+        assert!(check("postgres://u@10.0.0.5/db").is_err());
     }
 
     #[test]

@@ -381,6 +381,9 @@ pub enum CollectRefusal {
         /// The batch it was collected in: start and duration.
         batch: (Time, u64),
     },
+    /// This collection id was committed before with the same request (by this process or a
+    /// replica that got the same request): its stored answer stands, nothing more is spent.
+    Repeated,
     /// The batch was collected as often as the task allows for this purpose.
     Exhausted {
         /// Routine and alert collections of the batch so far.

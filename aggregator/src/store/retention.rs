@@ -51,20 +51,20 @@ impl Store {
         if expired.is_empty() {
             return Ok(0);
         }
-        let mut delta = StatDelta::default();
-        delta.add(
-            *task.as_bytes(),
-            Stat::Rejected(RejectReason::TooOld),
-            expired.len() as u64,
-        );
-        let n = expired.len() as u64;
+        let scope = *task.as_bytes();
+        // Counted inside the transaction: only the reports it deleted (a replica may have
+        // expired or claimed some meanwhile).
         transact!(self, [Pending, Stats], |tx| async {
-            for k in &expired {
-                tx.remove(Tb::Pending, k)?;
-            }
-            delta.apply(tx).await
-        })?;
-        Ok(n)
+            let gone = tx.delete_unclaimed_pending(&expired).await?;
+            let mut delta = StatDelta::default();
+            delta.add(
+                scope,
+                Stat::Rejected(RejectReason::TooOld),
+                gone.len() as u64,
+            );
+            delta.apply(tx).await?;
+            Ok(gone.len() as u64)
+        })
     }
 
     /// Deletes the keys of `t` in `[lo, hi)`; returns how many.

@@ -511,9 +511,11 @@ async fn the_audit_chain_stays_one_chain_under_appends_from_two_replicas(s: Stor
             })
         })
         .collect();
-    // A check while the appends go on sees an intact prefix.
-    let during = s.audit().verify().await.unwrap();
-    assert!(during <= 40);
+    // A check while the appends go on verifies what it read.
+    s.audit()
+        .verify()
+        .await
+        .expect("the chain verifies while it grows");
     for w in writers {
         w.join().unwrap();
     }
@@ -673,6 +675,59 @@ async fn a_helper_job_sent_to_two_replicas_at_once_is_accumulated_once(s: Store)
     assert_eq!(s.batch(&task, w).await.unwrap().unwrap().report_count, 50);
 }
 
+async fn one_collection_sent_to_two_replicas_at_once_spends_once(s: Store) {
+    let other = replica(&s).await;
+    let task = TaskId::random();
+    let w = Time::from_secs(600);
+    let commit = |hash: u8| CollectionCommit {
+        task: &task,
+        collection_id: &[7; 16],
+        rule: BatchRule {
+            batch: (w, 60),
+            purpose: BudgetPurpose::Alert,
+            max_collections: 0,
+        },
+        summed: (0, ReportIdChecksum::default()),
+        windows: std::slice::from_ref(&w),
+        epsilon_micros: 10,
+        budget_micros: 100,
+        request_hash: [hash; 32],
+        answer: b"first",
+    };
+    let (c1, c2) = (commit(1), commit(1));
+    let (x, y) = tokio::join!(s.commit_collection(&c1), other.commit_collection(&c2));
+    let mut got = [x.unwrap(), y.unwrap()];
+    got.sort_by_key(|r| r.is_err());
+    assert_eq!(got, [Ok(90), Err(CollectRefusal::Repeated)]);
+    assert_eq!(
+        s.spent(&task, BudgetPurpose::Alert, &[w]).await.unwrap(),
+        [10],
+        "spent once"
+    );
+    // The same id with another request is a conflict, and spends nothing.
+    assert!(matches!(
+        other.commit_collection(&commit(2)).await,
+        Err(Error::CollectionConflict(_))
+    ));
+    assert_eq!(
+        s.spent(&task, BudgetPurpose::Alert, &[w]).await.unwrap(),
+        [10]
+    );
+}
+
+async fn a_store_belongs_to_the_role_that_opened_it_first(s: Store) {
+    use hush_protocol::Role;
+    s.claim_role(Role::Helper).await.unwrap();
+    s.claim_role(Role::Helper).await.unwrap();
+    let e = replica(&s)
+        .await
+        .claim_role(Role::Leader)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("belongs to the helper"), "{e}");
+}
+
 /// Runs each test of the suite on sled and on PostgreSQL.
 macro_rules! on_both_backends {
     ($($name:ident),+ $(,)?) => {
@@ -698,6 +753,8 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    one_collection_sent_to_two_replicas_at_once_spends_once,
+    a_store_belongs_to_the_role_that_opened_it_first,
     a_helper_job_sent_to_two_replicas_at_once_is_accumulated_once,
     jobs_hold_each_report_once_and_outlive_a_dead_replica,
     one_report_offered_by_two_replicas_at_once_is_stored_once,

@@ -1,5 +1,6 @@
-//! A private PostgreSQL server for tests and load runs: `initdb` in a temporary directory, a
-//! server on a free loopback port with its socket in that directory, stopped and removed when
+//! A private PostgreSQL server for tests and load runs: `initdb` in a temporary directory (mode
+//! 0700), a server that listens only on a Unix socket in that directory (no TCP port, so no other
+//! local user can reach it, and no port to race for), stopped and removed when
 //! the process that started it ends (however it ends: the server is watched by a shell that
 //! reads the starter's pipe, and kills the server and removes the directory when the pipe
 //! closes). As root it runs as the `postgres` user, since PostgreSQL refuses to run as root.
@@ -76,6 +77,11 @@ impl ThrowawayPostgres {
             rand::random::<u64>()
         ));
         std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("restricting {}: {e}", dir.display()))?;
+        }
         if is_root() {
             let ok = Command::new("chown")
                 .args(["postgres:postgres"])
@@ -104,15 +110,13 @@ impl ThrowawayPostgres {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free port: {e}"))?
-            .port();
+        // Only names the socket file (`.s.PGSQL.5432` in `dir`): no TCP port is opened.
+        let port: u16 = 5432;
         let fsync = if durable { "on" } else { "off" };
         // The shell starts the server, waits for its stdin to close (this process ended), then
         // stops the server and removes the directory.
         let script = r#"
-            "$0" -D "$1" -p "$2" -k "$3" -c listen_addresses=127.0.0.1 -c fsync="$4" \
+            "$0" -D "$1" -p "$2" -k "$3" -c listen_addresses= -c fsync="$4" \
                 -c max_connections=300 -c shared_buffers=128MB >"$3/log" 2>&1 &
             pid=$!
             cat >/dev/null
@@ -144,7 +148,9 @@ impl ThrowawayPostgres {
         let start = Instant::now();
         loop {
             let ready = Command::new(bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+                .arg("-h")
+                .arg(&dir)
+                .args(["-p", &port.to_string(), "-q"])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
@@ -160,7 +166,10 @@ impl ThrowawayPostgres {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(Self {
-            url: format!("postgres://hush@127.0.0.1:{port}/postgres"),
+            url: format!(
+                "host={} port={port} user=hush dbname=postgres",
+                dir.display()
+            ),
             _keep: Some((child, stdin)),
         })
     }
