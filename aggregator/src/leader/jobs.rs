@@ -103,9 +103,7 @@ impl JobDriver {
             Ok(jobs) => {
                 for (id, job) in jobs {
                     tracing::info!(job = %id, reports = job.seqs.len(), "resuming an aggregation job");
-                    self.mark(&job, true);
-                    let me = self.clone();
-                    in_flight.spawn(async move { me.run_job_until_done(id, job).await });
+                    self.spawn_job(&mut in_flight, id, job);
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot read the jobs in flight"),
@@ -129,9 +127,7 @@ impl JobDriver {
                     Ok(jobs) => {
                         for (id, job) in jobs {
                             tracing::info!(job = %id, reports = job.seqs.len(), "took over an aggregation job whose lease ran out");
-                            self.mark(&job, true);
-                            let me = self.clone();
-                            in_flight.spawn(async move { me.run_job_until_done(id, job).await });
+                            self.spawn_job(&mut in_flight, id, job);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot look for jobs to take over"),
@@ -161,8 +157,7 @@ impl JobDriver {
                 created.clear();
             }
             for (id, job) in created {
-                let me = self.clone();
-                in_flight.spawn(async move { me.run_job_until_done(id, job).await });
+                self.spawn_job(&mut in_flight, id, job);
             }
             tokio::select! {
                 _ = self.shared.leader.new_reports.notified() => {}
@@ -193,6 +188,18 @@ impl JobDriver {
                 tracing::warn!(error = %e, "cannot hand the aggregation jobs back; they are taken over when their leases lapse");
             }
         }
+    }
+
+    /// Runs a recorded job (new, resumed or taken over) until it is done.
+    fn spawn_job(
+        self: &Arc<Self>,
+        in_flight: &mut JoinSet<()>,
+        id: AggregationJobId,
+        job: LeaderJob,
+    ) {
+        self.mark(&job, true);
+        let me = self.clone();
+        in_flight.spawn(async move { me.run_job_until_done(id, job).await });
     }
 
     fn mark(&self, job: &LeaderJob, on: bool) {
