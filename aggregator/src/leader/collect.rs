@@ -173,7 +173,7 @@ impl CollectionService {
             .copied()
             .filter(|w| !shared.is_collected(&task_id, *w))
             .collect();
-        shared.store.mark_collected(&task_id, &newly, true).await?;
+        shared.store.close_windows(&task_id, &newly).await?;
         shared.set_collected(&task_id, &newly, true);
         let reopen = async |e: Error| -> Result<pb::CollectResponse> {
             shared.store.reopen_windows(&task_id, &newly).await?;

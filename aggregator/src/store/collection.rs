@@ -231,18 +231,13 @@ impl Store {
         })
     }
 
-    /// Marks windows collected or open again (the leader closes them before the final count,
-    /// so no late report slips in, and reopens them if the collection fails before anything is
-    /// released).
-    pub async fn mark_collected(
-        &self,
-        task: &TaskId,
-        windows: &[Time],
-        collected: bool,
-    ) -> Result<()> {
+    /// Marks windows collected: the leader closes them before the final count, so no late
+    /// report slips in ([`Store::reopen_windows`] opens them again if the collection fails
+    /// before anything is released).
+    pub async fn close_windows(&self, task: &TaskId, windows: &[Time]) -> Result<()> {
         let writes = windows
             .iter()
-            .map(|w| (batch_key(task, *w), collected.then(Vec::new)))
+            .map(|w| (batch_key(task, *w), Some(Vec::new())))
             .collect();
         self.backend.apply(Tb::Collected, writes).await
     }
