@@ -257,7 +257,9 @@ mod defaults {
         7 * 86_400
     }
     pub(super) fn job_size() -> usize {
-        500
+        // max_request_reports: per-job costs (the scan past reports other jobs hold, the flush,
+        // the round trip, the commit) spread over as many reports as a request may carry.
+        1_000
     }
     pub(super) fn max_concurrent_jobs() -> usize {
         4

@@ -270,7 +270,7 @@ fn start_cluster(dir: &Path, store: LoadStore, leader_replicas: usize) -> anyhow
             format!(
                 "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\ncache_mb = 64\n{leader_store}\
                  [peers]\nshufflers = [\"shuffler-b\"]\ncollectors = [\"collector\"]\nkey_directories = [\"operator\"]\n\
-                 [leader]\nhelper_url = \"{}\"\njob_size = 500\njob_poll_interval_ms = 50\n\
+                 [leader]\nhelper_url = \"{}\"\njob_poll_interval_ms = 50\n\
                  retry_initial_ms = 100\nretry_max_ms = 2000\nmax_pending_reports = 200000\n\
                  tenant_max_pending = 200000\n{}",
                 ports[name],

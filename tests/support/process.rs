@@ -154,6 +154,12 @@ impl HushProcess {
             .unwrap_or(f64::NAN)
     }
 
+    /// CPU time (user + system, all threads) the running process has used so far, in seconds,
+    /// from /proc; NaN if it cannot be read.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.pid().map_or(f64::NAN, cpu_seconds_of)
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -225,5 +231,28 @@ impl HushProcess {
 impl Drop for HushProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// CPU time (user + system, all threads) process `pid` has used so far, in seconds, from
+/// /proc/<pid>/stat; NaN if it cannot be read. `std::process::id()` gives this process's own.
+pub fn cpu_seconds_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may hold spaces, so split after its ')'): utime and
+    // stime are the 12th and 13th, in clock ticks.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |v| v as f64);
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / hz,
+        _ => f64::NAN,
     }
 }

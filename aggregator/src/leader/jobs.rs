@@ -20,7 +20,7 @@ use crate::checks::*;
 use crate::config::LeaderConfig;
 use crate::error::{Error, Result};
 use crate::shared::Shared;
-use crate::store::{BatchAggregation, LeaderJob, Lease, Stat, StatDelta};
+use crate::store::{BatchAggregation, LeaderJob, Lease, NewJob, PendingReport, Stat, StatDelta};
 use crate::tasks::TaskEntry;
 use hush_protocol::link::AddBearer;
 
@@ -103,7 +103,7 @@ impl JobDriver {
             Ok(jobs) => {
                 for (id, job) in jobs {
                     tracing::info!(job = %id, reports = job.seqs.len(), "resuming an aggregation job");
-                    self.spawn_job(&mut in_flight, id, job);
+                    self.spawn_job(&mut in_flight, id, job, None);
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot read the jobs in flight"),
@@ -127,7 +127,7 @@ impl JobDriver {
                     Ok(jobs) => {
                         for (id, job) in jobs {
                             tracing::info!(job = %id, reports = job.seqs.len(), "took over an aggregation job whose lease ran out");
-                            self.spawn_job(&mut in_flight, id, job);
+                            self.spawn_job(&mut in_flight, id, job, None);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot look for jobs to take over"),
@@ -151,13 +151,13 @@ impl JobDriver {
                 && let Err(e) = self.shared.store.flush().await
             {
                 tracing::error!(error = %e, "cannot make new aggregation jobs durable");
-                for (_, job) in &created {
+                for (_, job, _) in &created {
                     self.mark(job, false);
                 }
                 created.clear();
             }
-            for (id, job) in created {
-                self.spawn_job(&mut in_flight, id, job);
+            for (id, job, reports) in created {
+                self.spawn_job(&mut in_flight, id, job, reports);
             }
             tokio::select! {
                 _ = self.shared.leader.new_reports.notified() => {}
@@ -190,16 +190,18 @@ impl JobDriver {
         }
     }
 
-    /// Runs a recorded job (new, resumed or taken over) until it is done.
+    /// Runs a recorded job (new, resumed or taken over) until it is done; `reports` are its
+    /// pending reports if they were read already.
     fn spawn_job(
         self: &Arc<Self>,
         in_flight: &mut JoinSet<()>,
         id: AggregationJobId,
         job: LeaderJob,
+        reports: Option<Vec<PendingReport>>,
     ) {
         self.mark(&job, true);
         let me = self.clone();
-        in_flight.spawn(async move { me.run_job_until_done(id, job).await });
+        in_flight.spawn(async move { me.run_job_until_done(id, job, reports).await });
     }
 
     fn mark(&self, job: &LeaderJob, on: bool) {
@@ -219,7 +221,7 @@ impl JobDriver {
         &self,
         next_task: &mut usize,
         needs_flush: &mut Vec<AggregationJobId>,
-    ) -> Result<Option<(AggregationJobId, LeaderJob)>> {
+    ) -> Result<Option<NewJob>> {
         let tasks: Vec<Arc<TaskEntry>> = self
             .shared
             .tasks
@@ -238,7 +240,7 @@ impl JobDriver {
                 .filter(|(t, _)| *t == id)
                 .map(|(_, s)| *s)
                 .collect();
-            let Some((job_id, job)) = self
+            let Some((job_id, job, reports)) = self
                 .shared
                 .store
                 .create_job(
@@ -256,7 +258,7 @@ impl JobDriver {
             self.mark(&job, true);
             needs_flush.push(job_id);
             tracing::debug!(job = %job_id, reports = job.seqs.len(), "created an aggregation job");
-            return Ok(Some((job_id, job)));
+            return Ok(Some((job_id, job, reports)));
         }
         Ok(None)
     }
@@ -309,12 +311,17 @@ impl JobDriver {
         }
     }
 
-    async fn run_job_until_done(self: Arc<Self>, id: AggregationJobId, job: LeaderJob) {
+    async fn run_job_until_done(
+        self: Arc<Self>,
+        id: AggregationJobId,
+        job: LeaderJob,
+        reports: Option<Vec<PendingReport>>,
+    ) {
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
-        self.run_job_to_the_end(id, &job).await;
+        self.run_job_to_the_end(id, &job, reports).await;
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -322,7 +329,12 @@ impl JobDriver {
         self.mark(&job, false);
     }
 
-    async fn run_job_to_the_end(&self, id: AggregationJobId, job: &LeaderJob) {
+    async fn run_job_to_the_end(
+        &self,
+        id: AggregationJobId,
+        job: &LeaderJob,
+        reports: Option<Vec<PendingReport>>,
+    ) {
         use hush_server::metrics::names;
         metrics::counter!(names::JOBS_STARTED).increment(1);
         let started = std::time::Instant::now();
@@ -332,13 +344,17 @@ impl JobDriver {
         )
         .backoff();
         let deadline = self.resend_deadline(job, self.shared.clock.now());
+        let reports = match reports {
+            Some(r) => std::sync::OnceLock::from(Arc::new(r)),
+            None => std::sync::OnceLock::new(),
+        };
         loop {
             if self.shared.clock.now() >= deadline {
                 self.abandon(&id, job).await;
                 metrics::counter!(names::JOBS_FINISHED, "outcome" => "abandoned").increment(1);
                 break;
             }
-            match self.run_job(&id, job).await {
+            match self.run_job(&id, job, &reports).await {
                 Ok(()) => {
                     metrics::counter!(names::JOBS_FINISHED, "outcome" => "committed").increment(1);
                     metrics::histogram!(names::JOB_SECONDS).record(started.elapsed().as_secs_f64());
@@ -415,29 +431,42 @@ impl JobDriver {
 
     /// One attempt at a job. Every step before the commit is deterministic, so a retry (even
     /// after a restart) sends the helper the same request.
-    async fn run_job(&self, id: &AggregationJobId, job: &LeaderJob) -> Result<()> {
+    ///
+    /// `reports` holds the job's pending reports once the first attempt has read them.
+    async fn run_job(
+        &self,
+        id: &AggregationJobId,
+        job: &LeaderJob,
+        reports: &std::sync::OnceLock<Arc<Vec<PendingReport>>>,
+    ) -> Result<()> {
         let Some(task) = self.shared.task(&job.task_id) else {
             return Err(Error::UnknownTask(job.task_id));
         };
-        let mut reports = Vec::with_capacity(job.seqs.len());
-        for seq in &job.seqs {
-            match self.shared.store.pending_report(&job.task_id, *seq).await? {
-                Some(r) => reports.push(r),
-                None => {
-                    return Err(Error::corrupt(
-                        "job",
-                        format!("pending report {seq} of job {id} is gone"),
-                    ));
+        let reports = match reports.get() {
+            Some(r) => r.clone(),
+            None => {
+                let mut read = Vec::with_capacity(job.seqs.len());
+                for (seq, r) in job.seqs.iter().zip(
+                    self.shared
+                        .store
+                        .pending_reports(&job.task_id, &job.seqs)
+                        .await?,
+                ) {
+                    read.push(r.ok_or_else(|| {
+                        Error::corrupt("job", format!("pending report {seq} of job {id} is gone"))
+                    })?);
                 }
+                reports.get_or_init(|| Arc::new(read)).clone()
             }
-        }
+        };
 
         // verify_init for every report, on all cores.
         let t = task.clone();
+        let all = reports.clone();
         let inits = tokio::task::spawn_blocking(move || {
-            reports
-                .into_par_iter()
-                .map(|r| {
+            all.par_iter()
+                .enumerate()
+                .map(|(i, r)| {
                     let init = t.vdaf.verify_init(
                         &t.verify_key,
                         Role::Leader,
@@ -445,7 +474,7 @@ impl JobDriver {
                         &r.public_share,
                         &r.leader_share,
                     );
-                    (r, init)
+                    (i, init)
                 })
                 .collect::<Vec<_>>()
         })
@@ -457,7 +486,8 @@ impl JobDriver {
         let mut counted = hush_protocol::Outcomes::default();
         let mut sent = Vec::with_capacity(inits.len());
         let mut shares = Vec::with_capacity(inits.len());
-        for (r, init) in inits {
+        for (i, init) in inits {
+            let r = &reports[i];
             match init {
                 Ok((state, verifier_share)) => {
                     shares.push(pb::ReportShare {
@@ -467,7 +497,7 @@ impl JobDriver {
                         encrypted_input_share: Some((&r.helper_share).into()),
                         leader_verifier_share: verifier_share.into(),
                     });
-                    sent.push((r, state));
+                    sent.push((i, state));
                 }
                 Err(e) => {
                     stats.incr(scope, Stat::Rejected(reject_reason(&e)));
@@ -495,7 +525,7 @@ impl JobDriver {
                     .outcomes
                     .iter()
                     .zip(&sent)
-                    .any(|(o, (r, _))| o.report_id.as_ref() != r.report_id.as_bytes())
+                    .any(|(o, (i, _))| o.report_id.as_ref() != reports[*i].report_id.as_bytes())
             {
                 return Err(Error::InvalidRequest(format!(
                     "the helper answered job {id} with outcomes that do not match its reports"
@@ -509,16 +539,16 @@ impl JobDriver {
         let finished = tokio::task::spawn_blocking(move || {
             sent.into_par_iter()
                 .zip(outcomes.into_par_iter())
-                .map(|((r, state), o)| match o.result {
+                .map(|((i, state), o)| match o.result {
                     Some(pb::report_outcome::Result::VerifierMessage(msg)) => {
                         let out = vdaf_task.vdaf.verify_finish(state, &msg);
-                        (r, out.map_err(|e| reject_reason(&e)))
+                        (i, out.map_err(|e| reject_reason(&e)))
                     }
                     Some(pb::report_outcome::Result::Rejected(code)) => (
-                        r,
+                        i,
                         Err(RejectReason::try_from(code).unwrap_or(RejectReason::Unspecified)),
                     ),
-                    None => (r, Err(RejectReason::Unspecified)),
+                    None => (i, Err(RejectReason::Unspecified)),
                 })
                 .collect::<Vec<_>>()
         })
@@ -526,7 +556,8 @@ impl JobDriver {
 
         let len = task.vdaf.output_len();
         let mut batches: BTreeMap<hush_protocol::Time, BatchAggregation> = BTreeMap::new();
-        for (r, out) in finished {
+        for (i, out) in finished {
+            let r = &reports[i];
             match out {
                 Ok(share) => {
                     let b = batches

@@ -396,6 +396,19 @@ impl Backend {
         }
     }
 
+    /// The values under `keys` in `t`, in order (one query on PostgreSQL).
+    pub(crate) async fn get_many(&self, t: T, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        match self {
+            Backend::Sled(s) => {
+                let tree = s.tree(t);
+                keys.iter()
+                    .map(|k| Ok(tree.get(k)?.map(|v| v.to_vec())))
+                    .collect()
+            }
+            Backend::Pg(p) => p.get_many(t, keys).await,
+        }
+    }
+
     /// Up to `limit` entries of `t` among `keys`, in key order, for which `keep(key, value)`
     /// holds.
     pub(crate) async fn scan(

@@ -78,9 +78,22 @@ async fn store_pending_tx<X: Txn>(
     stats: &StatDelta,
 ) -> TxResult<Vec<Ingested>> {
     let seen_keys: Vec<Vec<u8>> = encoded.iter().map(|e| e.1.clone()).collect();
-    let window_keys: Vec<Vec<u8>> = encoded.iter().map(|e| e.3.clone()).collect();
     let seen = tx.get_many(Tb::Seen, &seen_keys).await?;
-    let closed = tx.get_many(Tb::Collected, &window_keys).await?;
+    // A request's reports fall in a few windows: each is looked up once.
+    let windows: Vec<Vec<u8>> = encoded
+        .iter()
+        .map(|e| e.3.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let closed_windows: std::collections::HashSet<Vec<u8>> = windows
+        .iter()
+        .zip(tx.get_many(Tb::Collected, &windows).await?)
+        .filter_map(|(w, c)| c.map(|_| w.clone()))
+        .collect();
+    let closed = encoded
+        .iter()
+        .map(|e| closed_windows.contains(&e.3).then_some(()));
     let mut stored = Vec::with_capacity(encoded.len());
     let mut delta = stats.clone();
     let mut late_delta: BTreeMap<&[u8], u64> = BTreeMap::new();

@@ -11,6 +11,9 @@ use hush_protocol::{AggregationJobId, ReportId, TaskId, Time};
 
 use super::*;
 
+/// A job [`Store::create_job`] recorded, with its reports when they were read on the way.
+pub type NewJob = (AggregationJobId, LeaderJob, Option<Vec<PendingReport>>);
+
 impl Store {
     /// Up to `limit` pending reports of `task` in seq order, skipping seqs for which `skip`
     /// is true (reports already in a job).
@@ -50,6 +53,27 @@ impl Store {
         }
     }
 
+    /// The pending reports `seqs` of `task`, in order (one read on PostgreSQL); `None` for
+    /// one that is gone.
+    pub async fn pending_reports(
+        &self,
+        task: &TaskId,
+        seqs: &[u64],
+    ) -> Result<Vec<Option<PendingReport>>> {
+        let keys: Vec<Vec<u8>> = seqs.iter().map(|s| pending_key(task, *s)).collect();
+        self.backend
+            .get_many(Tb::Pending, &keys)
+            .await?
+            .into_iter()
+            .map(|v| {
+                v.map(|v| {
+                    PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))
+                })
+                .transpose()
+            })
+            .collect()
+    }
+
     /// Number of pending reports of all tasks.
     pub async fn pending_total(&self) -> Result<u64> {
         self.backend.count(Tb::Pending, Keys::All).await
@@ -66,7 +90,9 @@ impl Store {
     /// holds, recorded as a job created at `created`. On sled this process's jobs are known to
     /// it (`skip` says which reports they hold) and the job must be flushed before it is sent;
     /// on PostgreSQL the reports are claimed in the database (`FOR UPDATE SKIP LOCKED`, so two
-    /// replicas never claim one report) and the job is held under `lease`, committed.
+    /// replicas never claim one report) and the job is held under `lease`, committed. On sled
+    /// the job's reports come with it (the scan read them); on PostgreSQL they are read when
+    /// the job runs.
     pub async fn create_job(
         &self,
         task: &TaskId,
@@ -74,7 +100,7 @@ impl Store {
         skip: impl Fn(u64) -> bool + Send + Sync,
         created: Time,
         lease: &Lease,
-    ) -> Result<Option<(AggregationJobId, LeaderJob)>> {
+    ) -> Result<Option<NewJob>> {
         let id = AggregationJobId::random();
         let job = |seqs: Vec<u64>| LeaderJob {
             task_id: *task,
@@ -87,9 +113,10 @@ impl Store {
                 if pending.is_empty() {
                     return Ok(None);
                 }
-                let job = job(pending.iter().map(|(s, _)| *s).collect());
+                let (seqs, reports) = pending.into_iter().unzip();
+                let job = job(seqs);
                 self.put_job(&id, &job).await?;
-                Ok(Some((id, job)))
+                Ok(Some((id, job, Some(reports))))
             }
             Backend::Pg(p) => {
                 let lo = task_key(task, &[]);
@@ -105,7 +132,7 @@ impl Store {
                         lease,
                     )
                     .await?;
-                Ok((!keys.is_empty()).then(|| (id, job(seqs_of(&keys)))))
+                Ok((!keys.is_empty()).then(|| (id, job(seqs_of(&keys)), None)))
             }
         }
     }

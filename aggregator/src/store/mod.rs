@@ -47,7 +47,7 @@ mod tests;
 pub mod throwaway;
 
 use backend::{Backend, Keys, SledBackend, T, transact};
-pub use jobs::Lease;
+pub use jobs::{Lease, NewJob};
 pub use pg::PgSettings;
 pub use records::*;
 

@@ -295,6 +295,21 @@ impl PgBackend {
         Ok(c.query_opt(&sql, &[&k]).await?.map(|r| r.get(0)))
     }
 
+    pub(super) async fn get_many(&self, t: T, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let c = self.client().await?;
+        let sql = format!(
+            r#"SELECT key, value FROM "{}" WHERE key = ANY($1)"#,
+            t.name()
+        );
+        let found: BTreeMap<Vec<u8>, Vec<u8>> = c
+            .query(&sql, &[&keys])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+    }
+
     pub(super) async fn scan(
         &self,
         t: T,

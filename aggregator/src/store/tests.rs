@@ -51,6 +51,18 @@ async fn retention_deletes_old_pending_reports_but_not_those_in_a_job(s: Store) 
     assert!(s.pending_report(&task, batch[0].1).await.unwrap().is_some());
     assert!(s.pending_report(&task, batch[1].1).await.unwrap().is_none());
     assert!(s.pending_report(&task, batch[2].1).await.unwrap().is_some());
+    // Read together, in the order asked, with a gap where one is gone.
+    let ids: Vec<Option<ReportId>> = s
+        .pending_reports(&task, &[batch[2].1, batch[1].1, batch[0].1])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.map(|r| r.report_id))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![Some(batch[2].2.report_id), None, Some(batch[0].2.report_id)]
+    );
     assert_eq!(
         s.stats(task.as_bytes()).await.unwrap()[&Stat::Rejected(RejectReason::TooOld)],
         1
@@ -348,6 +360,26 @@ async fn nothing_enters_a_released_or_closed_window(s: Store) {
         [Ingested::Replay]
     );
     assert_eq!(s.late_in(&task, &[w]).await.unwrap(), 1);
+    // One request across a closed and an open window, interleaved: each report is judged by
+    // its own window.
+    let seqs = s.next_seqs(4).await.unwrap();
+    let mixed: Vec<_> = [60, 120, 60, 120]
+        .iter()
+        .zip(seqs)
+        .map(|(t, seq)| (task, seq, report(*t)))
+        .collect();
+    assert_eq!(
+        s.store_pending(&mixed, &StatDelta::default())
+            .await
+            .unwrap(),
+        [
+            Ingested::Late,
+            Ingested::Stored,
+            Ingested::Late,
+            Ingested::Stored
+        ]
+    );
+    assert_eq!(s.late_in(&task, &[w]).await.unwrap(), 3);
     // The helper's job commit refuses a verified report of a released window, even when
     // the quick check before verification passed (the race the transaction closes).
     let hr = HelperReport {
@@ -567,7 +599,7 @@ async fn jobs_hold_each_report_once_and_outlive_a_dead_replica(s: Store) {
         if x.is_none() && y.is_none() {
             break;
         }
-        for (id, job) in x.into_iter().chain(y) {
+        for (id, job, _) in x.into_iter().chain(y) {
             for q in &job.seqs {
                 assert!(held.insert(*q), "report {q} is in two jobs");
             }
