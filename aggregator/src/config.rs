@@ -172,9 +172,10 @@ impl PeerConfig {
 pub struct LeaderConfig {
     /// gRPC endpoint of the helper, e.g. `http://helper.example:7002`.
     pub helper_url: String,
-    /// Most reports in one aggregation job.
-    #[serde(default = "defaults::job_size")]
-    pub job_size: usize,
+    /// Most reports in one aggregation job; unset, the default of
+    /// [`AggregatorConfig::job_size`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_size: Option<usize>,
     /// Aggregation jobs in flight at once.
     #[serde(default = "defaults::max_concurrent_jobs")]
     pub max_concurrent_jobs: usize,
@@ -256,9 +257,9 @@ mod defaults {
     pub(super) fn helper_job_retention_s() -> u64 {
         7 * 86_400
     }
+    /// Per-job costs (the flush, the round trip to the helper, the commit) spread over as many
+    /// reports as a default request may carry.
     pub(super) fn job_size() -> usize {
-        // max_request_reports: per-job costs (the scan past reports other jobs hold, the flush,
-        // the round trip, the commit) spread over as many reports as a request may carry.
         1_000
     }
     pub(super) fn max_concurrent_jobs() -> usize {
@@ -338,16 +339,17 @@ impl AggregatorConfig {
             ));
         }
         if let Some(l) = &self.leader {
-            if l.job_size == 0 || l.job_size > self.max_request_reports {
+            let job_size = self.job_size();
+            if job_size == 0 || job_size > self.max_request_reports {
                 return Err(Error::config(format!(
                     "leader.job_size must be in 1..={} (max_request_reports)",
                     self.max_request_reports
                 )));
             }
-            if l.tenant_max_pending < l.job_size as u64 {
+            if l.tenant_max_pending < job_size as u64 {
                 return Err(Error::config(format!(
-                    "leader.tenant_max_pending ({}) must be at least leader.job_size ({})",
-                    l.tenant_max_pending, l.job_size
+                    "leader.tenant_max_pending ({}) must be at least leader.job_size ({job_size})",
+                    l.tenant_max_pending
                 )));
             }
             if l.job_lease_ms < 300 {
@@ -375,6 +377,20 @@ impl AggregatorConfig {
     /// `max_packet_size` bytes.
     pub fn ingest_message_limit(&self) -> usize {
         hush_server::serve::message_limit(self.max_request_reports, self.max_packet_size, 1_024)
+    }
+
+    /// Most reports in one of the leader's aggregation jobs: `[leader] job_size`, or by default
+    /// 1,000, `max_request_reports` or `tenant_max_pending`, whichever is lowest. (The helper
+    /// refuses a job larger than its own `max_request_reports`.)
+    pub fn job_size(&self) -> usize {
+        match &self.leader {
+            Some(l) => l.job_size.unwrap_or_else(|| {
+                defaults::job_size()
+                    .min(self.max_request_reports)
+                    .min(usize::try_from(l.tenant_max_pending).unwrap_or(usize::MAX))
+            }),
+            None => defaults::job_size().min(self.max_request_reports),
+        }
     }
 
     /// The largest aggregation job request: per report its shares, public share and the
@@ -435,5 +451,28 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("http://"), "{e}");
+    }
+
+    #[test]
+    fn job_size_defaults_to_what_requests_and_tenants_allow() {
+        let base = "listen = \"127.0.0.1:1\"\ndata_dir = \"x\"\n";
+        let leader = "[leader]\nhelper_url = \"http://helper:1\"\n";
+        let job_size = |text: String| AggregatorConfig::from_toml(&text).unwrap().job_size();
+        assert_eq!(job_size(format!("{base}{leader}")), 1_000);
+        assert_eq!(
+            job_size(format!("{base}max_request_reports = 300\n{leader}")),
+            300
+        );
+        assert_eq!(
+            job_size(format!("{base}{leader}tenant_max_pending = 200\n")),
+            200
+        );
+        assert_eq!(job_size(format!("{base}{leader}job_size = 50\n")), 50);
+        // Set above what a request may carry, it is refused with the limit named.
+        let e = AggregatorConfig::from_toml(&format!(
+            "{base}max_request_reports = 300\n{leader}job_size = 500\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("1..=300"), "{e}");
     }
 }

@@ -44,16 +44,42 @@ fn write_config(dir: &Path, name: &str, schema: &str, helper_url: Option<&str>) 
     path.display().to_string()
 }
 
-/// Submits `reports` in chunks, each to one of `urls` in turn; a chunk whose replica does not
-/// answer goes to the next one (a replica that stored it before dying makes the resent copies
-/// replays, never a second count).
-async fn submit_anywhere(urls: &[String], reports: &[Vec<u8>], chunk: usize) {
+/// The jobs a leader's log shows created or taken over and not yet finished, leaving out
+/// `gone` (those of incarnations killed before).
+fn jobs_in_flight(
+    log: &str,
+    gone: &std::collections::HashSet<String>,
+) -> std::collections::HashSet<String> {
+    let mut open = std::collections::HashSet::new();
+    for line in log.lines() {
+        let Some(id) = line.split_whitespace().find_map(|w| w.strip_prefix("job=")) else {
+            continue;
+        };
+        if line.contains("created an aggregation job")
+            || line.contains("took over an aggregation job")
+        {
+            open.insert(id.to_owned());
+        } else if line.contains("aggregation job committed")
+            || line.contains("another replica finished this aggregation job")
+        {
+            open.remove(id);
+        }
+    }
+    open.retain(|id| !gone.contains(id));
+    open
+}
+
+/// Submits `reports` in chunks, each to one of `urls` in turn, one chunk every `pace` at most; a
+/// chunk whose replica does not answer goes to the next one (a replica that stored it before
+/// dying makes the resent copies replays, never a second count).
+async fn submit_anywhere(urls: &[String], reports: &[Vec<u8>], chunk: usize, pace: Duration) {
     let mut turn = 0usize;
     for c in reports.chunks(chunk) {
         let req = pb::SubmitReportsRequest {
             reports: c.iter().map(|r| r.clone().into()).collect(),
         };
         let started = Instant::now();
+        let next = tokio::time::Instant::now() + pace;
         loop {
             let url = &urls[turn % urls.len()];
             turn += 1;
@@ -81,6 +107,7 @@ async fn submit_anywhere(urls: &[String], reports: &[Vec<u8>], chunk: usize) {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        tokio::time::sleep_until(next).await;
     }
 }
 
@@ -137,10 +164,25 @@ async fn two_leader_replicas_on_postgres_count_every_report_once_while_one_is_ki
         .collect();
 
     let urls = vec![a.url(), b.url()];
-    let load = tokio::spawn(async move { submit_anywhere(&urls, &reports, 50).await });
-    // Kill replica A four times while reports arrive and jobs run.
+    // 60 chunks over about 7 s, so the load outlasts the four kills below however fast the
+    // machine aggregates.
+    let load = tokio::spawn(async move {
+        submit_anywhere(&urls, &reports, 50, Duration::from_millis(120)).await
+    });
+    // Kill replica A four times while reports arrive, each time while it runs a job (jobs
+    // take tens of milliseconds: a kill at a random moment can miss them all).
+    let mut killed_with = std::collections::HashSet::new();
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let open = jobs_in_flight(&a.log(), &killed_with);
+            if !open.is_empty() || Instant::now() > deadline {
+                killed_with.extend(open);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         a.kill();
         tokio::time::sleep(Duration::from_millis(600)).await;
         a.restart_with(None);

@@ -245,7 +245,7 @@ impl JobDriver {
                 .store
                 .create_job(
                     &id,
-                    self.cfg.job_size,
+                    self.shared.config.job_size(),
                     |seq| taken.contains(&seq),
                     self.shared.clock.now(),
                     &self.lease,
