@@ -109,6 +109,7 @@ impl Store {
         };
         match &self.backend {
             Backend::Sled(_) => {
+                let _no_retention = self.pending_lock.lock().await;
                 let pending = self.scan_pending(task, limit, skip).await?;
                 if pending.is_empty() {
                     return Ok(None);

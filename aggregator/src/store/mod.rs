@@ -56,6 +56,11 @@ pub use records::*;
 pub struct Store {
     pub(crate) backend: Backend,
     audit: crate::audit::AuditLog,
+    /// Held while a job is created and while retention picks the pending reports to delete:
+    /// retention leaves out the reports of recorded jobs, so a job recorded between its reading
+    /// the jobs and its deleting could otherwise lose a report it holds. (On PostgreSQL the
+    /// delete itself also skips claimed rows, for other replicas.)
+    pending_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -150,6 +155,7 @@ impl Store {
         Ok(Self {
             audit: crate::audit::AuditLog::new(backend.clone()),
             backend,
+            pending_lock: Default::default(),
         })
     }
 

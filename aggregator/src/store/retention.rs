@@ -28,6 +28,7 @@ impl Store {
     /// job in flight (they could never be accepted again, and the helper would refuse them),
     /// counting each as refused `TOO_OLD`; returns how many.
     pub async fn expire_pending(&self, task: &TaskId, cutoff: Time) -> Result<u64> {
+        let _no_new_jobs = self.pending_lock.lock().await;
         let in_jobs: std::collections::HashSet<u64> = self
             .jobs()
             .await?
