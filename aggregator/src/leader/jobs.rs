@@ -344,17 +344,14 @@ impl JobDriver {
         )
         .backoff();
         let deadline = self.resend_deadline(job, self.shared.clock.now());
-        let reports = match reports {
-            Some(r) => std::sync::OnceLock::from(Arc::new(r)),
-            None => std::sync::OnceLock::new(),
-        };
+        let mut reports = reports.map(Arc::new);
         loop {
             if self.shared.clock.now() >= deadline {
                 self.abandon(&id, job).await;
                 metrics::counter!(names::JOBS_FINISHED, "outcome" => "abandoned").increment(1);
                 break;
             }
-            match self.run_job(&id, job, &reports).await {
+            match self.run_job(&id, job, &mut reports).await {
                 Ok(()) => {
                     metrics::counter!(names::JOBS_FINISHED, "outcome" => "committed").increment(1);
                     metrics::histogram!(names::JOB_SECONDS).record(started.elapsed().as_secs_f64());
@@ -437,12 +434,12 @@ impl JobDriver {
         &self,
         id: &AggregationJobId,
         job: &LeaderJob,
-        reports: &std::sync::OnceLock<Arc<Vec<PendingReport>>>,
+        reports: &mut Option<Arc<Vec<PendingReport>>>,
     ) -> Result<()> {
         let Some(task) = self.shared.task(&job.task_id) else {
             return Err(Error::UnknownTask(job.task_id));
         };
-        let reports = match reports.get() {
+        let reports = match reports {
             Some(r) => r.clone(),
             None => {
                 let mut read = Vec::with_capacity(job.seqs.len());
@@ -456,7 +453,7 @@ impl JobDriver {
                         Error::corrupt("job", format!("pending report {seq} of job {id} is gone"))
                     })?);
                 }
-                reports.get_or_init(|| Arc::new(read)).clone()
+                reports.insert(Arc::new(read)).clone()
             }
         };
 

@@ -39,20 +39,6 @@ impl Store {
             .collect()
     }
 
-    /// The pending report `seq` of `task`.
-    pub async fn pending_report(&self, task: &TaskId, seq: u64) -> Result<Option<PendingReport>> {
-        match self
-            .backend
-            .get(Tb::Pending, &pending_key(task, seq))
-            .await?
-        {
-            Some(v) => Ok(Some(
-                PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))?,
-            )),
-            None => Ok(None),
-        }
-    }
-
     /// The pending reports `seqs` of `task`, in order (one read on PostgreSQL); `None` for
     /// one that is gone.
     pub async fn pending_reports(

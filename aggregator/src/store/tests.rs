@@ -48,9 +48,9 @@ async fn retention_deletes_old_pending_reports_but_not_those_in_a_job(s: Store) 
         s.expire_pending(&task, Time::from_secs(120)).await.unwrap(),
         1
     );
-    assert!(s.pending_report(&task, batch[0].1).await.unwrap().is_some());
-    assert!(s.pending_report(&task, batch[1].1).await.unwrap().is_none());
-    assert!(s.pending_report(&task, batch[2].1).await.unwrap().is_some());
+    assert!(s.pending_reports(&task, &[batch[0].1]).await.unwrap()[0].is_some());
+    assert!(s.pending_reports(&task, &[batch[1].1]).await.unwrap()[0].is_none());
+    assert!(s.pending_reports(&task, &[batch[2].1]).await.unwrap()[0].is_some());
     // Read together, in the order asked, with a gap where one is gone.
     let ids: Vec<Option<ReportId>> = s
         .pending_reports(&task, &[batch[2].1, batch[1].1, batch[0].1])
