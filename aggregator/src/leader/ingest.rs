@@ -300,22 +300,14 @@ impl LeaderIngest for IngestService {
                 }
             }
         }
-        let accepted = match self.shared.store.next_seqs(accepted.len()).await {
-            Ok(seqs) => accepted
-                .into_iter()
-                .zip(seqs)
-                .map(|((t, r), seq)| (t, seq, r))
-                .collect::<Vec<_>>(),
-            Err(e) => {
-                self.settle_holdings(&tasks, None);
-                return Err(e.into());
-            }
-        };
-        let stored = self
-            .shared
-            .store
-            .run(move |store| async move { store.store_pending(&accepted, &stats).await })
-            .await;
+        let record_max = self.shared.config.job_size();
+        let stored =
+            self.shared
+                .store
+                .run(move |store| async move {
+                    store.store_pending(&accepted, record_max, &stats).await
+                })
+                .await;
         self.settle_holdings(&tasks, stored.as_ref().ok().map(Vec::as_slice));
         let stored = stored?;
         let n_stored = stored.iter().filter(|s| **s == Ingested::Stored).count() as u64;

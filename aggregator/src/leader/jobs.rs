@@ -54,7 +54,7 @@ pub struct JobDriver {
     shared: Shared,
     cfg: LeaderConfig,
     helper: HelperClient,
-    /// Pending reports in a job in flight, by task and seq.
+    /// Pending records in a job in flight, by task and seq.
     assigned: Mutex<HashSet<(TaskId, u64)>>,
     /// The jobs this process runs now (their leases are renewed on a shared database).
     held: Mutex<HashSet<AggregationJobId>>,
@@ -102,7 +102,7 @@ impl JobDriver {
         match own {
             Ok(jobs) => {
                 for (id, job) in jobs {
-                    tracing::info!(job = %id, reports = job.seqs.len(), "resuming an aggregation job");
+                    tracing::info!(job = %id, reports = job.reports, "resuming an aggregation job");
                     self.spawn_job(&mut in_flight, id, job, None);
                 }
             }
@@ -126,7 +126,7 @@ impl JobDriver {
                 {
                     Ok(jobs) => {
                         for (id, job) in jobs {
-                            tracing::info!(job = %id, reports = job.seqs.len(), "took over an aggregation job whose lease ran out");
+                            tracing::info!(job = %id, reports = job.reports, "took over an aggregation job whose lease ran out");
                             self.spawn_job(&mut in_flight, id, job, None);
                         }
                     }
@@ -257,7 +257,7 @@ impl JobDriver {
             *next_task = (*next_task + i + 1) % tasks.len();
             self.mark(&job, true);
             needs_flush.push(job_id);
-            tracing::debug!(job = %job_id, reports = job.seqs.len(), "created an aggregation job");
+            tracing::debug!(job = %job_id, reports = job.reports, "created an aggregation job");
             return Ok(Some((job_id, job, reports)));
         }
         Ok(None)
@@ -406,8 +406,7 @@ impl JobDriver {
                     "reason" => "too_old"
                 )
                 .increment(n);
-                self.shared
-                    .pending_released(&job.task_id, job.seqs.len() as u64);
+                self.shared.pending_released(&job.task_id, job.reports);
                 tracing::error!(
                     job = %id,
                     reports = n,
@@ -442,15 +441,15 @@ impl JobDriver {
         let reports = match reports {
             Some(r) => r.clone(),
             None => {
-                let mut read = Vec::with_capacity(job.seqs.len());
+                let mut read = Vec::with_capacity(job.reports as usize);
                 for (seq, r) in job.seqs.iter().zip(
                     self.shared
                         .store
                         .pending_reports(&job.task_id, &job.seqs)
                         .await?,
                 ) {
-                    read.push(r.ok_or_else(|| {
-                        Error::corrupt("job", format!("pending report {seq} of job {id} is gone"))
+                    read.extend(r.ok_or_else(|| {
+                        Error::corrupt("job", format!("pending record {seq} of job {id} is gone"))
                     })?);
                 }
                 reports.insert(Arc::new(read)).clone()
@@ -597,8 +596,7 @@ impl JobDriver {
             hush_server::metrics::names::REPORTS_REJECTED,
             &counted,
         );
-        self.shared
-            .pending_released(&job.task_id, job.seqs.len() as u64);
+        self.shared.pending_released(&job.task_id, job.reports);
         tracing::debug!(job = %id, "aggregation job committed");
         Ok(())
     }

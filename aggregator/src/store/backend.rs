@@ -190,14 +190,19 @@ pub(crate) trait Txn {
     fn insert(&mut self, t: T, k: &[u8], v: &[u8]) -> TxResult<()>;
     /// Deletes `k` from `t`.
     fn remove(&mut self, t: T, k: &[u8]) -> TxResult<()>;
-    /// Deletes those of the pending reports `keys` that still exist and that no aggregation
-    /// job holds; returns their keys. (On sled this process knows its jobs and leaves their
-    /// reports out of `keys`; on PostgreSQL a replica's claim marks the rows.)
-    fn delete_unclaimed_pending(
+    /// Applies those of `changes` (a pending record's key, the value it was read with, and
+    /// its new value or `None` to delete it) whose record still holds that value and that no
+    /// aggregation job holds; returns their indices. (On sled this process knows its jobs and
+    /// leaves their records out; on PostgreSQL a replica's claim marks the rows.)
+    fn replace_unclaimed_pending(
         &mut self,
-        keys: &[Vec<u8>],
-    ) -> impl Future<Output = TxResult<Vec<Vec<u8>>>> + Send;
+        changes: &[PendingChange],
+    ) -> impl Future<Output = TxResult<Vec<usize>>> + Send;
 }
+
+/// A change to a pending record: its key, the value it was read with, and its new value (`None`:
+/// delete it).
+pub(crate) type PendingChange = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
 
 /// A sled transaction's view of the trees it named.
 pub(crate) struct SledTx<'a> {
@@ -252,19 +257,24 @@ impl Txn for SledTx<'_> {
         Ok(())
     }
 
-    fn delete_unclaimed_pending(
+    fn replace_unclaimed_pending(
         &mut self,
-        keys: &[Vec<u8>],
-    ) -> impl Future<Output = TxResult<Vec<Vec<u8>>>> + Send {
+        changes: &[PendingChange],
+    ) -> impl Future<Output = TxResult<Vec<usize>>> + Send {
         let r = (|| {
             let pending = self.view(T::Pending)?;
-            let mut gone = Vec::new();
-            for k in keys {
-                if pending.remove(&k[..])?.is_some() {
-                    gone.push(k.clone());
+            let mut done = Vec::new();
+            for (i, (k, old, new)) in changes.iter().enumerate() {
+                if pending.get(&k[..])?.as_deref() != Some(&old[..]) {
+                    continue;
                 }
+                match new {
+                    Some(v) => pending.insert(&k[..], &v[..])?,
+                    None => pending.remove(&k[..])?,
+                };
+                done.push(i);
             }
-            Ok(gone)
+            Ok(done)
         })();
         std::future::ready(r)
     }
@@ -457,6 +467,17 @@ impl Backend {
                 k => s.iter(t, k).keys().count() as u64,
             }),
             Backend::Pg(p) => p.count(t, keys).await,
+        }
+    }
+
+    /// How many reports the pending records among `keys` hold.
+    pub(crate) async fn count_pending(&self, keys: Keys<'_>) -> Result<u64> {
+        match self {
+            Backend::Sled(s) => s
+                .iter(T::Pending, keys)
+                .values()
+                .try_fold(0, |n, v| Ok(n + super::PendingRecord::count_encoded(&v?))),
+            Backend::Pg(p) => p.count_pending(keys).await,
         }
     }
 

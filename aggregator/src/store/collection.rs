@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use super::backend::{Keys, T as Tb, TxResult, Txn};
 use crate::error::{Error, Result};
 use hush_protocol::BudgetPurpose;
-use hush_protocol::codec::Codec;
 use hush_protocol::{ReportIdChecksum, TaskId, Time};
 
 use super::*;
@@ -77,11 +76,8 @@ impl Store {
             .entries(Tb::Pending, Keys::Prefix(task.as_bytes()))
             .await?
         {
-            let r =
-                PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))?;
-            if set.contains(&r.time) {
-                n += 1;
-            }
+            let record = PendingRecord::decode_stored(&v)?;
+            n += record.0.iter().filter(|r| set.contains(&r.time)).count() as u64;
         }
         Ok(n)
     }

@@ -15,65 +15,75 @@ use super::*;
 pub type NewJob = (AggregationJobId, LeaderJob, Option<Vec<PendingReport>>);
 
 impl Store {
-    /// Up to `limit` pending reports of `task` in seq order, skipping seqs for which `skip`
-    /// is true (reports already in a job).
+    /// Pending records of `task` in seq order, skipping seqs for which `skip` is true (records
+    /// already in a job), holding up to `limit` reports between them: a record is taken if it
+    /// fits, and the first one always (a record written under a larger job size may hold more).
     pub async fn scan_pending(
         &self,
         task: &TaskId,
         limit: usize,
         skip: impl Fn(u64) -> bool + Send + Sync,
-    ) -> Result<Vec<(u64, PendingReport)>> {
+    ) -> Result<Vec<(u64, Vec<PendingReport>)>> {
+        let limit = limit.max(1) as u64;
+        let taken = std::sync::atomic::AtomicU64::new(0);
         self.backend
-            .scan(Tb::Pending, Keys::Prefix(task.as_bytes()), limit, |k, _| {
-                !skip(be_u64(&k[32..]))
-            })
+            .scan(
+                Tb::Pending,
+                Keys::Prefix(task.as_bytes()),
+                limit as usize,
+                |k, v| {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    if skip(be_u64(&k[32..])) {
+                        return false;
+                    }
+                    let (n, so_far) = (PendingRecord::count_encoded(v), taken.load(Relaxed));
+                    let fits = so_far == 0 || so_far + n <= limit;
+                    if fits {
+                        taken.store(so_far + n, Relaxed);
+                    }
+                    fits
+                },
+            )
             .await?
             .into_iter()
-            .map(|(k, v)| {
-                Ok((
-                    be_u64(&k[32..]),
-                    PendingReport::from_bytes(&v)
-                        .map_err(|e| Error::corrupt("pending report", e))?,
-                ))
-            })
+            .map(|(k, v)| Ok((be_u64(&k[32..]), PendingRecord::decode_stored(&v)?.0)))
             .collect()
     }
 
-    /// The pending reports `seqs` of `task`, in order (one read on PostgreSQL); `None` for
-    /// one that is gone.
+    /// The pending records `seqs` of `task`, in order (one read on PostgreSQL); `None` for one
+    /// that is gone.
     pub async fn pending_reports(
         &self,
         task: &TaskId,
         seqs: &[u64],
-    ) -> Result<Vec<Option<PendingReport>>> {
+    ) -> Result<Vec<Option<Vec<PendingReport>>>> {
         let keys: Vec<Vec<u8>> = seqs.iter().map(|s| pending_key(task, *s)).collect();
         self.backend
             .get_many(Tb::Pending, &keys)
             .await?
             .into_iter()
             .map(|v| {
-                v.map(|v| {
-                    PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))
-                })
-                .transpose()
+                v.map(|v| PendingRecord::decode_stored(&v).map(|r| r.0))
+                    .transpose()
             })
             .collect()
     }
 
     /// Number of pending reports of all tasks.
     pub async fn pending_total(&self) -> Result<u64> {
-        self.backend.count(Tb::Pending, Keys::All).await
+        self.backend.count_pending(Keys::All).await
     }
 
     /// Number of pending reports of `task`.
     pub async fn pending_count(&self, task: &TaskId) -> Result<u64> {
         self.backend
-            .count(Tb::Pending, Keys::Prefix(task.as_bytes()))
+            .count_pending(Keys::Prefix(task.as_bytes()))
             .await
     }
 
-    /// Creates the next aggregation job of `task`: up to `limit` pending reports that no job
-    /// holds, recorded as a job created at `created`. On sled this process's jobs are known to
+    /// Creates the next aggregation job of `task`: pending records that no job holds, up to
+    /// `limit` reports between them (see [`Store::scan_pending`]), recorded as a job created at
+    /// `created`. On sled this process's jobs are known to
     /// it (`skip` says which reports they hold) and the job must be flushed before it is sent;
     /// on PostgreSQL the reports are claimed in the database (`FOR UPDATE SKIP LOCKED`, so two
     /// replicas never claim one report) and the job is held under `lease`, committed. On sled
@@ -88,9 +98,10 @@ impl Store {
         lease: &Lease,
     ) -> Result<Option<NewJob>> {
         let id = AggregationJobId::random();
-        let job = |seqs: Vec<u64>| LeaderJob {
+        let job = |seqs: Vec<u64>, reports: u64| LeaderJob {
             task_id: *task,
             seqs,
+            reports,
             created: Some(created),
         };
         match &self.backend {
@@ -100,26 +111,33 @@ impl Store {
                 if pending.is_empty() {
                     return Ok(None);
                 }
-                let (seqs, reports) = pending.into_iter().unzip();
-                let job = job(seqs);
+                let (seqs, records): (Vec<u64>, Vec<Vec<PendingReport>>) =
+                    pending.into_iter().unzip();
+                let reports: Vec<PendingReport> = records.into_iter().flatten().collect();
+                let job = job(seqs, reports.len() as u64);
                 self.put_job(&id, &job).await?;
                 Ok(Some((id, job, Some(reports))))
             }
             Backend::Pg(p) => {
                 let lo = task_key(task, &[]);
                 let hi = task_key(task, &[0xff; 9]);
-                let seqs_of = |keys: &[Vec<u8>]| keys.iter().map(|k| be_u64(&k[32..])).collect();
-                let keys = p
+                let job_of = |claimed: &[(Vec<u8>, u64)]| {
+                    job(
+                        claimed.iter().map(|(k, _)| be_u64(&k[32..])).collect(),
+                        claimed.iter().map(|(_, n)| n).sum(),
+                    )
+                };
+                let claimed = p
                     .claim_job(
                         &lo,
                         &hi,
                         limit,
                         id.as_bytes(),
-                        |keys| job(seqs_of(keys)).to_bytes(),
+                        |claimed| job_of(claimed).to_bytes(),
                         lease,
                     )
                     .await?;
-                Ok((!keys.is_empty()).then(|| (id, job(seqs_of(&keys)), None)))
+                Ok((!claimed.is_empty()).then(|| (id, job_of(&claimed), None)))
             }
         }
     }
@@ -176,7 +194,7 @@ impl Store {
     }
 
     /// Finishes a leader job in one transaction: merges `batches` into the task's batch
-    /// aggregations, removes the job's pending reports and the job, and applies `stats` plus one
+    /// aggregations, removes the job's pending records and the job, and applies `stats` plus one
     /// `Aggregated` per accumulated report. A batch whose window was released (its share left
     /// this aggregator) is not merged: its reports are counted `Rejected(BatchCollected)`
     /// instead, so nothing enters a window after its share has left. Returns how many reports
@@ -203,7 +221,7 @@ impl Store {
         })
     }
 
-    /// Gives up a leader job the helper may no longer remember: removes its pending reports
+    /// Gives up a leader job the helper may no longer remember: removes its pending records
     /// and the job, counting the reports as refused `TOO_OLD`, in one transaction. Returns how
     /// many reports went.
     pub async fn abandon_leader_job(&self, id: &AggregationJobId, job: &LeaderJob) -> Result<u64> {
@@ -218,13 +236,13 @@ impl Store {
             if tx.get(Tb::Jobs, id.as_bytes()).await?.is_none() {
                 return Ok(0);
             }
-            // Only the reports still there count (retention may have taken some).
+            // Only the reports still there count.
             let present = tx.get_many(Tb::Pending, &pkeys).await?;
             let mut n = 0;
             for (k, p) in pkeys.iter().zip(present) {
-                if p.is_some() {
+                if let Some(v) = p {
                     tx.remove(Tb::Pending, k)?;
-                    n += 1;
+                    n += PendingRecord::count_encoded(&v);
                 }
             }
             tx.remove(Tb::Jobs, id.as_bytes())?;
@@ -366,9 +384,22 @@ async fn commit_helper_job_tx<X: Txn>(
         .iter()
         .map(|r| seen_key(task, r.time, &r.report_id))
         .collect();
-    let window_keys: Vec<Vec<u8>> = c.reports.iter().map(|r| batch_key(task, r.time)).collect();
     let seen = tx.get_many(Tb::Seen, &seen_keys).await?;
-    let released = tx.get_many(Tb::Released, &window_keys).await?;
+    // A job's reports fall in a few windows: each is looked up once.
+    let windows: Vec<Time> = c
+        .reports
+        .iter()
+        .map(|r| r.time)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let window_keys: Vec<Vec<u8>> = windows.iter().map(|w| batch_key(task, *w)).collect();
+    let released_windows: std::collections::HashSet<Time> = windows
+        .iter()
+        .zip(tx.get_many(Tb::Released, &window_keys).await?)
+        .filter_map(|(w, r)| r.map(|_| *w))
+        .collect();
+    let released = c.reports.iter().map(|r| released_windows.contains(&r.time));
     let mut marked: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
     let mut stats = StatDelta::default();
     let mut batches: BTreeMap<Time, BatchAggregation> = BTreeMap::new();
@@ -388,7 +419,7 @@ async fn commit_helper_job_tx<X: Txn>(
         }
         // Checked here, in the transaction that accumulates: however a leader interleaves jobs
         // with collections, no report enters a window whose share has left.
-        if outcome.is_ok() && released.is_some() {
+        if outcome.is_ok() && released {
             outcome = Err(RejectReason::BatchCollected);
         }
         match (&outcome, &r.outcome) {

@@ -5,8 +5,8 @@
 //! | `tasks` | task id | the task (protobuf `CreateTaskRequest`) |
 //! | `keys` | `"keyset"` | the HPKE [`KeySet`] |
 //! | `seen` | task ‖ time ‖ report id | — (anti-replay; expires with the task's report expiry) |
-//! | `pending` | task ‖ seq | a leader's accepted, not yet aggregated report |
-//! | `jobs` | job id | a leader's aggregation job in flight (task and report seqs) |
+//! | `pending` | task ‖ seq | a leader's accepted, not yet aggregated reports of one task from one ingest request, at most a job's worth ([`PendingRecord`]) |
+//! | `jobs` | job id | a leader's aggregation job in flight (task, record seqs, report count) |
 //! | `helper_jobs` | task ‖ job id | request hash and response of a helper's finished job |
 //! | `batches` | task ‖ window start | aggregate share, report count and report-id checksum |
 //! | `stats` | scope ‖ code | counters of accepted, aggregated and rejected reports |

@@ -11,7 +11,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
 
-use super::backend::{Keys, T, TxError, TxResult, Txn, Writes};
+use super::backend::{Keys, PendingChange, T, TxError, TxResult, Txn, Writes};
 use crate::error::{Error, Result};
 
 /// How often a transaction is tried before a serialization failure is returned.
@@ -25,7 +25,15 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "tables, sequence", MIGRATION_1),
     (2, "job leases", MIGRATION_2),
     (3, "store metadata", MIGRATION_3),
+    (4, "pending records", MIGRATION_4),
 ];
+
+/// Pending reports are kept as records of one ingest request's reports of a task (2026-11-28),
+/// which a binary before them cannot read: this version makes such a binary refuse to start on
+/// the schema instead of failing on the records. Nothing changes in the tables.
+const MIGRATION_4: &str = r#"
+COMMENT ON TABLE "pending" IS 'hush: one record per ingest request and task (format 2)';
+"#;
 
 /// What the store belongs to (the aggregator role that first opened it).
 const MIGRATION_3: &str = r#"
@@ -44,6 +52,15 @@ CREATE INDEX IF NOT EXISTS jobs_by_lease ON "jobs" (lease_until);
 
 /// Now on the database's clock, in milliseconds since the epoch.
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// How many reports the pending record in `value` holds, in SQL: the big-endian count after a
+/// version 2 header, or one for a record of the earlier format
+/// ([`super::PendingRecord::count_encoded`]). Only the first five bytes are read (a large
+/// record is stored out of line, and a substring fetches only its first chunk).
+const RECORD_REPORTS: &str = "(CASE \
+     WHEN octet_length(substring(value from 1 for 5)) < 5 THEN 1 \
+     WHEN get_byte(substring(value from 1 for 1), 0) <> 2 THEN 1 \
+     ELSE ('x' || encode(substring(value from 2 for 4), 'hex'))::bit(32)::bigint END)";
 
 const MIGRATION_1: &str = r#"
 CREATE SEQUENCE IF NOT EXISTS hush_seq START 1;
@@ -374,18 +391,33 @@ impl PgBackend {
     }
 
     pub(super) async fn count(&self, t: T, keys: Keys<'_>) -> Result<u64> {
+        self.sum(t, keys, "count(*)").await
+    }
+
+    /// The reports the pending records among `keys` hold.
+    pub(super) async fn count_pending(&self, keys: Keys<'_>) -> Result<u64> {
+        self.sum(
+            T::Pending,
+            keys,
+            &format!("COALESCE(SUM({RECORD_REPORTS}), 0)::bigint"),
+        )
+        .await
+    }
+
+    /// `what` (a bigint aggregate) over the rows of `t` among `keys`.
+    async fn sum(&self, t: T, keys: Keys<'_>, what: &str) -> Result<u64> {
         let c = self.client().await?;
         let (lo, hi) = keys.bounds();
         let row = match hi {
             Some(hi) => {
                 let sql = format!(
-                    r#"SELECT count(*) FROM "{}" WHERE key >= $1 AND key < $2"#,
+                    r#"SELECT {what} FROM "{}" WHERE key >= $1 AND key < $2"#,
                     t.name()
                 );
                 c.query_one(&sql, &[&lo, &hi]).await?
             }
             None => {
-                let sql = format!(r#"SELECT count(*) FROM "{}" WHERE key >= $1"#, t.name());
+                let sql = format!(r#"SELECT {what} FROM "{}" WHERE key >= $1"#, t.name());
                 c.query_one(&sql, &[&lo]).await?
             }
         };
@@ -456,31 +488,40 @@ impl PgBackend {
         hi: &[u8],
         limit: usize,
         id: &[u8],
-        job: impl FnOnce(&[Vec<u8>]) -> Vec<u8>,
+        job: impl FnOnce(&[(Vec<u8>, u64)]) -> Vec<u8>,
         lease: &super::Lease,
-    ) -> Result<Vec<Vec<u8>>> {
+    ) -> Result<Vec<(Vec<u8>, u64)>> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
-        let mut keys: Vec<Vec<u8>> = tx
+        // Up to `limit` unclaimed records are locked (each holds at least one report), then
+        // those in key order whose running total of reports stays within `limit` are claimed:
+        // the first one always. The others are unlocked at commit.
+        let mut claimed: Vec<(Vec<u8>, u64)> = tx
             .query(
-                r#"WITH picked AS (
-                       SELECT key FROM "pending"
-                       WHERE key >= $1 AND key < $2 AND job IS NULL
-                       ORDER BY key LIMIT $3 FOR UPDATE SKIP LOCKED)
-                   UPDATE "pending" SET job = $4 FROM picked WHERE "pending".key = picked.key
-                   RETURNING "pending".key"#,
-                &[&lo, &hi, &(limit as i64), &id],
+                &format!(
+                    r#"WITH picked AS (
+                           SELECT key, {RECORD_REPORTS} AS n FROM "pending"
+                           WHERE key >= $1 AND key < $2 AND job IS NULL
+                           ORDER BY key LIMIT $3::bigint FOR UPDATE SKIP LOCKED),
+                       sized AS (
+                           SELECT key, n, SUM(n) OVER (ORDER BY key) AS upto FROM picked),
+                       chosen AS (SELECT key, n FROM sized WHERE upto <= $3::bigint OR upto = n)
+                       UPDATE "pending" SET job = $4 FROM chosen
+                       WHERE "pending".key = chosen.key
+                       RETURNING "pending".key, chosen.n"#
+                ),
+                &[&lo, &hi, &(limit.max(1) as i64), &id],
             )
             .await?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
             .collect();
-        if keys.is_empty() {
+        if claimed.is_empty() {
             tx.rollback().await?;
-            return Ok(keys);
+            return Ok(claimed);
         }
-        keys.sort();
-        let value = job(&keys);
+        claimed.sort();
+        let value = job(&claimed);
         tx.execute(
             &format!(
                 r#"INSERT INTO "jobs" (key, value, owner, lease_until)
@@ -490,7 +531,7 @@ impl PgBackend {
         )
         .await?;
         tx.commit().await?;
-        Ok(keys)
+        Ok(claimed)
     }
 
     /// Takes over up to `limit` jobs whose lease ran out (their replica stopped or stalled):
@@ -692,24 +733,76 @@ impl Txn for PgTx<'_> {
         Ok(())
     }
 
-    fn delete_unclaimed_pending(
+    fn replace_unclaimed_pending(
         &mut self,
-        keys: &[Vec<u8>],
-    ) -> impl Future<Output = TxResult<Vec<Vec<u8>>>> + Send {
-        let keys = keys.to_vec();
+        changes: &[PendingChange],
+    ) -> impl Future<Output = TxResult<Vec<usize>>> + Send {
+        let (mut gone, mut gone_old, mut gone_at) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut kept, mut kept_old, mut kept_new, mut kept_at) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, (k, old, new)) in changes.iter().enumerate() {
+            match new {
+                None => {
+                    gone.push(k.clone());
+                    gone_old.push(old.clone());
+                    gone_at.push(i);
+                }
+                Some(v) => {
+                    kept.push(k.clone());
+                    kept_old.push(old.clone());
+                    kept_new.push(v.clone());
+                    kept_at.push(i);
+                }
+            }
+        }
         async move {
-            // At once, in this transaction: a replica claiming one of these rows holds its lock,
-            // and the claim or this delete fails to serialize and runs again.
-            Ok(self
-                .tx
-                .query(
-                    r#"DELETE FROM "pending" WHERE key = ANY($1) AND job IS NULL RETURNING key"#,
-                    &[&keys],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect())
+            // In this transaction, and only rows unclaimed and unchanged since they were read: a
+            // replica claiming or trimming one of them meanwhile holds its lock, and the other
+            // statement fails to serialize and runs again, or finds the row changed and leaves it.
+            let mut done: Vec<usize> = Vec::new();
+            if !gone.is_empty() {
+                let rows = self
+                    .tx
+                    .query(
+                        r#"DELETE FROM "pending" p USING unnest($1::bytea[], $2::bytea[]) AS c(k, v)
+                           WHERE p.key = c.k AND p.value = c.v AND p.job IS NULL
+                           RETURNING p.key"#,
+                        &[&gone, &gone_old],
+                    )
+                    .await?;
+                let hit: std::collections::HashSet<Vec<u8>> =
+                    rows.iter().map(|r| r.get(0)).collect();
+                done.extend(
+                    gone_at
+                        .iter()
+                        .zip(&gone)
+                        .filter(|(_, k)| hit.contains(*k))
+                        .map(|(i, _)| *i),
+                );
+            }
+            if !kept.is_empty() {
+                let rows = self
+                    .tx
+                    .query(
+                        r#"UPDATE "pending" p SET value = c.n
+                           FROM unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS c(k, v, n)
+                           WHERE p.key = c.k AND p.value = c.v AND p.job IS NULL
+                           RETURNING p.key"#,
+                        &[&kept, &kept_old, &kept_new],
+                    )
+                    .await?;
+                let hit: std::collections::HashSet<Vec<u8>> =
+                    rows.iter().map(|r| r.get(0)).collect();
+                done.extend(
+                    kept_at
+                        .iter()
+                        .zip(&kept)
+                        .filter(|(_, k)| hit.contains(*k))
+                        .map(|(i, _)| *i),
+                );
+            }
+            done.sort_unstable();
+            Ok(done)
         }
     }
 }

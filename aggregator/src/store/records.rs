@@ -130,8 +130,8 @@ pub(super) fn batch_key(task: &TaskId, window: Time) -> Vec<u8> {
     task_key(task, &window.as_secs().to_be_bytes())
 }
 
-/// Scope, anti-replay key, pending key, window key and value of one report to store.
-pub(super) type EncodedPending = ([u8; 32], Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
+/// Scope, anti-replay key and window key of one report to store.
+pub(super) type EncodedPending = ([u8; 32], Vec<u8>, Vec<u8>);
 
 /// What happened to one report offered to [`Store::store_pending`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,13 +194,79 @@ impl Codec for PendingReport {
     }
 }
 
-/// A leader's aggregation job in flight: which pending reports it holds.
+/// The pending reports of one task from one ingest request, kept as one record: a report then
+/// costs the store one anti-replay write, not a write, a read and a delete of its own. A record
+/// holds at most the leader's job size, so a job takes whole records. A record written before
+/// this format is a bare [`PendingReport`] (version 1) and reads as a record of one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingRecord(pub Vec<PendingReport>);
+
+impl PendingRecord {
+    /// How many reports an encoded record holds, read from its header alone (a record that is
+    /// not version 2 holds one; decoding checks the rest).
+    pub fn count_encoded(v: &[u8]) -> u64 {
+        match v {
+            [2, a, b, c, d, ..] => u64::from(u32::from_be_bytes([*a, *b, *c, *d])),
+            _ => 1,
+        }
+    }
+
+    /// The encoding of a record of `reports` (at least one), without copying them first.
+    pub(super) fn encode_refs(reports: &[&PendingReport]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_record(reports, &mut out);
+        out
+    }
+
+    /// Decodes a stored record, naming it in the error.
+    pub(super) fn decode_stored(v: &[u8]) -> Result<Self> {
+        Self::from_bytes(v).map_err(|e| Error::corrupt("pending record", e))
+    }
+}
+
+impl Codec for PendingRecord {
+    const NAME: &'static str = "PendingRecord";
+    fn encode(&self, out: &mut Vec<u8>) {
+        encode_record(&self.0.iter().collect::<Vec<_>>(), out);
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, hush_protocol::DecodeError> {
+        match r.clone().u8("version")? {
+            1 => Ok(Self(vec![PendingReport::decode(r)?])),
+            2 => {
+                r.u8("version")?;
+                let n = r.u32("reports")? as usize;
+                // A report takes well over 32 bytes: a count beyond that is corrupt, not a
+                // reason to allocate.
+                if n == 0 || n > r.remaining() / 32 {
+                    return Err(r.invalid("reports", "count does not fit the record"));
+                }
+                (0..n)
+                    .map(|_| PendingReport::decode(r))
+                    .collect::<std::result::Result<_, _>>()
+                    .map(Self)
+            }
+            _ => Err(r.invalid("version", "unknown")),
+        }
+    }
+}
+
+fn encode_record(reports: &[&PendingReport], out: &mut Vec<u8>) {
+    out.put_u8(2);
+    out.put_u32(reports.len() as u32);
+    for r in reports {
+        r.encode(out);
+    }
+}
+
+/// A leader's aggregation job in flight: which pending records it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaderJob {
     /// The task.
     pub task_id: TaskId,
-    /// Sequence numbers of the job's pending reports, ascending.
+    /// Sequence numbers of the job's pending records, ascending.
     pub seqs: Vec<u64>,
+    /// How many reports those records hold.
+    pub reports: u64,
     /// When the job was first created (`None` for jobs recorded before this was stored).
     pub created: Option<Time>,
 }
@@ -208,9 +274,10 @@ pub struct LeaderJob {
 impl Codec for LeaderJob {
     const NAME: &'static str = "LeaderJob";
     fn encode(&self, out: &mut Vec<u8>) {
-        out.put_u8(2);
+        out.put_u8(3);
         self.task_id.encode(out);
         out.put_u64(self.created.map_or(0, Time::as_secs));
+        out.put_u64(self.reports);
         out.put_u32(self.seqs.len() as u32);
         for s in &self.seqs {
             out.put_u64(*s);
@@ -218,26 +285,29 @@ impl Codec for LeaderJob {
     }
     fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, hush_protocol::DecodeError> {
         let version = r.u8("version")?;
-        if version != 1 && version != 2 {
+        if !(1..=3).contains(&version) {
             return Err(r.invalid("version", "unknown"));
         }
         let task_id = TaskId::decode(r)?;
-        let created = if version == 2 {
+        let created = if version >= 2 {
             Some(r.u64("created")?)
                 .filter(|t| *t != 0)
                 .map(Time::from_secs)
         } else {
             None
         };
+        let reports = (version >= 3).then(|| r.u64("reports")).transpose()?;
         let n = r.u32("seqs")? as usize;
         if n > r.remaining() / 8 {
             return Err(r.invalid("seqs", "count exceeds the record"));
         }
-        let seqs = (0..n)
+        let seqs: Vec<u64> = (0..n)
             .map(|_| r.u64("seq"))
             .collect::<std::result::Result<_, _>>()?;
         Ok(Self {
             task_id,
+            // Jobs before version 3 held one report per seq.
+            reports: reports.unwrap_or(seqs.len() as u64),
             seqs,
             created,
         })

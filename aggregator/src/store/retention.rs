@@ -1,9 +1,8 @@
 //! Retention: everything past a task's report expiry or retention is deleted, per tree.
 
-use super::backend::{Keys, T as Tb, Txn};
-use crate::error::{Error, Result};
+use super::backend::{Keys, PendingChange, T as Tb, Txn};
+use crate::error::Result;
 use hush_protocol::BudgetPurpose;
-use hush_protocol::codec::Codec;
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{TaskId, Time};
 
@@ -26,7 +25,8 @@ impl Store {
 
     /// Deletes the pending reports of `task` whose time is before `cutoff` and that are in no
     /// job in flight (they could never be accepted again, and the helper would refuse them),
-    /// counting each as refused `TOO_OLD`; returns how many.
+    /// counting each as refused `TOO_OLD`; returns how many. A record left with none is
+    /// deleted, one left with some is rewritten with those.
     pub async fn expire_pending(&self, task: &TaskId, cutoff: Time) -> Result<u64> {
         let _no_new_jobs = self.pending_lock.lock().await;
         let in_jobs: std::collections::HashSet<u64> = self
@@ -36,35 +36,40 @@ impl Store {
             .filter(|(_, j)| j.task_id == *task)
             .flat_map(|(_, j)| j.seqs)
             .collect();
-        let mut expired = Vec::new();
+        // Each change with the number of reports it expires.
+        let mut changes: Vec<PendingChange> = Vec::new();
+        let mut expired: Vec<u64> = Vec::new();
         for (k, v) in self
             .backend
             .entries(Tb::Pending, Keys::Prefix(task.as_bytes()))
             .await?
         {
-            let seq = be_u64(&k[32..]);
-            let r =
-                PendingReport::from_bytes(&v).map_err(|e| Error::corrupt("pending report", e))?;
-            if r.time < cutoff && !in_jobs.contains(&seq) {
-                expired.push(k);
+            if in_jobs.contains(&be_u64(&k[32..])) {
+                continue;
             }
+            let record = PendingRecord::decode_stored(&v)?;
+            let (old, fresh): (Vec<&PendingReport>, Vec<&PendingReport>) =
+                record.0.iter().partition(|r| r.time < cutoff);
+            if old.is_empty() {
+                continue;
+            }
+            let new = (!fresh.is_empty()).then(|| PendingRecord::encode_refs(&fresh));
+            expired.push(old.len() as u64);
+            changes.push((k, v, new));
         }
-        if expired.is_empty() {
+        if changes.is_empty() {
             return Ok(0);
         }
         let scope = *task.as_bytes();
         // Counted inside the transaction: only the reports it deleted (a replica may have
         // expired or claimed some meanwhile).
         transact!(self, [Pending, Stats], |tx| async {
-            let gone = tx.delete_unclaimed_pending(&expired).await?;
+            let done = tx.replace_unclaimed_pending(&changes).await?;
+            let n: u64 = done.iter().map(|i| expired[*i]).sum();
             let mut delta = StatDelta::default();
-            delta.add(
-                scope,
-                Stat::Rejected(RejectReason::TooOld),
-                gone.len() as u64,
-            );
+            delta.add(scope, Stat::Rejected(RejectReason::TooOld), n);
             delta.apply(tx).await?;
-            Ok(gone.len() as u64)
+            Ok(n)
         })
     }
 

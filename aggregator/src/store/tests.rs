@@ -23,54 +23,140 @@ fn report(t: u64) -> PendingReport {
     }
 }
 
-async fn retention_deletes_old_pending_reports_but_not_those_in_a_job(s: Store) {
-    let task = TaskId::random();
-    let seqs = s.next_seqs(3).await.unwrap();
-    let batch: Vec<_> = [60, 60, 600]
-        .iter()
-        .zip(seqs)
-        .map(|(t, seq)| (task, seq, report(*t)))
-        .collect();
-    s.store_pending(&batch, &StatDelta::default())
+/// Stores `reports` of `task` as one ingest request; returns the seq of the record holding the
+/// first of them.
+async fn store_request(s: &Store, task: TaskId, reports: &[PendingReport]) -> u64 {
+    let batch: Vec<_> = reports.iter().map(|r| (task, r.clone())).collect();
+    s.store_pending(&batch, 1_000, &StatDelta::default())
         .await
         .unwrap();
+    record_of(s, task, &reports[0].report_id).await
+}
+
+/// The seq of the pending record of `task` holding report `id`.
+async fn record_of(s: &Store, task: TaskId, id: &ReportId) -> u64 {
+    s.scan_pending(&task, usize::MAX, |_| false)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(_, rs)| rs.iter().any(|r| r.report_id == *id))
+        .expect("the report is pending")
+        .0
+}
+
+fn ids(reports: &[PendingReport]) -> Vec<ReportId> {
+    reports.iter().map(|r| r.report_id).collect()
+}
+
+async fn retention_deletes_old_pending_reports_but_not_those_in_a_job(s: Store) {
+    let task = TaskId::random();
+    // A record in a job, one with old and fresh reports, one with only old ones.
+    let in_job = [report(60)];
+    let mixed = [report(60), report(600), report(60)];
+    let old = [report(60), report(60)];
+    let job_seq = store_request(&s, task, &in_job).await;
+    let mixed_seq = store_request(&s, task, &mixed).await;
+    let old_seq = store_request(&s, task, &old).await;
     s.put_job(
         &AggregationJobId::random(),
         &LeaderJob {
             task_id: task,
-            seqs: vec![batch[0].1],
+            seqs: vec![job_seq],
+            reports: 1,
             created: None,
         },
     )
     .await
     .unwrap();
+    assert_eq!(s.pending_count(&task).await.unwrap(), 6);
     assert_eq!(
         s.expire_pending(&task, Time::from_secs(120)).await.unwrap(),
-        1
+        4
     );
-    assert!(s.pending_reports(&task, &[batch[0].1]).await.unwrap()[0].is_some());
-    assert!(s.pending_reports(&task, &[batch[1].1]).await.unwrap()[0].is_none());
-    assert!(s.pending_reports(&task, &[batch[2].1]).await.unwrap()[0].is_some());
-    // Read together, in the order asked, with a gap where one is gone.
-    let ids: Vec<Option<ReportId>> = s
-        .pending_reports(&task, &[batch[2].1, batch[1].1, batch[0].1])
+    // Read together, in the order asked, with a gap where one is gone; the mixed record keeps
+    // its fresh report only.
+    let read: Vec<Option<Vec<ReportId>>> = s
+        .pending_reports(&task, &[mixed_seq, old_seq, job_seq])
         .await
         .unwrap()
         .into_iter()
-        .map(|r| r.map(|r| r.report_id))
+        .map(|r| r.map(|r| ids(&r)))
         .collect();
     assert_eq!(
-        ids,
-        vec![Some(batch[2].2.report_id), None, Some(batch[0].2.report_id)]
+        read,
+        vec![Some(ids(&mixed[1..2])), None, Some(ids(&in_job))]
     );
+    assert_eq!(s.pending_count(&task).await.unwrap(), 2);
+    assert_eq!(s.pending_total().await.unwrap(), 2);
     assert_eq!(
         s.stats(task.as_bytes()).await.unwrap()[&Stat::Rejected(RejectReason::TooOld)],
-        1
+        4
     );
     assert_eq!(
         s.expire_pending(&task, Time::from_secs(120)).await.unwrap(),
         0
     );
+}
+
+async fn pending_reports_of_the_earlier_format_are_records_of_one(s: Store) {
+    // Before records, every report was its own entry: a store upgraded with some pending
+    // reports and a job in flight reads them as records of one report.
+    let task = TaskId::random();
+    let (a, b, c) = (report(60), report(60), report(600));
+    let seqs = s.next_seqs(3).await.unwrap();
+    let writes = [&a, &b, &c]
+        .iter()
+        .zip(&seqs)
+        .map(|(r, q)| (pending_key(&task, *q), Some(r.to_bytes())))
+        .collect();
+    s.backend.apply(backend::T::Pending, writes).await.unwrap();
+    let mut old_job = vec![2];
+    task.encode(&mut old_job);
+    old_job.extend_from_slice(&60u64.to_be_bytes());
+    old_job.extend_from_slice(&1u32.to_be_bytes());
+    old_job.extend_from_slice(&seqs[0].to_be_bytes());
+    let id = AggregationJobId::random();
+    s.backend
+        .apply(
+            backend::T::Jobs,
+            vec![(id.as_bytes().to_vec(), Some(old_job))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.pending_count(&task).await.unwrap(), 3);
+    let (_, job) = s
+        .jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(j, _)| *j == id)
+        .unwrap();
+    assert_eq!(job.reports, 1);
+    assert_eq!(
+        s.pending_reports(&task, &job.seqs).await.unwrap(),
+        vec![Some(vec![a.clone()])]
+    );
+    // Retention takes the old one outside the job; the job commits its own.
+    assert_eq!(
+        s.expire_pending(&task, Time::from_secs(120)).await.unwrap(),
+        1
+    );
+    let mut sum = BatchAggregation::empty(2);
+    sum.report_count = 1;
+    sum.checksum.update(&a.report_id);
+    s.commit_leader_job(
+        &id,
+        &job,
+        &BTreeMap::from([(Time::from_secs(60), sum)]),
+        &StatDelta::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.scan_pending(&task, 10, |_| false).await.unwrap(),
+        vec![(seqs[2], vec![c])]
+    );
+    assert_eq!(s.pending_count(&task).await.unwrap(), 1);
 }
 
 async fn retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger(s: Store) {
@@ -136,46 +222,71 @@ async fn retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger(s: St
 
 async fn pending_reports_are_stored_once_and_scanned_in_order(s: Store) {
     let task = TaskId::random();
+    let other = TaskId::random();
     let a = report(60);
     let b = report(60);
-    let batch = vec![
-        (task, s.next_seq().await.unwrap(), a.clone()),
-        (task, s.next_seq().await.unwrap(), b.clone()),
-    ];
+    let x = report(60);
+    // Two tasks in one request: a record per task.
+    let batch = vec![(task, a.clone()), (other, x.clone()), (task, b.clone())];
     assert_eq!(
-        s.store_pending(&batch, &StatDelta::default())
+        s.store_pending(&batch, 1_000, &StatDelta::default())
             .await
             .unwrap(),
-        vec![Ingested::Stored, Ingested::Stored]
+        vec![Ingested::Stored; 3]
     );
-    // A replay of `a`, and a report twice in the same batch.
-    let c = report(120);
-    let again = vec![
-        (task, s.next_seq().await.unwrap(), a.clone()),
-        (task, s.next_seq().await.unwrap(), c.clone()),
-        (task, s.next_seq().await.unwrap(), c.clone()),
-    ];
+    // A replay of `a`, a report twice in the same request, and records of at most two.
+    let (c, d, e) = (report(120), report(120), report(120));
+    let again: Vec<_> = [&a, &c, &c, &d, &e]
+        .into_iter()
+        .map(|r| (task, r.clone()))
+        .collect();
     assert_eq!(
-        s.store_pending(&again, &StatDelta::default())
+        s.store_pending(&again, 2, &StatDelta::default())
             .await
             .unwrap(),
-        vec![Ingested::Replay, Ingested::Stored, Ingested::Replay]
+        vec![
+            Ingested::Replay,
+            Ingested::Stored,
+            Ingested::Replay,
+            Ingested::Stored,
+            Ingested::Stored
+        ]
     );
     let scanned = s.scan_pending(&task, 10, |_| false).await.unwrap();
     assert_eq!(
-        scanned.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
-        vec![a, b, c.clone()]
+        scanned.iter().map(|(_, r)| ids(r)).collect::<Vec<_>>(),
+        vec![ids(&[a, b.clone()]), ids(&[c.clone(), d]), ids(&[e])]
     );
-    let first = scanned[0].0;
-    let after_first = s.scan_pending(&task, 1, |seq| seq == first).await.unwrap();
-    assert_eq!(after_first.len(), 1);
-    assert_eq!(after_first[0].0, scanned[1].0);
+    assert_eq!(
+        s.scan_pending(&other, 10, |_| false).await.unwrap()[0].1,
+        vec![x]
+    );
+    assert_eq!(s.pending_count(&task).await.unwrap(), 5);
+    assert_eq!(s.pending_total().await.unwrap(), 6);
+    // A job of at most three reports takes whole records that fit (the first one always),
+    // skipping those other jobs hold.
+    let seqs: Vec<u64> = scanned.iter().map(|(q, _)| *q).collect();
+    let fit = |limit, held: Vec<u64>| {
+        let s = s.clone();
+        async move {
+            s.scan_pending(&task, limit, |q| held.contains(&q))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(q, _)| q)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(fit(3, vec![]).await, vec![seqs[0], seqs[2]]);
+    assert_eq!(fit(1, vec![]).await, vec![seqs[0]]);
+    assert_eq!(fit(3, vec![seqs[0]]).await, vec![seqs[1], seqs[2]]);
+    assert_eq!(fit(1, vec![seqs[0]]).await, vec![seqs[1]]);
     let st = s.stats(task.as_bytes()).await.unwrap();
-    assert_eq!(st[&Stat::Accepted], 3);
+    assert_eq!(st[&Stat::Accepted], 5);
     assert_eq!(st[&Stat::Rejected(RejectReason::Replay)], 2);
     assert_eq!(s.expire_seen(&task, Time::from_secs(61)).await.unwrap(), 2);
     assert!(
-        !s.is_seen(&task, Time::from_secs(60), &batch[0].2.report_id)
+        !s.is_seen(&task, Time::from_secs(60), &b.report_id)
             .await
             .unwrap()
     );
@@ -189,13 +300,11 @@ async fn pending_reports_are_stored_once_and_scanned_in_order(s: Store) {
 async fn committing_a_leader_job_is_atomic_and_refuses_a_vanished_job(s: Store) {
     let task = TaskId::random();
     let r = report(60);
-    let seq = s.next_seq().await.unwrap();
-    s.store_pending(&[(task, seq, r.clone())], &StatDelta::default())
-        .await
-        .unwrap();
+    let seq = store_request(&s, task, std::slice::from_ref(&r)).await;
     let job = LeaderJob {
         task_id: task,
         seqs: vec![seq],
+        reports: 1,
         created: Some(Time::from_secs(60)),
     };
     let id = AggregationJobId::random();
@@ -317,13 +426,11 @@ async fn nothing_enters_a_released_or_closed_window(s: Store) {
     let w = Time::from_secs(60);
     // A job holding a report of `w` is in flight when `w` is released.
     let r = report(60);
-    let seq = s.next_seq().await.unwrap();
-    s.store_pending(&[(task, seq, r.clone())], &StatDelta::default())
-        .await
-        .unwrap();
+    let seq = store_request(&s, task, std::slice::from_ref(&r)).await;
     let job = LeaderJob {
         task_id: task,
         seqs: vec![seq],
+        reports: 1,
         created: Some(Time::from_secs(60)),
     };
     let id = AggregationJobId::random();
@@ -345,16 +452,16 @@ async fn nothing_enters_a_released_or_closed_window(s: Store) {
         1
     );
     // A report of the closed window is refused at ingest and counted late.
-    let late = (task, s.next_seq().await.unwrap(), report(60));
+    let late = (task, report(60));
     assert_eq!(
-        s.store_pending(std::slice::from_ref(&late), &StatDelta::default())
+        s.store_pending(std::slice::from_ref(&late), 1_000, &StatDelta::default())
             .await
             .unwrap(),
         [Ingested::Late]
     );
     // Resent, it is a replay: the late count counts each report once.
     assert_eq!(
-        s.store_pending(&[late], &StatDelta::default())
+        s.store_pending(&[late], 1_000, &StatDelta::default())
             .await
             .unwrap(),
         [Ingested::Replay]
@@ -362,14 +469,12 @@ async fn nothing_enters_a_released_or_closed_window(s: Store) {
     assert_eq!(s.late_in(&task, &[w]).await.unwrap(), 1);
     // One request across a closed and an open window, interleaved: each report is judged by
     // its own window.
-    let seqs = s.next_seqs(4).await.unwrap();
     let mixed: Vec<_> = [60, 120, 60, 120]
         .iter()
-        .zip(seqs)
-        .map(|(t, seq)| (task, seq, report(*t)))
+        .map(|t| (task, report(*t)))
         .collect();
     assert_eq!(
-        s.store_pending(&mixed, &StatDelta::default())
+        s.store_pending(&mixed, 1_000, &StatDelta::default())
             .await
             .unwrap(),
         [
@@ -406,6 +511,42 @@ async fn nothing_enters_a_released_or_closed_window(s: Store) {
     };
     assert_eq!(String::from_utf8(resp).unwrap(), "Err(BatchCollected)");
     assert_eq!(s.batch(&task, w).await.unwrap(), before);
+    // A job across a released and an open window, interleaved: each report is judged by its
+    // own window.
+    let later = Time::from_secs(600);
+    let hrs: Vec<HelperReport> = [w, later, w, later]
+        .iter()
+        .map(|t| HelperReport {
+            report_id: ReportId::random(),
+            time: *t,
+            outcome: Ok((AggregateShare::zero(2), vec![1])),
+            mark_seen: true,
+        })
+        .collect();
+    let out = s
+        .commit_helper_job(
+            &task,
+            &AggregationJobId::random(),
+            w,
+            [0; 32],
+            2,
+            &hrs,
+            |o| format!("{:?}", o.iter().map(|(_, r)| r.is_ok()).collect::<Vec<_>>()).into_bytes(),
+        )
+        .await
+        .unwrap();
+    let HelperCommit::Committed(resp) = out else {
+        panic!("a new job")
+    };
+    assert_eq!(
+        String::from_utf8(resp).unwrap(),
+        "[false, true, false, true]"
+    );
+    assert_eq!(s.batch(&task, w).await.unwrap(), before);
+    assert_eq!(
+        s.batch(&task, later).await.unwrap().unwrap().report_count,
+        2
+    );
     // A commit whose sum is stale (a job landed after it) is refused.
     let t2 = TaskId::random();
     let stale = s
@@ -432,12 +573,40 @@ async fn nothing_enters_a_released_or_closed_window(s: Store) {
 fn records_round_trip() {
     let r = report(5);
     assert_eq!(PendingReport::from_bytes(&r.to_bytes()).unwrap(), r);
+    let rec = PendingRecord(vec![report(5), report(65)]);
+    let bytes = rec.to_bytes();
+    assert_eq!(PendingRecord::from_bytes(&bytes).unwrap(), rec);
+    assert_eq!(PendingRecord::count_encoded(&bytes), 2);
+    // A record of the earlier format is one bare report.
+    assert_eq!(
+        PendingRecord::from_bytes(&r.to_bytes()).unwrap(),
+        PendingRecord(vec![r.clone()])
+    );
+    assert_eq!(PendingRecord::count_encoded(&r.to_bytes()), 1);
+    // A count the record cannot hold is refused, not allocated.
+    let mut huge = bytes.clone();
+    huge[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert!(PendingRecord::from_bytes(&huge).is_err());
+    assert!(PendingRecord::from_bytes(&[2, 0, 0, 0, 0]).is_err());
     let j = LeaderJob {
         task_id: TaskId::random(),
         seqs: vec![1, 5, 9],
+        reports: 12,
         created: Some(Time::from_secs(1_800)),
     };
     assert_eq!(LeaderJob::from_bytes(&j.to_bytes()).unwrap(), j);
+    // A job of the earlier format held one report per seq.
+    let mut v2 = vec![2];
+    j.task_id.encode(&mut v2);
+    v2.extend_from_slice(&1_800u64.to_be_bytes());
+    v2.extend_from_slice(&3u32.to_be_bytes());
+    for q in [1u64, 5, 9] {
+        v2.extend_from_slice(&q.to_be_bytes());
+    }
+    assert_eq!(
+        LeaderJob::from_bytes(&v2).unwrap(),
+        LeaderJob { reports: 3, ..j }
+    );
     let mut b = BatchAggregation::empty(3);
     b.report_count = 7;
     assert_eq!(BatchAggregation::decode(&b.encode()).unwrap(), b);
@@ -457,12 +626,11 @@ async fn one_report_offered_by_two_replicas_at_once_is_stored_once(s: Store) {
     let task = TaskId::random();
     for round in 0..20 {
         let r = report(60 * (round + 1));
-        let seqs = s.next_seqs(2).await.unwrap();
-        let (one, two) = ([(task, seqs[0], r.clone())], [(task, seqs[1], r.clone())]);
+        let one = [(task, r.clone())];
         let none = StatDelta::default();
         let (a, b) = tokio::join!(
-            s.store_pending(&one, &none),
-            other.store_pending(&two, &none),
+            s.store_pending(&one, 1_000, &none),
+            other.store_pending(&one, 1_000, &none),
         );
         let mut got = [a.unwrap()[0], b.unwrap()[0]];
         got.sort_by_key(|i| *i != Ingested::Stored);
@@ -562,11 +730,13 @@ async fn the_audit_chain_stays_one_chain_under_appends_from_two_replicas(s: Stor
 async fn jobs_hold_each_report_once_and_outlive_a_dead_replica(s: Store) {
     let other = replica(&s).await;
     let task = TaskId::random();
-    let seqs = s.next_seqs(50).await.unwrap();
-    let batch: Vec<_> = seqs.iter().map(|q| (task, *q, report(60))).collect();
-    s.store_pending(&batch, &StatDelta::default())
-        .await
-        .unwrap();
+    // Requests of different sizes: records of at most 7 (the 9 becomes 7 and 2).
+    for n in [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 6] {
+        let batch: Vec<_> = (0..n).map(|_| (task, report(60))).collect();
+        s.store_pending(&batch, 7, &StatDelta::default())
+            .await
+            .unwrap();
+    }
     let (a, b) = (
         Lease {
             owner: "a".into(),
@@ -577,9 +747,11 @@ async fn jobs_hold_each_report_once_and_outlive_a_dead_replica(s: Store) {
             ms: 60_000,
         },
     );
-    // Two replicas create jobs at once, over and over: no report is in two jobs. (On sled the
-    // one process's driver knows its jobs' reports and creates jobs one at a time.)
+    // Two replicas create jobs at once, over and over: no record is in two jobs, and no job
+    // holds more than 7 reports. (On sled the one process's driver knows its jobs' records and
+    // creates jobs one at a time.)
     let mut held = std::collections::BTreeSet::new();
+    let mut reports = 0;
     let mut jobs = Vec::new();
     loop {
         let taken = held.clone();
@@ -599,14 +771,20 @@ async fn jobs_hold_each_report_once_and_outlive_a_dead_replica(s: Store) {
         if x.is_none() && y.is_none() {
             break;
         }
-        for (id, job, _) in x.into_iter().chain(y) {
+        for (id, job, read) in x.into_iter().chain(y) {
             for q in &job.seqs {
-                assert!(held.insert(*q), "report {q} is in two jobs");
+                assert!(held.insert(*q), "record {q} is in two jobs");
             }
+            assert!((1..=7).contains(&job.reports), "{job:?}");
+            if let Some(read) = read {
+                assert_eq!(read.len() as u64, job.reports);
+            }
+            reports += job.reports;
             jobs.push((id, job));
         }
     }
-    assert_eq!(held.len(), 50);
+    assert_eq!(held.len(), 13);
+    assert_eq!(reports, 50);
     if !s.is_shared() {
         return;
     }
@@ -645,7 +823,7 @@ async fn jobs_hold_each_report_once_and_outlive_a_dead_replica(s: Store) {
     // The first commit counts a job; the replica that commits it second finds it gone.
     let (id, job) = &taken[0];
     let mut sum = BatchAggregation::empty(2);
-    sum.report_count = job.seqs.len() as u64;
+    sum.report_count = job.reports;
     let batches = BTreeMap::from([(Time::from_secs(60), sum)]);
     other
         .commit_leader_job(id, job, &batches, &StatDelta::default())
@@ -664,7 +842,7 @@ async fn jobs_hold_each_report_once_and_outlive_a_dead_replica(s: Store) {
             .unwrap()
             .unwrap()
             .report_count,
-        job.seqs.len() as u64
+        job.reports
     );
 }
 
@@ -793,6 +971,7 @@ on_both_backends!(
     the_last_of_a_budget_is_spent_once_by_two_replicas_at_once,
     the_audit_chain_stays_one_chain_under_appends_from_two_replicas,
     retention_deletes_old_pending_reports_but_not_those_in_a_job,
+    pending_reports_of_the_earlier_format_are_records_of_one,
     retention_deletes_old_aggregates_and_answers_and_keeps_the_ledger,
     pending_reports_are_stored_once_and_scanned_in_order,
     committing_a_leader_job_is_atomic_and_refuses_a_vanished_job,
