@@ -115,6 +115,17 @@ impl Aggregator {
         let store = Store::from_config(&config).await?;
         store.claim_role(role).await?;
         tracing::info!(store = store.kind(), "opened the store");
+        if role == Role::Leader {
+            // Records written under a larger job size would make jobs the helper may refuse.
+            let split = store.split_pending_records(config.job_size()).await?;
+            if split > 0 {
+                tracing::info!(
+                    records = split,
+                    job_size = config.job_size(),
+                    "split pending records written under a larger job size"
+                );
+            }
+        }
         let tasks = store
             .tasks()
             .await?

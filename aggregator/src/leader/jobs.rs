@@ -441,7 +441,8 @@ impl JobDriver {
         let reports = match reports {
             Some(r) => r.clone(),
             None => {
-                let mut read = Vec::with_capacity(job.reports as usize);
+                // Not sized by `job.reports`: a stored count is not trusted with an allocation.
+                let mut read = Vec::new();
                 for (seq, r) in job.seqs.iter().zip(
                     self.shared
                         .store

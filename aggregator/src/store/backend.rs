@@ -140,6 +140,17 @@ pub(crate) fn prefix_end(p: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// What a scan does with an entry it meets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pick {
+    /// Return it.
+    Take,
+    /// Leave it out and go on.
+    Skip,
+    /// Leave it out and end the scan.
+    Stop,
+}
+
 /// Writes to one table applied together: a value to set, or `None` to delete.
 pub(crate) type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
@@ -419,14 +430,14 @@ impl Backend {
         }
     }
 
-    /// Up to `limit` entries of `t` among `keys`, in key order, for which `keep(key, value)`
-    /// holds.
+    /// Up to `limit` entries of `t` among `keys`, in key order, that `pick(key, value)` takes,
+    /// ending early where it says [`Pick::Stop`].
     pub(crate) async fn scan(
         &self,
         t: T,
         keys: Keys<'_>,
         limit: usize,
-        keep: impl Fn(&[u8], &[u8]) -> bool + Send,
+        pick: impl Fn(&[u8], &[u8]) -> Pick + Send,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         match self {
             Backend::Sled(s) => {
@@ -436,19 +447,39 @@ impl Backend {
                         break;
                     }
                     let (k, v) = kv?;
-                    if keep(&k, &v) {
-                        out.push((k.to_vec(), v.to_vec()));
+                    match pick(&k, &v) {
+                        Pick::Take => out.push((k.to_vec(), v.to_vec())),
+                        Pick::Skip => {}
+                        Pick::Stop => break,
                     }
                 }
                 Ok(out)
             }
-            Backend::Pg(p) => p.scan(t, keys, limit, keep).await,
+            Backend::Pg(p) => p.scan(t, keys, limit, pick).await,
         }
     }
 
     /// Every entry of `t` among `keys`, in key order.
     pub(crate) async fn entries(&self, t: T, keys: Keys<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.scan(t, keys, usize::MAX, |_, _| true).await
+        self.scan(t, keys, usize::MAX, |_, _| Pick::Take).await
+    }
+
+    /// The keys of the pending records that no job holds (on PostgreSQL; on sled, all of them:
+    /// this process knows its jobs) and that hold more than `max` reports.
+    pub(crate) async fn oversize_pending(&self, max: u64) -> Result<Vec<Vec<u8>>> {
+        match self {
+            Backend::Sled(s) => s
+                .tree(T::Pending)
+                .iter()
+                .filter_map(|kv| match kv {
+                    Ok((k, v)) => {
+                        (super::PendingRecord::count_encoded(&v) > max).then(|| Ok(k.to_vec()))
+                    }
+                    Err(e) => Some(Err(e.into())),
+                })
+                .collect(),
+            Backend::Pg(p) => p.oversize_pending(max).await,
+        }
     }
 
     /// The keys of `t` among `keys`, in order.

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::backend::{Backend, Keys, T as Tb, TxResult, Txn};
+use super::backend::{Backend, Keys, PendingChange, Pick, T as Tb, TxResult, Txn};
 use crate::error::{Error, Result};
 use hush_protocol::codec::Codec;
 use hush_protocol::proto::v1::RejectReason;
@@ -16,38 +16,110 @@ pub type NewJob = (AggregationJobId, LeaderJob, Option<Vec<PendingReport>>);
 
 impl Store {
     /// Pending records of `task` in seq order, skipping seqs for which `skip` is true (records
-    /// already in a job), holding up to `limit` reports between them: a record is taken if it
-    /// fits, and the first one always (a record written under a larger job size may hold more).
+    /// already in a job), while their reports add up to at most `limit`: the first one always
+    /// (a record written under a larger job size that [`Store::split_pending_records`] has not
+    /// split yet may hold more), the scan ending at the first that does not fit.
     pub async fn scan_pending(
         &self,
         task: &TaskId,
         limit: usize,
         skip: impl Fn(u64) -> bool + Send + Sync,
     ) -> Result<Vec<(u64, Vec<PendingReport>)>> {
+        use std::sync::atomic::Ordering::Relaxed;
         let limit = limit.max(1) as u64;
         let taken = std::sync::atomic::AtomicU64::new(0);
         self.backend
             .scan(
                 Tb::Pending,
                 Keys::Prefix(task.as_bytes()),
-                limit as usize,
+                usize::MAX,
                 |k, v| {
-                    use std::sync::atomic::Ordering::Relaxed;
                     if skip(be_u64(&k[32..])) {
-                        return false;
+                        return Pick::Skip;
                     }
                     let (n, so_far) = (PendingRecord::count_encoded(v), taken.load(Relaxed));
-                    let fits = so_far == 0 || so_far + n <= limit;
-                    if fits {
-                        taken.store(so_far + n, Relaxed);
+                    if so_far > 0 && so_far + n > limit {
+                        return Pick::Stop;
                     }
-                    fits
+                    taken.store(so_far + n, Relaxed);
+                    Pick::Take
                 },
             )
             .await?
             .into_iter()
             .map(|(k, v)| Ok((be_u64(&k[32..]), PendingRecord::decode_stored(&v)?.0)))
             .collect()
+    }
+
+    /// Splits the pending records that no job holds and that hold more than `record_max`
+    /// reports (written under a larger job size) into records of at most `record_max`: the
+    /// first part stays under its key, the others get new seqs. The leader runs it at start, so
+    /// its jobs fit the job size it runs with, which the helper's `max_request_reports` bounds.
+    /// Returns how many records were split.
+    pub async fn split_pending_records(&self, record_max: usize) -> Result<u64> {
+        let record_max = record_max.max(1);
+        let _no_new_jobs = self.pending_lock.lock().await;
+        let in_jobs: std::collections::HashSet<Vec<u8>> = self
+            .jobs()
+            .await?
+            .into_iter()
+            .flat_map(|(_, j)| {
+                j.seqs
+                    .iter()
+                    .map(|q| pending_key(&j.task_id, *q))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let keys: Vec<Vec<u8>> = self
+            .backend
+            .oversize_pending(record_max as u64)
+            .await?
+            .into_iter()
+            .filter(|k| !in_jobs.contains(k))
+            .collect();
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut changes: Vec<PendingChange> = Vec::new();
+        let mut rest: Vec<Vec<Vec<u8>>> = Vec::new();
+        for (k, v) in keys
+            .iter()
+            .zip(self.backend.get_many(Tb::Pending, &keys).await?)
+        {
+            let Some(v) = v else { continue };
+            let record = PendingRecord::decode_stored(&v)?;
+            let mut parts = record
+                .0
+                .chunks(record_max)
+                .map(|c| PendingRecord::encode_refs(&c.iter().collect::<Vec<_>>()));
+            let first = parts.next().expect("a record holds a report");
+            changes.push((k.clone(), v, Some(first)));
+            rest.push(parts.collect());
+        }
+        let mut seqs = self
+            .next_seqs(rest.iter().map(Vec::len).sum())
+            .await?
+            .into_iter();
+        let rest: Vec<Vec<(Vec<u8>, Vec<u8>)>> = changes
+            .iter()
+            .zip(rest)
+            .map(|((k, _, _), parts)| {
+                let task = TaskId::try_from(&k[..32]).expect("a pending key starts with a task");
+                parts
+                    .into_iter()
+                    .map(|p| (pending_key(&task, seqs.next().expect("enough seqs")), p))
+                    .collect()
+            })
+            .collect();
+        transact!(self, [Pending], |tx| async {
+            let done = tx.replace_unclaimed_pending(&changes).await?;
+            for i in &done {
+                for (k, v) in &rest[*i] {
+                    tx.insert(Tb::Pending, k, v)?;
+                }
+            }
+            Ok(done.len() as u64)
+        })
     }
 
     /// The pending records `seqs` of `task`, in order (one read on PostgreSQL); `None` for one
@@ -84,7 +156,7 @@ impl Store {
     /// Creates the next aggregation job of `task`: pending records that no job holds, up to
     /// `limit` reports between them (see [`Store::scan_pending`]), recorded as a job created at
     /// `created`. On sled this process's jobs are known to
-    /// it (`skip` says which reports they hold) and the job must be flushed before it is sent;
+    /// it (`skip` says which records they hold) and the job must be flushed before it is sent;
     /// on PostgreSQL the reports are claimed in the database (`FOR UPDATE SKIP LOCKED`, so two
     /// replicas never claim one report) and the job is held under `lease`, committed. On sled
     /// the job's reports come with it (the scan read them); on PostgreSQL they are read when

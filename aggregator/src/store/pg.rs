@@ -11,7 +11,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
 
-use super::backend::{Keys, PendingChange, T, TxError, TxResult, Txn, Writes};
+use super::backend::{Keys, PendingChange, Pick, T, TxError, TxResult, Txn, Writes};
 use crate::error::{Error, Result};
 
 /// How often a transaction is tried before a serialization failure is returned.
@@ -332,7 +332,7 @@ impl PgBackend {
         t: T,
         keys: Keys<'_>,
         limit: usize,
-        keep: impl Fn(&[u8], &[u8]) -> bool + Send,
+        pick: impl Fn(&[u8], &[u8]) -> Pick + Send,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let c = self.client().await?;
         let (lo, hi) = keys.bounds();
@@ -357,8 +357,10 @@ impl PgBackend {
                 }
                 let k: Vec<u8> = r.get(0);
                 let v: Vec<u8> = r.get(1);
-                if keep(&k, &v) {
-                    out.push((k.clone(), v));
+                match pick(&k, &v) {
+                    Pick::Take => out.push((k.clone(), v)),
+                    Pick::Skip => {}
+                    Pick::Stop => return Ok(out),
                 }
                 after = k;
             }
@@ -402,6 +404,22 @@ impl PgBackend {
             &format!("COALESCE(SUM({RECORD_REPORTS}), 0)::bigint"),
         )
         .await
+    }
+
+    /// The keys of the unclaimed pending records that hold more than `max` reports.
+    pub(super) async fn oversize_pending(&self, max: u64) -> Result<Vec<Vec<u8>>> {
+        let c = self.client().await?;
+        Ok(c.query(
+            &format!(
+                r#"SELECT key FROM "pending" WHERE job IS NULL AND {RECORD_REPORTS} > $1
+                       ORDER BY key"#
+            ),
+            &[&(max as i64)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
     }
 
     /// `what` (a bigint aggregate) over the rows of `t` among `keys`.
@@ -479,9 +497,10 @@ impl PgBackend {
         Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
     }
 
-    /// Claims up to `limit` pending reports of the task whose keys are in `[lo, hi)` that no
-    /// job holds (skipping rows another replica is claiming), records them as job `id` held by
-    /// `lease`, in one transaction; returns their keys in order (none: no job).
+    /// Claims pending records of the task whose keys are in `[lo, hi)` that no job holds
+    /// (skipping rows another replica is claiming), those in key order whose reports add up to
+    /// at most `limit` (the first one always), records them as job `id` held by `lease`, in one
+    /// transaction; returns their keys in order with their report counts (none: no job).
     pub(crate) async fn claim_job(
         &self,
         lo: &[u8],

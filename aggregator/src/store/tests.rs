@@ -277,10 +277,39 @@ async fn pending_reports_are_stored_once_and_scanned_in_order(s: Store) {
                 .collect::<Vec<_>>()
         }
     };
-    assert_eq!(fit(3, vec![]).await, vec![seqs[0], seqs[2]]);
+    assert_eq!(fit(3, vec![]).await, vec![seqs[0]]);
+    assert_eq!(fit(4, vec![]).await, vec![seqs[0], seqs[1]]);
     assert_eq!(fit(1, vec![]).await, vec![seqs[0]]);
     assert_eq!(fit(3, vec![seqs[0]]).await, vec![seqs[1], seqs[2]]);
     assert_eq!(fit(1, vec![seqs[0]]).await, vec![seqs[1]]);
+    // Records written under a larger job size are split to the size the leader runs with now,
+    // except one a job holds.
+    s.put_job(
+        &AggregationJobId::random(),
+        &LeaderJob {
+            task_id: task,
+            seqs: vec![seqs[0]],
+            reports: 2,
+            created: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.split_pending_records(1).await.unwrap(), 1);
+    let after = s.scan_pending(&task, 10, |_| false).await.unwrap();
+    assert_eq!(
+        after.iter().map(|(_, r)| ids(r)).collect::<Vec<_>>(),
+        vec![
+            ids(&scanned[0].1),
+            ids(&scanned[1].1[..1]),
+            ids(&scanned[2].1),
+            ids(&scanned[1].1[1..])
+        ]
+    );
+    // The second part comes last, under a new seq.
+    assert_eq!(after[2].0, seqs[2]);
+    assert_eq!(s.pending_count(&task).await.unwrap(), 5);
+    assert_eq!(s.split_pending_records(1).await.unwrap(), 0);
     let st = s.stats(task.as_bytes()).await.unwrap();
     assert_eq!(st[&Stat::Accepted], 5);
     assert_eq!(st[&Stat::Rejected(RejectReason::Replay)], 2);
