@@ -117,13 +117,19 @@ impl Aggregator {
         tracing::info!(store = store.kind(), "opened the store");
         if role == Role::Leader {
             // Records written under a larger job size would make jobs the helper may refuse.
-            let split = store.split_pending_records(config.job_size()).await?;
-            if split > 0 {
-                tracing::info!(
+            // Failing that is no reason not to start: those jobs are only larger.
+            match store.split_pending_records(config.job_size()).await {
+                Ok(0) => {}
+                Ok(split) => tracing::info!(
                     records = split,
                     job_size = config.job_size(),
                     "split pending records written under a larger job size"
-                );
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    job_size = config.job_size(),
+                    "cannot split pending records written under a larger job size; jobs of them may be larger than job_size"
+                ),
             }
         }
         let tasks = store

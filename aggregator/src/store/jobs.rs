@@ -55,8 +55,11 @@ impl Store {
     /// reports (written under a larger job size) into records of at most `record_max`: the
     /// first part stays under its key, the others get new seqs. The leader runs it at start, so
     /// its jobs fit the job size it runs with, which the helper's `max_request_reports` bounds.
-    /// Returns how many records were split.
+    /// Records are read and split a few at a time, each few in one transaction. Returns how
+    /// many records were split.
     pub async fn split_pending_records(&self, record_max: usize) -> Result<u64> {
+        /// Records read and rewritten per transaction: what is held in memory at once.
+        const AT_ONCE: usize = 16;
         let record_max = record_max.max(1);
         let _no_new_jobs = self.pending_lock.lock().await;
         let in_jobs: std::collections::HashSet<Vec<u8>> = self
@@ -77,17 +80,26 @@ impl Store {
             .into_iter()
             .filter(|k| !in_jobs.contains(k))
             .collect();
-        if keys.is_empty() {
-            return Ok(0);
+        let mut split = 0;
+        for keys in keys.chunks(AT_ONCE) {
+            split += self.split_records(keys, record_max).await?;
         }
+        Ok(split)
+    }
+
+    async fn split_records(&self, keys: &[Vec<u8>], record_max: usize) -> Result<u64> {
         let mut changes: Vec<PendingChange> = Vec::new();
         let mut rest: Vec<Vec<Vec<u8>>> = Vec::new();
         for (k, v) in keys
             .iter()
-            .zip(self.backend.get_many(Tb::Pending, &keys).await?)
+            .zip(self.backend.get_many(Tb::Pending, keys).await?)
         {
             let Some(v) = v else { continue };
             let record = PendingRecord::decode_stored(&v)?;
+            if record.0.len() <= record_max {
+                // Another replica split it meanwhile.
+                continue;
+            }
             let mut parts = record
                 .0
                 .chunks(record_max)
@@ -95,6 +107,9 @@ impl Store {
             let first = parts.next().expect("a record holds a report");
             changes.push((k.clone(), v, Some(first)));
             rest.push(parts.collect());
+        }
+        if changes.is_empty() {
+            return Ok(0);
         }
         let mut seqs = self
             .next_seqs(rest.iter().map(Vec::len).sum())
@@ -104,13 +119,16 @@ impl Store {
             .iter()
             .zip(rest)
             .map(|((k, _, _), parts)| {
-                let task = TaskId::try_from(&k[..32]).expect("a pending key starts with a task");
-                parts
+                let task = k
+                    .get(..32)
+                    .and_then(|t| TaskId::try_from(t).ok())
+                    .ok_or_else(|| Error::corrupt("pending key", "shorter than a task id"))?;
+                Ok(parts
                     .into_iter()
-                    .map(|p| (pending_key(&task, seqs.next().expect("enough seqs")), p))
-                    .collect()
+                    .map(|p| (pending_key(&task, seqs.next().expect("a seq per part")), p))
+                    .collect())
             })
-            .collect();
+            .collect::<Result<_>>()?;
         transact!(self, [Pending], |tx| async {
             let done = tx.replace_unclaimed_pending(&changes).await?;
             for i in &done {

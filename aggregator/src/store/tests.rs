@@ -310,6 +310,19 @@ async fn pending_reports_are_stored_once_and_scanned_in_order(s: Store) {
     assert_eq!(after[2].0, seqs[2]);
     assert_eq!(s.pending_count(&task).await.unwrap(), 5);
     assert_eq!(s.split_pending_records(1).await.unwrap(), 0);
+    // More records than one transaction splits: all of them, a few at a time.
+    let many = TaskId::random();
+    for _ in 0..20 {
+        let batch: Vec<_> = (0..3).map(|_| (many, report(60))).collect();
+        s.store_pending(&batch, 3, &StatDelta::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.split_pending_records(2).await.unwrap(), 20);
+    let parts = s.scan_pending(&many, usize::MAX, |_| false).await.unwrap();
+    assert_eq!(parts.len(), 40);
+    assert!(parts.iter().all(|(_, r)| r.len() <= 2));
+    assert_eq!(s.pending_count(&many).await.unwrap(), 60);
     let st = s.stats(task.as_bytes()).await.unwrap();
     assert_eq!(st[&Stat::Accepted], 5);
     assert_eq!(st[&Stat::Rejected(RejectReason::Replay)], 2);
