@@ -789,15 +789,7 @@ impl Txn for PgTx<'_> {
                         &[&gone, &gone_old],
                     )
                     .await?;
-                let hit: std::collections::HashSet<Vec<u8>> =
-                    rows.iter().map(|r| r.get(0)).collect();
-                done.extend(
-                    gone_at
-                        .iter()
-                        .zip(&gone)
-                        .filter(|(_, k)| hit.contains(*k))
-                        .map(|(i, _)| *i),
-                );
+                done.extend(applied(&rows, &gone_at, &gone));
             }
             if !kept.is_empty() {
                 let rows = self
@@ -810,20 +802,22 @@ impl Txn for PgTx<'_> {
                         &[&kept, &kept_old, &kept_new],
                     )
                     .await?;
-                let hit: std::collections::HashSet<Vec<u8>> =
-                    rows.iter().map(|r| r.get(0)).collect();
-                done.extend(
-                    kept_at
-                        .iter()
-                        .zip(&kept)
-                        .filter(|(_, k)| hit.contains(*k))
-                        .map(|(i, _)| *i),
-                );
+                done.extend(applied(&rows, &kept_at, &kept));
             }
             done.sort_unstable();
             Ok(done)
         }
     }
+}
+
+/// The indices (`at`, beside `keys`) of the changes whose keys a statement returned in `rows`.
+fn applied(rows: &[tokio_postgres::Row], at: &[usize], keys: &[Vec<u8>]) -> Vec<usize> {
+    let hit: std::collections::HashSet<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
+    at.iter()
+        .zip(keys)
+        .filter(|(_, k)| hit.contains(*k))
+        .map(|(i, _)| *i)
+        .collect()
 }
 
 /// What to do after a transaction body ran.
