@@ -85,3 +85,43 @@ fn the_demo_flags_the_injected_regression_and_error_spike_where_they_start() {
         "the error spike is not flagged in window 4:\n{stdout}"
     );
 }
+
+#[test]
+fn an_interrupted_demo_removes_its_temporary_data() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(hush_bin())
+        .args(["demo", "--windows", "30", "--agents", "200"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run hush demo");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let dir = loop {
+        let line = lines
+            .next()
+            .expect("the demo names its data directory")
+            .unwrap();
+        if let Some((_, d)) = line.split_once("; data in ") {
+            break std::path::PathBuf::from(d.trim());
+        }
+    };
+    // The cluster is up and writing once its databases exist.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_dir(&dir).map_or(0, |d| d.count()) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no data in {dir:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "an interrupted demo does not report success"
+    );
+    assert!(!dir.exists(), "{dir:?} is left behind");
+}

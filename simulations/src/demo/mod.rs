@@ -186,11 +186,37 @@ fn fmt_count(e: &Option<pb::Estimate>) -> String {
 }
 
 /// Runs the demo and prints per window and service what the collector sees; with `--serve`,
-/// serves until Ctrl-C or SIGTERM.
+/// serves until Ctrl-C or SIGTERM. Without it, Ctrl-C or SIGTERM stops the demo where it is
+/// and removes its temporary data directory (one given with `--data-dir` stays).
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    run_until(args, hush_server::serve::shutdown_signal())
-        .await
-        .map(|_| ())
+    if args.serve {
+        return run_until(args, hush_server::serve::shutdown_signal())
+            .await
+            .map(|_| ());
+    }
+    // Registered before the run starts, so no signal finds the default action (which would end
+    // the process without removing anything).
+    #[cfg(unix)]
+    let interrupted = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut int, mut term) = (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        );
+        async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let interrupted = hush_server::serve::shutdown_signal();
+    tokio::select! {
+        r = run_until(args, std::future::pending()) => r.map(|_| ()),
+        // Dropping the run drops its temporary directory, which removes it.
+        _ = interrupted => anyhow::bail!("interrupted; the demo's temporary data is removed"),
+    }
 }
 
 /// [`run`], serving (with `--serve`) until `stop` resolves.
