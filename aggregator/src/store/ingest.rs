@@ -30,12 +30,19 @@ impl Store {
         let record_max = record_max.max(1);
         // Enough record seqs for every report to be stored: a task's reports fill
         // ceil(n / record_max) records (replays and late ones leave some unused).
+        // Each report's task, as an index into `per_task` (found once, here).
         let mut per_task: Vec<(TaskId, usize)> = Vec::new();
+        let mut task_of = Vec::with_capacity(reports.len());
         for (task, _) in reports {
-            match per_task.iter_mut().find(|(t, _)| t == task) {
-                Some((_, n)) => *n += 1,
-                None => per_task.push((*task, 1)),
-            }
+            let i = match per_task.iter().position(|(t, _)| t == task) {
+                Some(i) => i,
+                None => {
+                    per_task.push((*task, 0));
+                    per_task.len() - 1
+                }
+            };
+            per_task[i].1 += 1;
+            task_of.push(i);
         }
         let needed: usize = per_task.iter().map(|(_, n)| n.div_ceil(record_max)).sum();
         let mut seqs = self.next_seqs(needed).await?.into_iter();
@@ -56,6 +63,7 @@ impl Store {
         let input = PendingInput {
             encoded: &encoded,
             reports,
+            task_of: &task_of,
             record_max,
             record_seqs: &record_seqs,
         };
@@ -97,6 +105,8 @@ impl Store {
 struct PendingInput<'a> {
     encoded: &'a [EncodedPending],
     reports: &'a [(TaskId, PendingReport)],
+    /// Each report's task, as an index into `record_seqs`.
+    task_of: &'a [usize],
     record_max: usize,
     record_seqs: &'a [(TaskId, Vec<u64>)],
 }
@@ -128,7 +138,12 @@ async fn store_pending_tx<X: Txn>(
     let mut fresh: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
     // The stored reports of each task, in order.
     let mut kept: Vec<Vec<&PendingReport>> = vec![Vec::new(); input.record_seqs.len()];
-    for (((scope, sk, wk), was_seen), (task, r)) in encoded.iter().zip(seen).zip(input.reports) {
+    for ((((scope, sk, wk), was_seen), (_, r)), i) in encoded
+        .iter()
+        .zip(seen)
+        .zip(input.reports)
+        .zip(input.task_of)
+    {
         if was_seen.is_some() || !fresh.insert(sk) {
             stored.push(Ingested::Replay);
             delta.incr(*scope, Stat::Rejected(RejectReason::Replay));
@@ -142,12 +157,7 @@ async fn store_pending_tx<X: Txn>(
             delta.incr(*scope, Stat::Rejected(RejectReason::BatchCollected));
             continue;
         }
-        let i = input
-            .record_seqs
-            .iter()
-            .position(|(t, _)| t == task)
-            .expect("every task has seqs");
-        kept[i].push(r);
+        kept[*i].push(r);
         stored.push(Ingested::Stored);
         delta.incr(*scope, Stat::Accepted);
     }
