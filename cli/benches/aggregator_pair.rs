@@ -12,7 +12,8 @@
 //!   machine, so it shares the two cores. Pre-built Histogram(32) reports go to the leader's
 //!   ingest from two concurrent submitters in batches of 250 (`HUSH_BENCH_BATCH`); the clock runs
 //!   from the first submission until no report is pending. Peak resident memory (VmHWM) of each
-//!   process is read from /proc. `HUSH_BENCH_STORES=sled,pg,pg2` picks the stores.
+//!   process is read from /proc. `HUSH_BENCH_STORES=sled,pg,pg2` picks the stores;
+//!   `HUSH_BENCH_CACHE_MB` sets both processes' sled page cache (`cache_mb`, 64 by default).
 //!
 //! The goal is pair ≥ 0.8 × the two-core bound (twice the single-threaded one) with peak memory
 //! that does not grow with N. The CPU time each process used while the clock ran is printed per
@@ -101,8 +102,12 @@ impl Store {
 }
 
 fn config(dir: &Path, listen: SocketAddr, helper: Option<&str>, schema: Option<&str>) -> String {
+    let cache_mb: u64 = std::env::var("HUSH_BENCH_CACHE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let mut t = format!(
-        "listen = \"{listen}\"\ndata_dir = \"{}\"\ncache_mb = 64\n",
+        "listen = \"{listen}\"\ndata_dir = \"{}\"\ncache_mb = {cache_mb}\n",
         dir.join("data").display()
     );
     if let Some(s) = schema {

@@ -25,6 +25,7 @@ use sled::transaction::{
 use crate::error::{Error, Result};
 
 use super::pg::PgBackend;
+use super::seen;
 
 /// A table of the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -219,12 +220,22 @@ pub(crate) type PendingChange = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
 pub(crate) struct SledTx<'a> {
     tables: &'a [T],
     views: &'a [TransactionalTree],
+    /// How the anti-replay table finds an id's bucket.
+    salt: &'a seen::Salt,
 }
 
 impl<'a> SledTx<'a> {
-    /// The views of `tables`, in order.
-    pub(crate) fn new(tables: &'a [T], views: &'a [TransactionalTree]) -> Self {
-        Self { tables, views }
+    /// The views of `tables`, in order, of the store `backend`.
+    pub(crate) fn new(
+        tables: &'a [T],
+        views: &'a [TransactionalTree],
+        backend: &'a SledBackend,
+    ) -> Self {
+        Self {
+            tables,
+            views,
+            salt: &*backend.salt,
+        }
     }
 
     fn view(&self, t: T) -> TxResult<&TransactionalTree> {
@@ -241,7 +252,15 @@ impl<'a> SledTx<'a> {
     }
 
     fn get_now(&self, t: T, k: &[u8]) -> TxResult<Option<Vec<u8>>> {
-        Ok(self.view(t)?.get(k)?.map(|v| v.to_vec()))
+        let view = self.view(t)?;
+        if t == T::Seen {
+            // Ids are kept in buckets on sled (super::seen).
+            let found = self
+                .salt
+                .contains(k, |b| view.get(b).map_err(TxError::from))?;
+            return Ok(found.then(Vec::new));
+        }
+        Ok(view.get(k)?.map(|v| v.to_vec()))
     }
 }
 
@@ -259,12 +278,26 @@ impl Txn for SledTx<'_> {
     }
 
     fn insert(&mut self, t: T, k: &[u8], v: &[u8]) -> TxResult<()> {
-        self.view(t)?.insert(k, v)?;
+        let view = self.view(t)?;
+        if t == T::Seen {
+            if !v.is_empty() {
+                return Err(TxError::Abort(Error::corrupt(
+                    "anti-replay entry",
+                    "has a value; entries are keys only",
+                )));
+            }
+            return self.salt.insert(view, k);
+        }
+        view.insert(k, v)?;
         Ok(())
     }
 
     fn remove(&mut self, t: T, k: &[u8]) -> TxResult<()> {
-        self.view(t)?.remove(k)?;
+        let view = self.view(t)?;
+        if t == T::Seen {
+            return self.salt.remove(view, k);
+        }
+        view.remove(k)?;
         Ok(())
     }
 
@@ -322,7 +355,7 @@ macro_rules! transact {
             $crate::store::backend::Backend::Sled(s) => {
                 let trees: Vec<&sled::Tree> = tables.iter().map(|t| s.tree(*t)).collect();
                 let r = sled::Transactional::transaction(&trees[..], |views| {
-                    let mut tx = $crate::store::backend::SledTx::new(&tables, views);
+                    let mut tx = $crate::store::backend::SledTx::new(&tables, views, s);
                     let $tx = &mut tx;
                     $crate::store::backend::run_now($body)
                         .map_err($crate::store::backend::to_sled)
@@ -373,6 +406,7 @@ pub(crate) enum Backend {
 pub(crate) struct SledBackend {
     db: sled::Db,
     trees: Arc<BTreeMap<T, sled::Tree>>,
+    salt: Arc<seen::Salt>,
 }
 
 impl SledBackend {
@@ -382,9 +416,12 @@ impl SledBackend {
         for t in T::ALL {
             trees.insert(t, db.open_tree(t.name())?);
         }
+        let salt = seen::Salt::load(&trees[&T::Meta])?;
+        seen::migrate(&salt, &trees[&T::Seen], &trees[&T::Meta])?;
         Ok(Self {
             db,
             trees: Arc::new(trees),
+            salt: Arc::new(salt),
         })
     }
 
@@ -396,6 +433,19 @@ impl SledBackend {
     /// The database.
     pub(crate) fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// The value under `k` in `t` (for the anti-replay table, an empty value if the id is in
+    /// its bucket).
+    fn get(&self, t: T, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        if t == T::Seen {
+            let tree = self.tree(t);
+            let found = self
+                .salt
+                .contains(k, |b| tree.get(b).map_err(Error::from))?;
+            return Ok(found.then(Vec::new));
+        }
+        Ok(self.tree(t).get(k)?.map(|v| v.to_vec()))
     }
 
     fn iter(&self, t: T, keys: Keys<'_>) -> sled::Iter {
@@ -412,7 +462,7 @@ impl Backend {
     /// The value under `k` in `t`.
     pub(crate) async fn get(&self, t: T, k: &[u8]) -> Result<Option<Vec<u8>>> {
         match self {
-            Backend::Sled(s) => Ok(s.tree(t).get(k)?.map(|v| v.to_vec())),
+            Backend::Sled(s) => s.get(t, k),
             Backend::Pg(p) => p.get(t, k).await,
         }
     }
@@ -420,12 +470,7 @@ impl Backend {
     /// The values under `keys` in `t`, in order (one query on PostgreSQL).
     pub(crate) async fn get_many(&self, t: T, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
         match self {
-            Backend::Sled(s) => {
-                let tree = s.tree(t);
-                keys.iter()
-                    .map(|k| Ok(tree.get(k)?.map(|v| v.to_vec())))
-                    .collect()
-            }
+            Backend::Sled(s) => keys.iter().map(|k| s.get(t, k)).collect(),
             Backend::Pg(p) => p.get_many(t, keys).await,
         }
     }
@@ -482,7 +527,8 @@ impl Backend {
         }
     }
 
-    /// The keys of `t` among `keys`, in order.
+    /// The keys of `t` among `keys`, in order (for the anti-replay table on sled, its buckets'
+    /// keys).
     pub(crate) async fn keys(&self, t: T, keys: Keys<'_>) -> Result<Vec<Vec<u8>>> {
         match self {
             Backend::Sled(s) => s.iter(t, keys).keys().map(|k| Ok(k?.to_vec())).collect(),
@@ -490,9 +536,13 @@ impl Backend {
         }
     }
 
-    /// How many keys of `t` are among `keys`.
+    /// How many keys of `t` are among `keys` (for the anti-replay table, how many ids).
     pub(crate) async fn count(&self, t: T, keys: Keys<'_>) -> Result<u64> {
         match self {
+            Backend::Sled(s) if t == T::Seen => s.iter(t, keys).try_fold(0, |n, kv| {
+                let (k, v) = kv?;
+                Ok(n + seen::ids_in(&k, &v))
+            }),
             Backend::Sled(s) => Ok(match keys {
                 Keys::All => s.tree(t).len() as u64,
                 k => s.iter(t, k).keys().count() as u64,

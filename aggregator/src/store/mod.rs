@@ -42,6 +42,7 @@ mod jobs;
 pub(crate) mod pg;
 mod records;
 mod retention;
+mod seen;
 #[cfg(test)]
 mod tests;
 pub mod throwaway;

@@ -1020,3 +1020,46 @@ on_both_backends!(
     batches_are_collected_equal_or_disjoint_and_as_often_as_allowed,
     nothing_enters_a_released_or_closed_window,
 );
+
+/// sled keeps anti-replay ids in buckets; a store of the earlier layout (one entry per id) is
+/// moved into buckets when it opens, and its ids still refuse replays.
+#[tokio::test]
+async fn a_sled_store_of_the_earlier_anti_replay_layout_still_refuses_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = TaskId::random();
+    let (a, b) = (report(60), report(60));
+    {
+        let s = Store::open(dir.path(), 16).unwrap();
+        let backend::Backend::Sled(sb) = &s.backend else {
+            unreachable!()
+        };
+        for r in [&a, &b] {
+            sb.tree(backend::T::Seen)
+                .insert(seen_key(&task, r.time, &r.report_id), &[])
+                .unwrap();
+        }
+        // Written after the store opened: still the earlier layout on disk.
+        sb.tree(backend::T::Meta).remove(b"seen_layout").unwrap();
+        s.flush().await.unwrap();
+    }
+    let s = Store::open(dir.path(), 16).unwrap();
+    assert_eq!(s.seen_count(&task).await.unwrap(), 2);
+    assert!(s.is_seen(&task, a.time, &a.report_id).await.unwrap());
+    let c = report(60);
+    let got = s
+        .store_pending(
+            &[(task, a.clone()), (task, c.clone()), (task, b.clone())],
+            1_000,
+            &StatDelta::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![Ingested::Replay, Ingested::Stored, Ingested::Replay]
+    );
+    assert_eq!(s.seen_count(&task).await.unwrap(), 3);
+    assert_eq!(s.expire_seen(&task, Time::from_secs(61)).await.unwrap(), 3);
+    assert_eq!(s.seen_count(&task).await.unwrap(), 0);
+    assert!(!s.is_seen(&task, c.time, &c.report_id).await.unwrap());
+}
