@@ -74,8 +74,8 @@ impl Salt {
         })
     }
 
-    /// The first- and second-level bucket keys of an anti-replay key, and its id's hash.
-    fn place(&self, key: &[u8]) -> Result<(Vec<u8>, Vec<u8>, [u8; HASH])> {
+    /// The first-level bucket key of an anti-replay key, and its id's hash.
+    fn place(&self, key: &[u8]) -> Result<(Vec<u8>, [u8; HASH])> {
         if key.len() != KEY_LEN {
             return Err(Error::corrupt(
                 "anti-replay key",
@@ -88,9 +88,7 @@ impl Salt {
         let mut first = Vec::with_capacity(PREFIX + 3);
         first.extend_from_slice(&key[..PREFIX]);
         first.extend_from_slice(&h[..2]);
-        let mut second = first.clone();
-        second.push(h[2] >> 4);
-        Ok((first, second, h))
+        Ok((first, h))
     }
 
     /// Whether the id of `key` is in the table; `get` reads a bucket.
@@ -99,13 +97,13 @@ impl Salt {
         key: &[u8],
         get: impl Fn(&[u8]) -> std::result::Result<Option<IVec>, E>,
     ) -> std::result::Result<bool, E> {
-        let (first, second, h) = self.place(key)?;
+        let (first, h) = self.place(key)?;
         let Some(v) = get(&first)? else {
             return Ok(false);
         };
         Ok(match first_level(&v)? {
             Some(hashes) => find(hashes, &h)?.is_ok(),
-            None => match get(&second)? {
+            None => match get(&second(&first, &h))? {
                 Some(v) => find(&v, &h)?.is_ok(),
                 None => false,
             },
@@ -114,13 +112,14 @@ impl Salt {
 
     /// Adds the id of `key` (a no-op if it is there).
     pub(crate) fn insert(&self, tx: &TransactionalTree, key: &[u8]) -> TxResult<()> {
-        let (first, second, h) = self.place(key)?;
+        let (first, h) = self.place(key)?;
         let cur = tx.get(&first)?;
         let hashes = match &cur {
             None => &[][..],
             Some(v) => match first_level(v)? {
                 Some(hashes) => hashes,
                 None => {
+                    let second = second(&first, &h);
                     let cur = tx.get(&second)?;
                     if let Some(next) = with(cur.as_deref().unwrap_or(&[]), &h)? {
                         tx.insert(second, next)?;
@@ -145,9 +144,7 @@ impl Salt {
         while !rest.is_empty() {
             let high = rest[2] >> 4;
             let run = rest.chunks(HASH).take_while(|c| c[2] >> 4 == high).count() * HASH;
-            let mut k = first.clone();
-            k.push(high);
-            tx.insert(k, &rest[..run])?;
+            tx.insert(second(&first, rest), &rest[..run])?;
             rest = &rest[run..];
         }
         tx.insert(first, &[SPLIT][..])?;
@@ -156,14 +153,14 @@ impl Salt {
 
     /// Removes the id of `key` (a no-op if it is not there).
     pub(crate) fn remove(&self, tx: &TransactionalTree, key: &[u8]) -> TxResult<()> {
-        let (first, second, h) = self.place(key)?;
+        let (first, h) = self.place(key)?;
         let Some(v) = tx.get(&first)? else {
             return Ok(());
         };
         let (k, hashes, leaf) = match first_level(&v)? {
             Some(hashes) => (first, hashes.to_vec(), true),
-            None => match tx.get(&second)? {
-                Some(v) => (second, v.to_vec(), false),
+            None => match tx.get(second(&first, &h))? {
+                Some(v) => (second(&first, &h), v.to_vec(), false),
                 None => return Ok(()),
             },
         };
@@ -179,6 +176,15 @@ impl Salt {
         }
         Ok(())
     }
+}
+
+/// The second-level bucket of hash `h` under the first-level bucket `first` (built only for a
+/// split one).
+fn second(first: &[u8], h: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(first.len() + 1);
+    k.extend_from_slice(first);
+    k.push(h[2] >> 4);
+    k
 }
 
 /// The hashes of a first-level bucket, or `None` if it is split.
