@@ -139,7 +139,7 @@ catalog! {
     STORE_ENTRIES = "hush_store_tree_entries", Gauge, "all", ["tree"],
         "Entries in each sled tree of the server's store (read at scrape time).";
     STORE_BYTES = "hush_store_disk_bytes", Gauge, "all", [],
-        "Bytes the server's sled store occupies on disk (read at scrape time).";
+        "Bytes the server's store occupies on disk: sled, and a shuffler's packet files (read at scrape time).";
 }
 
 /// The buckets of every `_seconds` histogram: 1 ms to 60 s.

@@ -32,7 +32,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::config::{ForwardConfig, HopKind, MixConfig, NextHopConfig};
 use crate::error::{Error, Result};
-use crate::store::{Incoming, StatDelta, Store, StoredPacket, buffer_key};
+use crate::store::{Incoming, StatDelta, Store, StoredPacket};
 use crate::tasks::Tasks;
 
 /// Largest gRPC message a shuffler sends or accepts.
@@ -98,11 +98,25 @@ fn closed_key(hop: &str, task: &TaskId) -> Vec<u8> {
 impl Mixer {
     /// Rebuilds the batch state from what the store holds.
     pub fn recover(mix: MixConfig, hops: &[NextHopConfig], store: &Store) -> Result<Self> {
+        let orphans = store.remove_orphan_files()?;
+        if orphans > 0 {
+            tracing::info!(
+                files = orphans,
+                "deleted packet files of requests a crash cut short (never acknowledged) or of forwarded batches"
+            );
+        }
         let migrated = store.migrate_buffer_keys()?;
         if migrated > 0 {
             tracing::info!(
                 packets = migrated,
                 "moved buffered packets into per-task lanes"
+            );
+        }
+        let migrated = store.migrate_buffer_to_files()?;
+        if migrated > 0 {
+            tracing::info!(
+                packets = migrated,
+                "moved buffered packets from sled into packet files"
             );
         }
         let buffered = store.buffered()?;
@@ -138,7 +152,7 @@ impl Mixer {
                         s.closed.push_back((lo, c));
                         s.open_lo = c + 1;
                         s.open_hi = hi;
-                        s.open_count = store.batch_keys(hop, task, c + 1, hi)?.len() as u64;
+                        s.open_count = store.unsent(hop, task, c + 1, hi)?;
                     }
                     _ => {
                         s.open_lo = lo;
@@ -209,24 +223,21 @@ impl Mixer {
                 .entry(a.task)
                 .or_insert_with(LaneState::empty)
                 .open_hi;
-            incoming.push((
-                a.hop.clone(),
-                Incoming {
-                    tag_key: a.tag_key,
-                    buffer_key: buffer_key(&a.hop, &a.task, batch),
-                    task: a.task,
-                    payload: a.payload,
-                },
-            ));
+            incoming.push(Incoming {
+                tag_key: a.tag_key,
+                hop: a.hop,
+                task: a.task,
+                batch,
+                payload: a.payload,
+            });
         }
-        let plain: Vec<Incoming> = incoming.iter().map(|(_, i)| i.clone()).collect();
-        let stored = store.accept(&plain, stats)?;
+        let stored = store.accept(&incoming, stats)?;
         let now = Instant::now();
         let mut n = 0;
-        for ((hop, i), ok) in incoming.iter().zip(&stored) {
+        for (i, ok) in incoming.iter().zip(&stored) {
             if *ok {
                 let s = hops
-                    .get_mut(hop)
+                    .get_mut(&i.hop)
                     .and_then(|h| h.lanes.get_mut(&i.task))
                     .expect("lane made above");
                 s.open_count += 1;
@@ -235,8 +246,8 @@ impl Mixer {
             }
         }
         self.buffered.fetch_add(n, Ordering::Relaxed);
-        for (hop, _) in &incoming {
-            hops[hop].wake.notify_one();
+        for i in &incoming {
+            hops[&i.hop].wake.notify_one();
         }
         Ok(stored)
     }
@@ -318,9 +329,7 @@ impl Mixer {
                     continue;
                 }
                 // Under the lock, so no packet joins the batch while it goes.
-                let keys = store.batch_keys(hop, task, l.open_lo, l.open_hi)?;
-                let n = keys.len() as u64;
-                store.remove_expired(&keys, task)?;
+                let n = store.remove_batches(hop, task, l.open_lo, l.open_hi)?;
                 l.open_lo = l.open_hi + 1;
                 l.open_hi += 1;
                 l.open_count = 0;
@@ -387,6 +396,7 @@ impl HopClient {
     /// Sends one slice; returns (accepted, refused) as the next hop counted them.
     async fn send(
         &mut self,
+        task: &TaskId,
         packets: &[StoredPacket],
     ) -> std::result::Result<(u64, u64), tonic::Status> {
         let (accepted, rejected) = match self {
@@ -394,9 +404,9 @@ impl HopClient {
                 let req = pb::SubmitPacketsRequest {
                     packets: packets
                         .iter()
-                        .map(|(_, t, p)| pb::Packet {
-                            task_id: t.as_bytes().to_vec().into(),
-                            data: p.clone().into(),
+                        .map(|p| pb::Packet {
+                            task_id: task.as_bytes().to_vec().into(),
+                            data: p.payload.clone().into(),
                         })
                         .collect(),
                 };
@@ -405,7 +415,7 @@ impl HopClient {
             }
             HopClient::Leader(c) => {
                 let req = pb::SubmitReportsRequest {
-                    reports: packets.iter().map(|(_, _, p)| p.clone().into()).collect(),
+                    reports: packets.iter().map(|p| p.payload.clone().into()).collect(),
                 };
                 let r = c.submit_reports(req).await?.into_inner();
                 (r.accepted, r.rejected)
@@ -498,24 +508,23 @@ async fn forward_batch(
 ) -> Result<bool> {
     let s = store.clone();
     let name = hop.name.clone();
-    let mut keys =
-        tokio::task::spawn_blocking(move || s.batch_keys(&name, &task, lo, hi)).await??;
+    // The whole batch is read into memory (at most `batch_size` packets, more only for lanes
+    // recovered after a crash) so it can be shuffled packet by packet.
+    let mut packets =
+        tokio::task::spawn_blocking(move || s.batch_packets(&name, &task, lo, hi)).await??;
     let mut rng = ChaCha20Rng::try_from_os_rng()
         .map_err(|e| Error::config(format!("the OS random number generator failed: {e}")))?;
-    keys.shuffle(&mut rng);
-    tracing::debug!(hop = %hop.name, packets = keys.len(), "forwarding a batch");
-    for slice in keys.chunks(fwd.chunk_packets) {
-        let packets = store.packets(slice)?;
-        if packets.is_empty() {
-            continue;
-        }
+    packets.shuffle(&mut rng);
+    tracing::debug!(hop = %hop.name, packets = packets.len(), "forwarding a batch");
+    let tenant = tasks.tenant(&task);
+    for slice in packets.chunks(fwd.chunk_packets) {
         let mut backoff = RetryPolicy::new(
             Duration::from_millis(fwd.retry_initial_ms),
             Duration::from_millis(fwd.retry_max_ms),
         )
         .backoff();
         loop {
-            match client.send(&packets).await {
+            match client.send(&task, slice).await {
                 Ok((accepted, refused)) => {
                     metrics::counter!(hush_server::metrics::names::PACKETS_FORWARDED)
                         .increment(accepted);
@@ -552,22 +561,25 @@ async fn forward_batch(
                 }
             }
         }
-        let done: Vec<(Vec<u8>, TaskId)> =
-            packets.iter().map(|(k, t, _)| (k.clone(), *t)).collect();
-        let n = done.len() as u64;
+        let n = slice.len() as u64;
         let s = store.clone();
-        let mut per_tenant: HashMap<String, u64> = HashMap::new();
-        for (_, t) in &done {
-            if let Some(tenant) = tasks.tenant(t) {
-                *per_tenant.entry(tenant).or_default() += 1;
-            }
-        }
-        tokio::task::spawn_blocking(move || s.remove_forwarded(&done)).await??;
+        let name = hop.name.clone();
+        let done = slice.to_vec();
+        tokio::task::spawn_blocking(move || {
+            s.mark_forwarded(&name, &task, &done.iter().collect::<Vec<_>>())
+        })
+        .await??;
         store.flush().await?;
         mixer.forwarded(n);
-        for (tenant, k) in per_tenant {
-            holdings.release(&tenant, k);
+        if let Some(t) = &tenant {
+            holdings.release(t, n);
         }
     }
+    // Every packet was acknowledged: the batch's extents, marks and files go. A crash before
+    // this finishes leaves a batch whose packets are all marked sent; it is forwarded as empty
+    // and deleted after the restart.
+    let s = store.clone();
+    let name = hop.name.clone();
+    tokio::task::spawn_blocking(move || s.remove_batches(&name, &task, lo, hi)).await??;
     Ok(true)
 }

@@ -1,20 +1,26 @@
-//! The shuffler's sled database.
+//! The shuffler's sled database and its packet files.
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `tasks` | task id | the task (protobuf `TaskConfig`) |
 //! | `keys` | `"keyset"` | the HPKE [`KeySet`] |
 //! | `tags` | key epoch ‖ replay tag | — (anti-replay; deleted with the key) |
-//! | `buffer` | hop ‖ task ‖ batch ‖ random | task id ‖ peeled packet, until the next hop acknowledges it |
+//! | `extents` | hop ‖ task ‖ batch ‖ offset | packets (u32 LE) ‖ bytes (u64 LE) of one request's packets in the batch's packet file |
+//! | `sent` | hop ‖ task ‖ batch ‖ random | file offsets (u64 LE each) of packets the next hop acknowledged |
+//! | `buffer` | hop ‖ task ‖ batch ‖ random | task id ‖ peeled packet: the layout before packet files, moved into them at startup |
 //! | `stats` | task ‖ code | counters of accepted, forwarded and refused packets |
 //! | `meta` | `"closed:"` ‖ task ‖ hop | number of the newest closed batch of a lane (hop and task) |
 //!
-//! The buffer key holds no arrival order: inside a batch, packets are keyed by 16 random bytes.
+//! The packets themselves are in [`PacketFiles`], one append-only file per batch of a lane,
+//! written and synced before their extent is stored (see that module). A file, its extents and
+//! its `sent` marks go once every packet in it was forwarded or expired.
+//!
 //! The key epoch is the first 8 bytes of SHA-256 of the HPKE public key that opened the packet,
 //! so a tag is only compared with tags of the same key, and all of a key's tags go when it does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use hush_protocol::TaskId;
 use hush_protocol::proto::v1::RejectReason;
@@ -23,6 +29,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
 
 use crate::error::{Error, Result};
+use crate::packets::PacketFiles;
 
 /// The scope of counters for packets whose task is unknown.
 pub const NO_TASK: [u8; 32] = [0; 32];
@@ -95,10 +102,12 @@ impl StatDelta {
 pub struct Incoming {
     /// Key epoch ‖ replay tag.
     pub tag_key: [u8; 40],
-    /// Where it goes in the buffer.
-    pub buffer_key: Vec<u8>,
+    /// The next hop's name.
+    pub hop: String,
     /// Its task.
     pub task: TaskId,
+    /// The batch of the lane it joins.
+    pub batch: u64,
     /// The peeled packet (or report) for the next hop.
     pub payload: Vec<u8>,
 }
@@ -111,7 +120,7 @@ pub fn key_epoch(public_key: &[u8]) -> [u8; 8] {
     e
 }
 
-/// The buffer key prefix of `hop`.
+/// The key prefix of `hop`.
 pub fn hop_prefix(hop: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + hop.len());
     // Hop names are 1 to 255 bytes (checked by the onion decoder and the config).
@@ -120,32 +129,77 @@ pub fn hop_prefix(hop: &str) -> Vec<u8> {
     k
 }
 
-/// The buffer key prefix of a lane: hop ‖ task.
+/// The key prefix of a lane: hop ‖ task.
 pub fn lane_prefix(hop: &str, task: &TaskId) -> Vec<u8> {
     let mut k = hop_prefix(hop);
     k.extend_from_slice(task.as_bytes());
     k
 }
 
-/// A buffer key: hop ‖ task ‖ batch ‖ 16 random bytes.
-pub fn buffer_key(hop: &str, task: &TaskId, batch: u64) -> Vec<u8> {
-    let mut k = lane_prefix(hop, task);
+fn batch_prefix(lane: &[u8], batch: u64) -> Vec<u8> {
+    let mut k = lane.to_vec();
     k.extend_from_slice(&batch.to_be_bytes());
-    k.extend_from_slice(&rand::random::<[u8; 16]>());
     k
+}
+
+/// The keys of batches `lo..=hi` of a lane, in `extents` and `sent` (both lane ‖ batch ‖ 8 or
+/// 16 more bytes).
+fn batch_range(lane: &[u8], lo: u64, hi: u64) -> std::ops::RangeInclusive<Vec<u8>> {
+    let mut end = batch_prefix(lane, hi);
+    end.extend_from_slice(&[0xff; 16]);
+    batch_prefix(lane, lo)..=end
+}
+
+/// A lane key (hop ‖ task ‖ batch ‖ `rest` bytes) split into hop name, task and batch.
+fn parse_lane_key(k: &[u8], rest: usize, what: &'static str) -> Result<(String, TaskId, u64)> {
+    let n = *k.first().ok_or_else(|| Error::corrupt(what, "empty"))? as usize;
+    if k.len() != 1 + n + 32 + 8 + rest {
+        return Err(Error::corrupt(what, "wrong length"));
+    }
+    let hop = String::from_utf8_lossy(&k[1..1 + n]).into_owned();
+    let task = TaskId::try_from(&k[1 + n..1 + n + 32]).map_err(|e| Error::corrupt(what, e))?;
+    let at = 1 + n + 32;
+    let batch = u64::from_be_bytes(k[at..at + 8].try_into().expect("8 bytes"));
+    Ok((hop, task, batch))
+}
+
+/// An extent: packets and bytes.
+fn parse_extent(v: &[u8]) -> Result<(u64, u64)> {
+    if v.len() != 12 {
+        return Err(Error::corrupt("packet extent", "not 12 bytes"));
+    }
+    let count = u32::from_le_bytes(v[..4].try_into().expect("4 bytes"));
+    let len = u64::from_le_bytes(v[4..].try_into().expect("8 bytes"));
+    Ok((u64::from(count), len))
+}
+
+fn parse_offsets(v: &[u8]) -> Result<impl Iterator<Item = u64> + '_> {
+    if !v.len().is_multiple_of(8) {
+        return Err(Error::corrupt("sent mark", "not a list of offsets"));
+    }
+    Ok(v.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))))
 }
 
 /// What the buffer holds for one lane, as found at startup.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Buffered {
-    /// Packets.
+    /// Packets not yet acknowledged by the next hop.
     pub count: u64,
     /// Lowest and highest batch number among them.
     pub batches: Option<(u64, u64)>,
 }
 
-/// A buffered packet: its buffer key, task and peeled bytes.
-pub type StoredPacket = (Vec<u8>, TaskId, Vec<u8>);
+/// A buffered packet read back for forwarding.
+#[derive(Clone, Debug)]
+pub struct StoredPacket {
+    /// Its batch.
+    pub batch: u64,
+    /// Its offset in the batch's packet file.
+    pub offset: u64,
+    /// The peeled bytes for the next hop.
+    pub payload: Vec<u8>,
+}
 
 /// The database of one shuffler.
 #[derive(Clone, Debug)]
@@ -154,9 +208,12 @@ pub struct Store {
     tasks: Tree,
     keys: Tree,
     tags: Tree,
+    extents: Tree,
+    sent: Tree,
     buffer: Tree,
     stats: Tree,
     meta: Tree,
+    files: Arc<PacketFiles>,
 }
 
 impl Store {
@@ -170,16 +227,19 @@ impl Store {
         &self.db
     }
 
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the database in `dir` and its packet files in `dir/packets`.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
         let db = hush_server::db::open(dir, cache_mb)?;
         Ok(Self {
             tasks: db.open_tree("tasks")?,
             keys: db.open_tree("keys")?,
             tags: db.open_tree("tags")?,
+            extents: db.open_tree("extents")?,
+            sent: db.open_tree("sent")?,
             buffer: db.open_tree("buffer")?,
             stats: db.open_tree("stats")?,
             meta: db.open_tree("meta")?,
+            files: Arc::new(PacketFiles::open(&dir.join("packets"))?),
             db,
         })
     }
@@ -215,33 +275,48 @@ impl Store {
     /// repeated within `items`) is not stored; the result says which, in order. `stats` and one
     /// `Accepted` or `Rejected(Replay)` per item are counted too.
     ///
-    /// Callers serialize calls (the mixer's lock), so the tag check cannot race. The writes are
-    /// three atomic batches in this order: buffer, counters, tags. sled recovers a prefix of
-    /// them, so after a crash a packet may be stored without its tag (it was not acknowledged;
-    /// if the sender retries, the next hop's replay check drops the second copy) but a tag is
-    /// never stored without its packet, which would lose the packet on the sender's retry.
+    /// Callers serialize calls (the mixer's lock), so the tag check cannot race. The packets of
+    /// each batch go to its packet file in one synced write; then three atomic sled batches
+    /// follow in this order: extents, counters, tags. sled recovers a prefix of them, so after a
+    /// crash a packet may be stored without its tag (it was not acknowledged; if the sender
+    /// retries, the next hop's replay check drops the second copy) but a tag is never stored
+    /// without its packet, which would lose the packet on the sender's retry.
     pub fn accept(&self, items: &[Incoming], stats: &StatDelta) -> Result<Vec<bool>> {
         let mut stored = Vec::with_capacity(items.len());
         let mut delta = stats.clone();
-        let mut in_request = std::collections::HashSet::with_capacity(items.len());
-        let mut buffer = sled::Batch::default();
+        let mut in_request = HashSet::with_capacity(items.len());
+        let mut groups: BTreeMap<(Vec<u8>, u64), Vec<usize>> = BTreeMap::new();
         let mut tags = sled::Batch::default();
-        for item in items {
+        for (i, item) in items.iter().enumerate() {
             let scope = *item.task.as_bytes();
             if !in_request.insert(item.tag_key) || self.tags.contains_key(item.tag_key)? {
                 stored.push(false);
                 delta.add(scope, Stat::Rejected(RejectReason::Replay), 1);
                 continue;
             }
-            let mut v = Vec::with_capacity(32 + item.payload.len());
-            v.extend_from_slice(item.task.as_bytes());
-            v.extend_from_slice(&item.payload);
-            buffer.insert(&item.buffer_key[..], v);
+            groups
+                .entry((lane_prefix(&item.hop, &item.task), item.batch))
+                .or_default()
+                .push(i);
             tags.insert(&item.tag_key[..], &[][..]);
             stored.push(true);
             delta.add(scope, Stat::Accepted, 1);
         }
-        self.buffer.apply_batch(buffer)?;
+        let mut extents = sled::Batch::default();
+        for ((lane, batch), members) in &groups {
+            let (offset, len) = self.files.append(
+                lane,
+                *batch,
+                members.iter().map(|&i| items[i].payload.as_slice()),
+            )?;
+            let mut k = batch_prefix(lane, *batch);
+            k.extend_from_slice(&offset.to_be_bytes());
+            let mut v = Vec::with_capacity(12);
+            v.extend_from_slice(&(members.len() as u32).to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
+            extents.insert(k, v);
+        }
+        self.extents.apply_batch(extents)?;
         self.add_stats(&delta)?;
         self.tags.apply_batch(tags)?;
         Ok(stored)
@@ -255,109 +330,204 @@ impl Store {
         }))
     }
 
-    /// The buffer keys of the packets of `task`'s lane to `hop` in batches `lo..=hi`.
-    pub fn batch_keys(&self, hop: &str, task: &TaskId, lo: u64, hi: u64) -> Result<Vec<Vec<u8>>> {
-        let mut start = lane_prefix(hop, task);
-        start.extend_from_slice(&lo.to_be_bytes());
-        let mut end = lane_prefix(hop, task);
-        end.extend_from_slice(&hi.to_be_bytes());
-        end.extend_from_slice(&[0xff; 17]);
-        self.buffer
-            .range(start..end)
-            .keys()
-            .map(|k| Ok(k?.to_vec()))
-            .collect()
-    }
-
-    /// The stored packets under `keys` (task id, payload); keys no longer present are skipped.
-    pub fn packets(&self, keys: &[Vec<u8>]) -> Result<Vec<StoredPacket>> {
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            let Some(v) = self.buffer.get(k)? else {
-                continue;
-            };
-            if v.len() < 32 {
-                return Err(Error::corrupt("buffered packet", "shorter than a task id"));
-            }
-            let task =
-                TaskId::try_from(&v[..32]).map_err(|e| Error::corrupt("buffered packet", e))?;
-            out.push((k.clone(), task, v[32..].to_vec()));
+    /// The file offsets of the packets of batches `lo..=hi` of `lane` already forwarded, per
+    /// batch.
+    fn sent_offsets(&self, lane: &[u8], lo: u64, hi: u64) -> Result<HashSet<(u64, u64)>> {
+        let mut out = HashSet::new();
+        for kv in self.sent.range(batch_range(lane, lo, hi)) {
+            let (k, v) = kv?;
+            let batch = u64::from_be_bytes(
+                k.get(lane.len()..lane.len() + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| Error::corrupt("sent mark", "short key"))?,
+            );
+            out.extend(parse_offsets(&v)?.map(|o| (batch, o)));
         }
         Ok(out)
     }
 
-    /// Deletes packets the next hop acknowledged and counts them as forwarded, in one
-    /// transaction.
-    pub fn remove_forwarded(&self, done: &[(Vec<u8>, TaskId)]) -> Result<()> {
-        let mut delta = StatDelta::default();
-        for (_, task) in done {
-            delta.add(*task.as_bytes(), Stat::Forwarded, 1);
+    /// The extents of batches `lo..=hi` of `lane`: (batch, offset, packets, bytes).
+    fn extents_of(&self, lane: &[u8], lo: u64, hi: u64) -> Result<Vec<(u64, u64, u64, u64)>> {
+        let mut out = Vec::new();
+        for kv in self.extents.range(batch_range(lane, lo, hi)) {
+            let (k, v) = kv?;
+            let tail = k
+                .get(lane.len()..)
+                .filter(|t| t.len() == 16)
+                .ok_or_else(|| Error::corrupt("packet extent", "wrong key length"))?;
+            let batch = u64::from_be_bytes(tail[..8].try_into().expect("8 bytes"));
+            let offset = u64::from_be_bytes(tail[8..].try_into().expect("8 bytes"));
+            let (count, len) = parse_extent(&v)?;
+            out.push((batch, offset, count, len));
         }
-        tx_result((&self.buffer, &self.stats).transaction(|(buffer, st)| {
-            for (k, _) in done {
-                buffer.remove(&k[..])?;
+        Ok(out)
+    }
+
+    /// The packets of `task`'s lane to `hop` in batches `lo..=hi` that the next hop has not
+    /// acknowledged.
+    pub fn batch_packets(
+        &self,
+        hop: &str,
+        task: &TaskId,
+        lo: u64,
+        hi: u64,
+    ) -> Result<Vec<StoredPacket>> {
+        let lane = lane_prefix(hop, task);
+        let sent = self.sent_offsets(&lane, lo, hi)?;
+        let mut out = Vec::new();
+        for (batch, offset, count, len) in self.extents_of(&lane, lo, hi)? {
+            let packets = self.files.read(&lane, batch, offset, len)?;
+            if packets.len() as u64 != count {
+                return Err(Error::corrupt(
+                    "packet file",
+                    format!("an extent of {count} packets holds {}", packets.len()),
+                ));
+            }
+            for (offset, payload) in packets {
+                if !sent.contains(&(batch, offset)) {
+                    out.push(StoredPacket {
+                        batch,
+                        offset,
+                        payload,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many packets of `task`'s lane to `hop` in batches `lo..=hi` the next hop has not
+    /// acknowledged.
+    pub fn unsent(&self, hop: &str, task: &TaskId, lo: u64, hi: u64) -> Result<u64> {
+        let lane = lane_prefix(hop, task);
+        let stored: u64 = self.extents_of(&lane, lo, hi)?.iter().map(|e| e.2).sum();
+        Ok(stored.saturating_sub(self.sent_offsets(&lane, lo, hi)?.len() as u64))
+    }
+
+    /// Marks packets of `task`'s lane to `hop` the next hop acknowledged, and counts them as
+    /// forwarded, in one transaction.
+    pub fn mark_forwarded(&self, hop: &str, task: &TaskId, done: &[&StoredPacket]) -> Result<()> {
+        let lane = lane_prefix(hop, task);
+        let mut per_batch: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for p in done {
+            per_batch
+                .entry(p.batch)
+                .or_default()
+                .extend_from_slice(&p.offset.to_le_bytes());
+        }
+        let marks: Vec<(Vec<u8>, Vec<u8>)> = per_batch
+            .into_iter()
+            .map(|(batch, offsets)| {
+                let mut k = batch_prefix(&lane, batch);
+                k.extend_from_slice(&rand::random::<[u8; 8]>());
+                (k, offsets)
+            })
+            .collect();
+        let mut delta = StatDelta::default();
+        delta.add(*task.as_bytes(), Stat::Forwarded, done.len() as u64);
+        tx_result((&self.sent, &self.stats).transaction(|(sent, st)| {
+            for (k, v) in &marks {
+                sent.insert(&k[..], &v[..])?;
             }
             delta.apply(st)?;
             Ok(())
         }))
     }
 
-    /// Deletes packets of `task` that waited past its report expiry, counting each as refused
-    /// `TOO_OLD`, in one transaction.
-    pub fn remove_expired(&self, keys: &[Vec<u8>], task: &TaskId) -> Result<()> {
+    /// Deletes batches `lo..=hi` of `task`'s lane to `hop`: their extents, marks and files.
+    /// Returns the packets among them not yet forwarded, counted as refused `TOO_OLD` in the
+    /// same transaction (none, for a batch the next hop took whole).
+    pub fn remove_batches(&self, hop: &str, task: &TaskId, lo: u64, hi: u64) -> Result<u64> {
+        let lane = lane_prefix(hop, task);
+        let extents = self.extents_of(&lane, lo, hi)?;
+        let stored: u64 = extents.iter().map(|e| e.2).sum();
+        let unsent = stored.saturating_sub(self.sent_offsets(&lane, lo, hi)?.len() as u64);
+        let range = batch_range(&lane, lo, hi);
+        let ext_keys: Vec<sled::IVec> = self
+            .extents
+            .range(range.clone())
+            .keys()
+            .collect::<std::result::Result<_, _>>()?;
+        let sent_keys: Vec<sled::IVec> = self
+            .sent
+            .range(range)
+            .keys()
+            .collect::<std::result::Result<_, _>>()?;
         let mut delta = StatDelta::default();
         delta.add(
             *task.as_bytes(),
             Stat::Rejected(RejectReason::TooOld),
-            keys.len() as u64,
+            unsent,
         );
-        tx_result((&self.buffer, &self.stats).transaction(|(buffer, st)| {
-            for k in keys {
-                buffer.remove(&k[..])?;
-            }
-            delta.apply(st)?;
-            Ok(())
-        }))
-    }
-
-    /// How many packets the buffer holds per task (read once at start).
-    pub fn buffered_per_task(&self) -> Result<HashMap<TaskId, u64>> {
-        let mut out: HashMap<TaskId, u64> = HashMap::new();
-        for v in self.buffer.iter().values() {
-            let v = v?;
-            let task = v
-                .get(..32)
-                .and_then(|b| TaskId::try_from(b).ok())
-                .ok_or_else(|| Error::corrupt("buffered packet", "no task id"))?;
-            *out.entry(task).or_default() += 1;
+        tx_result(
+            (&self.extents, &self.sent, &self.stats).transaction(|(ext, sent, st)| {
+                for k in &ext_keys {
+                    ext.remove(k)?;
+                }
+                for k in &sent_keys {
+                    sent.remove(k)?;
+                }
+                delta.apply(st)?;
+                Ok(())
+            }),
+        )?;
+        // The deletions must be durable before the files go: a crash in between would
+        // otherwise bring back extents whose file is gone. A crash after the flush and before
+        // the files go leaves files without extents, which startup deletes.
+        self.db.flush()?;
+        let batches: HashSet<u64> = extents.iter().map(|e| e.0).collect();
+        for b in batches {
+            self.files.remove(&lane, b)?;
         }
-        Ok(out)
+        Ok(unsent)
     }
 
-    /// What the buffer holds, per lane (hop name and task).
+    /// Every lane's unacknowledged packets and batch range, keyed by hop name and task.
     pub fn buffered(&self) -> Result<BTreeMap<(String, TaskId), Buffered>> {
         let mut out: BTreeMap<(String, TaskId), Buffered> = BTreeMap::new();
-        for k in self.buffer.iter().keys() {
-            let k = k?;
-            let n = *k
-                .first()
-                .ok_or_else(|| Error::corrupt("buffer key", "empty"))? as usize;
-            if k.len() != 1 + n + 32 + 8 + 16 {
-                return Err(Error::corrupt("buffer key", "wrong length"));
-            }
-            let hop = String::from_utf8_lossy(&k[1..1 + n]).into_owned();
-            let task = TaskId::try_from(&k[1 + n..1 + n + 32])
-                .map_err(|e| Error::corrupt("buffer key", e))?;
-            let at = 1 + n + 32;
-            let batch = u64::from_be_bytes(k[at..at + 8].try_into().expect("8 bytes"));
+        for kv in self.extents.iter() {
+            let (k, v) = kv?;
+            let (hop, task, batch) = parse_lane_key(&k, 8, "packet extent")?;
+            let (count, _) = parse_extent(&v)?;
             let e = out.entry((hop, task)).or_default();
-            e.count += 1;
+            e.count += count;
             e.batches = Some(match e.batches {
                 None => (batch, batch),
                 Some((lo, hi)) => (lo.min(batch), hi.max(batch)),
             });
         }
+        for kv in self.sent.iter() {
+            let (k, v) = kv?;
+            let (hop, task, _) = parse_lane_key(&k, 8, "sent mark")?;
+            let n = parse_offsets(&v)?.count() as u64;
+            if let Some(e) = out.get_mut(&(hop, task)) {
+                e.count = e.count.saturating_sub(n);
+            }
+        }
         Ok(out)
+    }
+
+    /// How many packets the buffer holds per task (read once at start).
+    pub fn buffered_per_task(&self) -> Result<HashMap<TaskId, u64>> {
+        let mut out: HashMap<TaskId, u64> = HashMap::new();
+        for ((_, task), b) in self.buffered()? {
+            *out.entry(task).or_default() += b.count;
+        }
+        Ok(out)
+    }
+
+    /// Deletes packet files no extent points at: bytes written for a request that crashed
+    /// before its extents were stored (never acknowledged), or of a batch whose extents were
+    /// deleted just before a crash. Runs at startup, before anything is written. Returns how
+    /// many files went.
+    pub fn remove_orphan_files(&self) -> Result<usize> {
+        let mut keep = HashSet::new();
+        for k in self.extents.iter().keys() {
+            let k = k?;
+            let (hop, task, batch) = parse_lane_key(&k, 8, "packet extent")?;
+            keep.insert(PacketFiles::name(&lane_prefix(&hop, &task), batch));
+        }
+        self.files.remove_except(&keep)
     }
 
     /// Moves packets stored under the earlier per-hop key (hop ‖ batch ‖ random) to their
@@ -386,6 +556,52 @@ impl Store {
         Ok(n)
     }
 
+    /// Moves packets stored in sled's `buffer` tree (the layout before packet files) into
+    /// packet files, keeping their lane and batch; returns how many moved. Each batch's packets
+    /// are written and synced first, then their extent is stored and the old entries deleted in
+    /// one transaction, so a crash midway leaves every packet in exactly one of the two places
+    /// (an unfinished file has no extent and is deleted at the next start, before this runs
+    /// again).
+    pub fn migrate_buffer_to_files(&self) -> Result<usize> {
+        type Entries = Vec<(sled::IVec, sled::IVec)>;
+        let mut groups: BTreeMap<(Vec<u8>, u64), Entries> = BTreeMap::new();
+        for kv in self.buffer.iter() {
+            let (k, v) = kv?;
+            let (hop, task, batch) = parse_lane_key(&k, 16, "buffer key")?;
+            if v.len() < 32 {
+                return Err(Error::corrupt("buffered packet", "shorter than a task id"));
+            }
+            groups
+                .entry((lane_prefix(&hop, &task), batch))
+                .or_default()
+                .push((k, v));
+        }
+        let mut moved = 0;
+        for ((lane, batch), entries) in groups {
+            let (offset, len) =
+                self.files
+                    .append(&lane, batch, entries.iter().map(|(_, v)| &v[32..]))?;
+            let mut k = batch_prefix(&lane, batch);
+            k.extend_from_slice(&offset.to_be_bytes());
+            let mut ext = Vec::with_capacity(12);
+            ext.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+            ext.extend_from_slice(&len.to_le_bytes());
+            tx_result::<_, Error>((&self.extents, &self.buffer).transaction(
+                |(extents, buffer)| {
+                    extents.insert(&k[..], &ext[..])?;
+                    for (old, _) in &entries {
+                        buffer.remove(old)?;
+                    }
+                    Ok(())
+                },
+            ))?;
+            moved += entries.len();
+        }
+        if moved > 0 {
+            self.db.flush()?;
+        }
+        Ok(moved)
+    }
     /// The newest closed batch of each lane of `hop` that has one.
     pub fn closed_marks(&self, hop: &str) -> Result<Vec<(TaskId, u64)>> {
         let mut out = Vec::new();
@@ -431,6 +647,8 @@ impl Store {
             ("tasks", &self.tasks),
             ("keys", &self.keys),
             ("tags", &self.tags),
+            ("extents", &self.extents),
+            ("sent", &self.sent),
             ("buffer", &self.buffer),
             ("stats", &self.stats),
             ("meta", &self.meta),
@@ -440,9 +658,14 @@ impl Store {
         .collect()
     }
 
-    /// Packets in the buffer.
-    pub fn buffered_total(&self) -> usize {
-        self.buffer.len()
+    /// Packets held and not yet acknowledged by a next hop (reads every extent).
+    pub fn buffered_total(&self) -> Result<u64> {
+        Ok(self.buffered()?.values().map(|b| b.count).sum())
+    }
+
+    /// Bytes the packet files occupy on disk.
+    pub fn packet_file_bytes(&self) -> u64 {
+        self.files.bytes()
     }
 
     /// Deletes every replay tag of a key epoch; returns how many.
@@ -494,10 +717,15 @@ mod tests {
         tag_key[8] = tag;
         Incoming {
             tag_key,
-            buffer_key: buffer_key(hop, &TaskId::from(TASK), batch),
+            hop: hop.to_owned(),
             task: TaskId::from(TASK),
+            batch,
             payload: vec![tag; 10],
         }
+    }
+
+    fn refs(p: &[StoredPacket]) -> Vec<&StoredPacket> {
+        p.iter().collect()
     }
 
     #[test]
@@ -526,49 +754,159 @@ mod tests {
                 batches: Some((0, 0))
             }
         );
-        assert_eq!(s.batch_keys("b", &task, 1, 5).unwrap().len(), 0);
-        let keys = s.batch_keys("b", &task, 0, 0).unwrap();
-        assert_eq!(keys.len(), 2);
+        assert!(s.batch_packets("b", &task, 1, 5).unwrap().is_empty());
+        let p = s.batch_packets("b", &task, 0, 0).unwrap();
+        let mut got: Vec<Vec<u8>> = p.iter().map(|p| p.payload.clone()).collect();
+        got.sort();
+        assert_eq!(got, vec![vec![1u8; 10], vec![2u8; 10]]);
         assert!(
-            s.batch_keys("bb", &task, 0, 0).unwrap().is_empty(),
+            s.batch_packets("bb", &task, 0, 0).unwrap().is_empty(),
             "hop prefixes do not overlap"
         );
         assert!(
-            s.batch_keys("b", &TaskId::from([8u8; 32]), 0, 0)
+            s.batch_packets("b", &TaskId::from([8u8; 32]), 0, 0)
                 .unwrap()
                 .is_empty(),
             "lanes of other tasks are apart"
         );
-        let p = s.packets(&keys).unwrap();
-        s.remove_forwarded(
-            &p.iter()
-                .map(|(k, t, _)| (k.clone(), *t))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
-        assert_eq!(s.buffered_total(), 0);
+        s.mark_forwarded("b", &task, &refs(&p)).unwrap();
+        assert_eq!(s.buffered_total().unwrap(), 0);
+        assert!(s.batch_packets("b", &task, 0, 0).unwrap().is_empty());
+        assert_eq!(s.remove_batches("b", &task, 0, 0).unwrap(), 0);
+        assert_eq!(s.extents.len() + s.sent.len(), 0);
+        assert_eq!(s.packet_file_bytes(), 0, "the batch's file went");
         let st = s.stats(&[7u8; 32]).unwrap();
         assert_eq!(st[&Stat::Accepted], 2);
         assert_eq!(st[&Stat::Forwarded], 2);
         assert_eq!(st[&Stat::Rejected(RejectReason::Replay)], 2);
+        assert!(!st.contains_key(&Stat::Rejected(RejectReason::TooOld)));
         assert_eq!(s.delete_tags([0; 8]).unwrap(), 2);
         assert_eq!(s.tag_count(), 0);
     }
 
     #[test]
-    fn packets_under_the_earlier_per_hop_keys_move_to_their_lanes() {
+    fn a_partly_forwarded_batch_reopens_with_only_its_unsent_packets() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), 8).unwrap();
-        let mut old = hop_prefix("b");
-        old.extend_from_slice(&3u64.to_be_bytes());
-        old.extend_from_slice(&[1; 16]);
-        let mut v = TASK.to_vec();
-        v.extend_from_slice(b"packet");
-        s.buffer.insert(old, v).unwrap();
-        assert_eq!(s.migrate_buffer_keys().unwrap(), 1);
-        assert_eq!(s.migrate_buffer_keys().unwrap(), 0);
         let task = TaskId::from(TASK);
-        let keys = s.batch_keys("b", &task, 3, 3).unwrap();
-        assert_eq!(s.packets(&keys).unwrap()[0].2, b"packet");
+        {
+            let s = Store::open(dir.path(), 8).unwrap();
+            let items: Vec<Incoming> = (1..=6).map(|t| incoming("b", 4, t)).collect();
+            s.accept(&items[..3], &StatDelta::default()).unwrap();
+            s.accept(&items[3..], &StatDelta::default()).unwrap();
+            let p = s.batch_packets("b", &task, 4, 4).unwrap();
+            assert_eq!(p.len(), 6);
+            // The next hop acknowledged two slices of two packets.
+            s.mark_forwarded("b", &task, &refs(&p[..2])).unwrap();
+            s.mark_forwarded("b", &task, &refs(&p[4..])).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), 8).unwrap();
+        assert_eq!(s.remove_orphan_files().unwrap(), 0);
+        assert_eq!(s.unsent("b", &task, 4, 4).unwrap(), 2);
+        assert_eq!(s.buffered_per_task().unwrap()[&task], 2);
+        let left: Vec<u8> = s
+            .batch_packets("b", &task, 4, 4)
+            .unwrap()
+            .iter()
+            .map(|p| p.payload[0])
+            .collect();
+        assert_eq!(left.len(), 2);
+        // Expiring the batch drops the two unsent packets as TOO_OLD.
+        assert_eq!(s.remove_batches("b", &task, 4, 4).unwrap(), 2);
+        let st = s.stats(&TASK).unwrap();
+        assert_eq!(st[&Stat::Forwarded], 4);
+        assert_eq!(st[&Stat::Rejected(RejectReason::TooOld)], 2);
+        assert_eq!(s.buffered_total().unwrap(), 0);
+    }
+
+    #[test]
+    fn bytes_written_without_their_extent_are_deleted_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = TaskId::from(TASK);
+        let s = Store::open(dir.path(), 8).unwrap();
+        s.accept(&[incoming("b", 0, 1)], &StatDelta::default())
+            .unwrap();
+        // A crash between a file write and its extents: bytes in batch 0's file after the
+        // stored extent, and a file of batch 1 with no extent at all.
+        let lane = lane_prefix("b", &task);
+        s.files
+            .append(&lane, 0, [&b"torn"[..]].into_iter())
+            .unwrap();
+        s.files
+            .append(&lane, 1, [&b"lost"[..]].into_iter())
+            .unwrap();
+        assert_eq!(s.remove_orphan_files().unwrap(), 1);
+        let p = s.batch_packets("b", &task, 0, 1).unwrap();
+        assert_eq!(p.len(), 1, "only the acknowledged packet is forwarded");
+        assert_eq!(p[0].payload, vec![1u8; 10]);
+        // A later request appends after the stray bytes and reads back whole.
+        s.accept(&[incoming("b", 0, 2)], &StatDelta::default())
+            .unwrap();
+        assert_eq!(s.batch_packets("b", &task, 0, 0).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_missing_or_short_packet_file_is_a_corrupt_store_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = TaskId::from(TASK);
+        let s = Store::open(dir.path(), 8).unwrap();
+        s.accept(&[incoming("b", 0, 1)], &StatDelta::default())
+            .unwrap();
+        let lane = lane_prefix("b", &task);
+        s.files.remove(&lane, 0).unwrap();
+        let e = s.batch_packets("b", &task, 0, 0).unwrap_err();
+        assert!(e.to_string().contains("corrupt stored packet file"), "{e}");
+    }
+
+    #[test]
+    fn packets_under_both_earlier_layouts_move_into_packet_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = TaskId::from(TASK);
+        {
+            let s = Store::open(dir.path(), 8).unwrap();
+            // The per-hop key (hop ‖ batch ‖ random) of the first layout.
+            let mut old = hop_prefix("b");
+            old.extend_from_slice(&3u64.to_be_bytes());
+            old.extend_from_slice(&[1; 16]);
+            let mut v = TASK.to_vec();
+            v.extend_from_slice(b"packet");
+            s.buffer.insert(old, v).unwrap();
+            // The per-lane key (hop ‖ task ‖ batch ‖ random) of the second.
+            for (batch, r) in [(3u64, 2u8), (5, 3)] {
+                let mut k = lane_prefix("b", &task);
+                k.extend_from_slice(&batch.to_be_bytes());
+                k.extend_from_slice(&[r; 16]);
+                let mut v = TASK.to_vec();
+                v.extend_from_slice(&[r; 5]);
+                s.buffer.insert(k, v).unwrap();
+            }
+            assert_eq!(s.migrate_buffer_keys().unwrap(), 1);
+            assert_eq!(s.migrate_buffer_keys().unwrap(), 0);
+            assert_eq!(s.migrate_buffer_to_files().unwrap(), 3);
+            assert_eq!(s.migrate_buffer_to_files().unwrap(), 0);
+        }
+        let s = Store::open(dir.path(), 8).unwrap();
+        assert_eq!(s.remove_orphan_files().unwrap(), 0);
+        assert_eq!(s.buffer.len(), 0);
+        let b = s.buffered().unwrap()[&("b".to_owned(), task)];
+        assert_eq!(
+            b,
+            Buffered {
+                count: 3,
+                batches: Some((3, 5))
+            }
+        );
+        let mut got: Vec<Vec<u8>> = s
+            .batch_packets("b", &task, 3, 3)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.payload)
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![vec![2u8; 5], b"packet".to_vec()]);
+        assert_eq!(
+            s.batch_packets("b", &task, 5, 5).unwrap()[0].payload,
+            vec![3u8; 5]
+        );
     }
 }

@@ -431,7 +431,7 @@ async fn overload_gets_resource_exhausted_and_stores_nothing() {
     assert_eq!((s.reports_accepted, s.reports_pending), (100, 100));
     assert_eq!(reasons(&s)[&RejectReason::OverQuota], 200);
     assert_eq!(
-        node.shared().store.buffered_total(),
+        node.shared().store.buffered_total().unwrap(),
         100,
         "refused packets are not stored"
     );
