@@ -508,8 +508,9 @@ async fn forward_batch(
 ) -> Result<bool> {
     let s = store.clone();
     let name = hop.name.clone();
-    // The whole batch is read into memory (at most `batch_size` packets, more only for lanes
-    // recovered after a crash) so it can be shuffled packet by packet.
+    // The whole batch is read into memory so it can be shuffled packet by packet: usually
+    // `batch_size` packets, but an open batch keeps growing while its hop's forwarder is busy
+    // or retrying, up to `max_buffered_packets` (docs/operators.md, "Running a shuffler").
     let mut packets =
         tokio::task::spawn_blocking(move || s.batch_packets(&name, &task, lo, hi)).await??;
     let mut rng = ChaCha20Rng::try_from_os_rng()
