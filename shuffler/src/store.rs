@@ -163,6 +163,22 @@ fn parse_lane_key(k: &[u8], rest: usize, what: &'static str) -> Result<(String, 
     Ok((hop, task, batch))
 }
 
+/// The `extents` entry of `count` packets, `len` bytes at `offset` in a batch's file.
+fn extent_entry(
+    lane: &[u8],
+    batch: u64,
+    offset: u64,
+    count: usize,
+    len: u64,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut k = batch_prefix(lane, batch);
+    k.extend_from_slice(&offset.to_be_bytes());
+    let mut v = Vec::with_capacity(12);
+    v.extend_from_slice(&(count as u32).to_le_bytes());
+    v.extend_from_slice(&len.to_le_bytes());
+    (k, v)
+}
+
 /// An extent: packets and bytes.
 fn parse_extent(v: &[u8]) -> Result<(u64, u64)> {
     if v.len() != 12 {
@@ -309,11 +325,7 @@ impl Store {
                 *batch,
                 members.iter().map(|&i| items[i].payload.as_slice()),
             )?;
-            let mut k = batch_prefix(lane, *batch);
-            k.extend_from_slice(&offset.to_be_bytes());
-            let mut v = Vec::with_capacity(12);
-            v.extend_from_slice(&(members.len() as u32).to_le_bytes());
-            v.extend_from_slice(&len.to_le_bytes());
+            let (k, v) = extent_entry(lane, *batch, offset, members.len(), len);
             extents.insert(k, v);
         }
         self.extents.apply_batch(extents)?;
@@ -443,11 +455,13 @@ impl Store {
         let stored: u64 = extents.iter().map(|e| e.2).sum();
         let unsent = stored.saturating_sub(self.sent_offsets(&lane, lo, hi)?.len() as u64);
         let range = batch_range(&lane, lo, hi);
-        let ext_keys: Vec<sled::IVec> = self
-            .extents
-            .range(range.clone())
-            .keys()
-            .collect::<std::result::Result<_, _>>()?;
+        // The extents were just read: their keys follow from their batch and offset.
+        let ext_keys: Vec<Vec<u8>> = extents
+            .iter()
+            .map(|&(batch, offset, count, len)| {
+                extent_entry(&lane, batch, offset, count as usize, len).0
+            })
+            .collect();
         let sent_keys: Vec<sled::IVec> = self
             .sent
             .range(range)
@@ -462,7 +476,7 @@ impl Store {
         tx_result(
             (&self.extents, &self.sent, &self.stats).transaction(|(ext, sent, st)| {
                 for k in &ext_keys {
-                    ext.remove(k)?;
+                    ext.remove(&k[..])?;
                 }
                 for k in &sent_keys {
                     sent.remove(k)?;
@@ -581,11 +595,7 @@ impl Store {
             let (offset, len) =
                 self.files
                     .append(&lane, batch, entries.iter().map(|(_, v)| &v[32..]))?;
-            let mut k = batch_prefix(&lane, batch);
-            k.extend_from_slice(&offset.to_be_bytes());
-            let mut ext = Vec::with_capacity(12);
-            ext.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-            ext.extend_from_slice(&len.to_le_bytes());
+            let (k, ext) = extent_entry(&lane, batch, offset, entries.len(), len);
             tx_result::<_, Error>((&self.extents, &self.buffer).transaction(
                 |(extents, buffer)| {
                     extents.insert(&k[..], &ext[..])?;
