@@ -212,10 +212,56 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     #[cfg(not(unix))]
     let interrupted = hush_server::serve::shutdown_signal();
-    tokio::select! {
-        r = run_until(args, std::future::pending()) => r.map(|_| ()),
-        // Dropping the run drops its temporary directory, which removes it.
-        _ = interrupted => anyhow::bail!("interrupted; the demo's temporary data is removed"),
+    // The temporary directory is made here, not in the run, so that it outlives the run: the
+    // run's servers and clients are tasks that go on writing (sled's flushes, the shufflers'
+    // packet files) until the runtime stops, and a directory removed under them can be left
+    // half-removed.
+    let mut args = args;
+    let tmp = match args.data_dir {
+        Some(_) => None,
+        None => {
+            let tmp = tempfile::tempdir()?;
+            args.data_dir = Some(tmp.path().to_owned());
+            Some(tmp)
+        }
+    };
+    let finished = {
+        let run = run_until(args, std::future::pending());
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => Some(r.map(|_| ())),
+            _ = interrupted => None,
+        }
+    };
+    match (finished, tmp) {
+        (Some(r), _) => r,
+        (None, None) => anyhow::bail!("interrupted; the data directory stays"),
+        (None, Some(tmp)) => {
+            let dir = tmp.keep();
+            remove_while_writers_stop(&dir).await?;
+            anyhow::bail!("interrupted; the demo's temporary data is removed")
+        }
+    }
+}
+
+/// Removes `dir`, trying again for up to 10 seconds while the tasks of a dropped run still
+/// create files in it (a removal that races a new file fails with "directory not empty";
+/// once the directory is gone, nothing recreates it).
+async fn remove_while_writers_stop(dir: &std::path::Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "interrupted, and the demo's temporary data in {} could not be removed; \
+                     remove it by hand",
+                    dir.display()
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
 
