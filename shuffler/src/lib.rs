@@ -23,6 +23,7 @@ pub mod packets;
 pub mod server;
 pub mod shared;
 pub mod store;
+pub mod tags;
 pub mod tasks;
 
 pub use config::{HopKind, NextHopConfig, ShufflerConfig};

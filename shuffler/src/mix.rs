@@ -406,7 +406,7 @@ impl HopClient {
                         .iter()
                         .map(|p| pb::Packet {
                             task_id: task.as_bytes().to_vec().into(),
-                            data: p.payload.clone().into(),
+                            data: p.payload.clone(),
                         })
                         .collect(),
                 };
@@ -415,7 +415,7 @@ impl HopClient {
             }
             HopClient::Leader(c) => {
                 let req = pb::SubmitReportsRequest {
-                    reports: packets.iter().map(|p| p.payload.clone().into()).collect(),
+                    reports: packets.iter().map(|p| p.payload.clone()).collect(),
                 };
                 let r = c.submit_reports(req).await?.into_inner();
                 (r.accepted, r.rejected)
@@ -565,16 +565,15 @@ async fn forward_batch(
         let n = slice.len() as u64;
         let s = store.clone();
         let name = hop.name.clone();
-        let done = slice.to_vec();
-        tokio::task::spawn_blocking(move || {
-            s.mark_forwarded(&name, &task, &done.iter().collect::<Vec<_>>())
-        })
-        .await??;
-        store.flush().await?;
+        let done: Vec<(u64, u64)> = slice.iter().map(StoredPacket::at).collect();
+        tokio::task::spawn_blocking(move || s.mark_forwarded(&name, &task, &done)).await??;
+        // Counted as gone once marked: a batch retried after a failed flush reads only its
+        // unmarked packets, so counting after the flush would never count these.
         mixer.forwarded(n);
         if let Some(t) = &tenant {
             holdings.release(t, n);
         }
+        store.flush().await?;
     }
     // Every packet was acknowledged: the batch's extents, marks and files go. A crash before
     // this finishes leaves a batch whose packets are all marked sent; it is forwarded as empty

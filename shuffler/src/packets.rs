@@ -4,19 +4,25 @@
 //! consolidates it, so 4 KB packets stored one entry each cost it splits, merges and copies per
 //! packet. Here each batch of a lane (hop and task) has one append-only file; an accepted request
 //! appends its packets of that batch in one write and syncs the file before sled records the
-//! *extent* (offset, packet count, bytes) in the same order as the replay tags. So an extent in
+//! *extent* (offset, packet count, bytes). So an extent in
 //! sled always points at durable bytes, and bytes with no extent (a crash between the write and
 //! the sled commit) belong to packets that were never acknowledged: [`PacketFiles::remove_except`]
 //! deletes such files at startup.
 //!
-//! A file holds its packets in arrival order, each as a 4-byte little-endian length and the
-//! peeled bytes. A file is deleted once every packet in it has been forwarded (or expired).
+//! A file holds its packets in arrival order, each as a 4-byte little-endian length of the
+//! peeled bytes, the packet's replay tag under its key epoch (40 bytes, [`TAG_KEY`]; zeros for a
+//! packet moved here from an earlier layout, whose tag is kept elsewhere) and the peeled bytes.
+//! The tag is written with its packet so that one sync makes both durable: a buffered packet's
+//! tag is in its file, and it moves to the tag log ([`crate::tags`]) before the file goes. A
+//! file is deleted once every packet in it has been forwarded (or expired).
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use prost::bytes::Bytes;
 
 use crate::error::{Error, Result};
 
@@ -26,9 +32,19 @@ pub struct PacketFiles {
     dir: PathBuf,
 }
 
-/// A packet read back from its file: its offset in the file (its identity within the batch)
-/// and its bytes.
-pub type FilePacket = (u64, Vec<u8>);
+/// Bytes of a replay tag under its key epoch: epoch (8) ‖ tag (32).
+pub const TAG_KEY: usize = 40;
+
+/// A packet read back from its file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilePacket {
+    /// Its offset in the file: its identity within the batch.
+    pub offset: u64,
+    /// Its replay tag under its key epoch (zeros: kept elsewhere).
+    pub tag_key: [u8; TAG_KEY],
+    /// Its bytes: a slice of the extent read, not a copy.
+    pub payload: Bytes,
+}
 
 impl PacketFiles {
     /// Opens (or creates) the folder of packet files.
@@ -56,19 +72,21 @@ impl PacketFiles {
         self.dir.join(Self::name(lane, batch))
     }
 
-    /// Appends `payloads` to the file of (`lane`, `batch`) in one write and makes them durable;
-    /// returns the offset where they start and the bytes written.
+    /// Appends `packets` (replay tag under its epoch, bytes) to the file of (`lane`, `batch`)
+    /// in one write and makes them durable; returns the offset where they start and the bytes
+    /// written.
     pub fn append<'a>(
         &self,
         lane: &[u8],
         batch: u64,
-        payloads: impl Iterator<Item = &'a [u8]>,
+        packets: impl Iterator<Item = (&'a [u8; TAG_KEY], &'a [u8])>,
     ) -> Result<(u64, u64)> {
         let mut buf = Vec::new();
-        for p in payloads {
+        for (tag_key, p) in packets {
             let len = u32::try_from(p.len())
                 .map_err(|_| Error::InvalidRequest("a packet over 4 GiB".into()))?;
             buf.extend_from_slice(&len.to_le_bytes());
+            buf.extend_from_slice(tag_key);
             buf.extend_from_slice(p);
         }
         let path = self.path(lane, batch);
@@ -115,6 +133,7 @@ impl PacketFiles {
                 format!("{} is shorter than its extents: {e}", path.display()),
             )
         })?;
+        let buf = Bytes::from(buf);
         let mut out = Vec::new();
         let mut at = 0usize;
         while at < buf.len() {
@@ -122,11 +141,17 @@ impl PacketFiles {
                 .get(at..at + 4)
                 .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
                 .ok_or_else(|| Error::corrupt("packet file", "a cut length"))?;
-            let p = buf
-                .get(at + 4..at + 4 + n)
-                .ok_or_else(|| Error::corrupt("packet file", "a cut packet"))?;
-            out.push((offset + at as u64, p.to_vec()));
-            at += 4 + n;
+            let start = at + 4 + TAG_KEY;
+            if buf.len() < start || buf.len() - start < n {
+                return Err(Error::corrupt("packet file", "a cut packet"));
+            }
+            let tag_key = buf[at + 4..start].try_into().expect("TAG_KEY bytes");
+            out.push(FilePacket {
+                offset: offset + at as u64,
+                tag_key,
+                payload: buf.slice(start..start + n),
+            });
+            at = start + n;
         }
         Ok(out)
     }
@@ -175,28 +200,43 @@ fn sync_dir(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn tag(b: u8) -> [u8; TAG_KEY] {
+        [b; TAG_KEY]
+    }
+
+    fn packet(offset: u64, t: u8, p: &'static [u8]) -> FilePacket {
+        FilePacket {
+            offset,
+            tag_key: tag(t),
+            payload: Bytes::from_static(p),
+        }
+    }
+
     #[test]
     fn appended_packets_read_back_by_extent() {
         let dir = tempfile::tempdir().unwrap();
         let f = PacketFiles::open(&dir.path().join("packets")).unwrap();
         let lane = b"\x01bTASK";
-        let a: [&[u8]; 2] = [b"one", b"two!"];
+        let (t1, t2, t3) = (tag(1), tag(2), tag(3));
+        let a: [(&[u8; TAG_KEY], &[u8]); 2] = [(&t1, b"one"), (&t2, b"two!")];
         let (o1, l1) = f.append(lane, 3, a.into_iter()).unwrap();
-        let (o2, l2) = f.append(lane, 3, [&b"three"[..]].into_iter()).unwrap();
-        assert_eq!((o1, l1, o2, l2), (0, 15, 15, 9));
+        let (o2, l2) = f
+            .append(lane, 3, [(&t3, &b"three"[..])].into_iter())
+            .unwrap();
+        assert_eq!((o1, l1, o2, l2), (0, 95, 95, 49));
         assert_eq!(
             f.read(lane, 3, o1, l1).unwrap(),
-            vec![(0, b"one".to_vec()), (7, b"two!".to_vec())]
+            vec![packet(0, 1, b"one"), packet(47, 2, b"two!")]
         );
         assert_eq!(
             f.read(lane, 3, o2, l2).unwrap(),
-            vec![(15, b"three".to_vec())]
+            vec![packet(95, 3, b"three")]
         );
         // Another batch or lane is another file.
         assert!(f.read(lane, 4, 0, 1).is_err());
         assert!(f.read(b"\x01cTASK", 3, 0, 1).is_err());
         // An extent past the end is corrupt, not a panic.
-        assert!(f.read(lane, 3, 20, 9).is_err());
+        assert!(f.read(lane, 3, 100, 49).is_err());
         // So is a corrupt extent length: refused before anything is allocated for it.
         assert!(f.read(lane, 3, 0, 1 << 40).is_err());
         assert!(f.read(lane, 3, u64::MAX, 2).is_err());
@@ -210,13 +250,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = PacketFiles::open(&dir.path().join("packets")).unwrap();
         let lane = b"\x01bTASK";
-        f.append(lane, 0, [&b"abcdef"[..]].into_iter()).unwrap();
-        // The length says 6 bytes; an extent of 8 bytes cuts the packet.
-        assert!(f.read(lane, 0, 0, 8).is_err());
-        f.append(lane, 1, [&b"x"[..]].into_iter()).unwrap();
+        let t = tag(9);
+        f.append(lane, 0, [(&t, &b"abcdef"[..])].into_iter())
+            .unwrap();
+        // The length says 6 bytes; extents of 20 and 48 bytes cut the tag and the packet.
+        assert!(f.read(lane, 0, 0, 20).is_err());
+        assert!(f.read(lane, 0, 0, 48).is_err());
+        assert_eq!(
+            f.read(lane, 0, 0, 50).unwrap(),
+            vec![packet(0, 9, b"abcdef")]
+        );
+        f.append(lane, 1, [(&t, &b"x"[..])].into_iter()).unwrap();
         let keep: HashSet<String> = [PacketFiles::name(lane, 1)].into_iter().collect();
         assert_eq!(f.remove_except(&keep).unwrap(), 1);
-        assert_eq!(f.read(lane, 1, 0, 5).unwrap(), vec![(0, b"x".to_vec())]);
+        assert_eq!(f.read(lane, 1, 0, 45).unwrap(), vec![packet(0, 9, b"x")]);
         assert!(f.read(lane, 0, 0, 10).is_err());
         assert!(f.bytes() > 0);
     }

@@ -187,7 +187,7 @@ impl ShufflerNode {
                     // disk count both.
                     if let Ok(sled_bytes) = shared.store.db().size_on_disk() {
                         metrics::gauge!(hush_server::metrics::names::STORE_BYTES)
-                            .set((sled_bytes + shared.store.packet_file_bytes()) as f64);
+                            .set((sled_bytes + shared.store.file_bytes()) as f64);
                     }
                     metrics::gauge!(hush_server::metrics::names::PACKETS_BUFFERED)
                         .set(shared.mixer.buffered() as f64);

@@ -4,7 +4,7 @@
 //! | --- | --- | --- |
 //! | `tasks` | task id | the task (protobuf `TaskConfig`) |
 //! | `keys` | `"keyset"` | the HPKE [`KeySet`] |
-//! | `tags` | key epoch ‖ replay tag | — (anti-replay; deleted with the key) |
+//! | `tags` | key epoch ‖ replay tag | — (the layout before [`ReplayTags`], moved into its logs at startup) |
 //! | `extents` | hop ‖ task ‖ batch ‖ offset | packets (u32 LE) ‖ bytes (u64 LE) of one request's packets in the batch's packet file |
 //! | `sent` | hop ‖ task ‖ batch ‖ random | file offsets (u64 LE each) of packets the next hop acknowledged |
 //! | `buffer` | hop ‖ task ‖ batch ‖ random | task id ‖ peeled packet: the layout before packet files, moved into them at startup |
@@ -13,7 +13,9 @@
 //!
 //! The packets themselves are in [`PacketFiles`], one append-only file per batch of a lane,
 //! written and synced before their extent is stored (see that module). A file, its extents and
-//! its `sent` marks go once every packet in it was forwarded or expired.
+//! its `sent` marks go once every packet in it was forwarded or expired. Replay tags are in
+//! [`ReplayTags`]: in memory, and on disk in the packets' records and then in one log per key
+//! epoch.
 //!
 //! The key epoch is the first 8 bytes of SHA-256 of the HPKE public key that opened the packet,
 //! so a tag is only compared with tags of the same key, and all of a key's tags go when it does.
@@ -28,8 +30,15 @@ use hush_server::db::tx_result;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
 
+use prost::bytes::Bytes;
+
 use crate::error::{Error, Result};
-use crate::packets::PacketFiles;
+use crate::packets::{PacketFiles, TAG_KEY};
+use crate::tags::ReplayTags;
+
+/// The tag of a packet moved into a packet file from sled's `buffer` tree: its real tag was
+/// in sled's `tags` tree and is in a tag log.
+const NO_TAG: [u8; TAG_KEY] = [0; TAG_KEY];
 
 /// The scope of counters for packets whose task is unknown.
 pub const NO_TASK: [u8; 32] = [0; 32];
@@ -213,8 +222,15 @@ pub struct StoredPacket {
     pub batch: u64,
     /// Its offset in the batch's packet file.
     pub offset: u64,
-    /// The peeled bytes for the next hop.
-    pub payload: Vec<u8>,
+    /// The peeled bytes for the next hop (a slice of the extent read from the file).
+    pub payload: Bytes,
+}
+
+impl StoredPacket {
+    /// Where it is stored: (batch, offset), what [`Store::mark_forwarded`] takes.
+    pub fn at(&self) -> (u64, u64) {
+        (self.batch, self.offset)
+    }
 }
 
 /// The database of one shuffler.
@@ -230,6 +246,7 @@ pub struct Store {
     stats: Tree,
     meta: Tree,
     files: Arc<PacketFiles>,
+    replay: Arc<ReplayTags>,
 }
 
 impl Store {
@@ -246,7 +263,7 @@ impl Store {
     /// Opens (or creates) the database in `dir` and its packet files in `dir/packets`.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
         let db = hush_server::db::open(dir, cache_mb)?;
-        Ok(Self {
+        let store = Self {
             tasks: db.open_tree("tasks")?,
             keys: db.open_tree("keys")?,
             tags: db.open_tree("tags")?,
@@ -256,8 +273,52 @@ impl Store {
             stats: db.open_tree("stats")?,
             meta: db.open_tree("meta")?,
             files: Arc::new(PacketFiles::open(&dir.join("packets"))?),
+            replay: Arc::new(ReplayTags::open(&dir.join("tags"))?),
             db,
-        })
+        };
+        let moved = store.migrate_sled_tags()?;
+        if moved > 0 {
+            tracing::info!(tags = moved, "moved replay tags from sled into tag logs");
+        }
+        store.remember_buffered_tags()?;
+        Ok(store)
+    }
+
+    /// Moves the replay tags of the layout before [`ReplayTags`] (one sled entry per tag) into
+    /// the tag logs, then deletes them from sled. A crash in between logs them twice, which is
+    /// harmless. Returns how many moved.
+    fn migrate_sled_tags(&self) -> Result<usize> {
+        let mut keys = Vec::new();
+        for k in self.tags.iter().keys() {
+            let k = k?;
+            let key: [u8; TAG_KEY] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| Error::corrupt("replay tag", "not epoch and tag"))?;
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.replay.open_epochs(keys.iter())?;
+        self.replay.log(keys.iter())?;
+        self.tags.clear()?;
+        self.db.flush()?;
+        Ok(keys.len())
+    }
+
+    /// Adds the tags of every buffered packet (in its record, durable with it) to the set.
+    fn remember_buffered_tags(&self) -> Result<()> {
+        for kv in self.extents.iter() {
+            let (k, v) = kv?;
+            let (hop, task, batch) = parse_lane_key(&k, 8, "packet extent")?;
+            let lane = lane_prefix(&hop, &task);
+            let offset = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+            let (_, len) = parse_extent(&v)?;
+            let packets = self.files.read(&lane, batch, offset, len)?;
+            self.replay.remember(packets.iter().map(|p| &p.tag_key));
+        }
+        Ok(())
     }
 
     /// Makes everything written so far durable ([`hush_server::db::flush`]).
@@ -292,20 +353,18 @@ impl Store {
     /// `Accepted` or `Rejected(Replay)` per item are counted too.
     ///
     /// Callers serialize calls (the mixer's lock), so the tag check cannot race. The packets of
-    /// each batch go to its packet file in one synced write; then three atomic sled batches
-    /// follow in this order: extents, counters, tags. sled recovers a prefix of them, so after a
-    /// crash a packet may be stored without its tag (it was not acknowledged; if the sender
-    /// retries, the next hop's replay check drops the second copy) but a tag is never stored
-    /// without its packet, which would lose the packet on the sender's retry.
+    /// each batch go with their tags to its packet file in one synced write; then sled stores
+    /// the extents and the counters, and only then are the tags added to the set in memory. So
+    /// a tag is never durable without its packet (which would lose the packet on the sender's
+    /// retry): bytes without an extent are not read back at startup.
     pub fn accept(&self, items: &[Incoming], stats: &StatDelta) -> Result<Vec<bool>> {
         let mut stored = Vec::with_capacity(items.len());
         let mut delta = stats.clone();
         let mut in_request = HashSet::with_capacity(items.len());
         let mut groups: BTreeMap<(Vec<u8>, u64), Vec<usize>> = BTreeMap::new();
-        let mut tags = sled::Batch::default();
         for (i, item) in items.iter().enumerate() {
             let scope = *item.task.as_bytes();
-            if !in_request.insert(item.tag_key) || self.tags.contains_key(item.tag_key)? {
+            if !in_request.insert(item.tag_key) || self.replay.contains(&item.tag_key) {
                 stored.push(false);
                 delta.add(scope, Stat::Rejected(RejectReason::Replay), 1);
                 continue;
@@ -314,23 +373,27 @@ impl Store {
                 .entry((lane_prefix(&item.hop, &item.task), item.batch))
                 .or_default()
                 .push(i);
-            tags.insert(&item.tag_key[..], &[][..]);
             stored.push(true);
             delta.add(scope, Stat::Accepted, 1);
         }
+        self.replay
+            .open_epochs(groups.values().flatten().map(|&i| &items[i].tag_key))?;
         let mut extents = sled::Batch::default();
         for ((lane, batch), members) in &groups {
             let (offset, len) = self.files.append(
                 lane,
                 *batch,
-                members.iter().map(|&i| items[i].payload.as_slice()),
+                members
+                    .iter()
+                    .map(|&i| (&items[i].tag_key, items[i].payload.as_slice())),
             )?;
             let (k, v) = extent_entry(lane, *batch, offset, members.len(), len);
             extents.insert(k, v);
         }
         self.extents.apply_batch(extents)?;
         self.add_stats(&delta)?;
-        self.tags.apply_batch(tags)?;
+        self.replay
+            .remember(groups.values().flatten().map(|&i| &items[i].tag_key));
         Ok(stored)
     }
 
@@ -395,12 +458,12 @@ impl Store {
                     format!("an extent of {count} packets holds {}", packets.len()),
                 ));
             }
-            for (offset, payload) in packets {
-                if !sent.contains(&(batch, offset)) {
+            for p in packets {
+                if !sent.contains(&(batch, p.offset)) {
                     out.push(StoredPacket {
                         batch,
-                        offset,
-                        payload,
+                        offset: p.offset,
+                        payload: p.payload,
                     });
                 }
             }
@@ -416,16 +479,17 @@ impl Store {
         Ok(stored.saturating_sub(self.sent_offsets(&lane, lo, hi)?.len() as u64))
     }
 
-    /// Marks packets of `task`'s lane to `hop` the next hop acknowledged, and counts them as
-    /// forwarded, in one transaction.
-    pub fn mark_forwarded(&self, hop: &str, task: &TaskId, done: &[&StoredPacket]) -> Result<()> {
+    /// Marks packets of `task`'s lane to `hop` the next hop acknowledged, given as (batch,
+    /// offset in the batch's file) ([`StoredPacket::at`]), and counts them as forwarded, in one
+    /// transaction.
+    pub fn mark_forwarded(&self, hop: &str, task: &TaskId, done: &[(u64, u64)]) -> Result<()> {
         let lane = lane_prefix(hop, task);
         let mut per_batch: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for p in done {
+        for &(batch, offset) in done {
             per_batch
-                .entry(p.batch)
+                .entry(batch)
                 .or_default()
-                .extend_from_slice(&p.offset.to_le_bytes());
+                .extend_from_slice(&offset.to_le_bytes());
         }
         let marks: Vec<(Vec<u8>, Vec<u8>)> = per_batch
             .into_iter()
@@ -446,7 +510,8 @@ impl Store {
         }))
     }
 
-    /// Deletes batches `lo..=hi` of `task`'s lane to `hop`: their extents, marks and files.
+    /// Deletes batches `lo..=hi` of `task`'s lane to `hop`: their extents, marks and files,
+    /// after appending their packets' replay tags to the tag logs.
     /// Returns the packets among them not yet forwarded, counted as refused `TOO_OLD` in the
     /// same transaction (none, for a batch the next hop took whole).
     pub fn remove_batches(&self, hop: &str, task: &TaskId, lo: u64, hi: u64) -> Result<u64> {
@@ -473,6 +538,11 @@ impl Store {
             Stat::Rejected(RejectReason::TooOld),
             unsent,
         );
+        // The packets' tags outlive them: into the tag logs before their records can go.
+        for &(batch, offset, _, len) in &extents {
+            let packets = self.files.read(&lane, batch, offset, len)?;
+            self.replay.log(packets.iter().map(|p| &p.tag_key))?;
+        }
         tx_result(
             (&self.extents, &self.sent, &self.stats).transaction(|(ext, sent, st)| {
                 for k in &ext_keys {
@@ -485,13 +555,20 @@ impl Store {
                 Ok(())
             }),
         )?;
+        // The batches are gone from here on: what fails below only leaves files that no
+        // extent points at, which startup deletes, so it is logged and the count returned (a
+        // caller that saw an error would never give back the packets' place in its counts).
         // The deletions must be durable before the files go: a crash in between would
-        // otherwise bring back extents whose file is gone. A crash after the flush and before
-        // the files go leaves files without extents, which startup deletes.
-        self.db.flush()?;
+        // otherwise bring back extents whose file is gone.
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, "removed batches are not yet durable; their packet files stay until the next start");
+            return Ok(unsent);
+        }
         let batches: HashSet<u64> = extents.iter().map(|e| e.0).collect();
         for b in batches {
-            self.files.remove(&lane, b)?;
+            if let Err(e) = self.files.remove(&lane, b) {
+                tracing::warn!(error = %e, "a removed batch's packet file could not be deleted; the next start deletes it");
+            }
         }
         Ok(unsent)
     }
@@ -592,9 +669,11 @@ impl Store {
         }
         let mut moved = 0;
         for ((lane, batch), entries) in groups {
-            let (offset, len) =
-                self.files
-                    .append(&lane, batch, entries.iter().map(|(_, v)| &v[32..]))?;
+            let (offset, len) = self.files.append(
+                &lane,
+                batch,
+                entries.iter().map(|(_, v)| (&NO_TAG, &v[32..])),
+            )?;
             let (k, ext) = extent_entry(&lane, batch, offset, entries.len(), len);
             tx_result::<_, Error>((&self.extents, &self.buffer).transaction(
                 |(extents, buffer)| {
@@ -651,12 +730,12 @@ impl Store {
         Ok(())
     }
 
-    /// Every tree of the database with its number of entries.
+    /// Every tree of the database with its number of entries, and `tags`: the replay tags
+    /// held (in memory and the tag logs; sled's `tags` tree is empty after the first start).
     pub fn tree_sizes(&self) -> Vec<(String, usize)> {
-        [
+        let mut sizes: Vec<(String, usize)> = [
             ("tasks", &self.tasks),
             ("keys", &self.keys),
-            ("tags", &self.tags),
             ("extents", &self.extents),
             ("sent", &self.sent),
             ("buffer", &self.buffer),
@@ -665,7 +744,9 @@ impl Store {
         ]
         .into_iter()
         .map(|(n, t)| (n.to_owned(), t.len()))
-        .collect()
+        .collect();
+        sizes.insert(2, ("tags".to_owned(), self.tag_count() + self.tags.len()));
+        sizes
     }
 
     /// Packets held and not yet acknowledged by a next hop (reads every extent).
@@ -673,26 +754,19 @@ impl Store {
         Ok(self.buffered()?.values().map(|b| b.count).sum())
     }
 
-    /// Bytes the packet files occupy on disk.
-    pub fn packet_file_bytes(&self) -> u64 {
-        self.files.bytes()
+    /// Bytes the packet files and the tag logs occupy on disk.
+    pub fn file_bytes(&self) -> u64 {
+        self.files.bytes() + self.replay.bytes()
     }
 
     /// Deletes every replay tag of a key epoch; returns how many.
-    pub fn delete_tags(&self, epoch: [u8; 8]) -> std::result::Result<usize, sled::Error> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for k in self.tags.scan_prefix(epoch).keys() {
-            batch.remove(k?);
-            n += 1;
-        }
-        self.tags.apply_batch(batch)?;
-        Ok(n)
+    pub fn delete_tags(&self, epoch: [u8; 8]) -> std::io::Result<usize> {
+        self.replay.delete_epoch(epoch)
     }
 
     /// Replay tags stored (all key epochs).
     pub fn tag_count(&self) -> usize {
-        self.tags.len()
+        self.replay.count()
     }
 
     /// The counters of one scope (a task id, or [`NO_TASK`]).
@@ -734,8 +808,8 @@ mod tests {
         }
     }
 
-    fn refs(p: &[StoredPacket]) -> Vec<&StoredPacket> {
-        p.iter().collect()
+    fn refs(p: &[StoredPacket]) -> Vec<(u64, u64)> {
+        p.iter().map(StoredPacket::at).collect()
     }
 
     #[test]
@@ -766,7 +840,7 @@ mod tests {
         );
         assert!(s.batch_packets("b", &task, 1, 5).unwrap().is_empty());
         let p = s.batch_packets("b", &task, 0, 0).unwrap();
-        let mut got: Vec<Vec<u8>> = p.iter().map(|p| p.payload.clone()).collect();
+        let mut got: Vec<Vec<u8>> = p.iter().map(|p| p.payload.to_vec()).collect();
         got.sort();
         assert_eq!(got, vec![vec![1u8; 10], vec![2u8; 10]]);
         assert!(
@@ -784,7 +858,7 @@ mod tests {
         assert!(s.batch_packets("b", &task, 0, 0).unwrap().is_empty());
         assert_eq!(s.remove_batches("b", &task, 0, 0).unwrap(), 0);
         assert_eq!(s.extents.len() + s.sent.len(), 0);
-        assert_eq!(s.packet_file_bytes(), 0, "the batch's file went");
+        assert_eq!(s.files.bytes(), 0, "the batch's file went");
         let st = s.stats(&[7u8; 32]).unwrap();
         assert_eq!(st[&Stat::Accepted], 2);
         assert_eq!(st[&Stat::Forwarded], 2);
@@ -840,10 +914,10 @@ mod tests {
         // stored extent, and a file of batch 1 with no extent at all.
         let lane = lane_prefix("b", &task);
         s.files
-            .append(&lane, 0, [&b"torn"[..]].into_iter())
+            .append(&lane, 0, [(&NO_TAG, &b"torn"[..])].into_iter())
             .unwrap();
         s.files
-            .append(&lane, 1, [&b"lost"[..]].into_iter())
+            .append(&lane, 1, [(&NO_TAG, &b"lost"[..])].into_iter())
             .unwrap();
         assert_eq!(s.remove_orphan_files().unwrap(), 1);
         let p = s.batch_packets("b", &task, 0, 1).unwrap();
@@ -853,6 +927,57 @@ mod tests {
         s.accept(&[incoming("b", 0, 2)], &StatDelta::default())
             .unwrap();
         assert_eq!(s.batch_packets("b", &task, 0, 0).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn replays_are_refused_after_a_restart_whether_buffered_or_forwarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = TaskId::from(TASK);
+        let lane = lane_prefix("b", &task);
+        {
+            let s = Store::open(dir.path(), 8).unwrap();
+            s.accept(
+                &[incoming("b", 0, 1), incoming("b", 1, 2)],
+                &StatDelta::default(),
+            )
+            .unwrap();
+            let p = s.batch_packets("b", &task, 0, 0).unwrap();
+            s.mark_forwarded("b", &task, &refs(&p)).unwrap();
+            assert_eq!(s.remove_batches("b", &task, 0, 0).unwrap(), 0);
+            // A crash between a file write and its extent: a packet never acknowledged.
+            let torn = incoming("b", 1, 3).tag_key;
+            s.files
+                .append(&lane, 1, [(&torn, &b"torn"[..])].into_iter())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), 8).unwrap();
+        assert_eq!(s.remove_orphan_files().unwrap(), 0);
+        assert_eq!(
+            s.tag_count(),
+            2,
+            "tag 1 from its log, tag 2 from its packet's record"
+        );
+        assert_eq!(
+            s.accept(
+                &[
+                    incoming("b", 2, 1),
+                    incoming("b", 2, 2),
+                    incoming("b", 2, 3)
+                ],
+                &StatDelta::default()
+            )
+            .unwrap(),
+            vec![false, false, true],
+            "the unacknowledged packet's retry is taken"
+        );
+        assert_eq!(s.delete_tags([0; 8]).unwrap(), 3);
+        drop(s);
+        assert_eq!(
+            Store::open(dir.path(), 8).unwrap().tag_count(),
+            0,
+            "a retired key's tags stay gone, though two of its packets are still buffered"
+        );
     }
 
     #[test]
@@ -894,8 +1019,21 @@ mod tests {
             assert_eq!(s.migrate_buffer_keys().unwrap(), 0);
             assert_eq!(s.migrate_buffer_to_files().unwrap(), 3);
             assert_eq!(s.migrate_buffer_to_files().unwrap(), 0);
+            // A replay tag of the layout before the tag logs: one sled entry.
+            s.tags.insert(incoming("b", 6, 9).tag_key, &[][..]).unwrap();
+            s.db.flush().unwrap();
         }
         let s = Store::open(dir.path(), 8).unwrap();
+        assert_eq!(
+            (s.tags.len(), s.tag_count()),
+            (0, 1),
+            "the tag moved to its log"
+        );
+        assert_eq!(
+            s.accept(&[incoming("b", 6, 9)], &StatDelta::default())
+                .unwrap(),
+            vec![false]
+        );
         assert_eq!(s.remove_orphan_files().unwrap(), 0);
         assert_eq!(s.buffer.len(), 0);
         let b = s.buffered().unwrap()[&("b".to_owned(), task)];
@@ -910,7 +1048,7 @@ mod tests {
             .batch_packets("b", &task, 3, 3)
             .unwrap()
             .into_iter()
-            .map(|p| p.payload)
+            .map(|p| p.payload.to_vec())
             .collect();
         got.sort();
         assert_eq!(got, vec![vec![2u8; 5], b"packet".to_vec()]);

@@ -367,6 +367,27 @@ async fn bad_packets_are_refused_counted_and_never_forwarded() {
         5
     );
     node.shutdown().await.unwrap();
+
+    // Restarted on the same data directory, it still knows the tags of the packets it forwarded
+    // (from its tag log), and takes none of them again.
+    let node = start_shuffler(
+        "shuffler-a",
+        dir.path(),
+        ("leader", "leader", &sink.url()),
+        mix,
+        "",
+        Arc::new(SystemClock),
+    )
+    .await;
+    let u = url(node.local_addr());
+    let again = submit_packets(&u, &valid, 100).await;
+    assert_eq!(
+        (again.accepted, again.rejected[&RejectReason::Replay]),
+        (0, 100)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.received().len(), 100, "no replay was forwarded");
+    node.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
