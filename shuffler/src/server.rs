@@ -1,6 +1,7 @@
 //! Starting and stopping a shuffler: one tonic server, a forwarder per next hop and background
 //! maintenance, over one sled database.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,7 @@ use crate::ingest::IngestService;
 use crate::keys::NodeKeys;
 use crate::mix::{HopClient, Mixer, forwarder};
 use crate::shared::{Shared, SourceLimiter, TenantLimiter};
-use crate::store::Store;
+use crate::store::{Store, key_epoch};
 use crate::tasks::Tasks;
 use hush_server::keys::KeysService;
 use hush_server::probe::Probes;
@@ -95,6 +96,19 @@ impl ShufflerNode {
             tasks.insert(TaskConfig::try_from(&pb).map_err(|e| Error::corrupt("task", e))?);
         }
         let keys = NodeKeys::load(store.clone(), clock.clone(), config.key_grace_period_s)?;
+        // Tag logs of keys that retired while their deletion failed or a crash cut it short.
+        let live: HashSet<[u8; 8]> = keys
+            .configs()
+            .iter()
+            .map(|c| key_epoch(c.public_key()))
+            .collect();
+        let stale = store.retain_tag_epochs(&live)?;
+        if stale > 0 {
+            tracing::info!(
+                logs = stale,
+                "deleted the replay tag logs of keys this node no longer has"
+            );
+        }
         let mixer = Arc::new(Mixer::recover(
             config.mix.clone(),
             &config.next_hops,

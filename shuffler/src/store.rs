@@ -307,7 +307,9 @@ impl Store {
         Ok(keys.len())
     }
 
-    /// Adds the tags of every buffered packet (in its record, durable with it) to the set.
+    /// Adds the tags of every buffered packet (in its record, durable with it) to the set. An
+    /// extent whose file is damaged or missing is logged and skipped: its packets cannot be
+    /// forwarded either (their batch fails as corrupt), and their tags are lost.
     fn remember_buffered_tags(&self) -> Result<()> {
         for kv in self.extents.iter() {
             let (k, v) = kv?;
@@ -315,10 +317,19 @@ impl Store {
             let lane = lane_prefix(&hop, &task);
             let offset = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
             let (_, len) = parse_extent(&v)?;
-            let packets = self.files.read(&lane, batch, offset, len)?;
-            self.replay.remember(packets.iter().map(|p| &p.tag_key));
+            match self.files.read(&lane, batch, offset, len) {
+                Ok(packets) => self.replay.remember(packets.iter().map(|p| &p.tag_key)),
+                Err(e) => {
+                    tracing::error!(%hop, %task, batch, error = %e, "the replay tags of stored packets cannot be read; replays of those packets will not be recognized")
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Deletes the tag logs of epochs not in `keep` (the node's keys); returns how many went.
+    pub fn retain_tag_epochs(&self, keep: &HashSet<[u8; 8]>) -> Result<usize> {
+        Ok(self.replay.retain(keep)?)
     }
 
     /// Makes everything written so far durable ([`hush_server::db::flush`]).
@@ -391,9 +402,11 @@ impl Store {
             extents.insert(k, v);
         }
         self.extents.apply_batch(extents)?;
-        self.add_stats(&delta)?;
+        // The packets are stored from here on (the extents reach disk with the next flush),
+        // whatever happens to the counters.
         self.replay
             .remember(groups.values().flatten().map(|&i| &items[i].tag_key));
+        self.add_stats(&delta)?;
         Ok(stored)
     }
 
@@ -538,11 +551,18 @@ impl Store {
             Stat::Rejected(RejectReason::TooOld),
             unsent,
         );
-        // The packets' tags outlive them: into the tag logs before their records can go.
+        // The packets' tags outlive them: into the tag logs, in one write per epoch, before
+        // their records can go. A damaged file's tags are lost (logged); its packets were.
+        let mut tags: Vec<[u8; TAG_KEY]> = Vec::new();
         for &(batch, offset, _, len) in &extents {
-            let packets = self.files.read(&lane, batch, offset, len)?;
-            self.replay.log(packets.iter().map(|p| &p.tag_key))?;
+            match self.files.read(&lane, batch, offset, len) {
+                Ok(packets) => tags.extend(packets.iter().map(|p| p.tag_key)),
+                Err(e) => {
+                    tracing::error!(%hop, %task, batch, error = %e, "the replay tags of packets being deleted cannot be read; replays of those packets will not be recognized")
+                }
+            }
         }
+        self.replay.log(tags.iter())?;
         tx_result(
             (&self.extents, &self.sent, &self.stats).transaction(|(ext, sent, st)| {
                 for k in &ext_keys {

@@ -367,6 +367,13 @@ async fn bad_packets_are_refused_counted_and_never_forwarded() {
         5
     );
     node.shutdown().await.unwrap();
+    let held = std::fs::read_dir(dir.path().join("data").join("packets"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        held, 0,
+        "every packet file went: the tags are only in the log"
+    );
 
     // Restarted on the same data directory, it still knows the tags of the packets it forwarded
     // (from its tag log), and takes none of them again.

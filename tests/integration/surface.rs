@@ -532,6 +532,15 @@ async fn scheduled_key_rotation_keeps_only_the_live_epochs_replay_tags() {
         tags <= 60,
         "{tags} replay tags after 120 packets: only the live epochs' should be kept"
     );
+    // On disk too: one tag log per live key at most, none left of the retired ones.
+    let live = client::hpke_configs(&u, None).await.unwrap().len();
+    let logs = std::fs::read_dir(dir.path().join("data").join("tags"))
+        .unwrap()
+        .count();
+    assert!(
+        (1..=live).contains(&logs),
+        "{logs} tag logs for {live} live keys"
+    );
     node.shutdown().await.unwrap();
 }
 
