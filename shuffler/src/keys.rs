@@ -22,12 +22,21 @@ impl KeyStore for Store {
     }
 
     fn retired(&self, config: &HpkeConfig) -> Result<(), ServerError> {
-        let tags = self.delete_tags(key_epoch(config.public_key()))?;
-        tracing::info!(
-            config_id = config.id(),
-            tags,
-            "deleted the replay tags of a retired HPKE key"
-        );
+        // Never an error: the key set no longer has the key, so nothing would retry, and an
+        // error would skip the other retired keys. The tags are out of memory either way; a
+        // log left on disk goes at the next start (`Store::retain_tag_epochs`).
+        match self.delete_tags(key_epoch(config.public_key())) {
+            Ok(tags) => tracing::info!(
+                config_id = config.id(),
+                tags,
+                "deleted the replay tags of a retired HPKE key"
+            ),
+            Err(e) => tracing::warn!(
+                config_id = config.id(),
+                error = %e,
+                "the replay tag log of a retired HPKE key could not be deleted; the next start deletes it"
+            ),
+        }
         Ok(())
     }
 }

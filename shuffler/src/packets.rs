@@ -181,14 +181,19 @@ impl PacketFiles {
 
     /// Bytes the files occupy.
     pub fn bytes(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        folder_bytes(&self.dir)
     }
+}
+
+/// Bytes the files directly in `dir` occupy (0 if it cannot be read).
+pub(crate) fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

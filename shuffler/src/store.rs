@@ -365,9 +365,9 @@ impl Store {
     ///
     /// Callers serialize calls (the mixer's lock), so the tag check cannot race. The packets of
     /// each batch go with their tags to its packet file in one synced write; then sled stores
-    /// the extents and the counters, and only then are the tags added to the set in memory. So
-    /// a tag is never durable without its packet (which would lose the packet on the sender's
-    /// retry): bytes without an extent are not read back at startup.
+    /// the extents, the tags join the set in memory, and sled stores the counters. A tag is
+    /// never durable without its packet (which would lose the packet on the sender's retry):
+    /// bytes without an extent are not read back at startup.
     pub fn accept(&self, items: &[Incoming], stats: &StatDelta) -> Result<Vec<bool>> {
         let mut stored = Vec::with_capacity(items.len());
         let mut delta = stats.clone();

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::Result;
-use crate::packets::TAG_KEY;
+use crate::packets::{TAG_KEY, folder_bytes};
 
 /// Bytes of a tag in a log.
 const TAG: usize = TAG_KEY - 8;
@@ -266,13 +266,7 @@ impl ReplayTags {
 
     /// Bytes the logs occupy.
     pub fn bytes(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        folder_bytes(&self.dir)
     }
 }
 

@@ -374,6 +374,13 @@ async fn bad_packets_are_refused_counted_and_never_forwarded() {
         held, 0,
         "every packet file went: the tags are only in the log"
     );
+    // The log of a key this node does not have (a deletion a crash cut short) goes at start.
+    let stray = dir
+        .path()
+        .join("data")
+        .join("tags")
+        .join("00000000000000ff.tags");
+    std::fs::write(&stray, [7u8; 32]).unwrap();
 
     // Restarted on the same data directory, it still knows the tags of the packets it forwarded
     // (from its tag log), and takes none of them again.
@@ -394,6 +401,7 @@ async fn bad_packets_are_refused_counted_and_never_forwarded() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.received().len(), 100, "no replay was forwarded");
+    assert!(!stray.exists(), "the stray log went at start");
     node.shutdown().await.unwrap();
 }
 
