@@ -317,14 +317,29 @@ impl Store {
             let lane = lane_prefix(&hop, &task);
             let offset = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
             let (_, len) = parse_extent(&v)?;
-            match self.files.read(&lane, batch, offset, len) {
-                Ok(packets) => self.replay.remember(packets.iter().map(|p| &p.tag_key)),
-                Err(e) => {
-                    tracing::error!(%hop, %task, batch, error = %e, "the replay tags of stored packets cannot be read; replays of those packets will not be recognized")
-                }
-            }
+            let tags = self.extent_tags((&hop, &task, &lane), batch, offset, len);
+            self.replay.remember(tags.iter());
         }
         Ok(())
+    }
+
+    /// The replay tags in the records of one extent; none, logged, if its file is damaged or
+    /// missing (its packets cannot be forwarded either, and replays of them will not be
+    /// recognized).
+    fn extent_tags(
+        &self,
+        (hop, task, lane): (&str, &TaskId, &[u8]),
+        batch: u64,
+        offset: u64,
+        len: u64,
+    ) -> Vec<[u8; TAG_KEY]> {
+        match self.files.read(lane, batch, offset, len) {
+            Ok(packets) => packets.iter().map(|p| p.tag_key).collect(),
+            Err(e) => {
+                tracing::error!(%hop, %task, batch, error = %e, "the replay tags of stored packets cannot be read; replays of those packets will not be recognized");
+                Vec::new()
+            }
+        }
     }
 
     /// Deletes the tag logs of epochs not in `keep` (the node's keys); returns how many went.
@@ -553,15 +568,12 @@ impl Store {
         );
         // The packets' tags outlive them: into the tag logs, in one write per epoch, before
         // their records can go. A damaged file's tags are lost (logged); its packets were.
-        let mut tags: Vec<[u8; TAG_KEY]> = Vec::new();
-        for &(batch, offset, _, len) in &extents {
-            match self.files.read(&lane, batch, offset, len) {
-                Ok(packets) => tags.extend(packets.iter().map(|p| p.tag_key)),
-                Err(e) => {
-                    tracing::error!(%hop, %task, batch, error = %e, "the replay tags of packets being deleted cannot be read; replays of those packets will not be recognized")
-                }
-            }
-        }
+        let tags: Vec<[u8; TAG_KEY]> = extents
+            .iter()
+            .flat_map(|&(batch, offset, _, len)| {
+                self.extent_tags((hop, task, &lane), batch, offset, len)
+            })
+            .collect();
         self.replay.log(tags.iter())?;
         tx_result(
             (&self.extents, &self.sent, &self.stats).transaction(|(ext, sent, st)| {

@@ -245,15 +245,19 @@ async fn bad_packets_are_refused_counted_and_never_forwarded() {
         min_batch_size: 1,
         max_wait_ms: 200,
     };
-    let node = start_shuffler(
-        "shuffler-a",
-        dir.path(),
-        ("leader", "leader", &sink.url()),
-        mix,
-        "",
-        Arc::new(SystemClock),
-    )
-    .await;
+    let sink_url = sink.url();
+    // Started twice on the same data directory: here, and again below.
+    let start = || {
+        start_shuffler(
+            "shuffler-a",
+            dir.path(),
+            ("leader", "leader", &sink_url),
+            mix,
+            "",
+            Arc::new(SystemClock),
+        )
+    };
+    let node = start().await;
     let u = url(node.local_addr());
     provision_shuffler(&u, &task).await;
     let mine = client::hpke_configs(&u, None).await.unwrap()[0].clone();
@@ -384,15 +388,7 @@ async fn bad_packets_are_refused_counted_and_never_forwarded() {
 
     // Restarted on the same data directory, it still knows the tags of the packets it forwarded
     // (from its tag log), and takes none of them again.
-    let node = start_shuffler(
-        "shuffler-a",
-        dir.path(),
-        ("leader", "leader", &sink.url()),
-        mix,
-        "",
-        Arc::new(SystemClock),
-    )
-    .await;
+    let node = start().await;
     let u = url(node.local_addr());
     let again = submit_packets(&u, &valid, 100).await;
     assert_eq!(
