@@ -5,7 +5,10 @@
 //!
 //! * Raw bound: one thread does, per report, what the pair must do at minimum: both HPKE opens,
 //!   both `verify_init`s, the combination of verifier shares and both `verify_next`s. Its rate
-//!   is the single-threaded bound.
+//!   is the single-threaded bound. It is measured before the first row and after each row, and
+//!   a row is compared with the mean of the measurements just before and just after it, so a
+//!   host whose speed drifts during the run (this one does, by tens of per cent) moves both
+//!   sides of the ratio; the drift column says how far apart the two were.
 //! * Pair: a helper and a leader run as real `hush aggregator` processes, on each store in turn:
 //!   sled in a temp dir; PostgreSQL with one leader; PostgreSQL with two leader replicas (one
 //!   submitter each). PostgreSQL is a private server started for the run (fsync on) on this
@@ -17,7 +20,8 @@
 //!
 //! The goal is pair ≥ 0.8 × the two-core bound (twice the single-threaded one) with peak memory
 //! that does not grow with N. The CPU time each process used while the clock ran is printed per
-//! report beside the raw crypto's (PostgreSQL's own server is not in it).
+//! report beside the raw crypto's (PostgreSQL's own server is not in it), and their quotient
+//! (CPU): the share of the pair's CPU that is the crypto it cannot avoid.
 //!
 //! `cargo test` runs this file too (`test = true` in cli/Cargo.toml): without the `--bench` flag
 //! that `cargo bench` passes, it runs the same measurement path once on a tiny N and checks that
@@ -38,49 +42,88 @@ use hush_tests::process::{HushProcess, cpu_seconds_of};
 use hush_tests::task_params;
 use rayon::prelude::*;
 
-fn raw_bound(task: &TaskConfig, reports: usize) -> (f64, f64) {
-    let vdaf = Vdaf::new(task).unwrap();
-    let key = VerifyKey::random();
-    let leader = Keyring::new(vec![HpkeKeypair::generate(1)]);
-    let helper = Keyring::new(vec![HpkeKeypair::generate(1)]);
-    let now = SystemClock.now();
-    let rs: Vec<Report> = (0..reports)
-        .into_par_iter()
-        .map(|i| {
-            let id = ReportId::random();
-            let s = vdaf.shard(&Measurement::Bucket(i % 32), &id).unwrap();
-            Report::seal(
-                task.id(),
-                id,
-                now,
-                s,
-                leader.keys()[0].config(),
-                helper.keys()[0].config(),
-            )
-            .unwrap()
-        })
-        .collect();
-    let one = |r: &Report| {
-        let ls = r.open_share(Role::Leader, &leader).unwrap();
-        let hs = r.open_share(Role::Helper, &helper).unwrap();
-        let (lst, lv) = vdaf
-            .verify_init(&key, Role::Leader, r.report_id(), r.public_share(), &ls)
-            .unwrap();
-        let (hst, hv) = vdaf
-            .verify_init(&key, Role::Helper, r.report_id(), r.public_share(), &hs)
-            .unwrap();
-        let msg = vdaf.verifier_message(&hst, &lv, &hv).unwrap();
-        std::hint::black_box(vdaf.verify_finish(lst, &msg).unwrap());
-        std::hint::black_box(vdaf.verify_finish(hst, &msg).unwrap());
-    };
-    let start = Instant::now();
-    rs.iter().for_each(one);
-    let single = reports as f64 / start.elapsed().as_secs_f64();
-    // The same on every core: what the machine gives at this moment (a busy host shows here).
-    let start = Instant::now();
-    rs.par_iter().for_each(one);
-    let all = reports as f64 / start.elapsed().as_secs_f64();
-    (single, all)
+/// Sealed reports and the keys to open them, made once; [`Raw::rates`] times the work alone.
+struct Raw {
+    vdaf: Vdaf,
+    key: VerifyKey,
+    leader: Keyring,
+    helper: Keyring,
+    reports: Vec<Report>,
+}
+
+impl Raw {
+    fn new(task: &TaskConfig, reports: usize) -> Self {
+        let vdaf = Vdaf::new(task).unwrap();
+        let leader = Keyring::new(vec![HpkeKeypair::generate(1)]);
+        let helper = Keyring::new(vec![HpkeKeypair::generate(1)]);
+        let now = SystemClock.now();
+        let reports = (0..reports)
+            .into_par_iter()
+            .map(|i| {
+                let id = ReportId::random();
+                let s = vdaf.shard(&Measurement::Bucket(i % 32), &id).unwrap();
+                Report::seal(
+                    task.id(),
+                    id,
+                    now,
+                    s,
+                    leader.keys()[0].config(),
+                    helper.keys()[0].config(),
+                )
+                .unwrap()
+            })
+            .collect();
+        Self {
+            vdaf,
+            key: VerifyKey::random(),
+            leader,
+            helper,
+            reports,
+        }
+    }
+
+    /// Reports per second on one thread (the single-threaded bound) and on every core, and the
+    /// CPU µs per report of the one thread (the process's CPU time, which a host taking the core
+    /// away does not inflate).
+    fn rates(&self) -> (f64, f64, f64) {
+        let one = |r: &Report| {
+            let ls = r.open_share(Role::Leader, &self.leader).unwrap();
+            let hs = r.open_share(Role::Helper, &self.helper).unwrap();
+            let (lst, lv) = self
+                .vdaf
+                .verify_init(
+                    &self.key,
+                    Role::Leader,
+                    r.report_id(),
+                    r.public_share(),
+                    &ls,
+                )
+                .unwrap();
+            let (hst, hv) = self
+                .vdaf
+                .verify_init(
+                    &self.key,
+                    Role::Helper,
+                    r.report_id(),
+                    r.public_share(),
+                    &hs,
+                )
+                .unwrap();
+            let msg = self.vdaf.verifier_message(&hst, &lv, &hv).unwrap();
+            std::hint::black_box(self.vdaf.verify_finish(lst, &msg).unwrap());
+            std::hint::black_box(self.vdaf.verify_finish(hst, &msg).unwrap());
+        };
+        let n = self.reports.len() as f64;
+        let (start, cpu) = (Instant::now(), cpu_seconds_of(std::process::id()));
+        self.reports.iter().for_each(one);
+        let single = n / start.elapsed().as_secs_f64();
+        let cpu_us = (cpu_seconds_of(std::process::id()) - cpu) * 1e6 / n;
+        // The same on every core: what the machine gives at this moment (a busy host shows here).
+        let start = Instant::now();
+        self.reports.par_iter().for_each(one);
+        let all = n / start.elapsed().as_secs_f64();
+        (single, all, cpu_us)
+    }
 }
 
 /// Where the aggregators keep their state.
@@ -290,7 +333,8 @@ fn main() {
             .to_owned()
     });
 
-    let (bound, all) = raw_bound(&task, raw_n);
+    let raw = Raw::new(&task, raw_n);
+    let (bound, all, cpu_us) = raw.rates();
     println!(
         "raw single-threaded bound (2 opens + 2 verify_init + combine + 2 verify_next): {bound:.0} reports/s"
     );
@@ -298,41 +342,52 @@ fn main() {
         "the same on all cores: {all:.0} reports/s ({:.2}x one)",
         all / bound
     );
+    println!("raw crypto {cpu_us:.1} µs of CPU per report");
     println!(
-        "two-core bound: {:.0} reports/s; raw crypto {:.1} µs of CPU per report",
-        2.0 * bound,
-        1e6 / bound
+        "each row against the single-threaded bound measured just before and just after it (their mean; \
+         drift = how far apart they were); CPU = raw CPU µs per report / the CPU µs per report of leader, helper and submitters"
     );
     println!(
-        "{:<12} {:>8} {:>11} {:>9} {:>9} {:>12} {:>12} {:>28}",
+        "{:<12} {:>8} {:>11} {:>9} {:>7} {:>9} {:>9} {:>5} {:>12} {:>12} {:>28}",
         "store",
         "reports",
         "pair rep/s",
+        "bound/s",
+        "drift",
         "vs bound",
         "vs 2-core",
+        "CPU",
         "leader peak",
         "helper peak",
         "CPU µs/report: lead+help+sub"
     );
+    let mut before = (bound, cpu_us);
     for n in sizes {
         for store in &stores {
             let r = rt.block_on(run_pair(&task, n, *store, pg_url.as_deref()));
+            let (after, _, after_cpu) = raw.rates();
+            let bound = (before.0 + after) / 2.0;
+            let cpu = r.leader_us + r.helper_us + r.submit_us;
             println!(
-                "{:<12} {n:>8} {:>11.0} {:>8.2}x {:>9.2} {:>8.1} MiB {:>8.1} MiB {:>10.0} = {:.0}+{:.0}+{:.0}",
+                "{:<12} {n:>8} {:>11.0} {:>9.0} {:>6.0}% {:>8.2}x {:>9.2} {:>5.2} {:>8.1} MiB {:>8.1} MiB {:>10.0} = {:.0}+{:.0}+{:.0}",
                 store.name(),
                 r.rate,
+                bound,
+                (before.0 - after).abs() / bound * 100.0,
                 r.rate / bound,
                 r.rate / (2.0 * bound),
+                (before.1 + after_cpu) / 2.0 / cpu,
                 r.leader_mib,
                 r.helper_mib,
-                r.leader_us + r.helper_us + r.submit_us,
+                cpu,
                 r.leader_us,
                 r.helper_us,
                 r.submit_us
             );
+            before = (after, after_cpu);
         }
     }
-    // The bound again, to show the machine's speed did not drift during the run.
-    let (bound, all) = raw_bound(&task, raw_n);
+    // The machine at the end, on every core too, to show whether it gave two cores throughout.
+    let (bound, all, _) = raw.rates();
     println!("raw bound after the runs: {bound:.0} reports/s, {all:.0} on all cores");
 }

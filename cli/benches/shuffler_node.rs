@@ -4,14 +4,18 @@
 //! `cargo bench -p hush-cli --bench shuffler_node [-- N1 N2 ...]`
 //!
 //! * Raw: `onion::peel` of default-size (4,096-byte) packets, on one thread and on every core
-//!   (rayon), with nothing else: the bound for a node that must open every packet.
+//!   (rayon), with nothing else: the bound for a node that must open every packet. Measured
+//!   before the first row and after each row; a row is compared with the mean of the
+//!   measurements just before and just after it, so a host whose speed drifts during the run
+//!   moves both sides of the ratio (the drift column says how far apart the two were).
 //! * Shared: a real `hush shuffler` process with sled in a temp dir forwards to a minimal ingest
 //!   server in this process that only counts. Four submitters send batches of 500; the clock runs
 //!   from the first submission until the last packet has reached the next hop. Peak resident
 //!   memory (VmHWM) of the shuffler is read from /proc.
 //!
 //! The goal is node ≥ 0.8 × the raw open rate on all cores. The CPU time the shuffler and this
-//! process used while the clock ran is printed per packet beside the raw peel's.
+//! process used while the clock ran is printed per packet beside the raw peel's, and the raw
+//! peel's share of the node's (CPU).
 //!
 //! `cargo test` runs this file too (`test = true` in cli/Cargo.toml): without the `--bench` flag
 //! that `cargo bench` passes, it runs the same measurement path once on a tiny N and checks that
@@ -55,29 +59,49 @@ fn wrap_all(task: &TaskConfig, route: &Route, n: usize) -> Vec<pb::Packet> {
         .collect()
 }
 
-fn raw_rates(task: &TaskConfig, n: usize) -> (f64, f64) {
-    let key = HpkeKeypair::generate(1);
-    let route = Route::new(
-        vec![Hop {
-            name: "s".into(),
-            config: key.config().clone(),
-        }],
-        "leader",
-    )
-    .unwrap();
-    let packets = wrap_all(task, &route, n);
-    let ring = Keyring::new(vec![key]);
-    let start = Instant::now();
-    for p in &packets {
-        std::hint::black_box(onion::peel(&task.id(), task.packet_size(), &ring, &p.data).unwrap());
+/// Packets wrapped once for one hop and its key; [`Raw::rates`] times the peels alone.
+struct Raw {
+    task: TaskConfig,
+    ring: Keyring,
+    packets: Vec<pb::Packet>,
+}
+
+impl Raw {
+    fn new(task: &TaskConfig, n: usize) -> Self {
+        let key = HpkeKeypair::generate(1);
+        let route = Route::new(
+            vec![Hop {
+                name: "s".into(),
+                config: key.config().clone(),
+            }],
+            "leader",
+        )
+        .unwrap();
+        Self {
+            task: task.clone(),
+            packets: wrap_all(task, &route, n),
+            ring: Keyring::new(vec![key]),
+        }
     }
-    let one = n as f64 / start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    packets.par_iter().for_each(|p| {
-        std::hint::black_box(onion::peel(&task.id(), task.packet_size(), &ring, &p.data).unwrap());
-    });
-    let all = n as f64 / start.elapsed().as_secs_f64();
-    (one, all)
+
+    /// Packets per second on one thread and on every core, and the CPU µs per packet of the
+    /// one thread (the process's CPU time, which a host taking the core away does not inflate).
+    fn rates(&self) -> (f64, f64, f64) {
+        let (task, size) = (self.task.id(), self.task.packet_size());
+        let n = self.packets.len() as f64;
+        let (start, cpu) = (Instant::now(), cpu_seconds_of(std::process::id()));
+        for p in &self.packets {
+            std::hint::black_box(onion::peel(&task, size, &self.ring, &p.data).unwrap());
+        }
+        let one = n / start.elapsed().as_secs_f64();
+        let cpu_us = (cpu_seconds_of(std::process::id()) - cpu) * 1e6 / n;
+        let start = Instant::now();
+        self.packets.par_iter().for_each(|p| {
+            std::hint::black_box(onion::peel(&task, size, &self.ring, &p.data).unwrap());
+        });
+        let all = n / start.elapsed().as_secs_f64();
+        (one, all, cpu_us)
+    }
 }
 
 #[derive(Clone, Default)]
@@ -203,34 +227,52 @@ fn main() {
     ))
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (one, all) = raw_rates(&task, raw_n);
+    let raw = Raw::new(&task, raw_n);
+    let (one, all, cpu_us) = raw.rates();
     println!("packet size {} bytes", task.packet_size());
     println!(
         "raw HPKE open (onion::peel): {one:.0} packets/s on one thread, {all:.0} packets/s on all cores"
     );
-    println!("raw peel: {:.1} µs of CPU per packet", 1e6 / one);
+    println!("raw peel: {cpu_us:.1} µs of CPU per packet");
     println!(
-        "{:>8} {:>12} {:>14} {:>14} {:>12} {:>24}",
+        "each row against the raw rates measured just before and just after it (their mean; drift = \
+         how far apart the all-core ones were); CPU = raw µs per packet / the node's CPU µs per packet"
+    );
+    println!(
+        "{:>8} {:>12} {:>10} {:>6} {:>14} {:>14} {:>5} {:>12} {:>24}",
         "packets",
         "node pkt/s",
+        "raw all/s",
+        "drift",
         "vs raw 1 core",
         "vs raw all",
+        "CPU",
         "peak RSS",
         "CPU µs/packet: node+bench"
     );
+    let mut before = (one, all, cpu_us);
     for n in sizes {
         let r = rt.block_on(run_node(&task, n));
+        let after = raw.rates();
+        let mean = |a: f64, b: f64| (a + b) / 2.0;
+        let (one, all) = (mean(before.0, after.0), mean(before.1, after.1));
         println!(
-            "{n:>8} {:>12.0} {:>13.2}x {:>13.2}x {:>8.1} MiB {:>12.0} = {:.0}+{:.0}",
+            "{n:>8} {:>12.0} {:>10.0} {:>5.0}% {:>13.2}x {:>13.2}x {:>5.2} {:>8.1} MiB {:>12.0} = {:.0}+{:.0}",
             r.rate,
+            all,
+            (before.1 - after.1).abs() / all * 100.0,
             r.rate / one,
             r.rate / all,
+            mean(before.2, after.2) / r.node_us,
             r.mem,
             r.node_us + r.bench_us,
             r.node_us,
             r.bench_us
         );
+        before = after;
     }
-    let (one, all) = raw_rates(&task, raw_n);
-    println!("raw after the runs: {one:.0} packets/s on one thread, {all:.0} on all cores");
+    println!(
+        "raw after the runs: {:.0} packets/s on one thread, {:.0} on all cores",
+        before.0, before.1
+    );
 }

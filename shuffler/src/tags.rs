@@ -2,9 +2,15 @@
 //!
 //! A shuffler refuses a packet whose replay tag it has seen under the same key (a replayed
 //! packet would let whoever replays it follow it through the batch). Every tag of a live key is
-//! kept in a hash set in memory, 32 bytes and the set's overhead per tag; sled kept one entry
-//! per tag before, which cost a lookup and an insert in its tree per packet and several hundred
-//! bytes of memory per tag (docs/architecture.md, "Where the time goes").
+//! kept in a hash set in memory: its first 16 bytes ([`HELD`]) and the set's overhead, 19–39
+//! bytes per tag with the set 44–88% full. sled kept one entry per tag before, which cost a
+//! lookup and an insert in its tree per packet and several hundred bytes of memory per tag
+//! (docs/architecture.md, "Where the time goes").
+//!
+//! Sixteen bytes are enough: a tag is a SHA-256 output of the packet's encapsulated key, so
+//! two packets share a prefix only by chance (about N² / 2¹²⁹ for N tags of a key, 2⁻⁶⁹ at a
+//! billion), and making a packet whose prefix is that of a given tag takes about 2¹²⁸ hashes.
+//! All a collision does is refuse one packet as a replay. The logs keep all 32 bytes.
 //!
 //! On disk a tag is in one of two places:
 //! - while its packet is buffered, in the packet's record in its packet file
@@ -33,11 +39,19 @@ use crate::packets::{TAG_KEY, folder_bytes};
 /// Bytes of a tag in a log.
 const TAG: usize = TAG_KEY - 8;
 
+/// Bytes of a tag held in memory: its prefix (see the module's comment for why that is enough).
+pub const HELD: usize = 16;
+
+/// The part of `tag` held in memory.
+fn held(tag: &[u8; TAG]) -> [u8; HELD] {
+    tag[..HELD].try_into().expect("HELD bytes")
+}
+
 /// What is in memory.
 #[derive(Debug, Default)]
 struct State {
-    /// The tags of each live epoch (one with a log).
-    live: HashMap<[u8; 8], HashSet<[u8; TAG]>>,
+    /// The tags of each live epoch (one with a log), by their first [`HELD`] bytes.
+    live: HashMap<[u8; 8], HashSet<[u8; HELD]>>,
     /// Epochs deleted since start: never opened again (a packet opened with a key just before
     /// it retired may reach the store after).
     retired: HashSet<[u8; 8]>,
@@ -71,7 +85,7 @@ impl ReplayTags {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         File::open(dir.parent().unwrap_or(dir))?.sync_all()?;
-        let mut live: HashMap<[u8; 8], HashSet<[u8; TAG]>> = HashMap::new();
+        let mut live: HashMap<[u8; 8], HashSet<[u8; HELD]>> = HashMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -84,7 +98,7 @@ impl ReplayTags {
             loop {
                 match f.read_exact(&mut t) {
                     Ok(()) => {
-                        set.insert(t);
+                        set.insert(held(&t));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
                     Err(e) => return Err(e.into()),
@@ -114,13 +128,14 @@ impl ReplayTags {
             .join(format!("{:016x}.tags", u64::from_be_bytes(*epoch)))
     }
 
-    /// Whether `key` (epoch ‖ tag) was seen.
+    /// Whether `key` (epoch ‖ tag) was seen: a tag of its epoch with the same first [`HELD`]
+    /// bytes.
     pub fn contains(&self, key: &[u8; TAG_KEY]) -> bool {
         let (epoch, tag) = split(key);
         self.state()
             .live
             .get(&epoch)
-            .is_some_and(|s| s.contains(&tag))
+            .is_some_and(|s| s.contains(&held(&tag)))
     }
 
     /// Makes the (empty) log of every epoch among `keys` that has none and was not deleted, so
@@ -171,7 +186,7 @@ impl ReplayTags {
         for k in keys {
             let (epoch, tag) = split(k);
             if let Some(set) = st.live.get_mut(&epoch).filter(|_| !is_zero(k)) {
-                set.insert(tag);
+                set.insert(held(&tag));
             }
         }
     }
@@ -213,7 +228,7 @@ impl ReplayTags {
         let mut st = self.state();
         for (epoch, tags) in per_epoch {
             if let Some(set) = st.live.get_mut(&epoch) {
-                set.extend(tags);
+                set.extend(tags.iter().map(held));
             }
         }
         Ok(())
@@ -311,6 +326,12 @@ mod tests {
             assert!(!t.contains(&key(2, 2)), "tags of other epochs are apart");
             assert!(!t.contains(&[0; TAG_KEY]), "the zero key is never held");
             assert_eq!(t.count(), 4);
+            // Held by its first HELD bytes: a tag that differs only past them counts as seen.
+            let mut near = key(1, 2);
+            near[8 + HELD] ^= 1;
+            assert!(t.contains(&near));
+            near[8 + HELD - 1] ^= 1;
+            assert!(!t.contains(&near));
         }
         // Sorted, not in the order given.
         let log = d.join("0101010101010101.tags");
