@@ -32,7 +32,7 @@ use hush_protocol::proto::v1 as pb;
 use hush_protocol::proto::v1::leader_ingest_server::{LeaderIngest, LeaderIngestServer};
 use hush_protocol::{HpkeKeypair, Keyring, MeasurementKind, TaskConfig};
 use hush_tests::mixnet::{provision_shuffler, submit_packets};
-use hush_tests::process::{HushProcess, cpu_seconds_of};
+use hush_tests::process::{HushProcess, cpu_seconds_of, thread_cpu_seconds};
 use hush_tests::task_params;
 use rayon::prelude::*;
 
@@ -85,16 +85,16 @@ impl Raw {
     }
 
     /// Packets per second on one thread and on every core, and the CPU µs per packet of the
-    /// one thread (the process's CPU time, which a host taking the core away does not inflate).
+    /// one thread (its CPU time, which a host taking the core away does not inflate).
     fn rates(&self) -> (f64, f64, f64) {
         let (task, size) = (self.task.id(), self.task.packet_size());
         let n = self.packets.len() as f64;
-        let (start, cpu) = (Instant::now(), cpu_seconds_of(std::process::id()));
+        let (start, cpu) = (Instant::now(), thread_cpu_seconds());
         for p in &self.packets {
             std::hint::black_box(onion::peel(&task, size, &self.ring, &p.data).unwrap());
         }
         let one = n / start.elapsed().as_secs_f64();
-        let cpu_us = (cpu_seconds_of(std::process::id()) - cpu) * 1e6 / n;
+        let cpu_us = (thread_cpu_seconds() - cpu) * 1e6 / n;
         let start = Instant::now();
         self.packets.par_iter().for_each(|p| {
             std::hint::black_box(onion::peel(&task, size, &self.ring, &p.data).unwrap());

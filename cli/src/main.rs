@@ -189,33 +189,40 @@ pub(crate) fn existing_file(s: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// Fixes glibc's mmap threshold at its initial 128 KiB, unless `MALLOC_MMAP_THRESHOLD_` in the
-/// environment set it. Left dynamic, glibc raises the threshold to the size of each large block
-/// freed (up to 32 MiB): after the first request of a few MiB is decoded, such blocks come from
-/// the per-thread heaps instead of their own mappings and stay there when freed, so a server's
-/// resident memory grew with the length of its run (docs/architecture.md, *Measured*). Fixed,
-/// blocks over 128 KiB are mapped on their own and go back to the system when freed.
+/// Fixes glibc's mmap threshold at its initial 128 KiB, unless the environment set it
+/// (`MALLOC_MMAP_THRESHOLD_`, or `mmap_threshold` in `GLIBC_TUNABLES`). Left dynamic, glibc
+/// raises the threshold to the size of each large block freed (up to 32 MiB): after the first
+/// request of a few MiB is decoded, such blocks come from the per-thread heaps instead of their
+/// own mappings and stay there when freed, so a server's resident memory grew with the length
+/// of its run (docs/architecture.md, *Measured*). Fixed, blocks over 128 KiB are mapped on their
+/// own and go back to the system when freed. Returns false if glibc refused the value.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn fix_mmap_threshold() {
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
-        return;
+fn fix_mmap_threshold() -> bool {
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() || tunables.contains("mmap_threshold") {
+        return true;
     }
-    // SAFETY: `mallopt` only changes the allocator's parameters, takes plain integers, and is
-    // called here before any other thread exists. It returns 0 when it refuses a value, which
-    // leaves glibc's default in place: nothing to undo.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
+    // SAFETY: `mallopt` only changes the allocator's parameters (under glibc's own lock) and
+    // takes plain integers; it returns 0 when it refuses a value, which leaves glibc's default
+    // in place.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) == 1 }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn fix_mmap_threshold() {}
+fn fix_mmap_threshold() -> bool {
+    true
+}
 
 fn main() -> std::process::ExitCode {
-    fix_mmap_threshold();
+    let fixed = fix_mmap_threshold();
     let args = Cli::parse();
     init_logging(args.log_format, args.verbose);
+    if !fixed {
+        tracing::warn!(
+            "glibc refused to fix its mmap threshold: resident memory may grow with the length of the run"
+        );
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
