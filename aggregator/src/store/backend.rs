@@ -36,6 +36,8 @@ pub(crate) enum T {
     Pending,
     Jobs,
     HelperJobs,
+    /// `committed ‖ task ‖ job` for each helper job, so expiry reads only what expires.
+    HelperJobTimes,
     Batches,
     Stats,
     Tenants,
@@ -55,13 +57,14 @@ pub(crate) enum T {
 
 impl T {
     /// Every table.
-    pub(crate) const ALL: [T; 21] = [
+    pub(crate) const ALL: [T; 22] = [
         T::Tasks,
         T::Keys,
         T::Seen,
         T::Pending,
         T::Jobs,
         T::HelperJobs,
+        T::HelperJobTimes,
         T::Batches,
         T::Stats,
         T::Tenants,
@@ -88,6 +91,7 @@ impl T {
             T::Pending => "pending",
             T::Jobs => "jobs",
             T::HelperJobs => "helper_jobs",
+            T::HelperJobTimes => "helper_job_times",
             T::Batches => "batches",
             T::Stats => "stats",
             T::Tenants => "tenants",
@@ -418,6 +422,11 @@ impl SledBackend {
         }
         let salt = seen::Salt::load(&trees[&T::Meta])?;
         seen::migrate(&salt, &trees[&T::Seen], &trees[&T::Meta])?;
+        super::retention::index_helper_jobs(
+            &trees[&T::HelperJobs],
+            &trees[&T::HelperJobTimes],
+            &trees[&T::Meta],
+        )?;
         Ok(Self {
             db,
             trees: Arc::new(trees),

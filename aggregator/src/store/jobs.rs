@@ -382,9 +382,11 @@ impl Store {
             output_len,
             reports,
         };
-        transact!(self, [Seen, Batches, HelperJobs, Stats, Released], |tx| {
-            commit_helper_job_tx(tx, &c, &respond)
-        })
+        transact!(
+            self,
+            [Seen, Batches, HelperJobs, HelperJobTimes, Stats, Released],
+            |tx| commit_helper_job_tx(tx, &c, &respond)
+        )
     }
 }
 
@@ -542,6 +544,11 @@ async fn commit_helper_job_tx<X: Txn>(
         response: response.clone(),
     };
     tx.insert(Tb::HelperJobs, &jkey, &rec.encode())?;
+    tx.insert(
+        Tb::HelperJobTimes,
+        &super::retention::helper_job_time_key(c.now, &jkey),
+        &[],
+    )?;
     stats.apply(tx).await?;
     Ok(HelperCommit::Committed(response))
 }

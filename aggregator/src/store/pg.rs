@@ -26,7 +26,18 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "job leases", MIGRATION_2),
     (3, "store metadata", MIGRATION_3),
     (4, "pending records", MIGRATION_4),
+    (5, "helper jobs by commit time", MIGRATION_5),
 ];
+
+/// Helper job records by commit time (`committed ‖ task ‖ job`, no value), so expiry reads only
+/// what expires; the records already stored get theirs from the commit time in their value
+/// (bytes 2–9, big-endian, after the version byte).
+const MIGRATION_5: &str = r#"
+CREATE TABLE IF NOT EXISTS "helper_job_times" (key bytea PRIMARY KEY, value bytea NOT NULL);
+INSERT INTO "helper_job_times" (key, value)
+    SELECT substring(value from 2 for 8) || key, ''::bytea FROM "helper_jobs"
+    ON CONFLICT DO NOTHING;
+"#;
 
 /// Pending reports are kept as records of one ingest request's reports of a task (2026-11-28),
 /// which a binary before them cannot read: this version makes such a binary refuse to start on

@@ -398,14 +398,20 @@ impl HelperJobRecord {
         out
     }
 
-    pub(super) fn decode(bytes: &[u8]) -> Result<Self> {
+    /// When the encoded record in `bytes` was committed, without copying its response.
+    pub(super) fn committed_of(bytes: &[u8]) -> Result<Time> {
         if bytes.len() < 41 || bytes[0] != 1 {
             return Err(Error::corrupt("helper job", "bad header"));
         }
+        Ok(Time::from_secs(be_u64(&bytes[1..9])))
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Self> {
+        let committed = Self::committed_of(bytes)?;
         let mut h = [0u8; 32];
         h.copy_from_slice(&bytes[9..41]);
         Ok(Self {
-            committed: Time::from_secs(be_u64(&bytes[1..9])),
+            committed,
             request_hash: h,
             response: bytes[41..].to_vec(),
         })

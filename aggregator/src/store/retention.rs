@@ -1,6 +1,6 @@
 //! Retention: everything past a task's report expiry or retention is deleted, per tree.
 
-use super::backend::{Keys, PendingChange, T as Tb, Txn};
+use super::backend::{Keys, PendingChange, Pick, T as Tb, Txn};
 use crate::error::Result;
 use hush_protocol::BudgetPurpose;
 use hush_protocol::proto::v1::RejectReason;
@@ -8,19 +8,84 @@ use hush_protocol::{TaskId, Time};
 
 use super::*;
 
+/// Helper jobs deleted per transaction when they expire.
+const EXPIRE_CHUNK: usize = 1_000;
+
+/// The `helper_job_times` key of a helper job committed at `committed` and stored under `jkey`
+/// (`task ‖ job`): expiry reads that index in time order.
+pub(super) fn helper_job_time_key(committed: Time, jkey: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + jkey.len());
+    k.extend_from_slice(&committed.as_secs().to_be_bytes());
+    k.extend_from_slice(jkey);
+    k
+}
+
+/// `meta` mark: every helper job record has its `helper_job_times` entry.
+const TIMES_KEY: &[u8] = b"helper_job_times";
+const TIMES_BUILT: &[u8] = b"built";
+
+/// Writes the `helper_job_times` entry of each helper job record of a sled store made before
+/// that index (2026-11-29), once: a store opened for the first time by this version. Records
+/// are read one at a time, and a restart goes on safely (an entry is written again).
+pub(crate) fn index_helper_jobs(
+    jobs: &sled::Tree,
+    times: &sled::Tree,
+    meta: &sled::Tree,
+) -> Result<usize> {
+    if meta.get(TIMES_KEY)?.as_deref() == Some(TIMES_BUILT) {
+        return Ok(0);
+    }
+    let mut n = 0;
+    let mut batch = sled::Batch::default();
+    for kv in jobs.iter() {
+        let (k, v) = kv?;
+        batch.insert(
+            helper_job_time_key(HelperJobRecord::committed_of(&v)?, &k),
+            &[],
+        );
+        n += 1;
+        if n % EXPIRE_CHUNK == 0 {
+            times.apply_batch(std::mem::take(&mut batch))?;
+        }
+    }
+    times.apply_batch(batch)?;
+    meta.insert(TIMES_KEY, TIMES_BUILT)?;
+    if n > 0 {
+        tracing::info!(n, "indexed the helper job records by commit time (once)");
+    }
+    Ok(n)
+}
+
 impl Store {
     /// Deletes helper job records committed before `cutoff`; returns how many. A leader that
-    /// retries such an old job no longer gets the recorded answer.
+    /// retries such an old job no longer gets the recorded answer. Only what expires is read:
+    /// the `helper_job_times` index in time order, [`EXPIRE_CHUNK`] entries per transaction.
     pub async fn expire_helper_jobs(&self, cutoff: Time) -> Result<usize> {
-        let mut writes = Vec::new();
-        for (k, v) in self.backend.entries(Tb::HelperJobs, Keys::All).await? {
-            if HelperJobRecord::decode(&v)?.committed < cutoff {
-                writes.push((k, None));
+        let hi = cutoff.as_secs().to_be_bytes();
+        let mut n = 0;
+        loop {
+            let due = self
+                .backend
+                .scan(
+                    Tb::HelperJobTimes,
+                    Keys::Range(&[], &hi),
+                    EXPIRE_CHUNK,
+                    |_, _| Pick::Take,
+                )
+                .await?;
+            if due.is_empty() {
+                return Ok(n);
             }
+            // The record and its index entry go together: a crash leaves neither alone.
+            transact!(self, [HelperJobs, HelperJobTimes], |tx| async {
+                for (k, _) in &due {
+                    tx.remove(Tb::HelperJobs, &k[8..])?;
+                    tx.remove(Tb::HelperJobTimes, k)?;
+                }
+                Ok(())
+            })?;
+            n += due.len();
         }
-        let n = writes.len();
-        self.backend.apply(Tb::HelperJobs, writes).await?;
-        Ok(n)
     }
 
     /// Deletes the pending reports of `task` whose time is before `cutoff` and that are in no

@@ -927,6 +927,54 @@ async fn a_helper_job_sent_to_two_replicas_at_once_is_accumulated_once(s: Store)
     assert_eq!(s.batch(&task, w).await.unwrap().unwrap().report_count, 50);
 }
 
+/// Commits a helper job of one verified report of `task` at `now`.
+async fn commit_one_helper_job(s: &Store, task: &TaskId, now: u64) -> AggregationJobId {
+    let job = AggregationJobId::random();
+    let r = HelperReport {
+        report_id: ReportId::random(),
+        time: Time::from_secs(60),
+        outcome: Ok((AggregateShare::zero(2), vec![1])),
+        mark_seen: true,
+    };
+    let out = s
+        .commit_helper_job(task, &job, Time::from_secs(now), [7; 32], 2, &[r], |_| {
+            b"answer".to_vec()
+        })
+        .await
+        .unwrap();
+    assert!(matches!(out, HelperCommit::Committed(_)));
+    job
+}
+
+async fn helper_jobs_expire_by_commit_time_and_only_those(s: Store) {
+    let task = TaskId::random();
+    let mut jobs = Vec::new();
+    for now in [300, 100, 200] {
+        jobs.push(commit_one_helper_job(&s, &task, now).await);
+    }
+    let times = || {
+        s.backend
+            .count(backend::T::HelperJobTimes, backend::Keys::All)
+    };
+    assert_eq!(times().await.unwrap(), 3);
+    assert_eq!(s.expire_helper_jobs(Time::from_secs(100)).await.unwrap(), 0);
+    assert_eq!(s.expire_helper_jobs(Time::from_secs(250)).await.unwrap(), 2);
+    assert!(s.helper_job(&task, &jobs[0]).await.unwrap().is_some());
+    assert!(s.helper_job(&task, &jobs[1]).await.unwrap().is_none());
+    assert!(s.helper_job(&task, &jobs[2]).await.unwrap().is_none());
+    assert_eq!(times().await.unwrap(), 1);
+    assert_eq!(s.expire_helper_jobs(Time::from_secs(250)).await.unwrap(), 0);
+    assert_eq!(s.expire_helper_jobs(Time::from_secs(301)).await.unwrap(), 1);
+    assert_eq!(times().await.unwrap(), 0);
+    assert_eq!(
+        s.backend
+            .count(backend::T::HelperJobs, backend::Keys::All)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
 async fn one_collection_sent_to_two_replicas_at_once_spends_once(s: Store) {
     let other = replica(&s).await;
     let task = TaskId::random();
@@ -1019,7 +1067,36 @@ on_both_backends!(
     committing_a_leader_job_is_atomic_and_refuses_a_vanished_job,
     batches_are_collected_equal_or_disjoint_and_as_often_as_allowed,
     nothing_enters_a_released_or_closed_window,
+    helper_jobs_expire_by_commit_time_and_only_those,
 );
+
+/// A sled store whose helper job records predate the `helper_job_times` index gets it when it
+/// opens, and its old records then expire.
+#[tokio::test]
+async fn a_sled_store_of_helper_jobs_without_their_index_expires_them_after_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = TaskId::random();
+    let (old, new) = {
+        let s = Store::open(dir.path(), 16).unwrap();
+        let jobs = (
+            commit_one_helper_job(&s, &task, 100).await,
+            commit_one_helper_job(&s, &task, 300).await,
+        );
+        let backend::Backend::Sled(sb) = &s.backend else {
+            unreachable!()
+        };
+        sb.tree(backend::T::HelperJobTimes).clear().unwrap();
+        sb.tree(backend::T::Meta)
+            .remove(b"helper_job_times")
+            .unwrap();
+        s.flush().await.unwrap();
+        jobs
+    };
+    let s = Store::open(dir.path(), 16).unwrap();
+    assert_eq!(s.expire_helper_jobs(Time::from_secs(200)).await.unwrap(), 1);
+    assert!(s.helper_job(&task, &old).await.unwrap().is_none());
+    assert!(s.helper_job(&task, &new).await.unwrap().is_some());
+}
 
 /// sled keeps anti-replay ids in buckets; a store of the earlier layout (one entry per id) is
 /// moved into buckets when it opens, and its ids still refuse replays.
@@ -1062,4 +1139,39 @@ async fn a_sled_store_of_the_earlier_anti_replay_layout_still_refuses_replays() 
     assert_eq!(s.expire_seen(&task, Time::from_secs(61)).await.unwrap(), 3);
     assert_eq!(s.seen_count(&task).await.unwrap(), 0);
     assert!(!s.is_seen(&task, c.time, &c.report_id).await.unwrap());
+}
+
+/// On PostgreSQL, migration 5 indexes the helper job records already stored, and its old
+/// records then expire.
+#[tokio::test]
+async fn a_postgres_store_of_helper_jobs_without_their_index_expires_them_after_migrating() {
+    let settings = pg::PgSettings {
+        url: throwaway::ThrowawayPostgres::shared().url().to_owned(),
+        schema: throwaway::fresh_schema(),
+        pool_size: 2,
+    };
+    let task = TaskId::random();
+    let (old, new) = {
+        let s = Store::connect(&settings).await.unwrap();
+        let jobs = (
+            commit_one_helper_job(&s, &task, 100).await,
+            commit_one_helper_job(&s, &task, 300).await,
+        );
+        let backend::Backend::Pg(p) = &s.backend else {
+            unreachable!()
+        };
+        p.client()
+            .await
+            .unwrap()
+            .batch_execute(
+                r#"DROP TABLE "helper_job_times"; DELETE FROM hush_migrations WHERE version = 5"#,
+            )
+            .await
+            .unwrap();
+        jobs
+    };
+    let s = Store::connect(&settings).await.unwrap();
+    assert_eq!(s.expire_helper_jobs(Time::from_secs(200)).await.unwrap(), 1);
+    assert!(s.helper_job(&task, &old).await.unwrap().is_none());
+    assert!(s.helper_job(&task, &new).await.unwrap().is_some());
 }
