@@ -8,6 +8,7 @@
 //! | `pending` | task ‖ seq | a leader's accepted, not yet aggregated reports of one task from one ingest request, at most a job's worth ([`PendingRecord`]) |
 //! | `jobs` | job id | a leader's aggregation job in flight (task, record seqs, report count) |
 //! | `helper_jobs` | task ‖ job id | request hash and response of a helper's finished job |
+//! | `helper_job_times` | commit time ‖ task ‖ job id | — (finds helper jobs past `helper_job_retention_s`) |
 //! | `batches` | task ‖ window start | aggregate share, report count and report-id checksum |
 //! | `stats` | scope ‖ code | counters of accepted, aggregated and rejected reports |
 //! | `tenants` | tenant name | SHA-256 of the tenant's collector bearer token |

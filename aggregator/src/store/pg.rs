@@ -31,12 +31,27 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 
 /// Helper job records by commit time (`committed ‖ task ‖ job`, no value), so expiry reads only
 /// what expires; the records already stored get theirs from the commit time in their value
-/// (bytes 2–9, big-endian, after the version byte).
+/// (bytes 2–9, big-endian, after the version byte). A trigger does the same for every record
+/// inserted later, so the records a helper replica still on an older binary writes during a
+/// rolling upgrade expire too (this binary writes the entry itself as well: the second write
+/// does nothing).
 const MIGRATION_5: &str = r#"
 CREATE TABLE IF NOT EXISTS "helper_job_times" (key bytea PRIMARY KEY, value bytea NOT NULL);
 INSERT INTO "helper_job_times" (key, value)
     SELECT substring(value from 2 for 8) || key, ''::bytea FROM "helper_jobs"
     ON CONFLICT DO NOTHING;
+CREATE OR REPLACE FUNCTION hush_index_helper_job() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+    EXECUTE format(
+        'INSERT INTO %I."helper_job_times" (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING',
+        TG_TABLE_SCHEMA
+    ) USING substring(NEW.value from 2 for 8) || NEW.key, ''::bytea;
+    RETURN NULL;
+END
+$f$;
+DROP TRIGGER IF EXISTS helper_jobs_indexed ON "helper_jobs";
+CREATE TRIGGER helper_jobs_indexed AFTER INSERT ON "helper_jobs"
+    FOR EACH ROW EXECUTE FUNCTION hush_index_helper_job();
 "#;
 
 /// Pending reports are kept as records of one ingest request's reports of a task (2026-11-28),

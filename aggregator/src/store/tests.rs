@@ -1089,11 +1089,15 @@ async fn a_sled_store_of_helper_jobs_without_their_index_expires_them_after_open
         sb.tree(backend::T::Meta)
             .remove(b"helper_job_times")
             .unwrap();
+        // A record that cannot be read does not keep the store from opening; it expires.
+        sb.tree(backend::T::HelperJobs)
+            .insert(task_key(&task, &[9; 16]), &b"damaged"[..])
+            .unwrap();
         s.flush().await.unwrap();
         jobs
     };
     let s = Store::open(dir.path(), 16).unwrap();
-    assert_eq!(s.expire_helper_jobs(Time::from_secs(200)).await.unwrap(), 1);
+    assert_eq!(s.expire_helper_jobs(Time::from_secs(200)).await.unwrap(), 2);
     assert!(s.helper_job(&task, &old).await.unwrap().is_none());
     assert!(s.helper_job(&task, &new).await.unwrap().is_some());
 }
@@ -1171,7 +1175,29 @@ async fn a_postgres_store_of_helper_jobs_without_their_index_expires_them_after_
         jobs
     };
     let s = Store::connect(&settings).await.unwrap();
-    assert_eq!(s.expire_helper_jobs(Time::from_secs(200)).await.unwrap(), 1);
+    // A helper replica still on the binary before the index writes a record without its entry:
+    // the trigger writes it.
+    let older = AggregationJobId::random();
+    let backend::Backend::Pg(p) = &s.backend else {
+        unreachable!()
+    };
+    let record = HelperJobRecord {
+        committed: Time::from_secs(150),
+        request_hash: [1; 32],
+        response: b"answer".to_vec(),
+    };
+    p.client()
+        .await
+        .unwrap()
+        .execute(
+            r#"INSERT INTO "helper_jobs" (key, value) VALUES ($1, $2)"#,
+            &[&task_key(&task, older.as_bytes()), &record.encode()],
+        )
+        .await
+        .unwrap();
+    assert!(s.helper_job(&task, &older).await.unwrap().is_some());
+    assert_eq!(s.expire_helper_jobs(Time::from_secs(200)).await.unwrap(), 2);
     assert!(s.helper_job(&task, &old).await.unwrap().is_none());
+    assert!(s.helper_job(&task, &older).await.unwrap().is_none());
     assert!(s.helper_job(&task, &new).await.unwrap().is_some());
 }
