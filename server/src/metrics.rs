@@ -102,6 +102,8 @@ catalog! {
         "Aggregation jobs started (the leader: created or resumed; the helper: requests received).";
     JOBS_FINISHED = "hush_aggregation_jobs_finished_total", Counter, "leader, helper", ["outcome"],
         "Aggregation jobs finished: outcome committed, abandoned (leader, past the helper's retention), refused (helper) or repeated (helper: a retry answered from its record).";
+    JOBS_FORGOTTEN = "hush_aggregation_jobs_forgotten_total", Counter, "leader, helper", [],
+        "Committed jobs whose stored answer the helper deleted at the leader's word (the leader: jobs it named; the helper: answers deleted).";
     JOB_RETRIES = "hush_aggregation_job_retries_total", Counter, "leader", [],
         "Attempts of an aggregation job that failed and will be retried.";
     JOB_SECONDS = "hush_aggregation_job_duration_seconds", Histogram, "leader, helper", [],

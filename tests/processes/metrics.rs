@@ -290,6 +290,35 @@ async fn every_server_exports_prometheus_metrics_that_follow_the_reports() {
     })
     .await;
     assert!(value(&s, "hush_aggregation_jobs_started_total", &[]) >= 1.0);
+    // The leader names each committed job back to the helper, which deletes its stored answer
+    // rather than keeping it for its whole job retention.
+    let committed = value(
+        &scrape(lm).await,
+        "hush_aggregation_jobs_finished_total",
+        &[("outcome", "committed")],
+    );
+    until(
+        lm,
+        "the leader naming its committed jobs to the helper",
+        30,
+        |s| value(s, "hush_aggregation_jobs_forgotten_total", &[]) == committed,
+    )
+    .await;
+    until(
+        hm,
+        "the helper deleting the committed jobs' answers",
+        30,
+        |s| {
+            value(s, "hush_aggregation_jobs_forgotten_total", &[]) == committed
+                && value(s, "hush_store_tree_entries", &[("tree", "helper_jobs")]) == 0.0
+                && value(
+                    s,
+                    "hush_store_tree_entries",
+                    &[("tree", "helper_job_times")],
+                ) == 0.0
+        },
+    )
+    .await;
 
     // The results service collects the window once it closes: a release at each party, with
     // the ε it spent.

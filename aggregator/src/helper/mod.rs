@@ -22,6 +22,9 @@ use crate::shared::Shared;
 use crate::store::{HelperCommit, HelperReport};
 use crate::tasks::TaskEntry;
 
+/// Job ids one `ForgetAggregationJobs` request may name.
+pub const MAX_FORGET: usize = 1_000;
+
 /// The `HelperAggregation` service.
 #[derive(Clone, Debug)]
 pub struct HelperService {
@@ -97,6 +100,34 @@ impl HelperService {
             outcome,
             mark_seen,
         })
+    }
+
+    /// Deletes the stored answers of jobs the leader says it has committed. Nothing else
+    /// changes: the jobs' reports stay in the anti-replay table and their shares in the
+    /// aggregates, so a job sent again is refused report by report as replays.
+    async fn forget_jobs(&self, req: pb::ForgetAggregationJobsRequest) -> Result<usize> {
+        let task = TaskId::try_from(req.task_id.as_ref()).map_err(|e| {
+            Error::InvalidRequest(format!("ForgetAggregationJobsRequest.task_id: {e}"))
+        })?;
+        if req.job_ids.len() > MAX_FORGET {
+            return Err(Error::InvalidRequest(format!(
+                "{} job ids in one request; the limit is {MAX_FORGET}",
+                req.job_ids.len()
+            )));
+        }
+        let jobs = req
+            .job_ids
+            .iter()
+            .map(|j| {
+                AggregationJobId::try_from(j.as_ref()).map_err(|e| {
+                    Error::InvalidRequest(format!("ForgetAggregationJobsRequest.job_ids: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.shared
+            .store
+            .run(move |store| async move { store.forget_helper_jobs(&task, &jobs).await })
+            .await
     }
 
     async fn init_job(
@@ -237,6 +268,17 @@ impl HelperAggregation for HelperService {
             metrics::histogram!(names::JOB_SECONDS).record(started.elapsed().as_secs_f64());
         }
         Ok(Response::new(out?.0))
+    }
+
+    async fn forget_aggregation_jobs(
+        &self,
+        request: Request<pb::ForgetAggregationJobsRequest>,
+    ) -> std::result::Result<Response<pb::ForgetAggregationJobsResponse>, Status> {
+        let forgotten = self.forget_jobs(request.into_inner()).await?;
+        metrics::counter!(hush_server::metrics::names::JOBS_FORGOTTEN).increment(forgotten as u64);
+        Ok(Response::new(pb::ForgetAggregationJobsResponse {
+            forgotten: forgotten as u32,
+        }))
     }
 
     async fn get_aggregate_share(

@@ -1,6 +1,8 @@
 //! The aggregation job driver: pending reports grouped into jobs, `verify_init` on the leader's
 //! shares, each job sent to the helper (one retry policy, [`hush_protocol::retry`]), verification
-//! finished with the helper's messages and the job committed in one transaction.
+//! finished with the helper's messages and the job committed in one transaction. Committed jobs
+//! are then named to the helper (`ForgetAggregationJobs`, once the commit is durable), so it
+//! need not keep their answers for its whole job retention.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -60,7 +62,17 @@ pub struct JobDriver {
     held: Mutex<HashSet<AggregationJobId>>,
     /// This process's hold on the jobs it runs.
     lease: Lease,
+    /// Committed jobs to name to the helper, and (until `run` takes it) where they arrive.
+    forget: tokio::sync::mpsc::Sender<(TaskId, AggregationJobId)>,
+    forget_rx: Mutex<Option<tokio::sync::mpsc::Receiver<(TaskId, AggregationJobId)>>>,
 }
+
+/// Committed jobs waiting to be named to the helper; past it a job's answer is left to the
+/// helper's job retention.
+const FORGET_QUEUE: usize = 10_000;
+/// How long the leader gathers committed jobs before one flush and one request per task name
+/// them to the helper.
+const FORGET_EVERY: Duration = Duration::from_millis(500);
 
 impl JobDriver {
     /// A driver that talks to the helper at `cfg.helper_url` with `peer_token`.
@@ -75,6 +87,7 @@ impl JobDriver {
             owner: format!("{:016x}", rand::random::<u64>()),
             ms: cfg.job_lease_ms,
         };
+        let (forget, forget_rx) = tokio::sync::mpsc::channel(FORGET_QUEUE);
         Ok(Self {
             shared,
             cfg,
@@ -82,7 +95,61 @@ impl JobDriver {
             assigned: Mutex::new(HashSet::new()),
             held: Mutex::new(HashSet::new()),
             lease,
+            forget,
+            forget_rx: Mutex::new(Some(forget_rx)),
         })
+    }
+
+    /// Names committed jobs to the helper, gathered for [`FORGET_EVERY`], until `shutdown`.
+    /// Their commits are made durable first: a leader that lost a commit in a crash sends the
+    /// job again, and a helper that had forgotten its answer would refuse every report of it as
+    /// a replay while keeping them in its aggregate. A batch that cannot be flushed or sent is
+    /// dropped, and the helper's job retention removes those answers instead.
+    async fn forget_committed(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::Receiver<(TaskId, AggregationJobId)>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        use crate::helper::MAX_FORGET;
+        loop {
+            let mut batch = Vec::new();
+            tokio::select! {
+                n = rx.recv_many(&mut batch, MAX_FORGET) => if n == 0 { return },
+                _ = shutdown.changed() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FORGET_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+            while let Ok(j) = rx.try_recv() {
+                batch.push(j);
+            }
+            if let Err(e) = self.shared.store.flush().await {
+                tracing::warn!(error = %e, jobs = batch.len(), "cannot make committed jobs durable; the helper keeps their answers until its job retention");
+                continue;
+            }
+            let mut by_task: BTreeMap<TaskId, Vec<AggregationJobId>> = BTreeMap::new();
+            for (task, job) in batch {
+                by_task.entry(task).or_default().push(job);
+            }
+            for (task, jobs) in by_task {
+                for chunk in jobs.chunks(MAX_FORGET) {
+                    let request = pb::ForgetAggregationJobsRequest {
+                        task_id: task.as_bytes().to_vec().into(),
+                        job_ids: chunk.iter().map(|j| j.as_bytes().to_vec().into()).collect(),
+                    };
+                    match self.helper.clone().forget_aggregation_jobs(request).await {
+                        Ok(_) => metrics::counter!(hush_server::metrics::names::JOBS_FORGOTTEN)
+                            .increment(chunk.len() as u64),
+                        Err(status) => tracing::debug!(
+                            code = ?status.code(),
+                            jobs = chunk.len(),
+                            "the helper did not take committed jobs to forget; their answers stay until its job retention"
+                        ),
+                    }
+                }
+            }
+        }
     }
 
     /// Runs until `shutdown` turns true. Jobs in flight at shutdown stay recorded and resume on
@@ -91,6 +158,9 @@ impl JobDriver {
         let mut in_flight = JoinSet::new();
         if self.shared.store.is_shared() {
             tokio::spawn(self.clone().renew_leases(shutdown.clone()));
+        }
+        if let Some(rx) = self.forget_rx.lock().expect("forget queue").take() {
+            tokio::spawn(self.clone().forget_committed(rx, shutdown.clone()));
         }
         // On a shared database the jobs of a replica that stopped are taken over once their
         // lease runs out (below); on sled every recorded job is this process's.
@@ -598,6 +668,9 @@ impl JobDriver {
             &counted,
         );
         self.shared.pending_released(&job.task_id, job.reports);
+        // Full only if the helper has been unreachable for a while: the answer then stays until
+        // the helper's job retention removes it.
+        let _ = self.forget.try_send((job.task_id, *id));
         tracing::debug!(job = %id, "aggregation job committed");
         Ok(())
     }

@@ -390,6 +390,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Deletes the stored answers of `jobs` of `task` (jobs the leader has committed, so it
+    /// never needs their answer again) with their `helper_job_times` entries, in one
+    /// transaction; returns how many there were.
+    pub async fn forget_helper_jobs(
+        &self,
+        task: &TaskId,
+        jobs: &[AggregationJobId],
+    ) -> Result<usize> {
+        let keys: Vec<Vec<u8>> = jobs.iter().map(|j| task_key(task, j.as_bytes())).collect();
+        transact!(self, [HelperJobs, HelperJobTimes], |tx| async {
+            let mut n = 0;
+            for (k, v) in keys.iter().zip(tx.get_many(Tb::HelperJobs, &keys).await?) {
+                let Some(v) = v else {
+                    continue;
+                };
+                let committed = HelperJobRecord::committed_of(&v)?;
+                tx.remove(Tb::HelperJobs, k)?;
+                tx.remove(
+                    Tb::HelperJobTimes,
+                    &super::retention::helper_job_time_key(committed, k),
+                )?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+}
+
 /// Who holds the jobs this process runs, and for how long a lease lasts before another replica
 /// may take a job over.
 #[derive(Clone, Debug)]

@@ -975,6 +975,61 @@ async fn helper_jobs_expire_by_commit_time_and_only_those(s: Store) {
     );
 }
 
+async fn committed_helper_jobs_are_forgotten_and_sent_again_are_replays(s: Store) {
+    let task = TaskId::random();
+    let w = Time::from_secs(60);
+    let job = AggregationJobId::random();
+    let reports: Vec<HelperReport> = (0..2)
+        .map(|_| HelperReport {
+            report_id: ReportId::random(),
+            time: w,
+            outcome: Ok((AggregateShare::zero(2), vec![1])),
+            mark_seen: true,
+        })
+        .collect();
+    let respond = |o: &[(ReportId, std::result::Result<&[u8], RejectReason>)]| {
+        format!(
+            "{:?}",
+            o.iter().map(|(_, r)| r.map(|_| ())).collect::<Vec<_>>()
+        )
+        .into_bytes()
+    };
+    let first = s
+        .commit_helper_job(&task, &job, w, [1; 32], 2, &reports, respond)
+        .await
+        .unwrap();
+    assert!(matches!(first, HelperCommit::Committed(_)));
+    let other = commit_one_helper_job(&s, &task, 100).await;
+    // An id without an answer is skipped.
+    let forgotten = s
+        .forget_helper_jobs(&task, &[job, AggregationJobId::random()])
+        .await
+        .unwrap();
+    assert_eq!(forgotten, 1);
+    assert!(s.helper_job(&task, &job).await.unwrap().is_none());
+    assert!(s.helper_job(&task, &other).await.unwrap().is_some());
+    let times = s
+        .backend
+        .count(backend::T::HelperJobTimes, backend::Keys::All)
+        .await
+        .unwrap();
+    assert_eq!(times, 1, "the forgotten job's index entry went with it");
+    // Sent again, even with other contents, the job is processed again: every report is a
+    // replay, and the aggregate does not move.
+    let again = s
+        .commit_helper_job(&task, &job, w, [2; 32], 2, &reports, respond)
+        .await
+        .unwrap();
+    let HelperCommit::Committed(answer) = again else {
+        panic!("a forgotten job is committed afresh")
+    };
+    assert_eq!(
+        String::from_utf8(answer).unwrap(),
+        "[Err(Replay), Err(Replay)]"
+    );
+    assert_eq!(s.batch(&task, w).await.unwrap().unwrap().report_count, 3);
+}
+
 async fn one_collection_sent_to_two_replicas_at_once_spends_once(s: Store) {
     let other = replica(&s).await;
     let task = TaskId::random();
@@ -1068,6 +1123,7 @@ on_both_backends!(
     batches_are_collected_equal_or_disjoint_and_as_often_as_allowed,
     nothing_enters_a_released_or_closed_window,
     helper_jobs_expire_by_commit_time_and_only_those,
+    committed_helper_jobs_are_forgotten_and_sent_again_are_replays,
 );
 
 /// A sled store whose helper job records predate the `helper_job_times` index gets it when it
