@@ -573,6 +573,8 @@ impl JobDriver {
             }
         }
 
+        // A job none of whose reports the leader could verify never reaches the helper.
+        let sent_to_helper = !shares.is_empty();
         let outcomes = if shares.is_empty() {
             Vec::new()
         } else {
@@ -670,7 +672,9 @@ impl JobDriver {
         self.shared.pending_released(&job.task_id, job.reports);
         // Full only if the helper has been unreachable for a while: the answer then stays until
         // the helper's job retention removes it.
-        let _ = self.forget.try_send((job.task_id, *id));
+        if sent_to_helper {
+            let _ = self.forget.try_send((job.task_id, *id));
+        }
         tracing::debug!(job = %id, "aggregation job committed");
         Ok(())
     }
