@@ -199,8 +199,10 @@ async fn every_server_exports_prometheus_metrics_that_follow_the_reports() {
     assert_eq!(submit(&leader.url(), &direct, 5).await.accepted, 0);
     assert_eq!(submit(&leader.url(), &[vec![1, 2, 3]], 1).await.accepted, 0);
 
+    // A batch is counted after its packets are: forwarded, then removed from the store.
     let s = until(sm, "the shuffler forwarding its batch", 30, |s| {
         value(s, "hush_shuffler_forwarded_packets_total", &[]) == 40.0
+            && value(s, "hush_shuffler_batches_total", &[]) >= 1.0
     })
     .await;
     assert_eq!(value(&s, "hush_packets_accepted_total", &[]), 40.0);
