@@ -407,9 +407,8 @@ impl Store {
                     continue;
                 };
                 let committed = HelperJobRecord::committed_of(&v)?;
-                tx.remove(Tb::HelperJobs, k)?;
-                tx.remove(
-                    Tb::HelperJobTimes,
+                super::retention::remove_helper_job(
+                    tx,
                     &super::retention::helper_job_time_key(committed, k),
                 )?;
                 n += 1;

@@ -1,6 +1,6 @@
 //! Retention: everything past a task's report expiry or retention is deleted, per tree.
 
-use super::backend::{Keys, PendingChange, Pick, T as Tb, Txn};
+use super::backend::{Keys, PendingChange, Pick, T as Tb, TxResult, Txn};
 use crate::error::{Error, Result};
 use hush_protocol::BudgetPurpose;
 use hush_protocol::proto::v1::RejectReason;
@@ -19,6 +19,17 @@ pub(super) fn helper_job_time_key(committed: Time, jkey: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&committed.as_secs().to_be_bytes());
     k.extend_from_slice(jkey);
     k
+}
+
+/// Deletes a helper job's record and its `helper_job_times` entry, named by that entry's key
+/// (`committed ‖ task ‖ job`), in the caller's transaction: the two go together, so a crash
+/// leaves neither alone.
+pub(super) fn remove_helper_job<X: Txn>(tx: &mut X, time_key: &[u8]) -> TxResult<()> {
+    let job = time_key
+        .get(8..)
+        .ok_or_else(|| Error::corrupt("helper job time", "a key of under 8 bytes"))?;
+    tx.remove(Tb::HelperJobs, job)?;
+    tx.remove(Tb::HelperJobTimes, time_key)
 }
 
 /// `meta` mark: every helper job record has its `helper_job_times` entry.
@@ -80,14 +91,9 @@ impl Store {
             if due.is_empty() {
                 return Ok(n);
             }
-            // The record and its index entry go together: a crash leaves neither alone.
             transact!(self, [HelperJobs, HelperJobTimes], |tx| async {
                 for (k, _) in &due {
-                    let job = k.get(8..).ok_or_else(|| {
-                        Error::corrupt("helper job time", "a key of under 8 bytes")
-                    })?;
-                    tx.remove(Tb::HelperJobs, job)?;
-                    tx.remove(Tb::HelperJobTimes, k)?;
+                    remove_helper_job(tx, k)?;
                 }
                 Ok(())
             })?;

@@ -894,14 +894,7 @@ async fn a_helper_job_sent_to_two_replicas_at_once_is_accumulated_once(s: Store)
     let w = Time::from_secs(60);
     for round in 0..10 {
         let job = AggregationJobId::random();
-        let reports: Vec<HelperReport> = (0..5)
-            .map(|_| HelperReport {
-                report_id: ReportId::random(),
-                time: w,
-                outcome: Ok((AggregateShare::zero(2), vec![1])),
-                mark_seen: true,
-            })
-            .collect();
+        let reports = verified(5, w);
         let respond = |o: &[(ReportId, std::result::Result<&[u8], RejectReason>)]| {
             format!("{}", o.iter().filter(|(_, r)| r.is_ok()).count()).into_bytes()
         };
@@ -927,17 +920,24 @@ async fn a_helper_job_sent_to_two_replicas_at_once_is_accumulated_once(s: Store)
     assert_eq!(s.batch(&task, w).await.unwrap().unwrap().report_count, 50);
 }
 
+/// `n` helper reports of window `w`, fresh ids, each verified (an empty share).
+fn verified(n: usize, w: Time) -> Vec<HelperReport> {
+    (0..n)
+        .map(|_| HelperReport {
+            report_id: ReportId::random(),
+            time: w,
+            outcome: Ok((AggregateShare::zero(2), vec![1])),
+            mark_seen: true,
+        })
+        .collect()
+}
+
 /// Commits a helper job of one verified report of `task` at `now`.
 async fn commit_one_helper_job(s: &Store, task: &TaskId, now: u64) -> AggregationJobId {
     let job = AggregationJobId::random();
-    let r = HelperReport {
-        report_id: ReportId::random(),
-        time: Time::from_secs(60),
-        outcome: Ok((AggregateShare::zero(2), vec![1])),
-        mark_seen: true,
-    };
+    let r = verified(1, Time::from_secs(60));
     let out = s
-        .commit_helper_job(task, &job, Time::from_secs(now), [7; 32], 2, &[r], |_| {
+        .commit_helper_job(task, &job, Time::from_secs(now), [7; 32], 2, &r, |_| {
             b"answer".to_vec()
         })
         .await
@@ -979,14 +979,7 @@ async fn committed_helper_jobs_are_forgotten_and_sent_again_are_replays(s: Store
     let task = TaskId::random();
     let w = Time::from_secs(60);
     let job = AggregationJobId::random();
-    let reports: Vec<HelperReport> = (0..2)
-        .map(|_| HelperReport {
-            report_id: ReportId::random(),
-            time: w,
-            outcome: Ok((AggregateShare::zero(2), vec![1])),
-            mark_seen: true,
-        })
-        .collect();
+    let reports = verified(2, w);
     let respond = |o: &[(ReportId, std::result::Result<&[u8], RejectReason>)]| {
         format!(
             "{:?}",
