@@ -60,6 +60,10 @@ struct LaneState {
     oldest: Option<Instant>,
     /// Closed batches waiting to be forwarded, oldest first.
     closed: VecDeque<(u64, u64)>,
+    /// Packets of admissions under way, per batch they are being written to. A batch with any
+    /// is not forwarded (nor an open one expired) until they are stored: its read would miss
+    /// them, and its delete would lose them.
+    writing: HashMap<u64, u64>,
 }
 
 impl LaneState {
@@ -70,7 +74,13 @@ impl LaneState {
             open_count: 0,
             oldest: None,
             closed: VecDeque::new(),
+            writing: HashMap::new(),
         }
+    }
+
+    /// Whether an admission is writing to one of batches `lo..=hi`.
+    fn writing_to(&self, lo: u64, hi: u64) -> bool {
+        self.writing.keys().any(|b| (lo..=hi).contains(b))
     }
 }
 
@@ -84,9 +94,14 @@ struct HopState {
 type Ready = (TaskId, u64, u64);
 
 /// The batch state of every next hop and task.
+///
+/// Two locks: `admitting` serializes admissions (the store's replay check relies on it) and is
+/// held while packets are written and synced; `hops` guards the batch state and is only held
+/// for bookkeeping, never across a write, because the forwarders take it on the async runtime.
 #[derive(Debug)]
 pub struct Mixer {
     mix: MixConfig,
+    admitting: Mutex<()>,
     hops: Mutex<HashMap<String, HopState>>,
     buffered: AtomicU64,
 }
@@ -180,6 +195,7 @@ impl Mixer {
         }
         Ok(Self {
             mix,
+            admitting: Mutex::new(()),
             hops: Mutex::new(state),
             buffered: AtomicU64::new(total),
         })
@@ -202,27 +218,44 @@ impl Mixer {
         out
     }
 
-    /// Stores admitted packets in their lanes' open batches (one transaction, under the batch
-    /// lock so no packet lands in a batch that is closing). Returns, in order, whether each was
-    /// stored (false: replay).
+    /// Stores admitted packets in their lanes' open batches, one admission at a time. Returns,
+    /// in order, whether each was stored (false: replay).
+    ///
+    /// The batch state is not locked while the packets are written and synced: each packet is
+    /// counted as being written to its batch, and a batch that closes meanwhile is forwarded
+    /// only once they are stored (see [`LaneState::writing`]).
     pub fn admit(
         &self,
         store: &Store,
         items: Vec<Admitted>,
         stats: &StatDelta,
     ) -> Result<Vec<bool>> {
+        let _one_at_a_time = self.admitting.lock().unwrap_or_else(|p| p.into_inner());
+        let incoming = self.begin(items)?;
+        let stored = store.accept(&incoming, stats);
+        self.end(&incoming, stored.as_deref().ok());
+        stored
+    }
+
+    /// Gives each packet its lane's open batch and counts it as being written there.
+    fn begin(&self, items: Vec<Admitted>) -> Result<Vec<Incoming>> {
         let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = items.iter().find(|a| !hops.contains_key(&a.hop)) {
+            return Err(Error::InvalidRequest(format!(
+                "next hop {:?} is not configured",
+                a.hop
+            )));
+        }
         let mut incoming = Vec::with_capacity(items.len());
         for a in items {
-            let batch = hops
+            let lane = hops
                 .get_mut(&a.hop)
-                .ok_or_else(|| {
-                    Error::InvalidRequest(format!("next hop {:?} is not configured", a.hop))
-                })?
+                .expect("checked above")
                 .lanes
                 .entry(a.task)
-                .or_insert_with(LaneState::empty)
-                .open_hi;
+                .or_insert_with(LaneState::empty);
+            let batch = lane.open_hi;
+            *lane.writing.entry(batch).or_default() += 1;
             incoming.push(Incoming {
                 tag_key: a.tag_key,
                 hop: a.hop,
@@ -231,25 +264,40 @@ impl Mixer {
                 payload: a.payload,
             });
         }
-        let stored = store.accept(&incoming, stats)?;
+        Ok(incoming)
+    }
+
+    /// Ends the writes [`Mixer::begin`] counted: `stored` says which packets were stored
+    /// (`None`: the admission failed, none counts). A stored packet whose batch is still open
+    /// counts toward it; one whose batch closed meanwhile leaves with that batch. Wakes the
+    /// forwarders of the hops written to.
+    fn end(&self, incoming: &[Incoming], stored: Option<&[bool]>) {
+        let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let mut n = 0;
-        for (i, ok) in incoming.iter().zip(&stored) {
-            if *ok {
-                let s = hops
-                    .get_mut(&i.hop)
-                    .and_then(|h| h.lanes.get_mut(&i.task))
-                    .expect("lane made above");
-                s.open_count += 1;
-                s.oldest.get_or_insert(now);
+        for (k, i) in incoming.iter().enumerate() {
+            let lane = hops
+                .get_mut(&i.hop)
+                .and_then(|h| h.lanes.get_mut(&i.task))
+                .expect("lane made by begin");
+            if let Some(w) = lane.writing.get_mut(&i.batch) {
+                *w -= 1;
+                if *w == 0 {
+                    lane.writing.remove(&i.batch);
+                }
+            }
+            if stored.is_some_and(|s| s[k]) {
+                if i.batch == lane.open_hi {
+                    lane.open_count += 1;
+                    lane.oldest.get_or_insert(now);
+                }
                 n += 1;
             }
         }
         self.buffered.fetch_add(n, Ordering::Relaxed);
-        for i in &incoming {
+        for i in incoming {
             hops[&i.hop].wake.notify_one();
         }
-        Ok(stored)
     }
 
     fn wake(&self, hop: &str) -> Arc<Notify> {
@@ -268,8 +316,11 @@ impl Mixer {
         let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
         let h = hops.get_mut(hop).expect("hop is configured");
         for (task, s) in &h.lanes {
-            if let Some((lo, hi)) = s.closed.front() {
-                return Ok(Ok((*task, *lo, *hi)));
+            // A batch still being written to waits: the admission wakes us when it is done.
+            if let Some(&(lo, hi)) = s.closed.front()
+                && !s.writing_to(lo, hi)
+            {
+                return Ok(Ok((*task, lo, hi)));
             }
         }
         let max_wait = Duration::from_millis(self.mix.max_wait_ms);
@@ -285,7 +336,11 @@ impl Mixer {
                 s.open_hi += 1;
                 s.open_count = 0;
                 s.oldest = None;
-                return Ok(Ok((*task, b.0, b.1)));
+                // Batches leave in order (`finished` takes the front), and not while written to.
+                if s.closed.len() == 1 && !s.writing_to(b.0, b.1) {
+                    return Ok(Ok((*task, b.0, b.1)));
+                }
+                continue;
             }
             // Not ready: look again at its deadline if it has enough packets; otherwise only
             // more packets of its task can make it ready (a new packet wakes us).
@@ -325,6 +380,7 @@ impl Mixer {
                 if l.open_count == 0
                     || l.open_count >= self.mix.min_batch_size
                     || oldest.elapsed() < expiry
+                    || l.writing_to(l.open_lo, l.open_hi)
                 {
                     continue;
                 }
@@ -582,4 +638,106 @@ async fn forward_batch(
     let name = hop.name.clone();
     tokio::task::spawn_blocking(move || s.remove_batches(&name, &task, lo, hi)).await??;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HopKind;
+
+    const TASK: [u8; 32] = [7u8; 32];
+
+    fn packet(hop: &str, tag: u8) -> Admitted {
+        let mut tag_key = [0u8; 40];
+        tag_key[8] = tag;
+        Admitted {
+            hop: hop.to_owned(),
+            tag_key,
+            task: TaskId::from(TASK),
+            payload: vec![tag; 10],
+        }
+    }
+
+    /// A mixer of one next hop, "b", whose batches close at two packets (one after a minute).
+    fn mixer(store: &Store) -> Mixer {
+        let hop = NextHopConfig {
+            name: "b".into(),
+            kind: HopKind::Shuffler,
+            url: "http://127.0.0.1:1".into(),
+        };
+        let mix = MixConfig {
+            batch_size: 2,
+            min_batch_size: 1,
+            max_wait_ms: 60_000,
+        };
+        Mixer::recover(mix, &[hop], store).unwrap()
+    }
+
+    fn payloads(store: &Store, lo: u64, hi: u64) -> Vec<u8> {
+        let mut got: Vec<u8> = store
+            .batch_packets("b", &TaskId::from(TASK), lo, hi)
+            .unwrap()
+            .iter()
+            .map(|p| p.payload[0])
+            .collect();
+        got.sort();
+        got
+    }
+
+    #[test]
+    fn a_batch_that_closes_while_packets_are_written_to_it_leaves_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8).unwrap();
+        let m = mixer(&store);
+        let none = StatDelta::default();
+        assert_eq!(
+            m.admit(&store, vec![packet("b", 1), packet("b", 2)], &none)
+                .unwrap(),
+            vec![true, true]
+        );
+        // A third packet is being written to the open batch when the forwarder looks: the
+        // full batch closes, but does not leave without it.
+        let writing = m.begin(vec![packet("b", 3)]).unwrap();
+        assert_eq!(writing[0].batch, 0);
+        let r = m.ready(&store, "b").unwrap();
+        assert!(matches!(r, Err(None)), "{r:?}");
+        // Packets admitted meanwhile go to the next batch, which is not ready either.
+        assert_eq!(
+            m.admit(&store, vec![packet("b", 4)], &none).unwrap(),
+            vec![true]
+        );
+        assert!(m.ready(&store, "b").unwrap().is_err());
+        let stored = store.accept(&writing, &none).unwrap();
+        m.end(&writing, Some(&stored));
+        assert_eq!(
+            m.ready(&store, "b").unwrap().unwrap(),
+            (TaskId::from(TASK), 0, 0)
+        );
+        assert_eq!(payloads(&store, 0, 0), vec![1, 2, 3]);
+        assert_eq!(payloads(&store, 1, 1), vec![4]);
+        assert_eq!(m.open_per_task()[&TaskId::from(TASK)], 1);
+        assert_eq!(m.buffered(), 4);
+    }
+
+    #[test]
+    fn a_failed_admission_holds_no_batch_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8).unwrap();
+        let m = mixer(&store);
+        let none = StatDelta::default();
+        m.admit(&store, vec![packet("b", 1), packet("b", 2)], &none)
+            .unwrap();
+        let err = m
+            .admit(&store, vec![packet("b", 3), packet("x", 4)], &none)
+            .unwrap_err();
+        assert!(err.to_string().contains("\"x\" is not configured"), "{err}");
+        let writing = m.begin(vec![packet("b", 5)]).unwrap();
+        m.end(&writing, None);
+        assert_eq!(
+            m.ready(&store, "b").unwrap().unwrap(),
+            (TaskId::from(TASK), 0, 0)
+        );
+        assert_eq!(payloads(&store, 0, 0), vec![1, 2]);
+        assert_eq!(m.buffered(), 2);
+    }
 }

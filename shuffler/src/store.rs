@@ -378,7 +378,7 @@ impl Store {
     /// repeated within `items`) is not stored; the result says which, in order. `stats` and one
     /// `Accepted` or `Rejected(Replay)` per item are counted too.
     ///
-    /// Callers serialize calls (the mixer's lock), so the tag check cannot race. The packets of
+    /// Callers serialize calls (the mixer's admission lock), so the tag check cannot race. The packets of
     /// each batch go with their tags to its packet file in one synced write; then sled stores
     /// the extents, the tags join the set in memory, and sled stores the counters. A tag is
     /// never durable without its packet (which would lose the packet on the sender's retry):
