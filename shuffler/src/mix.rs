@@ -90,6 +90,15 @@ struct HopState {
     wake: Arc<Notify>,
 }
 
+/// Ends an admission's writes, none stored, if the admission unwinds.
+struct EndOnUnwind<'a>(&'a Mixer, &'a [Incoming]);
+
+impl Drop for EndOnUnwind<'_> {
+    fn drop(&mut self) {
+        self.0.end(self.1, None);
+    }
+}
+
 /// A batch ready to forward: its task and its batch numbers `lo..=hi`.
 type Ready = (TaskId, u64, u64);
 
@@ -232,7 +241,11 @@ impl Mixer {
     ) -> Result<Vec<bool>> {
         let _one_at_a_time = self.admitting.lock().unwrap_or_else(|p| p.into_inner());
         let incoming = self.begin(items)?;
+        // If the store panics, the writes still end: a batch counted as written to forever
+        // would never leave, and its lane with it.
+        let unwinding = EndOnUnwind(self, &incoming);
         let stored = store.accept(&incoming, stats);
+        std::mem::forget(unwinding);
         self.end(&incoming, stored.as_deref().ok());
         stored
     }
@@ -359,45 +372,61 @@ impl Mixer {
     /// its packets as refused `TOO_OLD` and gives their tenant's holdings back. Such a batch is
     /// never released: it would leave with fewer than `min_batch_size` packets of its task.
     /// Returns how many packets went.
+    ///
+    /// Admissions wait meanwhile (the admission lock), so no packet joins a batch while it
+    /// goes, and a batch under `min_batch_size` cannot close; the batch state is locked only to
+    /// pick the batches and to move their lanes on, not while their files are deleted.
     pub fn expire_stale(
         &self,
         store: &Store,
         tasks: &Tasks,
         holdings: &TenantHoldings,
     ) -> Result<u64> {
-        let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
-        let mut total = 0;
-        for (hop, h) in hops.iter_mut() {
-            for (task, l) in h.lanes.iter_mut() {
-                let Some(oldest) = l.oldest else { continue };
-                let expiry = Duration::from_secs(
-                    tasks
-                        .get(task)
-                        .map_or(hush_protocol::task::defaults::report_expiry_s(), |t| {
-                            t.report_expiry_s()
-                        }),
-                );
-                if l.open_count == 0
-                    || l.open_count >= self.mix.min_batch_size
-                    || oldest.elapsed() < expiry
-                    || l.writing_to(l.open_lo, l.open_hi)
-                {
-                    continue;
+        let _no_admissions = self.admitting.lock().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<(String, TaskId, u64, u64)> = {
+            let hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stale = Vec::new();
+            for (hop, h) in hops.iter() {
+                for (task, l) in &h.lanes {
+                    let Some(oldest) = l.oldest else { continue };
+                    let expiry = Duration::from_secs(
+                        tasks
+                            .get(task)
+                            .map_or(hush_protocol::task::defaults::report_expiry_s(), |t| {
+                                t.report_expiry_s()
+                            }),
+                    );
+                    if l.open_count > 0
+                        && l.open_count < self.mix.min_batch_size
+                        && oldest.elapsed() >= expiry
+                    {
+                        stale.push((hop.clone(), *task, l.open_lo, l.open_hi));
+                    }
                 }
-                // Under the lock, so no packet joins the batch while it goes.
-                let n = store.remove_batches(hop, task, l.open_lo, l.open_hi)?;
-                l.open_lo = l.open_hi + 1;
-                l.open_hi += 1;
+            }
+            stale
+        };
+        let mut total = 0;
+        for (hop, task, lo, hi) in stale {
+            let n = store.remove_batches(&hop, &task, lo, hi)?;
+            {
+                let mut hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
+                let l = hops
+                    .get_mut(&hop)
+                    .and_then(|h| h.lanes.get_mut(&task))
+                    .expect("lanes are never removed");
+                l.open_lo = hi + 1;
+                l.open_hi = hi + 1;
                 l.open_count = 0;
                 l.oldest = None;
-                if let Some(t) = tasks.tenant(task) {
-                    holdings.release(&t, n);
-                }
-                tracing::warn!(%hop, %task, packets = n, "dropped a batch that stayed under min_batch_size past the task's report expiry");
-                total += n;
             }
+            self.forwarded(n);
+            if let Some(t) = tasks.tenant(&task) {
+                holdings.release(&t, n);
+            }
+            tracing::warn!(%hop, %task, packets = n, "dropped a batch that stayed under min_batch_size past the task's report expiry");
+            total += n;
         }
-        self.buffered.fetch_sub(total, Ordering::Relaxed);
         Ok(total)
     }
 
@@ -408,8 +437,15 @@ impl Mixer {
         }
     }
 
+    /// Counts `n` packets as gone (forwarded or dropped). Saturating: packets an admission
+    /// stored before it failed (its counters could not be written) are not counted in, and must
+    /// not wrap the count when they leave.
     fn forwarded(&self, n: u64) {
-        self.buffered.fetch_sub(n, Ordering::Relaxed);
+        let _ = self
+            .buffered
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(n))
+            });
     }
 }
 
@@ -660,14 +696,19 @@ mod tests {
 
     /// A mixer of one next hop, "b", whose batches close at two packets (one after a minute).
     fn mixer(store: &Store) -> Mixer {
+        mixer_of(store, 2, 1)
+    }
+
+    /// A mixer of one next hop, "b": batches of `k` packets, `k_min` after a minute.
+    fn mixer_of(store: &Store, k: u64, k_min: u64) -> Mixer {
         let hop = NextHopConfig {
             name: "b".into(),
             kind: HopKind::Shuffler,
             url: "http://127.0.0.1:1".into(),
         };
         let mix = MixConfig {
-            batch_size: 2,
-            min_batch_size: 1,
+            batch_size: k,
+            min_batch_size: k_min,
             max_wait_ms: 60_000,
         };
         Mixer::recover(mix, &[hop], store).unwrap()
@@ -701,7 +742,7 @@ mod tests {
         assert_eq!(writing[0].batch, 0);
         let r = m.ready(&store, "b").unwrap();
         assert!(matches!(r, Err(None)), "{r:?}");
-        // Packets admitted meanwhile go to the next batch, which is not ready either.
+        // Packets admitted meanwhile go to the next batch (not full, so not ready).
         assert_eq!(
             m.admit(&store, vec![packet("b", 4)], &none).unwrap(),
             vec![true]
@@ -739,5 +780,28 @@ mod tests {
         );
         assert_eq!(payloads(&store, 0, 0), vec![1, 2]);
         assert_eq!(m.buffered(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_under_k_min_past_the_report_expiry_goes_and_its_lane_moves_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8).unwrap();
+        let m = mixer_of(&store, 10, 3);
+        let none = StatDelta::default();
+        let (tasks, holdings) = (Tasks::default(), TenantHoldings::new(100));
+        m.admit(&store, vec![packet("b", 1), packet("b", 2)], &none)
+            .unwrap();
+        assert_eq!(m.expire_stale(&store, &tasks, &holdings).unwrap(), 0);
+        let expiry = hush_protocol::task::defaults::report_expiry_s();
+        tokio::time::advance(Duration::from_secs(expiry + 1)).await;
+        assert_eq!(m.expire_stale(&store, &tasks, &holdings).unwrap(), 2);
+        assert!(payloads(&store, 0, 0).is_empty());
+        assert_eq!(m.buffered(), 0);
+        assert_eq!(m.expire_stale(&store, &tasks, &holdings).unwrap(), 0);
+        // The next packets open the next batch, and wait for their own k_min.
+        m.admit(&store, vec![packet("b", 3)], &none).unwrap();
+        assert_eq!(payloads(&store, 1, 1), vec![3]);
+        assert_eq!(m.open_per_task()[&TaskId::from(TASK)], 1);
+        assert!(m.ready(&store, "b").unwrap().is_err());
     }
 }
