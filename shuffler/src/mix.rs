@@ -60,9 +60,9 @@ struct LaneState {
     oldest: Option<Instant>,
     /// Closed batches waiting to be forwarded, oldest first.
     closed: VecDeque<(u64, u64)>,
-    /// Packets of admissions under way, per batch they are being written to. A batch with any
-    /// is not forwarded (nor an open one expired) until they are stored: its read would miss
-    /// them, and its delete would lose them.
+    /// Packets of admissions under way, per batch they are being written to. A closed batch
+    /// with any is not forwarded until they are stored: its read would miss them, and its
+    /// delete would lose them. (Expiry waits for admissions to finish instead.)
     writing: HashMap<u64, u64>,
 }
 
@@ -105,8 +105,10 @@ type Ready = (TaskId, u64, u64);
 /// The batch state of every next hop and task.
 ///
 /// Two locks: `admitting` serializes admissions (the store's replay check relies on it) and is
-/// held while packets are written and synced; `hops` guards the batch state and is only held
-/// for bookkeeping, never across a write, because the forwarders take it on the async runtime.
+/// held while packets are written and synced, and while an expired batch is deleted (so
+/// admissions wait for that); `hops` guards the batch state and is only held for bookkeeping
+/// (in-memory sled inserts at most), never across a file write or sync, because the forwarders
+/// take it on the async runtime.
 #[derive(Debug)]
 pub struct Mixer {
     mix: MixConfig,
@@ -415,6 +417,9 @@ impl Mixer {
                     .get_mut(&hop)
                     .and_then(|h| h.lanes.get_mut(&task))
                     .expect("lanes are never removed");
+                // Unchanged since it was picked: no admission ran, and a batch under
+                // `min_batch_size` (itself at most `batch_size`) does not close.
+                debug_assert_eq!((l.open_lo, l.open_hi), (lo, hi));
                 l.open_lo = hi + 1;
                 l.open_hi = hi + 1;
                 l.open_count = 0;
