@@ -300,6 +300,14 @@ impl Aggregator {
                 Arc::new(move || {
                     if let Some(g) = &gauges {
                         g.record();
+                        // The leader's pending reports are in files beside sled: the store's
+                        // bytes on disk count both.
+                        if let Some(Ok(sled_bytes)) =
+                            shared.store.sled_db().map(|db| db.size_on_disk())
+                        {
+                            metrics::gauge!(hush_server::metrics::names::STORE_BYTES)
+                                .set((sled_bytes + shared.store.pending_file_bytes()) as f64);
+                        }
                     }
                     if shared.role == Role::Leader {
                         metrics::gauge!(hush_server::metrics::names::REPORTS_PENDING)
@@ -435,6 +443,17 @@ async fn maintenance(shared: Shared, probes: Probes, mut shutdown: watch::Receiv
             .await
         {
             tracing::error!(error = %e, "retention failed; retrying next run");
+        }
+        if shared.role == Role::Leader {
+            match shared
+                .store
+                .run(|s| async move { s.remove_unused_pending_files(true).await })
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(files = n, "deleted unused pending files"),
+                Err(e) => tracing::error!(error = %e, "deleting unused pending files failed"),
+            }
         }
         if shared.role == Role::Helper {
             match shared

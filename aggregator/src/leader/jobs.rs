@@ -128,6 +128,16 @@ impl JobDriver {
                 tracing::warn!(error = %e, jobs = batch.len(), "cannot make committed jobs durable; the helper keeps their answers until its job retention");
                 continue;
             }
+            // Committed jobs free pending files: those that filled up go now, not at the next
+            // maintenance run.
+            if let Err(e) = self
+                .shared
+                .store
+                .run(|s| async move { s.remove_unused_pending_files(false).await })
+                .await
+            {
+                tracing::warn!(error = %e, "deleting unused pending files failed; maintenance retries");
+            }
             let mut by_task: BTreeMap<TaskId, Vec<AggregationJobId>> = BTreeMap::new();
             for (task, job) in batch {
                 by_task.entry(task).or_default().push(job);

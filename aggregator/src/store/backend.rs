@@ -24,7 +24,9 @@ use sled::transaction::{
 
 use crate::error::{Error, Result};
 
+use super::files::PendingFiles;
 use super::pg::PgBackend;
+use super::records::FileRecord;
 use super::seen;
 
 /// A table of the store.
@@ -156,6 +158,10 @@ pub(crate) enum Pick {
     Stop,
 }
 
+/// A pending record as [`Backend::pending_records`] reads it: key, value stored (`None`: the
+/// record bytes themselves), record bytes.
+pub(crate) type PendingEntry = (Vec<u8>, Option<Vec<u8>>, Vec<u8>);
+
 /// Writes to one table applied together: a value to set, or `None` to delete.
 pub(crate) type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
@@ -194,7 +200,9 @@ pub(crate) type TxResult<R> = std::result::Result<R, TxError>;
 
 /// A transaction over the store's tables. Reads see the transaction's own writes.
 pub(crate) trait Txn {
-    /// The value under `k` in `t`.
+    /// The value under `k` in `t`. (On sled a pending record may come back as a reference to
+    /// its pending file, [`FileRecord`]: count it with `PendingRecord::count_encoded`; reads
+    /// outside a transaction return its reports.)
     fn get(&mut self, t: T, k: &[u8]) -> impl Future<Output = TxResult<Option<Vec<u8>>>> + Send;
     /// The values under `keys` in `t`, in order (one round trip on PostgreSQL).
     fn get_many(
@@ -206,8 +214,8 @@ pub(crate) trait Txn {
     fn insert(&mut self, t: T, k: &[u8], v: &[u8]) -> TxResult<()>;
     /// Deletes `k` from `t`.
     fn remove(&mut self, t: T, k: &[u8]) -> TxResult<()>;
-    /// Applies those of `changes` (a pending record's key, the value it was read with, and
-    /// its new value or `None` to delete it) whose record still holds that value and that no
+    /// Applies those of `changes` (a pending record's key, the value stored when it was read
+    /// ([`Backend::pending_records`]), and its new value or `None` to delete it) whose record still holds that value and that no
     /// aggregation job holds; returns their indices. (On sled this process knows its jobs and
     /// leaves their records out; on PostgreSQL a replica's claim marks the rows.)
     fn replace_unclaimed_pending(
@@ -216,8 +224,8 @@ pub(crate) trait Txn {
     ) -> impl Future<Output = TxResult<Vec<usize>>> + Send;
 }
 
-/// A change to a pending record: its key, the value it was read with, and its new value (`None`:
-/// delete it).
+/// A change to a pending record: its key, the value stored when it was read, and its new value
+/// (`None`: delete it).
 pub(crate) type PendingChange = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
 
 /// A sled transaction's view of the trees it named.
@@ -411,11 +419,18 @@ pub(crate) struct SledBackend {
     db: sled::Db,
     trees: Arc<BTreeMap<T, sled::Tree>>,
     salt: Arc<seen::Salt>,
+    /// The bytes of the leader's pending reports ([`super::files`]).
+    files: Arc<PendingFiles>,
+    /// Held (shared) from reading a pending record in sled to reading its bytes from its file,
+    /// and (exclusively) while unused files are deleted: a record read just before its last
+    /// job committed is still read whole, not found missing its file.
+    file_reads: Arc<std::sync::RwLock<()>>,
 }
 
 impl SledBackend {
-    /// Opens the trees of `db`.
-    pub(crate) fn new(db: sled::Db) -> Result<Self> {
+    /// Opens the trees of `db`, with the pending files in `files_dir`; deletes the pending files
+    /// no record points into (left by a crash).
+    pub(crate) fn new(db: sled::Db, files_dir: &std::path::Path) -> Result<Self> {
         let mut trees = BTreeMap::new();
         for t in T::ALL {
             trees.insert(t, db.open_tree(t.name())?);
@@ -427,11 +442,93 @@ impl SledBackend {
             &trees[&T::HelperJobTimes],
             &trees[&T::Meta],
         )?;
-        Ok(Self {
+        let files = PendingFiles::open(files_dir)?;
+        let backend = Self {
             db,
             trees: Arc::new(trees),
             salt: Arc::new(salt),
-        })
+            files: Arc::new(files),
+            file_reads: Default::default(),
+        };
+        // Nothing is in flight yet, and what sled holds now is what it recovered. A damaged
+        // record keeps every file (and the store opens: its task's reads name the damage).
+        let idle = backend.files.idle(true)?;
+        let used = backend.referenced_files();
+        // New files are numbered past every file a record names, not only past those on disk:
+        // a folder restored older than sled must not get a file that old records read as theirs.
+        let named = backend
+            .tree(T::Pending)
+            .iter()
+            .values()
+            .filter_map(|v| v.ok().and_then(|v| FileRecord::file_of(&v).ok()))
+            .max();
+        if let Some(n) = named {
+            backend.files.number_past(n);
+        }
+        match used {
+            Ok(used) => {
+                let orphans = backend.files.remove(idle.difference(&used).copied())?;
+                if orphans > 0 {
+                    tracing::info!(
+                        files = orphans,
+                        "deleted pending files no record points into (reports never acknowledged)"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "kept every pending file"),
+        }
+        Ok(backend)
+    }
+
+    /// The pending files.
+    pub(crate) fn files(&self) -> &PendingFiles {
+        &self.files
+    }
+
+    /// The numbers of the pending files that records point into (read from each record's
+    /// header: a record damaged past it still keeps its file).
+    pub(crate) fn referenced_files(&self) -> Result<std::collections::HashSet<u64>> {
+        let mut out = std::collections::HashSet::new();
+        for kv in self.tree(T::Pending).iter() {
+            let (k, v) = kv?;
+            if FileRecord::is(&v) {
+                out.insert(FileRecord::file_of(&v).map_err(|e| {
+                    Error::corrupt(
+                        "pending record",
+                        format!("{e} (key {}); no pending file is deleted", hex(&k)),
+                    )
+                })?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes pending files `unused` if no read of a record's bytes is under way; if one is,
+    /// deletes none (the next call does), rather than make the reads queued behind it wait.
+    pub(crate) fn remove_files(&self, unused: Vec<u64>) -> Result<usize> {
+        let _no_reads = match self.file_reads.try_write() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
+        };
+        self.files.remove(unused)
+    }
+
+    /// Holds off file deletion while records are read and resolved.
+    fn reading_files(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.file_reads.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stored pending value as the bytes of its record: read from its pending file if it
+    /// points into one, as it is otherwise. Call it holding [`Self::reading_files`] since the
+    /// value was read.
+    fn resolve(&self, v: Vec<u8>) -> Result<Vec<u8>> {
+        if !FileRecord::is(&v) {
+            return Ok(v);
+        }
+        let r = FileRecord::decode_stored(&v)?;
+        let span = self.files.read(r.file, r.base, u64::from(r.span))?;
+        Ok(r.to_record_bytes(&span))
     }
 
     /// The tree of `t`.
@@ -453,6 +550,14 @@ impl SledBackend {
                 .salt
                 .contains(k, |b| tree.get(b).map_err(Error::from))?;
             return Ok(found.then(Vec::new));
+        }
+        if t == T::Pending {
+            let _reading = self.reading_files();
+            return self
+                .tree(t)
+                .get(k)?
+                .map(|v| self.resolve(v.to_vec()))
+                .transpose();
         }
         Ok(self.tree(t).get(k)?.map(|v| v.to_vec()))
     }
@@ -495,6 +600,7 @@ impl Backend {
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         match self {
             Backend::Sled(s) => {
+                let _reading = (t == T::Pending).then(|| s.reading_files());
                 let mut out = Vec::new();
                 for kv in s.iter(t, keys) {
                     if out.len() >= limit {
@@ -502,6 +608,11 @@ impl Backend {
                     }
                     let (k, v) = kv?;
                     match pick(&k, &v) {
+                        // A pending record's header says how many reports it holds: only
+                        // the records taken are read from their file.
+                        Pick::Take if t == T::Pending => {
+                            out.push((k.to_vec(), s.resolve(v.to_vec())?))
+                        }
                         Pick::Take => out.push((k.to_vec(), v.to_vec())),
                         Pick::Skip => {}
                         Pick::Stop => break,
@@ -510,6 +621,71 @@ impl Backend {
                 Ok(out)
             }
             Backend::Pg(p) => p.scan(t, keys, limit, pick).await,
+        }
+    }
+
+    /// The pending records among `keys` whose seq (the key's last 8 bytes) `skip` does not
+    /// name, in key order: key, the value stored (what [`Txn::replace_unclaimed_pending`]
+    /// compares) and the record's bytes (the same on PostgreSQL; on sled read from its file if
+    /// it is in one).
+    pub(crate) async fn pending_records(
+        &self,
+        keys: Keys<'_>,
+        skip: impl Fn(u64) -> bool + Send + Sync,
+    ) -> Result<Vec<PendingEntry>> {
+        let seq = |k: &[u8]| k.len() >= 8 && skip(super::records::be_u64(&k[k.len() - 8..]));
+        match self {
+            Backend::Sled(s) => {
+                let _reading = s.reading_files();
+                let mut out = Vec::new();
+                for kv in s.iter(T::Pending, keys) {
+                    let (k, v) = kv?;
+                    if seq(&k) {
+                        continue;
+                    }
+                    let stored = FileRecord::is(&v).then(|| v.to_vec());
+                    out.push((k.to_vec(), stored, s.resolve(v.to_vec())?));
+                }
+                Ok(out)
+            }
+            Backend::Pg(p) => Ok(p
+                .scan(T::Pending, keys, usize::MAX, |k, _| {
+                    if seq(k) { Pick::Skip } else { Pick::Take }
+                })
+                .await?
+                .into_iter()
+                .map(|(k, v)| (k, None, v))
+                .collect()),
+        }
+    }
+
+    /// The pending records under `keys`, in order, as [`Backend::pending_records`] reads them
+    /// (value stored if not the record bytes, record bytes); `None` for one that is not there.
+    pub(crate) async fn pending_get_many(
+        &self,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<(Option<Vec<u8>>, Vec<u8>)>>> {
+        match self {
+            Backend::Sled(s) => {
+                let _reading = s.reading_files();
+                let tree = s.tree(T::Pending);
+                keys.iter()
+                    .map(|k| {
+                        tree.get(k)?
+                            .map(|v| {
+                                let stored = FileRecord::is(&v).then(|| v.to_vec());
+                                Ok((stored, s.resolve(v.to_vec())?))
+                            })
+                            .transpose()
+                    })
+                    .collect()
+            }
+            Backend::Pg(p) => Ok(p
+                .get_many(T::Pending, keys)
+                .await?
+                .into_iter()
+                .map(|v| v.map(|v| (None, v)))
+                .collect()),
         }
     }
 
@@ -629,7 +805,7 @@ impl Backend {
         }
     }
 
-    /// Entries per table.
+    /// Entries per table (on sled, and the number of pending files).
     pub(crate) async fn sizes(&self) -> Result<Vec<(String, u64)>> {
         let mut out = Vec::new();
         for t in T::ALL {
@@ -637,6 +813,9 @@ impl Backend {
                 continue;
             }
             out.push((t.name().to_owned(), self.count(t, Keys::All).await?));
+        }
+        if let Backend::Sled(s) = self {
+            out.push(("pending files".to_owned(), s.files.count()? as u64));
         }
         Ok(out)
     }
@@ -653,4 +832,9 @@ mod tests {
         assert_eq!(prefix_end(&[0xff, 0xff]), None);
         assert_eq!(prefix_end(b""), None);
     }
+}
+
+/// `b` in lowercase hex, for error messages.
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

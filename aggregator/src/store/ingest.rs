@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use super::backend::{T as Tb, TxResult, Txn};
-use crate::error::Result;
+use super::backend::{Backend, T as Tb, TxResult, Txn};
+use super::records::FileRecord;
+use crate::error::{Error, Result};
+use hush_protocol::codec::Codec;
 use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{ReportId, TaskId, Time};
 
@@ -60,16 +62,86 @@ impl Store {
                 )
             })
             .collect();
+        // On sled the reports' bytes go to a pending file first, made durable before the
+        // transaction, and the records in sled point at them (super::files). `appended` lives
+        // until the transaction is over, so the file is not deleted under it.
+        let mut at: Vec<Option<(u32, u32)>> = vec![None; reports.len()];
+        let appended = match &self.backend {
+            Backend::Sled(s) => {
+                // Only reports that look new go to the file: a replay or a report of a closed
+                // window would otherwise cost disk for as long as its file holds a pending
+                // report. The transaction decides; one it stores that was not written (its id
+                // expired or its window's marks went in between) it refuses as this said.
+                let refused = self.likely_refused(&encoded).await?;
+                let mut bytes = Vec::new();
+                // Task by task, so a record's reports lie together in the file.
+                for i in 0..per_task.len() {
+                    for (j, r) in reports.iter().enumerate() {
+                        if task_of[j] != i || refused[j].is_some() {
+                            continue;
+                        }
+                        let start = bytes.len();
+                        r.1.encode(&mut bytes);
+                        at[j] = Some((start as u32, (bytes.len() - start) as u32));
+                    }
+                }
+                if u32::try_from(bytes.len()).is_err() {
+                    return Err(Error::InvalidRequest(format!(
+                        "{} bytes of reports in one request; send fewer at a time",
+                        bytes.len()
+                    )));
+                }
+                let appended = if bytes.is_empty() {
+                    None
+                } else {
+                    Some(s.files().append(&bytes)?)
+                };
+                Some((appended, refused))
+            }
+            Backend::Pg(_) => None,
+        };
         let input = PendingInput {
             encoded: &encoded,
             reports,
             task_of: &task_of,
             record_max,
             record_seqs: &record_seqs,
+            in_file: appended.as_ref().map(|(a, refused)| InFile {
+                file: a.as_ref().map_or((0, 0), |a| (a.file, a.offset)),
+                at: &at,
+                refused,
+            }),
         };
-        transact!(self, [Seen, Pending, Stats, Collected, Late], |tx| {
+        let stored = transact!(self, [Seen, Pending, Stats, Collected, Late], |tx| {
             store_pending_tx(tx, &input, stats)
-        })
+        });
+        drop(appended);
+        stored
+    }
+
+    /// For each report, `Some(Replay)` if its id is in the anti-replay table or earlier in
+    /// `encoded`, else `Some(Late)` if its window is closed, else `None`: outside a
+    /// transaction, so only a guess of what storing them will do.
+    async fn likely_refused(&self, encoded: &[EncodedPending]) -> Result<Vec<Option<Ingested>>> {
+        let mut closed: std::collections::HashMap<&[u8], bool> = Default::default();
+        let mut fresh: std::collections::HashSet<&[u8]> = Default::default();
+        let mut out = Vec::with_capacity(encoded.len());
+        for (_, sk, wk) in encoded {
+            if !fresh.insert(sk) || self.backend.get(Tb::Seen, sk).await?.is_some() {
+                out.push(Some(Ingested::Replay));
+                continue;
+            }
+            let is_closed = match closed.get(&wk[..]) {
+                Some(c) => *c,
+                None => {
+                    let c = self.backend.get(Tb::Collected, wk).await?.is_some();
+                    closed.insert(wk, c);
+                    c
+                }
+            };
+            out.push(is_closed.then_some(Ingested::Late));
+        }
+        Ok(out)
     }
 
     /// Late reports of `task` over `windows`.
@@ -109,6 +181,18 @@ struct PendingInput<'a> {
     task_of: &'a [usize],
     record_max: usize,
     record_seqs: &'a [(TaskId, Vec<u64>)],
+    /// On sled, where the reports were written.
+    in_file: Option<InFile<'a>>,
+}
+
+/// Where an ingest wrote its reports on sled.
+struct InFile<'a> {
+    /// The pending file and the offset of the first report written.
+    file: (u64, u64),
+    /// Each report's offset from it and length; `None` for one not written.
+    at: &'a [Option<(u32, u32)>],
+    /// Why a report was not written: it looked like a replay or a late report.
+    refused: &'a [Option<Ingested>],
 }
 
 async fn store_pending_tx<X: Txn>(
@@ -136,38 +220,41 @@ async fn store_pending_tx<X: Txn>(
     let mut late_delta: BTreeMap<&[u8], u64> = BTreeMap::new();
     // Ids seen earlier in this batch: a report sent twice in one request is a replay too.
     let mut fresh: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
-    // The stored reports of each task, in order.
-    let mut kept: Vec<Vec<&PendingReport>> = vec![Vec::new(); input.record_seqs.len()];
-    for ((((scope, sk, wk), was_seen), (_, r)), i) in encoded
-        .iter()
-        .zip(seen)
-        .zip(input.reports)
-        .zip(input.task_of)
+    // The stored reports of each task, in order, as indices into `input.reports`.
+    let mut kept: Vec<Vec<usize>> = vec![Vec::new(); input.record_seqs.len()];
+    for (j, (((scope, sk, wk), was_seen), i)) in
+        encoded.iter().zip(seen).zip(input.task_of).enumerate()
     {
-        if was_seen.is_some() || !fresh.insert(sk) {
+        let refused_before = input.in_file.as_ref().and_then(|f| f.refused[j]);
+        if was_seen.is_some() || !fresh.insert(sk) || refused_before == Some(Ingested::Replay) {
             stored.push(Ingested::Replay);
             delta.incr(*scope, Stat::Rejected(RejectReason::Replay));
             continue;
         }
         // Seen either way: a late report counts once, however often it is resent.
         tx.insert(Tb::Seen, sk, &[])?;
-        if closed_windows.contains(wk) {
+        if closed_windows.contains(wk) || refused_before == Some(Ingested::Late) {
             stored.push(Ingested::Late);
             *late_delta.entry(wk).or_default() += 1;
             delta.incr(*scope, Stat::Rejected(RejectReason::BatchCollected));
             continue;
         }
-        kept[*i].push(r);
+        kept[*i].push(j);
         stored.push(Ingested::Stored);
         delta.incr(*scope, Stat::Accepted);
     }
     for ((task, seqs), reports) in input.record_seqs.iter().zip(&kept) {
         for (seq, chunk) in seqs.iter().zip(reports.chunks(input.record_max)) {
-            tx.insert(
-                Tb::Pending,
-                &pending_key(task, *seq),
-                &PendingRecord::encode_refs(chunk),
-            )?;
+            let record = match &input.in_file {
+                Some(f) => file_record(f.file.0, f.file.1, f.at, chunk)?,
+                None => PendingRecord::encode_refs(
+                    &chunk
+                        .iter()
+                        .map(|j| &input.reports[*j].1)
+                        .collect::<Vec<_>>(),
+                ),
+            };
+            tx.insert(Tb::Pending, &pending_key(task, *seq), &record)?;
         }
     }
     for (k, n) in late_delta {
@@ -176,4 +263,33 @@ async fn store_pending_tx<X: Txn>(
     }
     delta.apply(tx).await?;
     Ok(stored)
+}
+
+/// The record of the reports `chunk` (indices into `at`, at least one, in order) of an ingest
+/// written at `base` of pending file `file`: its span runs from the first of them to the end of
+/// the last. A request's reports are written task by task, so that span holds only reports of
+/// the record's task (some of them refused, or in the task's other records).
+fn file_record(
+    file: u64,
+    base: u64,
+    at: &[Option<(u32, u32)>],
+    chunk: &[usize],
+) -> TxResult<Vec<u8>> {
+    let at = chunk
+        .iter()
+        .map(|j| {
+            at[*j].ok_or_else(|| {
+                Error::corrupt("ingest", "a report to store was not written to its file").into()
+            })
+        })
+        .collect::<TxResult<Vec<(u32, u32)>>>()?;
+    let first = at.iter().map(|a| a.0).min().unwrap_or(0);
+    let end = at.iter().map(|a| a.0 + a.1).max().unwrap_or(first);
+    let reports: Vec<(u32, u32)> = at.iter().map(|a| (a.0 - first, a.1)).collect();
+    Ok(FileRecord::encode(
+        file,
+        base + u64::from(first),
+        end - first,
+        &reports,
+    ))
 }

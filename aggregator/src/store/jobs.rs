@@ -90,11 +90,8 @@ impl Store {
     async fn split_records(&self, keys: &[Vec<u8>], record_max: usize) -> Result<u64> {
         let mut changes: Vec<PendingChange> = Vec::new();
         let mut rest: Vec<Vec<Vec<u8>>> = Vec::new();
-        for (k, v) in keys
-            .iter()
-            .zip(self.backend.get_many(Tb::Pending, keys).await?)
-        {
-            let Some(v) = v else { continue };
+        for (k, v) in keys.iter().zip(self.backend.pending_get_many(keys).await?) {
+            let Some((stored, v)) = v else { continue };
             let record = PendingRecord::decode_stored(&v)?;
             if record.0.len() <= record_max {
                 // Another replica split it meanwhile.
@@ -105,7 +102,7 @@ impl Store {
                 .chunks(record_max)
                 .map(|c| PendingRecord::encode_refs(&c.iter().collect::<Vec<_>>()));
             let first = parts.next().expect("a record holds a report");
-            changes.push((k.clone(), v, Some(first)));
+            changes.push((k.clone(), stored.unwrap_or(v), Some(first)));
             rest.push(parts.collect());
         }
         if changes.is_empty() {
@@ -157,6 +154,40 @@ impl Store {
                     .transpose()
             })
             .collect()
+    }
+
+    /// Deletes the pending files (sled; none on PostgreSQL) that no record points into and
+    /// that take no append, once the deletions of their records are durable; returns how many
+    /// went. With `retire_active`, the file taking appends is one of them when no append to it
+    /// is in flight (the next ingest starts a new file), so a quiet leader's disk empties too.
+    pub async fn remove_unused_pending_files(&self, retire_active: bool) -> Result<usize> {
+        let Backend::Sled(s) = &self.backend else {
+            return Ok(0);
+        };
+        // Idle first: a file idle now gets no new record (only an ingest's append makes one,
+        // and it counts as in flight until its record is committed), so a scan after this sees
+        // every record that will ever point into it.
+        let idle = s.files().idle(retire_active)?;
+        if idle.is_empty() {
+            return Ok(0);
+        }
+        let used = s.referenced_files()?;
+        let unused: Vec<u64> = idle.difference(&used).copied().collect();
+        if unused.is_empty() {
+            return Ok(0);
+        }
+        // The deletions of the records that pointed into them, durable before the files go: a
+        // crash must not bring back a record whose bytes are gone.
+        self.flush().await?;
+        s.remove_files(unused)
+    }
+
+    /// Bytes of the pending files (0 on PostgreSQL).
+    pub fn pending_file_bytes(&self) -> u64 {
+        match &self.backend {
+            Backend::Sled(s) => s.files().bytes(),
+            Backend::Pg(_) => 0,
+        }
     }
 
     /// Number of pending reports of all tasks.

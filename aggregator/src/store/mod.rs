@@ -5,7 +5,7 @@
 //! | `tasks` | task id | the task (protobuf `CreateTaskRequest`) |
 //! | `keys` | `"keyset"` | the HPKE [`KeySet`] |
 //! | `seen` | task ‖ time ‖ report id | — (anti-replay; expires with the task's report expiry) |
-//! | `pending` | task ‖ seq | a leader's accepted, not yet aggregated reports of one task from one ingest request, at most a job's worth ([`PendingRecord`]) |
+//! | `pending` | task ‖ seq | a leader's accepted, not yet aggregated reports of one task from one ingest request, at most a job's worth ([`PendingRecord`]; on sled, where each of them is in a pending file: [`files`]) |
 //! | `jobs` | job id | a leader's aggregation job in flight (task, record seqs, report count) |
 //! | `helper_jobs` | task ‖ job id | request hash and response of a helper's finished job |
 //! | `helper_job_times` | commit time ‖ task ‖ job id | — (finds helper jobs past `helper_job_retention_s`) |
@@ -20,6 +20,9 @@
 //! | `batch_collections` | task ‖ batch start ‖ duration | routine u32 ‖ alert u32: collections of the batch |
 //! | `late` | task ‖ window start | reports refused because the window was closed (leader) |
 //! | `collection_ends` | task ‖ last window start ‖ collection id | — (finds answers to delete when their windows pass the task's retention) |
+//!
+//! On sled the pending reports' bytes are in append-only files in `data_dir/pending`, written
+//! and synced before the transaction that records where they are ([`files`]).
 //!
 //! Every change that must be atomic is one transaction over the tables involved: storing a
 //! batch of ingested reports with their anti-replay entries (refusing reports of closed windows),
@@ -38,6 +41,7 @@ use crate::error::Result;
 
 pub(crate) mod backend;
 mod collection;
+mod files;
 mod ingest;
 mod jobs;
 pub(crate) mod pg;
@@ -101,7 +105,7 @@ impl Store {
     /// Opens (or creates) the sled database in `dir`.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
         let db = hush_server::db::open(dir, cache_mb)?;
-        Self::with_backend(Backend::Sled(SledBackend::new(db)?))
+        Self::with_backend(Backend::Sled(SledBackend::new(db, &dir.join("pending"))?))
     }
 
     /// Connects to PostgreSQL, applying the schema migrations this binary ships.
@@ -274,7 +278,8 @@ impl Store {
             .map(|(k, _)| String::from_utf8_lossy(&k).into_owned()))
     }
 
-    /// Every table of the database with its number of entries.
+    /// Every table of the database with its number of entries (on sled, and `pending files`
+    /// with the number of pending files).
     pub async fn tree_sizes(&self) -> Result<Vec<(String, u64)>> {
         self.backend.sizes().await
     }

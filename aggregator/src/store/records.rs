@@ -206,7 +206,9 @@ impl PendingRecord {
     /// not version 2 holds one; decoding checks the rest).
     pub fn count_encoded(v: &[u8]) -> u64 {
         match v {
-            [2, a, b, c, d, ..] => u64::from(u32::from_be_bytes([*a, *b, *c, *d])),
+            [2 | FileRecord::VERSION, a, b, c, d, ..] => {
+                u64::from(u32::from_be_bytes([*a, *b, *c, *d]))
+            }
             _ => 1,
         }
     }
@@ -247,6 +249,111 @@ impl Codec for PendingRecord {
             }
             _ => Err(r.invalid("version", "unknown")),
         }
+    }
+}
+
+/// A pending record whose reports are in a pending file ([`super::files`]), as sled keeps it:
+/// version 3 ‖ reports (u32) ‖ file (u64) ‖ base offset (u64) ‖ span (u32) ‖ per report, its
+/// offset from the base (u32) and its length (u32). The reports are encoded [`PendingReport`]s
+/// within `span` bytes from `base` (one ingest request's write). Only sled writes these, and
+/// reading a record through the store turns it into the bytes of a version-2 record. Only a
+/// transaction's reads, a scan's `pick` and [`super::backend::Backend::pending_records`]'s
+/// stored values see this format: they may count it ([`PendingRecord::count_encoded`]) or
+/// compare it, not decode it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct FileRecord {
+    /// The file's number.
+    pub(super) file: u64,
+    /// Where the request's reports start in the file.
+    pub(super) base: u64,
+    /// How many bytes from `base` hold them.
+    pub(super) span: u32,
+    /// Each report's offset from `base` and length.
+    pub(super) reports: Vec<(u32, u32)>,
+}
+
+impl FileRecord {
+    /// The version byte of this format.
+    pub(super) const VERSION: u8 = 3;
+
+    /// Whether a stored pending value is in this format.
+    pub(super) fn is(v: &[u8]) -> bool {
+        v.first() == Some(&Self::VERSION)
+    }
+
+    /// The encoding of the record of the reports at `reports` (offset from `base`, length;
+    /// at least one) of `file`.
+    pub(super) fn encode(file: u64, base: u64, span: u32, reports: &[(u32, u32)]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(25 + 8 * reports.len());
+        out.put_u8(Self::VERSION);
+        out.put_u32(reports.len() as u32);
+        out.put_u64(file);
+        out.put_u64(base);
+        out.put_u32(span);
+        for (at, len) in reports {
+            out.put_u32(*at);
+            out.put_u32(*len);
+        }
+        out
+    }
+
+    /// The file a stored record points into, from its header alone.
+    pub(super) fn file_of(v: &[u8]) -> Result<u64> {
+        match v.get(5..13) {
+            Some(f) if Self::is(v) => Ok(u64::from_be_bytes(f.try_into().expect("8 bytes"))),
+            _ => Err(Error::corrupt(
+                "pending record",
+                "too short to name its pending file",
+            )),
+        }
+    }
+
+    /// Decodes a stored record, naming it in the error.
+    pub(super) fn decode_stored(v: &[u8]) -> Result<Self> {
+        let mut r = Reader::new("FileRecord", v);
+        let parsed = (|| {
+            if r.u8("version")? != Self::VERSION {
+                return Err(r.invalid("version", "not a record in a pending file"));
+            }
+            let n = r.u32("reports")? as usize;
+            let (file, base, span) = (r.u64("file")?, r.u64("base")?, r.u32("span")?);
+            if n == 0 || r.remaining() != 8 * n {
+                return Err(r.invalid("reports", "count does not fit the record"));
+            }
+            let mut reports = Vec::with_capacity(n);
+            // In order and apart, so the record's bytes are at most its span.
+            let mut end = 0u64;
+            for _ in 0..n {
+                let (at, len) = (r.u32("offset")?, r.u32("length")?);
+                if u64::from(at) < end {
+                    return Err(r.invalid("offset", "overlaps the report before it"));
+                }
+                end = u64::from(at) + u64::from(len);
+                if end > u64::from(span) {
+                    return Err(r.invalid("offset", "past the record's span"));
+                }
+                reports.push((at, len));
+            }
+            Ok(Self {
+                file,
+                base,
+                span,
+                reports,
+            })
+        })();
+        parsed.map_err(|e| Error::corrupt("pending record", e))
+    }
+
+    /// The version-2 record of these reports, given the `span` bytes read from `base`.
+    pub(super) fn to_record_bytes(&self, span: &[u8]) -> Vec<u8> {
+        let body: usize = self.reports.iter().map(|(_, len)| *len as usize).sum();
+        let mut out = Vec::with_capacity(5 + body);
+        out.put_u8(2);
+        out.put_u32(self.reports.len() as u32);
+        for (at, len) in &self.reports {
+            out.extend_from_slice(&span[*at as usize..(*at + *len) as usize]);
+        }
+        out
     }
 }
 

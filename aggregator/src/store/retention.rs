@@ -117,14 +117,12 @@ impl Store {
         // Each change with the number of reports it expires.
         let mut changes: Vec<PendingChange> = Vec::new();
         let mut expired: Vec<u64> = Vec::new();
-        for (k, v) in self
+        // Records in a job are left unread: their job may commit and delete them meanwhile.
+        for (k, stored, v) in self
             .backend
-            .entries(Tb::Pending, Keys::Prefix(task.as_bytes()))
+            .pending_records(Keys::Prefix(task.as_bytes()), |q| in_jobs.contains(&q))
             .await?
         {
-            if in_jobs.contains(&be_u64(&k[32..])) {
-                continue;
-            }
             let record = PendingRecord::decode_stored(&v)?;
             let (old, fresh): (Vec<&PendingReport>, Vec<&PendingReport>) =
                 record.0.iter().partition(|r| r.time < cutoff);
@@ -133,7 +131,7 @@ impl Store {
             }
             let new = (!fresh.is_empty()).then(|| PendingRecord::encode_refs(&fresh));
             expired.push(old.len() as u64);
-            changes.push((k, v, new));
+            changes.push((k, stored.unwrap_or(v), new));
         }
         if changes.is_empty() {
             return Ok(0);

@@ -654,6 +654,39 @@ fn records_round_trip() {
     assert_eq!(BatchAggregation::decode(&b.encode()).unwrap(), b);
 }
 
+#[test]
+fn file_records_round_trip_and_refuse_what_does_not_fit() {
+    use records::FileRecord;
+    let (a, b) = (report(5), report(65));
+    let (ea, eb) = (a.to_bytes(), b.to_bytes());
+    // Two reports of a request's write, with 3 bytes of another report between them.
+    let mut span = ea.clone();
+    span.extend_from_slice(&[9, 9, 9]);
+    span.extend_from_slice(&eb);
+    let at = [(0, ea.len() as u32), (ea.len() as u32 + 3, eb.len() as u32)];
+    let v = FileRecord::encode(4, 1_000, span.len() as u32, &at);
+    assert!(FileRecord::is(&v));
+    assert_eq!(PendingRecord::count_encoded(&v), 2);
+    let r = FileRecord::decode_stored(&v).unwrap();
+    assert_eq!((r.file, r.base, r.span), (4, 1_000, span.len() as u32));
+    assert_eq!(
+        PendingRecord::decode_stored(&r.to_record_bytes(&span)).unwrap(),
+        PendingRecord(vec![a, b])
+    );
+    // Not a record of reports itself, and a report past the span or a count that does not
+    // match is refused.
+    assert!(PendingRecord::decode_stored(&v).is_err());
+    let past = FileRecord::encode(4, 1_000, 10, &at);
+    assert!(FileRecord::decode_stored(&past).is_err());
+    let mut short = v.clone();
+    short.pop();
+    assert!(FileRecord::decode_stored(&short).is_err());
+    assert!(FileRecord::decode_stored(&FileRecord::encode(4, 0, 0, &[])).is_err());
+    // Reports that overlap (or repeat) are refused: a record's bytes are at most its span.
+    let overlap = FileRecord::encode(4, 0, 20, &[(0, 10), (5, 10)]);
+    assert!(FileRecord::decode_stored(&overlap).is_err());
+}
+
 /// A second process's view of the same database: another connection pool on PostgreSQL (a
 /// replica), the same handle on sled (which allows one process per database).
 async fn replica(s: &Store) -> Store {
@@ -1192,6 +1225,180 @@ async fn a_sled_store_of_the_earlier_anti_replay_layout_still_refuses_replays() 
     assert_eq!(s.expire_seen(&task, Time::from_secs(61)).await.unwrap(), 3);
     assert_eq!(s.seen_count(&task).await.unwrap(), 0);
     assert!(!s.is_seen(&task, c.time, &c.report_id).await.unwrap());
+}
+
+/// The sled backend and the pending files of a sled store.
+fn sled_of(s: &Store) -> &backend::SledBackend {
+    let backend::Backend::Sled(sb) = &s.backend else {
+        unreachable!("a sled store")
+    };
+    sb
+}
+
+/// The names of the files in a sled store's folder of pending files.
+fn pending_files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("pending"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// On sled a pending record holds where its reports are in a pending file, not the reports;
+/// they read back whole, each task's own in order, past replays and other tasks' reports in
+/// the same request; a file goes once the jobs that held its reports are committed.
+#[tokio::test]
+async fn a_sled_store_keeps_pending_reports_in_files_and_deletes_each_once_unused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path(), 16).unwrap();
+    let (a, b) = (TaskId::random(), TaskId::random());
+    let mut fat = report(60);
+    fat.leader_share = vec![7; 4_000];
+    let (a1, b1, a2, b2, a3) = (report(60), report(120), fat, report(60), report(180));
+    let request = [
+        (a, a1.clone()),
+        (b, b1.clone()),
+        (a, a1.clone()), // a replay within the request
+        (a, a2.clone()),
+        (b, b2.clone()),
+        (a, a3.clone()),
+    ];
+    let got = s
+        .store_pending(&request, 2, &StatDelta::default())
+        .await
+        .unwrap();
+    assert_eq!(got[2], Ingested::Replay);
+    // Task a's three reports fill two records of at most 2; b's two fill one.
+    let tree = sled_of(&s).tree(backend::T::Pending);
+    assert_eq!(tree.len(), 3);
+    for v in tree.iter().values() {
+        let v = v.unwrap();
+        assert!(records::FileRecord::is(&v));
+        assert!(v.len() <= 25 + 2 * 8, "a record of {} bytes", v.len());
+    }
+    assert_eq!(pending_files_in(dir.path()), ["0000000000000000.pending"]);
+    // A replay of a stored report costs the file nothing; a new report its bytes.
+    let file0 = dir.path().join("pending/0000000000000000.pending");
+    let size = std::fs::metadata(&file0).unwrap().len();
+    let b3 = report(60);
+    let got = s
+        .store_pending(
+            &[(b, b1.clone()), (b, b3.clone())],
+            2,
+            &StatDelta::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, [Ingested::Replay, Ingested::Stored]);
+    assert_eq!(
+        std::fs::metadata(&file0).unwrap().len(),
+        size + b3.to_bytes().len() as u64
+    );
+    let read = |t| {
+        let s = s.clone();
+        async move {
+            s.scan_pending(&t, usize::MAX, |_| false)
+                .await
+                .unwrap()
+                .into_iter()
+                .flat_map(|(_, r)| r)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(read(a).await, vec![a1.clone(), a2, a3]);
+    assert_eq!(read(b).await, vec![b1, b2, b3]);
+    assert_eq!(s.pending_count(&a).await.unwrap(), 3);
+    assert_eq!(s.pending_in(&a, &[Time::from_secs(60)]).await.unwrap(), 2);
+
+    // While a record points into the file, it stays, even when the file is retired.
+    let lease = Lease {
+        owner: "test".into(),
+        ms: 1_000,
+    };
+    let (id, job, reports) = s
+        .create_job(&b, 10, |_| false, Time::from_secs(200), &lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reports.unwrap().len(), 3);
+    s.commit_leader_job(&id, &job, &BTreeMap::new(), &StatDelta::default())
+        .await
+        .unwrap();
+    assert_eq!(s.remove_unused_pending_files(true).await.unwrap(), 0);
+    assert_eq!(pending_files_in(dir.path()).len(), 1);
+    // The next ingest starts a new file.
+    let a4 = report(60);
+    s.store_pending(&[(a, a4.clone())], 2, &StatDelta::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        pending_files_in(dir.path()),
+        ["0000000000000000.pending", "0000000000000001.pending"]
+    );
+    // Once task a's jobs are committed, nothing points into the first file: it goes, and the
+    // second (active, its record pending) stays.
+    let keep = record_of(&s, a, &a4.report_id).await;
+    while let Some((id, job, _)) = s
+        .create_job(&a, 2, |q| q == keep, Time::from_secs(200), &lease)
+        .await
+        .unwrap()
+    {
+        s.commit_leader_job(&id, &job, &BTreeMap::new(), &StatDelta::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.remove_unused_pending_files(false).await.unwrap(), 1);
+    assert_eq!(pending_files_in(dir.path()), ["0000000000000001.pending"]);
+    assert_eq!(read(a).await, vec![a4]);
+}
+
+/// A sled store's pending reports outlive a restart; a pending file no record points into
+/// (bytes written before a crash, never acknowledged) goes when the store opens; a record whose
+/// file is gone is an error that names the file, and no new file takes its number.
+#[tokio::test]
+async fn pending_files_outlive_a_restart_and_unused_ones_go_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = TaskId::random();
+    let r = report(60);
+    {
+        let s = Store::open(dir.path(), 16).unwrap();
+        store_request(&s, task, std::slice::from_ref(&r)).await;
+        s.flush().await.unwrap();
+    }
+    std::fs::write(dir.path().join("pending/00000000000000a0.pending"), b"torn").unwrap();
+    std::fs::write(dir.path().join("pending/README"), b"not ours").unwrap();
+    {
+        let s = Store::open(dir.path(), 16).unwrap();
+        assert_eq!(
+            pending_files_in(dir.path()),
+            ["0000000000000000.pending", "README"]
+        );
+        let read = s.scan_pending(&task, usize::MAX, |_| false).await.unwrap();
+        assert_eq!(read[0].1, vec![r.clone()]);
+        // Numbered past every file it found, the torn one included.
+        s.store_pending(&[(task, report(60))], 10, &StatDelta::default())
+            .await
+            .unwrap();
+        assert!(dir.path().join("pending/00000000000000a1.pending").exists());
+    }
+    // Restored without its folder: new files are numbered past every file a record names, so
+    // no record reads another's bytes, and the records whose file is gone say so.
+    std::fs::remove_dir_all(dir.path().join("pending")).unwrap();
+    let s = Store::open(dir.path(), 16).unwrap();
+    s.store_pending(&[(TaskId::random(), report(60))], 10, &StatDelta::default())
+        .await
+        .unwrap();
+    assert_eq!(pending_files_in(dir.path()), ["00000000000000a2.pending"]);
+    let e = s
+        .scan_pending(&task, usize::MAX, |_| false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pending file") && e.contains("0000000000000000.pending"),
+        "{e}"
+    );
 }
 
 /// On PostgreSQL, migration 5 indexes the helper job records already stored, and its old
