@@ -821,6 +821,11 @@ impl Backend {
     }
 }
 
+/// `b` in lowercase hex, for error messages.
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -832,9 +837,4 @@ mod tests {
         assert_eq!(prefix_end(&[0xff, 0xff]), None);
         assert_eq!(prefix_end(b""), None);
     }
-}
-
-/// `b` in lowercase hex, for error messages.
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -2,7 +2,7 @@
 //!
 //! sled 0.34 keeps a value inside its leaf and rewrites the whole leaf every tenth update of it
 //! (a leaf holds up to 16 entries), and holds the old versions until its epoch advances. A
-//! pending record holds up to a job's worth of reports (about 1.4 KB each for Histogram(32)), so
+//! pending record holds up to a job's worth of reports (1,160 bytes each for Histogram(32)), so
 //! leaves of pending records were hundreds of kilobytes, copied out whole every few inserts or
 //! deletes: most of the leader's memory and of its blob writes under load. Here an ingest
 //! appends its reports to an append-only file in one write and syncs it *before* the sled
