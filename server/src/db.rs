@@ -35,6 +35,23 @@ pub fn open_at(dir: &Path, name: &str, cache_mb: u64) -> Result<sled::Db, Server
         })
 }
 
+/// Makes a folder's entries (a file created in it or deleted from it) durable: for the files
+/// the servers keep beside sled (a shuffler's packets and tags, a leader's pending reports).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Bytes the files directly in `dir` occupy (0 if it cannot be read).
+pub fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Makes everything written to `db` so far durable, on a blocking thread of tokio's pool.
 ///
 /// Not `sled::Db::flush_async`: it flushes on sled's small I/O pool while holding sled's

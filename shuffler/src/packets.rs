@@ -22,6 +22,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use hush_server::db::{folder_bytes, sync_dir};
 use prost::bytes::Bytes;
 
 use crate::error::{Error, Result};
@@ -183,22 +184,6 @@ impl PacketFiles {
     pub fn bytes(&self) -> u64 {
         folder_bytes(&self.dir)
     }
-}
-
-/// Bytes the files directly in `dir` occupy (0 if it cannot be read).
-pub(crate) fn folder_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)?.sync_all()?;
-    Ok(())
 }
 
 #[cfg(test)]

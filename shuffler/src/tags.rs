@@ -34,7 +34,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::Result;
-use crate::packets::{TAG_KEY, folder_bytes};
+use crate::packets::TAG_KEY;
+use hush_server::db::{folder_bytes, sync_dir};
 
 /// Bytes of a tag in a log.
 const TAG: usize = TAG_KEY - 8;
@@ -84,7 +85,7 @@ impl ReplayTags {
     /// still in their packet files): the next append starts at its last whole tag.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        File::open(dir.parent().unwrap_or(dir))?.sync_all()?;
+        sync_dir(dir.parent().unwrap_or(dir))?;
         let mut live: HashMap<[u8; 8], HashSet<[u8; HELD]>> = HashMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
@@ -168,7 +169,7 @@ impl ReplayTags {
                 .append(true)
                 .open(self.path(epoch))?;
         }
-        File::open(&self.dir)?.sync_all()?;
+        sync_dir(&self.dir)?;
         let mut st = self.state();
         for epoch in new {
             if !st.retired.contains(&epoch) {
@@ -246,7 +247,7 @@ impl ReplayTags {
             st.live.remove(&epoch).map_or(0, |s| s.len())
         };
         match std::fs::remove_file(self.path(&epoch)) {
-            Ok(()) => File::open(&self.dir)?.sync_all()?,
+            Ok(()) => sync_dir(&self.dir)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }

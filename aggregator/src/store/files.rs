@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
+use hush_server::db::{folder_bytes, sync_dir};
 
 /// A file takes appends until it holds this many bytes.
 pub(crate) const FILE_MAX: u64 = 64 << 20;
@@ -276,20 +277,8 @@ impl PendingFiles {
 
     /// Bytes of every pending file.
     pub(crate) fn bytes(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        folder_bytes(&self.dir)
     }
-}
-
-/// Makes the folder's entries (a created or deleted file) durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)?.sync_all()?;
-    Ok(())
 }
 
 #[cfg(test)]
