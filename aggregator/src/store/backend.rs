@@ -456,12 +456,16 @@ impl SledBackend {
         let used = backend.referenced_files();
         // New files are numbered past every file a record names, not only past those on disk:
         // a folder restored older than sled must not get a file that old records read as theirs.
-        let named = backend
-            .tree(T::Pending)
-            .iter()
-            .values()
-            .filter_map(|v| v.ok().and_then(|v| FileRecord::file_of(&v).ok()))
-            .max();
+        // (Past a damaged record, the records are read again for the files the others name.)
+        let named = match &used {
+            Ok(used) => used.iter().max().copied(),
+            Err(_) => backend
+                .tree(T::Pending)
+                .iter()
+                .values()
+                .filter_map(|v| v.ok().and_then(|v| FileRecord::file_of(&v).ok()))
+                .max(),
+        };
         if let Some(n) = named {
             backend.files.number_past(n);
         }

@@ -74,16 +74,16 @@ impl Store {
                 // expired or its window's marks went in between) it refuses as this said.
                 let refused = self.likely_refused(&encoded).await?;
                 let mut bytes = Vec::new();
-                // Task by task, so a record's reports lie together in the file.
-                for i in 0..per_task.len() {
-                    for (j, r) in reports.iter().enumerate() {
-                        if task_of[j] != i || refused[j].is_some() {
-                            continue;
-                        }
-                        let start = bytes.len();
-                        r.1.encode(&mut bytes);
-                        at[j] = Some((start as u32, (bytes.len() - start) as u32));
-                    }
+                // Task by task (a stable sort keeps each task's order), so a record's reports
+                // lie together in the file.
+                let mut order: Vec<usize> = (0..reports.len())
+                    .filter(|j| refused[*j].is_none())
+                    .collect();
+                order.sort_by_key(|j| task_of[*j]);
+                for j in order {
+                    let start = bytes.len();
+                    reports[j].1.encode(&mut bytes);
+                    at[j] = Some((start as u32, (bytes.len() - start) as u32));
                 }
                 if u32::try_from(bytes.len()).is_err() {
                     return Err(Error::InvalidRequest(format!(
