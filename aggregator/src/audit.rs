@@ -312,7 +312,7 @@ impl AuditLog {
                 let tables = [T::Audit, T::AuditHead];
                 let trees = [s.tree(T::Audit), s.tree(T::AuditHead)];
                 let r = sled::Transactional::transaction(&trees[..], |views| {
-                    let mut tx = SledTx::new(&tables, views, s);
+                    let mut tx = SledTx::new(&tables, views, s, None);
                     run_now(append_tx(&mut tx, time, &e)).map_err(to_sled)
                 });
                 hush_server::db::tx_result(r)

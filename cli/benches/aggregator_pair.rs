@@ -13,7 +13,9 @@
 //!   sled in a temp dir; PostgreSQL with one leader; PostgreSQL with two leader replicas (one
 //!   submitter each). PostgreSQL is a private server started for the run (fsync on) on this
 //!   machine, so it shares the two cores. Pre-built Histogram(32) reports go to the leader's
-//!   ingest from two concurrent submitters in batches of 250 (`HUSH_BENCH_BATCH`); the clock runs
+//!   ingest from two concurrent submitters in requests of 1,000 (`HUSH_BENCH_BATCH`: a shuffler
+//!   forwards a batch to the leader in requests of `[forward] chunk_packets`, 1,000 unless set,
+//!   and the leader takes up to `max_request_reports`, also 1,000); the clock runs
 //!   from the first submission until no report is pending. Peak resident memory (VmHWM) of each
 //!   process is read from /proc. `HUSH_BENCH_STORES=sled,pg,pg2` picks the stores;
 //!   `HUSH_BENCH_CACHE_MB` sets both processes' sled page cache (`cache_mb`, 64 by default).
@@ -261,7 +263,7 @@ async fn run_pair(task: &TaskConfig, n: usize, store: Store, pg_url: Option<&str
     let batch: usize = std::env::var("HUSH_BENCH_BATCH")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(250);
+        .unwrap_or(1_000);
     let (a, b) = (reports[..half].to_vec(), reports[half..].to_vec());
     // One submitter per replica when there are two.
     let (lu1, lu2) = (

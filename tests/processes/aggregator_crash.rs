@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hush_aggregator::AggregatorConfig;
+use hush_protocol::proto::v1::RejectReason;
 use hush_protocol::{
     Clock, Codec, HpkeKeypair, Measurement, MeasurementKind, ReportId, SystemClock, TaskConfig,
     VerifyKey,
@@ -145,6 +146,11 @@ async fn crash_during_jobs(kill_leader: bool) {
         c.leader.log()
     );
     assert!(s.rejected.is_empty(), "{s:?}");
+    // The leader's anti-replay set outlived the kill (on sled it is in memory, loaded from the
+    // store at the restart): every report sent again is a replay.
+    let again = submit(&c.leader.url(), &reports, 500).await;
+    assert_eq!(again.accepted, 0, "{:?}", again.rejected);
+    assert_eq!(again.rejected.get(&RejectReason::Replay), Some(&2_000));
     c.leader.terminate();
     c.helper.terminate();
     let (sum, count) = Stored::read(c.leader_dir.path(), c.helper_dir.path(), &task)

@@ -232,22 +232,49 @@ pub(crate) type PendingChange = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
 pub(crate) struct SledTx<'a> {
     tables: &'a [T],
     views: &'a [TransactionalTree],
-    /// How the anti-replay table finds an id's bucket.
-    salt: &'a seen::Salt,
+    backend: &'a SledBackend,
+    /// The anti-replay index, locked for the whole transaction if it names `seen`
+    /// ([`SledBackend::lock_seen`]).
+    seen: Option<&'a seen::SeenIndex>,
+    /// The ids this transaction adds (written by [`SledTx::finish`]).
+    staged: seen::Staged,
 }
 
 impl<'a> SledTx<'a> {
-    /// The views of `tables`, in order, of the store `backend`.
+    /// The views of `tables`, in order, of the store `backend`; `seen` is the anti-replay
+    /// index, locked, if `tables` holds `seen`.
     pub(crate) fn new(
         tables: &'a [T],
         views: &'a [TransactionalTree],
         backend: &'a SledBackend,
+        seen: Option<&'a seen::SeenIndex>,
     ) -> Self {
         Self {
             tables,
             views,
-            salt: &*backend.salt,
+            backend,
+            seen,
+            staged: Default::default(),
         }
+    }
+
+    /// Writes the log entries of the ids this transaction added; returns them, for the index
+    /// once sled has committed.
+    pub(crate) fn finish(self) -> TxResult<seen::Staged> {
+        if self.seen.is_some() {
+            self.staged.write(self.view(T::Seen)?)?;
+        }
+        Ok(self.staged)
+    }
+
+    /// The index, which the transaction locked if it named `seen`.
+    fn seen_index(&self) -> TxResult<&'a seen::SeenIndex> {
+        self.seen.ok_or_else(|| {
+            TxError::Abort(Error::corrupt(
+                "transaction",
+                "table seen is not in this transaction",
+            ))
+        })
     }
 
     fn view(&self, t: T) -> TxResult<&TransactionalTree> {
@@ -264,15 +291,13 @@ impl<'a> SledTx<'a> {
     }
 
     fn get_now(&self, t: T, k: &[u8]) -> TxResult<Option<Vec<u8>>> {
-        let view = self.view(t)?;
         if t == T::Seen {
-            // Ids are kept in buckets on sled (super::seen).
-            let found = self
-                .salt
-                .contains(k, |b| view.get(b).map_err(TxError::from))?;
+            // Ids are in the index on sled (super::seen).
+            let (w, h) = self.backend.salt.hash(k)?;
+            let found = self.seen_index()?.contains(&w, &h) || self.staged.contains(&w, &h);
             return Ok(found.then(Vec::new));
         }
-        Ok(view.get(k)?.map(|v| v.to_vec()))
+        Ok(self.view(t)?.get(k)?.map(|v| v.to_vec()))
     }
 }
 
@@ -290,7 +315,6 @@ impl Txn for SledTx<'_> {
     }
 
     fn insert(&mut self, t: T, k: &[u8], v: &[u8]) -> TxResult<()> {
-        let view = self.view(t)?;
         if t == T::Seen {
             if !v.is_empty() {
                 return Err(TxError::Abort(Error::corrupt(
@@ -298,18 +322,25 @@ impl Txn for SledTx<'_> {
                     "has a value; entries are keys only",
                 )));
             }
-            return self.salt.insert(view, k);
+            let (w, h) = self.backend.salt.hash(k)?;
+            if !self.seen_index()?.contains(&w, &h) {
+                self.staged.insert(w, h);
+            }
+            return Ok(());
         }
-        view.insert(k, v)?;
+        self.view(t)?.insert(k, v)?;
         Ok(())
     }
 
     fn remove(&mut self, t: T, k: &[u8]) -> TxResult<()> {
-        let view = self.view(t)?;
         if t == T::Seen {
-            return self.salt.remove(view, k);
+            // Ids leave only with their window ([`SledBackend::expire_seen`]).
+            return Err(TxError::Abort(Error::corrupt(
+                "transaction",
+                "anti-replay ids are not removed one by one",
+            )));
         }
-        view.remove(k)?;
+        self.view(t)?.remove(k)?;
         Ok(())
     }
 
@@ -366,13 +397,25 @@ macro_rules! transact {
         match &$store.backend {
             $crate::store::backend::Backend::Sled(s) => {
                 let trees: Vec<&sled::Tree> = tables.iter().map(|t| s.tree(*t)).collect();
+                // Held until the ids this transaction adds are in the index (super::seen).
+                let mut seen = s.lock_seen(&tables);
+                let staged = std::cell::RefCell::new(None);
                 let r = sled::Transactional::transaction(&trees[..], |views| {
-                    let mut tx = $crate::store::backend::SledTx::new(&tables, views, s);
-                    let $tx = &mut tx;
-                    $crate::store::backend::run_now($body)
-                        .map_err($crate::store::backend::to_sled)
+                    let mut tx =
+                        $crate::store::backend::SledTx::new(&tables, views, s, seen.as_deref());
+                    let out = {
+                        let $tx = &mut tx;
+                        $crate::store::backend::run_now($body)
+                            .map_err($crate::store::backend::to_sled)?
+                    };
+                    staged.replace(Some(tx.finish().map_err($crate::store::backend::to_sled)?));
+                    Ok(out)
                 });
-                hush_server::db::tx_result(r)
+                let r = hush_server::db::tx_result(r);
+                if let (Ok(_), Some(index), Some(staged)) = (&r, seen.as_mut(), staged.take()) {
+                    index.add(staged);
+                }
+                r
             }
             $crate::store::backend::Backend::Pg(p) => {
                 let r: $crate::error::Result<_> = async {
@@ -419,6 +462,8 @@ pub(crate) struct SledBackend {
     db: sled::Db,
     trees: Arc<BTreeMap<T, sled::Tree>>,
     salt: Arc<seen::Salt>,
+    /// The anti-replay ids of every window not yet expired ([`seen`]).
+    seen: Arc<std::sync::RwLock<seen::SeenIndex>>,
     /// The bytes of the leader's pending reports ([`super::files`]).
     files: Arc<PendingFiles>,
     /// Held (shared) from reading a pending record in sled to reading its bytes from its file,
@@ -437,6 +482,7 @@ impl SledBackend {
         }
         let salt = seen::Salt::load(&trees[&T::Meta])?;
         seen::migrate(&salt, &trees[&T::Seen], &trees[&T::Meta])?;
+        let index = seen::SeenIndex::load(&trees[&T::Seen])?;
         super::retention::index_helper_jobs(
             &trees[&T::HelperJobs],
             &trees[&T::HelperJobTimes],
@@ -447,6 +493,7 @@ impl SledBackend {
             db,
             trees: Arc::new(trees),
             salt: Arc::new(salt),
+            seen: Arc::new(std::sync::RwLock::new(index)),
             files: Arc::new(files),
             file_reads: Default::default(),
         };
@@ -545,15 +592,42 @@ impl SledBackend {
         &self.db
     }
 
+    /// The anti-replay index, locked for a transaction over `tables` if they hold `seen`.
+    pub(crate) fn lock_seen(
+        &self,
+        tables: &[T],
+    ) -> Option<std::sync::RwLockWriteGuard<'_, seen::SeenIndex>> {
+        tables
+            .contains(&T::Seen)
+            .then(|| self.seen.write().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether a transaction holds the anti-replay index's lock.
+    #[cfg(test)]
+    pub(crate) fn seen_is_locked(&self) -> bool {
+        self.seen.try_read().is_err()
+    }
+
+    /// Deletes the anti-replay ids of the windows in `[lo, hi)` (`task ‖ window` bounds), from
+    /// sled and then from the index, under the index's lock; returns how many ids there were.
+    pub(crate) fn expire_seen(&self, lo: &[u8], hi: &[u8]) -> Result<u64> {
+        let mut index = self.lock_seen(&[T::Seen]).expect("seen is named");
+        let tree = self.tree(T::Seen);
+        let mut batch = sled::Batch::default();
+        for k in tree.range(lo..hi).keys() {
+            batch.remove(k?);
+        }
+        tree.apply_batch(batch)?;
+        Ok(index.forget(lo, hi))
+    }
+
     /// The value under `k` in `t` (for the anti-replay table, an empty value if the id is in
-    /// its bucket).
+    /// the index).
     fn get(&self, t: T, k: &[u8]) -> Result<Option<Vec<u8>>> {
         if t == T::Seen {
-            let tree = self.tree(t);
-            let found = self
-                .salt
-                .contains(k, |b| tree.get(b).map_err(Error::from))?;
-            return Ok(found.then(Vec::new));
+            let (w, h) = self.salt.hash(k)?;
+            let index = self.seen.read().unwrap_or_else(|p| p.into_inner());
+            return Ok(index.contains(&w, &h).then(Vec::new));
         }
         if t == T::Pending {
             let _reading = self.reading_files();
@@ -716,8 +790,8 @@ impl Backend {
         }
     }
 
-    /// The keys of `t` among `keys`, in order (for the anti-replay table on sled, its buckets'
-    /// keys).
+    /// The keys of `t` among `keys`, in order (for the anti-replay table on sled, its log
+    /// entries' keys).
     pub(crate) async fn keys(&self, t: T, keys: Keys<'_>) -> Result<Vec<Vec<u8>>> {
         match self {
             Backend::Sled(s) => s.iter(t, keys).keys().map(|k| Ok(k?.to_vec())).collect(),
@@ -757,6 +831,10 @@ impl Backend {
             return Ok(());
         }
         match self {
+            Backend::Sled(_) if t == T::Seen => Err(Error::corrupt(
+                "anti-replay table",
+                "written only by transactions and deleted by window (expire_seen)",
+            )),
             Backend::Sled(s) => {
                 let mut b = sled::Batch::default();
                 for (k, v) in writes {

@@ -1,56 +1,78 @@
-//! How sled keeps the anti-replay table: report ids in buckets, not one entry per id.
+//! How sled keeps the anti-replay table: an index in memory, and a log of each transaction's ids
+//! in sled.
 //!
 //! The store names an anti-replay entry by its key `task ‖ window ‖ report id` (56 bytes,
 //! [`super::seen_key`]), with no value. PostgreSQL keeps one row per key. On sled, one entry per
-//! id made the aggregators' memory grow with every report until its id expired: sled's memory
-//! grows with its number of entries, not with their bytes (a leaf holds at most 16 entries, and
-//! every leaf keeps its metadata in memory even when paged out; sled 0.34, spacejam/sled#1093).
+//! id made the aggregators' memory grow with every report until its id expired (sled's memory
+//! grows with its number of entries: a leaf holds at most 16, and every leaf keeps its metadata
+//! in memory even when paged out; sled 0.34, spacejam/sled#1093), and a read and a rewrite of an
+//! entry per report, in buckets or not, was most of the store's time per report.
 //!
-//! So sled keeps ids in buckets. An id is first hashed with a secret of this store (HMAC-SHA256
-//! under a random key kept in `meta`, cut to 16 bytes), so that nobody who picks report ids —
-//! any client — can pile them into one bucket. A window's first-level bucket is
-//! `task ‖ window ‖ hash[0..2]` (at most 65,536 per window) and holds the sorted hashes of its
-//! ids, up to [`SPLIT_AT`]. The id that would go past that splits it: its hashes move to the
-//! second-level buckets `task ‖ window ‖ hash[0..2] ‖ the high four bits of hash[2]` (16 under
-//! each first-level one, about 16 ids each when made) and the first-level bucket keeps only a
-//! mark. Second-level buckets do not split: they hold about one id per million of the window's
-//! ids, 16 bytes each, so a window of 100 million ids writes buckets of about 1.5 KiB. Every bucket keeps the `task ‖ window` prefix, so
-//! expiring a window's ids is still a range delete. A write reads and rewrites one bucket (a split
-//! writes up to 17, once); sled's transactions are serializable, so two ingests adding ids to one
-//! bucket at once cannot lose either.
+//! So an id is first hashed with a secret of this store (HMAC-SHA256 under a random key kept in
+//! `meta`, cut to 16 bytes), so that nobody who picks report ids — any client — can choose where
+//! they land. Then:
+//!
+//! - **In memory** ([`SeenIndex`]), each window (`task ‖ window`) has a hash set of the first 8
+//!   bytes of its ids' hashes. Every check reads only this. Two different ids share those 8
+//!   bytes with probability 2⁻⁶⁴ per pair, and then the second is refused as a replay; nobody can
+//!   aim for that without the key.
+//! - **In sled**, each transaction that adds ids writes one log entry per window it touched:
+//!   `task ‖ window ‖ 0xFF ‖ n` (n from sled's id generator, unique across restarts) → the
+//!   16-byte hashes of the ids it added. The entry is written in the same transaction as what the
+//!   ids came with (the pending records at the leader, the aggregate at the helper), so a crash
+//!   keeps both or neither, and the index is loaded from the log when the store opens. Every
+//!   entry keeps the `task ‖ window` prefix, so expiring a window's ids is still a range delete.
+//!
+//! A transaction that names the `seen` table holds the index's lock from before its first read
+//! to after its ids are added (sled serializes transactions anyway), so two transactions cannot
+//! both find an id missing and both add it. The ids are added to the index only once sled has
+//! committed; a transaction that fails or runs again adds nothing.
+//!
+//! Stores written before this layout hold the ids in buckets (`task ‖ window ‖ hash[0..2]`, and
+//! below a split mark `task ‖ window ‖ hash[0..2] ‖ hash[2] >> 4`, each the sorted 16-byte
+//! hashes), or, earlier still, one entry per id; the index loads buckets as they are, and entries
+//! of one per id move into the log when the store first opens.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use sled::IVec;
-use sled::transaction::TransactionalTree;
+use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
-use super::backend::TxResult;
+use super::backend::{TxError, TxResult};
 use crate::error::{Error, Result};
 
 /// Bytes of an anti-replay key: task (32) ‖ window (8) ‖ report id (16).
 pub(crate) const KEY_LEN: usize = 56;
 /// Bytes of the `task ‖ window` prefix.
 const PREFIX: usize = 40;
-/// Bytes of a hashed id, as kept in a bucket.
+/// Bytes of a hashed id, as kept in sled.
 const HASH: usize = 16;
-/// Ids a first-level bucket holds before it splits (4 KiB of hashes).
-pub(crate) const SPLIT_AT: usize = 256;
+/// The byte after the prefix in a log entry's key.
+const LOG: u8 = 0xFF;
+/// Bytes of a log entry's key: prefix ‖ [`LOG`] ‖ n (big-endian).
+const LOG_KEY_LEN: usize = PREFIX + 9;
 
-/// A first-level bucket's value starts with this byte when it holds hashes...
+/// Buckets of the layout before the log: a first-level bucket's value starts with this byte
+/// when it holds hashes...
 const LEAF: u8 = 0;
-/// ...and is this one byte when its hashes moved to the second level.
+/// ...and is this one byte when its hashes are in second-level buckets.
 const SPLIT: u8 = 1;
 
-/// `meta` entries: the hashing key, and the mark that every entry is in a bucket (set once the
-/// entries of an earlier version, one per id, are moved).
+/// `meta` entries: the hashing key, and the mark that no entry of one per id is left.
 const SALT_KEY: &[u8] = b"seen_salt";
 const LAYOUT_KEY: &[u8] = b"seen_layout";
 const LAYOUT_BUCKETS: &[u8] = b"buckets";
+
+/// A window: `task ‖ window`.
+pub(crate) type Window = [u8; PREFIX];
+/// An id's keyed hash.
+pub(crate) type Hash = [u8; HASH];
 
 /// The store's secret hashing key for report ids.
 #[derive(Clone, Debug)]
 pub(crate) struct Salt {
     key: ring::hmac::Key,
-    /// [`SPLIT_AT`], smaller in tests.
-    split_at: usize,
 }
 
 impl Salt {
@@ -70,12 +92,11 @@ impl Salt {
         }
         Ok(Self {
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &stored),
-            split_at: SPLIT_AT,
         })
     }
 
-    /// The first-level bucket key of an anti-replay key, and its id's hash.
-    fn place(&self, key: &[u8]) -> Result<(Vec<u8>, [u8; HASH])> {
+    /// The window of an anti-replay key, and its id's hash.
+    pub(crate) fn hash(&self, key: &[u8]) -> Result<(Window, Hash)> {
         if key.len() != KEY_LEN {
             return Err(Error::corrupt(
                 "anti-replay key",
@@ -85,167 +106,186 @@ impl Salt {
         let tag = ring::hmac::sign(&self.key, &key[PREFIX..]);
         let mut h = [0u8; HASH];
         h.copy_from_slice(&tag.as_ref()[..HASH]);
-        let mut first = Vec::with_capacity(PREFIX + 3);
-        first.extend_from_slice(&key[..PREFIX]);
-        first.extend_from_slice(&h[..2]);
-        Ok((first, h))
+        let mut w = [0u8; PREFIX];
+        w.copy_from_slice(&key[..PREFIX]);
+        Ok((w, h))
+    }
+}
+
+/// Hashes a `u64` to itself: the index's keys are already keyed hashes, uniform and unknown to
+/// whoever picks report ids.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
     }
 
-    /// Whether the id of `key` is in the table; `get` reads a bucket.
-    pub(crate) fn contains<E: From<Error>>(
-        &self,
-        key: &[u8],
-        get: impl Fn(&[u8]) -> std::result::Result<Option<IVec>, E>,
-    ) -> std::result::Result<bool, E> {
-        let (first, h) = self.place(key)?;
-        let Some(v) = get(&first)? else {
-            return Ok(false);
-        };
-        Ok(match first_level(&v)? {
-            Some(hashes) => find(hashes, &h)?.is_ok(),
-            None => match get(&second(&first, &h))? {
-                Some(v) => find(&v, &h)?.is_ok(),
-                None => false,
-            },
-        })
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
     }
 
-    /// Adds the id of `key` (a no-op if it is there).
-    pub(crate) fn insert(&self, tx: &TransactionalTree, key: &[u8]) -> TxResult<()> {
-        let (first, h) = self.place(key)?;
-        let cur = tx.get(&first)?;
-        let hashes = match &cur {
-            None => &[][..],
-            Some(v) => match first_level(v)? {
-                Some(hashes) => hashes,
-                None => {
-                    let second = second(&first, &h);
-                    let cur = tx.get(&second)?;
-                    if let Some(next) = with(cur.as_deref().unwrap_or(&[]), &h)? {
-                        tx.insert(second, next)?;
-                    }
-                    return Ok(());
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Ids = HashSet<u64, BuildHasherDefault<Identity>>;
+
+/// The first 8 bytes of a hash, as the index keeps it.
+fn short(h: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// The ids of every window not yet expired, in memory (see the module's comment).
+#[derive(Default)]
+pub(crate) struct SeenIndex {
+    windows: BTreeMap<Window, Ids>,
+}
+
+impl std::fmt::Debug for SeenIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeenIndex")
+            .field("windows", &self.windows.len())
+            .field("ids", &self.ids())
+            .finish()
+    }
+}
+
+impl SeenIndex {
+    /// Loads every id in `seen`: log entries and the buckets of the earlier layout. An entry of
+    /// any other shape is an error naming it: a store missing ids would accept their replays.
+    pub(crate) fn load(seen: &sled::Tree) -> Result<Self> {
+        let mut index = Self::default();
+        for kv in seen.iter() {
+            let (k, v) = kv?;
+            let hashes = match k.len() {
+                LOG_KEY_LEN if k[PREFIX] == LOG => &v[..],
+                n if n == PREFIX + 2 => match v.split_first() {
+                    Some((&LEAF, hashes)) => hashes,
+                    Some((&SPLIT, [])) => &[][..],
+                    _ => return Err(damaged(&k, "neither hashes nor a split mark")),
+                },
+                n if n == PREFIX + 3 => &v[..],
+                LOG_KEY_LEN => {
+                    return Err(damaged(
+                        &k,
+                        "a key of a log entry's size, not marked as one",
+                    ));
                 }
-            },
-        };
-        let Some(next) = with(hashes, &h)? else {
-            return Ok(());
-        };
-        if next.len() / HASH <= self.split_at {
-            let mut v = Vec::with_capacity(1 + next.len());
-            v.push(LEAF);
-            v.extend_from_slice(&next);
-            tx.insert(first, v)?;
-            return Ok(());
+                n => return Err(damaged(&k, &format!("a key of {n} bytes"))),
+            };
+            if !hashes.len().is_multiple_of(HASH) {
+                return Err(damaged(
+                    &k,
+                    &format!("{} bytes of hashes, not a multiple of {HASH}", hashes.len()),
+                ));
+            }
+            let mut w = [0u8; PREFIX];
+            w.copy_from_slice(&k[..PREFIX]);
+            let ids = index.windows.entry(w).or_default();
+            ids.extend(hashes.chunks(HASH).map(short));
         }
-        // Split: sorted hashes share their first two bytes, so each second-level bucket is a
-        // run of them, in order.
-        let mut rest = &next[..];
-        while !rest.is_empty() {
-            let high = rest[2] >> 4;
-            let run = rest.chunks(HASH).take_while(|c| c[2] >> 4 == high).count() * HASH;
-            tx.insert(second(&first, rest), &rest[..run])?;
-            rest = &rest[run..];
-        }
-        tx.insert(first, &[SPLIT][..])?;
-        Ok(())
+        Ok(index)
     }
 
-    /// Removes the id of `key` (a no-op if it is not there).
-    pub(crate) fn remove(&self, tx: &TransactionalTree, key: &[u8]) -> TxResult<()> {
-        let (first, h) = self.place(key)?;
-        let Some(v) = tx.get(&first)? else {
-            return Ok(());
-        };
-        let (k, hashes, leaf) = match first_level(&v)? {
-            Some(hashes) => (first, hashes.to_vec(), true),
-            None => match tx.get(second(&first, &h))? {
-                Some(v) => (second(&first, &h), v.to_vec(), false),
-                None => return Ok(()),
-            },
-        };
-        match without(&hashes, &h)? {
-            None => {}
-            Some(next) if next.is_empty() => drop(tx.remove(k)?),
-            Some(next) if leaf => {
-                let mut v = vec![LEAF];
-                v.extend_from_slice(&next);
-                tx.insert(k, v)?;
+    /// Whether the id hashed to `h` is in window `w`.
+    pub(crate) fn contains(&self, w: &Window, h: &Hash) -> bool {
+        self.windows
+            .get(w)
+            .is_some_and(|ids| ids.contains(&short(h)))
+    }
+
+    /// Adds what a committed transaction logged.
+    pub(crate) fn add(&mut self, staged: Staged) {
+        for (w, hashes) in staged.windows {
+            let ids = self.windows.entry(w).or_default();
+            ids.extend(hashes.iter().map(|h| short(h)));
+        }
+    }
+
+    /// Ids held, over every window.
+    pub(crate) fn ids(&self) -> u64 {
+        self.windows.values().map(|ids| ids.len() as u64).sum()
+    }
+
+    /// Forgets the windows whose `task ‖ window` lies in `[lo, hi)`; returns how many ids they
+    /// held.
+    pub(crate) fn forget(&mut self, lo: &[u8], hi: &[u8]) -> u64 {
+        let gone: Vec<Window> = self
+            .windows
+            .keys()
+            .filter(|w| &w[..] >= lo && &w[..] < hi)
+            .copied()
+            .collect();
+        gone.iter()
+            .filter_map(|w| self.windows.remove(w))
+            .map(|ids| ids.len() as u64)
+            .sum()
+    }
+}
+
+/// The ids a transaction adds, per window, until it commits.
+#[derive(Debug, Default)]
+pub(crate) struct Staged {
+    windows: BTreeMap<Window, BTreeSet<Hash>>,
+}
+
+impl Staged {
+    /// Whether the transaction added the id hashed to `h` in window `w`.
+    pub(crate) fn contains(&self, w: &Window, h: &Hash) -> bool {
+        self.windows.get(w).is_some_and(|hs| hs.contains(h))
+    }
+
+    /// Adds an id.
+    pub(crate) fn insert(&mut self, w: Window, h: Hash) {
+        self.windows.entry(w).or_default().insert(h);
+    }
+
+    /// Writes one log entry per window into `seen`, each under a fresh number from sled's id
+    /// generator (the transaction's own: the database's would wait for the transaction).
+    pub(crate) fn write(&self, seen: &TransactionalTree) -> TxResult<()> {
+        for (w, hashes) in &self.windows {
+            let mut v = Vec::with_capacity(hashes.len() * HASH);
+            for h in hashes {
+                v.extend_from_slice(h);
             }
-            Some(next) => drop(tx.insert(k, next)?),
+            let n = seen
+                .generate_id()
+                .map_err(|e| TxError::Sled(UnabortableTransactionError::Storage(e)))?;
+            seen.insert(&log_key(w, n)[..], v)?;
         }
         Ok(())
     }
 }
 
-/// The second-level bucket of hash `h` under the first-level bucket `first` (built only for a
-/// split one).
-fn second(first: &[u8], h: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(first.len() + 1);
-    k.extend_from_slice(first);
-    k.push(h[2] >> 4);
+/// The key of log entry `n` of window `w`.
+fn log_key(w: &Window, n: u64) -> [u8; LOG_KEY_LEN] {
+    let mut k = [0u8; LOG_KEY_LEN];
+    k[..PREFIX].copy_from_slice(w);
+    k[PREFIX] = LOG;
+    k[PREFIX + 1..].copy_from_slice(&n.to_be_bytes());
     k
 }
 
-/// The hashes of a first-level bucket, or `None` if it is split.
-fn first_level(v: &[u8]) -> Result<Option<&[u8]>> {
-    match v.split_first() {
-        Some((&LEAF, hashes)) => Ok(Some(hashes)),
-        Some((&SPLIT, [])) => Ok(None),
-        _ => Err(Error::corrupt(
-            "anti-replay bucket",
-            "neither hashes nor a split mark",
-        )),
-    }
+fn damaged(key: &[u8], what: &str) -> Error {
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    Error::corrupt(
+        "anti-replay table",
+        format!(
+            "entry {hex} holds {what}; restore the data directory from a backup (a store \
+             missing ids would accept their replays)"
+        ),
+    )
 }
 
-/// Where `h` is in the sorted `hashes`, or where it would go.
-fn find(hashes: &[u8], h: &[u8]) -> Result<std::result::Result<usize, usize>> {
-    if !hashes.len().is_multiple_of(HASH) {
-        return Err(Error::corrupt(
-            "anti-replay bucket",
-            format!("{} bytes of hashes, not a multiple of {HASH}", hashes.len()),
-        ));
-    }
-    let (mut lo, mut hi) = (0, hashes.len() / HASH);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        match hashes[mid * HASH..(mid + 1) * HASH].cmp(h) {
-            std::cmp::Ordering::Less => lo = mid + 1,
-            std::cmp::Ordering::Greater => hi = mid,
-            std::cmp::Ordering::Equal => return Ok(Ok(mid)),
-        }
-    }
-    Ok(Err(lo))
-}
-
-/// `hashes` with `h` added, or `None` if it holds it already.
-fn with(hashes: &[u8], h: &[u8]) -> Result<Option<Vec<u8>>> {
-    Ok(match find(hashes, h)? {
-        Ok(_) => None,
-        Err(i) => {
-            let mut v = Vec::with_capacity(hashes.len() + HASH);
-            v.extend_from_slice(&hashes[..i * HASH]);
-            v.extend_from_slice(h);
-            v.extend_from_slice(&hashes[i * HASH..]);
-            Some(v)
-        }
-    })
-}
-
-/// `hashes` without `h` (empty if it was the last), or `None` if it does not hold it.
-fn without(hashes: &[u8], h: &[u8]) -> Result<Option<Vec<u8>>> {
-    Ok(match find(hashes, h)? {
-        Err(_) => None,
-        Ok(i) => {
-            let mut v = hashes[..i * HASH].to_vec();
-            v.extend_from_slice(&hashes[(i + 1) * HASH..]);
-            Some(v)
-        }
-    })
-}
-
-/// Ids in the bucket `key` → `v` (a split first-level bucket holds none itself).
+/// Ids in the entry `key` → `v` of sled's anti-replay table (a split first-level bucket of
+/// the earlier layout holds none itself).
 pub(crate) fn ids_in(key: &[u8], v: &[u8]) -> u64 {
     let hashes = if key.len() == PREFIX + 2 {
         v.len().saturating_sub(1)
@@ -255,9 +295,10 @@ pub(crate) fn ids_in(key: &[u8], v: &[u8]) -> u64 {
     (hashes / HASH) as u64
 }
 
-/// Moves the anti-replay entries of an earlier version (one per id, 56-byte keys) into buckets,
-/// a few thousand per transaction; a no-op once done (a `meta` entry says so). Every step is
-/// idempotent, so a crash midway leaves entries the next start moves. Returns how many moved.
+/// Moves the anti-replay entries of an earlier version (one per id, 56-byte keys) into log
+/// entries, a few thousand per transaction; a no-op once done (a `meta` entry says so). Every
+/// step is one transaction, so a crash midway leaves entries the next start moves. Returns how
+/// many moved.
 pub(crate) fn migrate(salt: &Salt, seen: &sled::Tree, meta: &sled::Tree) -> Result<usize> {
     use std::ops::Bound;
     if meta.get(LAYOUT_KEY)?.as_deref() == Some(LAYOUT_BUCKETS) {
@@ -279,13 +320,18 @@ pub(crate) fn migrate(salt: &Salt, seen: &sled::Tree, meta: &sled::Tree) -> Resu
         after = Bound::Excluded(last.clone());
         if moved == 0 {
             tracing::info!(
-                "moving the anti-replay entries of the earlier layout into buckets (once; a \
+                "moving the anti-replay entries of the earlier layout into the log (once; a \
                  large store takes a while, and a restart goes on where this one stopped)"
             );
         }
+        let mut staged = Staged::default();
+        for k in &old {
+            let (w, h) = salt.hash(k)?;
+            staged.insert(w, h);
+        }
         let r = seen.transaction(|tx| {
+            staged.write(tx).map_err(super::backend::to_sled)?;
             for k in &old {
-                salt.insert(tx, k).map_err(super::backend::to_sled)?;
                 tx.remove(k.clone())?;
             }
             Ok(())
@@ -297,7 +343,7 @@ pub(crate) fn migrate(salt: &Salt, seen: &sled::Tree, meta: &sled::Tree) -> Resu
     if moved > 0 {
         tracing::info!(
             moved,
-            "moved anti-replay entries of the earlier layout into buckets"
+            "moved anti-replay entries of the earlier layout into the log"
         );
     }
     Ok(moved)
@@ -307,12 +353,12 @@ pub(crate) fn migrate(salt: &Salt, seen: &sled::Tree, meta: &sled::Tree) -> Resu
 mod tests {
     use super::*;
 
-    fn db() -> (tempfile::TempDir, sled::Tree, sled::Tree, Salt) {
+    fn db() -> (tempfile::TempDir, sled::Db, sled::Tree, sled::Tree, Salt) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let (seen, meta) = (db.open_tree("seen").unwrap(), db.open_tree("meta").unwrap());
         let salt = Salt::load(&meta).unwrap();
-        (dir, seen, meta, salt)
+        (dir, db, seen, meta, salt)
     }
 
     fn key(window: u8, id: u32) -> Vec<u8> {
@@ -323,101 +369,117 @@ mod tests {
         k
     }
 
-    fn has(salt: &Salt, seen: &sled::Tree, k: &[u8]) -> bool {
-        salt.contains(k, |b| seen.get(b).map_err(Error::from))
-            .unwrap()
+    fn has(salt: &Salt, index: &SeenIndex, k: &[u8]) -> bool {
+        let (w, h) = salt.hash(k).unwrap();
+        index.contains(&w, &h)
     }
 
-    fn apply(seen: &sled::Tree, f: impl Fn(&TransactionalTree) -> TxResult<()>) {
-        let r = seen.transaction(|tx| f(tx).map_err(super::super::backend::to_sled));
+    /// Logs `keys` in one transaction, as the store does.
+    fn log(seen: &sled::Tree, salt: &Salt, keys: &[Vec<u8>]) -> Staged {
+        let mut staged = Staged::default();
+        for k in keys {
+            let (w, h) = salt.hash(k).unwrap();
+            staged.insert(w, h);
+        }
+        let r = seen.transaction(|tx| staged.write(tx).map_err(super::super::backend::to_sled));
         hush_server::db::tx_result::<(), Error>(r).unwrap();
+        staged
     }
 
     #[test]
-    fn ids_are_found_once_added_and_not_after_removal() {
-        let (_d, seen, _m, salt) = db();
-        let ids: Vec<Vec<u8>> = (0..100).map(|i| key(1, i)).collect();
-        for k in &ids[..50] {
-            apply(&seen, |tx| salt.insert(tx, k));
+    fn logged_ids_are_found_in_memory_and_after_a_reload() {
+        let (_d, _db, seen, _m, salt) = db();
+        let ids: Vec<Vec<u8>> = (0..20_000).map(|i| key(1 + (i % 3) as u8, i)).collect();
+        let mut index = SeenIndex::default();
+        for chunk in ids[..15_000].chunks(1_000) {
+            index.add(log(&seen, &salt, chunk));
         }
-        // Again: a no-op.
-        apply(&seen, |tx| salt.insert(tx, &ids[0]));
+        // One entry per window per transaction.
+        assert_eq!(seen.len(), 15 * 3);
+        let reloaded = SeenIndex::load(&seen).unwrap();
         for (i, k) in ids.iter().enumerate() {
-            assert_eq!(has(&salt, &seen, k), i < 50, "id {i}");
+            assert_eq!(has(&salt, &index, k), i < 15_000, "id {i}");
+            assert_eq!(has(&salt, &reloaded, k), i < 15_000, "id {i}, reloaded");
         }
-        for k in &ids[..25] {
-            apply(&seen, |tx| salt.remove(tx, k));
-        }
-        for (i, k) in ids.iter().enumerate() {
-            assert_eq!(has(&salt, &seen, k), (25..50).contains(&i), "id {i}");
-        }
+        assert!(!has(&salt, &index, &key(9, 0)));
+        assert_eq!(index.ids(), 15_000);
         let total: u64 = seen
             .iter()
             .map(|kv| kv.unwrap())
             .map(|(k, v)| ids_in(&k, &v))
             .sum();
-        assert_eq!(total, 25);
+        assert_eq!(total, 15_000);
     }
 
     #[test]
-    fn many_ids_in_one_window_are_all_found() {
-        let (_d, seen, _m, salt) = db();
-        let n = 20_000;
-        let ids: Vec<Vec<u8>> = (0..n).map(|i| key(2, i)).collect();
-        for chunk in ids.chunks(1_000) {
-            apply(&seen, |tx| {
-                chunk.iter().try_for_each(|k| salt.insert(tx, k))
-            });
-        }
-        let total: u64 = seen
-            .iter()
-            .map(|kv| kv.unwrap())
-            .map(|(k, v)| ids_in(&k, &v))
-            .sum();
-        assert_eq!(total, u64::from(n));
-        assert!(ids.iter().all(|k| has(&salt, &seen, k)));
-        assert!(!has(&salt, &seen, &key(2, n)));
-        assert!(!has(&salt, &seen, &key(3, 0)));
+    fn staged_ids_are_kept_once_per_window() {
+        let (_d, _db, _seen, _m, salt) = db();
+        let mut staged = Staged::default();
+        let (w, h) = salt.hash(&key(1, 1)).unwrap();
+        assert!(!staged.contains(&w, &h));
+        staged.insert(w, h);
+        staged.insert(w, h);
+        assert!(staged.contains(&w, &h));
+        let (w2, h2) = salt.hash(&key(2, 1)).unwrap();
+        assert_eq!(h, h2, "the hash is of the id alone");
+        assert!(!staged.contains(&w2, &h2), "another window");
+        let mut index = SeenIndex::default();
+        index.add(staged);
+        assert_eq!(index.ids(), 1);
     }
 
     #[test]
-    fn one_bucket_past_its_limit_splits() {
-        let (_d, seen, _m, mut salt) = db();
-        salt.split_at = 4;
-        // Ids that hash into one first-level bucket: found by trying.
-        let target = salt.place(&key(4, 0)).unwrap().0;
-        let same: Vec<Vec<u8>> = (0..)
-            .map(|i| key(4, i))
-            .filter(|k| salt.place(k).unwrap().0 == target)
-            .take(salt.split_at + 10)
-            .collect();
-        for k in &same[..salt.split_at] {
-            apply(&seen, |tx| salt.insert(tx, k));
-        }
-        assert_eq!(seen.get(&target).unwrap().unwrap()[0], LEAF);
-        apply(&seen, |tx| salt.insert(tx, &same[salt.split_at]));
-        assert_eq!(seen.get(&target).unwrap().unwrap().as_ref(), [SPLIT]);
-        for k in &same[salt.split_at + 1..] {
-            apply(&seen, |tx| salt.insert(tx, k));
-        }
-        assert!(same.iter().all(|k| has(&salt, &seen, k)));
-        let total: u64 = seen
-            .iter()
-            .map(|kv| kv.unwrap())
-            .map(|(k, v)| ids_in(&k, &v))
-            .sum();
-        assert_eq!(total, same.len() as u64);
-        apply(&seen, |tx| salt.remove(tx, &same[0]));
-        assert!(!has(&salt, &seen, &same[0]));
-        assert!(has(&salt, &seen, &same[1]));
+    fn forgetting_windows_drops_only_those_in_range() {
+        let (_d, _db, seen, _m, salt) = db();
+        let mut index = SeenIndex::default();
+        let ids: Vec<Vec<u8>> = (0..30).map(|i| key(1 + (i % 3) as u8, i)).collect();
+        index.add(log(&seen, &salt, &ids));
+        let (lo, hi) = (key(1, 0)[..PREFIX].to_vec(), key(3, 0)[..PREFIX].to_vec());
+        assert_eq!(index.forget(&lo, &hi), 20);
+        assert_eq!(index.ids(), 10);
+        assert!(ids.iter().all(|k| has(&salt, &index, k) == (k[39] == 3)));
+    }
+
+    #[test]
+    fn buckets_of_the_earlier_layout_are_loaded() {
+        let (_d, _db, seen, _m, salt) = db();
+        // As that layout wrote them: two ids in one first-level bucket (sorted), and a third
+        // under a first-level bucket that split, in its second-level bucket.
+        let a = key(4, 1);
+        let (w, ha) = salt.hash(&a).unwrap();
+        let mut ids = (2..).map(|i| key(4, i));
+        let b = ids
+            .find(|k| salt.hash(k).unwrap().1[..2] == ha[..2])
+            .unwrap();
+        let c = ids
+            .find(|k| salt.hash(k).unwrap().1[..2] != ha[..2])
+            .unwrap();
+        let (hb, hc) = (salt.hash(&b).unwrap().1, salt.hash(&c).unwrap().1);
+        let mut first = w.to_vec();
+        first.extend_from_slice(&ha[..2]);
+        let mut v = vec![LEAF];
+        let (lo, hi) = if ha < hb { (ha, hb) } else { (hb, ha) };
+        v.extend_from_slice(&lo);
+        v.extend_from_slice(&hi);
+        seen.insert(&first, v).unwrap();
+        let mut split = w.to_vec();
+        split.extend_from_slice(&hc[..2]);
+        seen.insert(&split, &[SPLIT][..]).unwrap();
+        let mut second = split.clone();
+        second.push(hc[2] >> 4);
+        seen.insert(&second, &hc[..]).unwrap();
+        let index = SeenIndex::load(&seen).unwrap();
+        assert!([&a, &b, &c].iter().all(|k| has(&salt, &index, k)));
+        assert_eq!(index.ids(), 3);
+        assert!(!has(&salt, &index, &key(4, 4)));
     }
 
     #[test]
     fn the_hashing_key_is_made_once_and_kept() {
-        let (_d, seen, meta, salt) = db();
-        apply(&seen, |tx| salt.insert(tx, &key(5, 1)));
+        let (_d, _db, seen, meta, salt) = db();
+        log(&seen, &salt, &[key(5, 1)]);
         let again = Salt::load(&meta).unwrap();
-        assert!(has(&again, &seen, &key(5, 1)));
+        assert!(has(&again, &SeenIndex::load(&seen).unwrap(), &key(5, 1)));
         meta.insert(SALT_KEY, &[1u8; 3][..]).unwrap();
         assert!(
             Salt::load(&meta)
@@ -428,30 +490,39 @@ mod tests {
     }
 
     #[test]
-    fn a_key_or_bucket_of_the_wrong_size_is_an_error_not_a_panic() {
-        let (_d, seen, _m, salt) = db();
-        let e = salt
-            .contains(&[0; 55], |b| seen.get(b).map_err(Error::from))
-            .unwrap_err();
+    fn a_key_or_entry_of_the_wrong_size_is_an_error_not_a_panic() {
+        let (_d, _db, seen, _m, salt) = db();
+        let e = salt.hash(&[0; 55]).unwrap_err();
         assert!(e.to_string().contains("55 bytes"), "{e}");
-        let first = salt.place(&key(6, 1)).unwrap().0;
-        seen.insert(&first, &[LEAF, 1, 2][..]).unwrap();
-        let e = salt
-            .contains(&key(6, 1), |b| seen.get(b).map_err(Error::from))
-            .unwrap_err();
+        let mut k = key(6, 1)[..PREFIX].to_vec();
+        k.push(LOG);
+        k.extend_from_slice(&7u64.to_be_bytes());
+        seen.insert(&k, &[1, 2][..]).unwrap();
+        let e = SeenIndex::load(&seen).unwrap_err();
         assert!(e.to_string().contains("2 bytes of hashes"), "{e}");
+        seen.clear().unwrap();
+        seen.insert(&k[..45], &[][..]).unwrap();
+        let e = SeenIndex::load(&seen).unwrap_err();
+        assert!(e.to_string().contains("a key of 45 bytes"), "{e}");
+        seen.clear().unwrap();
+        k[PREFIX] = 0;
+        seen.insert(&k, &[][..]).unwrap();
+        let e = SeenIndex::load(&seen).unwrap_err();
+        assert!(e.to_string().contains("not marked as one"), "{e}");
     }
 
     #[test]
-    fn entries_of_the_earlier_layout_move_into_buckets_once() {
-        let (_d, seen, meta, salt) = db();
+    fn entries_of_one_per_id_move_into_the_log_once() {
+        let (_d, _db, seen, meta, salt) = db();
         let keys: Vec<Vec<u8>> = (0..5_000).map(|i| key(8, i)).collect();
         for k in &keys {
             seen.insert(k, &[]).unwrap();
         }
         assert_eq!(migrate(&salt, &seen, &meta).unwrap(), 5_000);
-        assert!(seen.iter().keys().all(|k| k.unwrap().len() < KEY_LEN));
-        assert!(keys.iter().all(|k| has(&salt, &seen, k)));
+        assert!(seen.iter().keys().all(|k| k.unwrap().len() == LOG_KEY_LEN));
+        let index = SeenIndex::load(&seen).unwrap();
+        assert!(keys.iter().all(|k| has(&salt, &index, k)));
+        assert_eq!(index.ids(), 5_000);
         // Done once: a key of the earlier size written afterwards is not touched.
         seen.insert(&keys[0], &[]).unwrap();
         assert_eq!(migrate(&salt, &seen, &meta).unwrap(), 0);

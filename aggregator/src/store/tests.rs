@@ -1184,8 +1184,8 @@ async fn a_sled_store_of_helper_jobs_without_their_index_expires_them_after_open
     assert!(s.helper_job(&task, &new).await.unwrap().is_some());
 }
 
-/// sled keeps anti-replay ids in buckets; a store of the earlier layout (one entry per id) is
-/// moved into buckets when it opens, and its ids still refuse replays.
+/// sled logs anti-replay ids per transaction; a store of the earlier layout (one entry per id)
+/// is moved into the log when it opens, and its ids still refuse replays.
 #[tokio::test]
 async fn a_sled_store_of_the_earlier_anti_replay_layout_still_refuses_replays() {
     let dir = tempfile::tempdir().unwrap();
@@ -1225,6 +1225,133 @@ async fn a_sled_store_of_the_earlier_anti_replay_layout_still_refuses_replays() 
     assert_eq!(s.expire_seen(&task, Time::from_secs(61)).await.unwrap(), 3);
     assert_eq!(s.seen_count(&task).await.unwrap(), 0);
     assert!(!s.is_seen(&task, c.time, &c.report_id).await.unwrap());
+}
+
+/// On sled the anti-replay ids live in memory and in a log written by the transaction that adds
+/// them: ids offered by many ingests at once on many threads are each stored once, a
+/// transaction that fails adds none, and a reopened store refuses them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sled_anti_replay_ids_are_added_once_only_by_committed_transactions_and_reloaded() {
+    use backend::{T as Tb, Txn, transact};
+    let dir = tempfile::tempdir().unwrap();
+    let task = TaskId::random();
+    let reports: Vec<PendingReport> = (0..300).map(|i| report(60 * (1 + i % 3))).collect();
+    {
+        let s = Store::open(dir.path(), 16).unwrap();
+        let mut ingests = tokio::task::JoinSet::new();
+        for k in 0..8 {
+            let (s, mut mine) = (s.clone(), reports.clone());
+            // Each ingest offers every report, in its own order and request sizes.
+            mine.rotate_left(k * 37);
+            ingests.spawn(async move {
+                let mut stored = 0;
+                for chunk in mine.chunks(25 + k * 10) {
+                    let batch: Vec<_> = chunk.iter().map(|r| (task, r.clone())).collect();
+                    let got = s
+                        .store_pending(&batch, 1_000, &StatDelta::default())
+                        .await
+                        .unwrap();
+                    stored += got.iter().filter(|g| **g == Ingested::Stored).count();
+                }
+                stored
+            });
+        }
+        let stored: usize = ingests.join_all().await.into_iter().sum();
+        assert_eq!(stored, reports.len());
+        assert_eq!(s.pending_count(&task).await.unwrap(), 300);
+        assert_eq!(s.seen_count(&task).await.unwrap(), 300);
+
+        // A transaction that adds an id and then fails leaves it out, in memory and on disk;
+        // it reads its own addition meanwhile.
+        let fresh = report(60);
+        let key = seen_key(&task, fresh.time, &fresh.report_id);
+        let r: Result<()> = transact!(s, [Seen], |tx| async {
+            tx.insert(Tb::Seen, &key, &[])?;
+            assert!(tx.get(Tb::Seen, &key).await?.is_some());
+            Err(Error::InvalidRequest("refused on purpose".into()).into())
+        });
+        assert!(r.unwrap_err().to_string().contains("on purpose"));
+        assert!(
+            !s.is_seen(&task, fresh.time, &fresh.report_id)
+                .await
+                .unwrap()
+        );
+        assert_eq!(s.seen_count(&task).await.unwrap(), 300);
+        // Ids go one window at a time, never one by one.
+        let r: Result<()> = transact!(s, [Seen], |tx| async {
+            tx.remove(Tb::Seen, &key)?;
+            Ok(())
+        });
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .contains("not removed one by one")
+        );
+
+        // A transaction run again after a conflict logs and adds only its last run's ids, and
+        // holds the index's lock while its body runs, not only while it adds them.
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let later: Vec<PendingReport> = (0..5).map(|_| report(240)).collect();
+        let r: Result<()> = transact!(s, [Seen], |tx| async {
+            assert!(sled_of(&s).seen_is_locked());
+            let first = tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            // The first run adds a sixth id, which must not survive it.
+            let extra = first.then(|| report(240));
+            for r in later.iter().chain(&extra) {
+                tx.insert(Tb::Seen, &seen_key(&task, r.time, &r.report_id), &[])?;
+            }
+            if first {
+                return Err(backend::TxError::Sled(
+                    sled::transaction::UnabortableTransactionError::Conflict,
+                ));
+            }
+            Ok(())
+        });
+        r.unwrap();
+        assert!(!sled_of(&s).seen_is_locked());
+        assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let window = batch_key(&task, Time::from_secs(240));
+        assert_eq!(
+            sled_of(&s).tree(Tb::Seen).scan_prefix(&window).count(),
+            1,
+            "one log entry"
+        );
+        assert_eq!(s.seen_count(&task).await.unwrap(), 305);
+        for r in &later {
+            assert!(s.is_seen(&task, r.time, &r.report_id).await.unwrap());
+        }
+        s.flush().await.unwrap();
+    }
+    let s = Store::open(dir.path(), 16).unwrap();
+    let again: Vec<_> = reports.iter().map(|r| (task, r.clone())).collect();
+    let got = s
+        .store_pending(&again, 1_000, &StatDelta::default())
+        .await
+        .unwrap();
+    assert!(got.iter().all(|g| *g == Ingested::Replay));
+    // The first window's ids expire with it, from memory and from the log.
+    assert_eq!(
+        s.expire_seen(&task, Time::from_secs(61)).await.unwrap(),
+        100
+    );
+    assert_eq!(s.seen_count(&task).await.unwrap(), 205);
+    let first = reports
+        .iter()
+        .find(|r| r.time == Time::from_secs(60))
+        .unwrap();
+    assert!(
+        !s.is_seen(&task, first.time, &first.report_id)
+            .await
+            .unwrap()
+    );
+    drop(s);
+    let s = Store::open(dir.path(), 16).unwrap();
+    assert_eq!(s.seen_count(&task).await.unwrap(), 205);
+    assert!(
+        !s.is_seen(&task, first.time, &first.report_id)
+            .await
+            .unwrap()
+    );
 }
 
 /// The sled backend and the pending files of a sled store.
