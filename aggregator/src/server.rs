@@ -308,6 +308,10 @@ impl Aggregator {
                             metrics::gauge!(hush_server::metrics::names::STORE_BYTES)
                                 .set((sled_bytes + shared.store.pending_file_bytes()) as f64);
                         }
+                        if let Some(n) = shared.store.anti_replay_ids_in_memory() {
+                            metrics::gauge!(hush_server::metrics::names::ANTI_REPLAY_IDS)
+                                .set(n as f64);
+                        }
                     }
                     if shared.role == Role::Leader {
                         metrics::gauge!(hush_server::metrics::names::REPORTS_PENDING)

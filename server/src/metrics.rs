@@ -138,6 +138,8 @@ catalog! {
         "Windows the results service closed: outcome released (a result stored) or skipped (the leader refused, e.g. too few reports).";
     ALERTS = "hush_results_alerts_total", Counter, "results", [],
         "Alerts the detector raised.";
+    ANTI_REPLAY_IDS = "hush_anti_replay_ids", Gauge, "leader, helper", [],
+        "Report ids an aggregator on sled holds in memory against replays (read at scrape time): about rate × (report_expiry_s + clock_skew_s), 10–21 bytes each.";
     STORE_ENTRIES = "hush_store_tree_entries", Gauge, "all", ["tree"],
         "Entries in each sled tree of the server's store (read at scrape time).";
     STORE_BYTES = "hush_store_disk_bytes", Gauge, "all", [],

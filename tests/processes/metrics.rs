@@ -264,6 +264,8 @@ async fn every_server_exports_prometheus_metrics_that_follow_the_reports() {
         value(s, "hush_store_tree_entries", &[("tree", "seen")]) >= 1.0
     })
     .await;
+    // ...and holds the ids in memory, counted exactly.
+    assert_eq!(value(&scrape(lm).await, "hush_anti_replay_ids", &[]), 45.0);
 
     // A path no service serves is counted as `unknown`: what a caller puts in it never becomes
     // a label.
@@ -292,6 +294,8 @@ async fn every_server_exports_prometheus_metrics_that_follow_the_reports() {
     })
     .await;
     assert!(value(&s, "hush_aggregation_jobs_started_total", &[]) >= 1.0);
+    // The helper marks each aggregated report seen at its job's commit.
+    assert_eq!(value(&s, "hush_anti_replay_ids", &[]), 45.0);
     // The leader names each committed job back to the helper, which deletes its stored answer
     // rather than keeping it for its whole job retention.
     let committed = value(

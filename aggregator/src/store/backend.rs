@@ -482,7 +482,15 @@ impl SledBackend {
         }
         let salt = seen::Salt::load(&trees[&T::Meta])?;
         seen::migrate(&salt, &trees[&T::Seen], &trees[&T::Meta])?;
+        let loading = std::time::Instant::now();
         let index = seen::SeenIndex::load(&trees[&T::Seen])?;
+        if index.ids() > 0 {
+            tracing::info!(
+                ids = index.ids(),
+                ms = loading.elapsed().as_millis() as u64,
+                "loaded the anti-replay ids of the windows not yet expired into memory"
+            );
+        }
         super::retention::index_helper_jobs(
             &trees[&T::HelperJobs],
             &trees[&T::HelperJobTimes],
@@ -600,6 +608,11 @@ impl SledBackend {
         tables
             .contains(&T::Seen)
             .then(|| self.seen.write().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The anti-replay ids held in memory.
+    pub(crate) fn seen_ids(&self) -> u64 {
+        self.seen.read().unwrap_or_else(|p| p.into_inner()).ids()
     }
 
     /// Whether a transaction holds the anti-replay index's lock.

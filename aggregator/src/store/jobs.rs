@@ -190,6 +190,15 @@ impl Store {
         }
     }
 
+    /// The anti-replay ids held in memory (sled; `None` on PostgreSQL, which keeps them in
+    /// its tables).
+    pub fn anti_replay_ids_in_memory(&self) -> Option<u64> {
+        match &self.backend {
+            Backend::Sled(s) => Some(s.seen_ids()),
+            Backend::Pg(_) => None,
+        }
+    }
+
     /// Number of pending reports of all tasks.
     pub async fn pending_total(&self) -> Result<u64> {
         self.backend.count_pending(Keys::All).await
