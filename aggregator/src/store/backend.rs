@@ -605,14 +605,23 @@ impl SledBackend {
         &self,
         tables: &[T],
     ) -> Option<std::sync::RwLockWriteGuard<'_, seen::SeenIndex>> {
-        tables
-            .contains(&T::Seen)
-            .then(|| self.seen.write().unwrap_or_else(|p| p.into_inner()))
+        tables.contains(&T::Seen).then(|| self.seen_write())
+    }
+
+    /// The anti-replay index, locked for writing. (A panic under the lock can only have come
+    /// before a commit's ids were added, which leaves the index as it was: it is used as is.)
+    fn seen_write(&self) -> std::sync::RwLockWriteGuard<'_, seen::SeenIndex> {
+        self.seen.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The anti-replay index, locked for reading.
+    fn seen_read(&self) -> std::sync::RwLockReadGuard<'_, seen::SeenIndex> {
+        self.seen.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The anti-replay ids held in memory.
     pub(crate) fn seen_ids(&self) -> u64 {
-        self.seen.read().unwrap_or_else(|p| p.into_inner()).ids()
+        self.seen_read().ids()
     }
 
     /// Whether a transaction holds the anti-replay index's lock.
@@ -624,7 +633,7 @@ impl SledBackend {
     /// Deletes the anti-replay ids of the windows in `[lo, hi)` (`task ‖ window` bounds), from
     /// sled and then from the index, under the index's lock; returns how many ids there were.
     pub(crate) fn expire_seen(&self, lo: &[u8], hi: &[u8]) -> Result<u64> {
-        let mut index = self.lock_seen(&[T::Seen]).expect("seen is named");
+        let mut index = self.seen_write();
         let tree = self.tree(T::Seen);
         let mut batch = sled::Batch::default();
         for k in tree.range(lo..hi).keys() {
@@ -639,8 +648,7 @@ impl SledBackend {
     fn get(&self, t: T, k: &[u8]) -> Result<Option<Vec<u8>>> {
         if t == T::Seen {
             let (w, h) = self.salt.hash(k)?;
-            let index = self.seen.read().unwrap_or_else(|p| p.into_inner());
-            return Ok(index.contains(&w, &h).then(Vec::new));
+            return Ok(self.seen_read().contains(&w, &h).then(Vec::new));
         }
         if t == T::Pending {
             let _reading = self.reading_files();
@@ -917,7 +925,7 @@ impl Backend {
 }
 
 /// `b` in lowercase hex, for error messages.
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -217,16 +217,15 @@ impl SeenIndex {
     /// Forgets the windows whose `task ‖ window` lies in `[lo, hi)`; returns how many ids they
     /// held.
     pub(crate) fn forget(&mut self, lo: &[u8], hi: &[u8]) -> u64 {
-        let gone: Vec<Window> = self
-            .windows
-            .keys()
-            .filter(|w| &w[..] >= lo && &w[..] < hi)
-            .copied()
-            .collect();
-        gone.iter()
-            .filter_map(|w| self.windows.remove(w))
-            .map(|ids| ids.len() as u64)
-            .sum()
+        let mut gone = 0;
+        self.windows.retain(|w, ids| {
+            let expired = &w[..] >= lo && &w[..] < hi;
+            if expired {
+                gone += ids.len() as u64;
+            }
+            !expired
+        });
+        gone
     }
 }
 
@@ -274,7 +273,7 @@ fn log_key(w: &Window, n: u64) -> [u8; LOG_KEY_LEN] {
 }
 
 fn damaged(key: &[u8], what: &str) -> Error {
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = super::backend::hex(key);
     Error::corrupt(
         "anti-replay table",
         format!(
