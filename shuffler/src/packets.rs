@@ -18,8 +18,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use hush_server::db::{folder_bytes, sync_dir};
@@ -127,13 +126,24 @@ impl PacketFiles {
             ));
         }
         let len = usize::try_from(len).map_err(|_| Error::corrupt("packet extent", "too long"))?;
-        let mut buf = vec![0u8; len];
-        f.read_exact_at(&mut buf, offset).map_err(|e| {
-            Error::corrupt(
+        // Read into spare capacity: a zeroed buffer of megabytes costs the allocator fresh
+        // pages, and the read would overwrite the zeros anyway.
+        let mut buf = Vec::with_capacity(len);
+        let mut f = f;
+        f.seek(SeekFrom::Start(offset))?;
+        let read = f.take(len as u64).read_to_end(&mut buf);
+        if let Err(e) = read.and_then(|n| {
+            if n == len {
+                Ok(())
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            }
+        }) {
+            return Err(Error::corrupt(
                 "packet file",
                 format!("{} is shorter than its extents: {e}", path.display()),
-            )
-        })?;
+            ));
+        }
         let buf = Bytes::from(buf);
         let mut out = Vec::new();
         let mut at = 0usize;
