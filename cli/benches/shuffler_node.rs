@@ -182,10 +182,17 @@ async fn run_node(task: &TaskConfig, n: usize) -> NodeRun {
         tokio::spawn(async move {
             let mut marks = Vec::new();
             for want in [n / 10, n - n / 10] {
-                while (count.load(Ordering::Relaxed) as usize) < want.max(1) {
+                loop {
+                    // One load, the time at once after it, then the CPU: the mark's count and
+                    // time belong together.
+                    let seen = count.load(Ordering::Relaxed);
+                    let at = Instant::now();
+                    if seen as usize >= want.max(1) {
+                        marks.push((at, cpu(), seen));
+                        break;
+                    }
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                marks.push((Instant::now(), cpu(), count.load(Ordering::Relaxed)));
             }
             (marks[0], marks[1])
         })
@@ -214,8 +221,9 @@ async fn run_node(task: &TaskConfig, n: usize) -> NodeRun {
     node.terminate();
     // The sink counts whole requests, so the window's packets are what it counted in between.
     // On a tiny N (under `cargo test`) one request can cross both marks: then the window is the
-    // whole run.
-    let (rate, window_cpu, packets) = if n90 > n10 && t90 > t10 {
+    // whole run, and the row says so.
+    let steady = n90 > n10 && t90 > t10;
+    let (rate, window_cpu, packets) = if steady {
         let packets = (n90 - n10) as f64;
         (packets / (t90 - t10).as_secs_f64(), (cpu10, cpu90), packets)
     } else {
@@ -223,6 +231,7 @@ async fn run_node(task: &TaskConfig, n: usize) -> NodeRun {
     };
     NodeRun {
         all_in,
+        steady,
         rate,
         mem,
         node_us: (window_cpu.1.0 - window_cpu.0.0) * 1e6 / packets,
@@ -233,7 +242,9 @@ async fn run_node(task: &TaskConfig, n: usize) -> NodeRun {
 struct NodeRun {
     /// Packets per second from the first submission until the last packet arrived.
     all_in: f64,
-    /// Packets per second between 10% and 90% arrived.
+    /// Whether `rate` is the steady one; false when one request crossed both marks.
+    steady: bool,
+    /// Packets per second between 10% and 90% arrived (or all-in, if not `steady`).
     rate: f64,
     mem: f64,
     /// CPU time per packet in the steady window, in µs: the shuffler, and this process (the
@@ -307,6 +318,9 @@ fn main() {
             r.node_us,
             r.bench_us
         );
+        if !r.steady {
+            println!("         (one request crossed both marks: the steady columns are all-in)");
+        }
         before = after;
     }
     println!(

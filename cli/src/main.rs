@@ -190,26 +190,30 @@ pub(crate) fn existing_file(s: &str) -> Result<PathBuf, String> {
 }
 
 /// The allocator: jemalloc. A request of a thousand 4 KB packets or reports is a buffer of
-/// megabytes (decoding, encoding, a batch read back). glibc maps each such buffer afresh and
-/// unmaps it when freed, so every request paid its page faults again: 6% of a shuffler's CPU.
-/// Left to raise that threshold itself, glibc kept the freed buffers in per-thread heaps that grew
-/// with the length of a run instead. jemalloc reuses freed extents (docs/architecture.md,
-/// *Measured*).
-#[cfg(not(target_env = "msvc"))]
+/// megabytes (decoding, encoding, a batch read back). glibc, with its mmap threshold fixed, maps
+/// each such buffer afresh and unmaps it when freed, so every request paid its page faults again:
+/// 6% of a shuffler's CPU. Left to raise that threshold itself, glibc kept the freed buffers in
+/// per-thread heaps that grew with the length of a run instead. jemalloc reuses freed extents
+/// (docs/architecture.md, *The shuffler at 0.8 of its bound*).
+#[cfg(unix)]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read when it starts: one arena for all threads, which keeps a server's
-/// peak resident memory flat in the length of a run (one arena per thread, jemalloc's default,
-/// held a third more, and more the longer the run); freed pages go back to the system after
-/// about a second, from a background thread rather than from the thread that freed them.
-/// `_RJEM_MALLOC_CONF` in the environment overrides any of them (for example `narenas:4` on a
-/// host with many cores, where one arena could be contended).
+/// jemalloc's options, read when it starts. One arena (jemalloc's default is four per core, with
+/// threads spread over them; allocations of 8 MiB and more go to an arena of their own either
+/// way): in the shuffler bench the default peaked a third higher, and grew with the run where one
+/// arena stayed flat. Freed pages go back to the system after about a second, from a background
+/// thread rather than from the thread that freed them. `_RJEM_MALLOC_CONF` in the environment
+/// overrides any of them (for example `narenas:4` on a host with many cores, where one arena
+/// could be contended).
+///
+/// Linux with glibc only: jemalloc's background threads do not run on macOS (it refuses to start
+/// with them) nor on musl; elsewhere jemalloc keeps its defaults.
 ///
 /// The workspace's one `unsafe`, which `.ci/run` checks stays the only one: the attribute
 /// exports the symbol jemalloc reads (a weak default in jemalloc, so this definition wins). It
 /// is a pointer to a NUL-terminated string that lives as long as the program.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8; 70] =

@@ -126,8 +126,8 @@ impl PacketFiles {
             ));
         }
         let len = usize::try_from(len).map_err(|_| Error::corrupt("packet extent", "too long"))?;
-        // Read into spare capacity: a zeroed buffer of megabytes costs the allocator fresh
-        // pages, and the read would overwrite the zeros anyway.
+        // Read into spare capacity: the read would overwrite zeros anyway, and jemalloc makes a
+        // zeroed buffer of megabytes by giving its pages back and faulting fresh ones in.
         let mut buf = Vec::with_capacity(len);
         let mut f = f;
         f.seek(SeekFrom::Start(offset))?;
