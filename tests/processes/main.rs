@@ -5,6 +5,8 @@
 //! path in `CARGO_BIN_EXE_hush`.
 
 mod aggregator_crash;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod allocator;
 mod analyst;
 mod audit;
 mod certs;
