@@ -129,21 +129,18 @@ impl PacketFiles {
         // Read into spare capacity: the read would overwrite zeros anyway, and jemalloc makes a
         // zeroed buffer of megabytes by giving its pages back and faulting fresh ones in.
         let mut buf = Vec::with_capacity(len);
-        let mut f = f;
-        f.seek(SeekFrom::Start(offset))?;
-        let read = f.take(len as u64).read_to_end(&mut buf);
-        if let Err(e) = read.and_then(|n| {
-            if n == len {
-                Ok(())
-            } else {
-                Err(std::io::ErrorKind::UnexpectedEof.into())
-            }
-        }) {
-            return Err(Error::corrupt(
-                "packet file",
-                format!("{} is shorter than its extents: {e}", path.display()),
-            ));
-        }
+        (&f).seek(SeekFrom::Start(offset))
+            .and_then(|_| (&f).take(len as u64).read_to_end(&mut buf))
+            .and_then(|n| match n == len {
+                true => Ok(()),
+                false => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            })
+            .map_err(|e| {
+                Error::corrupt(
+                    "packet file",
+                    format!("{} is shorter than its extents: {e}", path.display()),
+                )
+            })?;
         let buf = Bytes::from(buf);
         let mut out = Vec::new();
         let mut at = 0usize;
